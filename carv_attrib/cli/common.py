@@ -1,0 +1,108 @@
+"""What every command shares: consoles, option definitions, error handling, run records.
+
+Data goes to stdout; progress, logs and messages go to stderr. Expected errors (CarvError) are one
+line plus the fix and exit with their code (2 for usage/config mismatches); unexpected ones keep
+their traceback. Ctrl-C exits 130 after a clean stop.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from carv_attrib import __version__
+from carv_attrib.errors import CarvError
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+class State:
+    verbose: int = 0
+    quiet: bool = False
+
+
+state = State()
+
+# -- shared option definitions: a flag means the same thing in every command -------------------
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto: cuda, then mps, then cpu).")]
+DType = Annotated[str, typer.Option("--dtype", help="Model compute dtype: float32 | bfloat16 | float16.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Discard a stage made with another configuration.")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Wan2.1 diffusers directory or Hugging Face Hub id.")
+]
+Seed = Annotated[int, typer.Option("--seed", help="The one seed every random quantity derives from.")]
+Format = Annotated[str, typer.Option("--format", help="human | json (| jsonl where it applies).")]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def setup_logging() -> None:
+    level = logging.WARNING if state.verbose == 0 else logging.INFO if state.verbose == 1 else logging.DEBUG
+    if state.quiet:
+        level = logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn expected errors into one stderr line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except CarvError as exc:
+            if state.verbose:
+                err_console.print_exception()
+            err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]; rerun the same command to resume where it stopped")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def record_run(run: Path, command: str, device: str | None = None, started: float | None = None, **extra: Any) -> None:
+    """Append this invocation to RUN/run.json (argv, versions, device, times)."""
+    from carv_attrib.data.store import now_iso, record_invocation
+
+    entry = {
+        "command": command,
+        "argv": sys.argv,
+        "tool_version": __version__,
+        "python": platform.python_version(),
+        "versions": package_versions(("torch", "diffusers", "transformers", "faiss-cpu", "pyarrow", "decord")),
+        "host": platform.node(),
+        "device": device,
+        "finished_at": now_iso(),
+        "seconds": round(time.monotonic() - started, 3) if started is not None else None,
+        **extra,
+    }
+    try:
+        record_invocation(run, entry)
+    except OSError:  # a read-only run dir must not turn a finished job into a failure
+        logging.getLogger(__name__).warning("could not append to %s/run.json", run)
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            out[n] = None
+    return out

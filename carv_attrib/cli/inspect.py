@@ -1,0 +1,85 @@
+"""`carv-attrib status RUN` and `carv-attrib env`."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from carv_attrib.cli.common import Format, handle_errors, out_console, package_versions
+
+
+@handle_errors
+def status(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    fmt: Format = "human",
+) -> None:
+    """Show what RUN holds: stages, finished shards, clip statuses, fingerprints, index."""
+    from carv_attrib.pipeline.status import run_status
+
+    info = run_status(run)
+    if fmt == "json":
+        out_console.print_json(json.dumps(info, default=str))
+        return
+    table = Table(title=f"run {run}", show_lines=False)
+    table.add_column("stage")
+    table.add_column("fingerprint")
+    table.add_column("shards")
+    table.add_column("clips")
+    table.add_column("statuses")
+    for stage in ("latents", "features"):
+        s = info.get(stage)
+        if s is None:
+            table.add_row(stage, "-", "-", "-", "not started")
+            continue
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["statuses"].items()))
+        table.add_row(stage, s["fingerprint"], str(s["shards_done"]), str(s["rows"]), kinds)
+    idx: dict[str, Any] | None = info.get("index")
+    if idx:
+        table.add_row(
+            "index",
+            str(idx.get("fingerprint", "-")),
+            "-",
+            str(idx.get("count", "-")),
+            f"{idx.get('preconditioner', {}).get('kind', '?')}, dim {idx.get('dim', '?')}",
+        )
+    else:
+        table.add_row("index", "-", "-", "-", "not built")
+    out_console.print(table)
+    if "manifest_clips" in info:
+        out_console.print(f"manifest: {info['manifest_clips']} clips")
+
+
+@handle_errors
+def env(fmt: Format = "human") -> None:
+    """Versions, devices and threads: what to paste into a bug report."""
+    import torch
+
+    info: dict[str, Any] = {
+        "carv_attrib": __import__("carv_attrib").__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(
+            ("torch", "diffusers", "transformers", "accelerate", "decord", "av", "pyarrow", "faiss-cpu", "faiss-gpu", "typer", "rich", "ray")
+        ),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+    try:
+        import faiss
+
+        info["faiss_gpus"] = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    except ImportError:
+        info["faiss_gpus"] = None
+    if fmt == "json":
+        out_console.print_json(json.dumps(info))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items() if v)
+        out_console.print(f"[bold]{key}[/]: {value}")

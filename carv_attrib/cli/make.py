@@ -1,0 +1,48 @@
+"""`carv-attrib make-model` and `make-demo-data`: the embedded default model and dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from carv_attrib.cli.common import Seed, err_console, handle_errors
+from carv_attrib.errors import UsageError
+
+
+@handle_errors
+def make_model(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the diffusers pipeline to.")],
+    size: Annotated[str, typer.Option(help="tiny (~28 k params, tests) | small (~4.9 M, benchmarks) | medium (~20 M).")] = "tiny",
+    seed: Seed = 0,
+) -> None:
+    """Build a Wan2.1 T2V pipeline from the real diffusers classes with random weights and save it
+    in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers."""
+    from carv_attrib.models.tiny import SIZES, make_model as build
+
+    if size not in SIZES:
+        raise UsageError(f"--size {size}: choose one of {', '.join(SIZES)}")
+    counts = build(str(out_dir), size=size, seed=seed)
+    parts = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+    err_console.print(f"[green]wrote[/] {size} Wan2.1 pipeline to {out_dir} (parameters: {parts})")
+
+
+@handle_errors
+def make_demo_data(
+    out_dir: Annotated[Path, typer.Argument(help="Directory for videos/ and manifest.json.")],
+    clips: Annotated[int, typer.Option("--clips", "-n", help="Number of clips.")] = 24,
+    seed: Seed = 0,
+    frames: Annotated[int, typer.Option(help="Frames per clip.")] = 24,
+    size: Annotated[str, typer.Option(help="WxH of the clips.")] = "96x80",
+    fps: Annotated[float, typer.Option(help="Frame rate of the clips.")] = 8.0,
+) -> None:
+    """Write N real H.264 clips of moving shapes with matching captions and a VidGen-style manifest."""
+    from carv_attrib.data.video import parse_size
+    from carv_attrib.demo_data import make_demo_data as build
+
+    if clips < 1:
+        raise UsageError("--clips must be >= 1")
+    w, h = parse_size(size)
+    manifest = build(out_dir, clips=clips, seed=seed, frames=frames, width=w, height=h, fps=fps)
+    err_console.print(f"[green]wrote[/] {clips} clips to {out_dir}/videos and the manifest {manifest}")

@@ -1,0 +1,191 @@
+"""Sharded Parquet storage with atomic writes, done markers and config fingerprints.
+
+Layout of one stage (latents/, features/):
+
+    STAGE/config.json              resolved stage config + its fingerprint (written first)
+    STAGE/part-00000.parquet       one row per clip; schema metadata key b"carv_attrib" = provenance
+    STAGE/_done/part-00000.json    shard stats, written LAST: a shard without it is not done
+
+Every file is written to a temporary name in the same directory and renamed, so a crash never
+leaves a file that reads as complete. A rerun skips done shards and redoes the others; a rerun
+with a different config is refused (ConfigMismatchError, exit 2) unless overwrite=True.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from carv_attrib import __version__
+from carv_attrib.errors import ConfigMismatchError, UsageError
+
+METADATA_KEY = b"carv_attrib"
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    """sha256 (16 hex) of the canonical JSON of a config: what changes the numbers."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two JSON-like configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append(f"{name}: (absent) -> {new[key]!r}")
+            elif key not in new:
+                out.append(f"{name}: {old[key]!r} -> (absent)")
+            else:
+                out.extend(_diff(old[key], new[key], name))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return _diff(old, new)
+
+
+class ShardStore:
+    """One stage directory of a run: config check, shard writes, done markers, reads."""
+
+    def __init__(self, root: Path, stage: str):
+        self.root = Path(root)
+        self.stage = stage
+        self.dir = self.root / stage
+        self.done_dir = self.dir / "_done"
+
+    # -- config ---------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "config.json"
+
+    def read_config(self) -> dict[str, Any] | None:
+        return read_json(self.config_path) if self.config_path.exists() else None
+
+    def prepare(self, config: dict[str, Any], overwrite: bool = False, what: str = "") -> str:
+        """Create the stage or check that it was made with the same config; returns the fingerprint.
+
+        With overwrite=True a stage made with another config is deleted first.
+        """
+        fp = fingerprint(config)
+        existing = self.read_config()
+        if existing is not None and existing.get("fingerprint") != fp:
+            if not overwrite:
+                diffs = config_differences(existing.get("config", {}), config)
+                shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+                raise ConfigMismatchError(
+                    f"{self.dir} was made with another {what or self.stage} configuration "
+                    f"({shown or 'fingerprint differs'}); rerun with the same options to resume, "
+                    "or pass --overwrite to discard it"
+                )
+            shutil.rmtree(self.dir)
+            existing = None
+        elif existing is not None and overwrite:
+            shutil.rmtree(self.dir)
+            existing = None
+        if existing is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(
+                self.config_path,
+                {"fingerprint": fp, "config": config, "tool_version": __version__, "created_at": now_iso()},
+            )
+        return fp
+
+    # -- shards ---------------------------------------------------------------------------------
+    def shard_path(self, index: int) -> Path:
+        return self.dir / f"part-{index:05d}.parquet"
+
+    def done_path(self, index: int) -> Path:
+        return self.done_dir / f"part-{index:05d}.json"
+
+    def is_done(self, index: int) -> bool:
+        return self.done_path(index).exists() and self.shard_path(index).exists()
+
+    def done_shards(self) -> list[int]:
+        if not self.done_dir.exists():
+            return []
+        return sorted(int(p.stem.split("-")[1]) for p in self.done_dir.glob("part-*.json") if self.is_done(int(p.stem.split("-")[1])))
+
+    def write_shard(self, index: int, table: Any, stats: dict[str, Any], provenance: dict[str, Any]) -> None:
+        """Write the Parquet shard (atomically), then its done marker (atomically), in that order."""
+        import pyarrow.parquet as pq
+
+        meta = dict(table.schema.metadata or {})
+        meta[METADATA_KEY] = json.dumps(provenance, sort_keys=True, default=str).encode()
+        table = table.replace_schema_metadata(meta)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.shard_path(index)) as tmp:
+            pq.write_table(table, tmp)
+        write_json_atomic(self.done_path(index), stats)
+
+    def read_stats(self) -> list[dict[str, Any]]:
+        return [read_json(self.done_path(i)) for i in self.done_shards()]
+
+    def read_table(self, columns: list[str] | None = None, filters: Any = None) -> Any:
+        """All done shards as one Arrow table (shards without a done marker are ignored)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = [pq.read_table(self.shard_path(i), columns=columns, filters=filters) for i in self.done_shards()]
+        if not tables:
+            raise UsageError(f"{self.dir} holds no finished shards; run the {self.stage} stage first")
+        return pa.concat_tables(tables)
+
+    def iter_tables(self, columns: list[str] | None = None, filters: Any = None) -> Iterator[Any]:
+        import pyarrow.parquet as pq
+
+        for i in self.done_shards():
+            yield pq.read_table(self.shard_path(i), columns=columns, filters=filters)
+
+    def read_provenance(self) -> dict[str, Any] | None:
+        import pyarrow.parquet as pq
+
+        done = self.done_shards()
+        if not done:
+            return None
+        meta = pq.read_schema(self.shard_path(done[0])).metadata or {}
+        return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def record_invocation(run: Path, entry: dict[str, Any]) -> None:
+    """Append one invocation (argv, versions, device, times) to RUN/run.json."""
+    path = Path(run) / "run.json"
+    data = read_json(path) if path.exists() else {"invocations": []}
+    data["invocations"].append(entry)
+    write_json_atomic(path, data)

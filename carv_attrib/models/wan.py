@@ -1,0 +1,306 @@
+"""Load Wan2.1 components, fingerprint them, encode videos and prompts.
+
+MODEL is a local diffusers directory (the layout of `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`) or a Hub id;
+both go through `from_pretrained(MODEL, subfolder=...)`, so a tiny model built by
+`carv-attrib make-model` is loaded exactly like the real one.
+
+    wan = load_wan("models/tiny-wan", components=("vae", "text_encoder", "tokenizer"))
+    z = encode_video(wan.vae, frames)            # (B, 3, F, H, W) in [-1, 1] -> (B, 16, T, h, w)
+    embs = encode_prompts(wan, ["a red square"])  # list of (L_i, D), trimmed to the real tokens
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from carv_attrib.errors import ModelLoadError, UsageError
+
+log = logging.getLogger(__name__)
+
+# WanPipeline.__call__ pads/truncates prompts to 512 tokens (its encode_prompt defaults to 226:
+# always pass 512). The transformer's cross-attention has no mask, so the padded length is part of
+# the model input and must match the pipeline's.
+MAX_SEQUENCE_LENGTH = 512
+
+COMPONENT_CLASSES = {
+    "vae": ("diffusers", "AutoencoderKLWan"),
+    "transformer": ("diffusers", "WanTransformer3DModel"),
+    "text_encoder": ("transformers", "UMT5EncoderModel"),
+    "tokenizer": ("transformers", "AutoTokenizer"),
+}
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class WanModel:
+    """The loaded components (those not asked for stay None) and their identity."""
+
+    source: str
+    device: str
+    dtype: str
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+    transformer: Any = None
+    identity: dict[str, Any] = field(default_factory=dict)
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → cuda if available, else mps, else cpu. Explicit devices are checked."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def _quiet_hf() -> None:
+    # Loading bars from transformers/diffusers would interleave with our own progress on stderr.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        tlog.disable_progress_bar()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        dlog.set_verbosity_error()
+    except Exception:  # pragma: no cover - logging tweaks are best effort
+        pass
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so an offline machine fails at once instead of after the
+    hub client's retries (about 25 s per file)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_one(source: str, name: str, dtype: Any) -> Any:
+    import diffusers
+    import transformers
+
+    lib, cls_name = COMPONENT_CLASSES[name]
+    cls = getattr(diffusers if lib == "diffusers" else transformers, cls_name)
+    kwargs: dict[str, Any] = {"subfolder": name}
+    if name != "tokenizer":
+        kwargs["dtype"] = dtype
+    if not Path(source).exists():
+        kwargs["local_files_only"] = not _hub_reachable()
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except Exception as exc:  # OSError, HF hub errors, JSON errors: all mean "cannot load"
+        where = (
+            f"local directory {source}"
+            if Path(source).exists()
+            else f"'{source}' (not a local directory; treated as a Hugging Face Hub id)"
+        )
+        hint = (
+            "check that it holds a diffusers Wan2.1 pipeline (model_index.json, vae/, text_encoder/, "
+            "tokenizer/, transformer/)"
+            if Path(source).exists()
+            else f"{'it is not in the local Hugging Face cache and the Hub cannot be reached' if kwargs.get('local_files_only') else 'the Hub has no such model'}; pass a local directory "
+            "(e.g. one made by `carv-attrib make-model DIR`) or pre-download it into the HF cache"
+        )
+        raise ModelLoadError(
+            f"cannot load {name} from {where}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; {hint}"
+        ) from exc
+
+
+def load_wan(
+    source: str,
+    components: Sequence[str] = ("vae", "text_encoder", "tokenizer"),
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> WanModel:
+    """Load the named components of a Wan2.1 diffusers pipeline, in eval mode, on `device`."""
+    _quiet_hf()
+    tdtype = torch_dtype(dtype)
+    device = resolve_device(device)
+    wan = WanModel(source=str(source), device=device, dtype=dtype)
+    for name in components:
+        module = _load_one(str(source), name, tdtype)
+        if name != "tokenizer":
+            module = module.to(device).eval()
+        setattr(wan, name, module)
+    wan.identity = model_identity(str(source), components)
+    return wan
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity: what changes the numbers is the component configs and weights, so the fingerprint
+# hashes config.json and every weight file. Hashes of big files are cached by (path, size, mtime).
+
+
+def _hash_cache_path() -> Path:
+    root = Path(os.environ.get("CARV_ATTRIB_CACHE", Path.home() / ".cache" / "carv-attrib"))
+    return root / "file-hashes.json"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file; a Hugging Face cache blob is named by its sha256, so it is read for free."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
+        return real.name
+    st = real.stat()
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _hash_cache_path()
+    cache: dict[str, str] = {}
+    if st.st_size > (32 << 20) and cache_file.exists():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if key in cache:
+            return cache[key]
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if st.st_size > (32 << 20):
+        cache[key] = digest
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:  # a read-only home only costs a re-hash next time
+            pass
+    return digest
+
+
+def _component_dir(source: str, name: str) -> Path | None:
+    local = Path(source) / name
+    if local.is_dir():
+        return local
+    try:  # a Hub id already in the local cache
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(source, allow_patterns=[f"{name}/*"], local_files_only=True))
+        return snap / name if (snap / name).is_dir() else None
+    except Exception:
+        return None
+
+
+def component_identity(source: str, name: str) -> dict[str, Any]:
+    """{"files": {relative name: sha256}} over config and weight files of one component."""
+    cdir = _component_dir(source, name)
+    if cdir is None:
+        return {"source": source, "files": {}}
+    files = {
+        p.name: file_sha256(p)
+        for p in sorted(cdir.iterdir())
+        if p.is_file() and p.suffix in {".json", ".safetensors", ".bin", ".model", ".txt"}
+    }
+    return {"files": files}
+
+
+def model_identity(source: str, components: Sequence[str]) -> dict[str, Any]:
+    """Per-component file hashes plus one short fingerprint over all of them."""
+    comps = {name: component_identity(source, name) for name in sorted(components)}
+    blob = json.dumps(comps, sort_keys=True).encode()
+    return {"source": str(source), "components": comps, "fingerprint": hashlib.sha256(blob).hexdigest()[:16]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def latent_stats(vae: Any) -> tuple[Any, Any]:
+    """(mean, std) as (1, C, 1, 1, 1) tensors from the VAE's own config (never hard-coded)."""
+    import torch
+
+    c = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1)
+    return mean, std
+
+
+def encode_video(vae: Any, frames: Any) -> Any:
+    """frames (B, 3, F, H, W) in [-1, 1] → normalised latents (B, C, T, H/8, W/8), float32.
+
+    latent = (latent_dist.mode() − latents_mean) / latents_std, as WanVideoToVideoPipeline and the
+    original Wan repo do (the posterior mode: no sampling, so the encode is deterministic and the
+    between-encode variance σ_b² is 0).
+    """
+    import torch
+
+    mean, std = latent_stats(vae)
+    param = next(vae.parameters())
+    with torch.inference_mode():
+        x = frames.to(device=param.device, dtype=param.dtype)
+        z = vae.encode(x).latent_dist.mode().float()  # (B, C, T, h, w)
+    return ((z - mean.to(z.device)) / std.to(z.device)).cpu()
+
+
+def encode_prompts(wan: WanModel, prompts: Sequence[str], batch_size: int = 16) -> list[Any]:
+    """Prompt embeddings exactly as `WanPipeline.encode_prompt(..., max_sequence_length=512)`,
+    trimmed to each prompt's real tokens: a list of (L_i, D) float32 CPU tensors.
+
+    Steps of `WanPipeline._get_t5_prompt_embeds`: prompt_clean (ftfy if installed, html unescape,
+    whitespace collapse) → tokenize padded to 512 with mask → UMT5 → keep the first seq_len rows.
+    """
+    import torch
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    out: list[Any] = []
+    param = next(wan.text_encoder.parameters())
+    for start in range(0, len(prompts), batch_size):
+        chunk = [prompt_clean(p) for p in prompts[start : start + batch_size]]
+        toks = wan.tokenizer(
+            chunk,
+            padding="max_length",
+            max_length=MAX_SEQUENCE_LENGTH,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        seq_lens = toks.attention_mask.gt(0).sum(dim=1).tolist()
+        with torch.inference_mode():
+            hidden = wan.text_encoder(
+                toks.input_ids.to(param.device), toks.attention_mask.to(param.device)
+            ).last_hidden_state  # (b, 512, D)
+        out.extend(hidden[i, :n].float().cpu().clone() for i, n in enumerate(seq_lens))
+    return out
+
+
+def pad_context(emb: Any, length: int = MAX_SEQUENCE_LENGTH) -> Any:
+    """(L, D) trimmed embedding → (1, 512, D) zero-padded, as the pipeline feeds the transformer."""
+    import torch
+
+    out = torch.zeros(1, length, emb.shape[-1], dtype=emb.dtype, device=emb.device)
+    out[0, : emb.shape[0]] = emb
+    return out
