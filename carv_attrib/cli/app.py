@@ -28,9 +28,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logs (-vv: debug, tracebacks).")] = 0,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More logs (-vv: debug, tracebacks).")
+    ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors; no progress.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     state.verbose = verbose
     state.quiet = quiet

@@ -34,9 +34,13 @@ class State:
 state = State()
 
 # -- shared option definitions: a flag means the same thing in every command -------------------
-Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto: cuda, then mps, then cpu).")]
+Device = Annotated[
+    str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto: cuda, then mps, then cpu).")
+]
 DType = Annotated[str, typer.Option("--dtype", help="Model compute dtype: float32 | bfloat16 | float16.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Discard a stage made with another configuration.")]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Discard a stage made with another configuration.")
+]
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Wan2.1 diffusers directory or Hugging Face Hub id.")
 ]
@@ -51,7 +55,9 @@ def setup_logging() -> None:
     level = logging.WARNING if state.verbose == 0 else logging.INFO if state.verbose == 1 else logging.DEBUG
     if state.quiet:
         level = logging.ERROR
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
 
 
 def handle_errors(fn: F) -> F:
@@ -74,7 +80,9 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def record_run(run: Path, command: str, device: str | None = None, started: float | None = None, **extra: Any) -> None:
+def record_run(
+    run: Path, command: str, device: str | None = None, started: float | None = None, **extra: Any
+) -> None:
     """Append this invocation to RUN/run.json (argv, versions, device, times)."""
     from carv_attrib.data.store import now_iso, record_invocation
 
@@ -83,7 +91,9 @@ def record_run(run: Path, command: str, device: str | None = None, started: floa
         "argv": sys.argv,
         "tool_version": __version__,
         "python": platform.python_version(),
-        "versions": package_versions(("torch", "diffusers", "transformers", "faiss-cpu", "pyarrow", "decord")),
+        "versions": package_versions(
+            ("torch", "diffusers", "transformers", "faiss-cpu", "pyarrow", "decord")
+        ),
         "host": platform.node(),
         "device": device,
         "finished_at": now_iso(),

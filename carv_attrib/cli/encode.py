@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
-from carv_attrib.cli.common import DType, Device, ModelOpt, Overwrite, err_console, handle_errors, out_console, record_run
+from carv_attrib.cli.common import (
+    Device,
+    DType,
+    ModelOpt,
+    Overwrite,
+    err_console,
+    handle_errors,
+    out_console,
+    record_run,
+)
 from carv_attrib.cli.progress import ClipProgress
 
 
@@ -19,27 +28,39 @@ def encode(
     model: ModelOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create or resume.")],
     videos: Annotated[
-        Path | None, typer.Option("--videos", help="Videos root: paths are relative to it (VIDEOS/<id>.mp4 by default).")
+        Path | None,
+        typer.Option("--videos", help="Videos root: paths are relative to it (VIDEOS/<id>.mp4 by default)."),
     ] = None,
     frames: Annotated[int, typer.Option(help="Frames per clip, 1 + 4k.")] = 17,
     size: Annotated[str, typer.Option(help="WxH, multiples of 16.")] = "64x64",
     fps: Annotated[float, typer.Option(help="Sampling fps (0 = consecutive source frames).")] = 8.0,
-    pad_short: Annotated[bool, typer.Option("--pad-short", help="Repeat the last frame of short clips.")] = False,
+    pad_short: Annotated[
+        bool, typer.Option("--pad-short", help="Repeat the last frame of short clips.")
+    ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per VAE call.")] = 4,
     workers: Annotated[int, typer.Option(help="Decoding processes (0 = decode in this process).")] = 2,
     device: Device = "auto",
     dtype: DType = "float32",
-    latent_dtype: Annotated[str, typer.Option("--latent-dtype", help="Storage dtype: float32 | float16.")] = "float32",
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Clips per Parquet shard (resume unit).")] = 64,
+    latent_dtype: Annotated[
+        str, typer.Option("--latent-dtype", help="Storage dtype: float32 | float16.")
+    ] = "float32",
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", help="Clips per Parquet shard (resume unit).")
+    ] = 64,
     max_failure_rate: Annotated[
         float, typer.Option("--max-failure-rate", help="Exit 3 when more than this share of clips failed.")
     ] = 0.05,
-    decode_timeout: Annotated[float, typer.Option("--decode-timeout", help="Seconds per clip before it is killed.")] = 120.0,
+    decode_timeout: Annotated[
+        float, typer.Option("--decode-timeout", help="Seconds per clip before it is killed.")
+    ] = 120.0,
     id_column: Annotated[str, typer.Option("--id-column")] = "vid",
     caption_column: Annotated[str, typer.Option("--caption-column")] = "caption",
-    path_column: Annotated[str | None, typer.Option("--path-column", help="Default: 'path' when present.")] = None,
+    path_column: Annotated[
+        str | None, typer.Option("--path-column", help="Default: 'path' when present.")
+    ] = None,
     manifest_format: Annotated[
-        str | None, typer.Option("--manifest-format", help="vidgen | jsonl | csv | parquet (default: by extension).")
+        str | None,
+        typer.Option("--manifest-format", help="vidgen | jsonl | csv | parquet (default: by extension)."),
     ] = None,
     allow_absolute_paths: Annotated[
         bool, typer.Option("--allow-absolute-paths", help="Accept paths outside the videos root.")

@@ -64,7 +64,20 @@ def env(fmt: Format = "human") -> None:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": package_versions(
-            ("torch", "diffusers", "transformers", "accelerate", "decord", "av", "pyarrow", "faiss-cpu", "faiss-gpu", "typer", "rich", "ray")
+            (
+                "torch",
+                "diffusers",
+                "transformers",
+                "accelerate",
+                "decord",
+                "av",
+                "pyarrow",
+                "faiss-cpu",
+                "faiss-gpu",
+                "typer",
+                "rich",
+                "ray",
+            )
         ),
         "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),

@@ -14,12 +14,15 @@ from carv_attrib.errors import UsageError
 @handle_errors
 def make_model(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the diffusers pipeline to.")],
-    size: Annotated[str, typer.Option(help="tiny (~28 k params, tests) | small (~4.9 M, benchmarks) | medium (~20 M).")] = "tiny",
+    size: Annotated[
+        str, typer.Option(help="tiny (~28 k params, tests) | small (~4.9 M, benchmarks) | medium (~20 M).")
+    ] = "tiny",
     seed: Seed = 0,
 ) -> None:
     """Build a Wan2.1 T2V pipeline from the real diffusers classes with random weights and save it
     in the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers."""
-    from carv_attrib.models.tiny import SIZES, make_model as build
+    from carv_attrib.models.tiny import SIZES
+    from carv_attrib.models.tiny import make_model as build
 
     if size not in SIZES:
         raise UsageError(f"--size {size}: choose one of {', '.join(SIZES)}")

@@ -139,7 +139,10 @@ class DecodePool:
                     return
                 continue
             deadline = min(w.started for w in busy) + self.timeout
-            ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=max(0.0, deadline - time.monotonic()))
+            ready = wait(
+                [w.conn for w in busy] + [w.proc.sentinel for w in busy],
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
             for i, w in enumerate(self._workers):
                 if w.task is None:
                     continue
@@ -154,9 +157,15 @@ class DecodePool:
                         pass  # the worker died mid-send: handled as a crash below
                 if w.conn in ready or w.proc.sentinel in ready or not w.proc.is_alive():
                     code = w.proc.exitcode
-                    done[seq] = (key, ClipFailure("crash", f"decoder process died (exit code {code}) on {path}"))
+                    done[seq] = (
+                        key,
+                        ClipFailure("crash", f"decoder process died (exit code {code}) on {path}"),
+                    )
                 elif time.monotonic() - w.started > self.timeout:
-                    done[seq] = (key, ClipFailure("timeout", f"decoding took longer than {self.timeout:g} s: {path}"))
+                    done[seq] = (
+                        key,
+                        ClipFailure("timeout", f"decoding took longer than {self.timeout:g} s: {path}"),
+                    )
                 else:
                     continue
                 w.task = None

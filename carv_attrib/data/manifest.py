@@ -138,7 +138,9 @@ def _rows_listing(rows: list[int]) -> str:
     return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
 
 
-def read_manifest(path: str | Path, videos: str | Path | None, opts: ManifestOptions | None = None) -> ClipTable:
+def read_manifest(
+    path: str | Path, videos: str | Path | None, opts: ManifestOptions | None = None
+) -> ClipTable:
     """Parse, validate and normalise a manifest. Row numbers in messages are 1-based data rows."""
     opts = opts or ManifestOptions()
     path = Path(path)
@@ -158,7 +160,11 @@ def read_manifest(path: str | Path, videos: str | Path | None, opts: ManifestOpt
     wanted = [opts.id_column, opts.caption_column] + ([path_col] if path_col else [])
     missing = [c for c in wanted if c not in columns]
     if missing:
-        flags = {opts.id_column: "--id-column", opts.caption_column: "--caption-column", path_col: "--path-column"}
+        flags = {
+            opts.id_column: "--id-column",
+            opts.caption_column: "--caption-column",
+            path_col: "--path-column",
+        }
         raise UsageError(
             f"manifest {path} lacks column{'s' if len(missing) > 1 else ''} "
             f"{', '.join(repr(c) for c in missing)} (columns present: {', '.join(sorted(map(str, columns)))}); "
@@ -173,7 +179,9 @@ def read_manifest(path: str | Path, videos: str | Path | None, opts: ManifestOpt
     if missing_id:
         problems.append(f"empty {opts.id_column!r} in {_rows_listing(missing_id)}")
     empty_caption = [
-        i for i, r in enumerate(rows, 1) if not isinstance(r.get(opts.caption_column), str) or not r[opts.caption_column].strip()
+        i
+        for i, r in enumerate(rows, 1)
+        if not isinstance(r.get(opts.caption_column), str) or not r[opts.caption_column].strip()
     ]
     if empty_caption:
         problems.append(f"empty caption in {_rows_listing(empty_caption)}")

@@ -115,6 +115,8 @@ class ShardStore:
         elif existing is not None and overwrite:
             shutil.rmtree(self.dir)
             existing = None
+        for stale in list(self.dir.glob(".*.tmp")) + list(self.done_dir.glob(".*.tmp")):
+            stale.unlink(missing_ok=True)  # left by a killed run; never read as data
         if existing is None:
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(
@@ -136,7 +138,11 @@ class ShardStore:
     def done_shards(self) -> list[int]:
         if not self.done_dir.exists():
             return []
-        return sorted(int(p.stem.split("-")[1]) for p in self.done_dir.glob("part-*.json") if self.is_done(int(p.stem.split("-")[1])))
+        return sorted(
+            int(p.stem.split("-")[1])
+            for p in self.done_dir.glob("part-*.json")
+            if self.is_done(int(p.stem.split("-")[1]))
+        )
 
     def write_shard(self, index: int, table: Any, stats: dict[str, Any], provenance: dict[str, Any]) -> None:
         """Write the Parquet shard (atomically), then its done marker (atomically), in that order."""
@@ -158,7 +164,9 @@ class ShardStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tables = [pq.read_table(self.shard_path(i), columns=columns, filters=filters) for i in self.done_shards()]
+        tables = [
+            pq.read_table(self.shard_path(i), columns=columns, filters=filters) for i in self.done_shards()
+        ]
         if not tables:
             raise UsageError(f"{self.dir} holds no finished shards; run the {self.stage} stage first")
         return pa.concat_tables(tables)

@@ -105,6 +105,26 @@ class DecodedClip:
     source_frames: int
 
 
+def probe(path: str) -> tuple[int, float, int, int]:
+    """(frame count, average fps, width, height) of a video, via decord."""
+    import decord
+
+    vr = decord.VideoReader(path, num_threads=1)
+    n = len(vr)
+    h, w = vr[0].shape[:2] if n else (0, 0)
+    return n, float(vr.get_avg_fps()), w, h
+
+
+def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = None) -> Any:
+    """uint8 (len(indices), h, w, 3) RGB frames; `size` = (w, h) resizes inside the decoder
+    (ffmpeg's scaler), so full-size frames never cross process boundaries."""
+    import decord
+
+    kwargs = {"width": size[0], "height": size[1]} if size else {}
+    vr = decord.VideoReader(path, num_threads=1, **kwargs)
+    return vr.get_batch(indices).asnumpy()
+
+
 def decode_clip(path: str, policy: FramePolicy) -> DecodedClip:
     """Decode one clip with decord; failures are ClipFailure(kind, message)."""
     import numpy as np
@@ -114,17 +134,9 @@ def decode_clip(path: str, policy: FramePolicy) -> DecodedClip:
     if os.path.getsize(path) == 0:
         raise ClipFailure("decode_error", f"file is empty (0 bytes): {path}")
     try:
-        import decord
-
-        probe = decord.VideoReader(path, num_threads=1)
-        n, fps = len(probe), float(probe.get_avg_fps())
-        src_h, src_w = probe[0].shape[:2] if n else (0, 0)
-        del probe
+        n, fps, src_w, src_h = probe(path)
         idx = frame_indices(n, fps, policy)
-        w, h = cover_size(src_w, src_h, policy.width, policy.height)
-        # decord resizes in the decoder (ffmpeg's scaler), so full-size frames never cross processes.
-        vr = decord.VideoReader(path, num_threads=1, width=w, height=h)
-        frames = vr.get_batch(idx).asnumpy()  # (F, h, w, 3) uint8
+        frames = read_frames(path, idx, cover_size(src_w, src_h, policy.width, policy.height))  # (F, h, w, 3)
     except ClipFailure:
         raise
     except Exception as exc:  # decord raises DECORDError / RuntimeError on corrupt input

@@ -72,7 +72,9 @@ def resolve_device(device: str) -> str:
             return "mps"
         return "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+        raise UsageError(
+            f"--device {device}: CUDA is not available on this machine; use --device cpu or auto"
+        )
     return device
 
 
@@ -171,7 +173,11 @@ def _hash_cache_path() -> Path:
 def file_sha256(path: Path) -> str:
     """sha256 of a file; a Hugging Face cache blob is named by its sha256, so it is read for free."""
     real = Path(os.path.realpath(path))
-    if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
+    if (
+        real.parent.name == "blobs"
+        and len(real.name) == 64
+        and all(c in "0123456789abcdef" for c in real.name)
+    ):
         return real.name
     st = real.stat()
     key = f"{real}|{st.st_size}|{st.st_mtime_ns}"

@@ -24,7 +24,13 @@ from typing import Any
 
 from carv_attrib import __version__
 from carv_attrib.data.decode_pool import DecodePool
-from carv_attrib.data.manifest import ClipTable, ManifestOptions, read_clip_table, read_manifest, write_clip_table
+from carv_attrib.data.manifest import (
+    ClipTable,
+    ManifestOptions,
+    read_clip_table,
+    read_manifest,
+    write_clip_table,
+)
 from carv_attrib.data.store import ShardStore, now_iso
 from carv_attrib.data.video import ClipFailure, DecodedClip, FramePolicy, frames_to_tensor
 from carv_attrib.errors import ConfigMismatchError, UsageError
@@ -233,7 +239,15 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
     n = len(table)
     shards = [list(range(s, min(s + cfg.shard_size, n))) for s in range(0, n, cfg.shard_size)]
     todo = [i for i in range(len(shards)) if not store.is_done(i)]
-    progress("start", {"total": n, "todo": sum(len(shards[i]) for i in todo), "shards": len(shards), "skipped": len(shards) - len(todo)})
+    progress(
+        "start",
+        {
+            "total": n,
+            "todo": sum(len(shards[i]) for i in todo),
+            "shards": len(shards),
+            "skipped": len(shards) - len(todo),
+        },
+    )
 
     if todo:
         wan = load_wan(cfg.model, ("vae", "text_encoder", "tokenizer"), device=cfg.device, dtype=cfg.dtype)
@@ -256,9 +270,7 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
                     row.update(status=result.kind, error=result.message)
                     progress("clip", {"status": result.kind, "vid": table.vid[j]})
                 else:
-                    row.update(
-                        frame_indices=result.indices, source_fps=result.source_fps, fps=cfg.policy.fps
-                    )
+                    row.update(frame_indices=result.indices, source_fps=result.source_fps, fps=cfg.policy.fps)
                     pending.append((row, result))
                 last_of_shard = j == shards[si][-1]
                 if len(pending) >= cfg.batch_size or (last_of_shard and pending):
@@ -286,18 +298,29 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
                         **{k: round(v, 4) for k, v in timers.items()},
                         "finished_at": now_iso(),
                     }
-                    store.write_shard(si, pa.Table.from_pylist(shard_rows, schema=latent_schema()), stats, provenance)
+                    store.write_shard(
+                        si, pa.Table.from_pylist(shard_rows, schema=latent_schema()), stats, provenance
+                    )
                     progress("shard", stats)
                     timers.clear()
                     shard_t0 = time.monotonic()
                 t_wait = time.monotonic()
 
     processed = sum(len(shards[i]) for i in todo)
-    return summarize(run, store, fp, processed, len(shards), len(shards) - len(todo), len(todo), time.monotonic() - t0)
+    return summarize(
+        run, store, fp, processed, len(shards), len(shards) - len(todo), len(todo), time.monotonic() - t0
+    )
 
 
 def summarize(
-    run: Path, store: ShardStore, fp: str, processed: int, shards: int, skipped: int, written: int, seconds: float
+    run: Path,
+    store: ShardStore,
+    fp: str,
+    processed: int,
+    shards: int,
+    skipped: int,
+    written: int,
+    seconds: float,
 ) -> EncodeSummary:
     """Totals over every done shard (not just this invocation's), plus a few failure examples."""
     import pyarrow.compute as pc

@@ -1,0 +1,62 @@
+"""Session fixtures: a tiny Wan2.1 pipeline saved to disk, demo clips, one encoded run.
+
+Everything is built offline from the real diffusers/transformers classes; no test touches the
+network (HF_HUB_OFFLINE=1) or the user's cache (CARV_ATTRIB_CACHE points into tmp).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["CARV_ATTRIB_CACHE"] = str(tmp_path_factory.mktemp("carv-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from carv_attrib.models.tiny import make_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny-wan"
+    make_model(str(out), size="tiny", seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 demo clips (96x80, 24 frames at 8 fps) and DIR/manifest.json."""
+    from carv_attrib.demo_data import make_demo_data
+
+    out = tmp_path_factory.mktemp("demo-data")
+    make_demo_data(out, clips=8, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def encoded_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, demo_data: Path) -> Path:
+    """The demo clips encoded at 9 frames, 32x32, in shards of 3 (read-only for tests)."""
+    from carv_attrib.data.video import FramePolicy
+    from carv_attrib.pipeline.encode import EncodeConfig, run_encode
+
+    run = tmp_path_factory.mktemp("runs") / "encoded"
+    run_encode(
+        EncodeConfig(
+            manifest=demo_data / "manifest.json",
+            videos=demo_data / "videos",
+            model=str(tiny_model_dir),
+            out=run,
+            policy=FramePolicy(frames=9, height=32, width=32, fps=8),
+            shard_size=3,
+            workers=1,
+            device="cpu",
+        )
+    )
+    return run

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from carv_attrib.data.store import METADATA_KEY, ShardStore, atomic_path, fingerprint
+from carv_attrib.errors import ConfigMismatchError
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "x.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_shard_roundtrip_done_markers_and_provenance(tmp_path: Path) -> None:
+    store = ShardStore(tmp_path, "latents")
+    fp = store.prepare({"a": 1})
+    assert fp == fingerprint({"a": 1})
+    t = pa.table({"clip_id": pa.array([1, 2], pa.int64()), "status": ["ok", "missing"]})
+    store.write_shard(3, t, {"n": 2}, {"fingerprint": fp})
+    # A shard without its done marker is not done and is not read.
+    store.shard_path(4).write_bytes(b"garbage")
+    assert store.done_shards() == [3]
+    assert store.read_table().num_rows == 2
+    assert store.read_provenance() == {"fingerprint": fp}
+    import pyarrow.parquet as pq
+
+    assert json.loads(pq.read_schema(store.shard_path(3)).metadata[METADATA_KEY])["fingerprint"] == fp
+
+
+def test_prepare_refuses_another_config_and_names_the_difference(tmp_path: Path) -> None:
+    store = ShardStore(tmp_path, "latents")
+    store.prepare({"frames": 17, "model": {"fp": "abc"}})
+    store.prepare({"frames": 17, "model": {"fp": "abc"}})  # same config: resume
+    with pytest.raises(ConfigMismatchError, match=r"frames: 17 -> 33.*--overwrite"):
+        store.prepare({"frames": 33, "model": {"fp": "abc"}})
+    store.write_shard(0, pa.table({"x": [1]}), {}, {})
+    store.prepare({"frames": 33, "model": {"fp": "abc"}}, overwrite=True)
+    assert store.done_shards() == []
+    assert store.read_config()["config"]["frames"] == 33
+
+
+def test_stale_temp_files_are_removed_on_resume(tmp_path: Path) -> None:
+    store = ShardStore(tmp_path, "latents")
+    store.prepare({"a": 1})
+    (store.dir / ".part-00000.parquet.123.tmp").write_bytes(b"partial")
+    store.prepare({"a": 1})
+    assert not (store.dir / ".part-00000.parquet.123.tmp").exists()
