@@ -60,3 +60,18 @@ def encoded_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, 
         )
     )
     return run
+
+
+@pytest.fixture(scope="session")
+def featurized_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, encoded_run: Path) -> Path:
+    """A copy of `encoded_run` featurized with K=4 stratified-is draws and a cosine index."""
+    import shutil
+
+    from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
+    from carv_attrib.pipeline.index import build_run_index
+
+    run = tmp_path_factory.mktemp("runs") / "featurized"
+    shutil.copytree(encoded_run, run)
+    run_featurize(FeaturizeConfig(run=run, model=str(tiny_model_dir), draws=4, device="cpu", batch_clips=3))
+    build_run_index(run, precondition="cosine")
+    return run

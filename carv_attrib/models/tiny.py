@@ -138,6 +138,9 @@ def build_pipeline(size: str = "tiny", seed: int = 0) -> Any:
 
 def make_model(out_dir: str, size: str = "tiny", seed: int = 0) -> dict[str, int]:
     """Build and save a pipeline; returns parameter counts per component."""
+    from carv_attrib.models.wan import _quiet_hf
+
+    _quiet_hf()
     pipe = build_pipeline(size, seed)
     pipe.save_pretrained(out_dir)
     return {

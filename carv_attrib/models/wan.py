@@ -310,3 +310,69 @@ def pad_context(emb: Any, length: int = MAX_SEQUENCE_LENGTH) -> Any:
     out = torch.zeros(1, length, emb.shape[-1], dtype=emb.dtype, device=emb.device)
     out[0, : emb.shape[0]] = emb
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer checkpoints (TRAK ensembles / TracIn sums over training checkpoints)
+
+
+def load_transformer(
+    source: str, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32"
+) -> Any:
+    """The WanTransformer3DModel of MODEL, or of a checkpoint.
+
+    A checkpoint is a diffusers transformer directory (config.json + weights), a pipeline directory
+    (with transformer/), or a .safetensors file of transformer weights loaded into MODEL's config.
+    """
+    _quiet_hf()
+    tdtype = torch_dtype(dtype)
+    if checkpoint is None:
+        module = _load_one(str(source), "transformer", tdtype)
+    else:
+        from diffusers import WanTransformer3DModel
+
+        ck = Path(checkpoint)
+        if not ck.exists():
+            raise UsageError(f"--checkpoint {checkpoint}: no such file or directory")
+        try:
+            if ck.is_dir() and (ck / "config.json").exists():
+                module = WanTransformer3DModel.from_pretrained(str(ck), dtype=tdtype)
+            elif ck.is_dir() and (ck / "transformer").is_dir():
+                module = WanTransformer3DModel.from_pretrained(str(ck), subfolder="transformer", dtype=tdtype)
+            elif ck.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                module = _load_one(str(source), "transformer", tdtype)
+                missing, unexpected = module.load_state_dict(load_file(str(ck)), strict=False)
+                if missing or unexpected:
+                    raise UsageError(
+                        f"--checkpoint {checkpoint}: weights do not fit {source}'s transformer "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[:3]})"
+                    )
+            else:
+                raise UsageError(
+                    f"--checkpoint {checkpoint}: expected a transformer directory (config.json), a pipeline "
+                    "directory (transformer/) or a .safetensors file"
+                )
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from exc
+    return module.to(resolve_device(device)).eval()
+
+
+def checkpoint_identity(source: str, checkpoint: str | None) -> dict[str, Any]:
+    """File hashes of the transformer that produced a feature block."""
+    if checkpoint is None:
+        files = component_identity(str(source), "transformer")["files"]
+        label = f"{source}:transformer"
+    else:
+        ck = Path(checkpoint)
+        if ck.is_file():
+            files = {ck.name: file_sha256(ck)}
+        else:
+            d = ck if (ck / "config.json").exists() else ck / "transformer"
+            files = component_identity(str(d.parent), d.name)["files"]
+        label = str(checkpoint)
+    fp = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    return {"checkpoint": label, "files": files, "fingerprint": fp}

@@ -1,0 +1,87 @@
+"""B clips x K draws → one projected-gradient feature per clip.
+
+The clip's feature is φ = P ĝ with ĝ = (1/K) Σ_k w_k ∇θ ℓ(σ_k, ε_k) (the CARV estimator of
+g = E[∇θ ℓ]); the weights w_k/K are folded into the per-draw losses by `clip_objective`, so the
+gradient of the summed objective is ĝ itself.
+
+- `kron`: one backward over all B clips; hooks split it per clip and project layer by layer
+  (`KronProjector`), parameter gradients off, the full gradient never exists.
+- `dense`: the reference; one backward per clip with parameter gradients on, the flattened
+  gradient of the selected layers times a chunk-generated JL matrix (`DenseProjector`).
+
+    feats, losses = kron_features(transformer, projector, batch)   # (B, D), (B, K)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from carv_attrib.attrib.projection import DenseProjector, KronProjector, flat_grad
+from carv_attrib.carv.objective import clip_objective
+
+
+@dataclass
+class ClipDraws:
+    """One clip's inputs: latent z (C, T, H, W), context (1, L, D) and its K draws."""
+
+    latent: Tensor
+    context: Tensor
+    sigma: Tensor  # (K,)
+    weights: Tensor  # (K,)
+    eps: Tensor  # (K, C, T, H, W)
+
+
+def kron_features(
+    transformer: nn.Module, projector: KronProjector, batch: Sequence[ClipDraws], output_fn: str = "loss"
+) -> tuple[Tensor, Tensor]:
+    """(features (B, D) float32 CPU, per-draw losses (B, K)) with one backward over B×K draws."""
+    losses = []
+    with projector.capture(num_slots=len(batch)):
+        total: Tensor | None = None
+        for b, clip in enumerate(batch):
+            projector.slot = b  # the hooks file this forward's activations under clip b
+            obj, ell = clip_objective(
+                transformer, clip.latent, clip.context, clip.sigma, clip.eps, clip.weights, output_fn
+            )
+            total = obj if total is None else total + obj
+            losses.append(ell.float().cpu())
+        assert total is not None
+        total.backward()
+    return projector.features(), torch.stack(losses)
+
+
+def dense_features(
+    transformer: nn.Module,
+    layers: Sequence[tuple[str, nn.Linear]],
+    projector: DenseProjector,
+    batch: Sequence[ClipDraws],
+    output_fn: str = "loss",
+) -> tuple[Tensor, Tensor]:
+    """Reference path: per-clip backward, flattened gradient of `layers`, dense projection."""
+    selected = {id(p) for _, m in layers for p in m.parameters()}
+    saved = [(p, p.requires_grad) for p in transformer.parameters()]
+    grads, losses = [], []
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in selected)  # gradients only where they are projected
+            p.grad = None
+        for clip in batch:
+            obj, ell = clip_objective(
+                transformer, clip.latent, clip.context, clip.sigma, clip.eps, clip.weights, output_fn
+            )
+            obj.backward()
+            grads.append(flat_grad(layers))  # (p,)
+            losses.append(ell.float().cpu())
+            for _, m in layers:
+                for p in m.parameters():
+                    p.grad = None
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+            p.grad = None
+    feats = projector.project(torch.stack(grads))  # (B, p) -> (B, D): one pass over the matrix
+    return feats.float().cpu(), torch.stack(losses)

@@ -1,0 +1,165 @@
+"""FAISS inner-product index of preconditioned train features, keyed by clip id.
+
+The default is exact: `IndexIDMap2(IndexFlatIP(d))`, so search returns the true top-k inner
+products ⟨query, ψ_i⟩ with the clip ids given at build time. For large N a factory string
+(e.g. "IVF1024,Flat", "IVF4096,PQ64") builds an approximate index with the inner-product metric,
+trained on a seeded random sample of the vectors. A GPU index is used when faiss has GPU support
+and sees a CUDA device; `save_index` converts it back to the CPU.
+
+Usage::
+
+    index = build_index(ids, psi)                      # ids (n,) int64, psi (n, d) float32
+    save_index(index, "RUN/index/index.faiss")
+    index = load_index("RUN/index/index.faiss")
+    scores, hits = search(index, queries, k=10)        # (m, 10) float32, (m, 10) int64
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRAIN_SAMPLE = 100_000
+
+
+def _faiss() -> Any:
+    import faiss  # heavy import, only where needed
+
+    return faiss
+
+
+def _as_vectors(vectors: Any, dim: int | None, what: str) -> np.ndarray:
+    """C-contiguous float32 (n, d), checked for shape and finiteness."""
+    if hasattr(vectors, "detach"):  # a torch tensor
+        vectors = vectors.detach().cpu().numpy()
+    arr = np.ascontiguousarray(vectors, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D (n, d) array, got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{what} have dimension {arr.shape[1]} but the index has dimension {dim}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} contain NaN/Inf; drop those rows first")
+    return arr
+
+
+def _gpu_available(faiss: Any) -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def build_index(
+    ids: Any,
+    vectors: Any,
+    factory: str | None = None,
+    use_gpu: bool | None = None,
+    train_sample: int = DEFAULT_TRAIN_SAMPLE,
+    seed: int = 0,
+) -> Any:
+    """An inner-product index over `vectors` (n, d) with ids `ids` (n,) int64.
+
+    factory None: exact `IndexIDMap2(IndexFlatIP(d))`. Otherwise `faiss.index_factory(d, factory,
+    METRIC_INNER_PRODUCT)` inside an IndexIDMap2, trained on min(n, train_sample) vectors drawn
+    with `seed`. use_gpu None: a GPU when faiss has GPU support and sees a device.
+    """
+    faiss = _faiss()
+    vecs = _as_vectors(vectors, None, "index vectors")
+    n, d = vecs.shape
+    ids_arr = np.ascontiguousarray(np.asarray(ids), dtype=np.int64)
+    if ids_arr.shape != (n,):
+        raise ValueError(f"ids must have shape ({n},) to match the vectors, got {ids_arr.shape}")
+    if np.unique(ids_arr).size != n:
+        raise ValueError("ids must be unique (they are clip ids)")
+    if d < 1:
+        raise ValueError("vectors must have at least one dimension")
+
+    inner = (
+        faiss.IndexFlatIP(d)
+        if factory is None
+        else faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    )
+    index = faiss.IndexIDMap2(inner)  # faiss's Python wrapper keeps `inner` referenced
+
+    if use_gpu is None:
+        use_gpu = _gpu_available(faiss)
+    if use_gpu:
+        if not _gpu_available(faiss):
+            raise ValueError("use_gpu=True but faiss has no GPU support or sees no CUDA device")
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+        index._carv_gpu_res = res  # the resources must outlive the index
+
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        take = min(n, int(train_sample))
+        sample = vecs if take == n else vecs[np.sort(rng.choice(n, size=take, replace=False))]
+        try:
+            index.train(sample)
+        except RuntimeError as e:
+            raise ValueError(
+                f"training the {factory!r} index on {take} vectors failed ({e}); "
+                "use a smaller factory (fewer IVF lists / PQ centroids) or more vectors"
+            ) from e
+    index.add_with_ids(vecs, ids_arr)
+    log.info("built %s index: %d vectors of dim %d", factory or "Flat", n, d)
+    return index
+
+
+def _to_cpu(index: Any) -> Any:
+    faiss = _faiss()
+    if hasattr(faiss, "index_gpu_to_cpu") and hasattr(index, "_carv_gpu_res"):
+        return faiss.index_gpu_to_cpu(index)
+    return index
+
+
+def save_index(index: Any, path: str | os.PathLike[str]) -> None:
+    """Write `index` (a GPU one is converted to the CPU) atomically to `path`."""
+    faiss = _faiss()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(_to_cpu(index), str(tmp))
+    os.replace(tmp, path)
+
+
+def load_index(path: str | os.PathLike[str]) -> Any:
+    """The CPU index saved at `path`."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no FAISS index at {path}")
+    return _faiss().read_index(str(path))
+
+
+def set_nprobe(index: Any, nprobe: int) -> None:
+    """Set the number of IVF lists visited per query (no effect on a non-IVF index)."""
+    faiss = _faiss()
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        log.debug("nprobe ignored: not an IVF index")
+        return
+    ivf.nprobe = int(nprobe)
+
+
+def search(
+    index: Any, queries: Any, k: int | None = 10, nprobe: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner products: (scores (m, k) float32, ids (m, k) int64), best first.
+
+    k None means every indexed vector; k is clipped to `index.ntotal`. An approximate index with
+    few probed lists can return fewer than k hits: those slots have id -1. (A GPU index caps k
+    at 2048, a faiss limit; indexes from `load_index` are on the CPU.)
+    """
+    q = _as_vectors(queries, index.d, "queries")
+    if nprobe is not None:
+        set_nprobe(index, nprobe)
+    k = index.ntotal if k is None else min(int(k), index.ntotal)
+    if k < 0:
+        raise ValueError(f"k must be >= 0 or None, got {k}")
+    if k == 0:
+        return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+    scores, ids = index.search(q, k)
+    return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)

@@ -1,0 +1,137 @@
+"""Preconditioners: TRAK kernel vs a direct float64 solve, blocks, cosine, streaming, persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from carv_attrib.attrib.precondition import (
+    CosinePreconditioner,
+    GramAccumulator,
+    Preconditioner,
+    TrakPreconditioner,
+    fit_preconditioner,
+    load_preconditioner,
+)
+
+
+@pytest.fixture
+def feats() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    scale = np.array([3.0, 1.0, 0.5, 2.0, 1.0, 0.1, 4.0, 1.0])  # uneven feature scales
+    return (rng.normal(size=(50, 8)) * scale).astype(np.float32), rng.normal(size=(4, 8)).astype(np.float32)
+
+
+def _trak_reference(phi: np.ndarray, lambda_rel: float) -> tuple[np.ndarray, float]:
+    phi = phi.astype(np.float64)
+    gram = phi.T @ phi
+    lam = lambda_rel * np.trace(gram) / gram.shape[0]
+    return np.linalg.solve(gram + lam * np.eye(gram.shape[0]), phi.T).T, lam
+
+
+def test_trak_equals_direct_solve(feats):
+    phi, q = feats
+    pre = fit_preconditioner("trak", phi, dim=8, lambda_rel=0.1)
+    ref, lam = _trak_reference(phi, 0.1)
+    psi = pre.prepare_train(phi)
+    assert psi.dtype == np.float32 and psi.shape == phi.shape
+    np.testing.assert_allclose(psi, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    assert pre.lambdas == pytest.approx([lam]) and pre.lambda_rel == 0.1 and pre.num_train == 50
+    np.testing.assert_array_equal(pre.prepare_query(q), q)  # queries stay raw
+
+
+def test_trak_block_diagonal_for_two_checkpoints(feats):
+    phi, q = feats
+    pre = fit_preconditioner("trak", phi, dim=8, blocks=[5, 3], lambda_rel=0.01)
+    psi = pre.prepare_train(phi)
+    ref0, lam0 = _trak_reference(phi[:, :5], 0.01)
+    ref1, lam1 = _trak_reference(phi[:, 5:], 0.01)
+    np.testing.assert_allclose(psi, np.hstack([ref0, ref1]), rtol=1e-5, atol=1e-6)
+    assert pre.lambdas == pytest.approx([lam0, lam1])
+    # The score is the sum of the per-checkpoint TRAK scores.
+    np.testing.assert_allclose(q @ psi.T, q[:, :5] @ ref0.T + q[:, 5:] @ ref1.T, rtol=1e-4, atol=1e-6)
+
+
+def test_streaming_gram_equals_one_shot(feats):
+    phi, _ = feats
+    acc = GramAccumulator(8, blocks=[4, 4])
+    for chunk in np.array_split(phi, 3):
+        acc.update(torch.from_numpy(chunk))  # torch tensors are accepted too
+    one = GramAccumulator(8, blocks=[4, 4])
+    one.update(phi)
+    assert acc.n == one.n == 50
+    for a, b in zip(acc.grams, one.grams, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    streamed = fit_preconditioner("trak", iter(np.array_split(phi, 4)), dim=8, lambda_rel=0.1)
+    np.testing.assert_allclose(
+        streamed.inverses[0], fit_preconditioner("trak", phi, dim=8, lambda_rel=0.1).inverses[0]
+    )
+
+
+def test_cosine_unit_norm_per_block(feats):
+    phi, q = feats
+    phi = phi.copy()
+    phi[3, 5:] = 0.0  # a zero block stays zero instead of NaN
+    pre = fit_preconditioner("cosine", dim=8, blocks=[5, 3])
+    psi, qq = pre.prepare_train(phi), pre.prepare_query(q)
+    norms = np.stack([np.linalg.norm(psi[:, :5], axis=1), np.linalg.norm(psi[:, 5:], axis=1)], 1)
+    expected = np.ones_like(norms)
+    expected[3, 1] = 0.0
+    np.testing.assert_allclose(norms, expected, rtol=1e-6)
+
+    def cos(a, b):
+        return (a @ b.T) / np.outer(np.linalg.norm(a, axis=1), np.maximum(np.linalg.norm(b, axis=1), 1e-30))
+
+    np.testing.assert_allclose(
+        qq @ psi.T, cos(q[:, :5], phi[:, :5]) + cos(q[:, 5:], phi[:, 5:]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_identity_is_plain_dot(feats):
+    phi, q = feats
+    pre = fit_preconditioner("identity", dim=8, blocks=[5, 3])
+    np.testing.assert_allclose(pre.prepare_query(q) @ pre.prepare_train(phi).T, q @ phi.T, rtol=1e-6)
+
+
+def test_non_finite_rows_and_bad_shapes_are_refused(feats):
+    phi, _ = feats
+    bad = phi.copy()
+    bad[7, 2] = np.nan
+    bad[9, 0] = np.inf
+    with pytest.raises(ValueError, match=r"rows \[7, 9\] contain NaN/Inf"):
+        GramAccumulator(8).update(bad)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        fit_preconditioner("cosine", dim=8).prepare_query(bad)
+    with pytest.raises(ValueError, match=r"shape \(n, 8\)"):
+        GramAccumulator(8).update(phi[:, :6])
+    with pytest.raises(ValueError, match="sum to the feature dim"):
+        GramAccumulator(8, blocks=[4, 3])
+    with pytest.raises(ValueError, match="unknown preconditioner"):
+        fit_preconditioner("kfac", phi, dim=8)
+
+
+def test_singular_gram_needs_lambda():
+    phi = np.random.default_rng(1).normal(size=(3, 8))  # n < d: ΦᵀΦ has rank 3
+    with pytest.raises(ValueError, match="singular"):
+        fit_preconditioner("trak", phi, dim=8, lambda_rel=0.0)
+    fit_preconditioner("trak", phi, dim=8, lambda_rel=1e-3)  # fine with λ > 0
+
+
+@pytest.mark.parametrize("kind", ["identity", "cosine", "trak"])
+def test_save_load_round_trip(kind, feats, tmp_path):
+    phi, q = feats
+    pre = fit_preconditioner(kind, phi, dim=8, blocks=[6, 2], lambda_rel=0.2)
+    pre.save(tmp_path / "pre")
+    again = load_preconditioner(tmp_path / "pre")
+    assert type(again) is type(pre) and again.to_dict() == pre.to_dict()
+    assert again.to_dict()["kind"] == kind and again.blocks == [6, 2]
+    np.testing.assert_array_equal(again.prepare_train(phi), pre.prepare_train(phi))
+    np.testing.assert_array_equal(again.prepare_query(q), pre.prepare_query(q))
+    assert not list((tmp_path / "pre").glob("*.tmp"))
+    expected_cls = {"identity": Preconditioner, "cosine": CosinePreconditioner, "trak": TrakPreconditioner}[
+        kind
+    ]
+    assert type(again) is expected_cls
+    with pytest.raises(FileNotFoundError, match="precondition.json"):
+        load_preconditioner(tmp_path / "missing")

@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.pipeline.featurize import feature_matrix
+from carv_attrib.pipeline.index import build_run_index
+from carv_attrib.pipeline.score import ScoreConfig, read_prompts, run_score
+
+
+def schema() -> dict:
+    return json.loads(resources.files("carv_attrib").joinpath("schemas/attribution.schema.json").read_text())
+
+
+def captions(demo_data: Path) -> dict[str, str]:
+    return {r["vid"]: r["caption"] for r in json.loads((demo_data / "manifest.json").read_text())}
+
+
+def test_training_clip_ranks_itself_first_with_cosine(featurized_run: Path, demo_data: Path) -> None:
+    caps = captions(demo_data)
+    for vid in ("demo-00002", "demo-00005"):
+        doc = run_score(
+            ScoreConfig(
+                run=featurized_run,
+                queries=[demo_data / "videos" / f"{vid}.mp4"],
+                prompt=caps[vid],
+                top_k=3,
+                device="cpu",
+            )
+        )
+        jsonschema.validate(doc, schema())
+        top = doc["queries"][0]["results"][0]
+        assert top["vid"] == vid and top["rank"] == 1 and top["caption"] == caps[vid]
+        assert top["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_top_k_all_equals_brute_force_inner_products(
+    featurized_run: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(featurized_run, run)
+    build_run_index(run, precondition="identity")
+    vid = "demo-00004"
+    doc = run_score(
+        ScoreConfig(
+            run=run,
+            queries=[demo_data / "videos" / f"{vid}.mp4"],
+            prompt=captions(demo_data)[vid],
+            top_k=None,
+            device="cpu",
+        )
+    )
+    jsonschema.validate(doc, schema())
+    results = doc["queries"][0]["results"]
+    assert len(results) == 8
+    ids, feats = feature_matrix(run)
+    by_vid = {r["vid"]: r for r in results}
+    # Same encode, same draws: the query's feature equals the clip's stored one.
+    import pyarrow.parquet as pq
+
+    vids = dict(
+        zip(
+            pq.read_table(run / "manifest" / "clips.parquet").column("clip_id").to_pylist(),
+            pq.read_table(run / "manifest" / "clips.parquet").column("vid").to_pylist(),
+        )
+    )
+    q = feats[[vids[i] for i in ids.tolist()].index(vid)]
+    brute = feats.astype(np.float64) @ q.astype(np.float64)
+    for i, s in zip(ids.tolist(), brute):
+        assert by_vid[vids[i]]["score"] == pytest.approx(s, rel=1e-4)
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+
+
+def test_undecodable_query_is_recorded_and_others_scored(
+    featurized_run: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00" * 2048)
+    good = demo_data / "videos" / "demo-00001.mp4"
+    (tmp_path / "p.json").write_text(
+        json.dumps({"broken.mp4": "x", str(good): captions(demo_data)["demo-00001"]})
+    )
+    doc = run_score(
+        ScoreConfig(
+            run=featurized_run,
+            queries=[bad, good],
+            prompts_file=tmp_path / "p.json",
+            top_k=2,
+            device="cpu",
+            aggregate="vote",
+        )
+    )
+    jsonschema.validate(doc, schema())
+    q_bad, q_good = doc["queries"]
+    assert q_bad["status"] == "error" and q_bad["error"].startswith("decode_error") and q_bad["results"] == []
+    assert q_good["status"] == "ok" and q_good["results"][0]["vid"] == "demo-00001"
+    assert doc["aggregate"]["method"] == "vote" and doc["aggregate"]["queries"] == 1
+
+
+def test_mean_aggregation_over_queries(featurized_run: Path, demo_data: Path, tmp_path: Path) -> None:
+    caps = captions(demo_data)
+    qs = [demo_data / "videos" / f"demo-0000{i}.mp4" for i in (1, 2)]
+    (tmp_path / "p.csv").write_text("path,prompt\n" + "".join(f"{q.name},{caps[q.stem]}\n" for q in qs))
+    doc = run_score(
+        ScoreConfig(
+            run=featurized_run,
+            queries=qs,
+            prompts_file=tmp_path / "p.csv",
+            top_k=8,
+            device="cpu",
+            aggregate="mean",
+        )
+    )
+    jsonschema.validate(doc, schema())
+    agg = {r["vid"]: r["score"] for r in doc["aggregate"]["results"]}
+    per = [{r["vid"]: r["score"] for r in q["results"]} for q in doc["queries"]]
+    for vid, s in agg.items():
+        assert s == pytest.approx((per[0][vid] + per[1][vid]) / 2, rel=1e-5)
+
+
+def test_run_built_with_another_model_is_refused(
+    featurized_run: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    from carv_attrib.models.tiny import make_model
+
+    make_model(str(tmp_path / "other"), "tiny", seed=3)
+    with pytest.raises(ConfigMismatchError, match=r"not the model this index was built with.*vae"):
+        run_score(
+            ScoreConfig(
+                run=featurized_run,
+                queries=[demo_data / "videos" / "demo-00001.mp4"],
+                prompt="x",
+                model=str(tmp_path / "other"),
+                device="cpu",
+            )
+        )
+
+
+def test_prompt_rules(tmp_path: Path) -> None:
+    assert read_prompts(["a.mp4"], "hello", None) == ["hello"]
+    with pytest.raises(UsageError, match="--prompts"):
+        read_prompts(["a.mp4", "b.mp4"], "hello", None)
+    with pytest.raises(UsageError, match="needs its prompt"):
+        read_prompts(["a.mp4"], None, None)
+    (tmp_path / "p.json").write_text(json.dumps({"a.mp4": "x"}))
+    with pytest.raises(UsageError, match="no prompt for: b.mp4"):
+        read_prompts(["a.mp4", "b.mp4"], None, tmp_path / "p.json")
