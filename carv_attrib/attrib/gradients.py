@@ -85,3 +85,27 @@ def dense_features(
             p.grad = None
     feats = projector.project(torch.stack(grads))  # (B, p) -> (B, D): one pass over the matrix
     return feats.float().cpu(), torch.stack(losses)
+
+
+def per_draw_features(
+    transformer: nn.Module,
+    projector: KronProjector,
+    latent: Tensor,
+    context: Tensor,
+    sigma: Tensor,
+    eps: Tensor,
+    output_fn: str = "loss",
+) -> tuple[Tensor, Tensor]:
+    """One feature per draw, φ_k = P ∇θ ℓ(σ_k, ε_k): (K, D) and losses (K,), for pilots (`plan`).
+
+    The context is expanded to K rows here (not broadcast), so that every layer, the
+    cross-attention K/V projections included, sees one input row per draw and the hooks can
+    separate the draws. Weights K make Σ_k (w_k/K) ℓ_k = Σ_k ℓ_k, whose per-row gradient is ∇ℓ_k.
+    """
+    K = sigma.shape[0]
+    with projector.capture(num_slots=K):
+        projector.slot = torch.arange(K)
+        ctx = context.expand(K, -1, -1).contiguous()  # (K, L, D)
+        obj, ell = clip_objective(transformer, latent, ctx, sigma, eps, torch.full((K,), float(K)), output_fn)
+        obj.backward()
+    return projector.features(), ell.float().cpu()

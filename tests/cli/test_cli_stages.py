@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from carv_attrib.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_featurize_index_score_through_the_cli(
+    encoded_run: Path, tiny_model_dir: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    r = invoke("featurize", run, "-m", tiny_model_dir, "-K", "2", "--device", "cpu", "--format", "json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["ok"] == 8 and summary["index"]["preconditioner"] == "cosine"
+    r = invoke("featurize", run, "-m", tiny_model_dir, "-K", "3", "--device", "cpu")
+    assert r.exit_code == 2 and "draws.draws: 2 -> 3" in r.output
+    r = invoke("index", run, "--precondition", "trak", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["preconditioner"]["kind"] == "trak"
+    q = demo_data / "videos" / "demo-00003.mp4"
+    caption = {d["vid"]: d["caption"] for d in json.loads((demo_data / "manifest.json").read_text())}[
+        "demo-00003"
+    ]
+    r = invoke(
+        "score",
+        q,
+        "--run",
+        run,
+        "--prompt",
+        caption,
+        "-k",
+        "3",
+        "--format",
+        "json",
+        "--json",
+        tmp_path / "a.json",
+        "--device",
+        "cpu",
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc == json.loads((tmp_path / "a.json").read_text())
+    assert doc["queries"][0]["results"][0]["vid"] == "demo-00003" and len(doc["queries"][0]["results"]) == 3
+    r = invoke(
+        "score", q, "--run", run, "--prompt", caption, "-k", "all", "--format", "jsonl", "--device", "cpu"
+    )
+    assert r.exit_code == 0 and len(json.loads(r.stdout.splitlines()[0])["results"]) == 8
+    r = invoke("score", q, "--run", run, "--prompt", caption, "--format", "human", "--device", "cpu")
+    assert r.exit_code == 0 and "demo-00003" in r.stdout and "rank" in r.stdout
+    r = invoke("score", q, "--run", run, "--prompt", caption, "-k", "zero")
+    assert r.exit_code == 2
+    r = invoke(
+        "score",
+        tmp_path / "missing.mp4",
+        "--run",
+        run,
+        "--prompt",
+        "x",
+        "--format",
+        "json",
+        "--device",
+        "cpu",
+    )
+    assert r.exit_code == 1 and json.loads(r.stdout)["queries"][0]["status"] == "error"
+    r = invoke("status", run)
+    assert r.exit_code == 0 and "features" in r.stdout
+
+
+def test_plan_cli(encoded_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    r = invoke(
+        "plan",
+        encoded_run,
+        "-m",
+        tiny_model_dir,
+        "-o",
+        tmp_path / "p.json",
+        "--pilot-clips",
+        "2",
+        "--bins",
+        "3",
+        "-K",
+        "2",
+        "--replicates",
+        "2",
+        "--device",
+        "cpu",
+    )
+    assert r.exit_code == 0, r.output
+    assert "recommended" in r.output and (tmp_path / "p.json").exists()
+
+
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    r = invoke(
+        "demo",
+        tmp_path / "demo",
+        "--clips",
+        "4",
+        "--train-steps",
+        "2",
+        "-K",
+        "2",
+        "--frames",
+        "9",
+        "--size",
+        "32",
+        "-k",
+        "3",
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "demo" / "attribution.json").read_text())
+    assert doc["queries"][0]["status"] == "ok" and len(doc["queries"][0]["results"]) == 3
+    assert (tmp_path / "demo" / "generated.mp4").stat().st_size > 0
+    assert "rank" in r.stdout

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carv_attrib.carv.timesteps import Proposal
+from carv_attrib.data.store import ShardStore
+from carv_attrib.errors import UsageError
+from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
+from carv_attrib.pipeline.plan import PlanConfig, run_plan
+
+
+@pytest.fixture(scope="module")
+def plan(
+    encoded_run: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("plan")
+    cfg = PlanConfig(
+        run=encoded_run,
+        model=str(tiny_model_dir),
+        out=out / "plan.json",
+        plot=out / "plan.png",
+        pilot_clips=3,
+        bins=4,
+        draws=2,
+        replicates=3,
+        device="cpu",
+    )
+    return run_plan(cfg), out
+
+
+def test_plan_reports_costs_variances_and_a_usable_proposal(plan: tuple[dict, Path]) -> None:
+    result, out = plan
+    assert json.loads((out / "plan.json").read_text()) == result
+    assert (out / "plan.png").stat().st_size > 10_000
+    assert result["costs"]["c_enc"] > 0 and result["costs"]["c_draw"] > 0
+    assert result["costs"]["c_enc_source"] == "timed re-encode of the pilot clips"
+    assert set(result["schemes"]) == {
+        "iid",
+        "stratified",
+        "stratified-is",
+        "iid+antithetic",
+        "stratified-is+antithetic",
+    }
+    assert result["schemes"]["iid"]["variance_ratio_vs_iid"] == 1.0
+    assert result["schemes"]["iid"]["ecm"]["1"] == pytest.approx(1.0)
+    for row in result["schemes"].values():
+        assert row["within_variance_per_draw"] > 0
+        ecms = list(row["ecm"].values())
+        assert ecms == sorted(ecms), "with σ_b² = 0, ECM grows with K"
+    q = Proposal.from_json(result["proposal"])
+    assert q.density == "uniform" and q.n_bins == 4
+    m2 = np.array(result["bins"]["second_moment"])
+    assert m2.shape == (4,) and (m2 > 0).all()
+    s = np.linspace(0.01, 0.99, 99)
+    assert (q.pdf(s).numpy() >= 0.1 - 1e-12).all(), "mixed with p: q >= α p"
+    assert result["recommended"]["scheme"] in {"iid", "stratified", "stratified-is"}
+    assert 1 <= result["recommended"]["draws"] <= 64
+
+
+def test_featurize_consumes_the_plan(
+    plan: tuple[dict, Path], encoded_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    result, out = plan
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    run_featurize(
+        FeaturizeConfig(run=run, model=str(tiny_model_dir), draws=4, plan=out / "plan.json", device="cpu")
+    )
+    cfg = ShardStore(run, "features").read_config()["config"]
+    assert cfg["draws"]["proposal"] == Proposal.from_json(result["proposal"]).fingerprint
+    t = ShardStore(run, "features").read_table()
+    w = np.array(t.column("weights").to_pylist()[0])
+    assert not np.allclose(w, 1.0), "importance weights p/q differ from 1 under a fitted proposal"
+    assert (w <= 1 / 0.1 + 1e-9).all(), "weights bounded by 1/α"
+    with pytest.raises(UsageError, match="stratified-is"):
+        run_featurize(
+            FeaturizeConfig(
+                run=run,
+                model=str(tiny_model_dir),
+                draws=4,
+                timesteps="iid",
+                plan=out / "plan.json",
+                device="cpu",
+            )
+        )
