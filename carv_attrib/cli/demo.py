@@ -26,14 +26,17 @@ def demo(
     size: Annotated[int, typer.Option("--size", help="Square encode size (multiple of 16).")] = 64,
     top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,
     precondition: Annotated[str, typer.Option("--precondition")] = "cosine",
+    plan_pilot: Annotated[
+        int, typer.Option("--plan-pilot", help="Pilot clips for `plan` (0: skip the plan).")
+    ] = 4,
     prompt: Annotated[
         str | None, typer.Option("--prompt", help="Caption to generate (default: the first clip's).")
     ] = None,
     seed: Seed = 0,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "cpu",
 ) -> None:
-    """Build a tiny Wan2.1 pipeline and synthetic clips, encode, train briefly, featurize, generate a
-    video with WanPipeline, and attribute it: top-k table on stdout, JSON in DIR/attribution.json."""
+    """Build a tiny Wan2.1 pipeline and synthetic clips, encode, train briefly, plan, featurize, generate
+    a video with WanPipeline, and attribute it: top-k table on stdout, JSON in DIR/attribution.json."""
     from carv_attrib.pipeline.demo import DemoConfig, run_demo
 
     started = time.monotonic()
@@ -50,6 +53,7 @@ def demo(
         prompt=prompt,
         seed=seed,
         device=device,
+        plan_pilot_clips=plan_pilot,
     )
     result = run_demo(cfg, say=lambda s: err_console.print(f"[bold cyan]demo[/] {s}"))
     record_run(out_dir / "run", "demo", device=device, started=started, timings=result.timings)

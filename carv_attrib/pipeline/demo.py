@@ -1,11 +1,11 @@
-"""The end-to-end demo: tiny Wan2.1 model, synthetic clips, encode, train, featurize, generate, score.
+"""The end-to-end demo: tiny Wan2.1 model, synthetic clips, encode, train, plan, featurize, generate, score.
 
     from carv_attrib.pipeline.demo import DemoConfig, run_demo
     result = run_demo(DemoConfig(out="demo-run"))
     result.doc["queries"][0]["results"][:3]
 
 Layout of DIR: model/ (the pipeline), data/ (videos + manifest.json), run/ (latents, features,
-index), generated.mp4 (a video the trained tiny pipeline generated for a demo caption) and
+index), plan.json (+ plan.png) from the `plan` pilot, generated.mp4 (a video the trained tiny pipeline generated for a demo caption) and
 attribution.json (its attribution). Each stage resumes: a second `carv-attrib demo DIR` reuses
 what exists.
 """
@@ -34,6 +34,7 @@ class DemoConfig:
     draws: int = 8
     timesteps: str = "stratified-is"
     precondition: str = "cosine"
+    plan_pilot_clips: int = 4  # 0: skip `plan` (stratified-is then uses q = p)
     prompt: str | None = None  # default: the caption of the first demo clip
     inference_steps: int = 12
     top_k: int = 5
@@ -47,6 +48,14 @@ class DemoResult:
     out: Path
     doc: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def generate_video(
@@ -83,6 +92,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
     from carv_attrib.pipeline.encode import EncodeConfig, run_encode
     from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
     from carv_attrib.pipeline.index import build_run_index
+    from carv_attrib.pipeline.plan import PlanConfig, run_plan
     from carv_attrib.pipeline.score import ScoreConfig, run_score
     from carv_attrib.train import TrainConfig, train_transformer
 
@@ -132,6 +142,28 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
         )
         trained.write_text(f"{losses[0]:.4f} -> {losses[-1]:.4f}\n")
     done()
+    done = stage("plan")
+    plan_path = out / "plan.json"
+    use_plan = cfg.timesteps == "stratified-is" and cfg.plan_pilot_clips >= 2
+    if use_plan and not plan_path.exists():
+        say(f"plan: pilot of {cfg.plan_pilot_clips} clips -> costs, per-σ gradient moments, proposal q(σ)")
+        plan = run_plan(
+            PlanConfig(
+                run=run,
+                model=str(model),
+                out=plan_path,
+                plot=out / "plan.png" if _has_matplotlib() else None,
+                pilot_clips=cfg.plan_pilot_clips,
+                bins=8,
+                draws=4,
+                replicates=3,
+                seed=cfg.seed,
+                device=cfg.device,
+            )
+        )
+        ratios = ", ".join(f"{k} {v['variance_ratio_vs_iid']:.2f}" for k, v in plan["schemes"].items())
+        say(f"plan: within-encode variance per draw relative to iid: {ratios}")
+    done()
     done = stage("featurize")
     say(
         f"featurize: {cfg.draws} {cfg.timesteps} draws per cached encode, kron projection, {cfg.precondition} index"
@@ -144,6 +176,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
             timesteps=cfg.timesteps,
             seed=cfg.seed,
             device=cfg.device,
+            plan=plan_path if use_plan else None,
         )
     )
     build_run_index(run, precondition=cfg.precondition)

@@ -117,9 +117,13 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         "32",
         "-k",
         "3",
+        "--plan-pilot",
+        "2",
     )
     assert r.exit_code == 0, r.output
+    assert (tmp_path / "demo" / "plan.json").exists()
     doc = json.loads((tmp_path / "demo" / "attribution.json").read_text())
+    assert doc["index"]["estimator"]["proposal"] is not None, "the demo featurizes with the plan's proposal"
     assert doc["queries"][0]["status"] == "ok" and len(doc["queries"][0]["results"]) == 3
     assert (tmp_path / "demo" / "generated.mp4").stat().st_size > 0
     assert "rank" in r.stdout
