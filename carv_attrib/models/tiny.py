@@ -73,10 +73,36 @@ def build_tokenizer() -> Any:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
+def build_transformer(size: str = "tiny", seed: int = 0) -> Any:
+    """The `WanTransformer3DModel` of a size, with weights fixed by `seed` (eval mode)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    s = SIZES[size]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=s.heads,
+            attention_head_dim=s.head_dim,
+            in_channels=16,
+            out_channels=16,
+            text_dim=s.text_dim,
+            freq_dim=256,
+            ffn_dim=s.ffn_dim,
+            num_layers=s.layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=128,
+        ).eval()
+
+
 def build_pipeline(size: str = "tiny", seed: int = 0) -> Any:
     """Assemble a `WanPipeline` of the given size with deterministic random weights."""
     import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
     if size not in SIZES:
@@ -113,21 +139,7 @@ def build_pipeline(size: str = "tiny", seed: int = 0) -> Any:
             num_res_blocks=1,
             temperal_downsample=[False, True, True],
         ).eval()
-        torch.manual_seed(seed + 2)
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=s.heads,
-            attention_head_dim=s.head_dim,
-            in_channels=16,
-            out_channels=16,
-            text_dim=s.text_dim,
-            freq_dim=256,
-            ffn_dim=s.ffn_dim,
-            num_layers=s.layers,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=128,
-        ).eval()
+    transformer = build_transformer(size, seed + 2)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
     )

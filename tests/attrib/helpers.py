@@ -20,25 +20,10 @@ CTX_LEN, CTX_DIM = 5, 32
 
 
 def tiny_wan() -> nn.Module:
-    """The tiny WanTransformer3DModel of the brief (28k parameters), eval mode, seeded."""
-    from diffusers import WanTransformer3DModel
+    """The tiny WanTransformer3DModel (28k parameters) of `make-model --size tiny`, eval mode, seeded."""
+    from carv_attrib.models.tiny import build_transformer
 
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-    return model.eval()
+    return build_transformer("tiny", seed=0)
 
 
 def make_data(n: int, k: int, seed: int) -> dict[str, torch.Tensor]:
