@@ -109,7 +109,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("bench/_work/model"))
     ap.add_argument("--clips", type=int, default=64)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust when the cores are shared)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     cfg = prepare(BenchModel(work=args.work, clips=args.clips, train_steps=args.steps))
     info = json.loads((cfg.work / "trained.json").read_text())
     print(f"trained in {info['seconds']:.0f} s: loss {info['loss_first']:.3f} -> {info['loss_last10']:.3f}")

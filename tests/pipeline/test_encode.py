@@ -2,11 +2,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from carv_attrib.data.video import FramePolicy, decode_clip, frames_to_tensor
 from carv_attrib.errors import ConfigMismatchError
 from carv_attrib.models.wan import encode_prompts, encode_video, load_wan
 from carv_attrib.pipeline.encode import EncodeConfig, run_encode
+from tests.pipeline.sigkill import sigkill_after_first_shard
 
 POLICY = FramePolicy(frames=9, height=32, width=32, fps=8)
 
@@ -154,12 +153,7 @@ def test_resume_after_sigkill_gives_the_same_rows(
     killed = tmp_path / "killed"
     proc = _encode_subprocess(demo_data, tiny_model_dir, killed, pause=2.0)
     done = ShardStore(killed, "latents")
-    deadline = time.monotonic() + 120
-    while not done.done_shards() and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_after_first_shard(proc, done)
     finished_before = done.done_shards()
     assert 1 <= len(finished_before) < 4, "killed mid-run"
     # Resume in a second process, then compare against an uninterrupted run.

@@ -2,11 +2,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from carv_attrib.data.store import ShardStore
 from carv_attrib.errors import ConfigMismatchError, UsageError
 from carv_attrib.pipeline.featurize import FeaturizeConfig, feature_matrix, run_featurize
 from carv_attrib.pipeline.index import build_run_index, read_index_info
+from tests.pipeline.sigkill import sigkill_after_first_shard
 
 
 def copy_latents(src: Path, dst: Path) -> Path:
@@ -174,12 +173,7 @@ def test_sigkill_mid_featurize_then_rerun_gives_identical_features(
         [sys.executable, "-c", FEATURIZE, str(run), str(tiny_model_dir), "3"], env=env, stderr=subprocess.PIPE
     )
     store = ShardStore(run, "features")
-    deadline = time.monotonic() + 120
-    while not store.done_shards() and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_after_first_shard(proc, store)
     assert 1 <= len(store.done_shards()) < 3
     assert (
         subprocess.run(
