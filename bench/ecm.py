@@ -89,14 +89,12 @@ def estimates(
                 # Baseline: K independent iid draws, each with its own fresh decode + encode.
                 for k in range(rule.k):
                     z, emb = encoder(cid)
-                    featurizer.rule = dataclasses.replace(rule, seed=rule.seed + 100_003 * r + k, k=1)
-                    featurizer._eps_cache = {}
+                    featurizer.use_rule(dataclasses.replace(rule, seed=rule.seed + 100_003 * r + k, k=1))
                     f, _, _ = featurizer.features([(cid, z, emb)])
                     feats[r, n] += f[0].double() / rule.k
             else:
                 z, emb = encoder(cid)  # encode once, reuse for K draws
-                featurizer.rule = dataclasses.replace(rule, seed=rule.seed + 100_003 * r)
-                featurizer._eps_cache = {}
+                featurizer.use_rule(dataclasses.replace(rule, seed=rule.seed + 100_003 * r))
                 f, _, _ = featurizer.features([(cid, z, emb)])
                 feats[r, n] = f[0].double()
     return feats, (time.perf_counter() - t0) / (replicates * len(clip_ids))

@@ -227,10 +227,6 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     store = ShardStore(run, "latents")
-    if cfg.overwrite and store.dir.exists():
-        import shutil
-
-        shutil.rmtree(store.dir)
     table = prepare_manifest(run, cfg)
     ident = model_identity(cfg.model, ("vae", "text_encoder", "tokenizer"))
     config = cfg.identity(ident, table.content_hash())

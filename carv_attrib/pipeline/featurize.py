@@ -166,6 +166,11 @@ class Featurizer:
     def blocks(self) -> list[int]:
         return [p.dim for p in self.projectors]
 
+    def use_rule(self, rule: Any) -> None:
+        """Switch to another draw rule (replicates, other schemes) and forget cached draws."""
+        self.rule = rule
+        self._eps_cache = {}
+
     def draws(self, clip_id: int, shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
         """(σ, w, ε) of a clip; the shared stream is computed once per latent shape."""
         stream = self.rule.stream_for(clip_id)

@@ -159,8 +159,7 @@ def replicate_variance(featurizer: Any, clips: list[Any], rule: Any, replicates:
     feats = []  # (R, N, D)
     t0 = time.monotonic()
     for r in range(replicates):
-        featurizer.rule = dataclasses.replace(rule, seed=rule.seed + 1 + r)
-        featurizer._eps_cache = {}
+        featurizer.use_rule(dataclasses.replace(rule, seed=rule.seed + 1 + r))
         f, _, _ = featurizer.features([(c.clip_id, c.latent, c.text_emb) for c in clips])
         feats.append(f.double())
     seconds = (time.monotonic() - t0) / (replicates * len(clips) * rule.k)
