@@ -109,7 +109,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("bench/_work/model"))
     ap.add_argument("--clips", type=int, default=64)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust when the cores are shared)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is robust when the cores are shared)"
+    )
     args = ap.parse_args()
     import torch
 
