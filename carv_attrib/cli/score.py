@@ -99,7 +99,7 @@ def score(
     )
     doc = run_score(cfg)
     if json_out is not None:
-        write_json_atomic(json_out, doc)
+        write_json_atomic(json_out, doc, sort_keys=False)
     record_run(
         run,
         "score",

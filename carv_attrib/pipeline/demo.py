@@ -197,6 +197,6 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
     doc = run_score(ScoreConfig(run=run, queries=[video], prompt=prompt, top_k=cfg.top_k, device=cfg.device))
     from carv_attrib.data.store import write_json_atomic
 
-    write_json_atomic(out / "attribution.json", doc)
+    write_json_atomic(out / "attribution.json", doc, sort_keys=False)
     done()
     return DemoResult(out=out, doc=doc, timings=timings)
