@@ -52,38 +52,19 @@ def _gpu_available(faiss: Any) -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def build_index(
-    ids: Any,
-    vectors: Any,
-    factory: str | None = None,
-    use_gpu: bool | None = None,
-    train_sample: int = DEFAULT_TRAIN_SAMPLE,
-    seed: int = 0,
-) -> Any:
-    """An inner-product index over `vectors` (n, d) with ids `ids` (n,) int64.
-
-    factory None: exact `IndexIDMap2(IndexFlatIP(d))`. Otherwise `faiss.index_factory(d, factory,
-    METRIC_INNER_PRODUCT)` inside an IndexIDMap2, trained on min(n, train_sample) vectors drawn
-    with `seed`. use_gpu None: a GPU when faiss has GPU support and sees a device.
-    """
+def new_index(d: int, factory: str | None = None, use_gpu: bool | None = None) -> Any:
+    """An empty inner-product `IndexIDMap2` of dimension d: exact `IndexFlatIP` for factory None,
+    else `faiss.index_factory(d, factory, METRIC_INNER_PRODUCT)` (to be trained with `train_index`).
+    use_gpu None: a GPU when faiss has GPU support and sees a device."""
     faiss = _faiss()
-    vecs = _as_vectors(vectors, None, "index vectors")
-    n, d = vecs.shape
-    ids_arr = np.ascontiguousarray(np.asarray(ids), dtype=np.int64)
-    if ids_arr.shape != (n,):
-        raise ValueError(f"ids must have shape ({n},) to match the vectors, got {ids_arr.shape}")
-    if np.unique(ids_arr).size != n:
-        raise ValueError("ids must be unique (they are clip ids)")
     if d < 1:
         raise ValueError("vectors must have at least one dimension")
-
     inner = (
         faiss.IndexFlatIP(d)
         if factory is None
         else faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     )
     index = faiss.IndexIDMap2(inner)  # faiss's Python wrapper keeps `inner` referenced
-
     if use_gpu is None:
         use_gpu = _gpu_available(faiss)
     if use_gpu:
@@ -92,19 +73,57 @@ def build_index(
         res = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(res, 0, index)
         index._carv_gpu_res = res  # the resources must outlive the index
+    return index
 
+
+def train_index(index: Any, sample: Any, factory: str | None = None) -> None:
+    """Train an approximate index on a sample (m, d) of the vectors it will hold."""
+    vecs = _as_vectors(sample, index.d, "training vectors")
+    try:
+        index.train(vecs)
+    except RuntimeError as e:
+        raise ValueError(
+            f"training the {factory!r} index on {vecs.shape[0]} vectors failed ({e}); "
+            "use a smaller factory (fewer IVF lists / PQ centroids) or more vectors"
+        ) from e
+
+
+def add_vectors(index: Any, ids: Any, vectors: Any) -> None:
+    """Add vectors (n, d) under clip ids (n,) int64; call once or block by block."""
+    vecs = _as_vectors(vectors, index.d, "index vectors")
+    ids_arr = np.ascontiguousarray(np.asarray(ids), dtype=np.int64)
+    if ids_arr.shape != (vecs.shape[0],):
+        raise ValueError(f"ids must have shape ({vecs.shape[0]},) to match the vectors, got {ids_arr.shape}")
+    index.add_with_ids(vecs, ids_arr)
+
+
+def build_index(
+    ids: Any,
+    vectors: Any,
+    factory: str | None = None,
+    use_gpu: bool | None = None,
+    train_sample: int = DEFAULT_TRAIN_SAMPLE,
+    seed: int = 0,
+) -> Any:
+    """An inner-product index over `vectors` (n, d) with ids `ids` (n,) int64, in one call.
+
+    factory None: exact `IndexIDMap2(IndexFlatIP(d))`. Otherwise trained on min(n, train_sample)
+    vectors drawn with `seed`. (`carv-attrib index` streams shards through new_index / train_index /
+    add_vectors instead.)
+    """
+    vecs = _as_vectors(vectors, None, "index vectors")
+    n, d = vecs.shape
+    ids_arr = np.asarray(ids.detach().cpu() if hasattr(ids, "detach") else ids)
+    if np.unique(ids_arr).size != ids_arr.size:
+        raise ValueError("ids must be unique (they are clip ids)")
+    index = new_index(d, factory, use_gpu)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         take = min(n, int(train_sample))
-        sample = vecs if take == n else vecs[np.sort(rng.choice(n, size=take, replace=False))]
-        try:
-            index.train(sample)
-        except RuntimeError as e:
-            raise ValueError(
-                f"training the {factory!r} index on {take} vectors failed ({e}); "
-                "use a smaller factory (fewer IVF lists / PQ centroids) or more vectors"
-            ) from e
-    index.add_with_ids(vecs, ids_arr)
+        train_index(
+            index, vecs if take == n else vecs[np.sort(rng.choice(n, size=take, replace=False))], factory
+        )
+    add_vectors(index, ids_arr, vecs)
     log.info("built %s index: %d vectors of dim %d", factory or "Flat", n, d)
     return index
 

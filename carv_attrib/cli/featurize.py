@@ -21,6 +21,7 @@ from carv_attrib.cli.common import (
     record_run,
 )
 from carv_attrib.cli.progress import ClipProgress
+from carv_attrib.errors import UsageError
 
 Precondition = Annotated[
     str, typer.Option("--precondition", help="identity (TracIn) | trak ((ΦᵀΦ+λI)⁻¹) | cosine.")
@@ -32,6 +33,19 @@ Factory = Annotated[
         "--index-factory", help="FAISS factory string for large runs, e.g. IVF1024,PQ32 (default Flat)."
     ),
 ]
+
+
+def parse_kron_dims(text: str | None) -> tuple[int, int] | None:
+    """'16x8' -> (16, 8) = (k_out, k_in)."""
+    if text is None:
+        return None
+    try:
+        k_out, k_in = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--kron-dims {text}: expected OUTxIN, e.g. 16x8") from None
+    if k_out < 1 or k_in < 1:
+        raise UsageError(f"--kron-dims {text}: both sizes must be >= 1")
+    return k_out, k_in
 
 
 @handle_errors
@@ -67,6 +81,17 @@ def featurize(
         int | None,
         typer.Option("--proj-dim", help="Feature dim per checkpoint (default kron: 8x8 per layer)."),
     ] = None,
+    kron_dims: Annotated[
+        str | None,
+        typer.Option(
+            "--kron-dims",
+            metavar="OUTxIN",
+            help="kron: k_out x k_in per Linear layer (default 8x8; D = layers x k_out x k_in).",
+        ),
+    ] = None,
+    matrix: Annotated[
+        str, typer.Option("--matrix", help="Random projection entries: gaussian | rademacher.")
+    ] = "gaussian",
     layers: Annotated[
         list[str] | None,
         typer.Option("--layers", help="Glob on Linear module names (repeatable); default blocks.*"),
@@ -101,6 +126,8 @@ def featurize(
         output_fn=output_fn,
         projector=projector,
         proj_dim=proj_dim,
+        kron_dims=parse_kron_dims(kron_dims),
+        matrix=matrix,
         layers=tuple(layers or ("blocks.*",)),
         precondition=precondition,
         lambda_rel=lambda_rel,

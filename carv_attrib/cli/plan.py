@@ -99,5 +99,6 @@ def plan(
     r = result["recommended"]
     err_console.print(
         f"[green]recommended[/] --timesteps {r['scheme']}{' --antithetic' if r['antithetic'] else ''} "
-        f"--draws {r['draws']} --plan {out} (ECM {r['ecm']:.2f})"
+        f"--draws {r['draws']}{f' --plan {out}' if r['scheme'] == 'stratified-is' else ''} "
+        f"(ECM {r['ecm']:.2f})"
     )

@@ -18,6 +18,15 @@ class CachedClip:
     text_emb: Any  # float32 (L, D), trimmed to the caption's real tokens
 
 
+def as_stored(x: Any, dtype: str) -> Any:
+    """A float32 tensor rounded through the cache's storage dtype, as `row_to_clip` returns it: queries
+    get the same rounding as the training clips (float16 caches otherwise differ by ~1e-3)."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(x.cpu().numpy().astype(np.dtype(dtype)).astype(np.float32))
+
+
 def row_to_clip(row: dict[str, Any]) -> CachedClip:
     import numpy as np
     import torch

@@ -237,7 +237,17 @@ def model_identity(source: str, components: Sequence[str]) -> dict[str, Any]:
     """Per-component file hashes plus one short fingerprint over all of them."""
     comps = {name: component_identity(source, name) for name in sorted(components)}
     blob = json.dumps(comps, sort_keys=True).encode()
-    return {"source": str(source), "components": comps, "fingerprint": hashlib.sha256(blob).hexdigest()[:16]}
+    return {
+        "source": resolve_source(source),
+        "components": comps,
+        "fingerprint": hashlib.sha256(blob).hexdigest()[:16],
+    }
+
+
+def resolve_source(source: str) -> str:
+    """An absolute path for a local directory (so `score` finds it from any working directory); a Hub id
+    unchanged."""
+    return str(Path(source).resolve()) if Path(source).is_dir() else str(source)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,8 @@ class FeaturizeConfig:
     plan: Path | str | None = None  # plan.json from `carv-attrib plan` (its fitted proposal q)
     output_fn: str = "loss"
     projector: str = "kron"
-    proj_dim: int | None = None  # total dimension per checkpoint; None: 8x8 per layer (kron)
+    proj_dim: int | None = None  # total dimension per checkpoint; None: kron_dims per layer (kron)
+    kron_dims: tuple[int, int] | None = None  # (k_out, k_in) per Linear layer; None: (8, 8)
     layers: tuple[str, ...] = ("blocks.*",)
     matrix: str = "gaussian"
     precondition: str = "cosine"
@@ -118,8 +119,11 @@ def build_projector(
     seed: int,
     proj_dim: int | None,
     matrix: str,
+    kron_dims: tuple[int, int] | None = None,
 ) -> Any:
     from carv_attrib.attrib.projection import (
+        DEFAULT_K_IN,
+        DEFAULT_K_OUT,
         DenseProjector,
         KronProjector,
         select_linear_layers,
@@ -129,10 +133,16 @@ def build_projector(
     try:
         selected = select_linear_layers(transformer, layers)
         if cfg_projector == "kron":
+            if proj_dim and kron_dims:
+                raise ValueError("give --proj-dim (a total) or --kron-dims (per layer), not both")
             shapes = shapes_for_total_dim(selected, proj_dim) if proj_dim else None
+            k_out, k_in = kron_dims or (DEFAULT_K_OUT, DEFAULT_K_IN)
             return KronProjector(
-                transformer, selected, seed=seed, kind=matrix, shapes=shapes, patterns=list(layers)
-            )
+                transformer, selected, seed=seed, kind=matrix, shapes=shapes, patterns=list(layers),
+                k_in=k_in, k_out=k_out,
+            )  # fmt: skip
+        if kron_dims:
+            raise ValueError("--kron-dims applies to --projector kron only; give --proj-dim for dense")
         if cfg_projector == "dense":
             return DenseProjector(selected, seed=seed, dim=proj_dim or DEFAULT_PROJ_DIM, kind=matrix)
     except ValueError as exc:
@@ -295,7 +305,8 @@ def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> Featuri
         raise UsageError("--draws and --batch-clips must be >= 1")
     check_model_matches_latents(cfg.model, lat_cfg)
     rule = draw_rule(cfg)
-    checkpoints: list[str | None] = list(cfg.checkpoints) or [None]
+    # Absolute paths: index_info.json records them for `score`, which may run from anywhere.
+    checkpoints: list[str | None] = [str(Path(c).resolve()) for c in cfg.checkpoints] or [None]
     ckpt_ids = [checkpoint_identity(cfg.model, ck) for ck in checkpoints]
 
     featurizer = load_featurizer(
@@ -307,7 +318,7 @@ def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> Featuri
         cfg.device,
         cfg.dtype,
         new_projector=lambda t: build_projector(
-            cfg.projector, t, cfg.layers, cfg.seed, cfg.proj_dim, cfg.matrix
+            cfg.projector, t, cfg.layers, cfg.seed, cfg.proj_dim, cfg.matrix, cfg.kron_dims
         ),
     )
     proj_spec = featurizer.projectors[0].spec()
@@ -405,21 +416,38 @@ def check_model_matches_latents(model: str, lat_cfg: dict[str, Any]) -> None:
         )
 
 
-def feature_matrix(run: Path, status: str = "ok") -> tuple[Any, Any]:
-    """(clip ids (n,) int64, features (n, D) float32) of all done feature shards."""
+def iter_feature_blocks(run: Path, status: str = "ok") -> Iterator[tuple[Any, Any]]:
+    """(clip ids (n_s,) int64, features (n_s, D) float32) of each done feature shard with such rows."""
     import numpy as np
     import pyarrow.compute as pc
 
-    store = ShardStore(Path(run), "features")
-    ids, feats = [], []
-    for t in store.iter_tables(columns=["clip_id", "status", "feature"]):
+    for t in ShardStore(Path(run), "features").iter_tables(columns=["clip_id", "status", "feature"]):
         t = t.filter(pc.equal(t.column("status"), status))
         if t.num_rows == 0:
             continue
         col = t.column("feature").combine_chunks()
         d = col.type.list_size
-        feats.append(np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, d))
-        ids.append(t.column("clip_id").to_numpy())
-    if not ids:
+        feats = np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, d)
+        yield t.column("clip_id").to_numpy(), feats
+
+
+def feature_ids(run: Path, status: str = "ok") -> Any:
+    """(n,) int64 clip ids of the rows with `status`, in the order `iter_feature_blocks` yields them."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    parts = [
+        t.filter(pc.equal(t.column("status"), status)).column("clip_id").to_numpy()
+        for t in ShardStore(Path(run), "features").iter_tables(columns=["clip_id", "status"])
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def feature_matrix(run: Path, status: str = "ok") -> tuple[Any, Any]:
+    """(clip ids (n,) int64, features (n, D) float32) of all done feature shards, in memory."""
+    import numpy as np
+
+    blocks = list(iter_feature_blocks(run, status))
+    if not blocks:
         raise UsageError(f"{run} holds no ok features; run featurize first")
-    return np.concatenate(ids), np.concatenate(feats)
+    return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])

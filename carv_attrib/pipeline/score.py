@@ -24,7 +24,7 @@ from typing import Any
 
 from carv_attrib import __version__
 from carv_attrib.data.store import now_iso
-from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.errors import ConfigMismatchError, ModelLoadError, UsageError
 
 SCHEMA_VERSION = "1.0"
 AGGREGATES = ("none", "mean", "vote")
@@ -102,6 +102,11 @@ def check_model(model: str, info: dict[str, Any]) -> None:
 
     enc = info["encode"]["model"]["components"]
     now = model_identity(model, tuple(enc))["components"]
+    if not any(c.get("files") for c in now.values()):
+        raise ModelLoadError(
+            f"--model {model}: no such model directory (from {Path.cwd()}), and not a Hub id in the local "
+            f"cache; this index was built with {info.get('model_source')}"
+        )
     diffs = [c for c in enc if now[c] != enc[c]]
     paths = info.get("checkpoint_paths") or [None]
     if paths == [None]:
@@ -124,10 +129,12 @@ def _encode_queries(
     import torch
 
     from carv_attrib.data.decode_pool import DecodePool
+    from carv_attrib.data.latents import as_stored
     from carv_attrib.data.video import ClipFailure, FramePolicy, frames_to_tensor
     from carv_attrib.models.wan import encode_prompts, encode_video
 
     enc = info["encode"]
+    store_dtype = enc.get("latent_dtype", "float32")
     policy = FramePolicy(
         frames=enc["frames"],
         height=enc["height"],
@@ -143,7 +150,8 @@ def _encode_queries(
                 item.update(status="error", error=f"{result.kind}: {result.message}")
             else:
                 try:
-                    item["latent"] = encode_video(wan.vae, frames_to_tensor(result.frames)[None])[0]
+                    z = encode_video(wan.vae, frames_to_tensor(result.frames)[None])[0]  # (C, T, h, w)
+                    item["latent"] = as_stored(z, store_dtype)
                     if not torch.isfinite(item["latent"]).all():
                         raise ValueError("VAE produced non-finite latents")
                 except Exception as exc:
@@ -151,7 +159,7 @@ def _encode_queries(
             items.append(item)
     ok = [it for it in items if it["status"] == "ok"]
     for it, emb in zip(ok, encode_prompts(wan, [it["prompt"] for it in ok])):
-        it["text_emb"] = emb
+        it["text_emb"] = as_stored(emb, store_dtype)  # (L, D) trimmed
     return items
 
 

@@ -78,6 +78,28 @@ def test_featurize_index_score_through_the_cli(
     assert r.exit_code == 0 and "features" in r.stdout
 
 
+def test_featurize_kron_dims_and_matrix_options(
+    encoded_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    r = invoke("featurize", run, "-m", tiny_model_dir, "--kron-dims", "4", "--device", "cpu")
+    assert r.exit_code == 2 and "expected OUTxIN" in r.output
+    r = invoke(
+        "featurize", run, "-m", tiny_model_dir, "--kron-dims", "2x2", "--proj-dim", "64", "--device", "cpu"
+    )
+    assert r.exit_code == 2 and "not both" in r.output
+    r = invoke(
+        "featurize", run, "-m", tiny_model_dir, "-K", "1", "--kron-dims", "4x2", "--matrix", "rademacher",
+        "--device", "cpu", "--format", "json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    info = json.loads((run / "index" / "index_info.json").read_text())
+    spec = info["features"]["projector"]
+    n_layers = len(spec["layers"])
+    assert spec["matrix"] == "rademacher" and info["dim"] == n_layers * 4 * 2
+
+
 def test_plan_cli(encoded_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     r = invoke(
         "plan",

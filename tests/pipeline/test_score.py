@@ -121,6 +121,7 @@ def test_mean_aggregation_over_queries(featurized_run: Path, demo_data: Path, tm
     jsonschema.validate(doc, schema())
     agg = {r["vid"]: r["score"] for r in doc["aggregate"]["results"]}
     per = [{r["vid"]: r["score"] for r in q["results"]} for q in doc["queries"]]
+    assert len(agg) == 8 and all(len(p) == 8 for p in per)
     for vid, s in agg.items():
         assert s == pytest.approx((per[0][vid] + per[1][vid]) / 2, rel=1e-5)
 
@@ -152,3 +153,98 @@ def test_prompt_rules(tmp_path: Path) -> None:
     (tmp_path / "p.json").write_text(json.dumps({"a.mp4": "x"}))
     with pytest.raises(UsageError, match="no prompt for: b.mp4"):
         read_prompts(["a.mp4", "b.mp4"], None, tmp_path / "p.json")
+
+
+def test_stale_index_after_reencode_is_refused(
+    featurized_run: Path, demo_data: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from carv_attrib.data.video import FramePolicy
+    from carv_attrib.pipeline.encode import EncodeConfig, run_encode
+
+    run = tmp_path / "run"
+    shutil.copytree(featurized_run, run)
+    run_encode(
+        EncodeConfig(
+            manifest=demo_data / "manifest.json",
+            videos=demo_data / "videos",
+            model=str(tiny_model_dir),
+            out=run,
+            policy=FramePolicy(frames=5, height=32, width=32, fps=8),
+            shard_size=3,
+            workers=0,
+            device="cpu",
+            overwrite=True,
+        )
+    )
+    with pytest.raises(ConfigMismatchError, match="re-encoded since"):
+        build_run_index(run)
+    query = ScoreConfig(run=run, queries=[demo_data / "videos" / "demo-00001.mp4"], prompt="x", device="cpu")
+    with pytest.raises(ConfigMismatchError, match="index is stale: it was built from latents"):
+        run_score(query)
+
+
+def test_float16_cache_query_reproduces_the_stored_feature(
+    demo_data: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Queries are rounded through the cache's storage dtype, like the training clips."""
+    from carv_attrib.data.video import FramePolicy
+    from carv_attrib.pipeline.encode import EncodeConfig, run_encode
+    from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
+
+    rows = json.loads((demo_data / "manifest.json").read_text())[:3]
+    (tmp_path / "m.json").write_text(json.dumps(rows))
+    run = tmp_path / "run"
+    run_encode(
+        EncodeConfig(
+            manifest=tmp_path / "m.json",
+            videos=demo_data / "videos",
+            model=str(tiny_model_dir),
+            out=run,
+            policy=FramePolicy(frames=5, height=32, width=32, fps=8),
+            latent_dtype="float16",
+            workers=0,
+            device="cpu",
+        )
+    )
+    run_featurize(FeaturizeConfig(run=run, model=str(tiny_model_dir), draws=2, device="cpu"))
+    build_run_index(run, precondition="identity")
+    vid = rows[1]["vid"]
+    doc = run_score(
+        ScoreConfig(
+            run=run,
+            queries=[demo_data / "videos" / f"{vid}.mp4"],
+            prompt=rows[1]["caption"],
+            top_k=None,
+            device="cpu",
+        )
+    )
+    ids, feats = feature_matrix(run)
+    by_id = dict(zip(ids.tolist(), feats.astype(np.float64)))
+    hit = next(r for r in doc["queries"][0]["results"] if r["vid"] == vid)
+    own = by_id[hit["clip_id"]]
+    assert hit["score"] == pytest.approx(float(own @ own), rel=1e-6)
+
+
+def test_model_paths_are_recorded_absolute_and_a_missing_one_is_named(
+    featurized_run: Path,
+    demo_data: Path,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from carv_attrib.errors import ModelLoadError
+    from carv_attrib.models.wan import model_identity
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert model_identity(tiny_model_dir.name, ("vae",))["source"] == str(tiny_model_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="no such model directory"):
+        run_score(
+            ScoreConfig(
+                run=featurized_run,
+                queries=[demo_data / "videos" / "demo-00001.mp4"],
+                prompt="x",
+                model=tiny_model_dir.name,
+                device="cpu",
+            )
+        )
