@@ -244,6 +244,7 @@ def main() -> None:
             "seconds": plan_seconds,
             "costs": plan["costs"],
             "recommended": plan["recommended"],
+            "bins": plan["bins"],  # per-σ-bin RMS projected-gradient norm: where the IS gain comes from
             "variance_ratio_vs_iid": {k: v["variance_ratio_vs_iid"] for k, v in plan["schemes"].items()},
         },
         "methods": results,
