@@ -182,7 +182,9 @@ def _results(scores: Any, ids: Any, clips: dict[int, dict[str, str]]) -> list[di
 
 def provenance(info: dict[str, Any]) -> dict[str, Any]:
     feats = info["features"]
-    draws = {k: v for k, v in feats["draws"].items() if k != "proposal_data"}
+    order = ("rule", "seed", "scheme", "draws", "density", "proposal", "noise", "antithetic")  # DrawRule's
+    draws = {k: feats["draws"][k] for k in order if k in feats["draws"]}
+    draws |= {k: v for k, v in feats["draws"].items() if k not in draws and k != "proposal_data"}
     return {
         "fingerprint": info["fingerprint"],
         "latents_fingerprint": info.get("latents_fingerprint"),
