@@ -42,7 +42,9 @@ def plan(
     density: Annotated[
         str, typer.Option("--density", help="p(σ): uniform | logit-normal:m,s | shift:k.")
     ] = "uniform",
-    output_fn: Annotated[str, typer.Option("--output-fn")] = "loss",
+    output_fn: Annotated[
+        str, typer.Option("--output-fn", help="loss | sqnorm: the output whose gradient featurize will use.")
+    ] = "loss",
     k_max: Annotated[int, typer.Option("--k-max", help="Largest K to consider.")] = 64,
     seed: Seed = 0,
     device: Device = "auto",

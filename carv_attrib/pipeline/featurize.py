@@ -97,6 +97,13 @@ def draw_rule(cfg: FeaturizeConfig) -> Any:
             raise UsageError(f"--plan {plan_path}: not a plan.json from `carv-attrib plan` (no 'proposal')")
         if cfg.timesteps != "stratified-is":
             raise UsageError(f"--plan gives a proposal for --timesteps stratified-is, not {cfg.timesteps}")
+        if plan.get("output_fn", "loss") != cfg.output_fn:
+            # q is fitted to one output function's gradient norms; another one's would be unbiased
+            # under it but could lose the variance reduction the plan promised.
+            raise UsageError(
+                f"--plan {plan_path} was fitted for --output-fn {plan.get('output_fn')}, not {cfg.output_fn}; "
+                f"run `carv-attrib plan ... --output-fn {cfg.output_fn}`"
+            )
         proposal = Proposal.from_json(plan["proposal"])
     try:
         return DrawRule(

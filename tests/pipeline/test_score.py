@@ -155,27 +155,26 @@ def test_prompt_rules(tmp_path: Path) -> None:
         read_prompts(["a.mp4", "b.mp4"], None, tmp_path / "p.json")
 
 
-def test_stale_index_after_reencode_is_refused(
-    featurized_run: Path, demo_data: Path, tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def encode_5_frames(manifest: Path, demo_data: Path, model: Path, out: Path, **options) -> None:
+    """Encode demo clips at 5 frames, 32x32, in-process (a different config from `encoded_run`)."""
     from carv_attrib.data.video import FramePolicy
     from carv_attrib.pipeline.encode import EncodeConfig, run_encode
 
-    run = tmp_path / "run"
-    shutil.copytree(featurized_run, run)
+    policy = FramePolicy(frames=5, height=32, width=32, fps=8)
     run_encode(
         EncodeConfig(
-            manifest=demo_data / "manifest.json",
-            videos=demo_data / "videos",
-            model=str(tiny_model_dir),
-            out=run,
-            policy=FramePolicy(frames=5, height=32, width=32, fps=8),
-            shard_size=3,
-            workers=0,
-            device="cpu",
-            overwrite=True,
+            manifest=manifest, videos=demo_data / "videos", model=str(model), out=out, policy=policy,
+            workers=0, device="cpu", **options,
         )
-    )
+    )  # fmt: skip
+
+
+def test_stale_index_after_reencode_is_refused(
+    featurized_run: Path, demo_data: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(featurized_run, run)
+    encode_5_frames(demo_data / "manifest.json", demo_data, tiny_model_dir, run, shard_size=3, overwrite=True)
     with pytest.raises(ConfigMismatchError, match="re-encoded since"):
         build_run_index(run)
     query = ScoreConfig(run=run, queries=[demo_data / "videos" / "demo-00001.mp4"], prompt="x", device="cpu")
@@ -187,25 +186,12 @@ def test_float16_cache_query_reproduces_the_stored_feature(
     demo_data: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """Queries are rounded through the cache's storage dtype, like the training clips."""
-    from carv_attrib.data.video import FramePolicy
-    from carv_attrib.pipeline.encode import EncodeConfig, run_encode
     from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
 
     rows = json.loads((demo_data / "manifest.json").read_text())[:3]
     (tmp_path / "m.json").write_text(json.dumps(rows))
     run = tmp_path / "run"
-    run_encode(
-        EncodeConfig(
-            manifest=tmp_path / "m.json",
-            videos=demo_data / "videos",
-            model=str(tiny_model_dir),
-            out=run,
-            policy=FramePolicy(frames=5, height=32, width=32, fps=8),
-            latent_dtype="float16",
-            workers=0,
-            device="cpu",
-        )
-    )
+    encode_5_frames(tmp_path / "m.json", demo_data, tiny_model_dir, run, latent_dtype="float16")
     run_featurize(FeaturizeConfig(run=run, model=str(tiny_model_dir), draws=2, device="cpu"))
     build_run_index(run, precondition="identity")
     vid = rows[1]["vid"]
