@@ -29,9 +29,25 @@ from carv_attrib.errors import ConfigMismatchError, UsageError
 METADATA_KEY = b"carv_attrib"
 
 
+# Keys that record where something came from, not what it is: kept in config.json, left out of the
+# fingerprint, so naming a model directory by another path (or moving it) does not invalidate a run;
+# the weight hashes next to them are what identify the model.
+PROVENANCE_KEYS = frozenset({"source"})
+
+
+def _without_provenance(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _without_provenance(v) for k, v in x.items() if k not in PROVENANCE_KEYS}
+    if isinstance(x, list):
+        return [_without_provenance(v) for v in x]
+    return x
+
+
 def fingerprint(config: dict[str, Any]) -> str:
-    """sha256 (16 hex) of the canonical JSON of a config: what changes the numbers."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """sha256 (16 hex) of the canonical JSON of a config, provenance keys left out: what changes the
+    numbers."""
+    canonical = json.dumps(_without_provenance(config), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -76,7 +92,12 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return _diff(old, new)
+    """What differs between two configs as stored (JSON types), provenance keys left out."""
+
+    def as_json(c: dict[str, Any]) -> Any:  # tuples -> lists, Paths -> str: compare what is stored
+        return _without_provenance(json.loads(json.dumps(c, default=str)))
+
+    return _diff(as_json(old), as_json(new))
 
 
 class ShardStore:
@@ -103,14 +124,13 @@ class ShardStore:
         """
         fp = fingerprint(config)
         existing = self.read_config()
-        if existing is not None and existing.get("fingerprint") != fp:
+        diffs = config_differences(existing.get("config", {}), config) if existing is not None else []
+        if diffs:
             if not overwrite:
-                diffs = config_differences(existing.get("config", {}), config)
                 shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
                 raise ConfigMismatchError(
                     f"{self.dir} was made with another {what or self.stage} configuration "
-                    f"({shown or 'fingerprint differs'}); rerun with the same options to resume, "
-                    "or pass --overwrite to discard it"
+                    f"({shown}); rerun with the same options to resume, or pass --overwrite to discard it"
                 )
             shutil.rmtree(self.dir)
             existing = None
@@ -125,7 +145,10 @@ class ShardStore:
                 self.config_path,
                 {"fingerprint": fp, "config": config, "tool_version": __version__, "created_at": now_iso()},
             )
-        return fp
+            return fp
+        # The same configuration: the stage keeps the fingerprint (and provenance) it was created with,
+        # which its shards and any later stage already refer to.
+        return existing["fingerprint"]
 
     # -- shards ---------------------------------------------------------------------------------
     def shard_path(self, index: int) -> Path:

@@ -53,3 +53,20 @@ def test_stale_temp_files_are_removed_on_resume(tmp_path: Path) -> None:
     (store.dir / ".part-00000.parquet.123.tmp").write_bytes(b"partial")
     store.prepare({"a": 1})
     assert not (store.dir / ".part-00000.parquet.123.tmp").exists()
+
+
+def test_model_source_is_provenance_not_identity(tmp_path: Path) -> None:
+    """Naming the same model by another path resumes; the stage keeps its original fingerprint."""
+    store = ShardStore(tmp_path, "latents")
+    cfg = {
+        "model": {"source": "models/tiny", "components": {"vae": {"files": {"w": "h1"}}}},
+        "layers": ("a",),
+    }
+    fp = store.prepare(cfg)
+    moved = {**cfg, "model": {**cfg["model"], "source": "/abs/models/tiny"}}
+    assert fingerprint(moved) == fp
+    assert store.prepare(moved) == fp  # tuples vs stored JSON lists are the same config too
+    assert store.read_config()["config"]["model"]["source"] == "models/tiny"
+    other = {**cfg, "model": {"source": "models/tiny", "components": {"vae": {"files": {"w": "h2"}}}}}
+    with pytest.raises(ConfigMismatchError, match=r"model.components.vae.files.w: 'h1' -> 'h2'"):
+        store.prepare(other)
