@@ -17,6 +17,7 @@ Bias check: all methods estimate the same expectation, so on 8 fixed random dire
 clip's feature the replicate means must agree with the baseline's within 4 standard errors.
 
     .venv/bin/python bench/ecm.py            # ~10 min on 2 cores, writes bench/results/ecm.json
+    .venv/bin/python bench/ecm.py --output-fn sqnorm   # the same for D-TRAK's output -> ecm_sqnorm.json
 
 Results depend on the machine and on c_enc/c_draw: the real Wan2.1 VAE and transformer have a
 different cost ratio than this CPU-sized model (see the README).
@@ -120,8 +121,17 @@ def main() -> None:
     ap.add_argument("--replicates", type=int, default=12)
     ap.add_argument("--pilot-clips", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/ecm.json"))
+    ap.add_argument(
+        "--output-fn", default="loss", choices=("loss", "sqnorm"), help="featurize's output function"
+    )
+    ap.add_argument("--out", type=Path, help="default bench/results/ecm.json (ecm_sqnorm.json for sqnorm)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = Path(
+            "bench/results/ecm.json"
+            if args.output_fn == "loss"
+            else f"bench/results/ecm_{args.output_fn}.json"
+        )
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
 
@@ -140,7 +150,8 @@ def main() -> None:
         PlanConfig(
             run=bm.run,
             model=str(bm.model),
-            out=args.work / "plan.json",
+            out=args.work / ("plan.json" if args.output_fn == "loss" else f"plan_{args.output_fn}.json"),
+            output_fn=args.output_fn,
             pilot_clips=args.pilot_clips,
             draws=args.draws,
             device="cpu",
@@ -155,7 +166,7 @@ def main() -> None:
         [None],
         None,
         DrawRule(k=args.draws),
-        "loss",
+        args.output_fn,
         "cpu",
         "float32",
         new_projector=lambda t: build_projector("kron", t, ("blocks.*",), 0, None, "gaussian"),
