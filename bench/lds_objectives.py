@@ -23,7 +23,8 @@ Run (from the repository root, after `make install` or `make test` built .venv):
 
     .venv/bin/python bench/lds_objectives.py   # -> bench/results/lds_objectives.json, lds_objectives.png
 
-About 6 minutes when lds.py's work directory is cached (run lds.py first), ~15 without.
+335 s measured with lds.py's work directory cached (run lds.py first); without it, it first runs
+lds.py's data, init and training stages (about 8 minutes in lds.py's own runs).
 """
 
 from __future__ import annotations
