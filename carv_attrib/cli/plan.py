@@ -99,8 +99,11 @@ def plan(
         )
     out_console.print(table)
     r = result["recommended"]
-    err_console.print(
-        f"[green]recommended[/] --timesteps {r['scheme']}{' --antithetic' if r['antithetic'] else ''} "
-        f"--draws {r['draws']}{f' --plan {out}' if r['scheme'] == 'stratified-is' else ''} "
-        f"(ECM {r['ecm']:.2f})"
-    )
+    flags = [f"--timesteps {r['scheme']}", f"--draws {r['draws']}"]
+    flags += ["--antithetic"] if r["antithetic"] else []
+    flags += [f"--output-fn {result['output_fn']}"] if result["output_fn"] != "loss" else []
+    if r["scheme"] == "stratified-is":
+        flags.append(f"--plan {out}")  # carries its density
+    elif result["density"] != "uniform":
+        flags.append(f"--density {result['density']}")
+    err_console.print(f"[green]recommended[/] {' '.join(flags)} (ECM {r['ecm']:.2f})")

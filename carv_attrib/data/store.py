@@ -124,13 +124,16 @@ class ShardStore:
         """
         fp = fingerprint(config)
         existing = self.read_config()
-        diffs = config_differences(existing.get("config", {}), config) if existing is not None else []
-        if diffs:
+        # Recompute the stored config's fingerprint under today's rule (provenance keys left out), so a
+        # stage created with another model path, or before that rule, still resumes.
+        if existing is not None and fingerprint(existing.get("config", {})) != fp:
+            diffs = config_differences(existing.get("config", {}), config)
             if not overwrite:
                 shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
                 raise ConfigMismatchError(
                     f"{self.dir} was made with another {what or self.stage} configuration "
-                    f"({shown}); rerun with the same options to resume, or pass --overwrite to discard it"
+                    f"({shown or 'fingerprint differs'}); rerun with the same options to resume, "
+                    "or pass --overwrite to discard it"
                 )
             shutil.rmtree(self.dir)
             existing = None
@@ -196,10 +199,13 @@ class ShardStore:
             raise UsageError(f"{self.dir} holds no finished shards; run the {self.stage} stage first")
         return pa.concat_tables(tables)
 
-    def iter_tables(self, columns: list[str] | None = None, filters: Any = None) -> Iterator[Any]:
+    def iter_tables(
+        self, columns: list[str] | None = None, filters: Any = None, shards: list[int] | None = None
+    ) -> Iterator[Any]:
+        """Done shards as tables (or the given ones: a snapshot for several passes over a live stage)."""
         import pyarrow.parquet as pq
 
-        for i in self.done_shards():
+        for i in self.done_shards() if shards is None else shards:
             yield pq.read_table(self.shard_path(i), columns=columns, filters=filters)
 
     def read_provenance(self) -> dict[str, Any] | None:

@@ -228,7 +228,13 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
     run.mkdir(parents=True, exist_ok=True)
     store = ShardStore(run, "latents")
     table = prepare_manifest(run, cfg)
-    ident = model_identity(cfg.model, ("vae", "text_encoder", "tokenizer"))
+    components = ("vae", "text_encoder", "tokenizer")
+    ident = model_identity(cfg.model, components)
+    wan = None
+    if not all(c.get("files") for c in ident["components"].values()):
+        # A Hub id not in the local cache yet: loading downloads it; then its files can be hashed.
+        wan = load_wan(cfg.model, components, device=cfg.device, dtype=cfg.dtype)
+        ident = model_identity(cfg.model, components)
     config = cfg.identity(ident, table.content_hash())
     fp = store.prepare(config, overwrite=cfg.overwrite, what="encode")
 
@@ -246,7 +252,7 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
     )
 
     if todo:
-        wan = load_wan(cfg.model, ("vae", "text_encoder", "tokenizer"), device=cfg.device, dtype=cfg.dtype)
+        wan = wan or load_wan(cfg.model, components, device=cfg.device, dtype=cfg.dtype)
         texts = _TextCache(wan)
         caption_of = dict(zip(table.clip_id, table.caption))
         np_dtype = np.dtype(cfg.latent_dtype)

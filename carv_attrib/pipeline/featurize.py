@@ -97,12 +97,13 @@ def draw_rule(cfg: FeaturizeConfig) -> Any:
             raise UsageError(f"--plan {plan_path}: not a plan.json from `carv-attrib plan` (no 'proposal')")
         if cfg.timesteps != "stratified-is":
             raise UsageError(f"--plan gives a proposal for --timesteps stratified-is, not {cfg.timesteps}")
-        if plan.get("output_fn", "loss") != cfg.output_fn:
+        plan_fn = plan.get("output_fn", "loss")
+        if plan_fn != cfg.output_fn:
             # q is fitted to one output function's gradient norms; another one's would be unbiased
             # under it but could lose the variance reduction the plan promised.
             raise UsageError(
-                f"--plan {plan_path} was fitted for --output-fn {plan.get('output_fn')}, not {cfg.output_fn}; "
-                f"run `carv-attrib plan ... --output-fn {cfg.output_fn}`"
+                f"--plan {plan_path} was fitted for --output-fn {plan_fn}, not {cfg.output_fn}; featurize "
+                f"with --output-fn {plan_fn}, or run `carv-attrib plan ... --output-fn {cfg.output_fn}`"
             )
         proposal = Proposal.from_json(plan["proposal"])
     try:
@@ -423,12 +424,16 @@ def check_model_matches_latents(model: str, lat_cfg: dict[str, Any]) -> None:
         )
 
 
-def iter_feature_blocks(run: Path, status: str = "ok") -> Iterator[tuple[Any, Any]]:
-    """(clip ids (n_s,) int64, features (n_s, D) float32) of each done feature shard with such rows."""
+def iter_feature_blocks(
+    run: Path, status: str = "ok", shards: list[int] | None = None
+) -> Iterator[tuple[Any, Any]]:
+    """(clip ids (n_s,) int64, features (n_s, D) float32) of each done feature shard (or of `shards`)
+    with such rows."""
     import numpy as np
     import pyarrow.compute as pc
 
-    for t in ShardStore(Path(run), "features").iter_tables(columns=["clip_id", "status", "feature"]):
+    store = ShardStore(Path(run), "features")
+    for t in store.iter_tables(columns=["clip_id", "status", "feature"], shards=shards):
         t = t.filter(pc.equal(t.column("status"), status))
         if t.num_rows == 0:
             continue
@@ -438,14 +443,15 @@ def iter_feature_blocks(run: Path, status: str = "ok") -> Iterator[tuple[Any, An
         yield t.column("clip_id").to_numpy(), feats
 
 
-def feature_ids(run: Path, status: str = "ok") -> Any:
+def feature_ids(run: Path, status: str = "ok", shards: list[int] | None = None) -> Any:
     """(n,) int64 clip ids of the rows with `status`, in the order `iter_feature_blocks` yields them."""
     import numpy as np
     import pyarrow.compute as pc
 
+    store = ShardStore(Path(run), "features")
     parts = [
         t.filter(pc.equal(t.column("status"), status)).column("clip_id").to_numpy()
-        for t in ShardStore(Path(run), "features").iter_tables(columns=["clip_id", "status"])
+        for t in store.iter_tables(columns=["clip_id", "status"], shards=shards)
     ]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 

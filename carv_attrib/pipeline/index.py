@@ -51,7 +51,8 @@ def build_run_index(
 
     # Features are streamed shard by shard, never all in memory: the ids (a cheap column read), then
     # the TRAK Gram, the training sample of an approximate index, and the vectors, one pass each.
-    ids = feature_ids(run)  # (n,) int64
+    shards = features.done_shards()  # one snapshot for every pass, even if a featurize run is adding shards
+    ids = feature_ids(run, shards=shards)  # (n,) int64
     if ids.size == 0:
         raise UsageError(f"{run} holds no ok features; run featurize first")
     if np.unique(ids).size != ids.size:
@@ -62,7 +63,7 @@ def build_run_index(
     try:
         pre = fit_preconditioner(
             precondition,
-            (f for _, f in iter_feature_blocks(run)) if precondition == "trak" else None,
+            (f for _, f in iter_feature_blocks(run, shards=shards)) if precondition == "trak" else None,
             dim=dim,
             blocks=blocks,
             lambda_rel=lambda_rel,
@@ -73,13 +74,14 @@ def build_run_index(
             take = min(ids.size, DEFAULT_TRAIN_SAMPLE)
             chosen = np.sort(np.random.default_rng(0).choice(ids.size, size=take, replace=False))
             start = 0
-            for _, f in iter_feature_blocks(run):
+            for _, f in iter_feature_blocks(run, shards=shards):
                 local = chosen[(chosen >= start) & (chosen < start + len(f))] - start
                 sample_parts.append(pre.prepare_train(f[local]))
                 start += len(f)
             train_index(index, np.concatenate(sample_parts), factory)
-        for ids_s, feats_s in iter_feature_blocks(run):
+        for ids_s, feats_s in iter_feature_blocks(run, shards=shards):
             add_vectors(index, ids_s, pre.prepare_train(feats_s))
+        assert index.ntotal == ids.size, (index.ntotal, ids.size)  # every pass saw the same shards
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 

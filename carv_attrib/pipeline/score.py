@@ -118,6 +118,11 @@ def check_model(model: str, info: dict[str, Any]) -> None:
             f"({info.get('model_source')}): {', '.join(diffs)} differ; score with the same model or rebuild the run"
         )
     for path, fp in zip(paths, info["features"]["transformers"]):
+        if path is not None and not Path(path).exists():
+            raise ModelLoadError(
+                f"checkpoint {path}, recorded when the index was built, no longer exists; restore it "
+                "there, or featurize again with its new location"
+            )
         if path is not None and checkpoint_identity(model, path)["fingerprint"] != fp:
             raise ConfigMismatchError(f"checkpoint {path} changed since the index was built (weights differ)")
 

@@ -116,11 +116,15 @@ def test_plan_cli(encoded_run: Path, tiny_model_dir: Path, tmp_path: Path) -> No
         "2",
         "--replicates",
         "2",
+        "--output-fn",
+        "sqnorm",
         "--device",
         "cpu",
     )
     assert r.exit_code == 0, r.output
-    assert "recommended" in r.output and (tmp_path / "p.json").exists()
+    assert (tmp_path / "p.json").exists()
+    hint = next(line for line in r.output.splitlines() if line.startswith("recommended"))
+    assert "--output-fn sqnorm" in hint and ("--plan" in hint) == ("stratified-is" in hint)
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:

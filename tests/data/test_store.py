@@ -67,6 +67,14 @@ def test_model_source_is_provenance_not_identity(tmp_path: Path) -> None:
     assert fingerprint(moved) == fp
     assert store.prepare(moved) == fp  # tuples vs stored JSON lists are the same config too
     assert store.read_config()["config"]["model"]["source"] == "models/tiny"
+    legacy = json.loads(store.config_path.read_text()) | {"fingerprint": "made-by-an-older-rule"}
+    store.config_path.write_text(json.dumps(legacy))
+    assert store.prepare(cfg) == "made-by-an-older-rule"  # the fingerprint shards already carry
+    numbers = ShardStore(tmp_path, "features")
+    numbers.prepare({"n": 1, "x": float("nan")})
+    numbers.prepare({"n": 1, "x": float("nan")})  # NaN settings still resume
+    with pytest.raises(ConfigMismatchError):
+        numbers.prepare({"n": True, "x": float("nan")})  # 1 and true are stored differently
     other = {**cfg, "model": {"source": "models/tiny", "components": {"vae": {"files": {"w": "h2"}}}}}
     with pytest.raises(ConfigMismatchError, match=r"model.components.vae.files.w: 'h1' -> 'h2'"):
         store.prepare(other)
