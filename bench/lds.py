@@ -40,6 +40,8 @@ Run (from the repository root of a fresh clone with the venv set up):
 
     .venv/bin/python bench/lds.py             # writes bench/results/lds.json and bench/results/lds.png
     .venv/bin/python bench/lds.py --quick     # smoke run (~3 min), results under WORK/results/
+    .venv/bin/python bench/lds.py --output-fn sqnorm   # the same models and ground truth, D-TRAK's output
+                                                       # -> bench/results/lds_sqnorm.json, lds_sqnorm.png
 
 The default run took 11.3 and 13.4 minutes in two runs on the 2-core box at load averages of 2-3
 (other jobs running; trainings ~400 s, features 115-250 s, the rest ~150 s) and gave bit-identical
@@ -109,6 +111,7 @@ class Config:
     subset_seed: int = 0
     train_seed: int = 0
     init_seed: int = 0
+    output_fn: str = "loss"  # the attributed output (not the protocol: models and ground truth are shared)
     timings: dict[str, float] = field(default_factory=dict)
 
     def protocol(self) -> dict[str, Any]:
@@ -137,8 +140,12 @@ class Config:
     def model_dir(self, name: str) -> Path:
         return self.work / "models" / name
 
+    @property
+    def suffix(self) -> str:  # "" for the loss output, "_sqnorm" for sqnorm: keeps both results apart
+        return "" if self.output_fn == "loss" else f"_{self.output_fn}"
+
     def feat_path(self, scheme: str, seed: int, k: int) -> Path:
-        return self.work / "features" / f"{scheme}-s{seed}-k{k}.npz"
+        return self.work / "features" / f"{scheme}-s{seed}-k{k}{self.suffix}.npz"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,7 +336,7 @@ def feature_job(job: tuple[dict[str, Any], str, int, dict[str, Any] | None]) -> 
         [None],
         None,
         DrawRule(seed=seed, scheme=scheme, k=1, proposal=proposal),
-        "loss",
+        cfg.output_fn,
         "cpu",
         "float32",
         new_projector=lambda t: build_projector("kron", t, ("blocks.*",), PROJ_SEED, None, "gaussian"),
@@ -402,10 +409,19 @@ def run_plan_stage(cfg: Config) -> dict[str, Any]:
     """`carv-attrib plan` on the full model and the training latents: the proposal q for stratified-is."""
     from carv_attrib.pipeline.plan import PlanConfig, run_plan
 
-    path = cfg.work / "plan.json"
+    path = cfg.work / f"plan{cfg.suffix}.json"
     if path.exists():
         return json.loads(path.read_text())
-    return run_plan(PlanConfig(run=cfg.run("train"), model=str(cfg.model), out=path, device="cpu", seed=0))
+    return run_plan(
+        PlanConfig(
+            run=cfg.run("train"),
+            model=str(cfg.model),
+            out=path,
+            device="cpu",
+            seed=0,
+            output_fn=cfg.output_fn,
+        )
+    )
 
 
 def run_features(cfg: Config, proposal: dict[str, Any]) -> list[dict[str, Any]]:
@@ -595,10 +611,10 @@ def profile_features(cfg: Config) -> dict[str, np.ndarray]:
     from carv_attrib.models.wan import pad_context
     from carv_attrib.pipeline.featurize import build_projector, load_featurizer
 
-    path = cfg.work / "features" / "sigma-profile.npz"
+    path = cfg.work / "features" / f"sigma-profile{cfg.suffix}.npz"
     if not path.exists():
         fz = load_featurizer(
-            str(cfg.model), [None], None, DrawRule(k=1, scheme="iid"), "loss", "cpu", "float32",
+            str(cfg.model), [None], None, DrawRule(k=1, scheme="iid"), cfg.output_fn, "cpu", "float32",
             new_projector=lambda t: build_projector("kron", t, ("blocks.*",), PROJ_SEED, None, "gaussian"),
         )  # fmt: skip
         arrays = {}
@@ -610,7 +626,7 @@ def profile_features(cfg: Config) -> dict[str, np.ndarray]:
                 sig, w = torch.tensor([sigma], dtype=torch.float64), torch.ones(1, dtype=torch.float64)
                 batch = [ClipDraws(c.latent, pad_context(c.text_emb), sig, w, eps) for c in clips]
                 feats = [
-                    kron_features(fz.transformers[0], fz.projectors[0], batch[i : i + 8])[0]
+                    kron_features(fz.transformers[0], fz.projectors[0], batch[i : i + 8], cfg.output_fn)[0]
                     for i in range(0, len(batch), 8)
                 ]
                 per_sigma.append(torch.cat(feats).numpy())  # (n_split, D)
@@ -745,6 +761,12 @@ def parse_args(argv: Iterable[str] | None = None) -> Config:
     ap.add_argument("--wait-load", type=float, default=1.5, help="wait while the 1-min load is above this")
     ap.add_argument("--wait-max", type=float, help="give up waiting after this many seconds (default 900)")
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+    ap.add_argument(
+        "--output-fn",
+        default="loss",
+        choices=("loss", "sqnorm"),
+        help="attributed output (results: lds_sqnorm.*)",
+    )
     a = ap.parse_args(argv)
     root = Path(__file__).resolve().parent
     if a.quick:
@@ -760,7 +782,7 @@ def parse_args(argv: Iterable[str] | None = None) -> Config:
         "pretrain_steps": a.pretrain_steps, "seeds": a.seeds, "wait_max": a.wait_max, "work": a.work,
     }  # fmt: skip
     cfg = Config(**{**asdict(base), **{k: v for k, v in over.items() if v is not None}})
-    cfg.workers, cfg.wait_load = a.workers, a.wait_load
+    cfg.workers, cfg.wait_load, cfg.output_fn = a.workers, a.wait_load, a.output_fn
     cfg.out_dir = a.out_dir or (cfg.work / "results" if a.quick else base.out_dir)
     if cfg.seeds < 2 or cfg.subsets < 3 or cfg.train_clips < 4:
         ap.error("need --seeds >= 2, --subsets >= 3 and --train-clips >= 4")
@@ -817,7 +839,9 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
 
     summary = {
         "benchmark": "lds",
-        "command": "python bench/lds.py" + (" --quick" if cfg.quick else ""),
+        "command": "python bench/lds.py"
+        + (" --quick" if cfg.quick else "")
+        + (f" --output-fn {cfg.output_fn}" if cfg.output_fn != "loss" else ""),
         "argv": sys.argv[1:],
         "config": {**asdict(cfg), "work": str(cfg.work), "out_dir": str(cfg.out_dir)},
         "protocol": cfg.protocol(),
@@ -845,7 +869,8 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
         "target": target,
         "sigma_profile": profile,
     }
-    out_json = cfg.out_dir / "lds.json"
+    out_json = cfg.out_dir / f"lds{cfg.suffix}.json"
+    out_png = cfg.out_dir / f"lds{cfg.suffix}.png"
     write_json(out_json, summary)
     verdict = ", ".join(
         f"{n}: K={t['schemes']['stratified-is']['k_reaching_ref']} ({'met' if t['met'] else 'missed'}"
@@ -856,13 +881,13 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
         results,
         cfg.ks,
         profile,
-        cfg.out_dir / "lds.png",
-        f"LDS, {cfg.subsets} retrains, N={cfg.train_clips}; {verdict}",
+        out_png,
+        f"LDS ({cfg.output_fn}), {cfg.subsets} retrains, N={cfg.train_clips}; {verdict}",
     )
     print_table(results, cfg.ks)
     print(f"dattri agreement: max |ours - dattri| = {max_diff:.2e}")
     print(f"target (stratified-is reaches iid K={max(cfg.ks)} with <= K/3 draws): {verdict}")
-    print(f"wall {wall:.0f} s (stages {cfg.timings}); wrote {out_json} and {cfg.out_dir / 'lds.png'}")
+    print(f"wall {wall:.0f} s (stages {cfg.timings}); wrote {out_json} and {out_png}")
     return summary
 
 
