@@ -4,8 +4,9 @@ g(z, c) = E_{σ~p, ε~N(0,I)}[∇θ ℓ(θ; z, c, σ, ε)] is estimated from one
 σ_k stratified by inverse CDF over a proposal q and weighted w_k = p(σ_k)/q(σ_k) (ARCHITECTURE §2).
 Depends on torch only; knows nothing about video, files or Wan loading.
 
+    rng         counter-based common random numbers: U_k and ε_k as pure functions of (seed, stream, k)
     timesteps   p(σ) densities, the proposal q, `sample(scheme, n, ...)` → (σ, w)
-    draws       counter-based common random numbers and the `DrawRule` recorded with every index
+    draws       the `DrawRule` recorded with every index: (seed, scheme, K, p, q, noise) → (σ, w, ε)
     objective   Wan2.1 flow-matching loss / sqnorm over K draws, weights folded in
     accounting  cost and variance model, effective compute multiplier (ECM), optimal K
 

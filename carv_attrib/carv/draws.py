@@ -1,20 +1,14 @@
-"""Common random numbers: every random quantity is a pure function of (seed, stream, k, purpose).
+"""The draw rule: everything that fixes a clip's K (σ, ε, w) draws, recorded with every index.
 
-Draw k of a stream is fixed by a counter-based rule, never by global RNG state, batch size, worker rank
-or order, so a training clip featurized in one process and a query scored months later in another see
-the very same (σ_k, ε_k) (Motive's "common randomness", D-TRAK's seeded noise; ARCHITECTURE §2):
+A `DrawRule` (seed, scheme, K, density p, proposal q, noise mode, antithetic) turns a stream into K draws:
+σ_k and w_k from `timesteps.sample`, ε_k from `rng.noise`. Both are counter-based (see `rng`), so draw k
+of a stream is the same in any process, batch or order, and a training clip featurized in one process
+and a query scored months later in another see the very same (σ_k, ε_k) (ARCHITECTURE §2). Scoring
+must use the rule the index was built with: `to_dict()` is saved with features and indexes, and
+`from_dict` refuses a rule made by another RULE_VERSION.
 
-    h = blake2b("carv-draws/v1|{purpose}|{seed}|{stream}|{k}") → 64-bit integer
-    U_k = (h >> 11) · 2⁻⁵³                                   purpose "u":   uniform in [0, 1)
-    ε_k = randn(shape, Generator(cpu).manual_seed(h mod 2⁶³))  purpose "eps": standard normal
-
-The two purposes hash different strings, so U_k and ε_k are independent. ε is always generated in
-float32 on the CPU and then cast and moved, so CPU and CUDA, fp32 and bf16 get the same numbers (up to
-the cast's rounding).
-
-Streams: stream 0 is the shared stream, common to every training clip and every query (the default,
-`--noise shared`: global stratification, all gradients see the same draws). `--noise per-clip` gives
-clip `clip_id` the stream `clip_stream(clip_id) = clip_id + 1`, which never collides with 0.
+Noise modes: "shared" puts every clip and query on stream 0 (global stratification, all gradients see
+the same draws); "per-clip" gives clip `clip_id` the stream `rng.clip_stream(clip_id)`.
 
 Usage:
 
@@ -25,85 +19,18 @@ Usage:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # timesteps imports this module; import it lazily at run time.
-    from carv_attrib.carv.timesteps import Proposal
+from carv_attrib.carv.rng import RULE_VERSION, SHARED_STREAM, clip_stream, noise
+from carv_attrib.carv.rng import uniforms as uniforms  # re-export, until importers switch to rng
+from carv_attrib.carv.timesteps import SCHEMES, Proposal, check_proposal, density, sample
 
-RULE_VERSION = "carv-draws/v1"
 NOISE_MODES = ("shared", "per-clip")
-SHARED_STREAM = 0
-
-
-def _hash64(purpose: str, seed: int, stream: int, k: int) -> int:
-    """A stable 64-bit integer from (purpose, seed, stream, k): same on every machine and Python."""
-    key = f"{RULE_VERSION}|{purpose}|{int(seed)}|{int(stream)}|{int(k)}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
-
-
-def clip_stream(clip_id: int) -> int:
-    """The per-clip stream of clip `clip_id` (≥ 0): clip_id + 1, so never the shared stream 0."""
-    if int(clip_id) < 0:
-        raise ValueError(f"clip ids must be nonnegative integers, got {clip_id}")
-    return int(clip_id) + 1
-
-
-def uniform(seed: int, stream: int, k: int) -> float:
-    """U_k ∈ [0, 1): the top 53 bits of the "u" hash, i.e. a float64 with full mantissa resolution."""
-    return (_hash64("u", seed, stream, k) >> 11) * 2.0**-53
-
-
-def uniforms(seed: int, stream: int, ks: Sequence[int]) -> Tensor:
-    """(U_k for k in ks) as a (len(ks),) float64 tensor."""
-    return torch.tensor([uniform(seed, stream, k) for k in ks], dtype=torch.float64)
-
-
-def normal(
-    seed: int,
-    stream: int,
-    k: int,
-    shape: Sequence[int],
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """ε_k ~ N(0, I) of `shape`, from a fresh CPU generator seeded by the "eps" hash."""
-    g = torch.Generator(device="cpu").manual_seed(_hash64("eps", seed, stream, k) & (2**63 - 1))
-    eps = torch.randn(tuple(shape), generator=g, dtype=torch.float32)  # canonical: fp32 on CPU
-    return eps.to(device=device, dtype=dtype)
-
-
-def noise(
-    seed: int,
-    stream: int,
-    ks: Sequence[int],
-    shape: Sequence[int],
-    *,
-    antithetic: bool = False,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """(ε_k for k in ks) stacked: (len(ks), *shape).
-
-    With `antithetic`, draws pair up as (2j, 2j+1) with ε_{2j+1} = −ε_{2j}, both made from index 2j;
-    each ε_k is still N(0, I), so any estimator stays unbiased.
-    """
-    out = []
-    for k in ks:
-        if antithetic:
-            eps = normal(seed, stream, 2 * (k // 2), shape)
-            out.append(-eps if k % 2 else eps)
-        else:
-            out.append(normal(seed, stream, k, shape))
-    if not out:
-        return torch.empty((0, *shape), dtype=dtype, device=device)
-    return torch.stack(out).to(device=device, dtype=dtype)  # (len(ks), *shape)
 
 
 @dataclass(frozen=True)
@@ -123,8 +50,6 @@ class DrawRule:
     antithetic: bool = False
 
     def __post_init__(self) -> None:
-        from carv_attrib.carv.timesteps import SCHEMES, density
-
         object.__setattr__(self, "density", density(self.density).spec)
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown timestep scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
@@ -132,14 +57,7 @@ class DrawRule:
             raise ValueError(f"need at least one draw per clip, got k={self.k}")
         if self.noise not in NOISE_MODES:
             raise ValueError(f"unknown noise mode {self.noise!r}; use 'shared' or 'per-clip'")
-        if self.proposal is not None:
-            if self.scheme != "stratified-is":
-                raise ValueError(f"a proposal only applies to scheme 'stratified-is', not {self.scheme!r}")
-            if self.proposal.density != self.density:
-                raise ValueError(
-                    f"the proposal was fitted for density {self.proposal.density!r}, "
-                    f"not {self.density!r}; refit it for this density"
-                )
+        check_proposal(self.scheme, self.proposal, self.density)  # fail here, not at the first draw
 
     def stream_for(self, clip_id: int | None = None) -> int:
         """The stream of a clip: 0 with shared noise, `clip_stream(clip_id)` with per-clip noise."""
@@ -162,8 +80,6 @@ class DrawRule:
 
         `ks` picks a subset of the K draws (same values as in the full set).
         """
-        from carv_attrib.carv.timesteps import sample
-
         ks = list(range(self.k)) if ks is None else [int(k) for k in ks]
         sigma, w = sample(
             self.scheme,
@@ -198,8 +114,6 @@ class DrawRule:
     @classmethod
     def from_dict(cls, d: dict[str, Any], proposal: Proposal | None = None) -> DrawRule:
         """Inverse of `to_dict`. Without `proposal_data` in `d`, pass the proposal whose fingerprint it names."""
-        from carv_attrib.carv.timesteps import Proposal
-
         if d.get("rule", RULE_VERSION) != RULE_VERSION:
             raise ValueError(
                 f"draws were made by rule {d.get('rule')!r}; this version implements {RULE_VERSION!r}"

@@ -7,6 +7,7 @@ use K draws of σ and one of three estimators, all unbiased for g:
     stratified     σ_k = F_p⁻¹(u_k),   u_k = (k + U_k) / K       w_k = 1
     stratified-is  σ_k = F_q⁻¹(u_k),   u_k = (k + U_k) / K       w_k = p(σ_k) / q(σ_k)
 
+where U_k = rng.uniform(seed, stream, k) is counter-based (see `rng`),
 and ĝ = (1/K) Σ_k w_k ∇ℓ(σ_k, ε_k). Unbiasedness of stratified-is: u_k is uniform on its stratum, so
 E[ĝ] = ∫₀¹ (w·f)(F_q⁻¹(u)) du = E_q[w f] = E_p[f].
 
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from carv_attrib.carv import draws
+from carv_attrib.carv.rng import uniforms
 
 SCHEMES = ("iid", "stratified", "stratified-is")
 PROPOSAL_FORMS = ("flat", "p-scaled")
@@ -410,6 +411,25 @@ class Proposal:
         return hash(self.to_json())
 
 
+def check_proposal(scheme: str, proposal: Proposal | None, density: str | Density) -> None:
+    """Raise ValueError unless `proposal` (if any) can importance-sample `density` under `scheme`.
+
+    The one place a proposal q meets a density p: `sample` and `DrawRule` both call it. q is fitted
+    for one p (w = p/q), so drawing for another p with it would weight the draws wrongly.
+    """
+    if proposal is None:
+        return
+    if scheme != "stratified-is":
+        raise ValueError(f"a proposal only applies to scheme 'stratified-is', not {scheme!r}")
+    spec = _parse_density(density).spec
+    if proposal.density != spec:
+        raise ValueError(
+            f"the proposal (plan) was fitted for density {proposal.density!r}, not --density {spec!r}; "
+            f"refit the plan for this density (`carv-attrib plan ... --density {spec}`) "
+            f"or pass the plan's density (--density {proposal.density})"
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # σ draws
 
@@ -428,26 +448,20 @@ def sample(
 
     iid: σ_k = F_p⁻¹(U_k), w = 1.  stratified: σ_k = F_p⁻¹((k + U_k)/n), w = 1.
     stratified-is: σ_k = F_q⁻¹((k + U_k)/n), w_k = p(σ_k)/q(σ_k); without a proposal q = p (w = 1).
-    U_k = draws.uniform(seed, stream, k) depends on (seed, stream, k) only, so draw k is the same
+    U_k = rng.uniform(seed, stream, k) depends on (seed, stream, k) only, so draw k is the same
     whichever subset `ks` or process computes it; (1/n) Σ_k w_k f(σ_k) over all k is unbiased for E_p[f].
+    A proposal must suit `scheme` and `density` (`check_proposal`), else ValueError.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown timestep scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
     if n < 1:
         raise ValueError(f"need at least one draw, got n={n}")
     p = _parse_density(density)
-    if proposal is not None:
-        if scheme != "stratified-is":
-            raise ValueError(f"a proposal only applies to scheme 'stratified-is', not {scheme!r}")
-        if proposal.density != p.spec:
-            raise ValueError(
-                f"the proposal was fitted for density {proposal.density!r} but draws ask for {p.spec!r}; "
-                "refit the proposal (plan) for this density or pass the matching --timestep-density"
-            )
+    check_proposal(scheme, proposal, p.spec)
     k = torch.arange(n, dtype=torch.int64) if ks is None else torch.as_tensor(ks, dtype=torch.int64).flatten()
     if k.numel() and (int(k.min()) < 0 or int(k.max()) >= n):
         raise ValueError(f"draw indices must lie in [0, {n}), got {k.tolist()}")
-    U = draws.uniforms(seed, stream, k.tolist())  # (len(ks),) float64 in [0, 1)
+    U = uniforms(seed, stream, k.tolist())  # (len(ks),) float64 in [0, 1)
     if scheme == "iid":
         return p.icdf(U), torch.ones_like(U)
     u = (k.to(_F64) + U) / n  # (len(ks),) one point in each stratum [k/n, (k+1)/n)

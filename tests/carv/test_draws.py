@@ -1,9 +1,8 @@
-"""Common random numbers: draw k is a pure function of (seed, stream, k), in any batch or process."""
+"""The draw rule: (σ, w, ε) of draw k are a pure function of (rule, stream, k), in any batch or process."""
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import subprocess
 import sys
@@ -12,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from carv_attrib.carv import draws
-from carv_attrib.carv.draws import DrawRule, clip_stream, noise, normal, uniform, uniforms
+from carv_attrib.carv import draws, rng
+from carv_attrib.carv.draws import DrawRule
+from carv_attrib.carv.rng import clip_stream
 from carv_attrib.carv.timesteps import Proposal, sample
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,56 +31,6 @@ def digest(*tensors: torch.Tensor) -> str:
     for t in tensors:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def test_uniforms_and_normals_are_counter_based() -> None:
-    ks = list(range(16))
-    full = uniforms(3, 0, ks)
-    assert full.dtype == torch.float64 and bool(((full >= 0) & (full < 1)).all())
-    assert torch.equal(uniforms(3, 0, [9, 2, 5]), full[[9, 2, 5]])
-    assert uniform(3, 0, 7) == float(full[7])
-    # Every (seed, stream) pair gives another sequence; "u" and "eps" hash different strings.
-    assert not torch.equal(uniforms(4, 0, ks), full) and not torch.equal(uniforms(3, 1, ks), full)
-    assert draws._hash64("u", 3, 0, 7) != draws._hash64("eps", 3, 0, 7)
-
-    eps = noise(3, 0, ks, LATENT)  # (16, *LATENT)
-    assert eps.shape == (16, *LATENT) and eps.dtype == torch.float32
-    for order in ([5], [15, 0, 7], list(reversed(ks))):
-        assert torch.equal(noise(3, 0, order, LATENT), eps[order])
-    assert torch.equal(normal(3, 0, 4, LATENT), eps[4])
-    # The dtype asked for is a cast of the same canonical fp32 numbers.
-    assert torch.equal(noise(3, 0, [1, 2], LATENT, dtype=torch.float64), eps[[1, 2]].double())
-    assert torch.equal(noise(3, 0, [1, 2], LATENT, dtype=torch.bfloat16), eps[[1, 2]].bfloat16())
-    assert not torch.equal(noise(3, clip_stream(0), ks, LATENT), eps)
-    # Global RNG state is neither used nor disturbed.
-    torch.manual_seed(0)
-    before = torch.random.get_rng_state()
-    noise(3, 0, ks, LATENT)
-    assert torch.equal(torch.random.get_rng_state(), before)
-
-
-def test_uniform_and_normal_moments() -> None:
-    """U ~ U[0,1) and ε ~ N(0,1): moments within 4 standard errors."""
-    u = uniforms(0, 0, range(20000))
-    assert abs(float(u.mean()) - 0.5) < 4 * math.sqrt(1 / 12 / u.numel())
-    assert abs(float((u < 0.1).double().mean()) - 0.1) < 4 * math.sqrt(0.09 / u.numel())
-    e = noise(0, 0, range(200), (100,)).flatten().double()
-    assert abs(float(e.mean())) < 4 / math.sqrt(e.numel())
-    assert abs(float(e.var()) - 1) < 4 * math.sqrt(2 / e.numel())
-
-
-def test_antithetic_pairs() -> None:
-    eps = noise(5, 0, range(5), LATENT, antithetic=True)
-    plain = noise(5, 0, range(5), LATENT)
-    assert torch.equal(eps[1], -eps[0]) and torch.equal(eps[3], -eps[2])
-    assert torch.equal(eps[0], plain[0]) and torch.equal(eps[2], plain[2]) and torch.equal(eps[4], plain[4])
-    assert torch.equal(noise(5, 0, [3], LATENT, antithetic=True)[0], -plain[2])
-
-
-def test_clip_stream() -> None:
-    assert clip_stream(0) == 1 and clip_stream(41) == 42
-    with pytest.raises(ValueError):
-        clip_stream(-1)
 
 
 def test_draws_subsets_match_full_set() -> None:
@@ -141,7 +91,7 @@ def test_draw_rule_streams_and_dict() -> None:
     assert float(w.max()) <= 1 / 0.1 and not bool(torch.equal(w, torch.ones(8, dtype=torch.float64)))
 
     d = shared.to_dict()
-    assert d["proposal"] == shared.proposal.fingerprint and d["rule"] == draws.RULE_VERSION
+    assert d["proposal"] == shared.proposal.fingerprint and d["rule"] == rng.RULE_VERSION
     assert DrawRule.from_dict(d) == shared
     slim = shared.to_dict(include_proposal=False)
     assert "proposal_data" not in slim
@@ -169,3 +119,12 @@ def test_draw_rule_validation() -> None:
             DrawRule(**kwargs)
     with pytest.raises(ValueError, match="rule"):
         DrawRule.from_dict({**DrawRule().to_dict(), "rule": "carv-draws/v0"})
+    # The proposal/density check is timesteps.check_proposal's, raised at construction.
+    with pytest.raises(ValueError, match=r"fitted for density 'uniform', not --density 'shift:3'"):
+        DrawRule(density="shift:3", proposal=q)
+
+
+def test_old_import_paths_still_work() -> None:
+    """Until their importers move to `rng`, draws re-exports clip_stream, noise and uniforms."""
+    assert draws.clip_stream is rng.clip_stream and draws.noise is rng.noise
+    assert draws.uniforms is rng.uniforms

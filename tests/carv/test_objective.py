@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from carv_attrib.carv import draws
+from carv_attrib.carv import rng
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.objective import TIMESTEP_SCALE, batch_objective, clip_objective
 from carv_attrib.carv.timesteps import Proposal, density
@@ -102,7 +102,7 @@ def test_batched_gradient_equals_sum_of_single_draws(model64) -> None:
 
     # B = 2 clips with different caption lengths: one backward = the sum of per-clip gradients.
     z2, context2 = inputs(2, torch.float64, ctx_len=5)
-    s2, w2, e2 = rule.draws_for(draws.clip_stream(7), LATENT, dtype=torch.float64)
+    s2, w2, e2 = rule.draws_for(rng.clip_stream(7), LATENT, dtype=torch.float64)
     total, per_draw = batch_objective(
         model64,
         torch.stack([z, z2]),
@@ -187,9 +187,9 @@ def test_stratified_is_and_iid_estimate_the_same_gradient(tiny_transformer) -> N
     edges = torch.linspace(0, 1, 9, dtype=torch.float64)
     p = density(spec)
     p_bar = (p.cdf(edges[1:]) - p.cdf(edges[:-1])) / (edges[1:] - edges[:-1])
-    u = draws.uniforms(10**6, 0, range(64)).view(8, 8)  # (bins, draws)
+    u = rng.uniforms(10**6, 0, range(64)).view(8, 8)  # (bins, draws)
     pilot_sigma = (edges[:-1, None] + u * (edges[1:] - edges[:-1])[:, None]).flatten()  # (64,)
-    pilot_eps = draws.noise(10**6, 0, range(64), LATENT)
+    pilot_eps = rng.noise(10**6, 0, range(64), LATENT)
     g = per_sample_grads(model, z, context, pilot_sigma, pilot_eps, torch.ones(64), layers)  # (64, D)
     scores = p_bar * g.double().square().sum(1).view(8, 8).mean(1).sqrt()
 

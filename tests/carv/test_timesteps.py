@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from carv_attrib.carv.draws import clip_stream
+from carv_attrib.carv.rng import clip_stream
 from carv_attrib.carv.timesteps import Proposal, density, sample
 
 DENSITIES = ["uniform", "logit-normal:0,1", "logit-normal:-0.5,0.8", "shift:3", "shift:0.5"]
@@ -185,8 +185,11 @@ def test_sample_contract() -> None:
 
     with pytest.raises(ValueError, match="scheme"):
         sample("sobol", 8)
-    with pytest.raises(ValueError, match="fitted for density"):
+    with pytest.raises(ValueError, match="fitted for density") as err:
         sample("stratified-is", 8, density="uniform", proposal=q)
+    # It names the real flag and both ways out: refit the plan, or use the plan's density.
+    assert "carv-attrib plan ... --density uniform" in str(err.value)
+    assert "--density shift:3)" in str(err.value) and "timestep-density" not in str(err.value)
     with pytest.raises(ValueError, match="only applies"):
         sample("stratified", 8, density="shift:3", proposal=q)
     with pytest.raises(ValueError, match="indices"):
