@@ -50,7 +50,6 @@ class BenchModel:
 
 def prepare(cfg: BenchModel, log=print) -> BenchModel:
     """Build (or reuse) the model, the data, the latent cache and the trained transformer."""
-    from carv_attrib.data.video import FramePolicy
     from carv_attrib.demo_data import make_demo_data
     from carv_attrib.models.tiny import make_model
     from carv_attrib.pipeline.encode import EncodeConfig, run_encode
@@ -68,8 +67,10 @@ def prepare(cfg: BenchModel, log=print) -> BenchModel:
             manifest=cfg.data / "manifest.json",
             videos=cfg.data / "videos",
             model=str(cfg.model),
-            out=cfg.run,
-            policy=FramePolicy(frames=cfg.frames, height=cfg.resolution, width=cfg.resolution, fps=8),
+            run=cfg.run,
+            frames=cfg.frames,
+            size=f"{cfg.resolution}x{cfg.resolution}",
+            fps=8,
             workers=1,
             device="cpu",
             shard_size=16,

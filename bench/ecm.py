@@ -135,10 +135,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
 
+    from carv_attrib.attrib.featurizer import build_projector, load_featurizer
     from carv_attrib.carv.draws import DrawRule
     from carv_attrib.carv.timesteps import Proposal
     from carv_attrib.data.latents import iter_cached
-    from carv_attrib.pipeline.featurize import build_projector, load_featurizer
     from carv_attrib.pipeline.plan import PlanConfig, run_plan
 
     bm = prepare(BenchModel(work=args.work))
@@ -164,7 +164,6 @@ def main() -> None:
     featurizer = load_featurizer(
         str(bm.model),
         [None],
-        None,
         DrawRule(k=args.draws),
         args.output_fn,
         "cpu",

@@ -93,7 +93,7 @@ def overlapped(cfg: Any) -> dict[str, Any]:
     summary = run_encode(cfg)
     wall = time.perf_counter() - t
     timers: dict[str, float] = {}
-    for shard in ShardStore(Path(cfg.out), "latents").read_stats():
+    for shard in ShardStore(Path(cfg.run), "latents").read_stats():
         for key in ("wait_decode_s", "vae_s", "text_s", "wall_s"):
             timers[key] = timers.get(key, 0.0) + shard.get(key, 0.0)
     shutil.rmtree(cfg.out, ignore_errors=True)
@@ -154,9 +154,11 @@ def main() -> None:
         return EncodeConfig(
             manifest=manifest,
             model=str(model_dir),
-            out=work / "runs" / tag,
+            run=work / "runs" / tag,
             videos=videos,
-            policy=policy,
+            frames=policy.frames,
+            size=f"{policy.width}x{policy.height}",
+            fps=policy.fps,
             batch_size=args.batch_size,
             workers=workers,
             device="cpu",

@@ -158,7 +158,6 @@ def log(msg: str) -> None:
 
 def prepare_data(cfg: Config) -> None:
     """Demo clips for the train / query / pretrain splits and their latent caches."""
-    from carv_attrib.data.video import FramePolicy
     from carv_attrib.demo_data import make_demo_data
     from carv_attrib.pipeline.encode import EncodeConfig, run_encode
 
@@ -175,8 +174,10 @@ def prepare_data(cfg: Config) -> None:
                 manifest=manifest,
                 videos=cfg.data(split) / "videos",
                 model=str(cfg.model),
-                out=cfg.run(split),
-                policy=FramePolicy(frames=cfg.frames, height=cfg.size, width=cfg.size, fps=8),
+                run=cfg.run(split),
+                frames=cfg.frames,
+                size=f"{cfg.size}x{cfg.size}",
+                fps=8,
                 workers=1,
                 device="cpu",
                 shard_size=64,
@@ -321,9 +322,9 @@ def train_job(job: tuple[dict[str, Any], str, list[int] | None]) -> dict[str, An
 
 def feature_job(job: tuple[dict[str, Any], str, int, dict[str, Any] | None]) -> dict[str, Any]:
     """Features of all train clips and queries with the full model, for one scheme and seed, every K."""
+    from carv_attrib.attrib.featurizer import build_projector, load_featurizer
     from carv_attrib.carv.draws import DrawRule
     from carv_attrib.carv.timesteps import Proposal
-    from carv_attrib.pipeline.featurize import build_projector, load_featurizer
 
     cfg_d, scheme, seed, proposal_d = job
     cfg = config_from_dict(cfg_d)
@@ -334,7 +335,6 @@ def feature_job(job: tuple[dict[str, Any], str, int, dict[str, Any] | None]) -> 
     featurizer = load_featurizer(
         str(cfg.model),
         [None],
-        None,
         DrawRule(seed=seed, scheme=scheme, k=1, proposal=proposal),
         cfg.output_fn,
         "cpu",
@@ -606,15 +606,16 @@ def profile_features(cfg: Config) -> dict[str, np.ndarray]:
     """
     import torch
 
+    from carv_attrib.attrib.featurizer import build_projector, load_featurizer
     from carv_attrib.attrib.gradients import ClipDraws, kron_features
-    from carv_attrib.carv.draws import DrawRule, noise
+    from carv_attrib.carv.draws import DrawRule
+    from carv_attrib.carv.rng import noise
     from carv_attrib.models.wan import pad_context
-    from carv_attrib.pipeline.featurize import build_projector, load_featurizer
 
     path = cfg.work / "features" / f"sigma-profile{cfg.suffix}.npz"
     if not path.exists():
         fz = load_featurizer(
-            str(cfg.model), [None], None, DrawRule(k=1, scheme="iid"), cfg.output_fn, "cpu", "float32",
+            str(cfg.model), [None], DrawRule(k=1, scheme="iid"), cfg.output_fn, "cpu", "float32",
             new_projector=lambda t: build_projector("kron", t, ("blocks.*",), PROJ_SEED, None, "gaussian"),
         )  # fmt: skip
         arrays = {}

@@ -82,8 +82,8 @@ def unit_draw_features(featurizer: Any, items: list[tuple[int, Any, Any]]) -> np
 
 def feature_job(job: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
     """Features of all train clips and queries for one variant and estimator seed, at every K."""
+    from carv_attrib.attrib.featurizer import build_projector, load_featurizer
     from carv_attrib.carv.draws import DrawRule
-    from carv_attrib.pipeline.featurize import build_projector, load_featurizer
 
     cfg_d, variant, seed = job
     cfg = lds.config_from_dict(cfg_d)
@@ -92,7 +92,7 @@ def feature_job(job: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
     if not todo:
         return {"variant": variant, "seed": seed, "seconds": {}}
     featurizer = load_featurizer(
-        str(cfg.model), [None], None, DrawRule(seed=seed, scheme=SCHEME, k=1), v["output_fn"], "cpu",
+        str(cfg.model), [None], DrawRule(seed=seed, scheme=SCHEME, k=1), v["output_fn"], "cpu",
         "float32",
         new_projector=lambda t: build_projector("kron", t, ("blocks.*",), lds.PROJ_SEED, None, "gaussian"),
     )  # fmt: skip

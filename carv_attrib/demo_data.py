@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import av
+import numpy as np
+
+from carv_attrib.data.store import atomic_path
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
@@ -45,8 +50,6 @@ class ClipSpec:
 
 
 def _mask(shape: str, h: int, w: int, cx: float, cy: float, r: int) -> Any:
-    import numpy as np
-
     yy, xx = np.mgrid[0:h, 0:w]
     dx, dy = xx - cx, yy - cy
     if shape == "square":
@@ -59,7 +62,6 @@ def _mask(shape: str, h: int, w: int, cx: float, cy: float, r: int) -> Any:
 
 def render_frames(spec: ClipSpec, frames: int, width: int, height: int, speed: float) -> Any:
     """uint8 (frames, height, width, 3) of the shape moving `speed` px per frame."""
-    import numpy as np
 
     bg = np.array(BACKGROUNDS[spec.background], np.uint8)
     fg = np.array(COLORS[spec.color], np.uint8)
@@ -76,9 +78,6 @@ def render_frames(spec: ClipSpec, frames: int, width: int, height: int, speed: f
 
 def write_mp4(path: Path, frames: Any, fps: float) -> None:
     """H.264 (libx264, yuv420p) via PyAV; written to a temp name then renamed."""
-    import av
-
-    from carv_attrib.data.store import atomic_path
 
     h, w = frames.shape[1:3]
     with atomic_path(path) as tmp:

@@ -18,6 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from diffusers import WanTransformer3DModel
+
+from carv_attrib.carv.objective import clip_objective
+from carv_attrib.carv.timesteps import density as make_density
+from carv_attrib.data.latents import iter_cached
+from carv_attrib.models.wan import load_transformer, pad_context
+
 log = logging.getLogger(__name__)
 
 
@@ -38,8 +46,6 @@ class TrainConfig:
 
 
 def load_training_set(run: Path | str, clip_ids: Sequence[int] | None = None) -> list[Any]:
-    from carv_attrib.data.latents import iter_cached
-
     clips = list(iter_cached(Path(run)))
     if clip_ids is not None:
         keep = set(int(i) for i in clip_ids)
@@ -61,11 +67,6 @@ def train_on_clips(
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """AdamW on Σ_clips mean_k ℓ(σ_k, ε_k); returns the loss per step. Deterministic given `seed`."""
-    import torch
-
-    from carv_attrib.carv.objective import clip_objective
-    from carv_attrib.carv.timesteps import density as make_density
-    from carv_attrib.models.wan import pad_context
 
     p = make_density(density)
     gen = torch.Generator().manual_seed(seed)
@@ -100,16 +101,11 @@ def train_on_clips(
 
 def train_transformer(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Train MODEL's transformer on RUN's cached clips and save it (diffusers layout)."""
-    import torch
-
-    from carv_attrib.models.wan import load_transformer
 
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         transformer = load_transformer(cfg.model, None, device=cfg.device)
         if cfg.init == "random":  # an independent initialisation, for retraining from scratch
-            from diffusers import WanTransformer3DModel
-
             transformer = WanTransformer3DModel.from_config(transformer.config).to(cfg.device)
     clips = load_training_set(cfg.run, cfg.clip_ids)
     t0 = time.monotonic()

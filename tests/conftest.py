@@ -53,7 +53,6 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def encoded_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, demo_data: Path) -> Path:
     """The demo clips encoded at 9 frames, 32x32, in shards of 3 (read-only for tests)."""
-    from carv_attrib.data.video import FramePolicy
     from carv_attrib.pipeline.encode import EncodeConfig, run_encode
 
     run = tmp_path_factory.mktemp("runs") / "encoded"
@@ -62,8 +61,10 @@ def encoded_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, 
             manifest=demo_data / "manifest.json",
             videos=demo_data / "videos",
             model=str(tiny_model_dir),
-            out=run,
-            policy=FramePolicy(frames=9, height=32, width=32, fps=8),
+            run=run,
+            frames=9,
+            size="32x32",
+            fps=8,
             shard_size=3,
             workers=1,
             device="cpu",
@@ -78,10 +79,10 @@ def featurized_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
     import shutil
 
     from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
-    from carv_attrib.pipeline.index import build_run_index
+    from carv_attrib.pipeline.index import IndexConfig, build_run_index
 
     run = tmp_path_factory.mktemp("runs") / "featurized"
     shutil.copytree(encoded_run, run)
     run_featurize(FeaturizeConfig(run=run, model=str(tiny_model_dir), draws=4, device="cpu", batch_clips=3))
-    build_run_index(run, precondition="cosine")
+    build_run_index(IndexConfig(run=run, precondition="cosine"))
     return run

@@ -9,19 +9,22 @@ gradient of the summed objective is ĝ itself.
 - `dense`: the reference; one backward per clip with parameter gradients on, the flattened
   gradient of the selected layers times a chunk-generated JL matrix (`DenseProjector`).
 
-    feats, losses = kron_features(transformer, projector, batch)   # (B, D), (B, K)
+    feats, losses = projector.batch_features(transformer, batch)   # (B, D), (B, K)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from carv_attrib.attrib.projection import DenseProjector, KronProjector, flat_grad
 from carv_attrib.carv.objective import clip_objective
+
+if TYPE_CHECKING:  # projection.py imports this module (its projectors call these functions)
+    from carv_attrib.attrib.projection import DenseProjector, KronProjector
 
 
 @dataclass
@@ -33,6 +36,24 @@ class ClipDraws:
     sigma: Tensor  # (K,)
     weights: Tensor  # (K,)
     eps: Tensor  # (K, C, T, H, W)
+
+
+def flat_grad(layers: Sequence[tuple[str, nn.Linear]]) -> torch.Tensor:
+    """(p,) float32: each layer's [∇W | ∇b] flattened row-major, concatenated in layer order.
+
+    A layer whose `.grad` is None (it took no part in the loss) contributes zeros.
+    """
+    parts = []
+    for _, layer in layers:
+        w = layer.weight
+        gw = w.grad if w.grad is not None else torch.zeros_like(w)  # (out, in)
+        cols = [gw.float()]
+        if layer.bias is not None:
+            b = layer.bias
+            gb = b.grad if b.grad is not None else torch.zeros_like(b)  # (out,)
+            cols.append(gb.float()[:, None])
+        parts.append(torch.cat(cols, dim=1).reshape(-1))  # (out · in_aug,)
+    return torch.cat(parts)
 
 
 def kron_features(

@@ -21,17 +21,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRAIN_SAMPLE = 100_000
-
-
-def _faiss() -> Any:
-    import faiss  # heavy import, only where needed
-
-    return faiss
 
 
 def _as_vectors(vectors: Any, dim: int | None, what: str) -> np.ndarray:
@@ -56,7 +51,6 @@ def new_index(d: int, factory: str | None = None, use_gpu: bool | None = None) -
     """An empty inner-product `IndexIDMap2` of dimension d: exact `IndexFlatIP` for factory None,
     else `faiss.index_factory(d, factory, METRIC_INNER_PRODUCT)` (to be trained with `train_index`).
     use_gpu None: a GPU when faiss has GPU support and sees a device."""
-    faiss = _faiss()
     if d < 1:
         raise ValueError("vectors must have at least one dimension")
     inner = (
@@ -129,7 +123,6 @@ def build_index(
 
 
 def _to_cpu(index: Any) -> Any:
-    faiss = _faiss()
     if hasattr(faiss, "index_gpu_to_cpu") and hasattr(index, "_carv_gpu_res"):
         return faiss.index_gpu_to_cpu(index)
     return index
@@ -137,7 +130,6 @@ def _to_cpu(index: Any) -> Any:
 
 def save_index(index: Any, path: str | os.PathLike[str]) -> None:
     """Write `index` (a GPU one is converted to the CPU) atomically to `path`."""
-    faiss = _faiss()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -149,12 +141,11 @@ def load_index(path: str | os.PathLike[str]) -> Any:
     """The CPU index saved at `path`."""
     if not Path(path).exists():
         raise FileNotFoundError(f"no FAISS index at {path}")
-    return _faiss().read_index(str(path))
+    return faiss.read_index(str(path))
 
 
 def set_nprobe(index: Any, nprobe: int) -> None:
     """Set the number of IVF lists visited per query (no effect on a non-IVF index)."""
-    faiss = _faiss()
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch  # float64 Cholesky; torch is a core dependency, scipy is not
 
 PRECONDITIONERS = ("identity", "trak", "cosine")
 DEFAULT_LAMBDA_REL = 1e-2
@@ -197,7 +198,6 @@ class GramAccumulator:
 
     def finalize(self, lambda_rel: float = DEFAULT_LAMBDA_REL) -> TrakPreconditioner:
         """(Gram_b + λ_b I)⁻¹ per block, λ_b = lambda_rel · tr(Gram_b)/d_b, via Cholesky."""
-        import torch  # float64 Cholesky; torch is a core dependency, scipy is not
 
         if self.n == 0:
             raise ValueError("no train features were added to the Gram accumulator")

@@ -53,10 +53,12 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from carv_attrib.attrib.gradients import ClipDraws, dense_features, kron_features
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +200,23 @@ class _Layer:
         if device not in self.on_device:
             self.on_device[device] = (self.p_in.to(device), self.p_out.to(device))
         return self.on_device[device]
+
+
+class Projector(Protocol):
+    """What featurize needs of a projector (`KronProjector`, `DenseProjector`)."""
+
+    dim: int
+
+    def batch_features(
+        self, transformer: nn.Module, batch: Sequence[ClipDraws], output_fn: str = "loss"
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def spec(self) -> dict[str, Any]: ...
+
+
+def projector_from_spec(model: nn.Module, spec: Mapping[str, Any]) -> KronProjector | DenseProjector:
+    """The projector a `spec()` describes, rebuilt on `model` (same layers, same matrices)."""
+    return (KronProjector if spec["kind"] == "kron" else DenseProjector).from_spec(model, spec)
 
 
 class KronProjector:
@@ -362,6 +381,12 @@ class KronProjector:
             self._saved_requires_grad = []
             self._slot = None
 
+    def batch_features(
+        self, transformer: nn.Module, batch: Sequence[ClipDraws], output_fn: str = "loss"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, D) float32, per-draw losses (B, K)): one backward over all B×K draws."""
+        return kron_features(transformer, self, batch, output_fn)
+
     def features(self) -> torch.Tensor:
         """(num_slots, D) float32 on the CPU: the accumulated φ of the last capture."""
         if self._acc is None:
@@ -448,24 +473,6 @@ def kron_matrix(proj: KronProjector) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def flat_grad(layers: Sequence[tuple[str, nn.Linear]]) -> torch.Tensor:
-    """(p,) float32: each layer's [∇W | ∇b] flattened row-major, concatenated in layer order.
-
-    A layer whose `.grad` is None (it took no part in the loss) contributes zeros.
-    """
-    parts = []
-    for _, layer in layers:
-        w = layer.weight
-        gw = w.grad if w.grad is not None else torch.zeros_like(w)  # (out, in)
-        cols = [gw.float()]
-        if layer.bias is not None:
-            b = layer.bias
-            gb = b.grad if b.grad is not None else torch.zeros_like(b)  # (out,)
-            cols.append(gb.float()[:, None])
-        parts.append(torch.cat(cols, dim=1).reshape(-1))  # (out · in_aug,)
-    return torch.cat(parts)
-
-
 class DenseProjector:
     """g @ P for a flattened gradient g (p,) or (B, p) and a (p, dim) JL matrix.
 
@@ -526,6 +533,17 @@ class DenseProjector:
         return cls(
             layers, seed=spec["seed"], dim=spec["dim"], kind=spec["matrix"], chunk_rows=spec["chunk_rows"]
         )
+
+    def layers_in(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
+        """This projector's layers, looked up by name in `model` (a transformer of the same config)."""
+        modules = dict(model.named_modules())
+        return [(name, modules[name]) for name, _, _ in self.layer_shapes]
+
+    def batch_features(
+        self, transformer: nn.Module, batch: Sequence[ClipDraws], output_fn: str = "loss"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, D) float32, per-draw losses (B, K)): one backward per clip, dense projection."""
+        return dense_features(transformer, self.layers_in(transformer), self, batch, output_fn)
 
     def spec(self) -> dict[str, Any]:
         """JSON-able description for provenance; `from_spec` rebuilds the projector from it."""

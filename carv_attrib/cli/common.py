@@ -14,13 +14,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from carv_attrib import __version__
-from carv_attrib.errors import CarvError
+from carv_attrib.errors import CarvError, UsageError
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
@@ -33,19 +34,21 @@ class State:
 
 state = State()
 
-# -- shared option definitions: a flag means the same thing in every command -------------------
-Device = Annotated[
-    str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto: cuda, then mps, then cpu).")
-]
-DType = Annotated[str, typer.Option("--dtype", help="Model compute dtype: float32 | bfloat16 | float16.")]
-Overwrite = Annotated[
-    bool, typer.Option("--overwrite", help="Discard a stage made with another configuration.")
-]
-ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Wan2.1 diffusers directory or Hugging Face Hub id.")
-]
-Seed = Annotated[int, typer.Option("--seed", help="The one seed every random quantity derives from.")]
-Format = Annotated[str, typer.Option("--format", help="human | json (| jsonl where it applies).")]
+# Option definitions live with the stage configs (`carv_attrib.config`); `carv_attrib.cli.options`
+# turns them into Typer parameters, so a flag means the same thing in every command.
+
+
+def say(text: str, style: str | None = None) -> None:
+    """A message to stderr; `text` is printed literally (no rich markup), `style` colours it whole."""
+    err_console.print(text, style=style, markup=False, soft_wrap=True)
+
+
+def check_format(fmt: str | None, allowed: tuple[str, ...] = ("human", "json")) -> str:
+    """The output format: `fmt`, or human on a terminal and json otherwise; refused when unknown."""
+    fmt = fmt or ("human" if sys.stdout.isatty() else "json")
+    if fmt not in allowed:
+        raise UsageError(f"--format {fmt}: choose one of {', '.join(allowed)}")
+    return fmt
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,7 +74,7 @@ def handle_errors(fn: F) -> F:
         except CarvError as exc:
             if state.verbose:
                 err_console.print_exception()
-            err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]; rerun the same command to resume where it stopped")

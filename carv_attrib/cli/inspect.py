@@ -10,7 +10,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from carv_attrib.cli.common import Format, handle_errors, out_console, package_versions
+from carv_attrib.cli.common import handle_errors, out_console, package_versions
+
+Format = Annotated[str, typer.Option("--format", help="human | json.")]
 
 
 @handle_errors

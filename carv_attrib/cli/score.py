@@ -10,35 +10,26 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from carv_attrib.cli.common import Device, err_console, handle_errors, out_console, record_run
-from carv_attrib.errors import UsageError
-
-
-def parse_top_k(text: str) -> int | None:
-    if text.lower() == "all":
-        return None
-    try:
-        k = int(text)
-    except ValueError:
-        raise UsageError(f"--top-k {text!r}: a positive integer or 'all'") from None
-    if k < 1:
-        raise UsageError("--top-k must be >= 1 or 'all'")
-    return k
+from carv_attrib.cli.common import check_format, handle_errors, out_console, record_run, say
+from carv_attrib.cli.options import format_param, param, stage_command
+from carv_attrib.config import ScoreConfig, parse_top_k
 
 
 def render_table(doc: dict[str, Any]) -> None:
+    """Human tables on stdout; captions, paths and errors are shown literally (rich `Text`, no markup)."""
     for q in doc["queries"]:
         if q["status"] != "ok":
-            out_console.print(f"[red]{q['path']}: {q['error']}[/]")
+            out_console.print(Text(f"{q['path']}: {q['error']}", style="red"))
             continue
-        table = Table(title=f"{q['path']} — “{q['prompt']}”", title_justify="left")
+        table = Table(title=Text(f"{q['path']} — “{q['prompt']}”"), title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("vid")
         table.add_column("score", justify="right")
         table.add_column("caption")
         for r in q["results"]:
-            table.add_row(str(r["rank"]), str(r["vid"]), f"{r['score']:.6g}", str(r["caption"]))
+            table.add_row(str(r["rank"]), Text(str(r["vid"])), f"{r['score']:.6g}", Text(str(r["caption"])))
         out_console.print(table)
     agg = doc.get("aggregate")
     if agg:
@@ -46,67 +37,42 @@ def render_table(doc: dict[str, Any]) -> None:
         for col in ("rank", "vid", "score", "caption"):
             table.add_column(col)
         for r in agg["results"]:
-            table.add_row(str(r["rank"]), str(r["vid"]), f"{r['score']:.6g}", str(r["caption"]))
+            table.add_row(str(r["rank"]), Text(str(r["vid"])), f"{r['score']:.6g}", Text(str(r["caption"])))
         out_console.print(table)
 
 
+TOP_K = param(
+    "top_k", Annotated[str, typer.Option("--top-k", "-k", help="N or 'all' (every training clip).")], "10"
+)
+OUT = param(
+    "out",
+    Annotated[
+        Path | None, typer.Option("--out", "-o", "--json", help="Also write the JSON document to this file.")
+    ],
+    None,
+)
+
+
 @handle_errors
-def score(
-    queries: Annotated[list[Path], typer.Argument(help="Generated video(s) to attribute.")],
-    run: Annotated[Path, typer.Option("--run", "-r", help="Run directory with an index.")],
-    prompt: Annotated[
-        str | None, typer.Option("--prompt", "-p", help="The prompt of the (single) query.")
-    ] = None,
-    prompts: Annotated[
-        Path | None, typer.Option("--prompts", help="JSON {path: prompt} or CSV path,prompt.")
-    ] = None,
-    top_k: Annotated[str, typer.Option("--top-k", "-k", help="N or 'all' (every training clip).")] = "10",
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the JSON document here.")
-    ] = None,
-    fmt: Annotated[
-        str | None,
-        typer.Option("--format", help="human | json | jsonl (default: human on a TTY, else json)."),
-    ] = None,
-    aggregate: Annotated[
-        str, typer.Option("--aggregate", help="none | mean | vote (majority over per-query top-k).")
-    ] = "none",
-    model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", help="Defaults to the model recorded in RUN; checked either way."),
-    ] = None,
-    device: Device = "auto",
-    workers: Annotated[int, typer.Option(help="Decoding processes (0: in this process).")] = 1,
-) -> None:
+@stage_command(ScoreConfig, extra=[TOP_K, OUT, format_param(None, jsonl=True)])
+def score(cfg: ScoreConfig, top_k: str, out: Path | None, fmt: str | None) -> None:
     """Score QUERY videos against RUN's index: the training clips that shaped each, best first."""
     from carv_attrib.data.store import write_json_atomic
-    from carv_attrib.pipeline.score import ScoreConfig, run_score
+    from carv_attrib.pipeline.score import run_score
 
     started = time.monotonic()
-    fmt = fmt or ("human" if sys.stdout.isatty() else "json")
-    if fmt not in ("human", "json", "jsonl"):
-        raise UsageError(f"--format {fmt}: choose human, json or jsonl")
-    cfg = ScoreConfig(
-        run=run,
-        queries=list(queries),
-        prompt=prompt,
-        prompts_file=prompts,
-        top_k=parse_top_k(top_k),
-        aggregate=aggregate,
-        model=model,
-        device=device,
-        workers=workers,
-    )
+    fmt = check_format(fmt, ("human", "json", "jsonl"))
+    cfg.top_k = parse_top_k(top_k)
     doc = run_score(cfg)
-    if json_out is not None:
-        write_json_atomic(json_out, doc, sort_keys=False)
+    if out is not None:
+        write_json_atomic(out, doc, sort_keys=False)
     record_run(
-        run,
+        cfg.run,
         "score",
-        device=device,
+        device=cfg.device,
         started=started,
-        queries=len(queries),
-        json=str(json_out) if json_out else None,
+        queries=len(cfg.queries),
+        json=str(out) if out else None,
     )
     if fmt == "json":
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
@@ -117,6 +83,6 @@ def score(
         render_table(doc)
     failed = [q for q in doc["queries"] if q["status"] != "ok"]
     if failed:
-        err_console.print(f"[yellow]{len(failed)} of {len(doc['queries'])} queries could not be scored[/]")
+        say(f"{len(failed)} of {len(doc['queries'])} queries could not be scored", style="yellow")
         if len(failed) == len(doc["queries"]):
             raise typer.Exit(1)

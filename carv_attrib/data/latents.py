@@ -1,4 +1,12 @@
-"""Read the latent cache written by `encode` back into tensors."""
+"""The latent cache's rows (RUN/latents/part-*.parquet), written by `encode`, read back as tensors.
+
+One row per manifest clip, failed clips included (status + error): the normalised latent (C, T, h, w)
+and the trimmed UMT5 text embedding (L, D), both stored as raw bytes in `latent_dtype` (float32 or
+float16), plus the source frames taken.
+
+    for clip in iter_cached(RunDir("runs/demo")):   # ok clips, manifest order
+        clip.latent  # float32 (C, T, h, w)
+"""
 
 from __future__ import annotations
 
@@ -7,30 +15,56 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from carv_attrib.data.store import ShardStore
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from carv_attrib.data.run import RunDir
 
 
 @dataclass
 class CachedClip:
     clip_id: int
     vid: str
-    latent: Any  # float32 (C, T, h, w), normalised
-    text_emb: Any  # float32 (L, D), trimmed to the caption's real tokens
+    latent: torch.Tensor  # float32 (C, T, h, w), normalised
+    text_emb: torch.Tensor  # float32 (L, D), trimmed to the caption's real tokens
 
 
-def as_stored(x: Any, dtype: str) -> Any:
+def latent_schema() -> pa.Schema:
+    """Arrow schema of a latent shard."""
+    return pa.schema(
+        [
+            ("clip_id", pa.int64()),
+            ("vid", pa.string()),
+            ("status", pa.string()),  # "ok" or a failure kind: missing, decode_error, timeout, crash, ...
+            ("error", pa.string()),
+            ("latent", pa.binary()),  # row-major bytes of the normalised latent (C, T, h, w)
+            ("latent_shape", pa.list_(pa.int32())),
+            ("latent_dtype", pa.string()),
+            ("text_emb", pa.binary()),  # (text_len, text_dim) trimmed UMT5 embedding, same dtype
+            ("text_len", pa.int32()),
+            ("text_dim", pa.int32()),
+            ("frame_indices", pa.list_(pa.int32())),  # source frames used
+            ("source_fps", pa.float64()),
+            ("fps", pa.float64()),  # sampling fps used (0 = consecutive frames)
+        ]
+    )
+
+
+def empty_latent_row(clip_id: int, vid: str) -> dict[str, Any]:
+    """A row of `latent_schema` with status ok and nothing filled in yet."""
+    return {name: None for name in latent_schema().names} | {"clip_id": clip_id, "vid": vid, "status": "ok"}
+
+
+def as_stored(x: torch.Tensor, dtype: str) -> torch.Tensor:
     """A float32 tensor rounded through the cache's storage dtype, as `row_to_clip` returns it: queries
     get the same rounding as the training clips (float16 caches otherwise differ by ~1e-3)."""
-    import numpy as np
-    import torch
-
     return torch.from_numpy(x.cpu().numpy().astype(np.dtype(dtype)).astype(np.float32))
 
 
 def row_to_clip(row: dict[str, Any]) -> CachedClip:
-    import numpy as np
-    import torch
-
     dt = np.dtype(row["latent_dtype"])
     z = np.frombuffer(row["latent"], dtype=dt).reshape(row["latent_shape"])
     e = np.frombuffer(row["text_emb"], dtype=dt).reshape(row["text_len"], row["text_dim"])
@@ -42,12 +76,9 @@ def row_to_clip(row: dict[str, Any]) -> CachedClip:
     )
 
 
-def iter_cached(run: Path, shard: int | None = None) -> Iterator[CachedClip]:
+def iter_cached(run: RunDir | Path | str, shard: int | None = None) -> Iterator[CachedClip]:
     """The ok clips of the latent cache (one shard, or all), in manifest order."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    store = ShardStore(Path(run), "latents")
+    store = RunDir(run).latents
     shards = [shard] if shard is not None else store.done_shards()
     for i in shards:
         t = pq.read_table(store.shard_path(i))

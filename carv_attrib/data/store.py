@@ -23,6 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from carv_attrib import __version__
 from carv_attrib.errors import ConfigMismatchError, UsageError
 
@@ -174,7 +177,6 @@ class ShardStore:
 
     def write_shard(self, index: int, table: Any, stats: dict[str, Any], provenance: dict[str, Any]) -> None:
         """Write the Parquet shard (atomically), then its done marker (atomically), in that order."""
-        import pyarrow.parquet as pq
 
         meta = dict(table.schema.metadata or {})
         meta[METADATA_KEY] = json.dumps(provenance, sort_keys=True, default=str).encode()
@@ -189,8 +191,6 @@ class ShardStore:
 
     def read_table(self, columns: list[str] | None = None, filters: Any = None) -> Any:
         """All done shards as one Arrow table (shards without a done marker are ignored)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
         tables = [
             pq.read_table(self.shard_path(i), columns=columns, filters=filters) for i in self.done_shards()
@@ -203,14 +203,11 @@ class ShardStore:
         self, columns: list[str] | None = None, filters: Any = None, shards: list[int] | None = None
     ) -> Iterator[Any]:
         """Done shards as tables (or the given ones: a snapshot for several passes over a live stage)."""
-        import pyarrow.parquet as pq
 
         for i in self.done_shards() if shards is None else shards:
             yield pq.read_table(self.shard_path(i), columns=columns, filters=filters)
 
     def read_provenance(self) -> dict[str, Any] | None:
-        import pyarrow.parquet as pq
-
         done = self.done_shards()
         if not done:
             return None

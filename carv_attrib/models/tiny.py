@@ -22,6 +22,12 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from carv_attrib.models.wan import _quiet_hf
+
 # Words of the demo captions get whole-word pieces so that captions tokenize into a few tokens,
 # like a real sentencepiece vocabulary would; anything else falls back to characters.
 DEMO_WORDS = (
@@ -54,7 +60,6 @@ SIZES: dict[str, TinySize] = {
 
 def build_tokenizer() -> Any:
     """A T5 (Unigram) tokenizer from an in-memory vocabulary: ids 0,1,2 = <pad>, </s>, <unk>."""
-    from transformers import T5Tokenizer
 
     vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     seen = {piece for piece, _ in vocab}
@@ -75,8 +80,6 @@ def build_tokenizer() -> Any:
 
 def build_transformer(size: str = "tiny", seed: int = 0) -> Any:
     """The `WanTransformer3DModel` of a size, with weights fixed by `seed` (eval mode)."""
-    import torch
-    from diffusers import WanTransformer3DModel
 
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
@@ -101,9 +104,6 @@ def build_transformer(size: str = "tiny", seed: int = 0) -> Any:
 
 def build_pipeline(size: str = "tiny", seed: int = 0) -> Any:
     """Assemble a `WanPipeline` of the given size with deterministic random weights."""
-    import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
 
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
@@ -150,7 +150,6 @@ def build_pipeline(size: str = "tiny", seed: int = 0) -> Any:
 
 def make_model(out_dir: str, size: str = "tiny", seed: int = 0) -> dict[str, int]:
     """Build and save a pipeline; returns parameter counts per component."""
-    from carv_attrib.models.wan import _quiet_hf
 
     _quiet_hf()
     pipe = build_pipeline(size, seed)

@@ -11,16 +11,26 @@ both go through `from_pretrained(MODEL, subfolder=...)`, so a tiny model built b
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+import diffusers
+import diffusers.utils.logging as dlog
+import torch
+import transformers
+import transformers.utils.logging as tlog
+from diffusers import WanTransformer3DModel
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from safetensors.torch import load_file
 
 from carv_attrib.errors import ModelLoadError, UsageError
+from carv_attrib.models.identity import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +63,7 @@ class WanModel:
     identity: dict[str, Any] = field(default_factory=dict)
 
 
-def torch_dtype(name: str) -> Any:
-    import torch
-
+def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return getattr(torch, name)
@@ -63,8 +71,6 @@ def torch_dtype(name: str) -> Any:
 
 def resolve_device(device: str) -> str:
     """`auto` → cuda if available, else mps, else cpu. Explicit devices are checked."""
-    import torch
-
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -82,9 +88,6 @@ def _quiet_hf() -> None:
     # Loading bars from transformers/diffusers would interleave with our own progress on stderr.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
         tlog.disable_progress_bar()
         dlog.disable_progress_bar()
         tlog.set_verbosity_error()
@@ -96,9 +99,6 @@ def _quiet_hf() -> None:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """One quick connection attempt, so an offline machine fails at once instead of after the
     hub client's retries (about 25 s per file)."""
-    import socket
-    from urllib.parse import urlparse
-
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
@@ -110,9 +110,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _load_one(source: str, name: str, dtype: Any) -> Any:
-    import diffusers
-    import transformers
-
     lib, cls_name = COMPONENT_CLASSES[name]
     cls = getattr(diffusers if lib == "diffusers" else transformers, cls_name)
     kwargs: dict[str, Any] = {"subfolder": name}
@@ -161,103 +158,11 @@ def load_wan(
 
 
 # ---------------------------------------------------------------------------------------------
-# Identity: what changes the numbers is the component configs and weights, so the fingerprint
-# hashes config.json and every weight file. Hashes of big files are cached by (path, size, mtime).
-
-
-def _hash_cache_path() -> Path:
-    root = Path(os.environ.get("CARV_ATTRIB_CACHE", Path.home() / ".cache" / "carv-attrib"))
-    return root / "file-hashes.json"
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file; a Hugging Face cache blob is named by its sha256, so it is read for free."""
-    real = Path(os.path.realpath(path))
-    if (
-        real.parent.name == "blobs"
-        and len(real.name) == 64
-        and all(c in "0123456789abcdef" for c in real.name)
-    ):
-        return real.name
-    st = real.stat()
-    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = _hash_cache_path()
-    cache: dict[str, str] = {}
-    if st.st_size > (32 << 20) and cache_file.exists():
-        try:
-            cache = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            cache = {}
-        if key in cache:
-            return cache[key]
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if st.st_size > (32 << 20):
-        cache[key] = digest
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
-        except OSError:  # a read-only home only costs a re-hash next time
-            pass
-    return digest
-
-
-def _component_dir(source: str, name: str) -> Path | None:
-    local = Path(source) / name
-    if local.is_dir():
-        return local
-    try:  # a Hub id already in the local cache
-        from huggingface_hub import snapshot_download
-
-        snap = Path(snapshot_download(source, allow_patterns=[f"{name}/*"], local_files_only=True))
-        return snap / name if (snap / name).is_dir() else None
-    except Exception:
-        return None
-
-
-def component_identity(source: str, name: str) -> dict[str, Any]:
-    """{"files": {relative name: sha256}} over config and weight files of one component."""
-    cdir = _component_dir(source, name)
-    if cdir is None:
-        return {"source": source, "files": {}}
-    files = {
-        p.name: file_sha256(p)
-        for p in sorted(cdir.iterdir())
-        if p.is_file() and p.suffix in {".json", ".safetensors", ".bin", ".model", ".txt"}
-    }
-    return {"files": files}
-
-
-def model_identity(source: str, components: Sequence[str]) -> dict[str, Any]:
-    """Per-component file hashes plus one short fingerprint over all of them."""
-    comps = {name: component_identity(source, name) for name in sorted(components)}
-    blob = json.dumps(comps, sort_keys=True).encode()
-    return {
-        "source": resolve_source(source),
-        "components": comps,
-        "fingerprint": hashlib.sha256(blob).hexdigest()[:16],
-    }
-
-
-def resolve_source(source: str) -> str:
-    """An absolute path for a local directory (so `score` finds it from any working directory); a Hub id
-    unchanged."""
-    return str(Path(source).resolve()) if Path(source).is_dir() else str(source)
-
-
-# ---------------------------------------------------------------------------------------------
 # Encoding
 
 
 def latent_stats(vae: Any) -> tuple[Any, Any]:
     """(mean, std) as (1, C, 1, 1, 1) tensors from the VAE's own config (never hard-coded)."""
-    import torch
-
     c = vae.config.z_dim
     mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1)
@@ -271,8 +176,6 @@ def encode_video(vae: Any, frames: Any) -> Any:
     original Wan repo do (the posterior mode: no sampling, so the encode is deterministic and the
     between-encode variance σ_b² is 0).
     """
-    import torch
-
     mean, std = latent_stats(vae)
     param = next(vae.parameters())
     with torch.inference_mode():
@@ -288,9 +191,6 @@ def encode_prompts(wan: WanModel, prompts: Sequence[str], batch_size: int = 16) 
     Steps of `WanPipeline._get_t5_prompt_embeds`: prompt_clean (ftfy if installed, html unescape,
     whitespace collapse) → tokenize padded to 512 with mask → UMT5 → keep the first seq_len rows.
     """
-    import torch
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-
     out: list[Any] = []
     param = next(wan.text_encoder.parameters())
     for start in range(0, len(prompts), batch_size):
@@ -315,8 +215,6 @@ def encode_prompts(wan: WanModel, prompts: Sequence[str], batch_size: int = 16) 
 
 def pad_context(emb: Any, length: int = MAX_SEQUENCE_LENGTH) -> Any:
     """(L, D) trimmed embedding → (1, 512, D) zero-padded, as the pipeline feeds the transformer."""
-    import torch
-
     out = torch.zeros(1, length, emb.shape[-1], dtype=emb.dtype, device=emb.device)
     out[0, : emb.shape[0]] = emb
     return out
@@ -339,8 +237,6 @@ def load_transformer(
     if checkpoint is None:
         module = _load_one(str(source), "transformer", tdtype)
     else:
-        from diffusers import WanTransformer3DModel
-
         ck = Path(checkpoint)
         if not ck.exists():
             raise UsageError(f"--checkpoint {checkpoint}: no such file or directory")
@@ -350,8 +246,6 @@ def load_transformer(
             elif ck.is_dir() and (ck / "transformer").is_dir():
                 module = WanTransformer3DModel.from_pretrained(str(ck), subfolder="transformer", dtype=tdtype)
             elif ck.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
                 module = _load_one(str(source), "transformer", tdtype)
                 missing, unexpected = module.load_state_dict(load_file(str(ck)), strict=False)
                 if missing or unexpected:
@@ -369,20 +263,3 @@ def load_transformer(
         except Exception as exc:
             raise ModelLoadError(f"cannot load checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from exc
     return module.to(resolve_device(device)).eval()
-
-
-def checkpoint_identity(source: str, checkpoint: str | None) -> dict[str, Any]:
-    """File hashes of the transformer that produced a feature block."""
-    if checkpoint is None:
-        files = component_identity(str(source), "transformer")["files"]
-        label = f"{source}:transformer"
-    else:
-        ck = Path(checkpoint)
-        if ck.is_file():
-            files = {ck.name: file_sha256(ck)}
-        else:
-            d = ck if (ck / "config.json").exists() else ck / "transformer"
-            files = component_identity(str(d.parent), d.name)["files"]
-        label = str(checkpoint)
-    fp = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
-    return {"checkpoint": label, "files": files, "fingerprint": fp}

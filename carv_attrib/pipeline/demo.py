@@ -12,6 +12,7 @@ what exists.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,28 +20,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from diffusers import WanPipeline
+
+from carv_attrib.config import DemoConfig, EncodeConfig, FeaturizeConfig, IndexConfig, PlanConfig, ScoreConfig
+from carv_attrib.data.store import write_json_atomic
+from carv_attrib.demo_data import make_demo_data, write_mp4
+from carv_attrib.models.tiny import make_model
+from carv_attrib.models.wan import _quiet_hf
+from carv_attrib.pipeline.encode import run_encode
+from carv_attrib.pipeline.featurize import run_featurize
+from carv_attrib.pipeline.index import build_run_index
+from carv_attrib.pipeline.plan import run_plan
+from carv_attrib.pipeline.score import run_score
+from carv_attrib.train import TrainConfig, train_transformer
+
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "generate_video"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DemoConfig:
-    out: Path | str = "demo-run"
-    clips: int = 24
-    size: str = "tiny"
-    frames: int = 17
-    width: int = 64
-    height: int = 64
-    train_steps: int = 150
-    draws: int = 8
-    timesteps: str = "stratified-is"
-    precondition: str = "cosine"
-    plan_pilot_clips: int = 4  # 0: skip `plan` (stratified-is then uses q = p)
-    prompt: str | None = None  # default: the caption of the first demo clip
-    inference_steps: int = 12
-    top_k: int = 5
-    seed: int = 0
-    workers: int = 1
-    device: str = "cpu"
 
 
 @dataclass
@@ -62,12 +60,6 @@ def generate_video(
     model: str, prompt: str, frames: int, height: int, width: int, steps: int, seed: int, device: str
 ) -> Any:
     """uint8 (F, H, W, 3) frames from `WanPipeline` (the real diffusers pipeline) for `prompt`."""
-    import numpy as np
-    import torch
-    from diffusers import WanPipeline
-
-    from carv_attrib.models.wan import _quiet_hf
-
     _quiet_hf()
     pipe = WanPipeline.from_pretrained(model).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -86,16 +78,6 @@ def generate_video(
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> DemoResult:
-    from carv_attrib.data.video import FramePolicy
-    from carv_attrib.demo_data import make_demo_data, write_mp4
-    from carv_attrib.models.tiny import make_model
-    from carv_attrib.pipeline.encode import EncodeConfig, run_encode
-    from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
-    from carv_attrib.pipeline.index import build_run_index
-    from carv_attrib.pipeline.plan import PlanConfig, run_plan
-    from carv_attrib.pipeline.score import ScoreConfig, run_score
-    from carv_attrib.train import TrainConfig, train_transformer
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model, data, run = out / "model", out / "data", out / "run"
@@ -108,7 +90,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
     done = stage("model")
     if not (model / "model_index.json").exists():
         say(f"building the {cfg.size} Wan2.1 pipeline from the diffusers classes -> {model}")
-        make_model(str(model), size=cfg.size, seed=cfg.seed)
+        make_model(str(model), size=cfg.preset, seed=cfg.seed)
     done()
     done = stage("data")
     manifest = data / "manifest.json"
@@ -123,8 +105,10 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
             manifest=manifest,
             videos=data / "videos",
             model=str(model),
-            out=run,
-            policy=FramePolicy(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=8),
+            run=run,
+            frames=cfg.frames,
+            size=cfg.size,
+            fps=8,
             workers=cfg.workers,
             device=cfg.device,
             shard_size=8,
@@ -179,11 +163,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
             plan=plan_path if use_plan else None,
         )
     )
-    build_run_index(run, precondition=cfg.precondition)
+    build_run_index(IndexConfig(run=run, precondition=cfg.precondition))
     done()
     done = stage("generate")
-    import json
-
     prompt = cfg.prompt or json.loads(manifest.read_text())[0]["caption"]
     video = out / "generated.mp4"
     say(f"generating a video with WanPipeline for “{prompt}” -> {video}")
@@ -195,8 +177,6 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
     done = stage("score")
     say("score: same encode, same draws, FAISS top-k")
     doc = run_score(ScoreConfig(run=run, queries=[video], prompt=prompt, top_k=cfg.top_k, device=cfg.device))
-    from carv_attrib.data.store import write_json_atomic
-
     write_json_atomic(out / "attribution.json", doc, sort_keys=False)
     done()
     return DemoResult(out=out, doc=doc, timings=timings)

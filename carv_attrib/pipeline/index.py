@@ -1,136 +1,115 @@
-"""Build RUN/index from RUN/features: preconditioner + FAISS + index_info.json.
+"""Build RUN/index from RUN/features: preconditioner + FAISS + `IndexInfo` (index_info.json).
 
-`index_info.json` holds everything `score` needs to treat a query exactly like the training clips:
-model and checkpoint fingerprints, encode settings, draw rule (seed, scheme, density, proposal),
-output function, projector spec, preconditioner, dims and count.
+    from carv_attrib.pipeline.index import IndexConfig, build_run_index
+    info = build_run_index(IndexConfig(run="runs/demo", precondition="trak"))   # IndexInfo
 
-    info = build_run_index("runs/demo", precondition="trak", lambda_rel=1e-2)
+Features are streamed shard by shard, never all in memory: the ids (a cheap column read), then the
+TRAK Gram, the training sample of an approximate index, and the vectors, one pass each, all over
+one snapshot of the done shards.
 """
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-from typing import Any
+import numpy as np
 
 from carv_attrib import __version__
-from carv_attrib.data.store import ShardStore, now_iso, read_json, write_json_atomic
+from carv_attrib.attrib.index import DEFAULT_TRAIN_SAMPLE, add_vectors, new_index, save_index, train_index
+from carv_attrib.attrib.precondition import Preconditioner, fit_preconditioner
+from carv_attrib.config import IndexConfig
+from carv_attrib.data.features import feature_ids, iter_feature_blocks
+from carv_attrib.data.run import EncodeFacts, IndexInfo, RunDir
+from carv_attrib.data.store import now_iso
 from carv_attrib.errors import ConfigMismatchError, UsageError
 
-INDEX_SCHEMA_VERSION = 1
+__all__ = ["IndexConfig", "build_run_index"]
 
 
-def build_run_index(
-    run: Path | str,
-    precondition: str = "cosine",
-    lambda_rel: float = 1e-2,
-    factory: str | None = None,
-    use_gpu: bool | None = None,
-) -> dict[str, Any]:
-    import numpy as np
-
-    from carv_attrib.attrib.index import DEFAULT_TRAIN_SAMPLE, add_vectors, new_index, save_index, train_index
-    from carv_attrib.attrib.precondition import PRECONDITIONERS, fit_preconditioner
-    from carv_attrib.pipeline.featurize import feature_ids, iter_feature_blocks
-
-    run = Path(run)
-    if precondition not in PRECONDITIONERS:
-        raise UsageError(f"--precondition {precondition}: choose one of {', '.join(PRECONDITIONERS)}")
-    features = ShardStore(run, "features")
-    fcfg = features.read_config()
-    if fcfg is None:
-        raise UsageError(f"{run} has no features; run `carv-attrib featurize {run} ...` first")
-    lat = ShardStore(run, "latents").read_config() or {}
+def _check_features_current(run: RunDir, fcfg: dict, lat: dict) -> None:
     if fcfg["config"].get("latents") != lat.get("fingerprint"):
         raise ConfigMismatchError(
             f"{run}/features were computed from latents {fcfg['config'].get('latents')}, but {run}/latents "
             f"now holds {lat.get('fingerprint')} (re-encoded since); rerun `carv-attrib featurize {run} "
             "--overwrite ...` before indexing"
         )
-    prov = features.read_provenance() or {}
 
-    # Features are streamed shard by shard, never all in memory: the ids (a cheap column read), then
-    # the TRAK Gram, the training sample of an approximate index, and the vectors, one pass each.
-    shards = features.done_shards()  # one snapshot for every pass, even if a featurize run is adding shards
+
+def _train_sample(run: RunDir, shards: list[int], n: int, pre: Preconditioner) -> np.ndarray:
+    """A seeded uniform sample (≤ DEFAULT_TRAIN_SAMPLE rows) of the preconditioned vectors, (m, D)."""
+    take = min(n, DEFAULT_TRAIN_SAMPLE)
+    chosen = np.sort(np.random.default_rng(0).choice(n, size=take, replace=False))
+    parts, start = [], 0
+    for _, f in iter_feature_blocks(run, shards=shards):
+        local = chosen[(chosen >= start) & (chosen < start + len(f))] - start
+        parts.append(pre.prepare_train(f[local]))
+        start += len(f)
+    return np.concatenate(parts)
+
+
+def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
+    """Fit the preconditioner, build the FAISS index and write RUN/index atomically (a crash leaves
+    the previous index). Raises UsageError / ConfigMismatchError (exit 2) for a run without
+    features, features older than the latents, or a bad factory."""
+    cfg.validate()
+    run = RunDir(cfg.run)
+    fcfg = run.require_features()
+    lat = run.latents.read_config() or {}
+    _check_features_current(run, fcfg, lat)
+    prov = run.features.read_provenance() or {}
+
+    shards = (
+        run.features.done_shards()
+    )  # one snapshot for every pass, even if a featurize run is adding shards
     ids = feature_ids(run, shards=shards)  # (n,) int64
     if ids.size == 0:
         raise UsageError(f"{run} holds no ok features; run featurize first")
     if np.unique(ids).size != ids.size:
         raise UsageError(f"{run}/features holds duplicate clip ids; rerun featurize with --overwrite")
-    n_ckpt = len(fcfg["config"]["transformers"])
-    blocks = prov.get("blocks") or [int(fcfg["config"]["projector"]["dim"])] * n_ckpt  # one per checkpoint
+    feats_cfg = fcfg["config"]
+    n_ckpt = len(feats_cfg["transformers"])
+    blocks = prov.get("blocks") or [int(feats_cfg["projector"]["dim"])] * n_ckpt  # one per checkpoint
     dim = sum(blocks)
     try:
         pre = fit_preconditioner(
-            precondition,
-            (f for _, f in iter_feature_blocks(run, shards=shards)) if precondition == "trak" else None,
+            cfg.precondition,
+            (f for _, f in iter_feature_blocks(run, shards=shards)) if cfg.precondition == "trak" else None,
             dim=dim,
             blocks=blocks,
-            lambda_rel=lambda_rel,
+            lambda_rel=cfg.lambda_rel,
         )
-        index = new_index(dim, factory, use_gpu)
-        if not index.is_trained:  # a seeded uniform sample of the (preconditioned) vectors
-            sample_parts = []
-            take = min(ids.size, DEFAULT_TRAIN_SAMPLE)
-            chosen = np.sort(np.random.default_rng(0).choice(ids.size, size=take, replace=False))
-            start = 0
-            for _, f in iter_feature_blocks(run, shards=shards):
-                local = chosen[(chosen >= start) & (chosen < start + len(f))] - start
-                sample_parts.append(pre.prepare_train(f[local]))
-                start += len(f)
-            train_index(index, np.concatenate(sample_parts), factory)
+        index = new_index(dim, cfg.index_factory, use_gpu)
+        if not index.is_trained:
+            train_index(index, _train_sample(run, shards, ids.size, pre), cfg.index_factory)
         for ids_s, feats_s in iter_feature_blocks(run, shards=shards):
             add_vectors(index, ids_s, pre.prepare_train(feats_s))
         assert index.ntotal == ids.size, (index.ntotal, ids.size)  # every pass saw the same shards
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
-    out = run / "index"
-    tmp = run / ".index.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_index(index, tmp / "index.faiss")
-    pre.save(tmp / "preconditioner")
-    info = {
-        "schema_version": INDEX_SCHEMA_VERSION,
-        "tool_version": __version__,
-        "created_at": now_iso(),
-        "fingerprint": fcfg["fingerprint"],
-        "count": int(ids.size),
-        "dim": int(dim),
-        "blocks": blocks,
-        "factory": factory or "Flat",
-        "preconditioner": pre.to_dict(),
-        "features": fcfg["config"],
-        "checkpoints": prov.get("checkpoints"),
-        "checkpoint_paths": prov.get("checkpoint_paths"),
-        "model_source": lat.get("config", {}).get("model", {}).get("source"),
-        "encode": {k: v for k, v in lat.get("config", {}).items() if k != "manifest_hash"},
-        "latents_fingerprint": lat.get("fingerprint"),
-    }
-    write_json_atomic(tmp / "index_info.json", info)
-    # Swap the finished directory in: a crash mid-build leaves the previous index intact.
-    old = run / ".index.old"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
-    return info
-
-
-def read_index_info(run: Path | str) -> dict[str, Any]:
-    """RUN/index/index_info.json, refused when the run's latents or features changed after indexing."""
-    path = Path(run) / "index" / "index_info.json"
-    if not path.exists():
-        raise UsageError(f"{run} has no index; run `carv-attrib featurize` (or `carv-attrib index`) first")
-    info = read_json(path)
-    for stage, key in (("latents", "latents_fingerprint"), ("features", "fingerprint")):
-        now = (ShardStore(run, stage).read_config() or {}).get("fingerprint")
-        if now != info.get(key):
-            raise ConfigMismatchError(
-                f"{run}/index is stale: it was built from {stage} {info.get(key)}, but {run}/{stage} now "
-                f"holds {now}; rerun `carv-attrib featurize {run} ...` (or `carv-attrib index {run}`)"
-            )
+    lat_config = lat.get("config", {})
+    info = IndexInfo(
+        fingerprint=fcfg["fingerprint"],
+        latents_fingerprint=lat.get("fingerprint"),
+        count=int(ids.size),
+        dim=int(dim),
+        blocks=blocks,
+        factory=cfg.index_factory or "Flat",
+        preconditioner=pre.to_dict(),
+        lambda_rel=cfg.lambda_rel,
+        draws=feats_cfg["draws"],
+        output_fn=feats_cfg["output_fn"],
+        timestep=feats_cfg["timestep"],
+        projector=feats_cfg["projector"],
+        feature_dtype=feats_cfg["dtype"],
+        transformers=feats_cfg["transformers"],
+        checkpoints=prov.get("checkpoints") or [],
+        checkpoint_paths=prov.get("checkpoint_paths") or [None] * n_ckpt,
+        model_source=lat_config.get("model", {}).get("source"),
+        encode=EncodeFacts.from_latents_config(lat_config),
+        created_at=now_iso(),
+        tool_version=__version__,
+    )
+    with run.index_swap() as tmp:
+        save_index(index, tmp / run.faiss_path.name)
+        pre.save(tmp / run.preconditioner_dir.name)
+        info.write(tmp / run.index_info_path.name)
     return info

@@ -13,21 +13,37 @@ effective compute multiplier against the baseline "fresh encode per draw, iid, K
 
 The resulting plan.json is consumed by `featurize --plan`.
 
+    from carv_attrib.pipeline.plan import PlanConfig, run_plan
     plan = run_plan(PlanConfig(run="runs/demo", model="models/tiny-wan", out="plan.json"))
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+import torch
+
 from carv_attrib import __version__
-from carv_attrib.data.store import ShardStore, now_iso, write_json_atomic
+from carv_attrib.attrib.featurizer import Featurizer, build_projector, load_featurizer
+from carv_attrib.attrib.gradients import per_draw_features
+from carv_attrib.carv.accounting import Costs, VarianceComponents, ecm, ecm_limit
+from carv_attrib.carv.draws import DrawRule
+from carv_attrib.carv.rng import clip_stream, noise, uniforms
+from carv_attrib.carv.timesteps import Density, Proposal, density
+from carv_attrib.config import PlanConfig
+from carv_attrib.data.latents import CachedClip, iter_cached
+from carv_attrib.data.run import RunDir
+from carv_attrib.data.store import now_iso, write_json_atomic
+from carv_attrib.data.video import ClipFailure, FramePolicy, decode_clip, frames_to_tensor
 from carv_attrib.errors import UsageError
+from carv_attrib.models.identity import check_encoder_matches
+from carv_attrib.models.wan import encode_prompts, encode_video, load_wan, pad_context
 
 log = logging.getLogger(__name__)
 
@@ -42,43 +58,16 @@ SCHEMES = (
 PILOT_SEED_OFFSET = 7_919  # pilot draws never coincide with featurize's (seed, stream, k) draws
 
 
-@dataclass
-class PlanConfig:
-    run: Path | str
-    model: str
-    out: Path | str = "plan.json"
-    plot: Path | str | None = None
-    pilot_clips: int = 8
-    bins: int = 10
-    draws_per_bin: int = 2
-    draws: int = 8  # K at which each scheme's within-encode variance is measured
-    replicates: int = 6
-    mix: float = 0.1
-    density: str = "uniform"
-    output_fn: str = "loss"
-    k_max: int = 64
-    proj_dim: int | None = None
-    layers: tuple[str, ...] = ("blocks.*",)
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-
-
 def scheme_name(scheme: str, antithetic: bool) -> str:
     return scheme + ("+antithetic" if antithetic else "")
 
 
 def reencode_cost(
-    run: Path, model: str, clip_ids: list[int], lat_config: dict[str, Any], device: str
+    run: RunDir, model: str, clip_ids: list[int], lat_config: dict[str, Any], device: str
 ) -> float | None:
     """Seconds per clip of a timed re-encode of the pilot clips (decode + VAE + text), measured in
     this process like c_draw, so the two costs are comparable. None when the videos are gone."""
-    import pyarrow.parquet as pq
-
-    from carv_attrib.data.video import ClipFailure, FramePolicy, decode_clip, frames_to_tensor
-    from carv_attrib.models.wan import encode_prompts, encode_video, load_wan
-
-    rows = {r["clip_id"]: r for r in pq.read_table(run / "manifest" / "clips.parquet").to_pylist()}
+    rows = {r["clip_id"]: r for r in pq.read_table(run.manifest_table).to_pylist()}
     c = lat_config["config"]
     policy = FramePolicy(
         frames=c["frames"], height=c["height"], width=c["width"], fps=c["fps"], pad_short=c["pad_short"]
@@ -95,9 +84,9 @@ def reencode_cost(
     return (time.monotonic() - t0) / len(clip_ids)
 
 
-def encode_cost(run: Path) -> float:
+def encode_cost(run: RunDir) -> float:
     """Seconds per clip of the encode stage (decode wait + VAE + text), from its shard stats."""
-    stats = ShardStore(run, "latents").read_stats()
+    stats = run.latents.read_stats()
     clips = sum(s["clips"] for s in stats)
     wall = sum(s.get("wall_s", 0.0) for s in stats)
     if not clips or not wall:
@@ -105,19 +94,14 @@ def encode_cost(run: Path) -> float:
     return wall / clips
 
 
-def bin_second_moments(featurizer: Any, clips: list[Any], cfg: PlanConfig) -> tuple[Any, Any, float]:
+def bin_second_moments(
+    featurizer: Featurizer, clips: list[CachedClip], cfg: PlanConfig
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(edges (bins+1,), m2 (bins,), seconds per draw): E‖φ‖² of per-draw features in each σ bin.
 
     In bin b the σ of draw j is F_p⁻¹ at a stratified point of [F_p(e_b), F_p(e_b+1)], so every
     bin is covered whatever p is; ε comes from the counter-based rule under a pilot seed.
     """
-    import torch
-
-    from carv_attrib.attrib.gradients import per_draw_features
-    from carv_attrib.carv.draws import clip_stream, noise, uniforms
-    from carv_attrib.carv.timesteps import density
-    from carv_attrib.models.wan import pad_context
-
     p = density(cfg.density)
     edges = torch.linspace(0, 1, cfg.bins + 1, dtype=torch.float64)
     fe = p.cdf(edges)  # (bins+1,)
@@ -146,16 +130,14 @@ def bin_second_moments(featurizer: Any, clips: list[Any], cfg: PlanConfig) -> tu
     return edges, sq / (len(clips) * J), seconds
 
 
-def replicate_variance(featurizer: Any, clips: list[Any], rule: Any, replicates: int) -> tuple[float, float]:
+def replicate_variance(
+    featurizer: Featurizer, clips: list[CachedClip], rule: DrawRule, replicates: int
+) -> tuple[float, float]:
     """(within-encode variance per draw σ_w² = K·mean_clips tr Cov_r(φ̂), seconds per draw).
 
     Replicates r use seeds seed+r with per-clip noise, so they are independent estimates of each
     clip's feature; tr Cov is summed over feature coordinates.
     """
-    import dataclasses
-
-    import torch
-
     feats = []  # (R, N, D)
     t0 = time.monotonic()
     for r in range(replicates):
@@ -168,54 +150,38 @@ def replicate_variance(featurizer: Any, clips: list[Any], rule: Any, replicates:
     return float(var) * rule.k, seconds
 
 
-def run_plan(cfg: PlanConfig) -> dict[str, Any]:
-    from carv_attrib.carv.accounting import Costs, VarianceComponents, ecm, ecm_limit
-    from carv_attrib.carv.draws import DrawRule
-    from carv_attrib.carv.timesteps import Proposal, density
-    from carv_attrib.data.latents import iter_cached
-    from carv_attrib.pipeline.featurize import build_projector, check_model_matches_latents, load_featurizer
-
-    run = Path(cfg.run)
-    lat = ShardStore(run, "latents").read_config()
-    if lat is None:
-        raise UsageError(f"{run} has no latent cache; run `carv-attrib encode` first")
-    if cfg.pilot_clips < 2 or cfg.replicates < 2 or cfg.bins < 1 or cfg.draws < 1:
-        raise UsageError("plan needs --pilot-clips >= 2, --replicates >= 2, --bins >= 1, --draws >= 1")
-    try:
-        p = density(cfg.density)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    check_model_matches_latents(cfg.model, lat)
+def _pilot_clips(run: RunDir, n: int) -> list[CachedClip]:
     clips = []
     for c in iter_cached(run):
         clips.append(c)
-        if len(clips) == cfg.pilot_clips:
+        if len(clips) == n:
             break
     if len(clips) < 2:
         raise UsageError(f"{run} has fewer than 2 encoded clips; a pilot needs at least 2")
+    return clips
 
-    c_enc = reencode_cost(run, cfg.model, [c.clip_id for c in clips], lat, cfg.device)
-    c_enc_source = "timed re-encode of the pilot clips"
-    if c_enc is None:
-        c_enc, c_enc_source = encode_cost(run), "encode stage stats"
-    base_rule = DrawRule(seed=cfg.seed, scheme="iid", k=cfg.draws, density=p.spec, noise="per-clip")
-    featurizer = load_featurizer(
-        cfg.model,
-        [None],
-        None,
-        base_rule,
-        cfg.output_fn,
-        cfg.device,
-        cfg.dtype,
-        new_projector=lambda t: build_projector("kron", t, cfg.layers, cfg.seed, cfg.proj_dim, "gaussian"),
-    )
-    t0 = time.monotonic()
+
+def _fit_proposal(
+    featurizer: Featurizer, clips: list[CachedClip], cfg: PlanConfig, p: Density
+) -> tuple[Proposal, dict[str, Any]]:
+    """q ∝ p̄_bin · sqrt(m2_bin) mixed with p (p-scaled form), and the per-bin measurements."""
     edges, m2, _ = bin_second_moments(featurizer, clips, cfg)
     fe = p.cdf(edges)
     p_bar = (fe[1:] - fe[:-1]) / (edges[1:] - edges[:-1])  # (bins,) mean density of p per bin
-    scores = p_bar * m2.sqrt()
-    proposal = Proposal.from_bins(edges, scores, density=p.spec, mix=cfg.mix, form="p-scaled")
+    proposal = Proposal.from_bins(edges, p_bar * m2.sqrt(), density=p.spec, mix=cfg.mix, form="p-scaled")
+    bins = {
+        "edges": edges.tolist(),
+        "second_moment": m2.tolist(),
+        "rms_grad_norm": m2.sqrt().tolist(),
+        "p_mean_density": p_bar.tolist(),
+    }
+    return proposal, bins
 
+
+def _scheme_variances(
+    featurizer: Featurizer, clips: list[CachedClip], cfg: PlanConfig, p: Density, proposal: Proposal
+) -> tuple[dict[str, float], float]:
+    """Within-encode variance per draw of each scheme, and c_draw (median seconds per draw)."""
     variances: dict[str, float] = {}
     draw_seconds: list[float] = []
     for scheme, anti in SCHEMES:
@@ -231,10 +197,12 @@ def run_plan(cfg: PlanConfig) -> dict[str, Any]:
         var, sec = replicate_variance(featurizer, clips, rule, cfg.replicates)
         variances[scheme_name(scheme, anti)] = var
         draw_seconds.append(sec)
-    c_draw = sorted(draw_seconds)[len(draw_seconds) // 2]
-    costs = Costs(c_enc=c_enc, c_draw=c_draw)
+    return variances, sorted(draw_seconds)[len(draw_seconds) // 2]
+
+
+def _ecm_table(variances: dict[str, float], costs: Costs, k_max: int) -> dict[str, Any]:
     base = VarianceComponents(between=0.0, within=variances["iid"])
-    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= cfg.k_max]
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= k_max]
     table = {}
     for name, var in variances.items():
         comps = VarianceComponents(between=0.0, within=var)
@@ -244,9 +212,58 @@ def run_plan(cfg: PlanConfig) -> dict[str, Any]:
             "ecm": {str(k): ecm(k, costs, comps, base) for k in ks},
             "ecm_limit": ecm_limit(costs, comps, base),
         }
+    return table
+
+
+def _recommend(variances: dict[str, float], costs: Costs, k_max: int) -> dict[str, Any]:
     best = min(variances, key=lambda n: (variances[n], "antithetic" in n))
     # ECM(K)/ECM_∞ = K·c_draw/(c_enc + K·c_draw): K ≥ 9·c_enc/c_draw reaches 90% of the limit.
-    k_rec = int(min(cfg.k_max, max(1, math.ceil(9 * c_enc / max(c_draw, 1e-12)))))
+    k_rec = int(min(k_max, max(1, math.ceil(9 * costs.c_enc / max(costs.c_draw, 1e-12)))))
+    base = VarianceComponents(between=0.0, within=variances["iid"])
+    return {
+        "scheme": best.split("+")[0],
+        "antithetic": "antithetic" in best,
+        "draws": k_rec,
+        "ecm": ecm(k_rec, costs, VarianceComponents(0.0, variances[best]), base),
+        "why": "lowest within-encode variance per draw; K reaches 90% of the amortisation limit "
+        "(σ_b² = 0 for mode latents, so variance×cost falls with K towards c_draw·σ_w²)",
+    }
+
+
+def run_plan(cfg: PlanConfig) -> dict[str, Any]:
+    """Run the pilot and write plan.json (and the PNG with cfg.plot); returns the plan document."""
+    cfg.validate()
+    run = RunDir(cfg.run)
+    lat = run.require_latents()
+    try:
+        p = density(cfg.density)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if cfg.plot is not None:
+        _require_matplotlib()  # before the pilot, not after it
+    check_encoder_matches(
+        cfg.model, lat["config"]["model"]["components"], lat["config"]["model"].get("source")
+    )
+    clips = _pilot_clips(run, cfg.pilot_clips)
+
+    c_enc = reencode_cost(run, cfg.model, [c.clip_id for c in clips], lat, cfg.device)
+    c_enc_source = "timed re-encode of the pilot clips"
+    if c_enc is None:
+        c_enc, c_enc_source = encode_cost(run), "encode stage stats"
+    base_rule = DrawRule(seed=cfg.seed, scheme="iid", k=cfg.draws, density=p.spec, noise="per-clip")
+    featurizer = load_featurizer(
+        cfg.model,
+        [None],
+        base_rule,
+        cfg.output_fn,
+        cfg.device,
+        cfg.dtype,
+        new_projector=lambda t: build_projector("kron", t, cfg.layers, cfg.seed, cfg.proj_dim, "gaussian"),
+    )
+    t0 = time.monotonic()
+    proposal, bins = _fit_proposal(featurizer, clips, cfg, p)
+    variances, c_draw = _scheme_variances(featurizer, clips, cfg, p, proposal)
+    costs = Costs(c_enc=c_enc, c_draw=c_draw)
     plan = {
         "schema": PLAN_SCHEMA,
         "tool_version": __version__,
@@ -265,12 +282,7 @@ def run_plan(cfg: PlanConfig) -> dict[str, Any]:
             "seed": cfg.seed,
             "seconds": round(time.monotonic() - t0, 2),
         },
-        "bins": {
-            "edges": edges.tolist(),
-            "second_moment": m2.tolist(),
-            "rms_grad_norm": m2.sqrt().tolist(),
-            "p_mean_density": p_bar.tolist(),
-        },
+        "bins": bins,
         "proposal": proposal.to_dict(),
         "costs": {
             "c_enc": c_enc,
@@ -280,15 +292,8 @@ def run_plan(cfg: PlanConfig) -> dict[str, Any]:
             "c_enc_over_c_draw": c_enc / c_draw if c_draw else None,
         },
         "variance_between_encodes": 0.0,
-        "schemes": table,
-        "recommended": {
-            "scheme": best.split("+")[0],
-            "antithetic": "antithetic" in best,
-            "draws": k_rec,
-            "ecm": ecm(k_rec, costs, VarianceComponents(0.0, variances[best]), base),
-            "why": "lowest within-encode variance per draw; K reaches 90% of the amortisation limit "
-            "(σ_b² = 0 for mode latents, so variance×cost falls with K towards c_draw·σ_w²)",
-        },
+        "schemes": _ecm_table(variances, costs, cfg.k_max),
+        "recommended": _recommend(variances, costs, cfg.k_max),
     }
     write_json_atomic(Path(cfg.out), plan)
     if cfg.plot is not None:
@@ -296,18 +301,20 @@ def run_plan(cfg: PlanConfig) -> dict[str, Any]:
     return plan
 
 
-def plot_plan(plan: dict[str, Any], path: Path) -> None:
-    """Left: p(σ), q(σ) and the per-bin RMS gradient norm. Right: variance×cost against K."""
+def _require_matplotlib() -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401  (optional dependency: probed, not used here)
     except ImportError as exc:
         raise UsageError("--plot needs matplotlib: pip install 'carv-attrib[plot]'") from exc
-    import torch
 
-    from carv_attrib.carv.timesteps import Proposal, density
+
+def plot_plan(plan: dict[str, Any], path: Path) -> None:
+    """Left: p(σ), q(σ) and the per-bin RMS gradient norm. Right: variance×cost against K."""
+    _require_matplotlib()
+    import matplotlib  # optional dependency ([plot] extra): imported where it is needed
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     q = Proposal.from_json(plan["proposal"])
     p = density(plan["density"])

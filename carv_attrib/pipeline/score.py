@@ -1,9 +1,9 @@
 """Stage 3, `score`: which training clips shaped these generated videos?
 
-Each query is decoded and encoded with the settings recorded in RUN (frames, size, fps, VAE, text
-encoder), featurized with exactly the index's transformer(s), draw rule (common random numbers:
-the query sees the same (σ, ε) draws as the training clips under shared noise), output function
-and projector, preconditioned as the index requires and searched in FAISS.
+Each query is decoded and encoded with the settings recorded in the index (`EncodeFacts`: frames,
+size, fps, VAE, text encoder), featurized with exactly the index's transformer(s), draw rule
+(common random numbers: under shared noise the query sees the same (σ, ε) draws as the training
+clips), output function and projector, preconditioned as the index requires and searched in FAISS.
 
     from carv_attrib.pipeline.score import ScoreConfig, run_score
     doc = run_score(ScoreConfig(run="runs/demo", queries=["gen.mp4"], prompt="a red square ..."))
@@ -22,29 +22,54 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from carv_attrib import __version__
+from carv_attrib.attrib.featurizer import load_featurizer
+from carv_attrib.attrib.index import load_index, search
+from carv_attrib.attrib.precondition import load_preconditioner
+from carv_attrib.carv.draws import DrawRule
+from carv_attrib.config import ScoreConfig
+from carv_attrib.data.decode_pool import DecodePool
+from carv_attrib.data.latents import as_stored
+from carv_attrib.data.manifest import clip_id_for
+from carv_attrib.data.run import IndexInfo, RunDir
 from carv_attrib.data.store import now_iso
-from carv_attrib.errors import ConfigMismatchError, ModelLoadError, UsageError
+from carv_attrib.data.video import ClipFailure, FramePolicy, frames_to_tensor
+from carv_attrib.errors import UsageError
+from carv_attrib.models.identity import check_encoder_matches, check_transformers_match
+from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
+
+__all__ = ["SCHEMA_VERSION", "ScoreConfig", "Query", "run_score", "read_prompts", "provenance", "aggregate"]
 
 SCHEMA_VERSION = "1.0"
-AGGREGATES = ("none", "mean", "vote")
+ClipMeta = dict[int, dict[str, str]]
 
 
 @dataclass
-class ScoreConfig:
-    run: Path | str
-    queries: list[Path | str]
-    prompt: str | None = None
-    prompts_file: Path | str | None = None
-    top_k: int | None = 10  # None: every training clip
-    aggregate: str = "none"
-    model: str | None = None  # None: the model recorded in RUN (checked either way)
-    device: str = "auto"
-    dtype: str | None = None  # None: the dtype featurize used
-    workers: int = 0
-    decode_timeout: float = 120.0
-    batch_clips: int = 4
-    extra: dict[str, Any] = field(default_factory=dict)
+class Query:
+    """One query video through the stage: its inputs, its encode, its search, its result rows."""
+
+    path: str
+    prompt: str
+    status: str = "ok"  # "ok" or "error"
+    error: str | None = None
+    latent: torch.Tensor | None = None  # (C, T, h, w), rounded through the cache dtype
+    text_emb: torch.Tensor | None = None  # (L, D) trimmed
+    scores: np.ndarray | None = None  # (n,) every score FAISS returned, best first
+    ids: np.ndarray | None = None  # (n,) int64 clip ids beside them
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    def fail(self, error: str) -> None:
+        self.status, self.error = "error", error
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "prompt": self.prompt, "status": self.status}
+        if self.status != "ok":
+            out["error"] = self.error
+        out["results"] = self.results if self.status == "ok" else []
+        return out
 
 
 def read_prompts(queries: list[Path | str], prompt: str | None, prompts_file: Path | str | None) -> list[str]:
@@ -62,26 +87,7 @@ def read_prompts(queries: list[Path | str], prompt: str | None, prompts_file: Pa
     path = Path(prompts_file)
     if not path.exists():
         raise UsageError(f"--prompts {path}: no such file")
-    mapping: dict[str, str] = {}
-    try:
-        if path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                for row in csv.DictReader(f):
-                    key = row.get("path") or row.get("query")
-                    if key is None or "prompt" not in row:
-                        raise UsageError(
-                            f"--prompts {path}: CSV needs columns 'path' (or 'query') and 'prompt'"
-                        )
-                    mapping[key] = row["prompt"]
-        else:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, list):
-                data = {d["path"]: d["prompt"] for d in data}
-            mapping = {str(k): str(v) for k, v in data.items()}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise UsageError(
-            f"--prompts {path}: expected a JSON object {{path: prompt}} or a CSV with path,prompt ({exc})"
-        ) from exc
+    mapping = _read_prompt_mapping(path)
     out, missing = [], []
     for q in queries:
         qp = Path(q)
@@ -96,86 +102,107 @@ def read_prompts(queries: list[Path | str], prompt: str | None, prompts_file: Pa
     return out
 
 
-def check_model(model: str, info: dict[str, Any]) -> None:
-    """Refuse a model whose VAE/text encoder/transformer differ from those that built the index."""
-    from carv_attrib.models.wan import checkpoint_identity, model_identity
-
-    enc = info["encode"]["model"]["components"]
-    now = model_identity(model, tuple(enc))["components"]
-    if not any(c.get("files") for c in now.values()):
-        raise ModelLoadError(
-            f"--model {model}: no such model directory (from {Path.cwd()}), and not a Hub id in the local "
-            f"cache; this index was built with {info.get('model_source')}"
-        )
-    diffs = [c for c in enc if now[c] != enc[c]]
-    paths = info.get("checkpoint_paths") or [None]
-    if paths == [None]:
-        if checkpoint_identity(model, None)["fingerprint"] != info["features"]["transformers"][0]:
-            diffs.append("transformer")
-    if diffs:
-        raise ConfigMismatchError(
-            f"--model {model} is not the model this index was built with "
-            f"({info.get('model_source')}): {', '.join(diffs)} differ; score with the same model or rebuild the run"
-        )
-    for path, fp in zip(paths, info["features"]["transformers"]):
-        if path is not None and not Path(path).exists():
-            raise ModelLoadError(
-                f"checkpoint {path}, recorded when the index was built, no longer exists; restore it "
-                "there, or featurize again with its new location"
-            )
-        if path is not None and checkpoint_identity(model, path)["fingerprint"] != fp:
-            raise ConfigMismatchError(f"checkpoint {path} changed since the index was built (weights differ)")
+def _read_prompt_mapping(path: Path) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+                for row in csv.DictReader(f):
+                    key = row.get("path") or row.get("query")
+                    if key is None or "prompt" not in row:
+                        raise UsageError(
+                            f"--prompts {path}: CSV needs columns 'path' (or 'query') and 'prompt'"
+                        )
+                    mapping[key] = row["prompt"]
+        else:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            if isinstance(data, list):
+                data = {d["path"]: d["prompt"] for d in data}
+            mapping = {str(k): str(v) for k, v in data.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(
+            f"--prompts {path}: expected a JSON object {{path: prompt}} or a CSV with path,prompt ({exc})"
+        ) from exc
+    return mapping
 
 
-def _encode_queries(
-    cfg: ScoreConfig, info: dict[str, Any], wan: Any, prompts: list[str]
-) -> list[dict[str, Any]]:
+def _resolve_model(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> str:
+    """The model to score with (--model, else the recorded one), refused unless it is the index's."""
+    model = cfg.model or info.model_source
+    if model is None:
+        raise UsageError(f"{run} does not record its model; pass --model")
+    check_encoder_matches(model, info.encode.components, info.model_source)
+    check_transformers_match(model, info.checkpoint_paths, info.transformers)
+    return model
+
+
+def _encode_queries(cfg: ScoreConfig, info: IndexInfo, wan: WanModel, queries: list[Query]) -> None:
     """Decode and encode each query like a training clip; failures become status "error"."""
-    import torch
-
-    from carv_attrib.data.decode_pool import DecodePool
-    from carv_attrib.data.latents import as_stored
-    from carv_attrib.data.video import ClipFailure, FramePolicy, frames_to_tensor
-    from carv_attrib.models.wan import encode_prompts, encode_video
-
-    enc = info["encode"]
-    store_dtype = enc.get("latent_dtype", "float32")
+    enc = info.encode
     policy = FramePolicy(
-        frames=enc["frames"],
-        height=enc["height"],
-        width=enc["width"],
-        fps=enc["fps"],
-        pad_short=enc["pad_short"],
+        frames=enc.frames, height=enc.height, width=enc.width, fps=enc.fps, pad_short=enc.pad_short
     )
-    items: list[dict[str, Any]] = []
     with DecodePool(policy, workers=cfg.workers, timeout=cfg.decode_timeout) as pool:
-        for i, result in pool.imap([(i, str(Path(q).resolve())) for i, q in enumerate(cfg.queries)]):
-            item: dict[str, Any] = {"path": str(cfg.queries[i]), "prompt": prompts[i], "status": "ok"}
+        for i, result in pool.imap([(i, str(Path(q.path).resolve())) for i, q in enumerate(queries)]):
+            q = queries[i]
             if isinstance(result, ClipFailure):
-                item.update(status="error", error=f"{result.kind}: {result.message}")
-            else:
-                try:
-                    z = encode_video(wan.vae, frames_to_tensor(result.frames)[None])[0]  # (C, T, h, w)
-                    item["latent"] = as_stored(z, store_dtype)
-                    if not torch.isfinite(item["latent"]).all():
-                        raise ValueError("VAE produced non-finite latents")
-                except Exception as exc:
-                    item.update(status="error", error=f"encode_error: {exc}")
-            items.append(item)
-    ok = [it for it in items if it["status"] == "ok"]
-    for it, emb in zip(ok, encode_prompts(wan, [it["prompt"] for it in ok])):
-        it["text_emb"] = as_stored(emb, store_dtype)  # (L, D) trimmed
-    return items
+                q.fail(f"{result.kind}: {result.message}")
+                continue
+            try:
+                z = encode_video(wan.vae, frames_to_tensor(result.frames)[None])[0]  # (C, T, h, w)
+                q.latent = as_stored(z, enc.latent_dtype)
+                if not torch.isfinite(q.latent).all():
+                    raise ValueError("VAE produced non-finite latents")
+            except Exception as exc:
+                q.fail(f"encode_error: {exc}")
+    ok = [q for q in queries if q.status == "ok"]
+    for q, emb in zip(ok, encode_prompts(wan, [q.prompt for q in ok])):
+        q.text_emb = as_stored(emb, enc.latent_dtype)  # (L, D) trimmed
 
 
-def _clip_table(run: Path) -> dict[int, dict[str, str]]:
-    import pyarrow.parquet as pq
+def _featurize_queries(cfg: ScoreConfig, info: IndexInfo, model: str, queries: list[Query]) -> np.ndarray:
+    """(m, D) float32 features of the ok queries, with the index's transformers, draws and projector."""
+    featurizer = load_featurizer(
+        model,
+        info.checkpoint_paths,
+        DrawRule.from_dict(info.draws),
+        info.output_fn,
+        cfg.device,
+        cfg.dtype or info.feature_dtype,
+        projector_specs=[info.projector] * len(info.checkpoint_paths),
+    )
+    phis = []
+    for start in range(0, len(queries), cfg.batch_clips):
+        chunk = queries[start : start + cfg.batch_clips]
+        # A query's stream: the shared one (common random numbers), or under per-clip noise a stream
+        # of its own derived from its file name.
+        f, _, _ = featurizer.features(
+            [(clip_id_for("query:" + Path(q.path).name), q.latent, q.text_emb) for q in chunk]
+        )
+        phis.append(f)
+    return torch.cat(phis).numpy().astype(np.float32)
 
-    t = pq.read_table(run / "manifest" / "clips.parquet").to_pylist()
-    return {r["clip_id"]: {"vid": r["vid"], "caption": r["caption"], "path": r["path"]} for r in t}
+
+def _search(cfg: ScoreConfig, run: RunDir, queries: list[Query], phi: np.ndarray, clips: ClipMeta) -> None:
+    """Precondition the finite query features, search the index, fill each query's scores and rows."""
+    finite = np.isfinite(phi).all(axis=1)
+    for q, good in zip(queries, finite):
+        if not good:
+            q.fail("nonfinite: the query's gradient feature has NaN/Inf")
+    searched = [q for q, good in zip(queries, finite) if good]
+    if not searched:
+        return
+    pre = load_preconditioner(run.preconditioner_dir)
+    index = load_index(run.faiss_path)
+    want_all = cfg.top_k is None or cfg.aggregate == "mean"
+    scores, ids = search(index, pre.prepare_query(phi[finite]), None if want_all else cfg.top_k)
+    for q, s, i in zip(searched, scores, ids):
+        q.scores, q.ids = s, i
+        k = len(s) if cfg.top_k is None else cfg.top_k
+        q.results = _results(s[:k], i[:k], clips)
 
 
-def _results(scores: Any, ids: Any, clips: dict[int, dict[str, str]]) -> list[dict[str, Any]]:
+def _results(scores: np.ndarray, ids: np.ndarray, clips: ClipMeta) -> list[dict[str, Any]]:
     out = []
     for rank, (s, i) in enumerate(zip(scores.tolist(), ids.tolist()), start=1):
         if i < 0:  # an approximate index can return fewer hits than asked
@@ -185,114 +212,56 @@ def _results(scores: Any, ids: Any, clips: dict[int, dict[str, str]]) -> list[di
     return out
 
 
-def provenance(info: dict[str, Any]) -> dict[str, Any]:
-    feats = info["features"]
+def provenance(info: IndexInfo) -> dict[str, Any]:
+    """The attribution document's "index" block: what the queries were scored against."""
     order = ("rule", "seed", "scheme", "draws", "density", "proposal", "noise", "antithetic")  # DrawRule's
-    draws = {k: feats["draws"][k] for k in order if k in feats["draws"]}
-    draws |= {k: v for k, v in feats["draws"].items() if k not in draws and k != "proposal_data"}
+    draws = {k: info.draws[k] for k in order if k in info.draws}
+    draws |= {k: v for k, v in info.draws.items() if k not in draws and k != "proposal_data"}
+    enc = info.encode
     return {
-        "fingerprint": info["fingerprint"],
-        "latents_fingerprint": info.get("latents_fingerprint"),
+        "fingerprint": info.fingerprint,
+        "latents_fingerprint": info.latents_fingerprint,
         "model": {
-            "source": info.get("model_source"),
-            "encode": info["encode"]["model"].get("fingerprint"),
-            "transformers": feats["transformers"],
+            "source": info.model_source,
+            "encode": enc.model_fingerprint,
+            "transformers": info.transformers,
         },
-        "encode": {k: info["encode"][k] for k in ("frames", "height", "width", "fps", "pad_short", "dtype")},
-        "estimator": {**draws, "output_fn": feats["output_fn"], "timestep": feats["timestep"]},
-        "projector": {k: feats["projector"].get(k) for k in ("kind", "seed", "matrix", "dim", "patterns")},
-        "preconditioner": info["preconditioner"],
-        "count": info["count"],
-        "dim": info["dim"],
+        "encode": {
+            "frames": enc.frames,
+            "height": enc.height,
+            "width": enc.width,
+            "fps": enc.fps,
+            "pad_short": enc.pad_short,
+            "dtype": enc.dtype,
+        },
+        "estimator": {**draws, "output_fn": info.output_fn, "timestep": info.timestep},
+        "projector": {k: info.projector.get(k) for k in ("kind", "seed", "matrix", "dim", "patterns")},
+        "preconditioner": info.preconditioner,
+        "count": info.count,
+        "dim": info.dim,
     }
 
 
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    from carv_attrib.attrib.index import load_index, search
-    from carv_attrib.attrib.precondition import load_preconditioner
-    from carv_attrib.carv.draws import DrawRule
-    from carv_attrib.data.manifest import clip_id_for
-    from carv_attrib.models.wan import load_wan
-    from carv_attrib.pipeline.featurize import load_featurizer
-    from carv_attrib.pipeline.index import read_index_info
-
+    """Score `cfg.queries` against RUN's index; returns the attribution document. Raises UsageError /
+    ConfigMismatchError (exit 2) for a stale index, another model, or missing prompts; an undecodable
+    query becomes status "error" while the others are scored."""
     t0 = time.monotonic()
-    run = Path(cfg.run)
-    info = read_index_info(run)
-    if not cfg.queries:
-        raise UsageError("give at least one query video")
-    if cfg.aggregate not in AGGREGATES:
-        raise UsageError(f"--aggregate {cfg.aggregate}: choose one of {', '.join(AGGREGATES)}")
-    if cfg.top_k is not None and cfg.top_k < 1:
-        raise UsageError("--top-k must be >= 1 or 'all'")
-    prompts = read_prompts(cfg.queries, cfg.prompt, cfg.prompts_file)
-    model = cfg.model or info.get("model_source")
-    if model is None:
-        raise UsageError(f"{run} does not record its model; pass --model")
-    check_model(model, info)
-    feats_cfg = info["features"]
-    dtype = cfg.dtype or feats_cfg["dtype"]
-    wan = load_wan(
-        model, ("vae", "text_encoder", "tokenizer"), device=cfg.device, dtype=info["encode"]["dtype"]
-    )
-    items = _encode_queries(cfg, info, wan, prompts)
+    cfg.validate()
+    run = RunDir(cfg.run)
+    info = run.index_info()
+    prompts = read_prompts(list(cfg.queries), cfg.prompt, cfg.prompts_file)
+    model = _resolve_model(cfg, run, info)
+    queries = [Query(path=str(p), prompt=t) for p, t in zip(cfg.queries, prompts)]
+
+    wan = load_wan(model, ("vae", "text_encoder", "tokenizer"), device=cfg.device, dtype=info.encode.dtype)
+    _encode_queries(cfg, info, wan, queries)
     del wan
-
-    ok = [it for it in items if it["status"] == "ok"]
+    clips = run.clips()
+    ok = [q for q in queries if q.status == "ok"]
     if ok:
-        rule = DrawRule.from_dict(feats_cfg["draws"])
-        projector_specs = [feats_cfg["projector"]] * len(info.get("checkpoint_paths") or [None])
-        featurizer = load_featurizer(
-            model,
-            info.get("checkpoint_paths") or [None],
-            projector_specs,
-            rule,
-            feats_cfg["output_fn"],
-            cfg.device,
-            dtype,
-        )
-        phis = []
-        for start in range(0, len(ok), cfg.batch_clips):
-            chunk = ok[start : start + cfg.batch_clips]
-            # A query's stream: the shared one (common random numbers), or under per-clip noise a
-            # stream of its own derived from its file name.
-            f, _, _ = featurizer.features(
-                [
-                    (clip_id_for("query:" + Path(it["path"]).name), it["latent"], it["text_emb"])
-                    for it in chunk
-                ]
-            )
-            phis.append(f)
-        phi = torch.cat(phis).numpy().astype(np.float32)  # (m, D)
-        finite = np.isfinite(phi).all(axis=1)
-        for it, good in zip(ok, finite):
-            if not good:
-                it.update(status="error", error="nonfinite: the query's gradient feature has NaN/Inf")
-        pre = load_preconditioner(run / "index" / "preconditioner")
-        index = load_index(run / "index" / "index.faiss")
-        clips = _clip_table(run)
-        want_all = cfg.top_k is None or cfg.aggregate == "mean"
-        q = pre.prepare_query(phi[finite])
-        scores, ids = search(index, q, None if want_all else cfg.top_k)
-        for it, s, i in zip([it for it, g in zip(ok, finite) if g], scores, ids):
-            it["_scores"], it["_ids"] = s, i
-            k = len(s) if cfg.top_k is None else cfg.top_k
-            it["results"] = _results(s[:k], i[:k], clips)
-    else:
-        clips = _clip_table(run)
+        _search(cfg, run, ok, _featurize_queries(cfg, info, model, ok), clips)
 
-    queries = []
-    for it in items:
-        entry = {"path": it["path"], "prompt": it["prompt"], "status": it["status"]}
-        if it["status"] == "ok":
-            entry["results"] = it["results"]
-        else:
-            entry["error"] = it.get("error")
-            entry["results"] = []
-        queries.append(entry)
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "carv-attrib", "version": __version__},
@@ -300,25 +269,21 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         "run": str(run),
         "index": provenance(info),
         "top_k": cfg.top_k,
-        "queries": queries,
+        "queries": [q.to_json() for q in queries],
         "seconds": round(time.monotonic() - t0, 3),
     }
-    scored = [it for it in items if "_scores" in it]
+    scored = [q for q in queries if q.scores is not None]
     if cfg.aggregate != "none" and scored:
         doc["aggregate"] = aggregate(cfg.aggregate, scored, cfg.top_k, clips)
     return doc
 
 
-def aggregate(
-    method: str, scored: list[dict[str, Any]], top_k: int | None, clips: dict[int, dict[str, str]]
-) -> dict[str, Any]:
+def aggregate(method: str, scored: list[Query], top_k: int | None, clips: ClipMeta) -> dict[str, Any]:
     """Combine many queries: mean score per clip, or a Motive-style majority vote over top-k."""
-    import numpy as np
-
     if method == "mean":
         total: dict[int, float] = defaultdict(float)
-        for it in scored:
-            for s, i in zip(it["_scores"].tolist(), it["_ids"].tolist()):
+        for q in scored:
+            for s, i in zip(q.scores.tolist(), q.ids.tolist()):
                 total[i] += s
         ranked = sorted(total.items(), key=lambda kv: -kv[1])
         k = len(ranked) if top_k is None else top_k
@@ -328,13 +293,13 @@ def aggregate(
     votes: dict[int, int] = defaultdict(int)
     score_sum: dict[int, float] = defaultdict(float)
     k_vote = top_k or 10
-    for it in scored:
-        for s, i in zip(it["_scores"][:k_vote].tolist(), it["_ids"][:k_vote].tolist()):
+    for q in scored:
+        for s, i in zip(q.scores[:k_vote].tolist(), q.ids[:k_vote].tolist()):
             votes[i] += 1
             score_sum[i] += s
-    ranked = sorted(votes, key=lambda i: (-votes[i], -score_sum[i]))
+    ranked_ids = sorted(votes, key=lambda i: (-votes[i], -score_sum[i]))
     results = []
-    for rank, i in enumerate(ranked[: top_k or len(ranked)], start=1):
+    for rank, i in enumerate(ranked_ids[: top_k or len(ranked_ids)], start=1):
         results.append(
             {"rank": rank, "clip_id": int(i), **clips.get(i, {}), "score": float(votes[i]), "votes": votes[i]}
         )

@@ -6,12 +6,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
+from carv_attrib.data.run import RunDir
 from carv_attrib.data.store import ShardStore, read_json
 from carv_attrib.errors import UsageError
 
 
-def stage_status(run: Path, stage: str) -> dict[str, Any] | None:
-    store = ShardStore(run, stage)
+def stage_status(store: ShardStore) -> dict[str, Any] | None:
+    """Fingerprint, done shards and row statuses of one stage (None when it was never started)."""
     cfg = store.read_config()
     if cfg is None:
         return None
@@ -28,21 +31,18 @@ def stage_status(run: Path, stage: str) -> dict[str, Any] | None:
     }
 
 
-def run_status(run: Path) -> dict[str, Any]:
-    run = Path(run)
-    if not run.is_dir():
+def run_status(run: Path | str | RunDir) -> dict[str, Any]:
+    """What RUN holds (a JSON-able dict); UsageError (exit 2) when RUN is not a directory."""
+    run = RunDir(run)
+    if not run.root.is_dir():
         raise UsageError(f"{run} is not a run directory")
-    clips = run / "manifest" / "clips.parquet"
     out: dict[str, Any] = {"run": str(run)}
-    if clips.exists():
-        import pyarrow.parquet as pq
-
-        out["manifest_clips"] = pq.read_metadata(clips).num_rows
-    for stage in ("latents", "features"):
-        out[stage] = stage_status(run, stage)
-    info = run / "index" / "index_info.json"
-    out["index"] = read_json(info) if info.exists() else None
-    runinfo = run / "run.json"
+    if run.manifest_table.exists():
+        out["manifest_clips"] = pq.read_metadata(run.manifest_table).num_rows
+    for stage in (run.latents, run.features):
+        out[stage.stage] = stage_status(stage)
+    out["index"] = read_json(run.index_info_path) if run.index_info_path.exists() else None
+    runinfo = run.run_log
     if runinfo.exists():
         inv = read_json(runinfo).get("invocations", [])
         out["invocations"] = len(inv)

@@ -74,7 +74,7 @@ def example(data: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, ...]:
 
 def per_example_flat_grads(model: nn.Module, layers, data: dict[str, torch.Tensor]) -> torch.Tensor:
     """(n, p) flattened [∇W | ∇b] of the selected layers, plain autograd, one example at a time."""
-    from carv_attrib.attrib.projection import flat_grad
+    from carv_attrib.attrib.gradients import flat_grad
 
     rows = []
     for i in range(data["z"].shape[0]):

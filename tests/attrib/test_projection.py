@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from carv_attrib.attrib.gradients import flat_grad
 from carv_attrib.attrib.projection import (
     DEFAULT_PATTERNS,
     DenseProjector,
     KronProjector,
-    flat_grad,
     kron_matrix,
     layer_matrices,
     select_linear_layers,

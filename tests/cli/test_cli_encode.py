@@ -22,13 +22,13 @@ def test_help_and_version() -> None:
 
 
 def test_make_model_and_demo_data(tmp_path: Path) -> None:
-    r = invoke("make-model", tmp_path / "m", "--size", "tiny")
+    r = invoke("make-model", tmp_path / "m", "--preset", "tiny")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "m" / "model_index.json").exists()
     r = invoke("make-demo-data", tmp_path / "d", "--clips", "3")
     assert r.exit_code == 0, r.output
     assert len(json.loads((tmp_path / "d" / "manifest.json").read_text())) == 3
-    assert invoke("make-model", tmp_path / "x", "--size", "huge").exit_code == 2
+    assert invoke("make-model", tmp_path / "x", "--preset", "huge").exit_code == 2
 
 
 def test_encode_status_and_mismatch(tmp_path: Path, tiny_model_dir: Path, demo_data: Path) -> None:
@@ -39,7 +39,7 @@ def test_encode_status_and_mismatch(tmp_path: Path, tiny_model_dir: Path, demo_d
         demo_data / "videos",
         "-m",
         tiny_model_dir,
-        "-o",
+        "-r",
         tmp_path / "run",
         "--frames",
         "9",
@@ -72,7 +72,7 @@ def test_bad_options_exit_2(tmp_path: Path, tiny_model_dir: Path, demo_data: Pat
         demo_data / "videos",
         "-m",
         tiny_model_dir,
-        "-o",
+        "-r",
         tmp_path / "r",
     ]
     r = invoke("encode", *common, "--frames", "16")
@@ -84,7 +84,7 @@ def test_bad_options_exit_2(tmp_path: Path, tiny_model_dir: Path, demo_data: Pat
     )
     r = invoke("encode", tmp_path / "dup.json", *common[1:])
     assert r.exit_code == 2 and "duplicate ids" in r.output
-    r = invoke("encode", *common[:3], "-m", tmp_path / "nomodel", "-o", tmp_path / "r2")
+    r = invoke("encode", *common[:3], "-m", tmp_path / "nomodel", "-r", tmp_path / "r2")
     assert r.exit_code == 2 and "cannot load" in r.output
 
 
@@ -98,7 +98,7 @@ def test_too_many_failures_exit_3(tmp_path: Path, tiny_model_dir: Path, demo_dat
         demo_data / "videos",
         "-m",
         tiny_model_dir,
-        "-o",
+        "-r",
         tmp_path / "r",
         "--frames",
         "9",

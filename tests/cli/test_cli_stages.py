@@ -95,7 +95,7 @@ def test_featurize_kron_dims_and_matrix_options(
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     info = json.loads((run / "index" / "index_info.json").read_text())
-    spec = info["features"]["projector"]
+    spec = info["projector"]
     n_layers = len(spec["layers"])
     assert spec["matrix"] == "rademacher" and info["dim"] == n_layers * 4 * 2
 
@@ -140,7 +140,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         "--frames",
         "9",
         "--size",
-        "32",
+        "32x32",
         "-k",
         "3",
         "--plan-pilot",

@@ -21,6 +21,7 @@ from carv_attrib.pipeline.encode import EncodeConfig, run_encode
 from tests.pipeline.sigkill import sigkill_after_first_shard
 
 POLICY = FramePolicy(frames=9, height=32, width=32, fps=8)
+FRAMES = {"frames": 9, "size": "32x32", "fps": 8}  # POLICY as encode options
 
 
 def rows_of(run: Path) -> list[dict]:
@@ -75,8 +76,8 @@ def test_bad_files_are_recorded_failures_and_others_encode(
             manifest=tmp_path / "m.json",
             videos=videos,
             model=str(tiny_model_dir),
-            out=tmp_path / "run",
-            policy=POLICY,
+            run=tmp_path / "run",
+            **FRAMES,
             shard_size=4,
             workers=2,
             device="cpu",
@@ -98,8 +99,8 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(
         manifest=demo_data / "manifest.json",
         videos=demo_data / "videos",
         model=str(tiny_model_dir),
-        out=tmp_path / "run",
-        policy=POLICY,
+        run=tmp_path / "run",
+        **FRAMES,
         shard_size=4,
         workers=0,
         device="cpu",
@@ -107,7 +108,7 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(
     run_encode(cfg)
     again = run_encode(cfg)
     assert again.shards_skipped == 2 and again.shards_written == 0
-    cfg.policy = FramePolicy(frames=13, height=32, width=32, fps=8)
+    cfg.frames = 13
     with pytest.raises(ConfigMismatchError, match=r"frames: 9 -> 13"):
         run_encode(cfg)
     cfg.overwrite = True
@@ -118,15 +119,14 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(
 SLOW_ENCODE = textwrap.dedent(
     """
     import sys, time
-    from carv_attrib.data.video import FramePolicy
     from carv_attrib.pipeline.encode import EncodeConfig, run_encode
 
     def slow(event, info):
         if event == "shard":
             time.sleep(float(sys.argv[4]))  # leaves time to be killed between shards
 
-    run_encode(EncodeConfig(manifest=sys.argv[1], videos=sys.argv[2], model=sys.argv[3], out=sys.argv[5],
-                            policy=FramePolicy(frames=9, height=32, width=32, fps=8), shard_size=2,
+    run_encode(EncodeConfig(manifest=sys.argv[1], videos=sys.argv[2], model=sys.argv[3], run=sys.argv[5],
+                            frames=9, size="32x32", fps=8, shard_size=2,
                             workers=1, device="cpu"), progress=slow)
     """
 )

@@ -13,11 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from carv_attrib.data.features import feature_matrix
 from carv_attrib.data.latents import iter_cached
+from carv_attrib.data.run import RunDir
 from carv_attrib.data.store import ShardStore
 from carv_attrib.errors import ConfigMismatchError, UsageError
-from carv_attrib.pipeline.featurize import FeaturizeConfig, feature_matrix, run_featurize
-from carv_attrib.pipeline.index import build_run_index, read_index_info
+from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
+from carv_attrib.pipeline.index import IndexConfig, build_run_index
 from tests.pipeline.sigkill import sigkill_after_first_shard
 
 
@@ -47,22 +49,23 @@ def test_features_rows_diagnostics_and_provenance(featurized_run: Path) -> None:
         cfg["draws"]["scheme"] == "stratified-is" and cfg["draws"]["draws"] == 4 and cfg["draws"]["seed"] == 0
     )
     assert cfg["projector"]["kind"] == "kron" and cfg["timestep"] == "t = 1000*sigma (float)"
-    info = read_index_info(featurized_run)
-    assert info["count"] == 8 and info["dim"] == 1280 and info["preconditioner"]["kind"] == "cosine"
-    assert info["encode"]["frames"] == 9 and info["features"]["draws"] == cfg["draws"]
+    info = RunDir(featurized_run).index_info()
+    assert info.count == 8 and info.dim == 1280 and info.preconditioner["kind"] == "cosine"
+    assert info.encode.frames == 9 and info.draws == cfg["draws"]
 
 
 def test_features_equal_the_estimator_computed_by_hand(featurized_run: Path, tiny_model_dir: Path) -> None:
     """φ = P ĝ with ĝ the weighted K-draw mean gradient, recomputed clip by clip with plain autograd."""
-    from carv_attrib.attrib.projection import KronProjector, flat_grad, kron_matrix, select_linear_layers
+    from carv_attrib.attrib.gradients import flat_grad
+    from carv_attrib.attrib.projection import KronProjector, kron_matrix, select_linear_layers
     from carv_attrib.carv.draws import DrawRule
     from carv_attrib.carv.objective import clip_objective
     from carv_attrib.models.wan import load_transformer, pad_context
 
-    info = read_index_info(featurized_run)
-    rule = DrawRule.from_dict(info["features"]["draws"])
+    info = RunDir(featurized_run).index_info()
+    rule = DrawRule.from_dict(info.draws)
     transformer = load_transformer(str(tiny_model_dir))
-    proj = KronProjector.from_spec(transformer, info["features"]["projector"])
+    proj = KronProjector.from_spec(transformer, info.projector)
     layers = select_linear_layers(transformer)
     P = kron_matrix(proj)
     ids, feats = feature_matrix(featurized_run)
@@ -99,7 +102,7 @@ def test_model_that_did_not_encode_the_run_is_refused(encoded_run: Path, tmp_pat
 
     make_model(str(tmp_path / "other"), "tiny", seed=7)
     run = copy_latents(encoded_run, tmp_path / "run")
-    with pytest.raises(UsageError, match=r"differs from the model that encoded this run.*vae"):
+    with pytest.raises(UsageError, match=r"is not the model that encoded this run.*vae"):
         run_featurize(FeaturizeConfig(run=run, model=str(tmp_path / "other"), draws=2, device="cpu"))
 
 
@@ -122,8 +125,8 @@ def test_nonfinite_feature_is_flagged_and_kept_out_of_the_index(
         .filter(pa.compute.equal(pa.compute.field("status"), "nonfinite"))
     )
     assert bad.column("vid").to_pylist() == [rows[1]["vid"]]
-    info = build_run_index(run, "trak")
-    assert info["count"] == 7
+    info = build_run_index(IndexConfig(run=run, precondition="trak"))
+    assert info.count == 7
 
 
 def test_two_checkpoints_concatenate_blocks(encoded_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -146,8 +149,8 @@ def test_two_checkpoints_concatenate_blocks(encoded_run: Path, tiny_model_dir: P
         )
     )
     assert s.dim == 2 * 320
-    info = build_run_index(run, "trak")
-    assert info["blocks"] == [320, 320] and len(info["preconditioner"]["lambdas"]) == 2
+    info = build_run_index(IndexConfig(run=run, precondition="trak"))
+    assert info.blocks == [320, 320] and len(info.preconditioner["lambdas"]) == 2
     ids, feats = feature_matrix(run)
     assert not np.allclose(feats[:, :320], feats[:, 320:]), "different checkpoints give different blocks"
 

@@ -9,9 +9,9 @@ import jsonschema
 import numpy as np
 import pytest
 
+from carv_attrib.data.features import feature_matrix
 from carv_attrib.errors import ConfigMismatchError, UsageError
-from carv_attrib.pipeline.featurize import feature_matrix
-from carv_attrib.pipeline.index import build_run_index
+from carv_attrib.pipeline.index import IndexConfig, build_run_index
 from carv_attrib.pipeline.score import ScoreConfig, read_prompts, run_score
 
 
@@ -46,7 +46,7 @@ def test_top_k_all_equals_brute_force_inner_products(
 ) -> None:
     run = tmp_path / "run"
     shutil.copytree(featurized_run, run)
-    build_run_index(run, precondition="identity")
+    build_run_index(IndexConfig(run=run, precondition="identity"))
     vid = "demo-00004"
     doc = run_score(
         ScoreConfig(
@@ -132,7 +132,7 @@ def test_run_built_with_another_model_is_refused(
     from carv_attrib.models.tiny import make_model
 
     make_model(str(tmp_path / "other"), "tiny", seed=3)
-    with pytest.raises(ConfigMismatchError, match=r"not the model this index was built with.*vae"):
+    with pytest.raises(ConfigMismatchError, match=r"is not the model that encoded this run.*vae"):
         run_score(
             ScoreConfig(
                 run=featurized_run,
@@ -157,13 +157,11 @@ def test_prompt_rules(tmp_path: Path) -> None:
 
 def encode_5_frames(manifest: Path, demo_data: Path, model: Path, out: Path, **options) -> None:
     """Encode demo clips at 5 frames, 32x32, in-process (a different config from `encoded_run`)."""
-    from carv_attrib.data.video import FramePolicy
     from carv_attrib.pipeline.encode import EncodeConfig, run_encode
 
-    policy = FramePolicy(frames=5, height=32, width=32, fps=8)
     run_encode(
         EncodeConfig(
-            manifest=manifest, videos=demo_data / "videos", model=str(model), out=out, policy=policy,
+            manifest=manifest, videos=demo_data / "videos", model=str(model), run=out, frames=5, size="32x32", fps=8,
             workers=0, device="cpu", **options,
         )
     )  # fmt: skip
@@ -176,7 +174,7 @@ def test_stale_index_after_reencode_is_refused(
     shutil.copytree(featurized_run, run)
     encode_5_frames(demo_data / "manifest.json", demo_data, tiny_model_dir, run, shard_size=3, overwrite=True)
     with pytest.raises(ConfigMismatchError, match="re-encoded since"):
-        build_run_index(run)
+        build_run_index(IndexConfig(run=run))
     query = ScoreConfig(run=run, queries=[demo_data / "videos" / "demo-00001.mp4"], prompt="x", device="cpu")
     with pytest.raises(ConfigMismatchError, match="index is stale: it was built from latents"):
         run_score(query)
@@ -185,30 +183,72 @@ def test_stale_index_after_reencode_is_refused(
 def test_float16_cache_query_reproduces_the_stored_feature(
     demo_data: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """Queries are rounded through the cache's storage dtype, like the training clips."""
+    """Queries are rounded through the cache's storage dtype, like the training clips.
+
+    The query is VAE-encoded in a batch of 1, the training clips in batches of 3, so their float32
+    latents differ by float32 rounding (~1e-7 relative). Rounded to float16 (ulp 2^-11 relative) those
+    differences vanish except where a value straddles a float16 rounding boundary, where it moves by
+    exactly one float16 ulp. Without the rounding nearly every element would differ. So: the rounded
+    query latent equals the stored one except at a few elements, each exactly one float16 ulp apart;
+    and the score is the query's own feature against the stored one, to the float32 accumulation
+    error of a D-term dot product (γ_D = D·eps32, Higham's bound).
+    """
+    from carv_attrib.attrib.featurizer import load_featurizer
+    from carv_attrib.carv.draws import DrawRule
+    from carv_attrib.data.latents import as_stored, iter_cached
+    from carv_attrib.data.run import RunDir
+    from carv_attrib.data.video import decode_clip, frames_to_tensor
+    from carv_attrib.models.wan import encode_video, load_wan
     from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
 
     rows = json.loads((demo_data / "manifest.json").read_text())[:3]
     (tmp_path / "m.json").write_text(json.dumps(rows))
     run = tmp_path / "run"
-    encode_5_frames(tmp_path / "m.json", demo_data, tiny_model_dir, run, latent_dtype="float16")
+    encode_5_frames(tmp_path / "m.json", demo_data, tiny_model_dir, run, latent_dtype="float16", batch_size=3)
     run_featurize(FeaturizeConfig(run=run, model=str(tiny_model_dir), draws=2, device="cpu"))
-    build_run_index(run, precondition="identity")
+    build_run_index(IndexConfig(run=run, precondition="identity"))
     vid = rows[1]["vid"]
+    video = demo_data / "videos" / f"{vid}.mp4"
     doc = run_score(
-        ScoreConfig(
-            run=run,
-            queries=[demo_data / "videos" / f"{vid}.mp4"],
-            prompt=rows[1]["caption"],
-            top_k=None,
-            device="cpu",
-        )
+        ScoreConfig(run=run, queries=[video], prompt=rows[1]["caption"], top_k=None, device="cpu")
     )
-    ids, feats = feature_matrix(run)
-    by_id = dict(zip(ids.tolist(), feats.astype(np.float64)))
     hit = next(r for r in doc["queries"][0]["results"] if r["vid"] == vid)
-    own = by_id[hit["clip_id"]]
-    assert hit["score"] == pytest.approx(float(own @ own), rel=1e-6)
+
+    # The query's latent as `score` computes it: decoded with the run's policy, a batch of 1, rounded.
+    info = RunDir(run).index_info()
+    stored = next(c for c in iter_cached(run) if c.vid == vid)
+    wan = load_wan(str(tiny_model_dir), ("vae",), device="cpu")
+    frames = decode_clip(str(video), stored_policy(info)).frames
+    z_q = as_stored(encode_video(wan.vae, frames_to_tensor(frames)[None])[0], "float16")
+
+    def ulp(x: np.ndarray) -> np.ndarray:  # float16 spacing at |x|, as float32
+        return np.spacing(np.abs(x).astype(np.float16)).astype(np.float32)
+
+    diff = np.abs(z_q.numpy() - stored.latent.numpy())
+    one_ulp = (diff == ulp(stored.latent.numpy())) | (
+        diff == ulp(z_q.numpy())
+    )  # either side of a binade edge
+    assert np.all((diff == 0) | one_ulp), "only single float16 ulps may differ"
+    assert (diff > 0).mean() < 0.01, (
+        f"{(diff > 0).mean():.3%} of the latent differs: the query was not rounded"
+    )
+
+    featurizer = load_featurizer(
+        str(tiny_model_dir), [None], DrawRule.from_dict(info.draws), info.output_fn, "cpu", "float32",
+        projector_specs=[info.projector],
+    )  # fmt: skip
+    phi_q = featurizer.features([(0, z_q, stored.text_emb)])[0][0].double().numpy()  # (D,)
+    ids, feats = feature_matrix(run)
+    own = dict(zip(ids.tolist(), feats.astype(np.float64)))[hit["clip_id"]]
+    gamma = info.dim * np.finfo(np.float32).eps
+    assert abs(hit["score"] - phi_q @ own) <= gamma * np.abs(phi_q * own).sum()
+
+
+def stored_policy(info):
+    from carv_attrib.data.video import FramePolicy
+
+    e = info.encode
+    return FramePolicy(frames=e.frames, height=e.height, width=e.width, fps=e.fps, pad_short=e.pad_short)
 
 
 def test_model_paths_are_recorded_absolute_and_a_missing_one_is_named(
@@ -219,7 +259,7 @@ def test_model_paths_are_recorded_absolute_and_a_missing_one_is_named(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from carv_attrib.errors import ModelLoadError
-    from carv_attrib.models.wan import model_identity
+    from carv_attrib.models.identity import model_identity
 
     monkeypatch.chdir(tiny_model_dir.parent)
     assert model_identity(tiny_model_dir.name, ("vae",))["source"] == str(tiny_model_dir.resolve())

@@ -1,0 +1,185 @@
+"""Transformer(s) + draw rule + projector → one projected-gradient feature per cached clip.
+
+The part of featurize that `score` and `plan` reuse, so that a query gets exactly the training
+clips' treatment: the same transformer weights, the same (σ, w, ε) draws (common random numbers
+under shared noise, `carv_attrib.carv.draws.DrawRule`), the same projection matrices.
+
+    rule = build_draw_rule(seed=0, scheme="stratified-is", k=8, density="uniform")
+    fz = load_featurizer("models/tiny-wan", [None], rule, "loss", "cpu", "float32",
+                         new_projector=lambda t: build_projector("kron", t))
+    feats, losses, draws = fz.features([(clip_id, latent, text_emb), ...])   # (B, D), (B, n_ckpt·K)
+
+Knows no files beyond model loading: featurize writes the rows (`carv_attrib.data.features`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from carv_attrib.attrib.gradients import ClipDraws
+from carv_attrib.attrib.projection import (
+    DEFAULT_K_IN,
+    DEFAULT_K_OUT,
+    DenseProjector,
+    KronProjector,
+    Projector,
+    projector_from_spec,
+    select_linear_layers,
+    shapes_for_total_dim,
+)
+from carv_attrib.carv.draws import DrawRule
+from carv_attrib.carv.timesteps import Proposal
+from carv_attrib.errors import UsageError
+from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
+
+DEFAULT_DENSE_DIM = 1280  # tiny model: 20 block layers x 8 x 8
+
+# One clip for `Featurizer.features`: (clip_id, latent (C, T, h, w), trimmed text embedding (L, D)).
+ClipInput = tuple[int, torch.Tensor, torch.Tensor]
+
+
+def build_draw_rule(
+    *,
+    seed: int,
+    scheme: str,
+    k: int,
+    density: str,
+    proposal: Proposal | None = None,
+    noise: str = "shared",
+    antithetic: bool = False,
+) -> DrawRule:
+    """A DrawRule, its ValueErrors (unknown scheme, a proposal for another density, ...) as
+    UsageError (exit 2)."""
+    try:
+        return DrawRule(
+            seed=seed,
+            scheme=scheme,
+            k=k,
+            density=density,
+            proposal=proposal,
+            noise=noise,
+            antithetic=antithetic,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def build_projector(
+    kind: str,
+    transformer: nn.Module,
+    layers: Sequence[str] = ("blocks.*",),
+    seed: int = 0,
+    proj_dim: int | None = None,
+    matrix: str = "gaussian",
+    kron_dims: tuple[int, int] | None = None,
+) -> KronProjector | DenseProjector:
+    """A new projector over the Linear layers of `transformer` matching `layers` (globs).
+
+    kron: (k_out, k_in) = `kron_dims` per layer (default 8×8), or a total `proj_dim` split over
+    layers (`shapes_for_total_dim`); dense: one (p, proj_dim) JL matrix (default 1280).
+    """
+    try:
+        selected = select_linear_layers(transformer, list(layers))
+        if kind == "kron":
+            if proj_dim and kron_dims:
+                raise ValueError("give --proj-dim (a total) or --kron-dims (per layer), not both")
+            shapes = shapes_for_total_dim(selected, proj_dim) if proj_dim else None
+            k_out, k_in = kron_dims or (DEFAULT_K_OUT, DEFAULT_K_IN)
+            return KronProjector(
+                transformer, selected, seed=seed, kind=matrix, shapes=shapes, patterns=list(layers),
+                k_in=k_in, k_out=k_out,
+            )  # fmt: skip
+        if kind == "dense":
+            if kron_dims:
+                raise ValueError("--kron-dims applies to --projector kron only; give --proj-dim for dense")
+            return DenseProjector(selected, seed=seed, dim=proj_dim or DEFAULT_DENSE_DIM, kind=matrix)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    raise UsageError(f"--projector {kind}: choose kron or dense")
+
+
+@dataclass
+class Featurizer:
+    """Loaded transformers (one per checkpoint), their projectors, and the draw rule."""
+
+    transformers: list[nn.Module]
+    projectors: list[Projector]
+    rule: DrawRule
+    output_fn: str
+    device: str
+    _eps_cache: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
+
+    @property
+    def dim(self) -> int:
+        return sum(p.dim for p in self.projectors)
+
+    @property
+    def blocks(self) -> list[int]:
+        """Feature dims per checkpoint block (their sum is `dim`)."""
+        return [p.dim for p in self.projectors]
+
+    def use_rule(self, rule: DrawRule) -> None:
+        """Switch to another draw rule (replicates, other schemes) and forget cached draws."""
+        self.rule = rule
+        self._eps_cache = {}
+
+    def draws(self, clip_id: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(σ (K,), w (K,), ε (K, *shape)) of a clip; the shared stream is computed once per latent shape."""
+        stream = self.rule.stream_for(clip_id)
+        key = (stream, shape)
+        if key not in self._eps_cache:
+            if self.rule.noise != "shared":
+                return self.rule.draws_for(stream, shape, device=self.device)
+            self._eps_cache = {key: self.rule.draws_for(stream, shape, device=self.device)}
+        return self._eps_cache[key]
+
+    def features(
+        self, clips: Sequence[ClipInput]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """clips [(clip_id, latent (C,T,h,w), text (L,D))] → (features (B, D) float32 CPU, per-draw
+        losses (B, n_ckpt·K), [(σ, w)] per clip). One feature block per checkpoint, concatenated."""
+        batch, draws = [], []
+        for clip_id, z, emb in clips:
+            sigma, w, eps = self.draws(clip_id, tuple(z.shape))
+            draws.append((sigma, w))
+            batch.append(ClipDraws(z.to(self.device), pad_context(emb).to(self.device), sigma, w, eps))
+        feats, losses = [], []
+        for transformer, proj in zip(self.transformers, self.projectors):
+            f, ell = proj.batch_features(transformer, batch, self.output_fn)  # (B, D_c), (B, K)
+            feats.append(f)
+            losses.append(ell)
+        return torch.cat(feats, dim=1), torch.cat(losses, dim=1), draws
+
+
+def load_featurizer(
+    model: str,
+    checkpoints: Sequence[str | None],
+    rule: DrawRule,
+    output_fn: str,
+    device: str,
+    dtype: str,
+    *,
+    projector_specs: Sequence[dict[str, Any]] | None = None,
+    new_projector: Callable[[nn.Module], Projector] | None = None,
+) -> Featurizer:
+    """Load one transformer per checkpoint (None: MODEL's own) and give each a projector: rebuilt
+    from recorded `projector_specs` (score), or made by `new_projector` (featurize, plan)."""
+    if (projector_specs is None) == (new_projector is None):
+        raise ValueError("pass exactly one of projector_specs and new_projector")
+    device = resolve_device(device)
+    transformers = [load_transformer(model, ck, device=device, dtype=dtype) for ck in checkpoints]
+    if projector_specs is not None:
+        projectors: list[Projector] = [
+            projector_from_spec(t, s) for t, s in zip(transformers, projector_specs)
+        ]
+    else:
+        assert new_projector is not None
+        projectors = [new_projector(t) for t in transformers]
+    return Featurizer(transformers, projectors, rule, output_fn, device)

@@ -1,0 +1,126 @@
+"""Typer options generated from the stage configs (`carv_attrib.config`), so that every option's
+name, default and help text are written once, in the config.
+
+    @stage_command(FeaturizeConfig, extra=[format_param()])
+    def featurize(cfg: FeaturizeConfig, fmt: str) -> None: ...
+
+builds a command whose signature has one Typer argument/option per config field (in field order,
+positional fields as arguments), plus the `extra` CLI-only parameters; Typer calls it with keyword
+arguments, from which the config is built and handed to the body together with the extras.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+# CLI-only parameters shared by several commands --------------------------------------------------
+def format_param(default: str | None = "human", jsonl: bool = False) -> inspect.Parameter:
+    """`--format`: how the command prints its result (default None: human on a terminal, else json)."""
+    choices = "human | json | jsonl" if jsonl else "human | json"
+    help = f"{choices} (default: human on a terminal, else json)." if default is None else f"{choices}."
+    return inspect.Parameter(
+        "fmt",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=default,
+        annotation=Annotated[str | None if default is None else str, typer.Option("--format", help=help)],
+    )
+
+
+def param(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
+    """A CLI-only parameter for `stage_command(extra=...)`."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _cli_type(tp: Any) -> Any:
+    """A field's type as Typer takes it: Path | str → Path, list[X] stays, X | None stays."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = Path if Path in args else args[0]
+        return inner | None if type(None) in typing.get_args(tp) else inner
+    return tp
+
+
+def config_parameters(cls: type, skip: Sequence[str] = ()) -> list[inspect.Parameter]:
+    """One `inspect.Parameter` (with an Annotated Typer Option/Argument) per CLI field of `cls`."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True) or f.name in skip:
+            continue
+        tp = _cli_type(hints[f.name])
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = inspect.Parameter.empty
+        if meta.get("positional"):
+            info = typer.Argument(
+                help=meta["help"], metavar=meta.get("metavar"), show_default=meta["show_default"]
+            )
+        else:
+            flags = meta.get("flags") or ("--" + f.name.replace("_", "-"),)
+            info = typer.Option(
+                *flags, help=meta["help"], metavar=meta.get("metavar"), show_default=meta["show_default"]
+            )
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[tp, info]
+            )
+        )
+    return params
+
+
+def stage_command(
+    cls: type,
+    extra: Sequence[inspect.Parameter] = (),
+    skip: Sequence[str] = (),
+    defaults: dict[str, Any] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate `body(cfg, **extras)` into a Typer command taking `cls`'s fields as options.
+
+    skip: fields not exposed (the body's extras may set them); defaults: library defaults that the
+    command overrides.
+    """
+
+    def decorate(body: Callable[..., Any]) -> Callable[..., Any]:
+        fields = config_parameters(cls, skip)
+        names = {p.name for p in fields}
+        # Positional (argument) fields first, in field order, then options: Typer keeps this order.
+        ordered = sorted(fields, key=lambda p: not _is_argument(p)) + list(extra)
+        if defaults:
+            ordered = [p.replace(default=defaults[p.name]) if p.name in defaults else p for p in ordered]
+
+        @functools.wraps(body)
+        def command(**kwargs: Any) -> Any:
+            cfg_kwargs = {k: v for k, v in kwargs.items() if k in names}
+            for k, v in cfg_kwargs.items():
+                if isinstance(v, tuple):
+                    cfg_kwargs[k] = list(v)
+            for k in ("checkpoints", "layers"):  # repeatable options: None when not given
+                if k in cfg_kwargs and cfg_kwargs[k] is None:
+                    del cfg_kwargs[k]
+            cfg = cls(**cfg_kwargs)
+            return body(cfg, **{k: v for k, v in kwargs.items() if k not in names})
+
+        command.__signature__ = inspect.Signature(ordered)  # type: ignore[attr-defined]
+        command.__annotations__ = {}
+        del command.__wrapped__  # Typer must read the generated signature, not the body's
+        return command
+
+    return decorate
+
+
+def _is_argument(p: inspect.Parameter) -> bool:
+    return any(isinstance(a, typer.models.ArgumentInfo) for a in typing.get_args(p.annotation)[1:])

@@ -1,0 +1,465 @@
+"""One typed config per stage, defined once: the library takes it, the CLI is generated from it.
+
+Every field carries its help text, default and (for the CLI) its flag names in `metadata`, so a
+default or a help line exists in exactly one place; `carv_attrib.cli.options` turns a config class
+into a Typer command signature, and `validate()` refuses bad values with a `UsageError` (exit 2)
+naming the flag. Options that several commands share (`--model`, `--density`, `--output-fn`,
+`--draws`, `--device`, `--dtype`, `--seed`, `--overwrite`) are built by one function each below, so
+a flag means the same thing in every command (kronfluence's `arguments.py`, sqlite-utils' shared
+options).
+
+This module is torch-free: the CLI imports it to build `--help`.
+
+    from carv_attrib.config import FeaturizeConfig
+    cfg = FeaturizeConfig(run="runs/demo", model="models/tiny-wan", draws=8).validate()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from carv_attrib.data.manifest import ManifestOptions
+from carv_attrib.data.video import FramePolicy
+from carv_attrib.errors import UsageError
+
+# Choices the CLI accepts. The library modules that implement them keep their own tuples (they must
+# not import the tool's configs); tests/test_config.py checks that both agree.
+OUTPUT_FNS = ("loss", "sqnorm")
+SCHEMES = ("iid", "stratified", "stratified-is")
+NOISE_MODES = ("shared", "per-clip")
+PROJECTORS = ("kron", "dense")
+MATRIX_KINDS = ("gaussian", "rademacher")
+PRECONDITIONERS = ("identity", "trak", "cosine")
+LATENT_DTYPES = ("float32", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
+AGGREGATES = ("none", "mean", "vote")
+FORMATS = ("human", "json", "jsonl")
+DEFAULT_LAYERS = ("blocks.*",)
+DEFAULT_KRON_DIMS = "8x8"
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    flags: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    positional: bool = False,
+    cli: bool = True,
+    default_factory: Any = dataclasses.MISSING,
+    show_default: bool | str = True,
+) -> Any:
+    """A dataclass field with what the CLI needs to expose it (see `carv_attrib.cli.options`).
+
+    flags: the option's names (default `--field-name`); positional: a Typer argument instead;
+    cli=False: library-only (not an option).
+    """
+    meta = {
+        "help": help,
+        "flags": flags,
+        "metavar": metavar,
+        "positional": positional,
+        "cli": cli,
+        "show_default": show_default,
+    }
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# -- shared options: one definition each ---------------------------------------------------------
+def model_option(default: Any = dataclasses.MISSING, help: str | None = None) -> Any:
+    return option(
+        default,
+        flags=("--model", "-m"),
+        help=help
+        or "Wan2.1 diffusers directory or Hugging Face Hub id (the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers).",
+    )
+
+
+def density_option(default: str | None = "uniform", help: str | None = None) -> Any:
+    return option(
+        default,
+        help=help or "p(σ), the model's training timestep density: uniform | logit-normal:m,s | shift:k.",
+    )
+
+
+def output_fn_option() -> Any:
+    return option(
+        "loss",
+        help="Output whose gradient is attributed: loss = mean((v − (ε − z))²) | sqnorm = mean(v²) (D-TRAK).",
+    )
+
+
+def draws_option(default: int = 8, help: str = "(σ, ε) draws per cached encode.") -> Any:
+    return option(default, flags=("--draws", "-K"), help=help)
+
+
+def device_option(default: str = "auto") -> Any:
+    return option(default, help="auto | cpu | cuda | cuda:N | mps (auto: cuda, then mps, then cpu).")
+
+
+def dtype_option(default: str | None = "float32", help: str | None = None) -> Any:
+    return option(default, help=help or "Model compute dtype: float32 | bfloat16 | float16.")
+
+
+def seed_option() -> Any:
+    return option(0, help="The one seed every random quantity derives from.")
+
+
+def overwrite_option() -> Any:
+    return option(False, flags=("--overwrite",), help="Discard a stage made with another configuration.")
+
+
+def batch_clips_option(default: int = 4) -> Any:
+    return option(default, flags=("--batch-clips", "-B"), help="Clips per forward+backward.")
+
+
+# -- validation helpers ------------------------------------------------------------------------
+def check_choice(flag: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{flag} {value}: choose one of {', '.join(choices)}")
+
+
+def check_min(flag: str, value: float, low: float) -> None:
+    if value < low:
+        raise UsageError(f"{flag} {value}: must be >= {low:g}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'832x480' → (width, height)."""
+    try:
+        w, h = (int(x) for x in str(text).lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size {text}: expected WxH, e.g. 64x64") from None
+    return w, h
+
+
+def parse_kron_dims(text: str | None) -> tuple[int, int] | None:
+    """'16x8' → (16, 8) = (k_out, k_in)."""
+    if text is None:
+        return None
+    try:
+        k_out, k_in = (int(x) for x in str(text).lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--kron-dims {text}: expected OUTxIN, e.g. 16x8") from None
+    if k_out < 1 or k_in < 1:
+        raise UsageError(f"--kron-dims {text}: both sizes must be >= 1")
+    return k_out, k_in
+
+
+class StageConfig:
+    """Mixin: `validate()` returns self so configs can be built and checked in one expression."""
+
+    def validate(self) -> Any:
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+# -- encode ----------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class EncodeConfig(StageConfig):
+    """`encode`: decode every clip once, VAE-encode it once, embed each caption once."""
+
+    manifest: Path = option(positional=True, help="Manifest: VidGen JSON, JSONL, CSV or Parquet.")
+    model: str = model_option()
+    run: Path = option(flags=("--run", "-r"), help="Run directory to create or resume.")
+    videos: Path | None = option(
+        None, help="Videos root: manifest paths are relative to it (VIDEOS/<id>.mp4 by default)."
+    )
+    frames: int = option(17, help="Frames per clip, 1 + 4k (Wan2.1 trains at 81).")
+    size: str = option(
+        "64x64", metavar="WxH", help="Frame size WxH, multiples of 16 (resize to cover, centre-crop)."
+    )
+    fps: float = option(
+        8.0, help="Sampling rate: frame k is the source frame nearest k/fps (0 = consecutive)."
+    )
+    pad_short: bool = option(
+        False, flags=("--pad-short",), help="Repeat the last frame of clips too short for F frames."
+    )
+    batch_size: int = option(4, flags=("--batch-size", "-b"), help="Clips per VAE call.")
+    workers: int = option(2, help="Decoding processes (0 = decode in this process).")
+    device: str = device_option()
+    dtype: str = dtype_option()
+    latent_dtype: str = option(
+        "float32", help="Storage dtype of latents and text embeddings: float32 | float16."
+    )
+    shard_size: int = option(64, help="Clips per Parquet shard (the unit of resume).")
+    max_failure_rate: float = option(0.05, help="Exit 3 when more than this share of clips failed.")
+    decode_timeout: float = option(120.0, help="Seconds per clip before its decoder is killed.")
+    id_column: str = option("vid", help="Manifest column of the clip id.")
+    caption_column: str = option("caption", help="Manifest column of the caption.")
+    path_column: str | None = option(
+        None, help="Manifest column of the video path (default: 'path' when present)."
+    )
+    manifest_format: str | None = option(None, help="vidgen | jsonl | csv | parquet (default: by extension).")
+    allow_absolute_paths: bool = option(
+        False, flags=("--allow-absolute-paths",), help="Accept manifest paths outside the videos root."
+    )
+    overwrite: bool = overwrite_option()
+
+    @property
+    def policy(self) -> Any:
+        w, h = parse_size(self.size)
+        return FramePolicy(frames=self.frames, height=h, width=w, fps=self.fps, pad_short=self.pad_short)
+
+    @property
+    def manifest_options(self) -> Any:
+        return ManifestOptions(
+            id_column=self.id_column,
+            caption_column=self.caption_column,
+            path_column=self.path_column,
+            fmt=self.manifest_format,
+            allow_absolute_paths=self.allow_absolute_paths,
+        )
+
+    def validate(self) -> EncodeConfig:
+        self.policy.validate()
+        check_choice("--latent-dtype", self.latent_dtype, LATENT_DTYPES)
+        check_choice("--dtype", self.dtype, DTYPES)
+        check_min("--shard-size", self.shard_size, 1)
+        check_min("--batch-size", self.batch_size, 1)
+        check_min("--workers", self.workers, 0)
+        check_min("--decode-timeout", self.decode_timeout, 0)
+        if not 0 <= self.max_failure_rate <= 1:
+            raise UsageError(f"--max-failure-rate {self.max_failure_rate}: a share between 0 and 1")
+        return self
+
+
+# -- featurize / index -----------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class IndexConfig(StageConfig):
+    """`index`: preconditioner + FAISS index over RUN/features (no gradients recomputed)."""
+
+    run: Path = option(positional=True, help="Run directory with features.")
+    precondition: str = option(
+        "cosine",
+        help="identity (TracIn dot product) | trak ((ΦᵀΦ+λI)⁻¹) | cosine (unit norm per checkpoint block).",
+    )
+    lambda_rel: float = option(1e-2, flags=("--lambda",), help="TRAK damping λ relative to tr(ΦᵀΦ)/d.")
+    index_factory: str | None = option(
+        None, help="FAISS factory string for large runs, e.g. IVF1024,PQ32 (default Flat)."
+    )
+
+    def validate(self) -> IndexConfig:
+        check_choice("--precondition", self.precondition, PRECONDITIONERS)
+        if self.lambda_rel <= 0:
+            raise UsageError(f"--lambda {self.lambda_rel}: must be > 0")
+        return self
+
+
+@dataclass(kw_only=True)
+class FeaturizeConfig(StageConfig):
+    """`featurize`: per-clip projected gradients, K (σ, ε) draws per cached encode."""
+
+    run: Path = option(positional=True, help="Run directory with a latent cache (from encode).")
+    model: str = model_option(help="Wan2.1 diffusers directory or Hub id (the one that encoded RUN).")
+    checkpoints: list[str] = option(
+        flags=("--checkpoint",),
+        default_factory=list,
+        help="Transformer checkpoint (dir or .safetensors); repeat for an ensemble (default: MODEL's).",
+        show_default=False,
+    )
+    draws: int = draws_option()
+    timesteps: str = option("stratified-is", help="iid | stratified | stratified-is.")
+    density: str | None = density_option(
+        None,
+        help="p(σ): uniform | logit-normal:m,s | shift:k (default: the plan's density with --plan, else uniform).",
+    )
+    plan: Path | None = option(None, help="plan.json from `carv-attrib plan` (its fitted proposal q).")
+    output_fn: str = output_fn_option()
+    projector: str = option("kron", help="kron (per-layer LoGra, default) | dense (reference).")
+    proj_dim: int | None = option(
+        None,
+        help="Total feature dim per checkpoint, split over layers (default kron: --kron-dims per layer).",
+    )
+    kron_dims: str | None = option(
+        None,
+        metavar="OUTxIN",
+        help=f"kron: k_out x k_in per Linear layer (default {DEFAULT_KRON_DIMS}; D = layers x k_out x k_in).",
+    )
+    layers: list[str] = option(
+        default_factory=lambda: list(DEFAULT_LAYERS),
+        help="Glob on Linear module names (repeatable).",
+    )
+    matrix: str = option("gaussian", help="Projection entries: gaussian | rademacher.")
+    seed: int = seed_option()
+    noise: str = option("shared", help="shared (common random numbers for all clips and queries) | per-clip.")
+    antithetic: bool = option(False, flags=("--antithetic",), help="Pair draws as (ε, −ε).")
+    batch_clips: int = batch_clips_option()
+    device: str = device_option()
+    dtype: str = dtype_option()
+    overwrite: bool = overwrite_option()
+
+    def validate(self) -> FeaturizeConfig:
+        check_choice("--timesteps", self.timesteps, SCHEMES)
+        check_choice("--output-fn", self.output_fn, OUTPUT_FNS)
+        check_choice("--projector", self.projector, PROJECTORS)
+        check_choice("--matrix", self.matrix, MATRIX_KINDS)
+        check_choice("--noise", self.noise, NOISE_MODES)
+        check_choice("--dtype", self.dtype, DTYPES)
+        check_min("--draws", self.draws, 1)
+        check_min("--batch-clips", self.batch_clips, 1)
+        if self.proj_dim is not None:
+            check_min("--proj-dim", self.proj_dim, 1)
+        dims = parse_kron_dims(self.kron_dims)
+        if self.projector == "kron" and self.proj_dim and dims:
+            raise UsageError("give --proj-dim (a total) or --kron-dims (per layer), not both")
+        if self.projector == "dense" and dims:
+            raise UsageError("--kron-dims applies to --projector kron only; give --proj-dim for dense")
+        if self.plan is not None and self.timesteps != "stratified-is":
+            raise UsageError(f"--plan gives a proposal for --timesteps stratified-is, not {self.timesteps}")
+        if not self.layers:
+            raise UsageError("--layers: give at least one glob")
+        return self
+
+    @property
+    def kron_shape(self) -> tuple[int, int] | None:
+        return parse_kron_dims(self.kron_dims)
+
+
+# -- score -----------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class ScoreConfig(StageConfig):
+    """`score`: the training clips that shaped each query video, best first."""
+
+    queries: list[Path] = option(positional=True, help="Generated video(s) to attribute.")
+    run: Path = option(flags=("--run", "-r"), help="Run directory with an index.")
+    prompt: str | None = option(None, flags=("--prompt", "-p"), help="The prompt of the (single) query.")
+    prompts_file: Path | None = option(
+        None, flags=("--prompts",), help="JSON {path: prompt} or CSV path,prompt: one prompt per query."
+    )
+    top_k: int | None = option(10, cli=False, help="Results per query; None: every training clip.")
+    aggregate: str = option("none", help="none | mean (mean score) | vote (majority over per-query top-k).")
+    model: str | None = model_option(
+        None, help="Wan2.1 model (default: the one recorded in RUN; checked against the index either way)."
+    )
+    device: str = device_option()
+    dtype: str | None = dtype_option(
+        None, help="Transformer compute dtype (default: the one featurize used)."
+    )
+    workers: int = option(1, help="Decoding processes (0: decode in this process).")
+    decode_timeout: float = option(120.0, help="Seconds per query before its decoder is killed.")
+    batch_clips: int = batch_clips_option()
+
+    def validate(self) -> ScoreConfig:
+        if not self.queries:
+            raise UsageError("give at least one query video")
+        check_choice("--aggregate", self.aggregate, AGGREGATES)
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError("--top-k must be >= 1 or 'all'")
+        if self.dtype is not None:
+            check_choice("--dtype", self.dtype, DTYPES)
+        check_min("--workers", self.workers, 0)
+        check_min("--batch-clips", self.batch_clips, 1)
+        return self
+
+
+def parse_top_k(text: str) -> int | None:
+    """'10' → 10, 'all' → None (every training clip)."""
+    if str(text).lower() == "all":
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        raise UsageError(f"--top-k {text!r}: a positive integer or 'all'") from None
+    if k < 1:
+        raise UsageError("--top-k must be >= 1 or 'all'")
+    return k
+
+
+# -- plan ------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class PlanConfig(StageConfig):
+    """`plan`: pilot costs, per-σ-bin gradient moments, the fitted proposal q(σ), ECM per scheme."""
+
+    run: Path = option(positional=True, help="Run directory with a latent cache.")
+    model: str = model_option(help="Wan2.1 diffusers directory or Hub id (the one that encoded RUN).")
+    out: Path = option(
+        Path("plan.json"), flags=("--out", "-o"), help="plan.json to write (for featurize --plan)."
+    )
+    plot: Path | None = option(
+        None, help="PNG: q(σ) beside p(σ) and the per-bin gradient norm; variance×cost against K."
+    )
+    pilot_clips: int = option(8, help="Cached clips in the pilot.")
+    bins: int = option(10, help="σ bins of the proposal.")
+    draws_per_bin: int = option(2, help="Per-draw gradients measured per σ bin and pilot clip.")
+    draws: int = draws_option(help="K at which each scheme's within-encode variance is measured.")
+    replicates: int = option(6, help="Independent seeds per scheme for the variance.")
+    mix: float = option(0.1, help="α in q = (1−α) q* + α p (so w = p/q ≤ 1/α).")
+    density: str = density_option()
+    output_fn: str = output_fn_option()
+    k_max: int = option(64, help="Largest K to consider.")
+    proj_dim: int | None = option(None, help="Pilot feature dim (default: 8x8 per layer).")
+    layers: list[str] = option(
+        default_factory=lambda: list(DEFAULT_LAYERS), help="Glob on Linear module names (repeatable)."
+    )
+    seed: int = seed_option()
+    device: str = device_option()
+    dtype: str = dtype_option()
+
+    def validate(self) -> PlanConfig:
+        check_choice("--output-fn", self.output_fn, OUTPUT_FNS)
+        check_choice("--dtype", self.dtype, DTYPES)
+        if (
+            self.pilot_clips < 2
+            or self.replicates < 2
+            or self.bins < 1
+            or self.draws < 1
+            or self.draws_per_bin < 1
+        ):
+            raise UsageError(
+                "plan needs --pilot-clips >= 2, --replicates >= 2, --bins >= 1, --draws >= 1, --draws-per-bin >= 1"
+            )
+        if not 0 < self.mix <= 1:
+            raise UsageError(f"--mix {self.mix}: must be in (0, 1] (weights are bounded by 1/α)")
+        check_min("--k-max", self.k_max, 1)
+        return self
+
+
+# -- demo ------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class DemoConfig(StageConfig):
+    """`demo`: tiny Wan2.1 pipeline + synthetic clips, then every stage, then a generated video scored."""
+
+    out: Path = option(
+        Path("demo-run"), positional=True, help="Directory for the model, data, run and results."
+    )
+    clips: int = option(24, flags=("--clips", "-n"), help="Synthetic training clips.")
+    preset: str = option("tiny", help="Model preset: tiny | small | medium.")
+    frames: int = option(17, help="Frames per clip, 1 + 4k.")
+    size: str = option("64x64", metavar="WxH", help="Frame size WxH, multiples of 16.")
+    train_steps: int = option(150, help="Flow-matching steps before attribution (0: none).")
+    draws: int = draws_option()
+    timesteps: str = option("stratified-is", help="iid | stratified | stratified-is.")
+    precondition: str = option("cosine", help="identity | trak | cosine.")
+    plan_pilot_clips: int = option(
+        4, flags=("--plan-pilot",), help="Pilot clips for `plan` (0: skip the plan; q = p)."
+    )
+    prompt: str | None = option(None, help="Caption to generate (default: the first clip's).")
+    inference_steps: int = option(12, help="WanPipeline denoising steps for the generated video.")
+    top_k: int = option(5, flags=("--top-k", "-k"), help="Results shown.")
+    seed: int = seed_option()
+    workers: int = option(1, help="Decoding processes.")
+    device: str = option("cpu", help="cpu | cuda | auto.")
+
+    @property
+    def width(self) -> int:
+        return parse_size(self.size)[0]
+
+    @property
+    def height(self) -> int:
+        return parse_size(self.size)[1]
+
+    def validate(self) -> DemoConfig:
+        check_min("--clips", self.clips, 2)
+        check_choice("--timesteps", self.timesteps, SCHEMES)
+        check_choice("--precondition", self.precondition, PRECONDITIONERS)
+        check_min("--top-k", self.top_k, 1)
+        parse_size(self.size)
+        return self
