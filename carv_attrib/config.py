@@ -457,7 +457,9 @@ class DemoConfig(StageConfig):
         return parse_size(self.size)[1]
 
     def validate(self) -> DemoConfig:
+        FramePolicy(frames=self.frames, width=self.width, height=self.height).validate()
         check_min("--clips", self.clips, 2)
+        check_min("--draws", self.draws, 1)
         check_choice("--timesteps", self.timesteps, SCHEMES)
         check_choice("--precondition", self.precondition, PRECONDITIONERS)
         check_min("--top-k", self.top_k, 1)

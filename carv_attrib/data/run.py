@@ -105,6 +105,8 @@ class RunDir:
         tmp.mkdir(parents=True)
         yield tmp
         old = self.root / ".index.old"
+        if old.exists():  # left by a swap killed before its cleanup: the live index is RUN/index
+            shutil.rmtree(old)
         if self.index_dir.exists():
             self.index_dir.rename(old)
         tmp.rename(self.index_dir)

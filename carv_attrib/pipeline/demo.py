@@ -89,7 +89,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
 
     done = stage("model")
     if not (model / "model_index.json").exists():
-        say(f"building the {cfg.size} Wan2.1 pipeline from the diffusers classes -> {model}")
+        say(f"building the {cfg.preset} Wan2.1 pipeline from the diffusers classes -> {model}")
         make_model(str(model), size=cfg.preset, seed=cfg.seed)
     done()
     done = stage("data")
