@@ -21,11 +21,11 @@ Decoders: decord is the fast path (seeks, decodes only what is needed). A cheap 
 (`probe_video`: one demux pass, one decoded frame) detects what decord gets wrong, and such clips
 are decoded with PyAV (sequential decode, FFmpeg's own behaviour): edit lists (decord returns the
 hidden pre-roll frames and seeks wrongly around them), variable frame rate, no container duration
-(decord cannot index it), codecs outside
+(decord cannot index it), rotation (decord 0.6 rotates some files itself, then
+resizes to the size asked for as if unrotated), codecs outside
 `DECORD_CODECS`, truncated or corrupt data, and any clip where decord's frame count or timestamps
-disagree with the probe. Rotation and SAR do not need PyAV: decord ignores them, but both paths
-decode the stored picture scaled to `storage_size` and rotate it with `orient`, so the geometry
-comes from the probe either way. `DecodedClip.decoder` records which one ran and `DecodedClip.timestamps`
+disagree with the probe. A non-square SAR does not need PyAV: both paths scale the stored picture
+to `storage_size`, which includes the SAR. `DecodedClip.decoder` records which one ran and `DecodedClip.timestamps`
 the pts (seconds) of the frames taken.
 
 Failure kinds (`ClipFailure.kind`; the message says what is wrong and never names a CLI flag, so
@@ -243,6 +243,8 @@ def pyav_reasons(p: Any) -> list[str]:
         reasons.append("variable frame rate")
     if p.duration is None:
         reasons.append("no container duration")
+    if p.rotation:  # decord 0.6 applies some rotations itself, before its resize: not ours to guess
+        reasons.append(f"rotation {p.rotation}")
     if p.truncated:
         reasons.append("truncated")
     if p.first_frame_error:
@@ -269,7 +271,8 @@ def orient(frames: Any, rotation: int) -> Any:
 
 def _decode_decord(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> Any:
     """decord read of display frames `idx`; None when decord's view of the file disagrees with the
-    probe (frame count, or a taken frame's timestamp off by more than half a tick)."""
+    probe (frame count, or a taken frame's timestamp off by more than half a tick) or its output is
+    malformed (decord 0.6 gives (h, w, 4) frames for some target widths, e.g. 48)."""
     import decord
 
     vr = decord.VideoReader(path, num_threads=1, width=size[0], height=size[1])
@@ -281,7 +284,10 @@ def _decode_decord(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> 
     for i, t in zip(wanted, ts):
         if abs(float(t) - p.seconds(p.display_pts[i])) > half_tick:
             return None
-    return vr.get_batch(idx).asnumpy()
+    frames = vr.get_batch(idx).asnumpy()
+    if frames.shape != (len(idx), size[1], size[0], 3):  # decord 0.6 returns 4 channels at some widths
+        return None
+    return frames
 
 
 def _decode_pyav(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> Any:
@@ -375,20 +381,17 @@ def plan_clip(path: str, policy: FramePolicy) -> tuple[Any, list[int], list[str]
 def decode_clip(path: str, policy: FramePolicy, decoder: str = "auto") -> DecodedClip:
     """Decode one clip (see the module docstring); failures are ClipFailure(kind, message).
 
-    decoder: "auto" (decord unless the probe finds a reason for PyAV), or "pyav" / "decord" to force
-    one (for comparisons; a forced decord that disagrees with the probe is a decode_error)."""
+    decoder: "auto" (decord unless the probe finds a reason for PyAV), or "pyav" to force PyAV (for
+    comparisons and `carv-attrib frames --decoder pyav`)."""
     import numpy as np
 
-    if decoder not in ("auto", "pyav", "decord"):
-        raise ValueError(f"decoder must be auto, pyav or decord, not {decoder!r}")
+    if decoder not in ("auto", "pyav"):
+        raise ValueError(f"decoder must be 'auto' or 'pyav', not {decoder!r}")
     p, idx, reasons = plan_clip(path, policy)
     size = storage_size(p, policy.width, policy.height)
     frames = None
     if decoder == "pyav":
-        reasons = ["forced"]
-    elif decoder == "decord":
-        reasons = []
-    forced_decord = decoder == "decord"
+        reasons = ["asked for"]
     decoder = "pyav"
     if not reasons:
         try:
@@ -400,8 +403,6 @@ def decode_clip(path: str, policy: FramePolicy, decoder: str = "auto") -> Decode
                 reasons = ["decord's frame count or timestamps disagree with the container"]
             else:
                 decoder = "decord"
-    if frames is None and forced_decord:
-        raise ClipFailure("decode_error", f"decord cannot decode this clip right: {'; '.join(reasons)}")
     if frames is None:
         try:
             frames = _decode_pyav(path, p, idx, size)
