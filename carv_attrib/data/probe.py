@@ -244,9 +244,14 @@ def probe_video(path: str) -> VideoProbe:
             # exceed the last demuxed dts: every frame shown up to that instant is intact.
             first_bad_dts = last_dts + 1
         pts.sort()
-        if len(pts) != len(set(pts)):  # duplicate timestamps: keep one frame per instant, like a player
+        # Duplicate timestamps (a muxer that rounded two frames to one tick): one frame per instant,
+        # the first decoded (see video._decode_pyav); FFmpeg's CLI instead nudges the later one by a
+        # tick. pyav_reasons sends such files to PyAV.
+        if len(pts) != len(set(pts)):
             pts = sorted(set(pts))
-        gaps = [b - a for a, b in zip(pts, pts[1:])]
+        # Rate regularity is judged on the intact part: lost packets leave holes that are not VFR.
+        steady = [t for t in pts if first_bad_dts is None or t < first_bad_dts]
+        gaps = [b - a for a, b in zip(steady, steady[1:])]
         typical = sorted(gaps)[len(gaps) // 2] if gaps else 0
         vfr = bool(gaps) and any(abs(g - typical) > max(1, typical // 100) for g in gaps)
         end_pts = 0
