@@ -16,9 +16,12 @@ POLICY = FramePolicy(frames=17, height=64, width=96, fps=8)
 
 
 def outcome(r: DecodedClip | ClipFailure) -> tuple:
+    """What is recorded for a clip, less the decoder's name: decord's threaded decoder reports a
+    packet that fails to decode only if its worker thread gets there first (a race), and then PyAV
+    takes over; on these files both give the same frames, which is what this test pins down."""
     if isinstance(r, ClipFailure):
         return ("fail", r.kind, r.message)
-    return ("ok", r.decoder, tuple(r.indices), r.frames.tobytes())
+    return ("ok", tuple(r.indices), tuple(r.timestamps), r.frames.tobytes())
 
 
 @pytest.fixture(scope="module")
