@@ -30,7 +30,8 @@ def inspect_frames(
     - decoder ("decord" | "pyav" | None), reasons (why PyAV was used; list[str]);
     - frames: one dict per output frame k: target (seconds after the first displayed frame the
       policy asks for: k/fps; None for fps 0), index (display-order source frame number, 0 = first
-      displayed frame), timestamp (that frame's presentation timestamp in seconds, FFmpeg's pts_time);
+      displayed frame), timestamp (that frame's presentation time in seconds after the first
+      displayed frame; compare with target); start (the first displayed frame's pts, seconds);
     - probe: VideoProbe.facts() (container, codec, decoder, width/height stored, display_width/
       display_height, sar "n:d", rotation degrees counter-clockwise, time_base, avg_rate frames/s,
       duration s or None, header_frames, packets, discarded, display_frames, start/end s,
@@ -51,6 +52,7 @@ def inspect_frames(
         "decoder": None,
         "reasons": [],
         "frames": [],
+        "start": None,
         "probe": None,
     }
     try:
@@ -64,7 +66,7 @@ def inspect_frames(
     except ClipFailure as exc:
         report.update(status=exc.kind, error=exc.message, details=dict(exc.details))
         return report
-    report.update(decoder=clip.decoder, reasons=list(clip.reasons))
+    report.update(decoder=clip.decoder, reasons=list(clip.reasons), start=clip.start)
     report["frames"] = [
         {
             "k": k,

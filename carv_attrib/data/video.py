@@ -23,10 +23,12 @@ are decoded with PyAV (sequential decode, FFmpeg's own behaviour): edit lists (d
 hidden pre-roll frames and seeks wrongly around them), variable frame rate, no container duration
 (decord cannot index it), rotation (decord 0.6 rotates some files itself, then
 resizes to the size asked for as if unrotated), codecs outside
-`DECORD_CODECS`, truncated or corrupt data, and any clip where decord's frame count or timestamps
-disagree with the probe. A non-square SAR does not need PyAV: both paths scale the stored picture
-to `storage_size`, which includes the SAR. `DecodedClip.decoder` records which one ran and `DecodedClip.timestamps`
-the pts (seconds) of the frames taken.
+`DECORD_CODECS`, containers outside `DECORD_CONTAINERS` (decord seeks MPEG-TS a second or more
+off), truncated or corrupt data, and any clip where decord's frame count or timestamps disagree
+with the probe. A non-square SAR does not need PyAV: both paths scale the stored picture to
+`storage_size`, which includes the SAR. `DecodedClip.decoder` records which one ran,
+`DecodedClip.timestamps` the presentation times of the frames taken (seconds after the first
+displayed frame) and `DecodedClip.start` that frame's own pts (seconds).
 
 Failure kinds (`ClipFailure.kind`; the message says what is wrong and never names a CLI flag, so
 callers add their own advice):
@@ -192,8 +194,10 @@ def cover_size(src_w: int, src_h: int, width: int, height: int) -> tuple[int, in
 @dataclass
 class DecodedClip:
     """frames: uint8 numpy (F, H, W, 3) RGB; indices: display-order frame numbers taken (0 = first
-    displayed frame); timestamps: their presentation timestamps in seconds, as the container gives
-    them (FFmpeg's pts_time, after the edit list); source_fps: displayed frames per second of the
+    displayed frame); timestamps: their presentation timestamps in seconds after the first displayed
+    frame's (the edit list applied; equal to FFmpeg's pts_time for the usual file that starts at 0,
+    while the ffmpeg CLI shifts e.g. MPEG-TS by the container's start time); start: the first
+    displayed frame's pts in seconds (the offset of `timestamps`); source_fps: displayed frames per second of the
     clip on average (frames / shown duration); source_frames: displayed frames in the clip;
     decoder: "decord" or "pyav"; reasons: why PyAV was used (empty for decord)."""
 
@@ -203,12 +207,16 @@ class DecodedClip:
     source_frames: int
     decoder: str = "decord"
     timestamps: list[float] = field(default_factory=list)
+    start: float = 0.0
     reasons: list[str] = field(default_factory=list)
 
 
 # Codecs decord (its bundled FFmpeg) indexes and seeks correctly in the common containers; others go
 # to PyAV, which decodes whatever its FFmpeg build has a decoder for (e.g. AV1 via libdav1d).
 DECORD_CODECS = frozenset({"h264", "hevc", "mpeg4", "vp8", "vp9", "mpeg2video", "mjpeg"})
+# FFmpeg demuxer names (VideoProbe.container) whose files decord indexes and seeks right; MPEG-TS and
+# MPEG-PS are not among them (decord returned frame 30 for frame 0 of a 30 fps .ts in the corpus).
+DECORD_CONTAINERS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi"})
 
 
 def probe(path: str) -> tuple[int, float, int, int]:
@@ -237,6 +245,8 @@ def pyav_reasons(p: Any) -> list[str]:
     reasons = []
     if p.codec not in DECORD_CODECS:
         reasons.append(f"codec {p.codec}")
+    if p.container not in DECORD_CONTAINERS:
+        reasons.append(f"container {p.container}")
     if p.edit_list:
         reasons.append(f"edit list hides {p.discarded} pre-roll frame{'s' * (p.discarded != 1)}")
     if p.vfr:
@@ -279,10 +289,13 @@ def _decode_decord(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> 
     if len(vr) != len(p.display_pts):
         return None
     wanted = sorted(set(idx))
-    ts = vr.get_frame_timestamp(wanted)[:, 0]  # (len, 2) start/end seconds
-    half_tick = float(p.time_base) / 2 + 1e-6
-    for i, t in zip(wanted, ts):
-        if abs(float(t) - p.seconds(p.display_pts[i])) > half_tick:
+    ts = vr.get_frame_timestamp([0, *wanted])[:, 0]  # (1 + len, 2) start/end seconds, float32
+    # decord counts time from the stream's start (MPEG-TS starts at ~1.4 s) and in float32, so compare
+    # offsets from frame 0, to a quarter of the mean frame interval: enough to catch a frame
+    # misaligned by one, never tripped by float32 rounding on long clips.
+    tol = max(float(p.time_base) / 2, 0.25 * p.seconds(p.end_pts - p.display_pts[0]) / len(p.display_pts))
+    for i, t in zip(wanted, ts[1:]):
+        if abs(float(t - ts[0]) - p.seconds(p.display_pts[i] - p.display_pts[0])) > tol:
             return None
     frames = vr.get_batch(idx).asnumpy()
     if frames.shape != (len(idx), size[1], size[0], 3):  # decord 0.6 returns 4 channels at some widths
@@ -298,7 +311,6 @@ def _decode_pyav(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> An
     import numpy as np
 
     want = {p.display_pts[i] for i in idx}
-    last = max(want)
     got: dict[int, Any] = {}
     errors: list[str] = []
 
@@ -322,7 +334,7 @@ def _decode_pyav(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> An
                 errors.append(f"pts {pkt.pts}: {str(exc).splitlines()[0][:200]}")
                 if pkt.size == 0:
                     break
-            if len(got) == len(want) or (got and max(got) >= last and len(got) == len(want)):
+            if len(got) == len(want):
                 break
         if len(got) < len(want):
             try:
@@ -425,7 +437,8 @@ def decode_clip(path: str, policy: FramePolicy, decoder: str = "auto") -> Decode
         source_fps=len(p.display_pts) / shown if shown > 0 else 0.0,
         source_frames=len(p.display_pts),
         decoder=decoder,
-        timestamps=[p.seconds(p.display_pts[i]) for i in idx],
+        timestamps=[p.seconds(p.display_pts[i] - p.display_pts[0]) for i in idx],
+        start=p.seconds(p.display_pts[0]),
         reasons=reasons,
     )
 
