@@ -19,14 +19,19 @@ Frame policy (defaults are demo scale; Wan2.1-T2V itself is trained at 81 frames
 
 Decoders: decord is the fast path (seeks, decodes only what is needed). A cheap PyAV probe
 (`probe_video`: one demux pass, one decoded frame) detects what decord gets wrong, and such clips
-are decoded with PyAV (sequential decode, FFmpeg's own behaviour): edit lists (decord returns the
-hidden pre-roll frames and seeks wrongly around them), variable frame rate, no container duration
-(decord cannot index it), rotation (decord 0.6 rotates some files itself, then
-resizes to the size asked for as if unrotated), codecs outside
-`DECORD_CODECS`, containers outside `DECORD_CONTAINERS` (decord seeks MPEG-TS a second or more
-off), truncated or corrupt data, and any clip where decord's frame count or timestamps disagree
-with the probe. A non-square SAR does not need PyAV: both paths scale the stored picture to
-`storage_size`, which includes the SAR. `DecodedClip.decoder` records which one ran,
+are decoded with PyAV (sequential decode, FFmpeg's own behaviour):
+- edit lists (decord returns the hidden pre-roll frames and seeks wrongly around them);
+- no container duration (decord cannot index a live WebM);
+- rotation (decord 0.6 rotates some files itself, then resizes to the size asked for as if
+  unrotated);
+- codecs outside `DECORD_CODECS` (decord fails on AV1) and containers outside `DECORD_CONTAINERS`
+  (decord returned frame 30 for frame 0 of a 30 fps MPEG-TS);
+- truncated or corrupt data, duplicate timestamps, and any clip where decord fails, returns
+  malformed frames, or where its frame count or timestamps disagree with the probe.
+A variable frame rate does not need PyAV: decord's frame i is the i-th frame in presentation
+order, the frames are picked from the probe's timestamps (the old constant-rate picking was the
+bug) and checked against decord's own. Nor does a non-square SAR: both paths scale the stored
+picture to `storage_size`, which includes the SAR. `DecodedClip.decoder` records which decoder ran,
 `DecodedClip.timestamps` the presentation times of the frames taken (seconds after the first
 displayed frame) and `DecodedClip.start` that frame's own pts (seconds).
 
@@ -249,8 +254,6 @@ def pyav_reasons(p: Any) -> list[str]:
         reasons.append(f"container {p.container}")
     if p.edit_list:
         reasons.append(f"edit list hides {p.discarded} pre-roll frame{'s' * (p.discarded != 1)}")
-    if p.vfr:
-        reasons.append("variable frame rate")
     if p.duration is None:
         reasons.append("no container duration")
     if p.rotation:  # decord 0.6 applies some rotations itself, before its resize: not ours to guess
@@ -291,9 +294,11 @@ def _decode_decord(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> 
     wanted = sorted(set(idx))
     ts = vr.get_frame_timestamp([0, *wanted])[:, 0]  # (1 + len, 2) start/end seconds, float32
     # decord counts time from the stream's start (MPEG-TS starts at ~1.4 s) and in float32, so compare
-    # offsets from frame 0, to a quarter of the mean frame interval: enough to catch a frame
+    # offsets from frame 0, to a quarter of the shortest frame interval: enough to catch a frame
     # misaligned by one, never tripped by float32 rounding on long clips.
-    tol = max(float(p.time_base) / 2, 0.25 * p.seconds(p.end_pts - p.display_pts[0]) / len(p.display_pts))
+    pts = p.display_pts
+    shortest = min((b - a for a, b in zip(pts, pts[1:])), default=p.end_pts - pts[0])
+    tol = max(float(p.time_base) / 2, 0.25 * p.seconds(shortest))
     for i, t in zip(wanted, ts[1:]):
         if abs(float(t - ts[0]) - p.seconds(p.display_pts[i] - p.display_pts[0])) > tol:
             return None

@@ -130,12 +130,10 @@ CASES: dict[str, Case] = {
     "cut-25-at-1.3": Case("edit_list", _cut("25", 100, 1.3), P96x64, "pyav"),
     "cut-30-at-1.5-mov": Case("edit_list", _cut("30", 120, 1.5, "mov"), P96x64, "pyav"),
     # variable frame rate
-    "vfr-30-then-2": Case(
-        "vfr", _vfr("if(lt(N,30),N/30,1+(N-30)/2)", 40), FramePolicy(17, 64, 96, 8), "pyav"
-    ),
-    "vfr-5-then-60": Case("vfr", _vfr("if(lt(N,5),N/5,1+(N-5)/60)", 60), P96x64, "pyav"),
-    "vfr-jitter": Case("vfr", _vfr("N/25+0.01*mod(N*7,3)", 50), P96x64, "pyav"),
-    "vfr-mkv": Case("vfr", _vfr("if(lt(N,30),N/30,1+(N-30)/2)", 40, "mkv"), P96x64, "pyav"),
+    "vfr-30-then-2": Case("vfr", _vfr("if(lt(N,30),N/30,1+(N-30)/2)", 40), FramePolicy(17, 64, 96, 8)),
+    "vfr-5-then-60": Case("vfr", _vfr("if(lt(N,5),N/5,1+(N-5)/60)", 60), P96x64),
+    "vfr-jitter": Case("vfr", _vfr("N/25+0.01*mod(N*7,3)", 50), P96x64),
+    "vfr-mkv": Case("vfr", _vfr("if(lt(N,30),N/30,1+(N-30)/2)", 40, "mkv"), P96x64),
     # live recordings: no duration, no cues
     "live-vp9-webm": Case(
         "no_duration",
