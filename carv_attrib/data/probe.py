@@ -153,6 +153,35 @@ def mp4_box_overrun(path: str) -> str | None:
     return None
 
 
+def mp4_video_fourcc(path: str, limit: int = 64 << 20) -> str | None:
+    """The sample-entry type (fourcc, e.g. "avc1", "av01") of the first video track of an MP4/MOV, to
+    name a codec FFmpeg has no decoder for. Reads the top-level box headers and the moov box (up to
+    `limit` bytes); None when not found. Layout per ISO/IEC 14496-12 (hdlr handler_type "vide", then
+    that track's stsd: version/flags, entry_count, first entry's size and type)."""
+    size = os.path.getsize(path)
+    off = 0
+    with open(path, "rb") as f:
+        while off + 8 <= size:
+            f.seek(off)
+            head = f.read(16)
+            box, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if box == 1 and len(head) == 16:
+                box = int.from_bytes(head[8:16], "big")
+            if box < 8:
+                return None
+            if kind == b"moov":
+                f.seek(off)
+                moov = f.read(min(box, limit))
+                for trak in moov.split(b"trak")[1:]:
+                    h = trak.find(b"hdlr")
+                    st = trak.find(b"stsd")
+                    if h >= 0 and trak[h + 12 : h + 16] == b"vide" and st >= 0:
+                        return trak[st + 16 : st + 20].decode("latin-1")
+                return None
+            off += box
+    return None
+
+
 def probe_video(path: str) -> VideoProbe:
     """Probe `path` (see the module docstring). Raises ClipFailure no_video / unsupported_codec /
     decode_error; a truncated file is reported in the result (`truncated`), not raised."""
@@ -174,8 +203,11 @@ def probe_video(path: str) -> VideoProbe:
         stream = container.streams.video[0]
         cc = stream.codec_context
         if cc is None or cc.codec is None:
+            tag = mp4_video_fourcc(path) if "mp4" in container.format.name else None
+            named = f"codec tag {tag!r}" if tag else "its codec"
             raise ClipFailure(
-                "unsupported_codec", f"no decoder for this video codec in PyAV {av.__version__}'s FFmpeg"
+                "unsupported_codec",
+                f"no decoder for the video stream ({named}) in PyAV {av.__version__}'s FFmpeg build",
             )
         codec = codec_name(cc.codec.id, cc.codec.name)
         cc.thread_count = 1  # deterministic, and the pool parallelises across clips

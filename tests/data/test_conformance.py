@@ -105,6 +105,20 @@ def _audio(codec: str, ext: str) -> Callable[[str, Path], Path]:
     return build
 
 
+def _unknown_codec(tag: bytes, ext: str, enc: list[str] | None = None) -> Callable[[str, Path], Path]:
+    """A valid file whose video sample entry is renamed to a fourcc no FFmpeg decoder maps."""
+
+    def build(ff: str, d: Path) -> Path:
+        data = make(ff, d / f"src.{ext}", 20, "30", enc=enc).read_bytes()
+        st = data.index(b"stsd")
+        entry = st + 16  # stsd: type, version/flags, entry_count, then the entry's size and type
+        out = d / f"unknown.{ext}"
+        out.write_bytes(data[:entry] + tag + data[entry + 4 :])
+        return out
+
+    return build
+
+
 P96x64 = FramePolicy(frames=9, height=64, width=96, fps=8)
 CASES: dict[str, Case] = {
     # constant frame rate controls, decord's fast path
@@ -176,6 +190,15 @@ CASES: dict[str, Case] = {
     ),
     "codec-av1": Case(
         "codec", _cfr("30", 40, enc=["-c:v", "libsvtav1", "-crf", "20", "-preset", "12"]), P96x64, "pyav"
+    ),
+    # codecs no decoder in PyAV's FFmpeg maps: a failure that names the codec tag
+    "unknown-fourcc-mp4": Case("codec", _unknown_codec(b"zzzz", "mp4"), P96x64, None, "unsupported_codec"),
+    "unknown-fourcc-mov-hevc": Case(
+        "codec",
+        _unknown_codec(b"qv01", "mov", ["-c:v", "libx265", "-x265-params", "log-level=none"]),
+        P96x64,
+        None,
+        "unsupported_codec",
     ),
     # truncated copies: the intact prefix when it is long enough, else a truncated failure
     "trunc-40-short-policy": Case("truncated", _truncated(0.4, True), FramePolicy(5, 64, 96, 8), "pyav"),
@@ -252,6 +275,8 @@ def check(name: str, path: Path, decoder: str = "auto") -> dict:
         assert case.failure == exc.kind, f"{name}: {exc.kind}: {exc.message}"
         if exc.kind == "truncated":
             assert exc.message.startswith("truncated: ")
+        if exc.kind == "unsupported_codec":  # named
+            assert path.read_bytes()[path.read_bytes().index(b"stsd") + 16 :][:4].decode() in exc.message
         if exc.kind == "too_short":
             assert "--" not in exc.message and exc.details["needed_frames"] == case.policy.frames
         return {"case": name, "kind": case.kind, "result": exc.kind, "message": exc.message}
