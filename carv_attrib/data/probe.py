@@ -14,13 +14,17 @@ the first frame, whose display matrix gives the rotation) and records:
   (SAR; a player shows a W x H frame as W*SAR x H);
 - truncation: an MP4 sample table (PyAV `index_entries`) that points past the end of the file, a
   packet FFmpeg flags corrupt (a partial read at the end of the data), or fewer packets than the
-  header's frame count. `intact_before` is then the decode timestamp of the first lost packet:
+  header's frame count. `intact_before` is then the decode timestamp of the first incomplete
+  packet, or one tick past the last demuxed packet's when the lost packets simply are not there:
   every frame displayed before it was decoded from intact packets only (pts >= dts for every
   frame, and references come earlier in decode order), which is the intact prefix.
 
 Errors are `ClipFailure`s: `no_video` (no video stream, e.g. audio only), `unsupported_codec` (no
-decoder for the stream's codec in PyAV's FFmpeg build; the codec is named), `decode_error` (the
-container cannot be opened or demuxed).
+decoder for the stream's codec in PyAV's FFmpeg build; named by its MP4 sample-entry fourcc when
+there is one), `truncated` (FFmpeg cannot open the file and an MP4 box runs past its end: an
+interrupted copy of a file whose index comes last), `decode_error` (anything else FFmpeg cannot
+open). Sources: FFmpeg's mov demuxer (edit lists -> AV_PKT_FLAG_DISCARD, partial reads ->
+AV_PKT_FLAG_CORRUPT), libavutil/display.h (rotation), ISO/IEC 14496-12 (boxes).
 
     p = probe_video("clip.mp4")
     p.display_pts, p.time_base, p.edit_list, p.vfr, p.rotation, p.sar

@@ -263,7 +263,7 @@ def pyav_reasons(p: Any) -> list[str]:
     if p.first_frame_error:
         reasons.append("first frame does not decode")
     if len(p.display_pts) != p.packets - p.discarded:
-        reasons.append("duplicate timestamps")
+        reasons.append("packets without distinct timestamps")
     return reasons
 
 
@@ -284,8 +284,9 @@ def orient(frames: Any, rotation: int) -> Any:
 
 def _decode_decord(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> Any:
     """decord read of display frames `idx`; None when decord's view of the file disagrees with the
-    probe (frame count, or a taken frame's timestamp off by more than half a tick) or its output is
-    malformed (decord 0.6 gives (h, w, 4) frames for some target widths, e.g. 48)."""
+    probe (frame count, or a taken frame's time offset from frame 0 off by more than a quarter of the
+    shortest frame interval) or its output is malformed (decord 0.6 gives (h, w, 4) frames for some
+    target widths, e.g. 48)."""
     import decord
 
     vr = decord.VideoReader(path, num_threads=1, width=size[0], height=size[1])
@@ -318,11 +319,14 @@ def _decode_pyav(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> An
     want = {p.display_pts[i] for i in idx}
     got: dict[int, Any] = {}
     errors: list[str] = []
+    out = [0]  # frames output so far: the display index of a frame that carries no pts
 
     def take(frames: list[Any]) -> None:
         for fr in frames:
-            if fr.pts in want and fr.pts not in got:
-                got[fr.pts] = fr.reformat(
+            n, out[0] = out[0], out[0] + 1
+            pts = fr.pts if fr.pts is not None else p.display_pts[min(n, len(p.display_pts) - 1)]
+            if pts in want and pts not in got:
+                got[pts] = fr.reformat(
                     width=size[0], height=size[1], format="rgb24", interpolation="BICUBIC"
                 ).to_ndarray()
 
