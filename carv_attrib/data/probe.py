@@ -197,7 +197,7 @@ def probe_video(path: str) -> VideoProbe:
         overrun = mp4_box_overrun(path)
         if overrun:  # e.g. an interrupted copy of an MP4 whose index (moov) comes after the data
             raise ClipFailure(
-                "truncated", f"truncated: {overrun}; FFmpeg cannot open it ({_short(exc)})"
+                "truncated", f"the file ends early: {overrun}; FFmpeg cannot open it ({_short(exc)})"
             ) from exc
         raise ClipFailure("decode_error", f"cannot open as a video container: {_short(exc)}") from exc
     with container:

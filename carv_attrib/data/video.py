@@ -35,8 +35,8 @@ picture to `storage_size`, which includes the SAR. `DecodedClip.decoder` records
 `DecodedClip.timestamps` the presentation times of the frames taken (seconds after the first
 displayed frame) and `DecodedClip.start` that frame's own pts (seconds).
 
-Failure kinds (`ClipFailure.kind`; the message says what is wrong and never names a CLI flag, so
-callers add their own advice):
+Failure kinds (`ClipFailure.kind`; the message says what is wrong without repeating the kind, so
+"{kind}: {message}" reads well, and never names a CLI flag, so callers add their own advice):
 - `missing`: the file does not exist;
 - `decode_error`: empty file, not a container FFmpeg can read, or frames that do not decode;
 - `no_video`: the container has no video stream (e.g. audio only);
@@ -378,7 +378,7 @@ def plan_clip(path: str, policy: FramePolicy) -> tuple[Any, list[int], list[str]
         limit = p.intact_before
         kept = [t for t in p.display_pts if limit is None or t < limit]
         if not kept:
-            raise ClipFailure("truncated", f"truncated: {p.truncation}; no frame is intact")
+            raise ClipFailure("truncated", f"the file ends early: {p.truncation}; no frame is intact")
         end = next((t for t in p.display_pts if t >= kept[-1] + 1), p.end_pts)
         if limit is not None:
             end = min(end, limit)
@@ -388,7 +388,7 @@ def plan_clip(path: str, policy: FramePolicy) -> tuple[Any, list[int], list[str]
         except ClipFailure as exc:
             raise ClipFailure(
                 "truncated",
-                f"truncated: {p.truncation}; the intact prefix is too short: {exc.message}",
+                f"the file ends early: {p.truncation}; the intact prefix is too short: {exc.message}",
                 exc.details,
             ) from None
         return p, idx, reasons

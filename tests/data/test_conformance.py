@@ -274,7 +274,7 @@ def check(name: str, path: Path, decoder: str = "auto") -> dict:
     except ClipFailure as exc:
         assert case.failure == exc.kind, f"{name}: {exc.kind}: {exc.message}"
         if exc.kind == "truncated":
-            assert exc.message.startswith("truncated: ")
+            assert exc.message.startswith("the file ends early: ")
         if exc.kind == "unsupported_codec":  # named
             assert path.read_bytes()[path.read_bytes().index(b"stsd") + 16 :][:4].decode() in exc.message
         if exc.kind == "too_short":

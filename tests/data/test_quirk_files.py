@@ -100,7 +100,7 @@ def test_audio_only_has_no_video_stream() -> None:
 def test_truncated_says_so_or_gives_the_intact_prefix() -> None:
     with pytest.raises(ClipFailure) as exc:
         decode_clip(str(QUIRKS / "truncated48.mp4"), POLICY)  # 17 frames at 8 fps: 2 s, prefix is 1.875 s
-    assert exc.value.kind == "truncated" and exc.value.message.startswith("truncated: ")
+    assert exc.value.kind == "truncated" and exc.value.message.startswith("the file ends early: ")
     clip = decode_clip(str(QUIRKS / "truncated48.mp4"), FramePolicy(frames=9, height=64, width=96, fps=8))
     assert clip.decoder == "pyav" and clip.timestamps == pytest.approx([k / 8 for k in range(9)])
 

@@ -166,7 +166,7 @@ def test_failures_are_typed(tmp_path: Path, demo_data: Path) -> None:
     (tmp_path / "trunc.mp4").write_bytes(good[: len(good) // 3])
     with pytest.raises(ClipFailure) as exc:
         decode_clip(str(tmp_path / "trunc.mp4"), policy)
-    assert exc.value.kind == "truncated" and exc.value.message.startswith("truncated: ")
+    assert exc.value.kind == "truncated" and exc.value.message.startswith("the file ends early: ")
     (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(ClipFailure) as exc:
         decode_clip(str(tmp_path / "noise.mp4"), policy)
