@@ -15,6 +15,7 @@ must pick the same frames (checked), so the cost compared is the probe's alone.
 
     .venv/bin/python bench/probe_cost.py               # ~1 min on 2 cores
     .venv/bin/python bench/probe_cost.py --clips 48 --rounds 7
+    .venv/bin/python bench/probe_cost.py --videos a.mp4 b.mp4 --out /tmp/probe_cost_hd.json
 
 Writes bench/results/probe_cost.json. Results are machine- and load-dependent. The work directory
 (default bench/_work/probe_cost, gitignored) keeps the clips between runs.
@@ -60,24 +61,31 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--work", type=Path, default=BENCH / "_work" / "probe_cost")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "probe_cost.json")
+    ap.add_argument("--videos", nargs="*", default=None, help="measure these files instead of demo clips")
     args = ap.parse_args()
 
     from carv_attrib.data.probe import probe_video
     from carv_attrib.data.video import FramePolicy, decode_clip
     from carv_attrib.demo_data import make_demo_data
 
-    data = args.work / f"demo-{args.clips}"
-    if not (data / "manifest.json").exists():
-        make_demo_data(data, clips=args.clips, seed=0)
-    paths = sorted(str(p) for p in (data / "videos").glob("*.mp4"))[: args.clips]
+    if args.videos:
+        paths = [str(Path(v).resolve()) for v in args.videos]
+    else:
+        data = args.work / f"demo-{args.clips}"
+        if not (data / "manifest.json").exists():
+            make_demo_data(data, clips=args.clips, seed=0)
+        paths = sorted(str(p) for p in (data / "videos").glob("*.mp4"))[: args.clips]
     policy = FramePolicy()
 
-    # Same frames either way on these constant-rate clips: the picking rule changed (nearest frame
-    # -> frame displayed at k/fps) but at 8 fps source and 8 fps target both give 0..16.
+    # Both decode the same number of frames with decord; on the demo clips (8 fps source, 8 fps
+    # target) they pick the same ones too. Elsewhere the picking rule changed (nearest frame ->
+    # frame displayed at k/fps), so indices can differ by one; the work is the same.
+    same = 0
     for p in paths:
         new = decode_clip(p, policy)
         old, idx = decode_without_probe(p, policy)
-        assert new.decoder == "decord" and new.indices == idx, (p, new.reasons, new.indices, idx)
+        assert new.decoder == "decord", (p, new.reasons)
+        same += new.indices == idx
 
     variants = {
         "without_probe": lambda: [decode_without_probe(p, policy) for p in paths],
@@ -97,10 +105,12 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {
         "config": {
+            "videos": args.videos,
             "clips": len(paths),
             "rounds": args.rounds,
             "policy": policy.to_dict(),
-            "clip": "demo 96x80, 24 frames at 8 fps, H.264",
+            "clip": "given files" if args.videos else "demo 96x80, 24 frames at 8 fps, H.264",
+            "same_indices": same,
         },
         "clips_per_s": {k: len(paths) / v for k, v in med.items()},
         "ms_per_clip": {k: 1000 * v / len(paths) for k, v in med.items()},
