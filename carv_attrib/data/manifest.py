@@ -6,6 +6,15 @@ Formats (chosen by extension, or `fmt=`):
   a caption column and optionally a path column (relative to VIDEOS, or absolute when allowed).
   Without a path column the video is VIDEOS/<id>.mp4.
 
+Text is UTF-8; a leading byte-order mark (U+FEFF, which spreadsheet programs and Windows editors
+write) is dropped from JSON, JSONL and CSV files and from column names, as Python's "utf-8-sig"
+codec does. Ids are compared, hashed and matched to file names in Unicode normal form NFC (macOS
+file systems and some tools store names decomposed, NFD): an id written in NFD and one in NFC are
+the same clip, and VIDEOS/<id>.mp4 is found whichever form the file name on disk uses. Paths are
+made absolute lexically, not resolved: a folder of symbolic links (the Hugging Face cache layout,
+snapshots/<rev>/x.mp4 -> ../../blobs/<sha256>) keeps the link names and may point outside VIDEOS;
+`..` components that leave VIDEOS are still refused.
+
 The result has columns clip_id (int64, stable: a hash of the id, so reordering or extending a
 manifest keeps every clip's id), vid, caption and path (absolute). Problems are reported all at
 once, naming the offending rows, as a UsageError (exit 2).
@@ -19,6 +28,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,9 +84,61 @@ class ClipTable:
         return h.hexdigest()[:16]
 
 
+BOM = "\ufeff"
+
+
+def nfc(text: str) -> str:
+    """Unicode normal form C, the one form ids and file names are compared in."""
+    return unicodedata.normalize("NFC", text)
+
+
 def clip_id_for(vid: str) -> int:
-    """Stable non-negative int64 id of a clip: the first 63 bits of sha256(vid)."""
-    return int.from_bytes(hashlib.sha256(vid.encode()).digest()[:8], "big") >> 1
+    """Stable non-negative int64 id of a clip: the first 63 bits of sha256(NFC(vid)) (unchanged for
+    ids already in NFC, which includes every ASCII id)."""
+    return int.from_bytes(hashlib.sha256(nfc(vid).encode()).digest()[:8], "big") >> 1
+
+
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """The text of a UTF-8 file with a leading byte-order mark dropped (e.g. a --prompts file saved by
+    a spreadsheet or Notepad). Raises UsageError naming `what` and the path when the file is missing
+    or not UTF-8."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError as exc:
+        raise UsageError(f"{what} {path} does not exist") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} {path} is not UTF-8 text: {exc}") from exc
+
+
+def _strip_bom_keys(rows: list[Any]) -> list[Any]:
+    """Drop a BOM glued to the first column name (a BOM'd CSV converted to Parquet/JSON keeps it)."""
+    out = []
+    for r in rows:
+        if isinstance(r, dict) and any(isinstance(k, str) and k.startswith(BOM) for k in r):
+            r = {(k.lstrip(BOM) if isinstance(k, str) else k): v for k, v in r.items()}
+        out.append(r)
+    return out
+
+
+class _NameIndex:
+    """Finds a file whose name equals the wanted one in NFC, per directory (listed once)."""
+
+    def __init__(self) -> None:
+        self._dirs: dict[str, dict[str, str]] = {}
+
+    def find(self, full: str) -> str:
+        if os.path.lexists(full):
+            return full
+        parent, name = os.path.split(full)
+        if parent not in self._dirs:
+            try:
+                names = os.listdir(parent)
+            except OSError:
+                names = []
+            self._dirs[parent] = {nfc(n): n for n in names}
+        actual = self._dirs[parent].get(nfc(name))
+        return os.path.join(parent, actual) if actual is not None else full
 
 
 def detect_format(path: Path) -> str:
@@ -95,9 +158,13 @@ def detect_format(path: Path) -> str:
 
 
 def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
+    return _strip_bom_keys(_read_rows_raw(path, fmt))
+
+
+def _read_rows_raw(path: Path, fmt: str) -> list[dict[str, Any]]:
     try:
         if fmt == "vidgen":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):  # some dumps wrap the list, e.g. {"data": [...]}
                 lists = [v for v in data.values() if isinstance(v, list)]
                 data = lists[0] if len(lists) == 1 else data
@@ -106,7 +173,7 @@ def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
             return data
         if fmt == "jsonl":
             rows = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
@@ -114,7 +181,7 @@ def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
                         raise UsageError(f"manifest {path}: line {n} is not valid JSON ({exc.msg})") from exc
             return rows
         if fmt == "csv":
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:
                 dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
                 return list(csv.DictReader(f, dialect=dialect))
         if fmt == "parquet":
@@ -172,6 +239,7 @@ def read_manifest(
         )
     if videos is None and (path_col is None or fmt == "vidgen"):
         raise UsageError(f"manifest {path} gives no video paths; pass --videos DIR (videos are DIR/<id>.mp4)")
+    # The root is resolved (it is a real folder); files under it are not (see the module docstring).
     root = Path(videos).resolve() if videos is not None else path.parent.resolve()
 
     problems: list[str] = []
@@ -190,7 +258,7 @@ def read_manifest(
     dups: list[str] = []
     vids: list[str] = []
     for i, r in enumerate(rows, 1):
-        vid = str(r.get(opts.id_column, ""))
+        vid = nfc(str(r.get(opts.id_column, "")))
         vids.append(vid)
         if vid and vid in seen:
             dups.append(f"{vid!r} (rows {seen[vid]} and {i})")
@@ -201,13 +269,14 @@ def read_manifest(
 
     paths: list[str] = []
     escaping: list[int] = []
+    names = _NameIndex()
     for i, (r, vid) in enumerate(zip(rows, vids), 1):
         rel = str(r[path_col]) if path_col and r.get(path_col) not in (None, "") else vid + opts.video_ext
         p = Path(rel)
-        full = (p if p.is_absolute() else root / p).resolve()
-        if not opts.allow_absolute_paths and not full.is_relative_to(root):
+        full = os.path.normpath(p if p.is_absolute() else root / p)  # lexical: symlink names are kept
+        if not opts.allow_absolute_paths and not Path(full).is_relative_to(root):
             escaping.append(i)
-        paths.append(str(full))
+        paths.append(names.find(full))
     if escaping:
         problems.append(
             f"paths outside the videos root {root} in {_rows_listing(escaping)} "

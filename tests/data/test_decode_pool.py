@@ -35,3 +35,12 @@ def test_in_process_mode(demo_data: Path) -> None:
     with DecodePool(FramePolicy(frames=9, height=32, width=32), workers=0) as pool:
         ((key, clip),) = pool.imap([("x", path)])
     assert key == "x" and clip.frames.shape == (9, 32, 32, 3)
+
+
+def test_failure_details_cross_process_boundaries(demo_data: Path) -> None:
+    path = str(next((demo_data / "videos").glob("*.mp4")))  # 24 frames at 8 fps: 3 s
+    policy = FramePolicy(frames=41, height=32, width=32, fps=8)  # needs 5 s
+    with DecodePool(policy, workers=1) as pool:
+        ((_, failure),) = pool.imap([(0, path)])
+    assert isinstance(failure, ClipFailure) and failure.kind == "too_short"
+    assert failure.details["available_frames"] == 24 and failure.details["needed_frames"] == 41

@@ -140,3 +140,59 @@ def test_shipped_example_manifests_parse() -> None:
         opts = ManifestOptions(allow_absolute_paths=False)
         t = read_manifest(p, root / "videos", opts)
         assert len(t) >= 3
+
+
+@pytest.mark.parametrize("fmt", ["vidgen", "jsonl", "csv"])
+def test_byte_order_mark_is_dropped(tmp_path: Path, fmt: str) -> None:
+    m = write(tmp_path / f"m{EXT[fmt]}", ROWS, fmt)
+    m.write_bytes(b"\xef\xbb\xbf" + m.read_bytes())  # as spreadsheet programs save UTF-8
+    t = read_manifest(m, tmp_path / "videos")
+    assert t.vid == ["a", "b", "c"] and t.caption == [r["caption"] for r in ROWS]
+
+
+def test_bom_glued_to_a_parquet_column_name_is_dropped(tmp_path: Path) -> None:
+    rows = [{"\ufeffvid": r["vid"], "caption": r["caption"]} for r in ROWS]  # a BOM'd CSV converted
+    t = read_manifest(write(tmp_path / "m.parquet", rows, "parquet"), tmp_path)
+    assert t.vid == ["a", "b", "c"]
+
+
+def test_read_text_file_drops_the_bom(tmp_path: Path) -> None:
+    from carv_attrib.data.manifest import read_text_file
+
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfa prompt\nanother\n")
+    assert read_text_file(tmp_path / "p.txt").splitlines() == ["a prompt", "another"]
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UsageError, match="prompts file .* is not UTF-8"):
+        read_text_file(tmp_path / "bad.txt", "prompts file")
+    with pytest.raises(UsageError, match="does not exist"):
+        read_text_file(tmp_path / "nope.txt")
+
+
+def test_hugging_face_cache_layout_keeps_link_names(tmp_path: Path) -> None:
+    """snapshots/<rev>/<name> are relative symlinks to ../../blobs/<sha256>, outside the folder."""
+    blobs = tmp_path / "repo" / "blobs"
+    snap = tmp_path / "repo" / "snapshots" / "0123abc"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, r in enumerate(ROWS):
+        (blobs / f"{i:064x}").write_bytes(b"video")
+        (snap / f"{r['vid']}.mp4").symlink_to(Path("../../blobs") / f"{i:064x}")
+    t = read_manifest(write(tmp_path / "m.json", ROWS, "vidgen"), snap)
+    assert t.path == [str(snap.resolve() / f"{v}.mp4") for v in "abc"]
+    assert all(Path(p).is_symlink() and Path(p).exists() for p in t.path)
+
+
+def test_ids_and_file_names_compare_in_nfc(tmp_path: Path) -> None:
+    import unicodedata
+
+    nfc_id, nfd_id = unicodedata.normalize("NFC", "café-01"), unicodedata.normalize("NFD", "café-01")
+    assert nfc_id != nfd_id
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / f"{nfd_id}.mp4").write_bytes(b"v")  # the name as a macOS file system stores it
+    t = read_manifest(write(tmp_path / "m.json", [{"vid": nfc_id, "caption": "x"}], "vidgen"), videos)
+    assert Path(t.path[0]).exists() and t.vid == [nfc_id]
+    assert clip_id_for(nfd_id) == clip_id_for(nfc_id)
+    rows = [{"vid": nfc_id, "caption": "x"}, {"vid": nfd_id, "caption": "y"}]
+    with pytest.raises(UsageError, match="duplicate ids"):
+        read_manifest(write(tmp_path / "d.json", rows, "vidgen"), videos)

