@@ -245,9 +245,14 @@ class IndexConfig(StageConfig):
     index_factory: str | None = option(
         None, help="FAISS factory string for large runs, e.g. IVF1024,PQ32 (default Flat)."
     )
+    nprobe: int | None = option(
+        None, help="IVF lists probed per query (default nlist/16, at least 8; widened until k hits)."
+    )
 
     def validate(self) -> IndexConfig:
         check_choice("--precondition", self.precondition, PRECONDITIONERS)
+        if self.nprobe is not None:
+            check_min("--nprobe", self.nprobe, 1)
         if self.lambda_rel <= 0:
             raise UsageError(f"--lambda {self.lambda_rel}: must be > 0")
         return self
@@ -346,6 +351,7 @@ class ScoreConfig(StageConfig):
     workers: int = option(1, help="Decoding processes (0: decode in this process).")
     decode_timeout: float = option(120.0, help="Seconds per query before its decoder is killed.")
     batch_clips: int = batch_clips_option()
+    nprobe: int | None = option(None, help="IVF lists probed per query (default: the index's).")
 
     def validate(self) -> ScoreConfig:
         if not self.queries:
@@ -464,4 +470,31 @@ class DemoConfig(StageConfig):
         check_choice("--precondition", self.precondition, PRECONDITIONERS)
         check_min("--top-k", self.top_k, 1)
         parse_size(self.size)
+        return self
+
+
+# -- frames ----------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class FramesConfig(StageConfig):
+    """`frames`: what encode/score would take from a clip under a frame policy, and why."""
+
+    video: Path = option(positional=True, help="The video file to inspect.")
+    frames: int = option(17, help="Frames per clip, 1 + 4k.")
+    size: str = option("64x64", metavar="WxH", help="Frame size WxH, multiples of 16.")
+    fps: float = option(8.0, help="Sampling rate: frame k is the frame displayed at k/fps (0 = consecutive).")
+    pad_short: bool = option(False, flags=("--pad-short",), help="Repeat the last frame of a too-short clip.")
+    decoder: str = option("auto", help="auto (decord where it is right, else PyAV) | pyav.")
+    png: Path | None = option(None, help="Write a contact sheet of the frames taken (PNG).")
+    npy: Path | None = option(None, help="Write the frames taken as uint8 (F, H, W, 3) .npy.")
+    scale: int = option(1, help="Integer upscaling of the contact sheet's tiles.")
+
+    @property
+    def policy(self) -> FramePolicy:
+        w, h = parse_size(self.size)
+        return FramePolicy(frames=self.frames, height=h, width=w, fps=self.fps, pad_short=self.pad_short)
+
+    def validate(self) -> FramesConfig:
+        self.policy.validate()
+        check_choice("--decoder", self.decoder, ("auto", "pyav"))
+        check_min("--scale", self.scale, 1)
         return self

@@ -53,11 +53,21 @@ def new_index(d: int, factory: str | None = None, use_gpu: bool | None = None) -
     use_gpu None: a GPU when faiss has GPU support and sees a device."""
     if d < 1:
         raise ValueError("vectors must have at least one dimension")
-    inner = (
-        faiss.IndexFlatIP(d)
-        if factory is None
-        else faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    )
+    try:
+        inner = (
+            faiss.IndexFlatIP(d)
+            if factory is None
+            else faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        )
+    except RuntimeError as exc:  # FAISS's message is a multi-line C++ trace: keep its first line
+        first = next(
+            (line.strip() for line in str(exc).splitlines() if "Error" in line or "error" in line), ""
+        )
+        raise ValueError(
+            f"--index-factory {factory!r}: FAISS cannot build it for {d}-dimensional vectors"
+            f"{' (' + first + ')' if first else ''}; see the FAISS index_factory docs (e.g. IVF1024,Flat or IVF1024,PQ32 "
+            f"with {d} divisible by 32)"
+        ) from None
     index = faiss.IndexIDMap2(inner)  # faiss's Python wrapper keeps `inner` referenced
     if use_gpu is None:
         use_gpu = _gpu_available(faiss)
@@ -154,22 +164,46 @@ def set_nprobe(index: Any, nprobe: int) -> None:
     ivf.nprobe = int(nprobe)
 
 
+def ivf_lists(index: Any) -> int | None:
+    """The number of IVF lists of an IVF index, None for any other index."""
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return None
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists probed per query unless told otherwise: nlist/16, at least 8 (FAISS's own default, 1,
+    misses most neighbours of a small index). `search` widens it when it returns fewer than k hits."""
+    return min(nlist, max(8, -(-nlist // 16)))
+
+
 def search(
-    index: Any, queries: Any, k: int | None = 10, nprobe: int | None = None
+    index: Any, queries: Any, k: int | None = 10, nprobe: int | None = None, fill: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner products: (scores (m, k) float32, ids (m, k) int64), best first.
 
-    k None means every indexed vector; k is clipped to `index.ntotal`. An approximate index with
-    few probed lists can return fewer than k hits: those slots have id -1. (A GPU index caps k
-    at 2048, a faiss limit; indexes from `load_index` are on the CPU.)
+    k None means every indexed vector; k is clipped to `index.ntotal`. For an IVF index `nprobe`
+    lists are probed (None: `default_nprobe`); with `fill`, a query that gets fewer than k hits is
+    searched again with twice the lists, up to all of them, so k ≤ N always returns k results.
+    Without `fill`, missing slots have id -1. (A GPU index caps k at 2048, a faiss limit; indexes
+    from `load_index` are on the CPU.)
     """
     q = _as_vectors(queries, index.d, "queries")
-    if nprobe is not None:
-        set_nprobe(index, nprobe)
+    nlist = ivf_lists(index)
+    if nlist is not None:
+        set_nprobe(index, nprobe or default_nprobe(nlist))
     k = index.ntotal if k is None else min(int(k), index.ntotal)
     if k < 0:
         raise ValueError(f"k must be >= 0 or None, got {k}")
     if k == 0:
         return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
     scores, ids = index.search(q, k)
+    probe = nprobe or (default_nprobe(nlist) if nlist else None)
+    while fill and nlist is not None and probe < nlist and (ids < 0).any():
+        probe = min(nlist, 2 * probe)
+        set_nprobe(index, probe)
+        short = np.flatnonzero((ids < 0).any(axis=1))  # only the queries that came back short
+        s2, i2 = index.search(q[short], k)
+        scores[short], ids[short] = s2, i2
     return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from carv_attrib import __version__
-from carv_attrib.cli import demo, encode, featurize, inspect, make, plan, score
+from carv_attrib.cli import demo, encode, featurize, frames, inspect, make, plan, score
 from carv_attrib.cli.common import state
 
 app = typer.Typer(
@@ -46,6 +46,7 @@ app.command("featurize")(featurize.featurize)
 app.command("index")(featurize.index)
 app.command("score")(score.score)
 app.command("plan")(plan.plan)
+app.command("frames")(frames.frames)
 app.command("status")(inspect.status)
 app.command("env")(inspect.env)
 app.command("make-model")(make.make_model)

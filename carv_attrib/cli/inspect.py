@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from carv_attrib.cli.common import handle_errors, out_console, package_versions
 
@@ -27,7 +28,7 @@ def status(
     if fmt == "json":
         out_console.print_json(json.dumps(info, default=str))
         return
-    table = Table(title=f"run {run}", show_lines=False)
+    table = Table(title=Text(f"run {run}"), show_lines=False)
     table.add_column("stage")
     table.add_column("fingerprint")
     table.add_column("shards")
@@ -39,7 +40,9 @@ def status(
             table.add_row(stage, "-", "-", "-", "not started")
             continue
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["statuses"].items()))
-        table.add_row(stage, s["fingerprint"], str(s["shards_done"]), str(s["rows"]), kinds)
+        if s.get("decoders"):
+            kinds += " (decoded by " + ", ".join(f"{k} {v}" for k, v in sorted(s["decoders"].items())) + ")"
+        table.add_row(stage, s["fingerprint"], str(s["shards_done"]), str(s["rows"]), Text(kinds))
     idx: dict[str, Any] | None = info.get("index")
     if idx:
         table.add_row(
@@ -97,4 +100,4 @@ def env(fmt: Format = "human") -> None:
     for key, value in info.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items() if v)
-        out_console.print(f"[bold]{key}[/]: {value}")
+        out_console.print(Text.assemble((f"{key}", "bold"), f": {value}"))

@@ -46,9 +46,12 @@ def latent_schema() -> pa.Schema:
             ("text_emb", pa.binary()),  # (text_len, text_dim) trimmed UMT5 embedding, same dtype
             ("text_len", pa.int32()),
             ("text_dim", pa.int32()),
-            ("frame_indices", pa.list_(pa.int32())),  # source frames used
+            ("frame_indices", pa.list_(pa.int32())),  # display-order source frames taken
             ("source_fps", pa.float64()),
             ("fps", pa.float64()),  # sampling fps used (0 = consecutive frames)
+            ("decoder", pa.string()),  # "decord" or "pyav" (data/video.py chooses per clip)
+            ("frame_timestamps", pa.list_(pa.float64())),  # s after the first displayed frame
+            ("decode_reasons", pa.list_(pa.string())),  # why PyAV was used (edit list, rotation, ...)
         ]
     )
 

@@ -189,6 +189,7 @@ class IndexInfo:
     checkpoint_paths: list[str | None]  # absolute; None = MODEL's own transformer
     model_source: str | None
     encode: EncodeFacts
+    nprobe: int | None = None  # IVF lists probed per query (None: attrib.index.default_nprobe)
     created_at: str = ""
     tool_version: str = ""
     schema_version: int = INDEX_SCHEMA_VERSION

@@ -83,6 +83,21 @@ class ClipFailure(Exception):
         return (ClipFailure, (self.kind, self.message, self.details))
 
 
+# What a user of each command can do about a clip too short for the frame policy.
+TOO_SHORT_ADVICE = {
+    "encode": "pass --pad-short to repeat its last frame, or lower --frames / --fps",
+    "frames": "pass --pad-short to repeat its last frame, or lower --frames / --fps",
+    "score": "use a longer query video; the run fixes the frame policy (re-encode the run with --pad-short "
+    "to accept short clips)",
+}
+
+
+def failure_message(failure: ClipFailure, command: str) -> str:
+    """The failure's message, with advice the given command accepts where there is some."""
+    advice = TOO_SHORT_ADVICE.get(command) if failure.kind == "too_short" else None
+    return f"{failure.message}; {advice}" if advice else failure.message
+
+
 @dataclass(frozen=True)
 class FramePolicy:
     frames: int = 17

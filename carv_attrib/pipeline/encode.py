@@ -33,12 +33,14 @@ from carv_attrib.data.latents import empty_latent_row, latent_schema
 from carv_attrib.data.manifest import ClipTable, read_clip_table, read_manifest, write_clip_table
 from carv_attrib.data.run import RunDir
 from carv_attrib.data.store import ShardStore, now_iso
-from carv_attrib.data.video import ClipFailure, DecodedClip, frames_to_tensor
+from carv_attrib.data.video import ClipFailure, DecodedClip, failure_message, frames_to_tensor
 from carv_attrib.errors import ConfigMismatchError
 from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity
 from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
 
 log = logging.getLogger(__name__)
+
+FRAME_SELECTION = "displayed-at-k/fps-v1"
 
 __all__ = ["EncodeConfig", "EncodeSummary", "run_encode"]
 
@@ -59,6 +61,9 @@ def latents_identity(cfg: EncodeConfig, model_ident: dict[str, Any], manifest_ha
         "manifest_hash": manifest_hash,
         "text_max_sequence_length": 512,
         "latent": "normalised latent_dist.mode(): (z - latents_mean) / latents_std",
+        # frame k = the frame displayed at k/fps after the first displayed one (edit lists, VFR,
+        # rotation and SAR honoured; data/video.py): latents from the older index rule never mix in
+        "frame_selection": FRAME_SELECTION,
     }
 
 
@@ -184,10 +189,17 @@ class _ShardEncoder:
     ) -> None:
         self.rows.setdefault(shard, []).append(row)
         if isinstance(result, ClipFailure):
-            row.update(status=result.kind, error=result.message)
+            row.update(status=result.kind, error=failure_message(result, "encode"))
             progress("clip", {"status": result.kind, "vid": row["vid"]})
         else:
-            row.update(frame_indices=result.indices, source_fps=result.source_fps, fps=self.cfg.fps)
+            row.update(
+                frame_indices=result.indices,
+                source_fps=result.source_fps,
+                fps=self.cfg.fps,
+                decoder=result.decoder,
+                frame_timestamps=result.timestamps,
+                decode_reasons=result.reasons,
+            )
             self.pending.append((row, result))
 
     def flush(self, progress: ProgressFn) -> None:

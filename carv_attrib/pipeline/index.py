@@ -69,6 +69,7 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
     blocks = prov.get("blocks") or [int(feats_cfg["projector"]["dim"])] * n_ckpt  # one per checkpoint
     dim = sum(blocks)
     try:
+        index = new_index(dim, cfg.index_factory, use_gpu)  # a bad factory is refused before any pass
         pre = fit_preconditioner(
             cfg.precondition,
             (f for _, f in iter_feature_blocks(run, shards=shards)) if cfg.precondition == "trak" else None,
@@ -76,7 +77,6 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
             blocks=blocks,
             lambda_rel=cfg.lambda_rel,
         )
-        index = new_index(dim, cfg.index_factory, use_gpu)
         if not index.is_trained:
             train_index(index, _train_sample(run, shards, ids.size, pre), cfg.index_factory)
         for ids_s, feats_s in iter_feature_blocks(run, shards=shards):
@@ -95,6 +95,7 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
         factory=cfg.index_factory or "Flat",
         preconditioner=pre.to_dict(),
         lambda_rel=cfg.lambda_rel,
+        nprobe=cfg.nprobe,
         draws=feats_cfg["draws"],
         output_fn=feats_cfg["output_fn"],
         timestep=feats_cfg["timestep"],

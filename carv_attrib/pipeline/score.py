@@ -33,10 +33,10 @@ from carv_attrib.carv.draws import DrawRule
 from carv_attrib.config import ScoreConfig
 from carv_attrib.data.decode_pool import DecodePool
 from carv_attrib.data.latents import as_stored
-from carv_attrib.data.manifest import clip_id_for
+from carv_attrib.data.manifest import clip_id_for, read_text_file
 from carv_attrib.data.run import IndexInfo, RunDir
 from carv_attrib.data.store import now_iso
-from carv_attrib.data.video import ClipFailure, FramePolicy, frames_to_tensor
+from carv_attrib.data.video import ClipFailure, FramePolicy, failure_message, frames_to_tensor
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
@@ -115,7 +115,7 @@ def _read_prompt_mapping(path: Path) -> dict[str, str]:
                         )
                     mapping[key] = row["prompt"]
         else:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            data = json.loads(read_text_file(path, "--prompts file"))
             if isinstance(data, list):
                 data = {d["path"]: d["prompt"] for d in data}
             mapping = {str(k): str(v) for k, v in data.items()}
@@ -146,7 +146,7 @@ def _encode_queries(cfg: ScoreConfig, info: IndexInfo, wan: WanModel, queries: l
         for i, result in pool.imap([(i, str(Path(q.path).resolve())) for i, q in enumerate(queries)]):
             q = queries[i]
             if isinstance(result, ClipFailure):
-                q.fail(f"{result.kind}: {result.message}")
+                q.fail(f"{result.kind}: {failure_message(result, 'score')}")
                 continue
             try:
                 z = encode_video(wan.vae, frames_to_tensor(result.frames)[None])[0]  # (C, T, h, w)
@@ -183,7 +183,9 @@ def _featurize_queries(cfg: ScoreConfig, info: IndexInfo, model: str, queries: l
     return torch.cat(phis).numpy().astype(np.float32)
 
 
-def _search(cfg: ScoreConfig, run: RunDir, queries: list[Query], phi: np.ndarray, clips: ClipMeta) -> None:
+def _search(
+    cfg: ScoreConfig, run: RunDir, info: IndexInfo, queries: list[Query], phi: np.ndarray, clips: ClipMeta
+) -> None:
     """Precondition the finite query features, search the index, fill each query's scores and rows."""
     finite = np.isfinite(phi).all(axis=1)
     for q, good in zip(queries, finite):
@@ -195,7 +197,8 @@ def _search(cfg: ScoreConfig, run: RunDir, queries: list[Query], phi: np.ndarray
     pre = load_preconditioner(run.preconditioner_dir)
     index = load_index(run.faiss_path)
     want_all = cfg.top_k is None or cfg.aggregate == "mean"
-    scores, ids = search(index, pre.prepare_query(phi[finite]), None if want_all else cfg.top_k)
+    nprobe = cfg.nprobe or info.nprobe
+    scores, ids = search(index, pre.prepare_query(phi[finite]), None if want_all else cfg.top_k, nprobe)
     for q, s, i in zip(searched, scores, ids):
         q.scores, q.ids = s, i
         k = len(s) if cfg.top_k is None else cfg.top_k
@@ -237,6 +240,8 @@ def provenance(info: IndexInfo) -> dict[str, Any]:
         "estimator": {**draws, "output_fn": info.output_fn, "timestep": info.timestep},
         "projector": {k: info.projector.get(k) for k in ("kind", "seed", "matrix", "dim", "patterns")},
         "preconditioner": info.preconditioner,
+        "factory": info.factory,
+        "nprobe": info.nprobe,
         "count": info.count,
         "dim": info.dim,
     }
@@ -260,7 +265,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     clips = run.clips()
     ok = [q for q in queries if q.status == "ok"]
     if ok:
-        _search(cfg, run, ok, _featurize_queries(cfg, info, model, ok), clips)
+        _search(cfg, run, info, ok, _featurize_queries(cfg, info, model, ok), clips)
 
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,

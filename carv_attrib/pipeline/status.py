@@ -20,15 +20,23 @@ def stage_status(store: ShardStore) -> dict[str, Any] | None:
         return None
     done = store.done_shards()
     statuses: Counter[str] = Counter()
-    for t in store.iter_tables(columns=["status"]):
+    decoders: Counter[str] = Counter()  # latents: which decoder took each ok clip's frames
+    for i in done:
+        names = pq.read_schema(store.shard_path(i)).names
+        t = pq.read_table(store.shard_path(i), columns=[c for c in ("status", "decoder") if c in names])
         statuses.update(t.column("status").to_pylist())
-    return {
+        if "decoder" in names:
+            decoders.update(d for d in t.column("decoder").to_pylist() if d is not None)
+    out = {
         "fingerprint": cfg.get("fingerprint"),
         "created_at": cfg.get("created_at"),
         "shards_done": len(done),
         "rows": sum(statuses.values()),
         "statuses": dict(statuses),
     }
+    if decoders:
+        out["decoders"] = dict(decoders)
+    return out
 
 
 def run_status(run: Path | str | RunDir) -> dict[str, Any]:

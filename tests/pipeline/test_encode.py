@@ -84,7 +84,7 @@ def test_bad_files_are_recorded_failures_and_others_encode(
         )
     )
     assert (s.total, s.ok, s.failed) == (7, 3, 4)
-    assert s.failures == {"decode_error": 3, "missing": 1}
+    assert s.failures == {"decode_error": 2, "truncated": 1, "missing": 1}
     by_vid = {r["vid"]: r for r in rows_of(tmp_path / "run")}
     assert by_vid["missing"]["status"] == "missing" and "not found" in by_vid["missing"]["error"]
     assert by_vid["zero"]["error"].startswith("file is empty")
