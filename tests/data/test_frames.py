@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carv_attrib.data.video import FramePolicy
 from carv_attrib.data.frames import contact_sheet, inspect_frames, write_png
+from carv_attrib.data.video import FramePolicy
 from tests.data.corpus import ffmpeg_exe, make, read_number, run
 
 FF = ffmpeg_exe()
