@@ -241,7 +241,7 @@ class IndexConfig(StageConfig):
         "cosine",
         help="identity (TracIn dot product) | trak ((ΦᵀΦ+λI)⁻¹) | cosine (unit norm per checkpoint block).",
     )
-    lambda_rel: float = option(1e-2, flags=("--lambda",), help="TRAK damping λ relative to tr(ΦᵀΦ)/d.")
+    lambda_rel: float = option(1e-2, flags=("--lambda",), help="TRAK damping λ relative to the mean non-zero eigenvalue of ΦᵀΦ, tr/min(n, d).")
     index_factory: str | None = option(
         None, help="FAISS factory string for large runs, e.g. IVF1024,PQ32 (default Flat)."
     )
@@ -497,4 +497,50 @@ class FramesConfig(StageConfig):
         self.policy.validate()
         check_choice("--decoder", self.decoder, ("auto", "pyav"))
         check_min("--scale", self.scale, 1)
+        return self
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+MIN_EVAL_TRAIN, MIN_EVAL_QUERIES, MIN_EVAL_SUBSETS = 8, 2, 8
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(StageConfig):
+    """`evaluate`: LDS of featurize settings on RUN, by retraining MODEL on random halves of its clips."""
+
+    run: Path = option(positional=True, help="Run directory with a latent cache (from encode).")
+    model: str = model_option(help="Wan2.1 model whose transformer is the shared init of every retraining.")
+    variant: list[str] = option(
+        flags=("--variant",),
+        default_factory=lambda: ["default", "iid"],
+        help="Featurize setting(s) to score (repeatable): default, iid, stratified, identity, trak, kron-16x16, "
+        "all-linear, sqnorm, K32, exact-8, exact-256, exact-256-adam.",
+    )
+    queries: int = option(8, help="Clips of RUN held out as queries (seeded choice).")
+    subsets: int = option(16, help="Random halves of the training clips, one retrained model each.")
+    steps: int = option(50, help="Fine-tuning steps of the full model and of every subset model.")
+    lr: float = option(1e-3, help="Learning rate of the retrainings.")
+    optimizer: str = option("adamw", help="adamw | sgd.")
+    density: str = density_option(help="p(σ) of the retrainings and of the ground-truth loss.")
+    gt_draws: int = option(64, help="Fixed draws of each query's ground-truth loss.")
+    replicates: int = option(3, help="Projection and estimator seeds per setting (the CI covers them).")
+    ground_truth: Path | None = option(
+        None,
+        help="JSON of measured subset outputs instead of retraining: {queries: [vid], subsets: [[vid]], "
+        "gt_values: [[M x Q]]} (−loss, larger = helped).",
+    )
+    out: Path = option(Path("evaluation.json"), flags=("--out", "-o"), help="The evaluation JSON to write.")
+    plot: Path | None = option(None, help="PNG: LDS with its 95 % CI per setting.")
+    seed: int = seed_option()
+    workers: int = option(2, help="Processes for the retrainings (one torch thread each).")
+
+    def validate(self) -> EvaluateConfig:
+        check_min("--queries", self.queries, MIN_EVAL_QUERIES)
+        check_min("--subsets", self.subsets, MIN_EVAL_SUBSETS)
+        check_min("--steps", self.steps, 1)
+        check_min("--gt-draws", self.gt_draws, 1)
+        check_min("--replicates", self.replicates, 1)
+        check_choice("--optimizer", self.optimizer, ("adamw", "sgd"))
+        if not self.variant:
+            raise UsageError("--variant: give at least one setting")
         return self

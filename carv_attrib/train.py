@@ -28,6 +28,8 @@ from carv_attrib.models.wan import load_transformer, pad_context
 
 log = logging.getLogger(__name__)
 
+OPTIMIZERS = ("adamw", "sgd")
+
 
 @dataclass
 class TrainConfig:
@@ -65,8 +67,18 @@ def train_on_clips(
     density: str = "uniform",
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    optimizer: str = "adamw",
+    second_moments: dict[str, torch.Tensor] | None = None,
 ) -> list[float]:
-    """AdamW on Σ_clips mean_k ℓ(σ_k, ε_k); returns the loss per step. Deterministic given `seed`."""
+    """AdamW (or plain SGD) on Σ_clips mean_k ℓ(σ_k, ε_k), σ ~ p(σ) = `density`; returns the loss per
+    step. Deterministic given `seed`.
+
+    second_moments: filled (when given, with AdamW) with Adam's bias-corrected second-moment estimate
+    v̂ = exp_avg_sq / (1 − β₂^t) per parameter name (same shapes as the parameters): what an
+    optimizer-aware preconditioner divides gradients by (`carv_attrib.evaluate.reference`).
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
 
     p = make_density(density)
     gen = torch.Generator().manual_seed(seed)
@@ -75,7 +87,10 @@ def train_on_clips(
     transformer.train()
     for prm in transformer.parameters():
         prm.requires_grad_(True)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
+    else:  # SGD with momentum: the same schedule, a learning rate of its own scale
+        opt = torch.optim.SGD(transformer.parameters(), lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))  # short warm-up
     losses = []
     for step in range(steps):
@@ -96,6 +111,13 @@ def train_on_clips(
         if on_step is not None:
             on_step(step, losses[-1])
     transformer.eval()
+    if second_moments is not None and optimizer == "adamw":
+        beta2 = opt.param_groups[0]["betas"][1]
+        for name, prm in transformer.named_parameters():
+            st = opt.state.get(prm, {})
+            if "exp_avg_sq" in st:
+                t = float(st["step"])
+                second_moments[name] = (st["exp_avg_sq"] / (1 - beta2**t)).detach().cpu().clone()
     return losses
 
 

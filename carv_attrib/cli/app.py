@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from carv_attrib import __version__
-from carv_attrib.cli import demo, encode, featurize, frames, inspect, make, plan, score
+from carv_attrib.cli import demo, encode, evaluate, featurize, frames, inspect, make, plan, score
 from carv_attrib.cli.common import state
 
 app = typer.Typer(
@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are printed literally ([vid], [b]…[/b] in examples)
 )
 
 
@@ -46,6 +47,7 @@ app.command("featurize")(featurize.featurize)
 app.command("index")(featurize.index)
 app.command("score")(score.score)
 app.command("plan")(plan.plan)
+app.command("evaluate")(evaluate.evaluate)
 app.command("frames")(frames.frames)
 app.command("status")(inspect.status)
 app.command("env")(inspect.env)

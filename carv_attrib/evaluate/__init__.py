@@ -1,0 +1,2 @@
+"""Evaluation of attributions: generated LDS worlds (`world`), the LDS metric with CIs (`lds`), and
+attribution variants scored against the exact-gradient reference (`study`)."""

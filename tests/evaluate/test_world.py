@@ -1,0 +1,51 @@
+"""A tiny LDS world builds in seconds, resumes, refuses another spec, and its study scores variants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from carv_attrib.errors import ConfigMismatchError
+from carv_attrib.evaluate.study import Variant, score_variants
+from carv_attrib.evaluate.world import WorldSpec, build_world
+
+TINY = WorldSpec(
+    name="tiny", seed=3, n_train=8, n_query=2, n_pretrain=4, subsets=8, steps=3, pretrain_steps=2,
+    gt_draws=4, preset="tiny", transformer="preset", frames=5,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    return build_world(TINY, tmp_path_factory.mktemp("worlds") / "tiny", workers=1)
+
+
+def test_world_has_models_ground_truth_and_subsets(world) -> None:
+    assert world.gt_values().shape == (8, 2) and np.isfinite(world.gt_values()).all()
+    pos = world.subset_positions()
+    assert pos.shape == (8, 4) and all(len(set(p)) == 4 for p in pos.tolist())
+    assert world.second_moments_path.exists()  # AdamW: v̂ of the full model for the adam preconditioner
+    assert len(world.clips("train")) == 8 and len(world.clips("query")) == 2
+
+
+def test_rebuild_resumes_and_another_spec_is_refused(world) -> None:
+    before = (world.model_dir("subset-000") / "gt.json").stat().st_mtime_ns
+    build_world(TINY, world.root, workers=1)
+    assert (world.model_dir("subset-000") / "gt.json").stat().st_mtime_ns == before
+    with pytest.raises(ConfigMismatchError, match="another world"):
+        build_world(WorldSpec(name="tiny", seed=4), world.root)
+
+
+def test_study_scores_product_and_exact_variants(world) -> None:
+    rows = score_variants(
+        world.problem(),
+        [
+            Variant("default", draws=2, replicates=2),
+            Variant("exact", kind="exact", draws=4, timesteps="iid", precondition="identity", replicates=1),
+            Variant("adam", kind="exact", draws=4, timesteps="iid", precondition="adam", replicates=1),
+        ],
+    )
+    for name, row in rows.items():
+        lds = row["lds"]
+        assert -1 <= lds["mean"] <= 1 and lds["ci95"][0] <= lds["mean"] <= lds["ci95"][1], name
+    assert len(rows["default"]["lds"]["replicates"]) == 2
