@@ -7,8 +7,10 @@ Score of query q against train clip i (FAISS inner product):
 * `identity`: ψ = φ, queries raw. Gradient dot product (TracIn / Grad-Dot, Motive).
 * `trak`:     ψ_i = (ΦᵀΦ + λI)⁻¹ φ_i, queries raw, so score = φ_qᵀ (ΦᵀΦ + λI)⁻¹ φ_i: the TRAK
               kernel (anchors-attribution.md §1) without traker's global 1/mean|inv| rescale.
-              λ = lambda_rel · tr(ΦᵀΦ)/d (lambda_rel times the mean eigenvalue), so one value
-              fits any feature scale; both lambda_rel and the absolute λ are stored.
+              λ = lambda_rel · tr(ΦᵀΦ)/min(n, d): lambda_rel times the mean *non-zero*
+              eigenvalue (ΦᵀΦ has rank ≤ min(n, d); with n < d, tr/d would make λ a tiny
+              fraction of every eigenvalue actually present), so one value fits any feature scale
+              and any n; both lambda_rel and the absolute λ are stored.
 * `cosine`:   unit-normalise both sides (ReTrac / D-TRAK style, against the timestep norm bias).
 
 Several checkpoints: the feature is the concatenation of one block per checkpoint
@@ -197,7 +199,8 @@ class GramAccumulator:
         self.n += arr.shape[0]
 
     def finalize(self, lambda_rel: float = DEFAULT_LAMBDA_REL) -> TrakPreconditioner:
-        """(Gram_b + λ_b I)⁻¹ per block, λ_b = lambda_rel · tr(Gram_b)/d_b, via Cholesky."""
+        """(Gram_b + λ_b I)⁻¹ per block, λ_b = lambda_rel · tr(Gram_b)/min(n, d_b) (the mean non-zero
+        eigenvalue), via Cholesky."""
 
         if self.n == 0:
             raise ValueError("no train features were added to the Gram accumulator")
@@ -206,7 +209,7 @@ class GramAccumulator:
         inverses, lambdas = [], []
         for b, gram in enumerate(self.grams):
             d_b = gram.shape[0]
-            lam = float(lambda_rel) * float(np.trace(gram)) / d_b
+            lam = float(lambda_rel) * float(np.trace(gram)) / min(self.n, d_b)
             a = torch.from_numpy(gram + lam * np.eye(d_b))
             chol, info = torch.linalg.cholesky_ex(a)
             if int(info) != 0:

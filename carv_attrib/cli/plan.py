@@ -63,3 +63,9 @@ def plan(cfg: PlanConfig, fmt: str) -> None:
     elif result["density"] != "uniform":
         flags.append(f"--density {result['density']}")
     say(f"recommended {' '.join(flags)} (ECM {r['ecm']:.2f})", style="green")
+    if r["capped"]:
+        say(
+            f"--k-max {cfg.k_max} limits K: the estimator noise is still {r['noise_share_at_draws']:.0%} of the "
+            "spread between clips' features there; raise --k-max to see the K that brings it to 10%",
+            style="yellow",
+        )

@@ -135,3 +135,13 @@ def test_save_load_round_trip(kind, feats, tmp_path):
     assert type(again) is expected_cls
     with pytest.raises(FileNotFoundError, match="precondition.json"):
         load_preconditioner(tmp_path / "missing")
+
+
+def test_trak_lambda_is_relative_to_the_mean_nonzero_eigenvalue_when_n_is_below_d() -> None:
+    """n < d: ΦᵀΦ has n non-zero eigenvalues summing to its trace, so their mean is tr/n (not tr/d)."""
+    phi = np.random.default_rng(5).normal(size=(3, 8))
+    pre = fit_preconditioner("trak", phi, dim=8, lambda_rel=0.1)
+    eig = np.linalg.eigvalsh(phi.T @ phi)
+    nonzero = eig[eig > eig.max() * 8 * np.finfo(np.float64).eps * 8]  # rank 3 of 8
+    assert nonzero.size == 3
+    assert pre.lambdas[0] == pytest.approx(0.1 * nonzero.mean(), rel=8 * 8 * np.finfo(np.float64).eps)
