@@ -241,7 +241,11 @@ class IndexConfig(StageConfig):
         "cosine",
         help="identity (TracIn dot product) | trak ((ΦᵀΦ+λI)⁻¹) | cosine (unit norm per checkpoint block).",
     )
-    lambda_rel: float = option(1e-2, flags=("--lambda",), help="TRAK damping λ relative to the mean non-zero eigenvalue of ΦᵀΦ, tr/min(n, d).")
+    lambda_rel: float = option(
+        1e-2,
+        flags=("--lambda",),
+        help="TRAK damping λ relative to the mean non-zero eigenvalue of ΦᵀΦ, tr/min(n, d).",
+    )
     index_factory: str | None = option(
         None, help="FAISS factory string for large runs, e.g. IVF1024,PQ32 (default Flat)."
     )

@@ -106,7 +106,10 @@ def test_recommended_k_follows_the_noise_not_the_cap() -> None:
     from carv_attrib.pipeline.plan import NOISE_SHARE, _recommend
 
     costs = Costs(c_enc=1.0, c_draw=0.01)  # amortisation alone would ask for K = 900
-    v = {"iid": {"stored": 2.0, "raw": 1.0, "signal": 1.0}, "stratified": {"stored": 0.5, "raw": 1.0, "signal": 1.0}}
+    v = {
+        "iid": {"stored": 2.0, "raw": 1.0, "signal": 1.0},
+        "stratified": {"stored": 0.5, "raw": 1.0, "signal": 1.0},
+    }
     r = _recommend(v, costs, k_max=64)
     assert r["scheme"] == "stratified" and r["draws"] == 5 and not r["capped"]  # 0.5 / K ≤ 0.1 · 1.0
     assert r["noise_share_at_draws"] <= NOISE_SHARE and r["draws_for_90pct_amortisation"] == 900
