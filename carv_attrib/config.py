@@ -38,7 +38,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATES = ("none", "mean", "vote")
 FORMATS = ("human", "json", "jsonl")
 DEFAULT_LAYERS = ("blocks.*",)
-DEFAULT_KRON_DIMS = "8x8"
+DEFAULT_KRON_DIMS = "16x16"  # = attrib.projection.DEFAULT_K_OUT x DEFAULT_K_IN
+# D-TRAK's output: the better attribution signal on every world of bench/factors.py (README, Benchmarks)
+DEFAULT_OUTPUT_FN = "sqnorm"
 
 
 def option(
@@ -89,8 +91,8 @@ def density_option(default: str | None = "uniform", help: str | None = None) -> 
 
 def output_fn_option() -> Any:
     return option(
-        "loss",
-        help="Output whose gradient is attributed: loss = mean((v − (ε − z))²) | sqnorm = mean(v²) (D-TRAK).",
+        DEFAULT_OUTPUT_FN,
+        help="Output whose gradient is attributed: sqnorm = mean(v²) (D-TRAK) | loss = mean((v − (ε − z))²).",
     )
 
 
@@ -405,7 +407,7 @@ class PlanConfig(StageConfig):
     density: str = density_option()
     output_fn: str = output_fn_option()
     k_max: int = option(64, help="Largest K to consider.")
-    proj_dim: int | None = option(None, help="Pilot feature dim (default: 8x8 per layer).")
+    proj_dim: int | None = option(None, help=f"Pilot feature dim (default: {DEFAULT_KRON_DIMS} per layer).")
     layers: list[str] = option(
         default_factory=lambda: list(DEFAULT_LAYERS), help="Glob on Linear module names (repeatable)."
     )
@@ -517,8 +519,8 @@ class EvaluateConfig(StageConfig):
     variant: list[str] = option(
         flags=("--variant",),
         default_factory=lambda: ["default", "iid"],
-        help="Featurize setting(s) to score (repeatable): default, iid, stratified, identity, trak, kron-16x16, "
-        "all-linear, sqnorm, K32, exact-8, exact-256, exact-256-adam.",
+        help="Featurize setting(s) to score (repeatable): default, iid, stratified, identity, trak, kron-8x8, "
+        "kron-32x32, all-linear, loss, K32, exact-8, exact-256, exact-256-adam.",
     )
     queries: int = option(8, help="Clips of RUN held out as queries (seeded choice).")
     subsets: int = option(16, help="Random halves of the training clips, one retrained model each.")

@@ -31,7 +31,7 @@ import torch
 from carv_attrib.attrib.featurizer import build_draw_rule, build_projector, load_featurizer
 from carv_attrib.attrib.precondition import fit_preconditioner
 from carv_attrib.carv.objective import clip_objective
-from carv_attrib.config import parse_kron_dims
+from carv_attrib.config import DEFAULT_KRON_DIMS, DEFAULT_OUTPUT_FN, parse_kron_dims
 from carv_attrib.data.latents import CachedClip
 from carv_attrib.evaluate.lds import lds_per_query, lds_summary
 from carv_attrib.models.wan import load_transformer, pad_context
@@ -65,10 +65,10 @@ class Variant:
     draws: int = 8
     timesteps: str = "stratified-is"
     density: str = "uniform"
-    output_fn: str = "loss"
+    output_fn: str = DEFAULT_OUTPUT_FN  # the tool's defaults, so Variant("default") is what featurize does
     noise: str = "shared"
     projector: str = "kron"
-    kron_dims: str = "8x8"
+    kron_dims: str = DEFAULT_KRON_DIMS
     proj_dim: int | None = None
     layers: tuple[str, ...] = ("blocks.*",)
     precondition: str = "cosine"  # identity | cosine | trak | adam (exact only)
@@ -202,9 +202,10 @@ NAMED_VARIANTS: dict[str, Variant] = {
         Variant("stratified", timesteps="stratified"),
         Variant("identity", precondition="identity"),
         Variant("trak", precondition="trak"),
-        Variant("kron-16x16", kron_dims="16x16"),
+        Variant("kron-8x8", kron_dims="8x8"),
+        Variant("kron-32x32", kron_dims="32x32"),
         Variant("all-linear", layers=("*",)),
-        Variant("sqnorm", output_fn="sqnorm"),
+        Variant("loss", output_fn="loss"),
         Variant("K32", draws=32),
         Variant("exact-8", kind="exact", draws=8, timesteps="iid", precondition="identity"),
         Variant("exact-256", kind="exact", draws=256, timesteps="iid", precondition="identity", replicates=1),

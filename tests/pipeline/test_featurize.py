@@ -35,7 +35,7 @@ def test_features_rows_diagnostics_and_provenance(featurized_run: Path) -> None:
     t = store.read_table()
     assert t.num_rows == 8 and set(t.column("status").to_pylist()) == {"ok"}
     row = t.slice(0, 1).to_pylist()[0]
-    assert len(row["feature"]) == 1280  # 20 block Linear layers x 8 x 8
+    assert len(row["feature"]) == 5120  # 20 block Linear layers x 16 x 16
     assert len(row["sigmas"]) == len(row["weights"]) == len(row["draw_losses"]) == 4
     assert row["feature_norm"] == pytest.approx(float(np.linalg.norm(row["feature"])), rel=1e-5)
     assert row["loss"] == pytest.approx(
@@ -50,7 +50,7 @@ def test_features_rows_diagnostics_and_provenance(featurized_run: Path) -> None:
     )
     assert cfg["projector"]["kind"] == "kron" and cfg["timestep"] == "t = 1000*sigma (float)"
     info = RunDir(featurized_run).index_info()
-    assert info.count == 8 and info.dim == 1280 and info.preconditioner["kind"] == "cosine"
+    assert info.count == 8 and info.dim == 5120 and info.preconditioner["kind"] == "cosine"
     assert info.encode.frames == 9 and info.draws == cfg["draws"]
 
 
@@ -73,7 +73,7 @@ def test_features_equal_the_estimator_computed_by_hand(featurized_run: Path, tin
     clip = next(iter_cached(featurized_run))
     sigma, w, eps = rule.draws_for(rule.stream_for(clip.clip_id), tuple(clip.latent.shape))
     transformer.zero_grad()
-    obj, _ = clip_objective(transformer, clip.latent, pad_context(clip.text_emb), sigma, eps, w)
+    obj, _ = clip_objective(transformer, clip.latent, pad_context(clip.text_emb), sigma, eps, w, info.output_fn)
     obj.backward()
     expected = (flat_grad(layers) @ P).numpy()
     np.testing.assert_allclose(stored[clip.clip_id], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())

@@ -88,13 +88,13 @@ def test_featurize_consumes_the_plan(
                 device="cpu",
             )
         )
-    with pytest.raises(UsageError, match="fitted for --output-fn loss, not sqnorm"):
+    with pytest.raises(UsageError, match="fitted for --output-fn sqnorm, not loss"):
         run_featurize(
             FeaturizeConfig(
                 run=run,
                 model=str(tiny_model_dir),
                 draws=4,
-                output_fn="sqnorm",
+                output_fn="loss",
                 plan=out / "plan.json",
                 device="cpu",
             )
