@@ -73,7 +73,9 @@ def test_features_equal_the_estimator_computed_by_hand(featurized_run: Path, tin
     clip = next(iter_cached(featurized_run))
     sigma, w, eps = rule.draws_for(rule.stream_for(clip.clip_id), tuple(clip.latent.shape))
     transformer.zero_grad()
-    obj, _ = clip_objective(transformer, clip.latent, pad_context(clip.text_emb), sigma, eps, w, info.output_fn)
+    obj, _ = clip_objective(
+        transformer, clip.latent, pad_context(clip.text_emb), sigma, eps, w, info.output_fn
+    )
     obj.backward()
     expected = (flat_grad(layers) @ P).numpy()
     np.testing.assert_allclose(stored[clip.clip_id], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
