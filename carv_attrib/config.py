@@ -227,7 +227,8 @@ class EncodeConfig(StageConfig):
         check_min("--shard-size", self.shard_size, 1)
         check_min("--batch-size", self.batch_size, 1)
         check_min("--workers", self.workers, 0)
-        check_min("--decode-timeout", self.decode_timeout, 0)
+        if self.decode_timeout <= 0:
+            raise UsageError(f"--decode-timeout {self.decode_timeout}: must be > 0 seconds")
         if not 0 <= self.max_failure_rate <= 1:
             raise UsageError(f"--max-failure-rate {self.max_failure_rate}: a share between 0 and 1")
         return self
@@ -369,6 +370,10 @@ class ScoreConfig(StageConfig):
             check_choice("--dtype", self.dtype, DTYPES)
         check_min("--workers", self.workers, 0)
         check_min("--batch-clips", self.batch_clips, 1)
+        if self.nprobe is not None:
+            check_min("--nprobe", self.nprobe, 1)
+        if self.decode_timeout <= 0:
+            raise UsageError(f"--decode-timeout {self.decode_timeout}: must be > 0 seconds")
         return self
 
 
@@ -407,6 +412,7 @@ class PlanConfig(StageConfig):
     density: str = density_option()
     output_fn: str = output_fn_option()
     k_max: int = option(64, help="Largest K to consider.")
+    batch_clips: int = batch_clips_option()
     proj_dim: int | None = option(None, help=f"Pilot feature dim (default: {DEFAULT_KRON_DIMS} per layer).")
     layers: list[str] = option(
         default_factory=lambda: list(DEFAULT_LAYERS), help="Glob on Linear module names (repeatable)."
@@ -470,12 +476,14 @@ class DemoConfig(StageConfig):
 
     def validate(self) -> DemoConfig:
         FramePolicy(frames=self.frames, width=self.width, height=self.height).validate()
+        check_choice("--preset", self.preset, ("tiny", "small", "medium"))
         check_min("--clips", self.clips, 2)
         check_min("--draws", self.draws, 1)
+        check_min("--train-steps", self.train_steps, 0)
+        check_min("--workers", self.workers, 0)
         check_choice("--timesteps", self.timesteps, SCHEMES)
         check_choice("--precondition", self.precondition, PRECONDITIONERS)
         check_min("--top-k", self.top_k, 1)
-        parse_size(self.size)
         return self
 
 
@@ -547,6 +555,8 @@ class EvaluateConfig(StageConfig):
         check_min("--gt-draws", self.gt_draws, 1)
         check_min("--replicates", self.replicates, 1)
         check_choice("--optimizer", self.optimizer, ("adamw", "sgd"))
+        if self.lr <= 0:
+            raise UsageError(f"--lr {self.lr}: must be > 0")
         if not self.variant:
             raise UsageError("--variant: give at least one setting")
         return self

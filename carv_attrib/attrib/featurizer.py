@@ -37,7 +37,7 @@ from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.errors import UsageError
 from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
 
-DEFAULT_DENSE_DIM = 1280  # tiny model: 20 block layers x 8 x 8
+DEFAULT_DENSE_DIM = 1280  # the dense reference projector's default total dimension
 
 # One clip for `Featurizer.features`: (clip_id, latent (C, T, h, w), trimmed text embedding (L, D)).
 ClipInput = tuple[int, torch.Tensor, torch.Tensor]
@@ -80,7 +80,7 @@ def build_projector(
 ) -> KronProjector | DenseProjector:
     """A new projector over the Linear layers of `transformer` matching `layers` (globs).
 
-    kron: (k_out, k_in) = `kron_dims` per layer (default 8×8), or a total `proj_dim` split over
+    kron: (k_out, k_in) = `kron_dims` per layer (default DEFAULT_K_OUT×DEFAULT_K_IN = 16×16), or a total `proj_dim` split over
     layers (`shapes_for_total_dim`); dense: one (p, proj_dim) JL matrix (default 1280).
     """
     try:

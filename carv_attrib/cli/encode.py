@@ -8,7 +8,7 @@ import time
 import typer
 from rich.text import Text
 
-from carv_attrib.cli.common import err_console, handle_errors, out_console, record_run, say
+from carv_attrib.cli.common import check_format, err_console, handle_errors, out_console, record_run, say
 from carv_attrib.cli.options import format_param, stage_command
 from carv_attrib.cli.progress import ClipProgress
 from carv_attrib.config import EncodeConfig
@@ -20,6 +20,7 @@ def encode(cfg: EncodeConfig, fmt: str) -> None:
     """Decode and encode every clip of MANIFEST once; cache latents and text embeddings in RUN/latents."""
     from carv_attrib.pipeline.encode import run_encode
 
+    fmt = check_format(fmt)
     started = time.monotonic()
     with ClipProgress("encode") as progress:
         summary = run_encode(cfg, progress)

@@ -8,7 +8,7 @@ import time
 
 from rich.text import Text
 
-from carv_attrib.cli.common import err_console, handle_errors, out_console, record_run
+from carv_attrib.cli.common import check_format, err_console, handle_errors, out_console, record_run
 from carv_attrib.cli.options import config_parameters, format_param, stage_command
 from carv_attrib.cli.progress import ClipProgress
 from carv_attrib.config import FeaturizeConfig, IndexConfig
@@ -24,6 +24,7 @@ def featurize(cfg: FeaturizeConfig, fmt: str, **index_options: object) -> None:
     from carv_attrib.pipeline.featurize import run_featurize
     from carv_attrib.pipeline.index import build_run_index
 
+    fmt = check_format(fmt)
     started = time.monotonic()
     index_cfg = IndexConfig(
         run=cfg.run, **index_options
@@ -52,6 +53,7 @@ def index(cfg: IndexConfig, fmt: str) -> None:
     """Rebuild RUN/index with another preconditioner or FAISS factory, without recomputing gradients."""
     from carv_attrib.pipeline.index import build_run_index
 
+    fmt = check_format(fmt)
     started = time.monotonic()
     info = build_run_index(cfg)
     record_run(cfg.run, "index", started=started, preconditioner=info.preconditioner)

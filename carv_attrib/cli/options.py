@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,7 +44,7 @@ def param(name: str, annotation: Any, default: Any = inspect.Parameter.empty) ->
 def _cli_type(tp: Any) -> Any:
     """A field's type as Typer takes it: Path | str → Path, list[X] stays, X | None stays."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         inner = Path if Path in args else args[0]
         return inner | None if type(None) in typing.get_args(tp) else inner
@@ -108,9 +109,6 @@ def stage_command(
             for k, v in cfg_kwargs.items():
                 if isinstance(v, tuple):
                     cfg_kwargs[k] = list(v)
-            for k in ("checkpoints", "layers"):  # repeatable options: None when not given
-                if k in cfg_kwargs and cfg_kwargs[k] is None:
-                    del cfg_kwargs[k]
             cfg = cls(**cfg_kwargs)
             return body(cfg, **{k: v for k, v in kwargs.items() if k not in names})
 

@@ -7,7 +7,7 @@ import time
 
 from rich.table import Table
 
-from carv_attrib.cli.common import handle_errors, out_console, record_run, say
+from carv_attrib.cli.common import check_format, handle_errors, out_console, record_run, say
 from carv_attrib.cli.options import format_param, stage_command
 from carv_attrib.config import PlanConfig
 
@@ -19,6 +19,7 @@ def plan(cfg: PlanConfig, fmt: str) -> None:
     within-encode variance per scheme, ECM against fresh-encode iid K=1, and a recommended K."""
     from carv_attrib.pipeline.plan import run_plan
 
+    fmt = check_format(fmt)
     started = time.monotonic()
     result = run_plan(cfg)
     record_run(

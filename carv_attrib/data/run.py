@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from carv_attrib.data.store import ShardStore, read_json, write_json_atomic
+from carv_attrib.data.video import FramePolicy
 from carv_attrib.errors import ConfigMismatchError, UsageError
 
 INDEX_SCHEMA_VERSION = 2
@@ -99,23 +100,33 @@ class RunDir:
     def index_swap(self) -> Iterator[Path]:
         """A fresh temporary index directory, swapped in for RUN/index when the block succeeds: a
         crash mid-build leaves the previous index intact."""
+        self._recover_index()
         tmp = self.root / ".index.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         yield tmp
         old = self.root / ".index.old"
-        if old.exists():  # left by a swap killed before its cleanup: the live index is RUN/index
-            shutil.rmtree(old)
         if self.index_dir.exists():
             self.index_dir.rename(old)
         tmp.rename(self.index_dir)
         if old.exists():
             shutil.rmtree(old)
 
+    def _recover_index(self) -> None:
+        """Finish a swap that a kill interrupted: RUN/index missing but .index.old present means the
+        kill came between the two renames, so the previous index is restored; a .index.old beside a
+        live RUN/index is the previous one's leftover."""
+        old = self.root / ".index.old"
+        if old.exists() and not self.index_dir.exists():
+            old.rename(self.index_dir)
+        elif old.exists():
+            shutil.rmtree(old)
+
     def index_info(self, check_fresh: bool = True) -> IndexInfo:
         """RUN/index/index_info.json; with check_fresh, refused (exit 2) when the run's latents or
         features changed after the index was built."""
+        self._recover_index()
         if not self.index_info_path.exists():
             raise UsageError(
                 f"{self.root} has no index; run `carv-attrib featurize` (or `carv-attrib index`) first"
@@ -130,6 +141,13 @@ class RunDir:
                         f"{self.root}/{stage} now holds {now}; rerun `carv-attrib featurize {self.root} ...` "
                         f"(or `carv-attrib index {self.root}`)"
                     )
+            if info.feature_shards is not None and info.feature_shards != self.features.done_shards():
+                raise ConfigMismatchError(
+                    f"{self.root}/index is stale: it holds feature shards {info.feature_shards}, but "
+                    f"{self.root}/features now has {self.features.done_shards()} (a resumed encode or "
+                    f"featurize added clips); rerun `carv-attrib featurize {self.root} ...` (or "
+                    f"`carv-attrib index {self.root}`)"
+                )
         return info
 
 
@@ -146,6 +164,13 @@ class EncodeFacts:
     latent_dtype: str
     model_fingerprint: str | None  # of the VAE + text encoder + tokenizer files
     components: dict[str, Any]  # per-component file hashes (`carv_attrib.models.identity`)
+
+    @property
+    def policy(self) -> FramePolicy:
+        """The frame policy the clips were decoded with."""
+        return FramePolicy(
+            frames=self.frames, height=self.height, width=self.width, fps=self.fps, pad_short=self.pad_short
+        )
 
     @classmethod
     def from_latents_config(cls, config: dict[str, Any]) -> EncodeFacts:
@@ -190,6 +215,7 @@ class IndexInfo:
     model_source: str | None
     encode: EncodeFacts
     nprobe: int | None = None  # IVF lists probed per query (None: attrib.index.default_nprobe)
+    feature_shards: list[int] | None = None  # the done feature shards indexed (a later one makes it stale)
     created_at: str = ""
     tool_version: str = ""
     schema_version: int = INDEX_SCHEMA_VERSION

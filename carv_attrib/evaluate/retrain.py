@@ -11,7 +11,6 @@ each) and are cached: a job whose gt.json exists is not rerun.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import multiprocessing as mp
 import shutil
@@ -145,7 +144,3 @@ def run_trainings(
                 if i % max(1, len(todo) // 8) == 0 or i == len(todo):
                     say(f"trainings {i}/{len(todo)} ({time.monotonic() - t0:.0f} s)")
     return {j.name: json.loads((Path(j.out) / "gt.json").read_text()) for j in jobs}
-
-
-def replace(job: TrainJob, **changes: Any) -> TrainJob:
-    return dataclasses.replace(job, **changes)

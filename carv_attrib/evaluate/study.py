@@ -31,7 +31,13 @@ import torch
 from carv_attrib.attrib.featurizer import build_draw_rule, build_projector, load_featurizer
 from carv_attrib.attrib.precondition import fit_preconditioner
 from carv_attrib.carv.objective import clip_objective
-from carv_attrib.config import DEFAULT_KRON_DIMS, DEFAULT_OUTPUT_FN, parse_kron_dims
+from carv_attrib.config import (
+    DEFAULT_KRON_DIMS,
+    DEFAULT_LAYERS,
+    FeaturizeConfig,
+    IndexConfig,
+    parse_kron_dims,
+)
 from carv_attrib.data.latents import CachedClip
 from carv_attrib.evaluate.lds import lds_per_query, lds_summary
 from carv_attrib.models.wan import load_transformer, pad_context
@@ -56,23 +62,29 @@ class LdsProblem:
     adam_moments: str | None = None
 
 
+_FEATURIZE = {f.name: f.default for f in dataclasses.fields(FeaturizeConfig)}
+_INDEX = {f.name: f.default for f in dataclasses.fields(IndexConfig)}
+
+
 @dataclass(frozen=True)
 class Variant:
     """One attribution setting; `draws` is its cost in (σ, ε) draws per clip."""
 
+    # Defaults are featurize's and index's own (read from their configs), so Variant("default") is
+    # exactly what `carv-attrib featurize` does.
     name: str
     kind: str = "product"  # product | exact
-    draws: int = 8
-    timesteps: str = "stratified-is"
-    density: str = "uniform"
-    output_fn: str = DEFAULT_OUTPUT_FN  # the tool's defaults, so Variant("default") is what featurize does
-    noise: str = "shared"
-    projector: str = "kron"
+    draws: int = _FEATURIZE["draws"]
+    timesteps: str = _FEATURIZE["timesteps"]
+    density: str = "uniform"  # featurize's default when no plan gives one
+    output_fn: str = _FEATURIZE["output_fn"]
+    noise: str = _FEATURIZE["noise"]
+    projector: str = _FEATURIZE["projector"]
     kron_dims: str = DEFAULT_KRON_DIMS
     proj_dim: int | None = None
-    layers: tuple[str, ...] = ("blocks.*",)
-    precondition: str = "cosine"  # identity | cosine | trak | adam (exact only)
-    lambda_rel: float = 1e-2
+    layers: tuple[str, ...] = DEFAULT_LAYERS
+    precondition: str = _INDEX["precondition"]  # identity | cosine | trak | adam (exact only)
+    lambda_rel: float = _INDEX["lambda_rel"]
     replicates: int = 3
 
     def to_dict(self) -> dict[str, Any]:

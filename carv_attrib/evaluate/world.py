@@ -27,9 +27,7 @@ with, and the optimizer. Everything is cached under WORK and a rebuild resumes; 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import multiprocessing as mp
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,10 +40,10 @@ from diffusers import WanTransformer3DModel
 
 from carv_attrib.config import EncodeConfig
 from carv_attrib.data.latents import CachedClip, iter_cached
-from carv_attrib.data.store import write_json_atomic
+from carv_attrib.data.store import read_json, write_json_atomic
 from carv_attrib.demo_data import make_demo_data
 from carv_attrib.errors import ConfigMismatchError
-from carv_attrib.evaluate.retrain import TrainJob, save_transformer, train_job, worker_init
+from carv_attrib.evaluate.retrain import TrainJob, run_trainings, save_transformer
 from carv_attrib.evaluate.study import LdsProblem
 from carv_attrib.models.tiny import make_model
 from carv_attrib.models.wan import load_transformer
@@ -148,10 +146,6 @@ class World:
         return -np.asarray(rows, dtype=np.float64)
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
 # -- building -------------------------------------------------------------------------------------
 def _prepare_data(world: World) -> None:
     s = world.spec
@@ -198,39 +192,25 @@ def _build_init(world: World) -> None:
     write_json_atomic(marker, {"params": params, "seconds": time.monotonic() - t0, "loss": losses[-1]})
 
 
-def _train_job(job: tuple[dict[str, Any], str, str, list[int] | None]) -> dict[str, Any]:
-    """Fine-tune θ0 on the given training positions (None: all); save it and its query losses."""
-    spec_d, root, name, positions = job
-    world = World(WorldSpec(**spec_d), Path(root))
+def _train_jobs(world: World) -> list[TrainJob]:
+    """The full model and one model per subset, each fine-tuned from θ0 the same way."""
     s = world.spec
     ids = [c.clip_id for c in world.clips("train")]
-    return train_job(
-        TrainJob(
-            name=name, out=str(world.model_dir(name)), model=str(world.model), checkpoint=str(world.init),
-            run=str(world.run("train")), train_ids=None if positions is None else [ids[i] for i in positions],
-            query_ids=None, query_run=str(world.run("query")), steps=s.steps, batch_clips=s.batch_clips,
-            train_draws=s.train_draws, lr=s.lr if s.optimizer == "adamw" else 10 * s.lr,  # SGD: a larger step
-            optimizer=s.optimizer, density=s.density, seed=s.seed + 2, gt_draws=s.gt_draws,
-            save_moments=name == "full",
-        )
+    common = dict(
+        model=str(world.model), checkpoint=str(world.init), run=str(world.run("train")), query_ids=None,
+        query_run=str(world.run("query")), steps=s.steps, batch_clips=s.batch_clips, train_draws=s.train_draws,
+        lr=s.lr if s.optimizer == "adamw" else 10 * s.lr,  # SGD: a larger step for comparable progress
+        optimizer=s.optimizer, density=s.density, seed=s.seed + 2, gt_draws=s.gt_draws,
     )  # fmt: skip
-
-
-def run_pool(
-    fn: Callable[[Any], Any], jobs: list[Any], workers: int, say: Callable[[str], None]
-) -> list[Any]:
-    """Jobs in `workers` spawned processes (one torch thread each), or in-process for workers ≤ 1."""
-    if not jobs:
-        return []
-    if workers <= 1:
-        return [fn(j) for j in jobs]
-    out, t0 = [], time.monotonic()
-    with mp.get_context("spawn").Pool(workers, initializer=worker_init) as pool:
-        for i, res in enumerate(pool.imap_unordered(fn, jobs), 1):
-            out.append(res)
-            if i % max(1, len(jobs) // 8) == 0 or i == len(jobs):
-                say(f"{i}/{len(jobs)} done ({time.monotonic() - t0:.0f} s)")
-    return out
+    jobs = [
+        TrainJob(name="full", out=str(world.model_dir("full")), train_ids=None, save_moments=True, **common)
+    ]
+    for m, idx in enumerate(world.subset_positions()):
+        name = f"subset-{m:03d}"
+        jobs.append(
+            TrainJob(name=name, out=str(world.model_dir(name)), train_ids=[ids[i] for i in idx], **common)
+        )
+    return jobs
 
 
 def build_world(
@@ -249,13 +229,10 @@ def build_world(
     _prepare_data(world)
     say(f"{spec.name}: θ0 ({spec.pretrain_steps} pretraining steps)")
     _build_init(world)
-    jobs = [(spec.to_dict(), str(root), "full", None)] + [
-        (spec.to_dict(), str(root), f"subset-{m:03d}", idx.tolist())
-        for m, idx in enumerate(world.subset_positions())
-    ]
-    todo = [j for j in jobs if not (world.model_dir(j[2]) / "gt.json").exists()]
+    jobs = _train_jobs(world)
+    todo = [j for j in jobs if not (Path(j.out) / "gt.json").exists()]
     say(f"{spec.name}: {len(todo)} of {len(jobs)} trainings to run ({spec.optimizer}, {spec.steps} steps)")
-    run_pool(_train_job, todo, workers, lambda m: say(f"{spec.name}: trainings {m}"))
+    run_trainings(jobs, workers, lambda m: say(f"{spec.name}: {m}"))
     installed = world.root / "installed.json"
     if not installed.exists():  # the full model becomes MODEL/transformer for featurize
         full = WanTransformer3DModel.from_pretrained(str(world.model_dir("full") / "transformer"))

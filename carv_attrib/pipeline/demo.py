@@ -78,6 +78,7 @@ def generate_video(
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> DemoResult:
+    cfg.validate()  # before anything is written
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model, data, run = out / "model", out / "data", out / "run"

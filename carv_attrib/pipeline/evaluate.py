@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from carv_attrib import __version__
+from carv_attrib.carv.timesteps import density as make_density
 from carv_attrib.config import MIN_EVAL_SUBSETS, MIN_EVAL_TRAIN, EvaluateConfig
 from carv_attrib.data.latents import CachedClip, iter_cached
 from carv_attrib.data.manifest import read_text_file
@@ -33,7 +34,8 @@ from carv_attrib.errors import UsageError
 from carv_attrib.evaluate.lds import random_floor
 from carv_attrib.evaluate.retrain import TrainJob, run_trainings
 from carv_attrib.evaluate.study import NAMED_VARIANTS, LdsProblem, score_variants
-from carv_attrib.models.identity import check_encoder_matches
+from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity
+from carv_attrib.optional import require_matplotlib
 
 __all__ = ["EvaluateConfig", "run_evaluate"]
 
@@ -59,7 +61,8 @@ def _retrained_problem(
     positions = np.stack([np.sort(rng.choice(len(train), half, replace=False)) for _ in range(cfg.subsets)])
     protocol = {
         "latents": (run.latents.read_config() or {}).get("fingerprint"),
-        "model": cfg.model,
+        # the weights, not the path: new weights at the same path retrain, another path to them resumes
+        "model": checkpoint_identity(cfg.model, None)["fingerprint"],
         "queries": [c.clip_id for c in query],
         "positions": positions.tolist(),
         **{k: getattr(cfg, k) for k in ("steps", "lr", "optimizer", "density", "gt_draws", "seed")},
@@ -101,6 +104,11 @@ def _file_problem(run: RunDir, cfg: EvaluateConfig, clips: list[CachedClip]) -> 
     try:
         doc = json.loads(read_text_file(path, "--ground-truth"))
         qv, subsets, gt = doc["queries"], doc["subsets"], np.asarray(doc["gt_values"], dtype=np.float64)
+        if not (
+            isinstance(qv, list) and isinstance(subsets, list) and all(isinstance(s, list) for s in subsets)
+        ):
+            raise TypeError("queries must be a list of vids and subsets a list of lists of vids")
+        qv, subsets = [str(v) for v in qv], [[str(v) for v in s] for s in subsets]
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--ground-truth {path}: expected {{queries, subsets, gt_values}} ({exc})") from exc
     by_vid = {c.vid: c for c in clips}
@@ -108,6 +116,12 @@ def _file_problem(run: RunDir, cfg: EvaluateConfig, clips: list[CachedClip]) -> 
     if missing:
         raise UsageError(
             f"--ground-truth {path}: not ok clips of {run}: {', '.join(sorted(set(missing))[:5])}"
+        )
+    overlap = sorted({v for s in subsets for v in s} & set(qv))
+    if overlap or any(len(set(s)) != len(s) for s in subsets):
+        raise UsageError(
+            f"--ground-truth {path}: a subset lists a query ({', '.join(overlap[:5]) or 'none'}) or a vid twice; "
+            "subsets hold training clips only, each once"
         )
     query = [by_vid[v] for v in qv]
     train = [c for c in clips if c.vid not in set(qv)]
@@ -138,11 +152,15 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda s: Non
     Raises UsageError (exit 2) for too few clips, queries or subsets (naming the minimum), unknown
     settings, or a model that did not encode RUN."""
     cfg.validate()
+    try:
+        make_density(cfg.density)
+    except ValueError as exc:
+        raise UsageError(f"--density {cfg.density}: {exc}") from exc
     unknown = [v for v in cfg.variant if v not in NAMED_VARIANTS]
     if unknown:
         raise UsageError(f"--variant {', '.join(unknown)}: choose from {', '.join(NAMED_VARIANTS)}")
     if cfg.plot is not None:
-        _require_matplotlib()
+        require_matplotlib()
     run = RunDir(cfg.run)
     lat = run.require_latents()
     check_encoder_matches(
@@ -183,13 +201,6 @@ def _with_replicates(v: Any, r: int) -> Any:
     import dataclasses
 
     return dataclasses.replace(v, replicates=r)
-
-
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401  (optional dependency: probed before the work)
-    except ImportError as exc:
-        raise UsageError("--plot needs matplotlib: pip install 'carv-attrib[plot]'") from exc
 
 
 def plot_evaluation(doc: dict[str, Any], path: Path) -> None:

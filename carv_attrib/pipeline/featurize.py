@@ -117,7 +117,7 @@ def _features_identity(
     }
 
 
-def _load(cfg: FeaturizeConfig, run: RunDir, rule: DrawRule) -> tuple[Featurizer, list[str | None]]:
+def _load(cfg: FeaturizeConfig, rule: DrawRule) -> tuple[Featurizer, list[str | None]]:
     # Absolute paths: index_info.json records them for `score`, which may run from anywhere.
     checkpoints: list[str | None] = [str(Path(c).resolve()) for c in cfg.checkpoints] or [None]
     featurizer = load_featurizer(
@@ -168,7 +168,7 @@ def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> Featuri
         cfg.model, lat_cfg["config"]["model"]["components"], lat_cfg["config"]["model"].get("source")
     )
     rule = draw_rule(cfg)
-    featurizer, checkpoints = _load(cfg, run, rule)
+    featurizer, checkpoints = _load(cfg, rule)
     ckpt_ids = [checkpoint_identity(cfg.model, ck) for ck in checkpoints]
     config = _features_identity(cfg, lat_cfg["fingerprint"], ckpt_ids, rule, featurizer.projectors[0].spec())
     store = run.features

@@ -96,6 +96,7 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
         preconditioner=pre.to_dict(),
         lambda_rel=cfg.lambda_rel,
         nprobe=cfg.nprobe,
+        feature_shards=shards,
         draws=feats_cfg["draws"],
         output_fn=feats_cfg["output_fn"],
         timestep=feats_cfg["timestep"],

@@ -39,12 +39,13 @@ from carv_attrib.carv.rng import clip_stream, noise, uniforms
 from carv_attrib.carv.timesteps import Density, Proposal, density
 from carv_attrib.config import PlanConfig
 from carv_attrib.data.latents import CachedClip, iter_cached
-from carv_attrib.data.run import RunDir
+from carv_attrib.data.run import EncodeFacts, RunDir
 from carv_attrib.data.store import now_iso, write_json_atomic
-from carv_attrib.data.video import ClipFailure, FramePolicy, decode_clip, frames_to_tensor
+from carv_attrib.data.video import ClipFailure, decode_clip, frames_to_tensor
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches
 from carv_attrib.models.wan import encode_prompts, encode_video, load_wan, pad_context
+from carv_attrib.optional import require_matplotlib
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,7 @@ def reencode_cost(
     videos are gone."""
     rows = {r["clip_id"]: r for r in pq.read_table(run.manifest_table).to_pylist()}
     c = lat_config["config"]
-    policy = FramePolicy(
-        frames=c["frames"], height=c["height"], width=c["width"], fps=c["fps"], pad_short=c["pad_short"]
-    )
+    policy = EncodeFacts.from_latents_config(c).policy
     wan = load_wan(model, ("vae", "text_encoder", "tokenizer"), device=device, dtype=c["dtype"])
     seconds = []
     try:
@@ -136,7 +135,7 @@ def bin_second_moments(
 
 
 def replicate_variance(
-    featurizer: Featurizer, clips: list[CachedClip], rule: DrawRule, replicates: int
+    featurizer: Featurizer, clips: list[CachedClip], rule: DrawRule, replicates: int, batch_clips: int = 4
 ) -> tuple[dict[str, float], list[float]]:
     """Within-encode variance per draw σ_w² = K·mean_clips tr Cov_r of each clip's feature, of the
     raw feature ("raw") and of the stored one ("stored": unit norm, what the default cosine index
@@ -150,7 +149,14 @@ def replicate_variance(
     for r in range(replicates):
         featurizer.use_rule(dataclasses.replace(rule, seed=rule.seed + 1 + r))
         t0 = time.monotonic()
-        f, _, _ = featurizer.features([(c.clip_id, c.latent, c.text_emb) for c in clips])
+        f = torch.cat(
+            [
+                featurizer.features([(c.clip_id, c.latent, c.text_emb) for c in clips[i : i + batch_clips]])[
+                    0
+                ]
+                for i in range(0, len(clips), batch_clips)
+            ]
+        )  # (N, D): B clips x K draws per backward, as featurize does
         seconds.append((time.monotonic() - t0) / (len(clips) * rule.k))
         feats.append(f.double())
     stack = torch.stack(feats)  # (R, N, D)
@@ -208,7 +214,7 @@ def _scheme_variances(
             antithetic=anti,
             proposal=proposal if scheme == "stratified-is" else None,
         )
-        var, sec = replicate_variance(featurizer, clips, rule, cfg.replicates)
+        var, sec = replicate_variance(featurizer, clips, rule, cfg.replicates, cfg.batch_clips)
         variances[scheme_name(scheme, anti)] = var
         draw_seconds += sec
     return variances, statistics.median(draw_seconds)
@@ -271,7 +277,7 @@ def run_plan(cfg: PlanConfig) -> dict[str, Any]:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if cfg.plot is not None:
-        _require_matplotlib()  # before the pilot, not after it
+        require_matplotlib()  # before the pilot, not after it
     check_encoder_matches(
         cfg.model, lat["config"]["model"]["components"], lat["config"]["model"].get("source")
     )
@@ -332,16 +338,9 @@ def run_plan(cfg: PlanConfig) -> dict[str, Any]:
     return plan
 
 
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401  (optional dependency: probed, not used here)
-    except ImportError as exc:
-        raise UsageError("--plot needs matplotlib: pip install 'carv-attrib[plot]'") from exc
-
-
 def plot_plan(plan: dict[str, Any], path: Path) -> None:
     """Left: p(σ), q(σ) and the per-bin RMS gradient norm. Right: variance×cost against K."""
-    _require_matplotlib()
+    require_matplotlib()
     import matplotlib  # optional dependency ([plot] extra): imported where it is needed
 
     matplotlib.use("Agg")

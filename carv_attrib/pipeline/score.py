@@ -36,7 +36,7 @@ from carv_attrib.data.latents import as_stored
 from carv_attrib.data.manifest import clip_id_for, read_text_file
 from carv_attrib.data.run import IndexInfo, RunDir
 from carv_attrib.data.store import now_iso
-from carv_attrib.data.video import ClipFailure, FramePolicy, failure_message, frames_to_tensor
+from carv_attrib.data.video import ClipFailure, failure_message, frames_to_tensor
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
@@ -139,9 +139,7 @@ def _resolve_model(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> str:
 def _encode_queries(cfg: ScoreConfig, info: IndexInfo, wan: WanModel, queries: list[Query]) -> None:
     """Decode and encode each query like a training clip; failures become status "error"."""
     enc = info.encode
-    policy = FramePolicy(
-        frames=enc.frames, height=enc.height, width=enc.width, fps=enc.fps, pad_short=enc.pad_short
-    )
+    policy = enc.policy
     with DecodePool(policy, workers=cfg.workers, timeout=cfg.decode_timeout) as pool:
         for i, result in pool.imap([(i, str(Path(q.path).resolve())) for i, q in enumerate(queries)]):
             q = queries[i]

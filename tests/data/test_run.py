@@ -253,3 +253,28 @@ def test_index_swap_after_a_swap_killed_before_cleanup(tmp_path: Path) -> None:
     with run.index_swap() as tmp:
         (tmp / "index.faiss").write_text("new")
     assert _tree(run.index_dir) == {"index.faiss": "new"}
+
+
+def test_a_kill_between_the_two_renames_restores_the_previous_index(tmp_path: Path) -> None:
+    """RUN/index renamed to .index.old, the new one not yet in place: the old index comes back."""
+    run = RunDir(tmp_path)
+    (tmp_path / ".index.old").mkdir()
+    (tmp_path / ".index.old" / "index.faiss").write_text("old")
+    run._recover_index()
+    assert (run.index_dir / "index.faiss").read_text() == "old" and not (tmp_path / ".index.old").exists()
+
+
+def test_an_index_is_stale_when_feature_shards_were_added(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    fp_lat = run.latents.prepare({"a": 1})
+    fp_feat = run.features.prepare({"b": 1})
+    info = make_info(latents_fp=fp_lat, features_fp=fp_feat)
+    info.feature_shards = []
+    run.index_dir.mkdir()
+    info.write(run.index_info_path)
+    assert run.index_info().count == info.count  # nothing added yet
+    import pyarrow as pa
+
+    run.features.write_shard(0, pa.table({"clip_id": pa.array([1], pa.int64())}), {"shard": 0}, {})
+    with pytest.raises(ConfigMismatchError, match="feature shards"):
+        run.index_info()

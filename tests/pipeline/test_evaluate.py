@@ -100,3 +100,29 @@ def test_retraining_writes_json_and_plot(tmp_path: Path, tiny_model_dir: Path, d
     assert set(doc["settings"]) == {"default", "exact-8"} and (tmp_path / "e.png").stat().st_size > 0
     ci = doc["settings"]["default"]["lds"]["ci95"]
     assert ci[0] <= doc["settings"]["default"]["lds"]["mean"] <= ci[1]
+
+
+def test_ground_truth_subsets_may_not_list_queries(
+    featurized_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    vids = [c.vid for c in iter_cached(featurized_run)]
+    path = tmp_path / "gt.json"
+    path.write_text(
+        json.dumps({"queries": vids[:2], "subsets": [vids[:3]] * 8, "gt_values": [[0.0, 0.0]] * 8})
+    )
+    cfg = EvaluateConfig(
+        run=featurized_run, model=str(tiny_model_dir), ground_truth=path, out=tmp_path / "e.json"
+    )
+    with pytest.raises(UsageError, match="a subset lists a query"):
+        run_evaluate(cfg)
+
+
+def test_bad_density_and_nprobe_are_usage_errors(
+    encoded_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    r = invoke(
+        "evaluate", encoded_run, "-m", tiny_model_dir, "--density", "lognormal", "-o", tmp_path / "e.json"
+    )
+    assert r.exit_code == 2 and "--density lognormal" in r.stderr
+    r = invoke("score", tmp_path / "q.mp4", "--run", encoded_run, "--prompt", "x", "--nprobe", "0")
+    assert r.exit_code == 2 and "--nprobe 0" in r.stderr
