@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -130,30 +131,35 @@ def _short(exc: BaseException) -> str:
 _MP4_TOP = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"uuid", b"pdin", b"moof", b"mfra", b"meta"}
 
 
+def _top_boxes(f: Any, size: int) -> Iterator[tuple[int, int, bytes]]:
+    """(offset, size, type) of each top-level ISO-BMFF box of the open file `f` of `size` bytes.
+
+    Box layout per ISO/IEC 14496-12 4.2: 32-bit big-endian size (1 = a 64-bit size follows, 0 = to
+    the end of the file) and a 4-byte type. Stops at a box that cannot be walked (size 0 or < 8)."""
+    off = 0
+    while off + 8 <= size:
+        f.seek(off)
+        head = f.read(16)
+        box, kind = int.from_bytes(head[:4], "big"), head[4:8]
+        if box == 1 and len(head) == 16:
+            box = int.from_bytes(head[8:16], "big")
+        if box < 8:  # 0 (to the end) or corrupt: nothing after it to walk
+            return
+        yield off, box, kind
+        off += box
+
+
 def mp4_box_overrun(path: str) -> str | None:
     """If `path` is ISO-BMFF (MP4/MOV) and a top-level box runs past the end of the file, say so.
-
-    Box layout per ISO/IEC 14496-12 4.2: 32-bit big-endian size (1 = 64-bit size follows, 0 = to the
-    end of the file) and a 4-byte type. Reads only the box headers."""
+    Reads only the box headers (`_top_boxes`)."""
     size = os.path.getsize(path)
-    off = 0
     with open(path, "rb") as f:
-        while off + 8 <= size:
-            f.seek(off)
-            head = f.read(16)
-            box, kind = int.from_bytes(head[:4], "big"), head[4:8]
+        for off, box, kind in _top_boxes(f, size):
             if off == 0 and kind not in _MP4_TOP:
-                return None
-            if box == 1 and len(head) == 16:
-                box = int.from_bytes(head[8:16], "big")
-            elif box == 0:
-                return None
-            if box < 8:
                 return None
             if off + box > size:
                 name = kind.decode("latin-1")
                 return f"the '{name}' box at byte {off} needs {box} bytes but the file ends at byte {size}"
-            off += box
     return None
 
 
@@ -162,17 +168,8 @@ def mp4_video_fourcc(path: str, limit: int = 64 << 20) -> str | None:
     name a codec FFmpeg has no decoder for. Reads the top-level box headers and the moov box (up to
     `limit` bytes); None when not found. Layout per ISO/IEC 14496-12 (hdlr handler_type "vide", then
     that track's stsd: version/flags, entry_count, first entry's size and type)."""
-    size = os.path.getsize(path)
-    off = 0
     with open(path, "rb") as f:
-        while off + 8 <= size:
-            f.seek(off)
-            head = f.read(16)
-            box, kind = int.from_bytes(head[:4], "big"), head[4:8]
-            if box == 1 and len(head) == 16:
-                box = int.from_bytes(head[8:16], "big")
-            if box < 8:
-                return None
+        for off, box, kind in _top_boxes(f, os.path.getsize(path)):
             if kind == b"moov":
                 f.seek(off)
                 moov = f.read(min(box, limit))
@@ -182,7 +179,6 @@ def mp4_video_fourcc(path: str, limit: int = 64 << 20) -> str | None:
                     if h >= 0 and trak[h + 12 : h + 16] == b"vide" and st >= 0:
                         return trak[st + 16 : st + 20].decode("latin-1")
                 return None
-            off += box
     return None
 
 
