@@ -88,7 +88,7 @@ def overlapped(cfg: Any) -> dict[str, Any]:
     from carv_attrib.data.store import ShardStore
     from carv_attrib.pipeline.encode import run_encode
 
-    shutil.rmtree(cfg.out, ignore_errors=True)
+    shutil.rmtree(cfg.run, ignore_errors=True)
     t = time.perf_counter()
     summary = run_encode(cfg)
     wall = time.perf_counter() - t
@@ -96,7 +96,7 @@ def overlapped(cfg: Any) -> dict[str, Any]:
     for shard in ShardStore(Path(cfg.run), "latents").read_stats():
         for key in ("wait_decode_s", "vae_s", "text_s", "wall_s"):
             timers[key] = timers.get(key, 0.0) + shard.get(key, 0.0)
-    shutil.rmtree(cfg.out, ignore_errors=True)
+    shutil.rmtree(cfg.run, ignore_errors=True)
     return {"seconds": wall, "stage_seconds": summary.seconds, "ok": summary.ok, "shard_timers": timers}
 
 
