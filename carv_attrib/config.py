@@ -364,6 +364,8 @@ class ScoreConfig(StageConfig):
         if not self.queries:
             raise UsageError("give at least one query video")
         check_choice("--aggregate", self.aggregate, AGGREGATES)
+        if self.aggregate == "vote" and self.top_k is None:
+            raise UsageError("--aggregate vote counts each query's top k: give --top-k N, not all")
         if self.top_k is not None and self.top_k < 1:
             raise UsageError("--top-k must be >= 1 or 'all'")
         if self.dtype is not None:
@@ -546,7 +548,8 @@ class EvaluateConfig(StageConfig):
     out: Path = option(Path("evaluation.json"), flags=("--out", "-o"), help="The evaluation JSON to write.")
     plot: Path | None = option(None, help="PNG: LDS with its 95 % CI per setting.")
     seed: int = seed_option()
-    workers: int = option(2, help="Processes for the retrainings (one torch thread each).")
+    device: str = device_option()
+    workers: int = option(2, help="Processes for the retrainings (one torch thread each, on the CPU).")
 
     def validate(self) -> EvaluateConfig:
         check_min("--queries", self.queries, MIN_EVAL_QUERIES)

@@ -296,3 +296,11 @@ def test_import_does_not_import_torch(module: str) -> None:
     code = f"import {module}, sys; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_vote_needs_a_number_of_hits_per_query() -> None:
+    from carv_attrib.config import ScoreConfig
+
+    with pytest.raises(UsageError, match="--aggregate vote counts each query's top k"):
+        ScoreConfig(queries=[Path("q.mp4")], run=Path("r"), aggregate="vote", top_k=None).validate()
+    ScoreConfig(queries=[Path("q.mp4")], run=Path("r"), aggregate="vote", top_k=5).validate()

@@ -40,7 +40,7 @@ from carv_attrib.config import (
 )
 from carv_attrib.data.latents import CachedClip
 from carv_attrib.evaluate.lds import lds_per_query, lds_summary
-from carv_attrib.models.wan import load_transformer, pad_context
+from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default ε
 
@@ -60,6 +60,7 @@ class LdsProblem:
     positions: np.ndarray
     gt_values: np.ndarray
     adam_moments: str | None = None
+    device: str = "cpu"  # where the settings' featurizers run (`auto`, `cuda`, ...)
 
 
 _FEATURIZE = {f.name: f.default for f in dataclasses.fields(FeaturizeConfig)}
@@ -98,7 +99,7 @@ def product_features(problem: LdsProblem, v: Variant, seed: int, clips: Sequence
     rule = build_draw_rule(seed=seed, scheme=v.timesteps, k=v.draws, density=v.density, noise=v.noise)
     dims = None if v.proj_dim else parse_kron_dims(v.kron_dims)
     fz = load_featurizer(
-        problem.model, [problem.checkpoint], rule, v.output_fn, "cpu", "float32",
+        problem.model, [problem.checkpoint], rule, v.output_fn, problem.device, "float32",
         new_projector=lambda t: build_projector(v.projector, t, v.layers, seed, v.proj_dim, "gaussian", dims),
     )  # fmt: skip
     out = []
@@ -127,7 +128,7 @@ def exact_gradients(
             # clip_objective averages over its own chunk: rescale so the chunks sum to the K-draw mean
             obj, _ = clip_objective(transformer, c.latent, ctx, sigma[sl], eps[sl], w[sl], output_fn)
             (obj * (sigma[sl].shape[0] / draws)).backward()
-        rows.append(torch.cat([p.grad.reshape(-1) for p in params]).float().numpy())
+        rows.append(torch.cat([p.grad.reshape(-1) for p in params]).float().cpu().numpy())
     for p in params:
         p.grad = None
     return np.stack(rows)
@@ -164,7 +165,9 @@ def variant_scores(problem: LdsProblem, v: Variant, seed: int, cache: dict[str, 
     key = ("exact", v.draws, seed, v.output_fn)
     if key not in cache:
         if "transformer" not in cache:
-            cache["transformer"] = load_transformer(problem.model, problem.checkpoint)
+            cache["transformer"] = load_transformer(
+                problem.model, problem.checkpoint, device=resolve_device(problem.device)
+            )
         t = cache["transformer"]
         for p in t.parameters():
             p.requires_grad_(True)

@@ -168,6 +168,7 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda s: Non
     )
     clips = list(iter_cached(run))
     problem = _file_problem(run, cfg, clips) if cfg.ground_truth else _retrained_problem(run, cfg, clips, say)
+    problem.device = cfg.device
     variants = [NAMED_VARIANTS[v] for v in cfg.variant]
     variants = [v if v.kind == "exact" else _with_replicates(v, cfg.replicates) for v in variants]
     rows = score_variants(problem, variants, say)

@@ -295,7 +295,7 @@ def aggregate(method: str, scored: list[Query], top_k: int | None, clips: ClipMe
         return {"method": "mean", "queries": len(scored), "results": _results(means, ids, clips)}
     votes: dict[int, int] = defaultdict(int)
     score_sum: dict[int, float] = defaultdict(float)
-    k_vote = top_k or 10
+    k_vote = top_k or 10  # ScoreConfig refuses vote with --top-k all; library callers get 10
     for q in scored:
         for s, i in zip(q.scores[:k_vote].tolist(), q.ids[:k_vote].tolist()):
             votes[i] += 1
