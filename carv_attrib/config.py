@@ -340,7 +340,12 @@ class FeaturizeConfig(StageConfig):
 class ScoreConfig(StageConfig):
     """`score`: the training clips that shaped each query video, best first."""
 
-    queries: list[Path] = option(positional=True, help="Generated video(s) to attribute.")
+    queries: list[Path] = option(
+        positional=True,
+        default_factory=list,
+        help="Generated video(s) to attribute (none: the videos listed in --prompts FILE).",
+        show_default=False,
+    )
     run: Path = option(flags=("--run", "-r"), help="Run directory with an index.")
     prompt: str | None = option(None, flags=("--prompt", "-p"), help="The prompt of the (single) query.")
     prompts_file: Path | None = option(
@@ -362,7 +367,7 @@ class ScoreConfig(StageConfig):
 
     def validate(self) -> ScoreConfig:
         if not self.queries:
-            raise UsageError("give at least one query video")
+            raise UsageError("give at least one query video (or a --prompts FILE that lists them)")
         check_choice("--aggregate", self.aggregate, AGGREGATES)
         if self.aggregate == "vote" and self.top_k is None:
             raise UsageError("--aggregate vote counts each query's top k: give --top-k N, not all")

@@ -8,13 +8,14 @@ import time
 
 from rich.text import Text
 
-from carv_attrib.cli.common import check_format, err_console, handle_errors, out_console, record_run
+from carv_attrib.cli.common import check_format, err_console, handle_errors, out_console, record_run, say
 from carv_attrib.cli.options import config_parameters, format_param, stage_command
 from carv_attrib.cli.progress import ClipProgress
 from carv_attrib.config import FeaturizeConfig, IndexConfig
 
-# featurize ends by building the index: it takes `index`'s options too (not its RUN argument).
-_INDEX_OPTIONS = [p for p in config_parameters(IndexConfig) if p.name != "run"]
+# featurize ends by building the index: it takes `index`'s options too (not its RUN argument). Not given,
+# each keeps the run's current index's choice (or IndexConfig's default when there is no index yet).
+_INDEX_OPTIONS = [p.replace(default=None) for p in config_parameters(IndexConfig) if p.name != "run"]
 
 
 @handle_errors
@@ -22,17 +23,20 @@ _INDEX_OPTIONS = [p for p in config_parameters(IndexConfig) if p.name != "run"]
 def featurize(cfg: FeaturizeConfig, fmt: str, **index_options: object) -> None:
     """Per-clip projected gradients (K draws per cached encode) into RUN/features, then RUN/index."""
     from carv_attrib.pipeline.featurize import run_featurize
-    from carv_attrib.pipeline.index import build_run_index
+    from carv_attrib.pipeline.index import build_run_index, index_config_keeping
 
     fmt = check_format(fmt)
     started = time.monotonic()
-    index_cfg = IndexConfig(
-        run=cfg.run, **index_options
-    ).validate()  # refuse bad index options before the work
+    index_cfg, kept = index_config_keeping(cfg.run, index_options)  # bad options refused before the work
     with ClipProgress("featurize") as progress:
         summary = run_featurize(cfg, progress)
     info = build_run_index(index_cfg)
-    summary.index = {"count": info.count, "dim": info.dim, "preconditioner": info.preconditioner["kind"]}
+    summary.index = {
+        "count": info.count,
+        "dim": info.dim,
+        "preconditioner": info.preconditioner["kind"],
+        "kept": kept,
+    }
     record_run(cfg.run, "featurize", device=cfg.device, started=started, summary=summary.__dict__)
     if fmt == "json":
         out_console.print_json(json.dumps(summary.__dict__, default=str))
@@ -45,6 +49,9 @@ def featurize(cfg: FeaturizeConfig, fmt: str, **index_options: object) -> None:
             f"in {summary.seconds:.1f} s; index: {info.count} clips, {info.preconditioner['kind']} -> {cfg.run}/index",
         )
     )
+    if kept:
+        kept_text = ", ".join(f"{k} {v}" for k, v in kept.items())
+        say(f"the index kept the previous index's {kept_text} (give the option to change it)")
 
 
 @handle_errors

@@ -10,6 +10,9 @@ one snapshot of the done shards.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from carv_attrib import __version__
@@ -115,3 +118,37 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
         pre.save(tmp / run.preconditioner_dir.name)
         info.write(tmp / run.index_info_path.name)
     return info
+
+
+INDEX_FLAGS = {
+    "precondition": "--precondition",
+    "lambda_rel": "--lambda",
+    "index_factory": "--index-factory",
+    "nprobe": "--nprobe",
+}
+
+
+def index_config_keeping(run: Path | str, given: dict[str, Any]) -> tuple[IndexConfig, dict[str, Any]]:
+    """The IndexConfig for a rebuild by `featurize`: options given (not None) win; the others keep
+    the run's current index's choices, so an index built with `carv-attrib index --precondition trak`
+    stays trak. Returns it validated (bad options refused before any work), and the kept choices
+    that differ from the defaults as {flag: value}, for the message."""
+    explicit = {k: v for k, v in given.items() if v is not None}
+    previous: dict[str, Any] = {}
+    r = RunDir(run)
+    if r.index_info_path.exists():
+        info = r.index_info(check_fresh=False)
+        previous = {
+            "precondition": info.preconditioner["kind"],
+            "lambda_rel": info.lambda_rel,
+            "index_factory": None if info.factory == "Flat" else info.factory,
+            "nprobe": info.nprobe,
+        }
+    cfg = IndexConfig(run=run, **{**previous, **explicit}).validate()
+    default = IndexConfig(run=run)
+    kept = {
+        INDEX_FLAGS[k]: v
+        for k, v in previous.items()
+        if k not in explicit and v is not None and v != getattr(default, k)
+    }
+    return cfg, kept

@@ -74,6 +74,16 @@ class Query:
 
 def read_prompts(queries: list[Path | str], prompt: str | None, prompts_file: Path | str | None) -> list[str]:
     """One prompt per query: --prompt for a single query, or a JSON/CSV mapping path → prompt."""
+    return resolve_queries(queries, prompt, prompts_file)[1]
+
+
+def resolve_queries(
+    queries: list[Path | str], prompt: str | None, prompts_file: Path | str | None
+) -> tuple[list[Path], list[str]]:
+    """(query videos, their prompts). With --prompts FILE and no QUERY arguments, the file lists the
+    queries. Paths in the file are relative to the file's folder and are matched to QUERY arguments
+    after resolution (`./a.mp4`, `a.mp4` and its absolute path are one video); a bare file name or
+    stem in the file matches a query of that name when it is unique."""
     if prompt is not None and prompts_file is not None:
         raise UsageError("give either --prompt or --prompts, not both")
     if prompt is not None:
@@ -81,25 +91,36 @@ def read_prompts(queries: list[Path | str], prompt: str | None, prompts_file: Pa
             raise UsageError(
                 f"--prompt names one query's prompt but {len(queries)} queries were given; use --prompts FILE"
             )
-        return [prompt]
+        return [Path(queries[0])], [prompt]
     if prompts_file is None:
         raise UsageError("each query needs its prompt: pass --prompt TEXT (one query) or --prompts FILE")
     path = Path(prompts_file)
     if not path.exists():
         raise UsageError(f"--prompts {path}: no such file")
     mapping = _read_prompt_mapping(path)
+    by_path = {(path.parent / k).resolve(): v for k, v in mapping.items()}  # relative to the file
+    if not queries:  # the file lists the queries
+        if not mapping:
+            raise UsageError(f"--prompts {path} lists no query")
+        return list(by_path), list(by_path.values())
+    names: dict[str, list[str]] = {}
+    for k, v in mapping.items():
+        for key in {Path(k).name, Path(k).stem}:
+            names.setdefault(key, []).append(v)
     out, missing = [], []
     for q in queries:
         qp = Path(q)
-        for key in (str(q), str(qp.resolve()), qp.name, qp.stem):
-            if key in mapping:
-                out.append(mapping[key])
-                break
-        else:
+        hit = by_path.get(qp.resolve())
+        if hit is None:
+            hits = names.get(qp.name) or names.get(qp.stem) or []
+            hit = hits[0] if len(hits) == 1 else None
+        if hit is None:
             missing.append(str(q))
+        else:
+            out.append(hit)
     if missing:
         raise UsageError(f"--prompts {path} has no prompt for: {', '.join(missing)}")
-    return out
+    return [Path(q) for q in queries], out
 
 
 def _read_prompt_mapping(path: Path) -> dict[str, str]:
@@ -250,10 +271,11 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     ConfigMismatchError (exit 2) for a stale index, another model, or missing prompts; an undecodable
     query becomes status "error" while the others are scored."""
     t0 = time.monotonic()
+    paths, prompts = resolve_queries(list(cfg.queries), cfg.prompt, cfg.prompts_file)
+    cfg.queries = paths
     cfg.validate()
     run = RunDir(cfg.run)
     info = run.index_info()
-    prompts = read_prompts(list(cfg.queries), cfg.prompt, cfg.prompts_file)
     model = _resolve_model(cfg, run, info)
     queries = [Query(path=str(p), prompt=t) for p, t in zip(cfg.queries, prompts)]
 

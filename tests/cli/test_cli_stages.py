@@ -153,3 +153,78 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert doc["queries"][0]["status"] == "ok" and len(doc["queries"][0]["results"]) == 3
     assert (tmp_path / "demo" / "generated.mp4").stat().st_size > 0
     assert "rank" in r.stdout
+
+
+def test_featurize_rebuild_keeps_the_index_choices(
+    featurized_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(featurized_run, run)
+    assert invoke("index", run, "--precondition", "trak").exit_code == 0
+    r = invoke(
+        "featurize", run, "-m", tiny_model_dir, "-K", "4", "-B", "3", "--device", "cpu", "--format", "json"
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["index"]["preconditioner"] == "trak"
+    assert json.loads(r.stdout)["index"]["kept"] == {"--precondition": "trak"}
+    r = invoke(
+        "featurize",
+        run,
+        "-m",
+        tiny_model_dir,
+        "-K",
+        "4",
+        "-B",
+        "3",
+        "--device",
+        "cpu",
+        "--precondition",
+        "cosine",
+    )
+    assert r.exit_code == 0 and "kept" not in r.stderr
+    assert json.loads((run / "index" / "index_info.json").read_text())["preconditioner"]["kind"] == "cosine"
+
+
+def test_prompts_file_alone_lists_the_queries_relative_to_itself(
+    featurized_run: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    (tmp_path / "q").mkdir()
+    for name in ("demo-00001.mp4", "demo-00002.mp4"):
+        shutil.copy(demo_data / "videos" / name, tmp_path / "q" / name)
+    prompts = tmp_path / "q" / "prompts.json"
+    prompts.write_text(json.dumps({"demo-00001.mp4": "a", "./demo-00002.mp4": "b"}))
+    r = invoke(
+        "score",
+        "--run",
+        featurized_run,
+        "--prompts",
+        prompts,
+        "--device",
+        "cpu",
+        "-k",
+        "1",
+        "--format",
+        "json",
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert [Path(q["path"]).name for q in doc["queries"]] == ["demo-00001.mp4", "demo-00002.mp4"]
+    assert [q["prompt"] for q in doc["queries"]] == ["a", "b"]
+    # a QUERY argument matches the file's entry after resolution, whatever the spelling
+    r = invoke(
+        "score",
+        tmp_path / "q" / "." / "demo-00002.mp4",
+        "--run",
+        featurized_run,
+        "--prompts",
+        prompts,
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+    )
+    assert r.exit_code == 0 and json.loads(r.stdout)["queries"][0]["prompt"] == "b"
