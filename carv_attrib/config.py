@@ -112,6 +112,14 @@ def seed_option() -> Any:
     return option(0, help="The one seed every random quantity derives from.")
 
 
+def dry_run_option() -> Any:
+    return option(
+        False,
+        flags=("--dry-run",),
+        help="Print what would be done (new / changed / unchanged clips, estimated time) and write nothing.",
+    )
+
+
 def overwrite_option() -> Any:
     return option(False, flags=("--overwrite",), help="Discard a stage made with another configuration.")
 
@@ -192,6 +200,12 @@ class EncodeConfig(StageConfig):
         "float32", help="Storage dtype of latents and text embeddings: float32 | float16."
     )
     shard_size: int = option(64, help="Clips per Parquet shard (the unit of resume).")
+    retry_failed: bool = option(
+        False,
+        flags=("--retry-failed",),
+        help="Encode again the clips whose last try failed (a file that changed or came back always is).",
+    )
+    dry_run: bool = dry_run_option()
     max_failure_rate: float = option(0.05, help="Exit 3 when more than this share of clips failed.")
     decode_timeout: float = option(120.0, help="Seconds per clip before its decoder is killed.")
     id_column: str = option("vid", help="Manifest column of the clip id.")
@@ -304,8 +318,10 @@ class FeaturizeConfig(StageConfig):
     noise: str = option("shared", help="shared (common random numbers for all clips and queries) | per-clip.")
     antithetic: bool = option(False, flags=("--antithetic",), help="Pair draws as (ε, −ε).")
     batch_clips: int = batch_clips_option()
+    shard_size: int = option(64, help="Clips per feature shard (the unit of resume).")
     device: str = device_option()
     dtype: str = dtype_option()
+    dry_run: bool = dry_run_option()
     overwrite: bool = overwrite_option()
 
     def validate(self) -> FeaturizeConfig:
@@ -317,6 +333,7 @@ class FeaturizeConfig(StageConfig):
         check_choice("--dtype", self.dtype, DTYPES)
         check_min("--draws", self.draws, 1)
         check_min("--batch-clips", self.batch_clips, 1)
+        check_min("--shard-size", self.shard_size, 1)
         if self.proj_dim is not None:
             check_min("--proj-dim", self.proj_dim, 1)
         dims = parse_kron_dims(self.kron_dims)

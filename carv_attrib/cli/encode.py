@@ -24,17 +24,28 @@ def encode(cfg: EncodeConfig, fmt: str) -> None:
     started = time.monotonic()
     with ClipProgress("encode") as progress:
         summary = run_encode(cfg, progress)
-    record_run(cfg.run, "encode", device=cfg.device, started=started, summary=summary.__dict__)
+    if not summary.dry_run:
+        record_run(cfg.run, "encode", device=cfg.device, started=started, summary=summary.__dict__)
     if fmt == "json":
         out_console.print_json(json.dumps(summary.__dict__, default=str))
     else:
+        changes = ", ".join(f"{k} {v}" for k, v in summary.changes.items() if k != "to_encode")
+        if summary.dry_run:
+            err_console.print(
+                Text.assemble(
+                    ("dry run", "yellow"),
+                    f": would encode {summary.changes['to_encode']} clips ({changes}), about "
+                    f"{summary.estimated_s:.0f} s; nothing was written",
+                )
+            )
+            return
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary.failures.items())) or "none"
         err_console.print(
             Text.assemble(
                 ("encoded", "green"),
-                f" {summary.ok}/{summary.total} clips ok, failures: {kinds} ({summary.shards_written} shards "
-                f"written, {summary.shards_skipped} resumed) in {summary.seconds:.1f} s, "
-                f"{summary.clips_per_s:.2f} clips/s -> {cfg.run}/latents",
+                f" {summary.encoded} clips ({changes}) in {summary.seconds:.1f} s, "
+                f"{summary.clips_per_s:.2f} clips/s; the run: {summary.ok}/{summary.total} clips ok, "
+                f"failures: {kinds} -> {cfg.run}/latents",
             )
         )
         for ex in summary.examples:  # user and library text: printed literally, never as markup
@@ -42,6 +53,8 @@ def encode(cfg: EncodeConfig, fmt: str) -> None:
                 Text.assemble("  ", (str(ex["status"]), "red"), f" {ex['vid']}: {ex['error']}"),
                 soft_wrap=True,
             )
+        if summary.failed and summary.changes["retried"] == 0:
+            say("failed clips are kept as failures; `--retry-failed` tries them again")
     if summary.failure_rate > cfg.max_failure_rate:
         say(
             f"too many failures: {summary.failed}/{summary.total} clips "

@@ -30,6 +30,19 @@ def featurize(cfg: FeaturizeConfig, fmt: str, **index_options: object) -> None:
     index_cfg, kept = index_config_keeping(cfg.run, index_options)  # bad options refused before the work
     with ClipProgress("featurize") as progress:
         summary = run_featurize(cfg, progress)
+    changes = ", ".join(f"{k} {v}" for k, v in summary.changes.items() if k != "to_compute")
+    if summary.dry_run:
+        if fmt == "json":
+            out_console.print_json(json.dumps(summary.__dict__, default=str))
+        else:
+            err_console.print(
+                Text.assemble(
+                    ("dry run", "yellow"),
+                    f": would compute {summary.changes['to_compute']} features ({changes}), about "
+                    f"{summary.estimated_s:.0f} s, then rebuild the index; nothing was written",
+                )
+            )
+        return
     info = build_run_index(index_cfg)
     summary.index = {
         "count": info.count,
@@ -44,9 +57,9 @@ def featurize(cfg: FeaturizeConfig, fmt: str, **index_options: object) -> None:
     err_console.print(
         Text.assemble(
             ("featurized", "green"),
-            f" {summary.ok}/{summary.clips} clips (dim {summary.dim}, {summary.nonfinite} non-finite, "
-            f"{summary.shards_written} shards written, {summary.shards_skipped} resumed, p(σ) {summary.density}) "
-            f"in {summary.seconds:.1f} s; index: {info.count} clips, {info.preconditioner['kind']} -> {cfg.run}/index",
+            f" {summary.computed} clips ({changes}) in {summary.seconds:.1f} s; the run: "
+            f"{summary.ok}/{summary.clips} clips ok (dim {summary.dim}, {summary.nonfinite} non-finite, "
+            f"p(σ) {summary.density}); index: {info.count} clips, {info.preconditioner['kind']} -> {cfg.run}/index",
         )
     )
     if kept:

@@ -1,6 +1,6 @@
 """The feature stage's rows (RUN/features/part-*.parquet) and their readers.
 
-One row per cached clip: its projected-gradient feature φ (float32, D = sum of the per-checkpoint
+One row per featurized latent row (`latent_sha` names it): its projected-gradient feature φ (float32, D = sum of the per-checkpoint
 blocks), its norm, the weighted K-draw objective, and the draws (σ_k, w_k) that made it. Readers
 stream shard by shard, so no caller needs every feature in memory (`feature_matrix` is the
 exception, for tests and small runs).
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from carv_attrib.data.run import RunDir
@@ -30,6 +30,7 @@ def feature_schema(dim: int, n_draw_losses: int) -> pa.Schema:
         [
             ("clip_id", pa.int64()),
             ("vid", pa.string()),
+            ("latent_sha", pa.string()),  # of the latent row it was computed from (`data.live`)
             ("status", pa.string()),  # "ok" or "nonfinite" (kept out of the index)
             ("feature", pa.list_(pa.float32(), dim)),
             ("feature_norm", pa.float32()),
@@ -42,12 +43,16 @@ def feature_schema(dim: int, n_draw_losses: int) -> pa.Schema:
 
 
 def iter_feature_blocks(
-    run: RunDir | Path | str, status: str = "ok", shards: list[int] | None = None
+    run: RunDir | Path | str, sel: dict[int, list[int]] | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(clip ids (n_s,) int64, features (n_s, D) float32) of each done feature shard (or of `shards`,
-    a snapshot for several passes) that has rows with `status`."""
-    for t in RunDir(run).features.iter_tables(columns=["clip_id", "status", "feature"], shards=shards):
-        t = t.filter(pc.equal(t.column("status"), status))
+    """(clip ids (n_s,) int64, features (n_s, D) float32) per shard, of the rows `sel` ({shard: rows},
+    a snapshot for several passes over a live stage) or, by default, of the live ok features
+    (`carv_attrib.data.live`): one row per current clip, none of removed or changed ones."""
+    run = RunDir(run)
+    sel = run.live_features().ok_selection() if sel is None else sel
+    for shard, rows in sel.items():
+        t = pq.read_table(run.features.shard_path(shard), columns=["clip_id", "feature"])
+        t = t.take(pa.array(rows, pa.int64()))
         if t.num_rows == 0:
             continue
         col = t.column("feature").combine_chunks()
@@ -56,18 +61,23 @@ def iter_feature_blocks(
         yield t.column("clip_id").to_numpy(), feats
 
 
-def feature_ids(run: RunDir | Path | str, status: str = "ok", shards: list[int] | None = None) -> np.ndarray:
-    """(n,) int64 clip ids of the rows with `status`, in the order `iter_feature_blocks` yields them."""
+def feature_ids(run: RunDir | Path | str, sel: dict[int, list[int]] | None = None) -> np.ndarray:
+    """(n,) int64 clip ids of `sel` (default: the live ok features), in `iter_feature_blocks` order."""
+    run = RunDir(run)
+    sel = run.live_features().ok_selection() if sel is None else sel
     parts = [
-        t.filter(pc.equal(t.column("status"), status)).column("clip_id").to_numpy()
-        for t in RunDir(run).features.iter_tables(columns=["clip_id", "status"], shards=shards)
+        pq.read_table(run.features.shard_path(shard), columns=["clip_id"])
+        .take(pa.array(rows, pa.int64()))
+        .column("clip_id")
+        .to_numpy()
+        for shard, rows in sel.items()
     ]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def feature_matrix(run: RunDir | Path | str, status: str = "ok") -> tuple[np.ndarray, np.ndarray]:
-    """(clip ids (n,) int64, features (n, D) float32) of all done feature shards, in memory."""
-    blocks = list(iter_feature_blocks(run, status))
+def feature_matrix(run: RunDir | Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """(clip ids (n,) int64, features (n, D) float32) of the live ok features, in memory."""
+    blocks = list(iter_feature_blocks(run))
     if not blocks:
         raise UsageError(f"{RunDir(run)} holds no ok features; run featurize first")
     return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
@@ -76,18 +86,20 @@ def feature_matrix(run: RunDir | Path | str, status: str = "ok") -> tuple[np.nda
 def feature_row(
     clip_id: int,
     vid: str,
+    latent_sha: str,
     feature: torch.Tensor,
     losses: torch.Tensor,
     sigma: torch.Tensor,
     weights: torch.Tensor,
     n_ckpt: int,
 ) -> dict[str, Any]:
-    """One row of the schema: feature (D,) and per-draw losses (n_ckpt·K,) float tensors, σ and w (K,)."""
+    """One row of the schema, computed from the latent row with hash `latent_sha`: feature (D,) and per-draw losses (n_ckpt·K,) float tensors, σ and w (K,)."""
     finite = bool(torch.isfinite(feature).all())
     k = len(sigma)
     return {
         "clip_id": clip_id,
         "vid": vid,
+        "latent_sha": latent_sha,
         "status": "ok" if finite else "nonfinite",
         "feature": feature.numpy().astype(np.float32),
         "feature_norm": float(feature.norm()) if finite else float("nan"),

@@ -1,10 +1,12 @@
 """The latent cache's rows (RUN/latents/part-*.parquet), written by `encode`, read back as tensors.
 
-One row per manifest clip, failed clips included (status + error): the normalised latent (C, T, h, w)
+One row per encoded clip, failed clips included (status + error): the normalised latent (C, T, h, w)
 and the trimmed UMT5 text embedding (L, D), both stored as raw bytes in `latent_dtype` (float32 or
-float16), plus the source frames taken.
+float16), the source frames taken, what the row was made from (the clip's source key and file
+identity, `carv_attrib.data.sources`) and the hash of its bytes (`latent_sha`, what features key on).
+Shards are only appended; which rows are current is `carv_attrib.data.live`'s business.
 
-    for clip in iter_cached(RunDir("runs/demo")):   # ok clips, manifest order
+    for clip in iter_cached(RunDir("runs/demo")):   # the live ok clips, in storage order
         clip.latent  # float32 (C, T, h, w)
 """
 
@@ -17,11 +19,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from carv_attrib.data.live import selection
 from carv_attrib.data.run import RunDir
+from carv_attrib.data.sources import SourceId
 
 
 @dataclass
@@ -52,13 +55,26 @@ def latent_schema() -> pa.Schema:
             ("decoder", pa.string()),  # "decord" or "pyav" (data/video.py chooses per clip)
             ("frame_timestamps", pa.list_(pa.float64())),  # s after the first displayed frame
             ("decode_reasons", pa.list_(pa.string())),  # why PyAV was used (edit list, rotation, ...)
+            ("source_key", pa.string()),  # sha256(file content, caption), `data.sources.source_key`
+            ("source_size", pa.int64()),  # bytes; null: the file was missing
+            ("source_mtime_ns", pa.int64()),
+            ("source_sha256", pa.string()),
+            ("latent_sha", pa.string()),  # `data.live.latent_sha` of latent + text_emb; null unless ok
         ]
     )
 
 
-def empty_latent_row(clip_id: int, vid: str) -> dict[str, Any]:
-    """A row of `latent_schema` with status ok and nothing filled in yet."""
-    return {name: None for name in latent_schema().names} | {"clip_id": clip_id, "vid": vid, "status": "ok"}
+def empty_latent_row(clip_id: int, vid: str, key: str, ident: SourceId) -> dict[str, Any]:
+    """A row of `latent_schema` with status ok, its source filled in and nothing else yet."""
+    return {name: None for name in latent_schema().names} | {
+        "clip_id": clip_id,
+        "vid": vid,
+        "status": "ok",
+        "source_key": key,
+        "source_size": ident.size,
+        "source_mtime_ns": ident.mtime_ns,
+        "source_sha256": ident.sha256,
+    }
 
 
 def as_stored(x: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -79,11 +95,18 @@ def row_to_clip(row: dict[str, Any]) -> CachedClip:
     )
 
 
-def iter_cached(run: RunDir | Path | str, shard: int | None = None) -> Iterator[CachedClip]:
-    """The ok clips of the latent cache (one shard, or all), in manifest order."""
+def read_latents(run: RunDir | Path | str, sel: dict[int, list[int]]) -> Iterator[CachedClip]:
+    """The rows `sel` ({shard: rows}, `carv_attrib.data.live.selection`) as clips, one shard in memory
+    at a time, shards in order."""
     store = RunDir(run).latents
-    shards = [shard] if shard is not None else store.done_shards()
-    for i in shards:
-        t = pq.read_table(store.shard_path(i))
-        for row in t.filter(pc.equal(t.column("status"), "ok")).to_pylist():
+    for shard, rows in sel.items():
+        t = pq.read_table(store.shard_path(shard)).take(pa.array(rows, pa.int64()))
+        for row in t.to_pylist():
             yield row_to_clip(row)
+
+
+def iter_cached(run: RunDir | Path | str) -> Iterator[CachedClip]:
+    """The live ok clips of the latent cache (one per committed manifest clip whose encode succeeded),
+    in storage order: manifest order for a run encoded in one go."""
+    run = RunDir(run)
+    yield from read_latents(run, selection([row.where for _, _, row in run.live_latents().ok()]))

@@ -25,11 +25,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from carv_attrib.data.live import LiveFeatures, LiveLatents, live_features, live_latents
 from carv_attrib.data.store import ShardStore, read_json, write_json_atomic
 from carv_attrib.data.video import FramePolicy
 from carv_attrib.errors import ConfigMismatchError, UsageError
 
-INDEX_SCHEMA_VERSION = 2
+INDEX_SCHEMA_VERSION = 3  # 3: live_digest replaces feature_shards (content-addressed runs)
 
 
 class RunDir:
@@ -89,6 +90,14 @@ class RunDir:
             )
         return cfg
 
+    def live_latents(self) -> LiveLatents:
+        """The current latent row of each committed manifest clip (`carv_attrib.data.live`)."""
+        return live_latents(self.manifest_table, self.latents)
+
+    def live_features(self, live: LiveLatents | None = None) -> LiveFeatures:
+        """Which live ok latents have features, and where (`carv_attrib.data.live`)."""
+        return live_features(live or self.live_latents(), self.features)
+
     def clips(self) -> dict[int, dict[str, str]]:
         """clip_id → {vid, caption, path} from the normalised manifest."""
 
@@ -141,12 +150,13 @@ class RunDir:
                         f"{self.root}/{stage} now holds {now}; rerun `carv-attrib featurize {self.root} ...` "
                         f"(or `carv-attrib index {self.root}`)"
                     )
-            if info.feature_shards is not None and info.feature_shards != self.features.done_shards():
+            now_live = self.live_latents().digest()
+            if info.live_digest != now_live:
                 raise ConfigMismatchError(
-                    f"{self.root}/index is stale: it holds feature shards {info.feature_shards}, but "
-                    f"{self.root}/features now has {self.features.done_shards()} (a resumed encode or "
-                    f"featurize added clips); rerun `carv-attrib featurize {self.root} ...` (or "
-                    f"`carv-attrib index {self.root}`)"
+                    f"{self.root}/index is stale: it was built from another set of clips (live set "
+                    f"{info.live_digest}, now {now_live}: clips were added, removed, changed or "
+                    f"re-encoded since); rerun `carv-attrib featurize {self.root} ...` (or "
+                    f"`carv-attrib index {self.root}` when features are complete)"
                 )
         return info
 
@@ -215,7 +225,7 @@ class IndexInfo:
     model_source: str | None
     encode: EncodeFacts
     nprobe: int | None = None  # IVF lists probed per query (None: attrib.index.default_nprobe)
-    feature_shards: list[int] | None = None  # the done feature shards indexed (a later one makes it stale)
+    live_digest: str = ""  # `LiveLatents.digest()` of the clips indexed: another live set makes it stale
     created_at: str = ""
     tool_version: str = ""
     schema_version: int = INDEX_SCHEMA_VERSION

@@ -120,32 +120,38 @@ class ShardStore:
     def read_config(self) -> dict[str, Any] | None:
         return read_json(self.config_path) if self.config_path.exists() else None
 
+    def check(self, config: dict[str, Any], overwrite: bool = False, what: str = "") -> bool:
+        """Whether the stage exists with this config (True: it resumes) or will be created (False);
+        writes nothing. Raises ConfigMismatchError when it exists with another config, unless
+        overwrite (then it will be discarded)."""
+        existing = self.read_config()
+        if existing is None or overwrite:
+            return False
+        # Recompute the stored config's fingerprint under today's rule (provenance keys left out), so a
+        # stage created with another model path, or before that rule, still resumes.
+        if fingerprint(existing.get("config", {})) != fingerprint(config):
+            diffs = config_differences(existing.get("config", {}), config)
+            shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+            raise ConfigMismatchError(
+                f"{self.dir} was made with another {what or self.stage} configuration "
+                f"({shown or 'fingerprint differs'}); rerun with the same options to use it, "
+                "or pass --overwrite to discard it"
+            )
+        return True
+
     def prepare(self, config: dict[str, Any], overwrite: bool = False, what: str = "") -> str:
         """Create the stage or check that it was made with the same config; returns the fingerprint.
 
-        With overwrite=True a stage made with another config is deleted first.
+        With overwrite=True the existing stage is deleted first. Call `check` before any other write
+        so that a refused invocation changes nothing.
         """
-        fp = fingerprint(config)
-        existing = self.read_config()
-        # Recompute the stored config's fingerprint under today's rule (provenance keys left out), so a
-        # stage created with another model path, or before that rule, still resumes.
-        if existing is not None and fingerprint(existing.get("config", {})) != fp:
-            diffs = config_differences(existing.get("config", {}), config)
-            if not overwrite:
-                shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
-                raise ConfigMismatchError(
-                    f"{self.dir} was made with another {what or self.stage} configuration "
-                    f"({shown or 'fingerprint differs'}); rerun with the same options to resume, "
-                    "or pass --overwrite to discard it"
-                )
+        if not self.check(config, overwrite, what) and self.dir.exists():
             shutil.rmtree(self.dir)
-            existing = None
-        elif existing is not None and overwrite:
-            shutil.rmtree(self.dir)
-            existing = None
         for stale in list(self.dir.glob(".*.tmp")) + list(self.done_dir.glob(".*.tmp")):
             stale.unlink(missing_ok=True)  # left by a killed run; never read as data
+        existing = self.read_config()
         if existing is None:
+            fp = fingerprint(config)
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(
                 self.config_path,
@@ -165,6 +171,12 @@ class ShardStore:
 
     def is_done(self, index: int) -> bool:
         return self.done_path(index).exists() and self.shard_path(index).exists()
+
+    def next_shard(self) -> int:
+        """The index a new shard gets: after every done one (a shard file without its done marker, left
+        by a kill, is overwritten)."""
+        done = self.done_shards()
+        return done[-1] + 1 if done else 0
 
     def done_shards(self) -> list[int]:
         if not self.done_dir.exists():

@@ -7,8 +7,10 @@ reused by every featurize run (any K, checkpoint, projection).
     summary = run_encode(EncodeConfig(manifest="data/manifest.json", videos="data/videos",
                                       model="models/tiny-wan", run="runs/demo"))
 
-Output: RUN/manifest/clips.parquet and RUN/latents/part-NNNNN.parquet, one row per clip (failed
-clips included, with status and error), see `LATENT_SCHEMA`. Decoding runs in worker processes
+Output: RUN/latents/part-NNNNN.parquet, one row per encoded clip (failed clips included, with status
+and error), see `latent_schema`, then RUN/manifest/clips.parquet, the committed manifest with each
+clip's source key (`carv_attrib.data.sources`). A rerun on an edited manifest or edited files encodes
+only the clips that are new or changed (`plan_encode`). Decoding runs in worker processes
 (`DecodePool`) ahead of the main process, which batches the VAE encodes, so the two overlap.
 """
 
@@ -23,18 +25,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from carv_attrib import __version__
 from carv_attrib.config import EncodeConfig
 from carv_attrib.data.decode_pool import DecodePool
 from carv_attrib.data.latents import empty_latent_row, latent_schema
-from carv_attrib.data.manifest import ClipTable, read_clip_table, read_manifest, write_clip_table
+from carv_attrib.data.live import latent_rows, latent_sha, selection
+from carv_attrib.data.manifest import ClipTable, read_manifest
 from carv_attrib.data.run import RunDir
-from carv_attrib.data.store import ShardStore, now_iso
-from carv_attrib.data.video import ClipFailure, DecodedClip, failure_message, frames_to_tensor
-from carv_attrib.errors import ConfigMismatchError
+from carv_attrib.data.sources import SourcedClips
+from carv_attrib.data.store import ShardStore, fingerprint, now_iso
+from carv_attrib.data.video import ClipFailure, DecodedClip, decode_clip, failure_message, frames_to_tensor
 from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity
 from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
 
@@ -45,8 +48,13 @@ FRAME_SELECTION = "displayed-at-k/fps-v1"
 __all__ = ["EncodeConfig", "EncodeSummary", "run_encode"]
 
 
-def latents_identity(cfg: EncodeConfig, model_ident: dict[str, Any], manifest_hash: str) -> dict[str, Any]:
-    """What changes the stored numbers (and the shard layout): the fingerprinted stage config."""
+LAYOUT = "content-addressed-v1"
+
+
+def latents_identity(cfg: EncodeConfig, model_ident: dict[str, Any]) -> dict[str, Any]:
+    """What changes the stored numbers: the fingerprinted stage config. The manifest is not in it: a
+    run grows, shrinks and changes clip by clip (`carv_attrib.data.sources`), and the shard size is
+    only the unit of resume."""
     policy = cfg.policy
     return {
         "model": model_ident,
@@ -57,8 +65,7 @@ def latents_identity(cfg: EncodeConfig, model_ident: dict[str, Any], manifest_ha
         "pad_short": policy.pad_short,
         "dtype": cfg.dtype,
         "latent_dtype": cfg.latent_dtype,
-        "shard_size": cfg.shard_size,
-        "manifest_hash": manifest_hash,
+        "layout": LAYOUT,
         "text_max_sequence_length": 512,
         "latent": "normalised latent_dist.mode(): (z - latents_mean) / latents_std",
         # frame k = the frame displayed at k/fps after the first displayed one (edit lists, VFR,
@@ -68,18 +75,51 @@ def latents_identity(cfg: EncodeConfig, model_ident: dict[str, Any], manifest_ha
 
 
 @dataclass
+class EncodePlan:
+    """What an encode of `clips` does to the run, against its committed manifest.
+
+    added / changed / removed / unchanged: clips new to the manifest, whose file or caption changed,
+    gone from it, or the same; todo: manifest positions to encode (added and changed clips without a
+    row yet, clips whose row is missing, failures with --retry-failed); retried: failures re-tried;
+    resumed: added or changed clips already encoded by an interrupted run.
+    """
+
+    clips: SourcedClips
+    todo: list[int]
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    retried: int = 0
+    resumed: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "added": self.added,
+            "changed": self.changed,
+            "removed": self.removed,
+            "unchanged": self.unchanged,
+            "retried": self.retried,
+            "resumed": self.resumed,
+            "to_encode": len(self.todo),
+        }
+
+
+@dataclass
 class EncodeSummary:
     run: str
-    total: int
+    total: int  # clips of the manifest now live (committed); a dry run: of the current run
     ok: int
     failed: int
     failures: dict[str, int]
-    shards_total: int
-    shards_skipped: int
+    changes: dict[str, int]  # `EncodePlan.counts()`
+    encoded: int  # clips encoded by this invocation
     shards_written: int
     seconds: float
     clips_per_s: float
     fingerprint: str
+    dry_run: bool = False
+    estimated_s: float | None = None  # dry run: time the encode would take, from a short timing
     examples: list[dict[str, Any]] = field(default_factory=list)  # a few failed clips: vid, status, error
 
     @property
@@ -94,20 +134,28 @@ def _noop(event: str, info: dict[str, Any]) -> None:
     pass
 
 
-def prepare_manifest(run: RunDir, cfg: EncodeConfig) -> ClipTable:
-    """Normalise the manifest into RUN/manifest/clips.parquet (or check it against the one there)."""
-    table = read_manifest(cfg.manifest, cfg.videos, cfg.manifest_options)
-    path = run.manifest_table
-    if path.exists() and not cfg.overwrite:
-        old = read_clip_table(path)
-        if old.content_hash() != table.content_hash():
-            raise ConfigMismatchError(
-                f"{run} was encoded from another manifest ({len(old)} clips, hash {old.content_hash()}; "
-                f"now {len(table)} clips, hash {table.content_hash()}); use a new --run or pass --overwrite"
-            )
-    else:
-        write_clip_table(table, path)
-    return table
+def plan_encode(run: RunDir, clips: ClipTable, resumes: bool, retry_failed: bool) -> EncodePlan:
+    """Identify each clip's file (hashing only files whose stat changed since the committed manifest)
+    and compare with the run: what is added, changed, removed, unchanged, and what to encode.
+    `resumes`: the latents stage exists with this configuration (else everything is to do)."""
+    previous = SourcedClips.read(run.manifest_table) if resumes else None
+    sourced = SourcedClips.identify(clips, previous.known_hashes() if previous else None)
+    rows = latent_rows(run.latents) if resumes else {}
+    before = dict(zip(previous.clips.clip_id, previous.keys)) if previous else {}
+    plan = EncodePlan(sourced, [])
+    for j, (cid, key) in enumerate(zip(clips.clip_id, sourced.keys)):
+        kind = "added" if cid not in before else "changed" if before[cid] != key else "unchanged"
+        setattr(plan, kind, getattr(plan, kind) + 1)
+        row = rows.get((cid, key))
+        if row is None:
+            plan.todo.append(j)
+        elif row.status != "ok" and retry_failed:
+            plan.todo.append(j)
+            plan.retried += 1
+        elif kind != "unchanged":
+            plan.resumed += 1
+    plan.removed = len(set(before) - set(clips.clip_id))
+    return plan
 
 
 class _TextCache:
@@ -221,6 +269,7 @@ class _ShardEncoder:
         for r, emb in zip(ok_rows, self.texts.get_many([self.caption_of[r["clip_id"]] for r in ok_rows])):
             arr = emb.numpy().astype(self.np_dtype)  # (L, D)
             r.update(text_emb=arr.tobytes(), text_len=arr.shape[0], text_dim=arr.shape[1])
+            r["latent_sha"] = latent_sha(r["latent"], r["text_emb"])
         self.timers["text_s"] += time.monotonic() - t
         kinds = Counter(r["status"] for r in shard_rows)
         stats = {
@@ -239,72 +288,113 @@ class _ShardEncoder:
         self.shard_t0 = time.monotonic()
 
 
+def _estimate(cfg: EncodeConfig, plan: EncodePlan, wan: WanModel | None) -> float:
+    """Seconds the encode of `plan` would take: model load plus a timed encode of up to 2 of its clips
+    (decode + VAE + caption) scaled to all, with the VAE batching of the real run ignored."""
+    if not plan.todo:
+        return 0.0
+    t0 = time.monotonic()
+    wan = wan or load_wan(cfg.model, ENCODER_COMPONENTS, device=cfg.device, dtype=cfg.dtype)
+    load_s = time.monotonic() - t0
+    sample = plan.todo[:2]
+    clips = plan.clips.clips
+    t1 = time.monotonic()
+    for j in sample:
+        try:
+            decoded = decode_clip(clips.path[j], cfg.policy)
+        except ClipFailure:
+            continue
+        encode_video(wan.vae, frames_to_tensor(decoded.frames)[None])
+        encode_prompts(wan, [clips.caption[j]])
+    per_clip = (time.monotonic() - t1) / len(sample)
+    return round(load_s + per_clip * len(plan.todo), 1)
+
+
 def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary:
-    """Encode (or resume) RUN/latents for `cfg`. Raises UsageError / ConfigMismatchError (exit 2) for
-    bad options, a bad manifest or a run made with other settings; per-clip failures are recorded."""
+    """Encode the clips of cfg.manifest that RUN/latents does not hold yet (all of them the first
+    time; then what was added or changed, and failures with --retry-failed), then commit the manifest.
+
+    Everything is checked before the first write, so a refused invocation changes nothing; a killed
+    one leaves the previous manifest live and its finished shards for the rerun. Raises UsageError /
+    ConfigMismatchError (exit 2) for bad options, a bad manifest or a run made with other settings;
+    per-clip failures are recorded in the rows.
+    """
     t0 = time.monotonic()
     cfg.validate()
     run = RunDir(cfg.run)
-    run.root.mkdir(parents=True, exist_ok=True)
-    table = prepare_manifest(run, cfg)
+    table = read_manifest(cfg.manifest, cfg.videos, cfg.manifest_options)
     ident, wan = _identify_model(cfg)
-    config = latents_identity(cfg, ident, table.content_hash())
+    config = latents_identity(cfg, ident)
     store = run.latents
-    fp = store.prepare(config, overwrite=cfg.overwrite, what="encode")
+    resumes = store.check(config, overwrite=cfg.overwrite, what="encode")
+    plan = plan_encode(run, table, resumes, cfg.retry_failed)
+    progress("plan", plan.counts())
+    if cfg.dry_run:
+        estimate = _estimate(cfg, plan, wan)
+        return summarize(run, plan, fingerprint(config), 0, 0, time.monotonic() - t0, estimate)
 
-    n = len(table)
-    shards = [list(range(s, min(s + cfg.shard_size, n))) for s in range(0, n, cfg.shard_size)]
-    todo = [i for i in range(len(shards)) if not store.is_done(i)]
-    todo_clips = sum(len(shards[i]) for i in todo)
-    progress(
-        "start", {"total": n, "todo": todo_clips, "shards": len(shards), "skipped": len(shards) - len(todo)}
-    )
-    if todo:
+    run.root.mkdir(parents=True, exist_ok=True)
+    fp = store.prepare(config, overwrite=cfg.overwrite, what="encode")
+    first = store.next_shard()
+    shards = [plan.todo[s : s + cfg.shard_size] for s in range(0, len(plan.todo), cfg.shard_size)]
+    progress("start", {"total": len(table), "todo": len(plan.todo), "shards": len(shards), "skipped": 0})
+    if shards:
         wan = wan or load_wan(cfg.model, ENCODER_COMPONENTS, device=cfg.device, dtype=cfg.dtype)
         provenance = {"stage": "latents", "fingerprint": fp, "tool_version": __version__, "config": config}
         encoder = _ShardEncoder(cfg, wan, store, table, provenance)
-        tasks = [((si, j), table.path[j]) for si in todo for j in shards[si]]
+        sourced = plan.clips
+        tasks = [((first + si, j), table.path[j]) for si, shard in enumerate(shards) for j in shard]
         with DecodePool(cfg.policy, workers=cfg.workers, timeout=cfg.decode_timeout) as pool:
             t_wait = time.monotonic()
             for (si, j), result in pool.imap(tasks):  # decoding in workers overlaps the VAE here
                 encoder.timers["wait_decode_s"] += time.monotonic() - t_wait
-                encoder.add(si, empty_latent_row(table.clip_id[j], table.vid[j]), result, progress)
-                last_of_shard = j == shards[si][-1]
+                row = empty_latent_row(table.clip_id[j], table.vid[j], sourced.keys[j], sourced.ids[j])
+                encoder.add(si, row, result, progress)
+                last_of_shard = j == shards[si - first][-1]
                 if len(encoder.pending) >= cfg.batch_size or last_of_shard:
                     encoder.flush(progress)
                 if last_of_shard:
                     encoder.finish_shard(si, progress)
                 t_wait = time.monotonic()
-    return summarize(
-        run, fp, todo_clips, len(shards), len(shards) - len(todo), len(todo), time.monotonic() - t0
-    )
+    plan.clips.write(run.manifest_table)  # the commit: from here on the new manifest is live
+    return summarize(run, plan, fp, len(plan.todo), len(shards), time.monotonic() - t0)
 
 
 def summarize(
     run: RunDir,
+    plan: EncodePlan,
     fp: str,
-    processed: int,
-    shards: int,
-    skipped: int,
-    written: int,
+    encoded: int,
+    shards_written: int,
     seconds: float,
+    estimated_s: float | None = None,
 ) -> EncodeSummary:
-    """Totals over every done shard (not just this invocation's), plus a few failure examples."""
-    t = run.latents.read_table(columns=["vid", "status", "error"])
-    statuses = Counter(t.column("status").to_pylist())
+    """Totals over the live clips (this invocation's and earlier ones'), plus a few failure examples.
+    A dry run (estimated_s given) reports the run as it is."""
+    live = run.live_latents()
+    statuses = live.statuses()
     ok = statuses.pop("ok", 0)
-    failed_rows = t.filter(pc.not_equal(t.column("status"), "ok")).slice(0, 5).to_pylist()
+    failed_where = [r.where for r in live.rows if r.status != "ok"][:5]
+    examples = [
+        row
+        for shard, rows in selection(failed_where).items()
+        for row in pq.read_table(run.latents.shard_path(shard), columns=["vid", "status", "error"])
+        .take(pa.array(rows, pa.int64()))
+        .to_pylist()
+    ]
     return EncodeSummary(
         run=str(run),
-        total=t.num_rows,
+        total=len(live),
         ok=ok,
         failed=sum(statuses.values()),
-        failures=dict(statuses),
-        shards_total=shards,
-        shards_skipped=skipped,
-        shards_written=written,
+        failures=statuses,
+        changes=plan.counts(),
+        encoded=encoded,
+        shards_written=shards_written,
         seconds=round(seconds, 3),
-        clips_per_s=round(processed / seconds, 3) if seconds and processed else 0.0,
+        clips_per_s=round(encoded / seconds, 3) if seconds and encoded else 0.0,
         fingerprint=fp,
-        examples=failed_rows,
+        dry_run=estimated_s is not None,
+        estimated_s=estimated_s,
+        examples=examples,
     )

@@ -6,15 +6,15 @@ For each ok clip of RUN/latents, K (σ, ε) draws reuse its cached latent (the C
     from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
     summary = run_featurize(FeaturizeConfig(run="runs/demo", model="models/tiny-wan", draws=8))
 
-Output: RUN/features/part-NNNNN.parquet, one per latent shard (`carv_attrib.data.features`), with
-the same resume rules as encode. The CLI then builds RUN/index (`carv_attrib.pipeline.index`).
+Output: RUN/features/part-NNNNN.parquet (`carv_attrib.data.features`), appended: each run computes
+the live latents that have no feature row yet (`carv_attrib.data.live`), so a grown or edited run
+costs only its new and changed clips, and a killed run resumes from its last finished shard. The CLI then builds RUN/index (`carv_attrib.pipeline.index`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +29,10 @@ from carv_attrib.carv.objective import TIMESTEP_CONVENTION
 from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.config import FeaturizeConfig
 from carv_attrib.data.features import feature_row, feature_schema
-from carv_attrib.data.latents import iter_cached
+from carv_attrib.data.latents import read_latents
+from carv_attrib.data.live import LatentRow, LiveFeatures, LiveLatents, selection
 from carv_attrib.data.run import RunDir
-from carv_attrib.data.store import ShardStore, now_iso, read_json
+from carv_attrib.data.store import fingerprint, now_iso, read_json
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity
 
@@ -43,16 +44,19 @@ __all__ = ["FeaturizeConfig", "FeaturizeSummary", "run_featurize", "read_plan_pr
 @dataclass
 class FeaturizeSummary:
     run: str
-    clips: int
+    clips: int  # live ok latents (each has a feature row after the run; a dry run: before it)
     ok: int
     nonfinite: int
     dim: int
+    changes: dict[str, int]  # new / changed / unchanged / removed clips, to_compute
+    computed: int  # features computed by this invocation
     shards_written: int
-    shards_skipped: int
     seconds: float
     clips_per_s: float
     fingerprint: str
     density: str
+    dry_run: bool = False
+    estimated_s: float | None = None  # dry run: from one timed batch
     index: dict[str, Any] | None = None
 
 
@@ -134,36 +138,65 @@ def _load(cfg: FeaturizeConfig, rule: DrawRule) -> tuple[Featurizer, list[str | 
     return featurizer, checkpoints
 
 
-def _featurize_shard(
-    featurizer: Featurizer, run: RunDir, shard: int, batch_clips: int, n_ckpt: int, progress: ProgressFn
+def _featurize_rows(
+    featurizer: Featurizer,
+    run: RunDir,
+    todo: list[tuple[int, str, LatentRow]],
+    batch_clips: int,
+    n_ckpt: int,
+    progress: ProgressFn,
 ) -> list[dict[str, Any]]:
-    """The feature rows of one latent shard, B clips per backward."""
-    clips = list(iter_cached(run, shard))
+    """The feature rows of the latent rows `todo` ((clip_id, vid, row)), B clips per backward."""
+    sha = {cid: row.latent_sha for cid, _, row in todo}
+    clips = list(read_latents(run, selection([row.where for _, _, row in todo])))
     rows: list[dict[str, Any]] = []
     for start in range(0, len(clips), batch_clips):
         chunk = clips[start : start + batch_clips]
         feats, losses, draws = featurizer.features([(c.clip_id, c.latent, c.text_emb) for c in chunk])
         for c, f, ell, (sigma, w) in zip(chunk, feats, losses, draws):
-            rows.append(feature_row(c.clip_id, c.vid, f, ell, sigma, w, n_ckpt))
+            rows.append(feature_row(c.clip_id, c.vid, sha[c.clip_id], f, ell, sigma, w, n_ckpt))
             progress("clip", {"status": rows[-1]["status"], "vid": c.vid})
     return rows
 
 
-def _totals(store: ShardStore) -> Counter[str]:
-    totals: Counter[str] = Counter()
-    for s in store.read_stats():
-        for key in ("clips", "ok", "nonfinite"):
-            totals[key] += s[key]
-    return totals
+def _changes(live: LiveLatents, feats: LiveFeatures) -> dict[str, int]:
+    live_ids = set(live.clip_id)
+    changed = sum(cid in feats.had_feature for cid, _, _ in feats.missing)
+    return {
+        "new": len(feats.missing) - changed,
+        "changed": changed,
+        "unchanged": len(feats.rows),
+        "removed": len(feats.had_feature - live_ids),
+        "to_compute": len(feats.missing),
+    }
+
+
+def _estimate(featurizer: Featurizer, run: RunDir, feats: LiveFeatures, cfg: FeaturizeConfig) -> float:
+    """Seconds the featurize would take: one timed batch of B clips scaled to all (model load and the
+    index build not included)."""
+    if not feats.missing:
+        return 0.0
+    sample = feats.missing[: cfg.batch_clips]
+    t = time.monotonic()
+    _featurize_rows(featurizer, run, sample, cfg.batch_clips, len(featurizer.blocks), _noop)
+    return round((time.monotonic() - t) / len(sample) * len(feats.missing), 1)
 
 
 def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> FeaturizeSummary:
-    """Compute (or resume) RUN/features for `cfg`. Raises UsageError / ConfigMismatchError (exit 2)
-    for a run without latents, a model that did not encode it, or a stage made with other options."""
+    """Compute the features RUN/features lacks: one per live ok latent (all the first time; then the
+    clips added or changed since, `carv_attrib.data.live`). Everything is checked before the first
+    write. Raises UsageError / ConfigMismatchError (exit 2) for a run without latents, a model that
+    did not encode it, or a stage made with other options."""
     t0 = time.monotonic()
     cfg.validate()
     run = RunDir(cfg.run)
     lat_cfg = run.require_latents()
+    live = run.live_latents()
+    if live.pending:
+        raise UsageError(
+            f"{len(live.pending)} clips of {run}'s manifest have no latents (e.g. {live.pending[0]}): "
+            f"an encode was interrupted; rerun the same `carv-attrib encode` first"
+        )
     check_encoder_matches(
         cfg.model, lat_cfg["config"]["model"]["components"], lat_cfg["config"]["model"].get("source")
     )
@@ -172,6 +205,14 @@ def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> Featuri
     ckpt_ids = [checkpoint_identity(cfg.model, ck) for ck in checkpoints]
     config = _features_identity(cfg, lat_cfg["fingerprint"], ckpt_ids, rule, featurizer.projectors[0].spec())
     store = run.features
+    resumes = store.check(config, overwrite=cfg.overwrite, what="featurize")
+    feats = run.live_features(live) if resumes else LiveFeatures({}, live.ok(), set(), 0)
+    changes = _changes(live, feats)
+    progress("plan", changes)
+    if cfg.dry_run:
+        estimate = _estimate(featurizer, run, feats, cfg)
+        return _summary(run, live, feats, featurizer, rule, fingerprint(config), changes, 0, 0, t0, estimate)
+
     fp = store.prepare(config, overwrite=cfg.overwrite, what="featurize")
     provenance = {
         "stage": "features",
@@ -183,42 +224,56 @@ def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> Featuri
         "checkpoint_fingerprints": [c["fingerprint"] for c in ckpt_ids],
         "blocks": featurizer.blocks,
     }
-
-    shards = run.latents.done_shards()
-    todo = [i for i in shards if not store.is_done(i)]
-    n_todo = sum(s["ok"] for s in run.latents.read_stats() if s["shard"] in todo)
-    progress(
-        "start", {"total": n_todo, "todo": n_todo, "shards": len(shards), "skipped": len(shards) - len(todo)}
-    )
+    todo = feats.missing
+    chunks = [todo[s : s + cfg.shard_size] for s in range(0, len(todo), cfg.shard_size)]
+    progress("start", {"total": len(live), "todo": len(todo), "shards": len(chunks), "skipped": 0})
     schema = feature_schema(featurizer.dim, len(checkpoints) * cfg.draws)
-    processed = 0
-    for si in todo:
+    first = store.next_shard()
+    for ci, chunk in enumerate(chunks):
         t_shard = time.monotonic()
-        rows = _featurize_shard(featurizer, run, si, cfg.batch_clips, len(checkpoints), progress)
-        processed += len(rows)
+        rows = _featurize_rows(featurizer, run, chunk, cfg.batch_clips, len(checkpoints), progress)
         stats = {
-            "shard": si,
+            "shard": first + ci,
             "clips": len(rows),
             "ok": sum(r["status"] == "ok" for r in rows),
             "nonfinite": sum(r["status"] != "ok" for r in rows),
             "wall_s": round(time.monotonic() - t_shard, 4),
             "finished_at": now_iso(),
         }
-        store.write_shard(si, pa.Table.from_pylist(rows, schema=schema), stats, provenance)
+        store.write_shard(first + ci, pa.Table.from_pylist(rows, schema=schema), stats, provenance)
         progress("shard", stats)
+    feats = run.live_features(live)
+    return _summary(run, live, feats, featurizer, rule, fp, changes, len(todo), len(chunks), t0)
 
-    totals = _totals(store)
+
+def _summary(
+    run: RunDir,
+    live: LiveLatents,
+    feats: LiveFeatures,
+    featurizer: Featurizer,
+    rule: DrawRule,
+    fp: str,
+    changes: dict[str, int],
+    computed: int,
+    shards: int,
+    t0: float,
+    estimated_s: float | None = None,
+) -> FeaturizeSummary:
     seconds = time.monotonic() - t0
+    nonfinite = sum(st != "ok" for _, st in feats.rows.values())
     return FeaturizeSummary(
         run=str(run),
-        clips=totals["clips"],
-        ok=totals["ok"],
-        nonfinite=totals["nonfinite"],
+        clips=len(live.ok()),
+        ok=len(feats.rows) - nonfinite,
+        nonfinite=nonfinite,
         dim=featurizer.dim,
-        shards_written=len(todo),
-        shards_skipped=len(shards) - len(todo),
+        changes=changes,
+        computed=computed,
+        shards_written=shards,
         seconds=round(seconds, 3),
-        clips_per_s=round(processed / seconds, 3) if processed else 0.0,
+        clips_per_s=round(computed / seconds, 3) if computed else 0.0,
         fingerprint=fp,
         density=rule.density,
+        dry_run=estimated_s is not None,
+        estimated_s=estimated_s,
     )

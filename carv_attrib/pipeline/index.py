@@ -3,9 +3,10 @@
     from carv_attrib.pipeline.index import IndexConfig, build_run_index
     info = build_run_index(IndexConfig(run="runs/demo", precondition="trak"))   # IndexInfo
 
-Features are streamed shard by shard, never all in memory: the ids (a cheap column read), then the
-TRAK Gram, the training sample of an approximate index, and the vectors, one pass each, all over
-one snapshot of the done shards.
+The index holds the live features (`carv_attrib.data.live`): one per current clip, none of removed or
+changed ones, and it records their digest so `score` refuses it once the run changes. Features are
+streamed shard by shard, never all in memory: the ids (a cheap column read), then the TRAK Gram, the
+training sample of an approximate index, and the vectors, one pass each, all over one snapshot.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ def _check_features_current(run: RunDir, fcfg: dict, lat: dict) -> None:
         )
 
 
-def _train_sample(run: RunDir, shards: list[int], n: int, pre: Preconditioner) -> np.ndarray:
+def _train_sample(run: RunDir, sel: dict[int, list[int]], n: int, pre: Preconditioner) -> np.ndarray:
     """A seeded uniform sample (≤ DEFAULT_TRAIN_SAMPLE rows) of the preconditioned vectors, (m, D)."""
     take = min(n, DEFAULT_TRAIN_SAMPLE)
     chosen = np.sort(np.random.default_rng(0).choice(n, size=take, replace=False))
     parts, start = [], 0
-    for _, f in iter_feature_blocks(run, shards=shards):
+    for _, f in iter_feature_blocks(run, sel):
         local = chosen[(chosen >= start) & (chosen < start + len(f))] - start
         parts.append(pre.prepare_train(f[local]))
         start += len(f)
@@ -59,14 +60,17 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
     _check_features_current(run, fcfg, lat)
     prov = run.features.read_provenance() or {}
 
-    shards = (
-        run.features.done_shards()
-    )  # one snapshot for every pass, even if a featurize run is adding shards
-    ids = feature_ids(run, shards=shards)  # (n,) int64
+    live = run.live_latents()
+    feats = run.live_features(live)
+    if not feats.complete:
+        raise UsageError(
+            f"{run}/features lacks {len(feats.missing)} of the run's {len(live.ok())} clips (e.g. "
+            f"{feats.missing[0][1]}): they were added or changed since; run `carv-attrib featurize {run} ...`"
+        )
+    sel = feats.ok_selection()  # one snapshot for every pass, even if a featurize run is adding shards
+    ids = feature_ids(run, sel)  # (n,) int64, one per live clip
     if ids.size == 0:
         raise UsageError(f"{run} holds no ok features; run featurize first")
-    if np.unique(ids).size != ids.size:
-        raise UsageError(f"{run}/features holds duplicate clip ids; rerun featurize with --overwrite")
     feats_cfg = fcfg["config"]
     n_ckpt = len(feats_cfg["transformers"])
     blocks = prov.get("blocks") or [int(feats_cfg["projector"]["dim"])] * n_ckpt  # one per checkpoint
@@ -75,14 +79,14 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
         index = new_index(dim, cfg.index_factory, use_gpu)  # a bad factory is refused before any pass
         pre = fit_preconditioner(
             cfg.precondition,
-            (f for _, f in iter_feature_blocks(run, shards=shards)) if cfg.precondition == "trak" else None,
+            (f for _, f in iter_feature_blocks(run, sel)) if cfg.precondition == "trak" else None,
             dim=dim,
             blocks=blocks,
             lambda_rel=cfg.lambda_rel,
         )
         if not index.is_trained:
-            train_index(index, _train_sample(run, shards, ids.size, pre), cfg.index_factory)
-        for ids_s, feats_s in iter_feature_blocks(run, shards=shards):
+            train_index(index, _train_sample(run, sel, ids.size, pre), cfg.index_factory)
+        for ids_s, feats_s in iter_feature_blocks(run, sel):
             add_vectors(index, ids_s, pre.prepare_train(feats_s))
         assert index.ntotal == ids.size, (index.ntotal, ids.size)  # every pass saw the same shards
     except ValueError as exc:
@@ -99,7 +103,7 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
         preconditioner=pre.to_dict(),
         lambda_rel=cfg.lambda_rel,
         nprobe=cfg.nprobe,
-        feature_shards=shards,
+        live_digest=live.digest(),
         draws=feats_cfg["draws"],
         output_fn=feats_cfg["output_fn"],
         timestep=feats_cfg["timestep"],

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from carv_attrib.data.run import RunDir
 from carv_attrib.data.store import ShardStore, read_json
-from carv_attrib.errors import UsageError
+from carv_attrib.errors import ConfigMismatchError, UsageError
 
 
 def stage_status(store: ShardStore) -> dict[str, Any] | None:
@@ -40,7 +40,12 @@ def stage_status(store: ShardStore) -> dict[str, Any] | None:
 
 
 def run_status(run: Path | str | RunDir) -> dict[str, Any]:
-    """What RUN holds (a JSON-able dict); UsageError (exit 2) when RUN is not a directory."""
+    """What RUN holds (a JSON-able dict); UsageError (exit 2) when RUN is not a directory.
+
+    Per stage: every done row (`rows`, `statuses`) and the live view (`carv_attrib.data.live`): the
+    current clips, what is still to compute and the superseded rows of removed or changed clips. The
+    index says whether it is `fresh` (built from the live set) and, when not, why.
+    """
     run = RunDir(run)
     if not run.root.is_dir():
         raise UsageError(f"{run} is not a run directory")
@@ -49,7 +54,31 @@ def run_status(run: Path | str | RunDir) -> dict[str, Any]:
         out["manifest_clips"] = pq.read_metadata(run.manifest_table).num_rows
     for stage in (run.latents, run.features):
         out[stage.stage] = stage_status(stage)
+    try:
+        live = run.live_latents()
+        if out["latents"] is not None:
+            out["latents"]["live"] = {
+                "clips": len(live),
+                "statuses": live.statuses(),
+                "pending": len(live.pending),
+                "superseded_rows": live.rows_total - len(live),
+            }
+        if out["features"] is not None:
+            feats = run.live_features(live)
+            out["features"]["live"] = {
+                "clips": len(feats.rows),
+                "to_compute": len(feats.missing),
+                "superseded_rows": feats.rows_total - len(feats.rows),
+            }
+    except ConfigMismatchError as exc:  # a run of an older layout: shown, not fatal
+        out["layout_error"] = str(exc)
     out["index"] = read_json(run.index_info_path) if run.index_info_path.exists() else None
+    if out["index"] is not None:
+        try:
+            run.index_info(check_fresh=True)
+            out["index"]["fresh"], out["index"]["stale_reason"] = True, None
+        except UsageError as exc:
+            out["index"]["fresh"], out["index"]["stale_reason"] = False, str(exc)
     runinfo = run.run_log
     if runinfo.exists():
         inv = read_json(runinfo).get("invocations", [])

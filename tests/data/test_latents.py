@@ -12,6 +12,10 @@ import pytest
 import torch
 
 from carv_attrib.data.latents import CachedClip, as_stored, iter_cached, row_to_clip
+from carv_attrib.data.live import latent_sha
+from carv_attrib.data.manifest import ClipTable
+from carv_attrib.data.run import RunDir
+from carv_attrib.data.sources import SourcedClips, SourceId
 from carv_attrib.data.store import ShardStore
 from carv_attrib.pipeline.encode import latent_schema
 
@@ -99,12 +103,27 @@ def _encoded_row(clip_id: int, vid: str, z: torch.Tensor, emb: torch.Tensor, dty
         "frame_indices": [0, 1, 2],
         "source_fps": 24.0,
         "fps": 8.0,
+        "source_key": f"key-{vid}",
+        "latent_sha": latent_sha(arr.tobytes(), txt.tobytes()),
     }
 
 
 def _failed_row(clip_id: int, vid: str, status: str) -> dict[str, Any]:
     row = dict.fromkeys(latent_schema().names)
-    return row | {"clip_id": clip_id, "vid": vid, "status": status, "error": f"{status}: synthetic"}
+    return row | {
+        "clip_id": clip_id,
+        "vid": vid,
+        "status": status,
+        "error": f"{status}: synthetic",
+        "source_key": f"key-{vid}",
+    }
+
+
+def _commit_manifest(root: Path, vids: list[str], clip_ids: list[int]) -> None:
+    """The committed manifest that makes rows keyed `key-<vid>` live."""
+    clips = ClipTable(clip_ids, vids, ["a caption"] * len(vids), [f"/v/{v}.mp4" for v in vids])
+    none = SourceId(None, None, None)
+    SourcedClips(clips, [none] * len(vids), [f"key-{v}" for v in vids]).write(RunDir(root).manifest_table)
 
 
 def _tensors(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +165,7 @@ def _write_shard(store: ShardStore, index: int, rows: list[dict[str, Any]], done
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_iter_cached_yields_ok_rows_in_manifest_order(tmp_path: Path, dtype: str) -> None:
+def test_iter_cached_yields_the_live_ok_rows_in_storage_order(tmp_path: Path, dtype: str) -> None:
     store = ShardStore(tmp_path, "latents")
     store.prepare({"latent_dtype": dtype})
     tensors = {i: _tensors(100 + i) for i in range(10)}
@@ -163,6 +182,11 @@ def test_iter_cached_yields_ok_rows_in_manifest_order(tmp_path: Path, dtype: str
     for index in (10, 2, 0, 1):  # written out of order, as parallel workers would
         _write_shard(store, index, shards[index])
     _write_shard(store, 3, [ok(9)], done=False)  # not done: never read
+    gone = _encoded_row(990, "clip-gone", *_tensors(1), dtype)  # a clip removed from the manifest
+    old = _encoded_row(1000, "clip-00", *_tensors(2), dtype) | {"source_key": "key-before-an-edit"}
+    _write_shard(store, 11, [gone, old])
+    vids = [f"clip-{i:02d}" for i in range(10)]
+    _commit_manifest(tmp_path, vids, [1000 - i for i in range(10)])
 
     clips = list(iter_cached(tmp_path))
     assert [c.vid for c in clips] == ["clip-00", "clip-02", "clip-05", "clip-06", "clip-08"]
@@ -172,6 +196,4 @@ def test_iter_cached_yields_ok_rows_in_manifest_order(tmp_path: Path, dtype: str
         np.testing.assert_array_equal(_bits(c.latent.numpy()), _bits(as_stored(z, dtype).numpy()))
         np.testing.assert_array_equal(_bits(c.text_emb.numpy()), _bits(as_stored(emb, dtype).numpy()))
 
-    assert [c.vid for c in iter_cached(tmp_path, shard=2)] == ["clip-05", "clip-06"]
-    assert list(iter_cached(tmp_path, shard=1)) == []  # a shard of failures only
     assert list(iter_cached(tmp_path / "elsewhere")) == []  # no latents stage: nothing

@@ -8,9 +8,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
+from carv_attrib.data.live import LiveLatents
+from carv_attrib.data.manifest import ClipTable
 from carv_attrib.data.run import INDEX_SCHEMA_VERSION, EncodeFacts, IndexInfo, RunDir
+from carv_attrib.data.sources import SourcedClips, SourceId
 from carv_attrib.data.store import ShardStore
 from carv_attrib.errors import ConfigMismatchError, UsageError
 
@@ -35,6 +39,7 @@ def make_info(latents_fp: str = "a" * 16, features_fp: str = "b" * 16) -> IndexI
         checkpoints=["models/m:transformer", "/abs/ck.safetensors"],
         checkpoint_paths=[None, "/abs/ck.safetensors"],
         model_source="/abs/models/m",
+        live_digest=LiveLatents().digest(),  # an empty run's
         encode=EncodeFacts(
             frames=9,
             height=32,
@@ -264,17 +269,18 @@ def test_a_kill_between_the_two_renames_restores_the_previous_index(tmp_path: Pa
     assert (run.index_dir / "index.faiss").read_text() == "old" and not (tmp_path / ".index.old").exists()
 
 
-def test_an_index_is_stale_when_feature_shards_were_added(tmp_path: Path) -> None:
+def test_an_index_is_stale_when_the_live_set_of_clips_changed(tmp_path: Path) -> None:
+    """A clip that became live after the index was built (an encode committed it) makes it stale."""
     run = RunDir(tmp_path)
     fp_lat = run.latents.prepare({"a": 1})
     fp_feat = run.features.prepare({"b": 1})
     info = make_info(latents_fp=fp_lat, features_fp=fp_feat)
-    info.feature_shards = []
     run.index_dir.mkdir()
     info.write(run.index_info_path)
-    assert run.index_info().count == info.count  # nothing added yet
-    import pyarrow as pa
-
-    run.features.write_shard(0, pa.table({"clip_id": pa.array([1], pa.int64())}), {"shard": 0}, {})
-    with pytest.raises(ConfigMismatchError, match="feature shards"):
+    assert run.index_info().count == info.count  # nothing live yet: the empty set it was built from
+    row = {"clip_id": 7, "source_key": "k7", "status": "ok", "latent_sha": "abc"}
+    run.latents.write_shard(0, pa.Table.from_pylist([row]), {"shard": 0, "clips": 1}, {})
+    clips = ClipTable([7], ["v7"], ["c"], ["/v7.mp4"])
+    SourcedClips(clips, [SourceId(None, None, None)], ["k7"]).write(run.manifest_table)
+    with pytest.raises(ConfigMismatchError, match="another set of clips"):
         run.index_info()

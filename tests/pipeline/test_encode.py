@@ -107,7 +107,7 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(
     )
     run_encode(cfg)
     again = run_encode(cfg)
-    assert again.shards_skipped == 2 and again.shards_written == 0
+    assert again.encoded == 0 and again.shards_written == 0 and again.changes["unchanged"] == 8
     cfg.frames = 13
     with pytest.raises(ConfigMismatchError, match=r"frames: 9 -> 13"):
         run_encode(cfg)

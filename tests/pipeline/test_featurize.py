@@ -88,7 +88,7 @@ def test_rerun_resumes_and_other_config_is_refused(
     shutil.copytree(featurized_run, run)
     cfg = FeaturizeConfig(run=run, model=str(tiny_model_dir), draws=4, device="cpu", batch_clips=3)
     s = run_featurize(cfg)
-    assert s.shards_written == 0 and s.shards_skipped == 3
+    assert s.shards_written == 0 and s.computed == 0 and s.changes["unchanged"] == s.clips
     cfg.draws = 6
     with pytest.raises(ConfigMismatchError, match=r"draws.draws: 4 -> 6"):
         run_featurize(cfg)
@@ -96,7 +96,7 @@ def test_rerun_resumes_and_other_config_is_refused(
     with pytest.raises(ConfigMismatchError, match=r"scheme: 'stratified-is' -> 'iid'"):
         run_featurize(cfg)
     cfg.overwrite = True
-    assert run_featurize(cfg).shards_written == 3
+    assert run_featurize(cfg).computed == s.clips
 
 
 def test_model_that_did_not_encode_the_run_is_refused(encoded_run: Path, tmp_path: Path) -> None:
@@ -164,7 +164,8 @@ FEATURIZE = textwrap.dedent(
     def slow(event, info):
         if event == "shard":
             time.sleep(float(sys.argv[3]))
-    run_featurize(FeaturizeConfig(run=sys.argv[1], model=sys.argv[2], draws=4, device="cpu", batch_clips=3), progress=slow)
+    run_featurize(FeaturizeConfig(run=sys.argv[1], model=sys.argv[2], draws=4, device="cpu", batch_clips=3,
+                                  shard_size=3), progress=slow)
     """
 )
 

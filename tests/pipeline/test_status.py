@@ -81,6 +81,7 @@ def test_stage_with_config_but_no_shards(tmp_path: Path) -> None:
         "shards_done": 0,
         "rows": 0,
         "statuses": {},
+        "live": {"clips": 0, "statuses": {}, "pending": 0, "superseded_rows": 0},
     }
     assert info["features"] is None
 
@@ -97,7 +98,8 @@ def test_manifest_index_and_invocations(tmp_path: Path) -> None:
 
     info = run_status(tmp_path)
     assert info["manifest_clips"] == 4
-    assert info["index"] == index_info
+    assert {k: info["index"][k] for k in index_info} == index_info
+    assert info["index"]["fresh"] is False and "schema" in info["index"]["stale_reason"]
     assert info["invocations"] == 2 and info["last_command"] == "featurize"
 
 
