@@ -307,7 +307,7 @@ def _estimate(cfg: EncodeConfig, plan: EncodePlan, wan: WanModel | None) -> floa
         encode_video(wan.vae, frames_to_tensor(decoded.frames)[None])
         encode_prompts(wan, [clips.caption[j]])
     per_clip = (time.monotonic() - t1) / len(sample)
-    return round(load_s + per_clip * len(plan.todo), 1)
+    return round(load_s + per_clip * len(plan.todo), 3)
 
 
 def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary:

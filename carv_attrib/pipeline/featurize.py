@@ -179,7 +179,7 @@ def _estimate(featurizer: Featurizer, run: RunDir, feats: LiveFeatures, cfg: Fea
     sample = feats.missing[: cfg.batch_clips]
     t = time.monotonic()
     _featurize_rows(featurizer, run, sample, cfg.batch_clips, len(featurizer.blocks), _noop)
-    return round((time.monotonic() - t) / len(sample) * len(feats.missing), 1)
+    return round((time.monotonic() - t) / len(sample) * len(feats.missing), 3)
 
 
 def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> FeaturizeSummary:
