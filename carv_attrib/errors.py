@@ -1,18 +1,33 @@
-"""Expected errors. The CLI turns each into one clear line and its exit code; no traceback."""
+"""Expected errors and the exit codes. The CLI turns each error into one clear line and its exit
+code; no traceback. Every command uses the same table (README, "Exit codes"):
+
+    0    done
+    1    an unexpected error (a bug: the traceback is printed; please report it)
+    2    usage: a bad option, input or run (mismatched configuration, stale index); nothing was changed
+    3    partly done: the command finished, but some items failed (queries that could not be scored,
+         failed clips above --max-failure-rate, a clip `frames` cannot decode)
+    130  interrupted (Ctrl-C); rerunning the same command resumes
+"""
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_INTERRUPTED = 130
 
 
 class CarvError(Exception):
     """Base class of expected errors. `exit_code` is what the CLI exits with."""
 
-    exit_code = 1
+    exit_code = EXIT_ERROR
 
 
 class UsageError(CarvError):
     """Bad input from the user: a manifest, an option, a path. Exit 2."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ConfigMismatchError(UsageError):

@@ -67,8 +67,11 @@ def _option_names(cmd: Any) -> set[str]:
     return names
 
 
+COMMON = {"verbose_", "quiet_"}  # every command's -v/-q, documented once (README, "Conventions")
+
+
 def _options(cmd: Any) -> list[Any]:
-    return [p for p in cmd.params if _is_option(p) and "--help" not in p.opts]
+    return [p for p in cmd.params if _is_option(p) and "--help" not in p.opts and p.name not in COMMON]
 
 
 def _label(opt: Any) -> str:

@@ -9,6 +9,7 @@ import typer
 from carv_attrib import __version__
 from carv_attrib.cli import demo, encode, evaluate, featurize, frames, inspect, make, plan, score
 from carv_attrib.cli.common import state
+from carv_attrib.cli.options import common_options
 
 app = typer.Typer(
     name="carv-attrib",
@@ -30,9 +31,14 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     verbose: Annotated[
-        int, typer.Option("--verbose", "-v", count=True, help="More logs (-vv: debug, tracebacks).")
+        int,
+        typer.Option(
+            "--verbose", "-v", count=True, show_default=False, help="More logs (-vv: debug, tracebacks)."
+        ),
     ] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors; no progress.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", show_default=False, help="Only data and errors: no progress.")
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
@@ -41,18 +47,22 @@ def main_options(
     state.quiet = quiet
 
 
-app.command("demo")(demo.demo)
-app.command("encode")(encode.encode)
-app.command("featurize")(featurize.featurize)
-app.command("index")(featurize.index)
-app.command("score")(score.score)
-app.command("plan")(plan.plan)
-app.command("evaluate")(evaluate.evaluate)
-app.command("frames")(frames.frames)
-app.command("status")(inspect.status)
-app.command("env")(inspect.env)
-app.command("make-model")(make.make_model)
-app.command("make-demo-data")(make.make_demo_data)
+COMMANDS = {
+    "demo": demo.demo,
+    "encode": encode.encode,
+    "featurize": featurize.featurize,
+    "index": featurize.index,
+    "score": score.score,
+    "plan": plan.plan,
+    "evaluate": evaluate.evaluate,
+    "frames": frames.frames,
+    "status": inspect.status,
+    "env": inspect.env,
+    "make-model": make.make_model,
+    "make-demo-data": make.make_demo_data,
+}
+for _name, _command in COMMANDS.items():
+    app.command(_name)(common_options(_command))
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ their traceback. Ctrl-C exits 130 after a clean stop.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import platform
 import sys
@@ -21,7 +22,8 @@ from rich.console import Console
 from rich.text import Text
 
 from carv_attrib import __version__
-from carv_attrib.errors import CarvError, UsageError
+from carv_attrib.config import FORMATS
+from carv_attrib.errors import EXIT_INTERRUPTED, CarvError, UsageError
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
@@ -38,23 +40,43 @@ state = State()
 # turns them into Typer parameters, so a flag means the same thing in every command.
 
 
-def say(text: str, style: str | None = None) -> None:
-    """A message to stderr; `text` is printed literally (no rich markup), `style` colours it whole."""
-    err_console.print(text, style=style, markup=False, soft_wrap=True)
+def say(text: str, style: str | None = None, error: bool = False) -> None:
+    """A message to stderr; `text` is printed literally (no rich markup), `style` colours it whole.
+    Silenced by --quiet unless `error`."""
+    if state.quiet and not error:
+        return
+    quiet, err_console.quiet = err_console.quiet, False
+    try:
+        err_console.print(text, style=style, markup=False, soft_wrap=True)
+    finally:
+        err_console.quiet = quiet
 
 
-def check_format(fmt: str | None, allowed: tuple[str, ...] = ("human", "json")) -> str:
-    """The output format: `fmt`, or human on a terminal and json otherwise; refused when unknown."""
+def check_format(fmt: str | None) -> str:
+    """The output format: `fmt`, or human on a terminal and json otherwise; refused when unknown.
+    Every command that prints data takes the same three (`--format human|json|jsonl`)."""
     fmt = fmt or ("human" if sys.stdout.isatty() else "json")
-    if fmt not in allowed:
-        raise UsageError(f"--format {fmt}: choose one of {', '.join(allowed)}")
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     return fmt
+
+
+def emit(data: Any, fmt: str, lines: list[Any] | None = None) -> None:
+    """Print a result as data on stdout: `json` the document (indented), `jsonl` one compact JSON
+    object per line (`lines`, or the document as one line). `human` is each command's own rendering."""
+    if fmt == "json":
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    elif fmt == "jsonl":
+        for line in lines if lines is not None else [data]:
+            sys.stdout.write(json.dumps(line, default=str) + "\n")
+    sys.stdout.flush()
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def setup_logging() -> None:
+    err_console.quiet = state.quiet  # --quiet: stderr shows errors only (`say(error=True)`, failures)
     level = logging.WARNING if state.verbose == 0 else logging.INFO if state.verbose == 1 else logging.DEBUG
     if state.quiet:
         level = logging.ERROR
@@ -72,13 +94,15 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CarvError as exc:
+            err_console.quiet = False  # errors are printed under --quiet too
             if state.verbose:
                 err_console.print_exception()
             err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
+            err_console.quiet = False
             err_console.print("[yellow]interrupted[/]; rerun the same command to resume where it stopped")
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import typer
 from rich.text import Text
 
-from carv_attrib.cli.common import check_format, err_console, handle_errors, out_console, record_run, say
+from carv_attrib.cli.common import (
+    check_format,
+    emit,
+    err_console,
+    handle_errors,
+    record_run,
+    say,
+)
 from carv_attrib.cli.options import format_param, stage_command
 from carv_attrib.cli.progress import ClipProgress
 from carv_attrib.config import EncodeConfig
+from carv_attrib.errors import EXIT_PARTIAL
 
 
 @handle_errors
-@stage_command(EncodeConfig, extra=[format_param("human")])
+@stage_command(EncodeConfig, extra=[format_param()])
 def encode(cfg: EncodeConfig, fmt: str) -> None:
     """Decode and encode every clip of MANIFEST once; cache latents and text embeddings in RUN/latents."""
     from carv_attrib.pipeline.encode import run_encode
@@ -26,8 +33,8 @@ def encode(cfg: EncodeConfig, fmt: str) -> None:
         summary = run_encode(cfg, progress)
     if not summary.dry_run:
         record_run(cfg.run, "encode", device=cfg.device, started=started, summary=summary.__dict__)
-    if fmt == "json":
-        out_console.print_json(json.dumps(summary.__dict__, default=str))
+    if fmt != "human":
+        emit(summary.__dict__, fmt)
     else:
         changes = ", ".join(f"{k} {v}" for k, v in summary.changes.items() if k != "to_encode")
         if summary.dry_run:
@@ -60,5 +67,6 @@ def encode(cfg: EncodeConfig, fmt: str) -> None:
             f"too many failures: {summary.failed}/{summary.total} clips "
             f"({summary.failure_rate:.1%} > --max-failure-rate {cfg.max_failure_rate:.1%})",
             style="bold red",
+            error=True,
         )
-        raise typer.Exit(3)
+        raise typer.Exit(EXIT_PARTIAL)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 from rich.table import Table
 from rich.text import Text
 
-from carv_attrib.cli.common import check_format, err_console, handle_errors, out_console, say
+from carv_attrib.cli.common import check_format, emit, err_console, handle_errors, out_console, say
 from carv_attrib.cli.options import format_param, stage_command
 from carv_attrib.config import EvaluateConfig
 
 
 @handle_errors
-@stage_command(EvaluateConfig, extra=[format_param(None)])
+@stage_command(EvaluateConfig, extra=[format_param()])
 def evaluate(cfg: EvaluateConfig, fmt: str | None) -> None:
     """How faithful are the attributions on RUN? Hold out queries, retrain MODEL on random halves of
     the other clips, and score each --variant setting by LDS with a 95 % CI (JSON to --out)."""
@@ -21,8 +19,8 @@ def evaluate(cfg: EvaluateConfig, fmt: str | None) -> None:
 
     fmt = check_format(fmt)
     doc = run_evaluate(cfg, say=lambda s: err_console.print(Text.assemble(("evaluate", "bold cyan"), " ", s)))
-    if fmt == "json":
-        out_console.print_json(json.dumps(doc))
+    if fmt != "human":
+        emit(doc, fmt)
         return
     p, floor = doc["protocol"], doc["random_floor"]
     table = Table(

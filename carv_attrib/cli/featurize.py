@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 from rich.text import Text
 
-from carv_attrib.cli.common import check_format, err_console, handle_errors, out_console, record_run, say
+from carv_attrib.cli.common import (
+    check_format,
+    emit,
+    err_console,
+    handle_errors,
+    record_run,
+    say,
+)
 from carv_attrib.cli.options import config_parameters, format_param, stage_command
 from carv_attrib.cli.progress import ClipProgress
 from carv_attrib.config import FeaturizeConfig, IndexConfig
@@ -19,7 +25,7 @@ _INDEX_OPTIONS = [p.replace(default=None) for p in config_parameters(IndexConfig
 
 
 @handle_errors
-@stage_command(FeaturizeConfig, extra=[*_INDEX_OPTIONS, format_param("human")])
+@stage_command(FeaturizeConfig, extra=[*_INDEX_OPTIONS, format_param()])
 def featurize(cfg: FeaturizeConfig, fmt: str, **index_options: object) -> None:
     """Per-clip projected gradients (K draws per cached encode) into RUN/features, then RUN/index."""
     from carv_attrib.pipeline.featurize import run_featurize
@@ -32,8 +38,8 @@ def featurize(cfg: FeaturizeConfig, fmt: str, **index_options: object) -> None:
         summary = run_featurize(cfg, progress)
     changes = ", ".join(f"{k} {v}" for k, v in summary.changes.items() if k != "to_compute")
     if summary.dry_run:
-        if fmt == "json":
-            out_console.print_json(json.dumps(summary.__dict__, default=str))
+        if fmt != "human":
+            emit(summary.__dict__, fmt)
         else:
             err_console.print(
                 Text.assemble(
@@ -51,8 +57,8 @@ def featurize(cfg: FeaturizeConfig, fmt: str, **index_options: object) -> None:
         "kept": kept,
     }
     record_run(cfg.run, "featurize", device=cfg.device, started=started, summary=summary.__dict__)
-    if fmt == "json":
-        out_console.print_json(json.dumps(summary.__dict__, default=str))
+    if fmt != "human":
+        emit(summary.__dict__, fmt)
         return
     err_console.print(
         Text.assemble(
@@ -68,7 +74,7 @@ def featurize(cfg: FeaturizeConfig, fmt: str, **index_options: object) -> None:
 
 
 @handle_errors
-@stage_command(IndexConfig, extra=[format_param("human")])
+@stage_command(IndexConfig, extra=[format_param()])
 def index(cfg: IndexConfig, fmt: str) -> None:
     """Rebuild RUN/index with another preconditioner or FAISS factory, without recomputing gradients."""
     from carv_attrib.pipeline.index import build_run_index
@@ -77,9 +83,9 @@ def index(cfg: IndexConfig, fmt: str) -> None:
     started = time.monotonic()
     info = build_run_index(cfg)
     record_run(cfg.run, "index", started=started, preconditioner=info.preconditioner)
-    if fmt == "json":
+    if fmt != "human":
         d = dataclasses.asdict(info)
-        out_console.print_json(json.dumps({k: d[k] for k in ("count", "dim", "factory", "preconditioner")}))
+        emit({k: d[k] for k in ("count", "dim", "factory", "preconditioner", "nprobe", "live_digest")}, fmt)
         return
     err_console.print(
         Text.assemble(

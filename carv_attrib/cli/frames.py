@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from carv_attrib.cli.common import check_format, handle_errors, out_console, say
+from carv_attrib.cli.common import check_format, emit, handle_errors, out_console, say
 from carv_attrib.cli.options import format_param, stage_command
 from carv_attrib.config import FramesConfig
+from carv_attrib.errors import EXIT_PARTIAL
 
 
 @handle_errors
-@stage_command(FramesConfig, extra=[format_param(None)])
+@stage_command(FramesConfig, extra=[format_param()])
 def frames(cfg: FramesConfig, fmt: str | None) -> None:
     """Show the timestamps and source frames taken from VIDEO, the decoder and the container facts;
-    optionally a contact sheet (--png) or the frames themselves (--npy). Exit 1 when the clip fails."""
+    optionally a contact sheet (--png) or the frames themselves (--npy). Exit 3 when the clip fails."""
     from carv_attrib.data.frames import contact_sheet, inspect_frames
     from carv_attrib.data.video import ClipFailure, failure_message
 
@@ -35,12 +34,12 @@ def frames(cfg: FramesConfig, fmt: str | None) -> None:
     if pixels is not None and cfg.npy is not None:
         np.save(cfg.npy, pixels)
         rep["npy"] = str(cfg.npy)
-    if fmt == "json":
-        out_console.print_json(json.dumps(rep, default=str))
+    if fmt != "human":
+        emit(rep, fmt)
     else:
         _render(rep)
     if rep["status"] != "ok":
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 def _render(rep: dict) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,22 +10,24 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from carv_attrib.cli.common import handle_errors, out_console, package_versions
+from carv_attrib.cli.common import check_format, emit, handle_errors, out_console, package_versions
+from carv_attrib.cli.options import FORMAT_HELP
 
-Format = Annotated[str, typer.Option("--format", help="human | json.")]
+Format = Annotated[str | None, typer.Option("--format", help=FORMAT_HELP, show_default=False)]
 
 
 @handle_errors
 def status(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
-    fmt: Format = "human",
+    fmt: Format = None,
 ) -> None:
     """Show what RUN holds: stages, finished shards, clip statuses, fingerprints, index."""
     from carv_attrib.pipeline.status import run_status
 
+    fmt = check_format(fmt)
     info = run_status(run)
-    if fmt == "json":
-        out_console.print_json(json.dumps(info, default=str))
+    if fmt != "human":
+        emit(info, fmt)
         return
     table = Table(title=Text(f"run {run}"), show_lines=False)
     table.add_column("stage")
@@ -60,10 +61,11 @@ def status(
 
 
 @handle_errors
-def env(fmt: Format = "human") -> None:
+def env(fmt: Format = None) -> None:
     """Versions, devices and threads: what to paste into a bug report."""
     import torch
 
+    fmt = check_format(fmt)
     info: dict[str, Any] = {
         "carv_attrib": __import__("carv_attrib").__version__,
         "python": platform.python_version(),
@@ -94,8 +96,8 @@ def env(fmt: Format = "human") -> None:
         info["faiss_gpus"] = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     except ImportError:
         info["faiss_gpus"] = None
-    if fmt == "json":
-        out_console.print_json(json.dumps(info))
+    if fmt != "human":
+        emit(info, fmt)
         return
     for key, value in info.items():
         if isinstance(value, dict):

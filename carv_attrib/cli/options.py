@@ -22,18 +22,61 @@ from typing import Annotated, Any
 
 import typer
 
-
 # CLI-only parameters shared by several commands --------------------------------------------------
-def format_param(default: str | None = "human", jsonl: bool = False) -> inspect.Parameter:
-    """`--format`: how the command prints its result (default None: human on a terminal, else json)."""
-    choices = "human | json | jsonl" if jsonl else "human | json"
-    help = f"{choices} (default: human on a terminal, else json)." if default is None else f"{choices}."
+FORMAT_HELP = "human | json | jsonl (default: human on a terminal, else json)."
+
+
+def format_param() -> inspect.Parameter:
+    """`--format`: how the command prints its result; the same choices and default everywhere
+    (checked by `carv_attrib.cli.common.check_format`)."""
     return inspect.Parameter(
         "fmt",
         inspect.Parameter.KEYWORD_ONLY,
-        default=default,
-        annotation=Annotated[str | None if default is None else str, typer.Option("--format", help=help)],
+        default=None,
+        annotation=Annotated[str | None, typer.Option("--format", help=FORMAT_HELP, show_default=False)],
     )
+
+
+_COMMON = [
+    inspect.Parameter(
+        "verbose_",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=0,
+        annotation=Annotated[
+            int,
+            typer.Option(
+                "--verbose", "-v", count=True, show_default=False, help="More logs (-vv: debug, tracebacks)."
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "quiet_",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
+        annotation=Annotated[
+            bool, typer.Option("--quiet", "-q", show_default=False, help="Only data and errors: no progress.")
+        ],
+    ),
+]
+
+
+def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`command` also taking -v/--verbose and -q/--quiet after the subcommand name (they add to the
+    ones given before it)."""
+    from carv_attrib.cli.common import state
+
+    sig = inspect.signature(command, eval_str=True)  # Typer reads the objects, not strings
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, verbose_: int = 0, quiet_: bool = False, **kwargs: Any) -> Any:
+        state.verbose += verbose_
+        state.quiet = state.quiet or quiet_
+        return command(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *_COMMON])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {}
+    del wrapper.__wrapped__
+    return wrapper
 
 
 def param(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from rich.table import Table
 
-from carv_attrib.cli.common import check_format, handle_errors, out_console, record_run, say
+from carv_attrib.cli.common import check_format, emit, handle_errors, out_console, record_run, say
 from carv_attrib.cli.options import format_param, stage_command
+from carv_attrib.cli.progress import ClipProgress
 from carv_attrib.config import PlanConfig
 
 
 @handle_errors
-@stage_command(PlanConfig, extra=[format_param("human")])
+@stage_command(PlanConfig, extra=[format_param()])
 def plan(cfg: PlanConfig, fmt: str) -> None:
     """Pilot CARV's accounting on RUN: c_enc, c_draw, per-σ gradient moments, the fitted proposal q,
     within-encode variance per scheme, ECM against fresh-encode iid K=1, and a recommended K."""
@@ -21,7 +21,8 @@ def plan(cfg: PlanConfig, fmt: str) -> None:
 
     fmt = check_format(fmt)
     started = time.monotonic()
-    result = run_plan(cfg)
+    with ClipProgress("plan", unit="steps") as progress:
+        result = run_plan(cfg, progress)
     record_run(
         cfg.run,
         "plan",
@@ -30,8 +31,8 @@ def plan(cfg: PlanConfig, fmt: str) -> None:
         out=str(cfg.out),
         recommended=result["recommended"],
     )
-    if fmt == "json":
-        out_console.print_json(json.dumps(result))
+    if fmt != "human":
+        emit(result, fmt)
         return
     c = result["costs"]
     out_console.print(

@@ -1,10 +1,18 @@
-"""Rich progress on stderr for the per-clip stages (clips/s and failures), off when not a TTY."""
+"""Rich progress on stderr for the stages (items/s, failures, elapsed and remaining time), off when
+not a TTY or under --quiet."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from carv_attrib.cli.common import err_console, state
 
@@ -12,8 +20,9 @@ from carv_attrib.cli.common import err_console, state
 class ClipProgress:
     """A context manager whose `__call__(event, info)` is the pipeline's progress callback."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, unit: str = "clips"):
         self.label = label
+        self.unit = unit
         self.failures = 0
         self.done = 0
         self.progress = Progress(
@@ -23,6 +32,8 @@ class ClipProgress:
             TextColumn("{task.fields[rate]}"),
             TextColumn("[red]{task.fields[failures]} failed"),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             console=err_console,
             disable=state.quiet or not err_console.is_terminal,
             transient=False,
@@ -39,13 +50,14 @@ class ClipProgress:
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         if event == "start":
             self.task = self.progress.add_task(self.label, total=info["todo"], failures=0, rate="")
-            if info.get("skipped"):
-                err_console.print(f"resuming: {info['skipped']} of {info['shards']} shards already done")
         elif event == "clip" and self.task is not None:
             self.done += 1
             if info["status"] != "ok":
                 self.failures += 1
             speed = self.progress.tasks[self.task].speed
             self.progress.update(
-                self.task, advance=1, failures=self.failures, rate=f"{speed:.2f} clips/s" if speed else ""
+                self.task,
+                advance=1,
+                failures=self.failures,
+                rate=f"{speed:.2f} {self.unit}/s" if speed else "",
             )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,9 +10,11 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from carv_attrib.cli.common import check_format, handle_errors, out_console, record_run, say
+from carv_attrib.cli.common import check_format, emit, handle_errors, out_console, record_run, say
 from carv_attrib.cli.options import format_param, param, stage_command
+from carv_attrib.cli.progress import ClipProgress
 from carv_attrib.config import ScoreConfig, parse_top_k
+from carv_attrib.errors import EXIT_PARTIAL
 
 
 def render_table(doc: dict[str, Any]) -> None:
@@ -54,16 +54,17 @@ OUT = param(
 
 
 @handle_errors
-@stage_command(ScoreConfig, extra=[TOP_K, OUT, format_param(None, jsonl=True)])
+@stage_command(ScoreConfig, extra=[TOP_K, OUT, format_param()])
 def score(cfg: ScoreConfig, top_k: str, out: Path | None, fmt: str | None) -> None:
     """Score QUERY videos against RUN's index: the training clips that shaped each, best first."""
     from carv_attrib.data.store import write_json_atomic
     from carv_attrib.pipeline.score import run_score
 
     started = time.monotonic()
-    fmt = check_format(fmt, ("human", "json", "jsonl"))
+    fmt = check_format(fmt)
     cfg.top_k = parse_top_k(top_k)
-    doc = run_score(cfg)
+    with ClipProgress("score", unit="steps") as progress:
+        doc = run_score(cfg, progress)
     if out is not None:
         write_json_atomic(out, doc, sort_keys=False)
     record_run(
@@ -74,15 +75,15 @@ def score(cfg: ScoreConfig, top_k: str, out: Path | None, fmt: str | None) -> No
         queries=len(cfg.queries),
         json=str(out) if out else None,
     )
-    if fmt == "json":
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-    elif fmt == "jsonl":
-        for q in doc["queries"]:
-            sys.stdout.write(json.dumps({"index": doc["index"]["fingerprint"], **q}) + "\n")
+    if fmt != "human":
+        # jsonl: one line per query, then one per aggregate (--aggregate), each naming its index
+        fp = {"index": doc["index"]["fingerprint"]}
+        lines = [fp | q for q in doc["queries"]]
+        lines += [fp | {"aggregate": doc["aggregate"]}] if doc.get("aggregate") else []
+        emit(doc, fmt, lines)
     else:
         render_table(doc)
     failed = [q for q in doc["queries"] if q["status"] != "ok"]
-    if failed:
-        say(f"{len(failed)} of {len(doc['queries'])} queries could not be scored", style="yellow")
-        if len(failed) == len(doc["queries"]):
-            raise typer.Exit(1)
+    if failed:  # exit 3 whether 1 of 1 or 1 of 3 failed: the document says which
+        say(f"{len(failed)} of {len(doc['queries'])} queries could not be scored", style="yellow", error=True)
+        raise typer.Exit(EXIT_PARTIAL)

@@ -95,8 +95,46 @@ def component_identity(source: str, name: str) -> dict[str, Any]:
     return {"files": files}
 
 
+WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
+
+
+def check_pipeline_dir(source: str) -> None:
+    """Refuse (ModelLoadError, exit 2) a local --model that is not a diffusers Wan2.1 pipeline folder,
+    naming what it is instead: a component folder (MODEL/transformer: pass its parent), another
+    pipeline, or a folder without model_index.json. A Hub id (not a local directory) passes."""
+    path = Path(source)
+    if not path.is_dir():
+        return
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            cls = json.loads(index.read_text()).get("_class_name")
+        except (ValueError, OSError) as exc:
+            raise ModelLoadError(f"--model {source}: model_index.json cannot be read ({exc})") from None
+        if cls is not None and cls not in WAN_PIPELINES:
+            raise ModelLoadError(
+                f"--model {source} is a {cls} pipeline, not Wan2.1 (model_index.json names {cls}); "
+                "pass a Wan2.1 diffusers pipeline folder or Hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
+            )
+        return
+    config = path / "config.json"
+    parent_index = path.parent / "model_index.json"
+    if config.is_file() and parent_index.is_file():
+        raise ModelLoadError(
+            f"--model {source} is the {path.name!r} component folder of the pipeline at {path.parent}; "
+            f"pass --model {path.parent}"
+        )
+    raise ModelLoadError(
+        f"--model {source} is not a diffusers pipeline folder (no model_index.json); pass the folder "
+        "holding model_index.json, vae/, text_encoder/, tokenizer/ and transformer/ (e.g. one made by "
+        "`carv-attrib make-model DIR`) or a Hub id"
+    )
+
+
 def model_identity(source: str, components: Sequence[str]) -> dict[str, Any]:
-    """Per-component file hashes plus one short fingerprint over all of them."""
+    """Per-component file hashes plus one short fingerprint over all of them. ModelLoadError (exit 2)
+    for a local folder that is not a Wan2.1 pipeline (`check_pipeline_dir`)."""
+    check_pipeline_dir(source)
     comps = {name: component_identity(source, name) for name in sorted(components)}
     blob = json.dumps(comps, sort_keys=True).encode()
     return {

@@ -30,7 +30,7 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from safetensors.torch import load_file
 
 from carv_attrib.errors import ModelLoadError, UsageError
-from carv_attrib.models.identity import model_identity
+from carv_attrib.models.identity import check_pipeline_dir, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,9 @@ def load_wan(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> WanModel:
-    """Load the named components of a Wan2.1 diffusers pipeline, in eval mode, on `device`."""
+    """Load the named components of a Wan2.1 diffusers pipeline, in eval mode, on `device`.
+    ModelLoadError (exit 2) for a folder that is not one (`check_pipeline_dir`) or does not load."""
+    check_pipeline_dir(str(source))
     _quiet_hf()
     tdtype = torch_dtype(dtype)
     device = resolve_device(device)

@@ -24,6 +24,7 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,13 @@ def _pilot_clips(run: RunDir, n: int) -> list[CachedClip]:
     return clips
 
 
+ProgressFn = Callable[[str, dict[str, Any]], None]
+
+
+def _noop(event: str, info: dict[str, Any]) -> None:
+    pass
+
+
 def _fit_proposal(
     featurizer: Featurizer, clips: list[CachedClip], cfg: PlanConfig, p: Density
 ) -> tuple[Proposal, dict[str, Any]]:
@@ -198,7 +206,12 @@ def _fit_proposal(
 
 
 def _scheme_variances(
-    featurizer: Featurizer, clips: list[CachedClip], cfg: PlanConfig, p: Density, proposal: Proposal
+    featurizer: Featurizer,
+    clips: list[CachedClip],
+    cfg: PlanConfig,
+    p: Density,
+    proposal: Proposal,
+    progress: ProgressFn = _noop,
 ) -> tuple[dict[str, dict[str, float]], float]:
     """Within-encode variances per draw of each scheme (`replicate_variance`), and c_draw: the median
     seconds per draw over every replicate run (stable under a loaded machine)."""
@@ -217,6 +230,7 @@ def _scheme_variances(
         var, sec = replicate_variance(featurizer, clips, rule, cfg.replicates, cfg.batch_clips)
         variances[scheme_name(scheme, anti)] = var
         draw_seconds += sec
+        progress("clip", {"status": "ok", "step": scheme_name(scheme, anti)})
     return variances, statistics.median(draw_seconds)
 
 
@@ -267,8 +281,10 @@ def _recommend(variances: dict[str, dict[str, float]], costs: Costs, k_max: int)
     }
 
 
-def run_plan(cfg: PlanConfig) -> dict[str, Any]:
-    """Run the pilot and write plan.json (and the PNG with cfg.plot); returns the plan document."""
+def run_plan(cfg: PlanConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
+    """Run the pilot and write plan.json (and the PNG with cfg.plot); returns the plan document.
+    `progress("start", {"todo"})`, then one "clip" event per pilot step (re-encode timing, proposal
+    fit, each scheme's replicates)."""
     cfg.validate()
     run = RunDir(cfg.run)
     lat = run.require_latents()
@@ -282,8 +298,9 @@ def run_plan(cfg: PlanConfig) -> dict[str, Any]:
         cfg.model, lat["config"]["model"]["components"], lat["config"]["model"].get("source")
     )
     clips = _pilot_clips(run, cfg.pilot_clips)
-
+    progress("start", {"todo": 2 + len(SCHEMES)})
     c_enc = reencode_cost(run, cfg.model, [c.clip_id for c in clips], lat, cfg.device)
+    progress("clip", {"status": "ok", "step": "c_enc"})
     c_enc_source = "timed re-encode of the pilot clips"
     if c_enc is None:
         c_enc, c_enc_source = encode_cost(run), "encode stage stats"
@@ -299,7 +316,8 @@ def run_plan(cfg: PlanConfig) -> dict[str, Any]:
     )
     t0 = time.monotonic()
     proposal, bins = _fit_proposal(featurizer, clips, cfg, p)
-    variances, c_draw = _scheme_variances(featurizer, clips, cfg, p, proposal)
+    progress("clip", {"status": "ok", "step": "proposal"})
+    variances, c_draw = _scheme_variances(featurizer, clips, cfg, p, proposal, progress)
     costs = Costs(c_enc=c_enc, c_draw=c_draw)
     plan = {
         "schema": PLAN_SCHEMA,

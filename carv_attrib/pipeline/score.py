@@ -18,6 +18,7 @@ import csv
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_
 
 __all__ = ["SCHEMA_VERSION", "ScoreConfig", "Query", "run_score", "read_prompts", "provenance", "aggregate"]
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: clip_id_str beside every clip_id
 ClipMeta = dict[int, dict[str, str]]
 
 
@@ -157,7 +158,16 @@ def _resolve_model(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> str:
     return model
 
 
-def _encode_queries(cfg: ScoreConfig, info: IndexInfo, wan: WanModel, queries: list[Query]) -> None:
+ProgressFn = Callable[[str, dict[str, Any]], None]
+
+
+def _noop(event: str, info: dict[str, Any]) -> None:
+    pass
+
+
+def _encode_queries(
+    cfg: ScoreConfig, info: IndexInfo, wan: WanModel, queries: list[Query], progress: ProgressFn = _noop
+) -> None:
     """Decode and encode each query like a training clip; failures become status "error"."""
     enc = info.encode
     policy = enc.policy
@@ -166,6 +176,7 @@ def _encode_queries(cfg: ScoreConfig, info: IndexInfo, wan: WanModel, queries: l
             q = queries[i]
             if isinstance(result, ClipFailure):
                 q.fail(f"{result.kind}: {failure_message(result, 'score')}")
+                progress("clip", {"status": q.status})
                 continue
             try:
                 z = encode_video(wan.vae, frames_to_tensor(result.frames)[None])[0]  # (C, T, h, w)
@@ -174,12 +185,16 @@ def _encode_queries(cfg: ScoreConfig, info: IndexInfo, wan: WanModel, queries: l
                     raise ValueError("VAE produced non-finite latents")
             except Exception as exc:
                 q.fail(f"encode_error: {exc}")
+            finally:
+                progress("clip", {"status": q.status})
     ok = [q for q in queries if q.status == "ok"]
     for q, emb in zip(ok, encode_prompts(wan, [q.prompt for q in ok])):
         q.text_emb = as_stored(emb, enc.latent_dtype)  # (L, D) trimmed
 
 
-def _featurize_queries(cfg: ScoreConfig, info: IndexInfo, model: str, queries: list[Query]) -> np.ndarray:
+def _featurize_queries(
+    cfg: ScoreConfig, info: IndexInfo, model: str, queries: list[Query], progress: ProgressFn = _noop
+) -> np.ndarray:
     """(m, D) float32 features of the ok queries, with the index's transformers, draws and projector."""
     featurizer = load_featurizer(
         model,
@@ -199,6 +214,8 @@ def _featurize_queries(cfg: ScoreConfig, info: IndexInfo, model: str, queries: l
             [(clip_id_for("query:" + Path(q.path).name), q.latent, q.text_emb) for q in chunk]
         )
         phis.append(f)
+        for _ in chunk:
+            progress("clip", {"status": "ok"})
     return torch.cat(phis).numpy().astype(np.float32)
 
 
@@ -224,13 +241,19 @@ def _search(
         q.results = _results(s[:k], i[:k], clips)
 
 
+def clip_ids(clip_id: int) -> dict[str, Any]:
+    """A clip id as an integer and as a decimal string: ids are 63-bit, and jq or JavaScript round
+    integers above 2^53, so readers in those need the string."""
+    return {"clip_id": int(clip_id), "clip_id_str": str(int(clip_id))}
+
+
 def _results(scores: np.ndarray, ids: np.ndarray, clips: ClipMeta) -> list[dict[str, Any]]:
     out = []
     for rank, (s, i) in enumerate(zip(scores.tolist(), ids.tolist()), start=1):
         if i < 0:  # an approximate index can return fewer hits than asked
             continue
         meta = clips.get(i, {"vid": None, "caption": None, "path": None})
-        out.append({"rank": rank, "clip_id": int(i), **meta, "score": float(s)})
+        out.append({"rank": rank, **clip_ids(i), **meta, "score": float(s)})
     return out
 
 
@@ -266,10 +289,11 @@ def provenance(info: IndexInfo) -> dict[str, Any]:
     }
 
 
-def run_score(cfg: ScoreConfig) -> dict[str, Any]:
+def run_score(cfg: ScoreConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
     """Score `cfg.queries` against RUN's index; returns the attribution document. Raises UsageError /
     ConfigMismatchError (exit 2) for a stale index, another model, or missing prompts; an undecodable
-    query becomes status "error" while the others are scored."""
+    query becomes status "error" while the others are scored. `progress("start", {"todo"})` then one
+    "clip" event per query encoded and per query featurized."""
     t0 = time.monotonic()
     paths, prompts = resolve_queries(list(cfg.queries), cfg.prompt, cfg.prompts_file)
     cfg.queries = paths
@@ -280,12 +304,16 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     queries = [Query(path=str(p), prompt=t) for p, t in zip(cfg.queries, prompts)]
 
     wan = load_wan(model, ("vae", "text_encoder", "tokenizer"), device=cfg.device, dtype=info.encode.dtype)
-    _encode_queries(cfg, info, wan, queries)
+    progress("start", {"todo": 2 * len(queries)})
+    _encode_queries(cfg, info, wan, queries, progress)
     del wan
     clips = run.clips()
     ok = [q for q in queries if q.status == "ok"]
+    for q in queries:
+        if q.status != "ok":
+            progress("clip", {"status": "ok", "skipped": True})  # its failure was counted; no 2nd step
     if ok:
-        _search(cfg, run, info, ok, _featurize_queries(cfg, info, model, ok), clips)
+        _search(cfg, run, info, ok, _featurize_queries(cfg, info, model, ok, progress), clips)
 
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -326,6 +354,6 @@ def aggregate(method: str, scored: list[Query], top_k: int | None, clips: ClipMe
     results = []
     for rank, i in enumerate(ranked_ids[: top_k or len(ranked_ids)], start=1):
         results.append(
-            {"rank": rank, "clip_id": int(i), **clips.get(i, {}), "score": float(votes[i]), "votes": votes[i]}
+            {"rank": rank, **clip_ids(i), **clips.get(i, {}), "score": float(votes[i]), "votes": votes[i]}
         )
     return {"method": "vote", "queries": len(scored), "top_k_per_query": k_vote, "results": results}

@@ -60,7 +60,7 @@ def test_frames_reports_timestamps_decoder_and_writes_the_sheet(demo_data: Path,
 
 def test_frames_too_short_names_advice_frames_accepts(tmp_path: Path) -> None:
     r = invoke("frames", _one_frame(tmp_path / "one.mp4"), "--format", "json")
-    assert r.exit_code == 1
+    assert r.exit_code == 3
     rep = json.loads(r.stdout)
     assert rep["status"] == "too_short" and "--pad-short" in rep["error"]
     r = invoke("frames", tmp_path / "one.mp4", "--pad-short", "--frames", "5", "--format", "json")

@@ -73,7 +73,7 @@ def test_featurize_index_score_through_the_cli(
         "--device",
         "cpu",
     )
-    assert r.exit_code == 1 and json.loads(r.stdout)["queries"][0]["status"] == "error"
+    assert r.exit_code == 3 and json.loads(r.stdout)["queries"][0]["status"] == "error"
     r = invoke("status", run)
     assert r.exit_code == 0 and "features" in r.stdout
 
@@ -120,6 +120,8 @@ def test_plan_cli(encoded_run: Path, tiny_model_dir: Path, tmp_path: Path) -> No
         "sqnorm",
         "--device",
         "cpu",
+        "--format",
+        "human",
     )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "p.json").exists()

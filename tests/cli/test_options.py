@@ -129,9 +129,10 @@ def test_stage_command_params_are_the_config_fields(name: str) -> None:
                 "positional"
             ):
                 assert p.multiple, (name, f.name)
-    # The rest are the CLI-only extras (--format, score's --top-k / --out).
+    # The rest are the CLI-only extras (--format, score's --top-k / --out) and -v/-q, which every
+    # command takes after its name (`cli.options.common_options`).
     extras = set(params) - expected_names
-    assert extras <= {"fmt", "top_k", "out"}, (name, extras)
+    assert extras <= {"fmt", "top_k", "out", "verbose_", "quiet_"}, (name, extras)
 
 
 def test_library_only_fields_are_not_options() -> None:
@@ -214,7 +215,7 @@ def _toy_app(seen: list[tuple[ToyConfig, dict[str, Any]]], **kw: Any) -> typer.T
 
 def test_stage_command_builds_the_config_from_cli_args() -> None:
     seen: list[tuple[ToyConfig, dict[str, Any]]] = []
-    toy_app = _toy_app(seen, extra=[format_param("human")])
+    toy_app = _toy_app(seen, extra=[format_param()])
     r = runner.invoke(
         toy_app,
         ["toy", "in.mp4", "--tag", "a", "-t", "b", "--globs", "x*", "--globs", "y*", "--loud"]
