@@ -51,6 +51,7 @@ class BenchModel:
 def prepare(cfg: BenchModel, log=print) -> BenchModel:
     """Build (or reuse) the model, the data, the latent cache and the trained transformer."""
     from carv_attrib.demo_data import make_demo_data
+    from carv_attrib.errors import ConfigMismatchError
     from carv_attrib.models.tiny import make_model
     from carv_attrib.pipeline.encode import EncodeConfig, run_encode
     from carv_attrib.train import TrainConfig, train_transformer
@@ -62,20 +63,23 @@ def prepare(cfg: BenchModel, log=print) -> BenchModel:
     if not (cfg.data / "manifest.json").exists():
         log(f"writing {cfg.clips} demo clips -> {cfg.data}")
         make_demo_data(cfg.data, clips=cfg.clips, seed=cfg.seed)
-    run_encode(
-        EncodeConfig(
-            manifest=cfg.data / "manifest.json",
-            videos=cfg.data / "videos",
-            model=str(cfg.model),
-            run=cfg.run,
-            frames=cfg.frames,
-            size=f"{cfg.resolution}x{cfg.resolution}",
-            fps=8,
-            workers=1,
-            device="cpu",
-            shard_size=16,
-        )
+    enc = EncodeConfig(
+        manifest=cfg.data / "manifest.json",
+        videos=cfg.data / "videos",
+        model=str(cfg.model),
+        run=cfg.run,
+        frames=cfg.frames,
+        size=f"{cfg.resolution}x{cfg.resolution}",
+        fps=8,
+        workers=1,
+        device="cpu",
+        shard_size=16,
     )
+    try:
+        run_encode(enc)
+    except ConfigMismatchError:  # a cache of an older layout: the same latents, re-encoded
+        enc.overwrite = True
+        run_encode(enc)
     marker = cfg.work / "trained.json"
     if not marker.exists():
         log(f"training the transformer for {cfg.train_steps} steps on {cfg.clips} clips")

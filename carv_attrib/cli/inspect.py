@@ -33,29 +33,47 @@ def status(
     table.add_column("stage")
     table.add_column("fingerprint")
     table.add_column("shards")
-    table.add_column("clips")
+    table.add_column("current clips")
     table.add_column("statuses")
     for stage in ("latents", "features"):
         s = info.get(stage)
         if s is None:
             table.add_row(stage, "-", "-", "-", "not started")
             continue
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["statuses"].items()))
-        if s.get("decoders"):
-            kinds += " (decoded by " + ", ".join(f"{k} {v}" for k, v in sorted(s["decoders"].items())) + ")"
-        table.add_row(stage, s["fingerprint"], str(s["shards_done"]), str(s["rows"]), Text(kinds))
+        live = s.get("live") or {}
+        if stage == "latents":
+            statuses = live.get("statuses", s["statuses"])
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
+            if s.get("decoders"):
+                kinds += (
+                    " (decoded by " + ", ".join(f"{k} {v}" for k, v in sorted(s["decoders"].items())) + ")"
+                )
+            if live.get("pending"):
+                kinds += f"; {live['pending']} not encoded yet"
+        else:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["statuses"].items()))
+            if live.get("to_compute"):
+                kinds = f"{live['to_compute']} clips to featurize; " + kinds
+        if live.get("superseded_rows"):
+            kinds += f"; {live['superseded_rows']} superseded rows"
+        table.add_row(
+            stage, s["fingerprint"], str(s["shards_done"]), str(live.get("clips", s["rows"])), Text(kinds)
+        )
     idx: dict[str, Any] | None = info.get("index")
     if idx:
+        fresh = "fresh" if idx.get("fresh") else "STALE: rerun featurize"
         table.add_row(
             "index",
             str(idx.get("fingerprint", "-")),
             "-",
             str(idx.get("count", "-")),
-            f"{idx.get('preconditioner', {}).get('kind', '?')}, dim {idx.get('dim', '?')}",
+            f"{idx.get('preconditioner', {}).get('kind', '?')}, dim {idx.get('dim', '?')}, {fresh}",
         )
     else:
         table.add_row("index", "-", "-", "-", "not built")
     out_console.print(table)
+    if info.get("layout_error"):
+        out_console.print(Text(info["layout_error"]), soft_wrap=True)
     if "manifest_clips" in info:
         out_console.print(f"manifest: {info['manifest_clips']} clips")
 

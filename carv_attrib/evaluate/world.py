@@ -154,7 +154,8 @@ def _prepare_data(world: World) -> None:
         make_model(str(model), s.preset, seed=s.seed)
     splits = {"train": (s.n_train, 0), "query": (s.n_query, 1), "pretrain": (s.n_pretrain, 2)}
     for split, (n, offset) in splits.items():
-        if (world.run(split) / "latents" / "config.json").exists() and world.clips(split):
+        started = (world.run(split) / "latents" / "config.json").exists()
+        if started and world.clips(split):
             continue
         manifest = make_demo_data(world.data(split), clips=n, seed=1000 * s.seed + offset)
         run_encode(
@@ -169,6 +170,7 @@ def _prepare_data(world: World) -> None:
                 workers=0,
                 device="cpu",
                 shard_size=max(n, 1),
+                overwrite=started,  # a cache without live clips: an older layout's, re-encoded
             )
         )
 

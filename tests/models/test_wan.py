@@ -75,6 +75,9 @@ def test_prompt_embeddings_equal_wan_pipeline(tiny_model_dir: Path, wan) -> None
 
 def test_missing_model_directory_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=r"not a diffusers pipeline folder \(no model_index.json\)"):
+        load_wan(str(tmp_path / "empty"), ("vae",))
+    (tmp_path / "empty" / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
     with pytest.raises(ModelLoadError, match=r"cannot load vae from local directory"):
         load_wan(str(tmp_path / "empty"), ("vae",))
 
