@@ -5,7 +5,8 @@ Both sides run the same library calls with the same settings (the `small` Wan2.1
 weights: timings do not depend on the weights; 17 frames at 64x64; K = 8 stratified-is draws; VAE
 batch 4, 2 decode workers, 4 clips per backward; cosine Flat index) on the same final manifest. The
 incremental side starts from a finished run of the base manifest (its cost is not counted), then
-runs the three stages on the grown manifest. Each side is repeated `--repeats` times (fresh run
+runs the three stages on the grown manifest; then the same command once more with nothing changed
+(what checking a run costs: stat + cached hashes, no model load). Each side is repeated `--repeats` times (fresh run
 directories; medians reported). The index is rebuilt over all clips on both sides: its cost does not
 shrink with the increment.
 
@@ -77,7 +78,7 @@ def main() -> None:
     grown_manifest.write_text(json.dumps(rows[: args.base + added]))
 
     load_start = load_avg()
-    sides: dict[str, list[dict[str, float]]] = {"from_scratch": [], "incremental": []}
+    sides: dict[str, list[dict[str, float]]] = {"from_scratch": [], "incremental": [], "unchanged_rerun": []}
     for r in range(args.repeats):
         for side in ("from_scratch", "incremental"):  # interleaved: drift hits both sides alike
             run = work / f"run-{side}-{r}"
@@ -87,6 +88,10 @@ def main() -> None:
             res = stages(grown_manifest, data / "videos", model, run, args.draws)
             sides[side].append(res)
             print(side, r, {k: round(v, 2) for k, v in res.items()}, flush=True)
+            if side == "incremental":  # the same command again: what checking an unchanged run costs
+                res = stages(grown_manifest, data / "videos", model, run, args.draws)
+                sides["unchanged_rerun"].append(res)
+                print("unchanged_rerun", r, {k: round(v, 2) for k, v in res.items()}, flush=True)
             shutil.rmtree(run, ignore_errors=True)
 
     def med(side: str, key: str) -> float:
@@ -101,6 +106,14 @@ def main() -> None:
         for side in sides
     }  # fmt: skip
     ratio = {k: round(med("incremental", k) / med("from_scratch", k), 3) for k in keys}
+    # Fixed cost of a stage that has work (model load, decode workers), from the two sides' medians:
+    # t = fixed + per_clip * clips, solved with from_scratch (base + added) and incremental (added).
+    n_all, n_add = args.base + added, added
+    per_clip = {
+        k: (med("from_scratch", k) - med("incremental", k)) / (n_all - n_add)
+        for k in ("encode_s", "featurize_s")
+    }
+    fixed = {k: med("incremental", k) - per_clip[k] * n_add for k in per_clip}
     doc = {
         "benchmark": "incremental",
         "config": {
@@ -113,6 +126,9 @@ def main() -> None:
         "load_avg_end": load_avg(),
         "median": summary,
         "incremental_over_scratch": ratio,
+        "fit_fixed_plus_per_clip": {
+            k: {"fixed_s": round(fixed[k], 3), "per_clip_s": round(per_clip[k], 4)} for k in per_clip
+        },
         "runs": sides,
     }  # fmt: skip
     print(json.dumps({"median": summary, "incremental_over_scratch": ratio}, indent=1))

@@ -120,6 +120,67 @@ def dry_run_option() -> Any:
     )
 
 
+EXECUTORS = ("local", "ray")
+
+
+def shard_option() -> Any:
+    return option(
+        None,
+        metavar="I/N",
+        help="Do part I of N (the clips whose id is I mod N) for workers you schedule (SLURM arrays); "
+        "a run without --shard afterwards commits the parts (encode) or builds the index (featurize).",
+    )
+
+
+def executor_option() -> Any:
+    return option(
+        "local",
+        help="local | ray: N parts as Ray tasks (pip install 'carv-attrib[ray]'), a GPU each when the "
+        "cluster has them; a task whose worker dies is retried and redoes only its unfinished shard.",
+    )
+
+
+def ray_address_option() -> Any:
+    return option(
+        None,
+        help="With --executor ray: auto (a running cluster) | local (start one here) | HOST:PORT "
+        "(default: $RAY_ADDRESS, else local).",
+    )
+
+
+def parts_option() -> Any:
+    return option(
+        None, help="With --executor ray: number of parts (default: the cluster's GPUs, else its CPUs)."
+    )
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'I/N' → (I, N) with 0 <= I < N; None stays None. UsageError naming --shard otherwise."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text}: give I/N, e.g. 0/4 for the first of 4 parts") from None
+    if not 0 <= i < n:
+        raise UsageError(
+            f"--shard {text}: I must be in 0..N-1 (here 0..{n - 1})"
+            if n > 0
+            else f"--shard {text}: N must be at least 1"
+        )
+    return i, n
+
+
+def check_distribution(cfg: Any) -> None:
+    """The --shard / --executor / --parts combination of an encode or featurize config."""
+    parse_shard(cfg.shard)
+    check_choice("--executor", cfg.executor, EXECUTORS)
+    if cfg.shard is not None and cfg.executor != "local":
+        raise UsageError("--shard is a part of a local run; --executor ray makes its own parts")
+    if cfg.parts is not None:
+        check_min("--parts", cfg.parts, 1)
+
+
 def overwrite_option() -> Any:
     return option(False, flags=("--overwrite",), help="Discard a stage made with another configuration.")
 
@@ -206,6 +267,10 @@ class EncodeConfig(StageConfig):
         help="Encode again the clips whose last try failed (a file that changed or came back always is).",
     )
     dry_run: bool = dry_run_option()
+    shard: str | None = shard_option()
+    executor: str = executor_option()
+    ray_address: str | None = ray_address_option()
+    parts: int | None = parts_option()
     max_failure_rate: float = option(0.05, help="Exit 3 when more than this share of clips failed.")
     decode_timeout: float = option(120.0, help="Seconds per clip before its decoder is killed.")
     id_column: str = option("vid", help="Manifest column of the clip id.")
@@ -241,6 +306,7 @@ class EncodeConfig(StageConfig):
         check_min("--shard-size", self.shard_size, 1)
         check_min("--batch-size", self.batch_size, 1)
         check_min("--workers", self.workers, 0)
+        check_distribution(self)
         if self.decode_timeout <= 0:
             raise UsageError(f"--decode-timeout {self.decode_timeout}: must be > 0 seconds")
         if not 0 <= self.max_failure_rate <= 1:
@@ -322,6 +388,10 @@ class FeaturizeConfig(StageConfig):
     device: str = device_option()
     dtype: str = dtype_option()
     dry_run: bool = dry_run_option()
+    shard: str | None = shard_option()
+    executor: str = executor_option()
+    ray_address: str | None = ray_address_option()
+    parts: int | None = parts_option()
     overwrite: bool = overwrite_option()
 
     def validate(self) -> FeaturizeConfig:
@@ -334,6 +404,7 @@ class FeaturizeConfig(StageConfig):
         check_min("--draws", self.draws, 1)
         check_min("--batch-clips", self.batch_clips, 1)
         check_min("--shard-size", self.shard_size, 1)
+        check_distribution(self)
         if self.proj_dim is not None:
             check_min("--proj-dim", self.proj_dim, 1)
         dims = parse_kron_dims(self.kron_dims)

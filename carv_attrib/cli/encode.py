@@ -60,6 +60,11 @@ def encode(cfg: EncodeConfig, fmt: str) -> None:
                 Text.assemble("  ", (str(ex["status"]), "red"), f" {ex['vid']}: {ex['error']}"),
                 soft_wrap=True,
             )
+        if cfg.shard is not None:
+            say(
+                f"part {cfg.shard} done; once every part is, the same command without --shard commits "
+                "the run (it finds the parts' clips and encodes only what a part missed)"
+            )
         if summary.failed and summary.changes["retried"] == 0:
             say("failed clips are kept as failures; `--retry-failed` tries them again")
     if summary.failure_rate > cfg.max_failure_rate:

@@ -49,6 +49,15 @@ def featurize(cfg: FeaturizeConfig, fmt: str, **index_options: object) -> None:
                 )
             )
         return
+    if cfg.shard is not None:  # one part of several: the index waits for all of them
+        if fmt != "human":
+            emit(summary.__dict__, fmt)
+        say(
+            f"part {cfg.shard}: computed {summary.computed} features ({changes}); once every part is done, "
+            f"`carv-attrib index {cfg.run}` builds the index (it refuses while clips lack features)"
+        )
+        record_run(cfg.run, "featurize", device=cfg.device, started=started, summary=summary.__dict__)
+        return
     info = build_run_index(index_cfg)
     summary.index = {
         "count": info.count,

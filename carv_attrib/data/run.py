@@ -2,7 +2,7 @@
 
 RUN/
   run.json                      every invocation (argv, versions, device, times)
-  manifest/clips.parquet        normalised manifest (`carv_attrib.data.manifest`)
+  manifest/clips.parquet        the committed manifest with source keys (`carv_attrib.data.sources`)
   latents/                      encode's ShardStore (`carv_attrib.data.latents`)
   features/                     featurize's ShardStore (`carv_attrib.data.features`)
   index/index.faiss             FAISS index (`carv_attrib.attrib.index`)
@@ -10,7 +10,7 @@ RUN/
   index/index_info.json         `IndexInfo`: what `score` needs to treat a query like a training clip
 
 run = RunDir("runs/demo")
-run.latents.done_shards(); run.index_info()      # IndexInfo, refused when stale
+run.live_latents(); run.index_info()      # the current clips (`data.live`); IndexInfo, refused when stale
 """
 
 from __future__ import annotations

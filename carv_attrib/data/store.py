@@ -7,8 +7,10 @@ Layout of one stage (latents/, features/):
     STAGE/_done/part-00000.json    shard stats, written LAST: a shard without it is not done
 
 Every file is written to a temporary name in the same directory and renamed, so a crash never
-leaves a file that reads as complete. A rerun skips done shards and redoes the others; a rerun
-with a different config is refused (ConfigMismatchError, exit 2) unless overwrite=True.
+leaves a file that reads as complete. Stages append shards (`next_shard`); which rows are current is
+decided by `carv_attrib.data.live`. A rerun keeps done shards and redoes an interrupted one; a rerun
+with a different config is refused (ConfigMismatchError, exit 2) unless overwrite=True, and `check`
+says so before anything is written.
 """
 
 from __future__ import annotations
@@ -177,6 +179,15 @@ class ShardStore:
         by a kill, is overwritten)."""
         done = self.done_shards()
         return done[-1] + 1 if done else 0
+
+    def part_shards(self, count: int, part: tuple[int, int] | None = None) -> list[int]:
+        """`count` new shard indices for part (I, N) of a run (`--shard`, `--executor ray`): after every
+        done shard and equal to I mod N, so parts writing at the same time never pick the same name.
+        part None: consecutive, as (0, 1)."""
+        i, n = part or (0, 1)
+        start = self.next_shard()
+        first = start + (i - start) % n
+        return [first + k * n for k in range(count)]
 
     def done_shards(self) -> list[int]:
         if not self.done_dir.exists():

@@ -16,6 +16,7 @@ only the clips that are new or changed (`plan_encode`). Decoding runs in worker 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from carv_attrib import __version__
-from carv_attrib.config import EncodeConfig
+from carv_attrib.config import EncodeConfig, parse_shard
 from carv_attrib.data.decode_pool import DecodePool
 from carv_attrib.data.latents import empty_latent_row, latent_schema
 from carv_attrib.data.live import latent_rows, latent_sha, selection
@@ -40,6 +41,7 @@ from carv_attrib.data.store import ShardStore, fingerprint, now_iso
 from carv_attrib.data.video import ClipFailure, DecodedClip, decode_clip, failure_message, frames_to_tensor
 from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity
 from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
+from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +136,24 @@ def _noop(event: str, info: dict[str, Any]) -> None:
     pass
 
 
-def plan_encode(run: RunDir, clips: ClipTable, resumes: bool, retry_failed: bool) -> EncodePlan:
+def part_of(clips: ClipTable, part: tuple[int, int]) -> ClipTable:
+    """The clips of part (I, N): those whose clip_id is I mod N (ids are hashes: parts are even)."""
+    i, n = part
+    keep = [j for j, cid in enumerate(clips.clip_id) if cid % n == i]
+    return ClipTable(
+        *([col[j] for j in keep] for col in (clips.clip_id, clips.vid, clips.caption, clips.path))
+    )
+
+
+def plan_encode(
+    run: RunDir, clips: ClipTable, resumes: bool, retry_failed: bool, part: tuple[int, int] | None = None
+) -> EncodePlan:
     """Identify each clip's file (hashing only files whose stat changed since the committed manifest)
     and compare with the run: what is added, changed, removed, unchanged, and what to encode.
-    `resumes`: the latents stage exists with this configuration (else everything is to do)."""
+    `resumes`: the latents stage exists with this configuration (else everything is to do); `part`:
+    only the clips of part (I, N) (`--shard`), counted alone."""
+    if part is not None:
+        clips = part_of(clips, part)
     previous = SourcedClips.read(run.manifest_table) if resumes else None
     sourced = SourcedClips.identify(clips, previous.known_hashes() if previous else None)
     rows = latent_rows(run.latents) if resumes else {}
@@ -154,7 +170,8 @@ def plan_encode(run: RunDir, clips: ClipTable, resumes: bool, retry_failed: bool
             plan.retried += 1
         elif kind != "unchanged":
             plan.resumed += 1
-    plan.removed = len(set(before) - set(clips.clip_id))
+    gone = set(before) - set(clips.clip_id)
+    plan.removed = len(gone if part is None else {c for c in gone if c % part[1] == part[0]})
     return plan
 
 
@@ -321,13 +338,16 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
     """
     t0 = time.monotonic()
     cfg.validate()
+    part = parse_shard(cfg.shard)
     run = RunDir(cfg.run)
     table = read_manifest(cfg.manifest, cfg.videos, cfg.manifest_options)
     ident, wan = _identify_model(cfg)
     config = latents_identity(cfg, ident)
     store = run.latents
     resumes = store.check(config, overwrite=cfg.overwrite, what="encode")
-    plan = plan_encode(run, table, resumes, cfg.retry_failed)
+    if cfg.executor == "ray" and not cfg.dry_run:
+        return _encode_with_ray(cfg, run, config, progress)
+    plan = plan_encode(run, table, resumes, cfg.retry_failed, part)
     progress("plan", plan.counts())
     if cfg.dry_run:
         estimate = _estimate(cfg, plan, wan)
@@ -335,29 +355,50 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
 
     run.root.mkdir(parents=True, exist_ok=True)
     fp = store.prepare(config, overwrite=cfg.overwrite, what="encode")
-    first = store.next_shard()
+    table = plan.clips.clips  # the part's clips with --shard
     shards = [plan.todo[s : s + cfg.shard_size] for s in range(0, len(plan.todo), cfg.shard_size)]
+    names = store.part_shards(len(shards), part)
     progress("start", {"total": len(table), "todo": len(plan.todo), "shards": len(shards), "skipped": 0})
     if shards:
         wan = wan or load_wan(cfg.model, ENCODER_COMPONENTS, device=cfg.device, dtype=cfg.dtype)
         provenance = {"stage": "latents", "fingerprint": fp, "tool_version": __version__, "config": config}
         encoder = _ShardEncoder(cfg, wan, store, table, provenance)
         sourced = plan.clips
-        tasks = [((first + si, j), table.path[j]) for si, shard in enumerate(shards) for j in shard]
+        tasks = [((names[si], j), table.path[j]) for si, shard in enumerate(shards) for j in shard]
+        last = {names[si]: shard[-1] for si, shard in enumerate(shards)}
         with DecodePool(cfg.policy, workers=cfg.workers, timeout=cfg.decode_timeout) as pool:
             t_wait = time.monotonic()
-            for (si, j), result in pool.imap(tasks):  # decoding in workers overlaps the VAE here
+            for (name, j), result in pool.imap(tasks):  # decoding in workers overlaps the VAE here
                 encoder.timers["wait_decode_s"] += time.monotonic() - t_wait
                 row = empty_latent_row(table.clip_id[j], table.vid[j], sourced.keys[j], sourced.ids[j])
-                encoder.add(si, row, result, progress)
-                last_of_shard = j == shards[si - first][-1]
-                if len(encoder.pending) >= cfg.batch_size or last_of_shard:
+                encoder.add(name, row, result, progress)
+                if len(encoder.pending) >= cfg.batch_size or j == last[name]:
                     encoder.flush(progress)
-                if last_of_shard:
-                    encoder.finish_shard(si, progress)
+                if j == last[name]:
+                    encoder.finish_shard(name, progress)
                 t_wait = time.monotonic()
-    plan.clips.write(run.manifest_table)  # the commit: from here on the new manifest is live
+    if part is None:
+        plan.clips.write(run.manifest_table)  # the commit: from here on the new manifest is live
     return summarize(run, plan, fp, len(plan.todo), len(shards), time.monotonic() - t0)
+
+
+def _encode_with_ray(
+    cfg: EncodeConfig, run: RunDir, config: dict[str, Any], progress: ProgressFn
+) -> EncodeSummary:
+    """`--executor ray`: the stage is created here, its N parts run as Ray tasks (`ray_exec`), then a
+    local pass finds their rows, encodes whatever a part could not, and commits the manifest."""
+    with ray_session(cfg.ray_address) as ray:  # an unreachable cluster is refused before any write
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.latents.prepare(config, overwrite=cfg.overwrite, what="encode")
+        n = cfg.parts or default_parts(ray)
+        parts = [
+            dataclasses.replace(cfg, shard=f"{i}/{n}", executor="local", overwrite=False) for i in range(n)
+        ]
+        progress("parts", {"parts": n})
+        run_parts(
+            run_encode, parts, ray, on_done=lambda i, s: progress("part", {"part": i, "encoded": s.encoded})
+        )
+    return run_encode(dataclasses.replace(cfg, executor="local", overwrite=False), progress)
 
 
 def summarize(

@@ -13,6 +13,7 @@ costs only its new and changed clips, and a killed run resumes from its last fin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -27,14 +28,15 @@ from carv_attrib.attrib.featurizer import Featurizer, build_draw_rule, build_pro
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.objective import TIMESTEP_CONVENTION
 from carv_attrib.carv.timesteps import Proposal
-from carv_attrib.config import FeaturizeConfig
+from carv_attrib.config import FeaturizeConfig, parse_shard
 from carv_attrib.data.features import feature_row, feature_schema
 from carv_attrib.data.latents import read_latents
 from carv_attrib.data.live import LatentRow, LiveFeatures, LiveLatents, selection
 from carv_attrib.data.run import RunDir
-from carv_attrib.data.store import fingerprint, now_iso, read_json
+from carv_attrib.data.store import ShardStore, fingerprint, now_iso, read_json
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity
+from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,7 @@ def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> Featuri
     did not encode it, or a stage made with other options."""
     t0 = time.monotonic()
     cfg.validate()
+    part = parse_shard(cfg.shard)
     run = RunDir(cfg.run)
     lat_cfg = run.require_latents()
     live = run.live_latents()
@@ -206,7 +209,11 @@ def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> Featuri
     config = _features_identity(cfg, lat_cfg["fingerprint"], ckpt_ids, rule, featurizer.projectors[0].spec())
     store = run.features
     resumes = store.check(config, overwrite=cfg.overwrite, what="featurize")
+    if cfg.executor == "ray" and not cfg.dry_run:
+        return _featurize_with_ray(cfg, store, config, progress)
     feats = run.live_features(live) if resumes else LiveFeatures({}, live.ok(), set(), 0)
+    if part is not None:  # --shard I/N: this part's clips only
+        feats.missing = [m for m in feats.missing if m[0] % part[1] == part[0]]
     changes = _changes(live, feats)
     progress("plan", changes)
     if cfg.dry_run:
@@ -228,22 +235,43 @@ def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> Featuri
     chunks = [todo[s : s + cfg.shard_size] for s in range(0, len(todo), cfg.shard_size)]
     progress("start", {"total": len(live), "todo": len(todo), "shards": len(chunks), "skipped": 0})
     schema = feature_schema(featurizer.dim, len(checkpoints) * cfg.draws)
-    first = store.next_shard()
+    names = store.part_shards(len(chunks), part)
     for ci, chunk in enumerate(chunks):
         t_shard = time.monotonic()
         rows = _featurize_rows(featurizer, run, chunk, cfg.batch_clips, len(checkpoints), progress)
         stats = {
-            "shard": first + ci,
+            "shard": names[ci],
             "clips": len(rows),
             "ok": sum(r["status"] == "ok" for r in rows),
             "nonfinite": sum(r["status"] != "ok" for r in rows),
             "wall_s": round(time.monotonic() - t_shard, 4),
             "finished_at": now_iso(),
         }
-        store.write_shard(first + ci, pa.Table.from_pylist(rows, schema=schema), stats, provenance)
+        store.write_shard(names[ci], pa.Table.from_pylist(rows, schema=schema), stats, provenance)
         progress("shard", stats)
     feats = run.live_features(live)
     return _summary(run, live, feats, featurizer, rule, fp, changes, len(todo), len(chunks), t0)
+
+
+def _featurize_with_ray(
+    cfg: FeaturizeConfig, store: ShardStore, config: dict[str, Any], progress: ProgressFn
+) -> FeaturizeSummary:
+    """`--executor ray`: the stage is created here, its N parts run as Ray tasks (`ray_exec`), then a
+    local pass computes whatever a part could not and reports the run."""
+    with ray_session(cfg.ray_address) as ray:  # an unreachable cluster is refused before any write
+        store.prepare(config, overwrite=cfg.overwrite, what="featurize")
+        n = cfg.parts or default_parts(ray)
+        parts = [
+            dataclasses.replace(cfg, shard=f"{i}/{n}", executor="local", overwrite=False) for i in range(n)
+        ]
+        progress("parts", {"parts": n})
+        run_parts(
+            run_featurize,
+            parts,
+            ray,
+            on_done=lambda i, s: progress("part", {"part": i, "computed": s.computed}),
+        )
+    return run_featurize(dataclasses.replace(cfg, executor="local", overwrite=False), progress)
 
 
 def _summary(
