@@ -2,6 +2,7 @@
 
 .venv/bin/python bench/report.py factors   # LDS per world and factor (bench/results/factors.json)
 .venv/bin/python bench/report.py ecm       # honest ECM (bench/results/ecm.json)
+.venv/bin/python bench/report.py incremental   # a grown run (bench/results/incremental.json)
 """
 
 from __future__ import annotations
@@ -71,5 +72,33 @@ def ecm(name: str = "ecm_sqnorm.json") -> None:
     print("reuse factor K(ρ+1)/(ρ+K): " + ", ".join(f"{w} {x:.2f}" for w, x in s["reuse_factor"].items()))
 
 
+def incremental() -> None:
+    doc = json.loads((RESULTS / "incremental.json").read_text())
+    c, m, r = doc["config"], doc["median"], doc["incremental_over_scratch"]
+    print("| side | clips computed | encode s | featurize s | index s | total s |")
+    print("|---|---|---|---|---|---|")
+    labels = {
+        "from_scratch": f"from scratch ({c['base_clips'] + c['added_clips']} clips)",
+        "incremental": f"incremental (+{c['added_clips']} on {c['base_clips']})",
+        "unchanged_rerun": "rerun, nothing changed",
+    }
+    for side, label in labels.items():
+        x = m[side]
+        print(
+            f"| {label} | {x['encoded']} / {x['featurized']} | {x['encode_s']:.2f} | {x['featurize_s']:.2f} "
+            f"| {x['index_s']:.3f} | {x['total_s']:.2f} |"
+        )
+    print(
+        f"| **incremental / scratch** | | **{r['encode_s']:.2f}** | **{r['featurize_s']:.2f}** | "
+        f"{r['index_s']:.2f} | **{r['total_s']:.2f}** |"
+    )
+    fit = doc["fit_fixed_plus_per_clip"]
+    print()
+    print(
+        "fixed + per-clip fit: "
+        + "; ".join(f"{k[:-2]} {v['fixed_s']:.2f} s + {v['per_clip_s']:.3f} s/clip" for k, v in fit.items())
+    )
+
+
 if __name__ == "__main__":
-    {"factors": factors, "ecm": ecm}[sys.argv[1]](*sys.argv[2:])
+    {"factors": factors, "ecm": ecm, "incremental": incremental}[sys.argv[1]](*sys.argv[2:])
