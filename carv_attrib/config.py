@@ -335,9 +335,14 @@ class IndexConfig(StageConfig):
     nprobe: int | None = option(
         None, help="IVF lists probed per query (default nlist/16, at least 8; widened until k hits)."
     )
+    vector_dtype: str = option(
+        "float16",
+        help="With --index-factory: dtype of the exact vectors kept for re-ranking (float16 | float32 | none).",
+    )
 
     def validate(self) -> IndexConfig:
         check_choice("--precondition", self.precondition, PRECONDITIONERS)
+        check_choice("--vector-dtype", self.vector_dtype, ("float16", "float32", "none"))
         if self.nprobe is not None:
             check_min("--nprobe", self.nprobe, 1)
         if self.lambda_rel <= 0:
@@ -452,6 +457,11 @@ class ScoreConfig(StageConfig):
     decode_timeout: float = option(120.0, help="Seconds per query before its decoder is killed.")
     batch_clips: int = batch_clips_option()
     nprobe: int | None = option(None, help="IVF lists probed per query (default: the index's).")
+    rerank: int = option(
+        10,
+        help="With an approximate index: take R·k candidates and re-rank them exactly from the stored "
+        "vectors (0: off).",
+    )
 
     def validate(self) -> ScoreConfig:
         if not self.queries:

@@ -2,8 +2,9 @@
 
 The default is exact: `IndexIDMap2(IndexFlatIP(d))`, so search returns the true top-k inner
 products ⟨query, ψ_i⟩ with the clip ids given at build time. For large N a factory string
-(e.g. "IVF1024,Flat", "IVF4096,PQ64") builds an approximate index with the inner-product metric,
-trained on a seeded random sample of the vectors. A GPU index is used when faiss has GPU support
+(e.g. "IVF1024,Flat", "IVF4096,PQ64", "OPQ64,IVF4096,PQ64", "HNSW32") builds an approximate index
+with the inner-product metric, trained on a seeded random sample of the vectors; `score` re-ranks
+its candidates exactly (`carv_attrib.attrib.rerank`). A GPU index is used when faiss has GPU support
 and sees a CUDA device; `save_index` converts it back to the CPU.
 
 Usage::
@@ -154,8 +155,19 @@ def load_index(path: str | os.PathLike[str]) -> Any:
     return faiss.read_index(str(path))
 
 
+def hnsw_of(index: Any) -> Any:
+    """The HNSW graph of an (ID-mapped) HNSW index, else None."""
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    return getattr(inner, "hnsw", None)
+
+
 def set_nprobe(index: Any, nprobe: int) -> None:
-    """Set the number of IVF lists visited per query (no effect on a non-IVF index)."""
+    """Set the number of IVF lists visited per query, or an HNSW index's efSearch (no effect on
+    another index)."""
+    hnsw = hnsw_of(index)
+    if hnsw is not None:
+        hnsw.efSearch = int(nprobe)
+        return
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -196,6 +208,8 @@ def search(
     k = index.ntotal if k is None else min(int(k), index.ntotal)
     if k < 0:
         raise ValueError(f"k must be >= 0 or None, got {k}")
+    if hnsw_of(index) is not None:  # efSearch: --nprobe, else 2k (at least 64); never below k
+        set_nprobe(index, max(k, nprobe or max(64, 2 * k)))
     if k == 0:
         return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
     scores, ids = index.search(q, k)

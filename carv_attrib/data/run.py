@@ -226,6 +226,7 @@ class IndexInfo:
     encode: EncodeFacts
     nprobe: int | None = None  # IVF lists probed per query (None: attrib.index.default_nprobe)
     live_digest: str = ""  # `LiveLatents.digest()` of the clips indexed: another live set makes it stale
+    rerank_vectors: str | None = None  # dtype of index/vectors.bin (approximate indexes), None: none
     created_at: str = ""
     tool_version: str = ""
     schema_version: int = INDEX_SCHEMA_VERSION

@@ -11,6 +11,7 @@ training sample of an approximate index, and the vectors, one pass each, all ove
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 from carv_attrib import __version__
 from carv_attrib.attrib.index import DEFAULT_TRAIN_SAMPLE, add_vectors, new_index, save_index, train_index
 from carv_attrib.attrib.precondition import Preconditioner, fit_preconditioner
+from carv_attrib.attrib.rerank import VectorStore
 from carv_attrib.config import IndexConfig
 from carv_attrib.data.features import feature_ids, iter_feature_blocks
 from carv_attrib.data.run import EncodeFacts, IndexInfo, RunDir
@@ -86,9 +88,13 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
         )
         if not index.is_trained:
             train_index(index, _train_sample(run, sel, ids.size, pre), cfg.index_factory)
-        for ids_s, feats_s in iter_feature_blocks(run, sel):
-            add_vectors(index, ids_s, pre.prepare_train(feats_s))
-        assert index.ntotal == ids.size, (index.ntotal, ids.size)  # every pass saw the same shards
+        keep = cfg.index_factory is not None and cfg.vector_dtype != "none"
+
+        def added() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for ids_s, feats_s in iter_feature_blocks(run, sel):
+                psi = pre.prepare_train(feats_s)  # (n_s, D) preconditioned
+                add_vectors(index, ids_s, psi)
+                yield ids_s, psi
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -104,6 +110,7 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
         lambda_rel=cfg.lambda_rel,
         nprobe=cfg.nprobe,
         live_digest=live.digest(),
+        rerank_vectors=cfg.vector_dtype if keep else None,
         draws=feats_cfg["draws"],
         output_fn=feats_cfg["output_fn"],
         timestep=feats_cfg["timestep"],
@@ -118,6 +125,15 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
         tool_version=__version__,
     )
     with run.index_swap() as tmp:
+        try:
+            if keep:  # one streamed pass adds the vectors and writes their exact copies
+                VectorStore.write(tmp, added(), dim, cfg.vector_dtype)
+            else:
+                for _ in added():
+                    pass
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        assert index.ntotal == ids.size, (index.ntotal, ids.size)  # every pass saw the same shards
         save_index(index, tmp / run.faiss_path.name)
         pre.save(tmp / run.preconditioner_dir.name)
         info.write(tmp / run.index_info_path.name)

@@ -30,6 +30,7 @@ from carv_attrib import __version__
 from carv_attrib.attrib.featurizer import load_featurizer
 from carv_attrib.attrib.index import load_index, search
 from carv_attrib.attrib.precondition import load_preconditioner
+from carv_attrib.attrib.rerank import VectorStore, rerank
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.config import ScoreConfig
 from carv_attrib.data.decode_pool import DecodePool
@@ -234,7 +235,13 @@ def _search(
     index = load_index(run.faiss_path)
     want_all = cfg.top_k is None or cfg.aggregate == "mean"
     nprobe = cfg.nprobe or info.nprobe
-    scores, ids = search(index, pre.prepare_query(phi[finite]), None if want_all else cfg.top_k, nprobe)
+    psi = pre.prepare_query(phi[finite])  # (m, D)
+    if info.rerank_vectors and cfg.rerank > 0 and not want_all:
+        # Approximate index: R·k candidates re-scored exactly from the stored vectors (`attrib.rerank`)
+        _, cand = search(index, psi, cfg.top_k * cfg.rerank, nprobe)
+        scores, ids = rerank(VectorStore(run.index_dir), psi, cand, cfg.top_k)
+    else:
+        scores, ids = search(index, psi, None if want_all else cfg.top_k, nprobe)
     for q, s, i in zip(searched, scores, ids):
         q.scores, q.ids = s, i
         k = len(s) if cfg.top_k is None else cfg.top_k

@@ -1,0 +1,81 @@
+"""Exact re-ranking for approximate indexes: the preconditioned vectors kept on disk beside the index.
+
+An IVF-PQ / OPQ / HNSW index holds a million clips in a few hundred MB by storing codes, not vectors,
+so its scores are approximate and its top-k misses some true neighbours. `score` therefore asks the
+index for R·k candidates and re-scores them exactly against the stored vectors (TRAK and FAISS's own
+"refine" step do the same: `faiss.IndexRefineFlat`). The vectors live in RUN/index/vectors.bin, an
+(n, d) row-major memory-mapped file (float16 by default: half the disk, and a relative error of about
+2^-11 per entry, far below the gaps between neighbours' scores), written shard by shard, never all in
+memory; RUN/index/vector_ids.npy gives each row's clip id.
+
+    store = VectorStore.write(dir, blocks, dim, "float16")     # blocks: iterable of (ids, (n_s, d))
+    scores, ids = rerank(VectorStore(dir), queries, candidate_ids, k=10)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+VECTOR_DTYPES = ("float16", "float32")
+
+
+class VectorStore:
+    """RUN/index/vectors.bin + vector_ids.npy: exact preconditioned vectors by clip id."""
+
+    def __init__(self, directory: Path | str):
+        d = Path(directory)
+        meta = np.load(d / "vector_ids.npy", allow_pickle=False)  # (n,) int64, row order
+        self.ids = meta
+        self._order = np.argsort(meta, kind="stable")
+        self._sorted = meta[self._order]
+        dtype, dim = (d / "vectors.meta").read_text().split()
+        self.dim = int(dim)
+        self.vectors = np.memmap(d / "vectors.bin", dtype=np.dtype(dtype), mode="r").reshape(-1, self.dim)
+
+    @staticmethod
+    def write(
+        directory: Path | str, blocks: Iterable[tuple[np.ndarray, np.ndarray]], dim: int, dtype: str
+    ) -> int:
+        """Append blocks of (ids (n_s,) int64, vectors (n_s, dim) float32) in `dtype`; returns n."""
+        if dtype not in VECTOR_DTYPES:
+            raise ValueError(f"vector dtype {dtype}: choose one of {', '.join(VECTOR_DTYPES)}")
+        d = Path(directory)
+        ids = []
+        with open(d / "vectors.bin", "wb") as f:
+            for block_ids, vecs in blocks:
+                f.write(np.ascontiguousarray(vecs, dtype=np.dtype(dtype)).tobytes())
+                ids.append(np.asarray(block_ids, dtype=np.int64))
+        np.save(d / "vector_ids.npy", np.concatenate(ids) if ids else np.zeros(0, np.int64))
+        (d / "vectors.meta").write_text(f"{dtype} {dim}\n")
+        return int(sum(len(x) for x in ids))
+
+    def rows(self, clip_ids: np.ndarray) -> np.ndarray:
+        """(m, d) float32 vectors of `clip_ids` (m,) int64; KeyError for an id not stored."""
+        pos = np.searchsorted(self._sorted, clip_ids)
+        pos = np.clip(pos, 0, len(self._sorted) - 1)
+        if len(clip_ids) and not np.array_equal(self._sorted[pos], clip_ids):
+            raise KeyError("some candidate ids are not in the vector store")
+        return np.asarray(self.vectors[self._order[pos]], dtype=np.float32)
+
+
+def rerank(
+    store: VectorStore, queries: np.ndarray, candidates: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of each query (m, d) float32 with its candidate ids (m, c) int64 (-1 =
+    none), best first: (scores (m, k') float32, ids (m, k') int64), k' = min(k, c), -1 where a query
+    had fewer than k' candidates."""
+    m, c = candidates.shape
+    kk = min(k, c)
+    out_s = np.full((m, kk), -np.inf, dtype=np.float32)
+    out_i = np.full((m, kk), -1, dtype=np.int64)
+    for r in range(m):
+        cand = candidates[r][candidates[r] >= 0]
+        if cand.size == 0:
+            continue
+        s = store.rows(cand) @ queries[r].astype(np.float32)  # (c_r,)
+        top = np.argsort(-s, kind="stable")[:kk]
+        out_s[r, : top.size], out_i[r, : top.size] = s[top], cand[top]
+    return out_s, out_i
