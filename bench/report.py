@@ -3,6 +3,8 @@
 .venv/bin/python bench/report.py factors   # LDS per world and factor (bench/results/factors.json)
 .venv/bin/python bench/report.py ecm       # honest ECM (bench/results/ecm.json)
 .venv/bin/python bench/report.py incremental   # a grown run (bench/results/incremental.json)
+.venv/bin/python bench/report.py index_scale   # factories at 10^4..10^6 (bench/results/index_scale.json)
+.venv/bin/python bench/report.py real_shapes   # Wan2.1-1.3B shapes (bench/results/real_shapes.json)
 """
 
 from __future__ import annotations
@@ -100,5 +102,69 @@ def incremental() -> None:
     )
 
 
+def index_scale() -> None:
+    doc = json.loads((RESULTS / "index_scale.json").read_text())
+    k, r = doc["config"]["k"], doc["config"]["rerank"]
+    print(
+        f"| N | factory | build s | index MB | + float16 vectors MB | query ms | recall@{k} | "
+        f"query ms, re-ranked ({r}k) | recall@{k}, re-ranked |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for x in doc["results"]:
+        rr_ms = x.get(f"query_ms_median_rerank{r}")
+        rr = x.get(f"recall@{k}_rerank{r}")
+        print(
+            f"| {x['n']:.0e} | {x['factory']} | {x['build_s']:.1f} | {x['index_bytes'] / 2**20:.1f} | "
+            f"{x['rerank_vector_bytes'] / 2**20:.0f} | {x['query_ms_median']:.2f} | {x[f'recall@{k}']:.3f} | "
+            f"{'' if rr_ms is None else f'{rr_ms:.2f}'} | {'' if rr is None else f'**{rr:.3f}**'} |"
+        )
+    h = doc.get("hnsw_extrapolated")
+    if h:
+        print()
+        print(
+            f"HNSW32 at 10^6, extrapolated ({h['law']}, a = {h['a']:.3g}, b = {h['b']:.2f}): build "
+            f"{h['build_s_at_1e6'] / 60:.0f} min, {h['bytes_at_1e6'] / 2**30:.1f} GiB"
+        )
+
+
+def real_shapes() -> None:
+    doc = json.loads((RESULTS / "real_shapes.json").read_text())
+    m = doc["measured"]
+    print("| case (CPU, 2 threads) | tokens | seconds | peak RSS GB |")
+    print("|---|---|---|---|")
+    for key, v in m.items():
+        kind, mode, *rest = key.split(":")
+        if kind == "transformer":
+            dtype, lat = rest
+            c, t, h, w = (int(x) for x in lat.split("x"))
+            tok = t * (h // 2) * (w // 2)
+            label = f"1.3B transformer, {mode}, {dtype}, latent {lat}"
+        else:
+            tok, label = "", f"VAE encode {rest[0]}, {mode}"
+        print(f"| {label} | {tok} | {v['seconds']:.2f} | {v['peak_bytes'] / 1e9:.2f} |")
+    print()
+    print(
+        "| clip | tokens | fwd+bwd TFLOP / draw | CPU s / draw (scaled) | activations GB / draw (fp32, scaled) | "
+        "H100 est. c_enc s | H100 est. c_draw s | clips / GPU-hour K=1 | K=8 | K=32 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    gpu = doc["h100_estimate"]["sizes"]
+    for name, s in doc["scaled_to_real"].items():
+        g = gpu[name]
+        cph = g["clips_per_gpu_hour"]
+        print(
+            f"| {name} | {s['tokens']} | {s['transformer_fwd_bwd_flop'] / 1e12:.0f} | "
+            f"{s['cpu_seconds_per_draw_kron']:.0f} | {s['activation_bytes_per_draw_fp32'] / 1e9:.1f} | "
+            f"{g['c_enc_s']:.3f} | {g['c_draw_s']:.3f} | {cph['1']:.0f} | {cph['8']:.0f} | {cph['32']:.0f} |"
+        )
+
+
 if __name__ == "__main__":
-    {"factors": factors, "ecm": ecm, "incremental": incremental}[sys.argv[1]](*sys.argv[2:])
+    tables = {
+        "factors": factors,
+        "ecm": ecm,
+        "incremental": incremental,
+        "index_scale": index_scale,
+        "real_shapes": real_shapes,
+    }
+    tables[sys.argv[1]](*sys.argv[2:])

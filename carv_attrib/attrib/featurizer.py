@@ -112,6 +112,7 @@ class Featurizer:
     rule: DrawRule
     output_fn: str
     device: str
+    draws_per_backward: int | None = None  # None: one backward over all B×K draws (`kron_features`)
     _eps_cache: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict
     )
@@ -152,7 +153,7 @@ class Featurizer:
             batch.append(ClipDraws(z.to(self.device), pad_context(emb).to(self.device), sigma, w, eps))
         feats, losses = [], []
         for transformer, proj in zip(self.transformers, self.projectors):
-            f, ell = proj.batch_features(transformer, batch, self.output_fn)  # (B, D_c), (B, K)
+            f, ell = proj.batch_features(transformer, batch, self.output_fn, self.draws_per_backward)
             feats.append(f)
             losses.append(ell)
         return torch.cat(feats, dim=1), torch.cat(losses, dim=1), draws

@@ -57,21 +57,43 @@ def flat_grad(layers: Sequence[tuple[str, nn.Linear]]) -> torch.Tensor:
 
 
 def kron_features(
-    transformer: nn.Module, projector: KronProjector, batch: Sequence[ClipDraws], output_fn: str = "loss"
+    transformer: nn.Module,
+    projector: KronProjector,
+    batch: Sequence[ClipDraws],
+    output_fn: str = "loss",
+    draws_per_backward: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(features (B, D) float32 CPU, per-draw losses (B, K)) with one backward over B×K draws."""
+    """(features (B, D) float32 CPU, per-draw losses (B, K)) with one backward over B×K draws, or,
+    with `draws_per_backward` = c, one backward per c draws of a clip: the activations held at once
+    are c draws' instead of B·K (at Wan2.1-1.3B's 17x480x832 one draw holds ~36 GB in float32,
+    bench/real_shapes.py). The objective is linear in the draws, so the accumulated φ is the same
+    up to the order of float32 additions: chunk j contributes (k_j/K)·L_j with L_j its own
+    Σ (w_k/k_j) ℓ_k (`clip_objective`)."""
     losses = []
     with projector.capture(num_slots=len(batch)):
         total: Tensor | None = None
         for b, clip in enumerate(batch):
             projector.slot = b  # the hooks file this forward's activations under clip b
-            obj, ell = clip_objective(
-                transformer, clip.latent, clip.context, clip.sigma, clip.eps, clip.weights, output_fn
-            )
-            total = obj if total is None else total + obj
-            losses.append(ell.float().cpu())
-        assert total is not None
-        total.backward()
+            k = clip.sigma.shape[0]
+            if draws_per_backward is None or draws_per_backward >= k:
+                obj, ell = clip_objective(
+                    transformer, clip.latent, clip.context, clip.sigma, clip.eps, clip.weights, output_fn
+                )
+                total = obj if total is None else total + obj
+                losses.append(ell.float().cpu())
+                continue
+            parts = []
+            for lo in range(0, k, draws_per_backward):
+                hi = min(k, lo + draws_per_backward)
+                obj, ell = clip_objective(
+                    transformer, clip.latent, clip.context, clip.sigma[lo:hi], clip.eps[lo:hi],
+                    clip.weights[lo:hi], output_fn,
+                )  # fmt: skip
+                (obj * ((hi - lo) / k)).backward()
+                parts.append(ell.float().cpu())
+            losses.append(torch.cat(parts))
+        if total is not None:
+            total.backward()
     return projector.features(), torch.stack(losses)
 
 

@@ -28,6 +28,41 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DEFAULT_TRAIN_SAMPLE = 100_000
+TRAIN_SAMPLE_BYTES = 2 << 30  # the training sample's float32 size at most: 2 GiB (26k rows at D = 19,200)
+MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below 39 training points per centroid
+
+
+def train_sample_rows(n: int, d: int, budget: int | None = None) -> int:
+    """Rows of the training sample of an approximate index over n vectors of dimension d: at most
+    DEFAULT_TRAIN_SAMPLE and at most `budget` bytes of float32, so that training never holds a
+    large share of a million-clip run in memory (budget None: TRAIN_SAMPLE_BYTES)."""
+    budget = TRAIN_SAMPLE_BYTES if budget is None else budget
+    return max(1, min(n, DEFAULT_TRAIN_SAMPLE, budget // (4 * d)))
+
+
+def check_trainable(index: Any, n: int, factory: str | None) -> None:
+    """Refuse (ValueError) an approximate index that n vectors cannot train: fewer vectors than IVF
+    lists (or than 8-bit PQ centroids, 256). Called before any pass over the features."""
+    if index.is_trained:
+        return
+    nlist = ivf_lists(index) or 0
+    need = max(nlist, 256 if _has_8bit_pq(index) else 0)
+    if n < need:
+        raise ValueError(
+            f"--index-factory {factory}: {n} vectors cannot train it (it needs at least {need}; "
+            f"{MIN_POINTS_PER_LIST}x its {nlist or need} centroids is better); use fewer IVF lists, "
+            f"e.g. IVF{max(1, n // MIN_POINTS_PER_LIST)},..., or the default Flat index"
+        )
+
+
+def _has_8bit_pq(index: Any) -> bool:
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    try:
+        inner = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        pass
+    pq = getattr(inner, "pq", None)
+    return pq is not None and getattr(pq, "nbits", 0) == 8
 
 
 def _as_vectors(vectors: Any, dim: int | None, what: str) -> np.ndarray:

@@ -210,7 +210,11 @@ class Projector(Protocol):
     dim: int
 
     def batch_features(
-        self, transformer: nn.Module, batch: Sequence[ClipDraws], output_fn: str = "loss"
+        self,
+        transformer: nn.Module,
+        batch: Sequence[ClipDraws],
+        output_fn: str = "loss",
+        draws_per_backward: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def spec(self) -> dict[str, Any]: ...
@@ -384,10 +388,15 @@ class KronProjector:
             self._slot = None
 
     def batch_features(
-        self, transformer: nn.Module, batch: Sequence[ClipDraws], output_fn: str = "loss"
+        self,
+        transformer: nn.Module,
+        batch: Sequence[ClipDraws],
+        output_fn: str = "loss",
+        draws_per_backward: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features (B, D) float32, per-draw losses (B, K)): one backward over all B×K draws."""
-        return kron_features(transformer, self, batch, output_fn)
+        """(features (B, D) float32, per-draw losses (B, K)): one backward over all B×K draws, or one
+        per `draws_per_backward` draws of a clip (`kron_features`)."""
+        return kron_features(transformer, self, batch, output_fn, draws_per_backward)
 
     def features(self) -> torch.Tensor:
         """(num_slots, D) float32 on the CPU: the accumulated φ of the last capture."""
@@ -542,7 +551,11 @@ class DenseProjector:
         return [(name, modules[name]) for name, _, _ in self.layer_shapes]
 
     def batch_features(
-        self, transformer: nn.Module, batch: Sequence[ClipDraws], output_fn: str = "loss"
+        self,
+        transformer: nn.Module,
+        batch: Sequence[ClipDraws],
+        output_fn: str = "loss",
+        draws_per_backward: int | None = None,  # the reference does one backward per clip anyway
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (B, D) float32, per-draw losses (B, K)): one backward per clip, dense projection."""
         return dense_features(transformer, self.layers_in(transformer), self, batch, output_fn)

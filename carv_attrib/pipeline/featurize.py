@@ -137,6 +137,7 @@ def _load(cfg: FeaturizeConfig, rule: DrawRule) -> tuple[Featurizer, list[str | 
             cfg.projector, t, cfg.layers, cfg.seed, cfg.proj_dim, cfg.matrix, cfg.kron_shape
         ),
     )
+    featurizer.draws_per_backward = cfg.draws_per_backward  # memory only: not in the fingerprint
     return featurizer, checkpoints
 
 

@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 
 from carv_attrib import __version__
-from carv_attrib.attrib.index import DEFAULT_TRAIN_SAMPLE, add_vectors, new_index, save_index, train_index
+from carv_attrib.attrib.index import (
+    add_vectors,
+    check_trainable,
+    new_index,
+    save_index,
+    train_index,
+    train_sample_rows,
+)
 from carv_attrib.attrib.precondition import Preconditioner, fit_preconditioner
 from carv_attrib.attrib.rerank import VectorStore
 from carv_attrib.config import IndexConfig
@@ -39,9 +46,12 @@ def _check_features_current(run: RunDir, fcfg: dict, lat: dict) -> None:
         )
 
 
-def _train_sample(run: RunDir, sel: dict[int, list[int]], n: int, pre: Preconditioner) -> np.ndarray:
-    """A seeded uniform sample (≤ DEFAULT_TRAIN_SAMPLE rows) of the preconditioned vectors, (m, D)."""
-    take = min(n, DEFAULT_TRAIN_SAMPLE)
+def _train_sample(
+    run: RunDir, sel: dict[int, list[int]], n: int, dim: int, pre: Preconditioner
+) -> np.ndarray:
+    """A seeded uniform sample of the preconditioned vectors, (m, D): at most DEFAULT_TRAIN_SAMPLE
+    rows and TRAIN_SAMPLE_BYTES (`train_sample_rows`), collected shard by shard."""
+    take = train_sample_rows(n, dim)
     chosen = np.sort(np.random.default_rng(0).choice(n, size=take, replace=False))
     parts, start = [], 0
     for _, f in iter_feature_blocks(run, sel):
@@ -79,6 +89,7 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
     dim = sum(blocks)
     try:
         index = new_index(dim, cfg.index_factory, use_gpu)  # a bad factory is refused before any pass
+        check_trainable(index, int(ids.size), cfg.index_factory)
         pre = fit_preconditioner(
             cfg.precondition,
             (f for _, f in iter_feature_blocks(run, sel)) if cfg.precondition == "trak" else None,
@@ -87,7 +98,7 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
             lambda_rel=cfg.lambda_rel,
         )
         if not index.is_trained:
-            train_index(index, _train_sample(run, sel, ids.size, pre), cfg.index_factory)
+            train_index(index, _train_sample(run, sel, ids.size, dim, pre), cfg.index_factory)
         keep = cfg.index_factory is not None and cfg.vector_dtype != "none"
 
         def added() -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -160,6 +160,20 @@ def test_batch_of_clips_equals_each_clip_alone(wan, layers):
     assert all(p.grad is None for p in wan.parameters())  # the hooks never formed a weight gradient
 
 
+@pytest.mark.parametrize("per_backward", [1, 2, 3])
+def test_draws_per_backward_give_the_same_features(wan, layers, per_backward):
+    """Chunking a clip's K draws over several backward passes (memory at real shapes) sums the same
+    linear contributions: features agree to float32 summation order; the losses are the same
+    forwards run in smaller batches (another matmul blocking: the same float32 rounding bound)."""
+    proj = _proj(wan, layers)
+    batch = _clips(B, K, seed=5)
+    n = _reduction_length(layers, K)
+    feats, losses = kron_features(wan, proj, batch)
+    feats_c, losses_c = kron_features(wan, proj, batch, draws_per_backward=per_backward)
+    _assert_close_blocks(proj, feats_c, feats, n)
+    torch.testing.assert_close(losses_c, losses, rtol=_tol(n), atol=0)
+
+
 def test_per_draw_rows_average_to_the_k_draw_feature(wan, layers):
     """φ = Σ_k (w_k/K) φ_k: `per_draw_features` rows, weighted, give the `kron_features` feature."""
     proj = _proj(wan, layers)
