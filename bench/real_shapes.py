@@ -75,7 +75,12 @@ def case_transformer(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     t0 = time.monotonic()
-    transformer = WanTransformer3DModel(**TRANSFORMER_1_3B).to(device=args.device, dtype=dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: a float32 copy first would set the RSS peak
+    try:
+        transformer = WanTransformer3DModel(**TRANSFORMER_1_3B).to(device=args.device).eval()
+    finally:
+        torch.set_default_dtype(default)
     keep = transformer._keep_in_fp32_modules or []  # as from_pretrained(torch_dtype=...) keeps them
     for name, p in transformer.named_parameters():
         if dtype != torch.float32 and any(k in name for k in keep):
@@ -192,6 +197,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--latents", default="16x1x16x16,16x2x16x16", help="reduced latents measured (fp32)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/real_shapes.json"))
+    ap.add_argument("--reuse", type=Path, help="take the cases already measured in this JSON")
+    ap.add_argument("--redo-bf16", action="store_true", help="measure the bfloat16 cases again")
     args = ap.parse_args()
     if args.worker:
         fn = case_transformer if args.case == "transformer" else case_vae
@@ -201,9 +208,11 @@ def main() -> None:
     load_start = load_avg()
     common = ["--device", args.device, "--repeats", str(args.repeats), "--draws", str(args.draws)]
     reduced = args.latents.split(",")
-    cases: dict[str, Any] = {}
+    cases: dict[str, Any] = json.loads(args.reuse.read_text())["measured"] if args.reuse else {}
     for lat in reduced:
         for mode in ("plain", "kron"):
+            if f"transformer:{mode}:float32:{lat}" in cases:
+                continue
             cases[f"transformer:{mode}:float32:{lat}"] = run_case(
                 ["--case", "transformer", "--mode", mode, "--latent", lat, *common], 3600
             )
@@ -211,12 +220,16 @@ def main() -> None:
     big = reduced[-1]
     for mode in ("plain", "kron"):
         key = f"transformer:{mode}:bfloat16:{big}"
+        if key in cases and not args.redo_bf16:
+            continue
         cases[key] = run_case(
             ["--case", "transformer", "--mode", mode, "--dtype", "bfloat16", "--latent", big, *common], 3600
         )
         print(key, cases[key], flush=True)
     for mode in ("untiled", "tiled"):
         key = f"vae:{mode}:{args.clip}"
+        if key in cases:
+            continue
         cases[key] = run_case(["--case", "vae", "--mode", mode, "--clip", args.clip, *common], 3600)
         print(key, cases[key], flush=True)
 

@@ -116,7 +116,7 @@ def index_scale() -> None:
         print(
             f"| {x['n']:.0e} | {x['factory']} | {x['build_s']:.1f} | {x['index_bytes'] / 2**20:.1f} | "
             f"{x['rerank_vector_bytes'] / 2**20:.0f} | {x['query_ms_median']:.2f} | {x[f'recall@{k}']:.3f} | "
-            f"{'' if rr_ms is None else f'{rr_ms:.2f}'} | {'' if rr is None else f'**{rr:.3f}**'} |"
+            f"{'' if rr_ms is None else f'{rr_ms:.2f}'} | {'' if rr is None else (f'**{rr:.3f}**' if rr >= 0.95 else f'{rr:.3f}')} |"
         )
     h = doc.get("hnsw_extrapolated")
     if h:

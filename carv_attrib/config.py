@@ -330,7 +330,7 @@ class IndexConfig(StageConfig):
         help="TRAK damping λ relative to the mean non-zero eigenvalue of ΦᵀΦ, tr/min(n, d).",
     )
     index_factory: str | None = option(
-        None, help="FAISS factory string for large runs, e.g. IVF1024,PQ32 (default Flat)."
+        None, help="FAISS factory for large runs, e.g. IVF4096,SQ8 for 10^6 clips (default: exact Flat)."
     )
     nprobe: int | None = option(
         None, help="IVF lists probed per query (default nlist/16, at least 8; widened until k hits)."

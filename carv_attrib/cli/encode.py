@@ -65,7 +65,8 @@ def encode(cfg: EncodeConfig, fmt: str) -> None:
                 f"part {cfg.shard} done; once every part is, the same command without --shard commits "
                 "the run (it finds the parts' clips and encodes only what a part missed)"
             )
-        if summary.failed and summary.changes["retried"] == 0:
+        if set(summary.failures) - {"missing"} and summary.changes["retried"] == 0:
+            # a missing file is encoded once it is back; other failures only when asked
             say("failed clips are kept as failures; `--retry-failed` tries them again")
     if summary.failure_rate > cfg.max_failure_rate:
         say(
