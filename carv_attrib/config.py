@@ -254,6 +254,11 @@ class EncodeConfig(StageConfig):
         False, flags=("--pad-short",), help="Repeat the last frame of clips too short for F frames."
     )
     batch_size: int = option(4, flags=("--batch-size", "-b"), help="Clips per VAE call.")
+    vae_tiling: str = option(
+        "auto",
+        help="auto | on | off: tile the VAE encode (less memory, slightly different latents); auto: when "
+        "an untiled batch would not fit in the device's free memory.",
+    )
     workers: int = option(2, help="Decoding processes (0 = decode in this process).")
     device: str = device_option()
     dtype: str = dtype_option()
@@ -302,6 +307,7 @@ class EncodeConfig(StageConfig):
     def validate(self) -> EncodeConfig:
         self.policy.validate()
         check_choice("--latent-dtype", self.latent_dtype, LATENT_DTYPES)
+        check_choice("--vae-tiling", self.vae_tiling, ("auto", "on", "off"))
         check_choice("--dtype", self.dtype, DTYPES)
         check_min("--shard-size", self.shard_size, 1)
         check_min("--batch-size", self.batch_size, 1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,53 @@ def train_sample_rows(n: int, d: int, budget: int | None = None) -> int:
     large share of a million-clip run in memory (budget None: TRAIN_SAMPLE_BYTES)."""
     budget = TRAIN_SAMPLE_BYTES if budget is None else budget
     return max(1, min(n, DEFAULT_TRAIN_SAMPLE, budget // (4 * d)))
+
+
+def index_bytes(n: int, d: int, factory: str | None) -> int:
+    """Approximate memory of an index of n d-dim vectors, from its factory string: 4·d bytes per
+    vector (Flat), d·b/8 (SQ<b>), 2·d (SQfp16), m (PQ<m>), m/2 (PQ<m>x4fs), plus HNSW<M>'s
+    links (8·M) and the id map (16); IVF centroids and OPQ/PCA matrices are added. A guide for
+    refusing what cannot fit, not an exact size."""
+
+    f = factory or "Flat"
+    per = 4.0 * d
+    if m := re.search(r"PQ(\d+)(x4fs)?", f):
+        per = int(m.group(1)) / (2 if m.group(2) else 1)
+    elif m := re.search(r"SQ(\d+)", f):
+        per = d * int(m.group(1)) / 8
+    elif "SQfp16" in f:
+        per = 2.0 * d
+    if m := re.search(r"HNSW(\d+)", f):
+        per += 8 * int(m.group(1))
+    fixed = 0
+    if m := re.search(r"IVF(\d+)", f):
+        fixed += 4 * d * int(m.group(1))
+    if re.search(r"(OPQ|PCA)", f):
+        fixed += 4 * d * d
+    return int(n * (per + 16) + fixed)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(n: int, d: int, factory: str | None, available: int | None = None) -> None:
+    """Refuse (ValueError) an index that would not fit in the memory available now, before any work."""
+    need = index_bytes(n, d, factory)
+    available = available_memory() if available is None else available
+    if available is not None and need > available:
+        raise ValueError(
+            f"an index of {n} vectors of dimension {d} with {factory or 'Flat'} needs about "
+            f"{need / 2**30:.1f} GiB but {available / 2**30:.1f} GiB are available; use a compressed "
+            "factory (e.g. IVF4096,SQ8: d bytes per vector) or a smaller feature (--kron-dims)"
+        )
 
 
 def check_trainable(index: Any, n: int, factory: str | None) -> None:

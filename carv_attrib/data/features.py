@@ -52,13 +52,16 @@ def iter_feature_blocks(
     sel = run.live_features().ok_selection() if sel is None else sel
     for shard, rows in sel.items():
         t = pq.read_table(run.features.shard_path(shard), columns=["clip_id", "feature"])
-        t = t.take(pa.array(rows, pa.int64()))
+        if len(rows) != t.num_rows:  # a whole shard (the common case) is used as read: no copy
+            t = t.take(pa.array(rows, pa.int64()))
         if t.num_rows == 0:
             continue
-        col = t.column("feature").combine_chunks()
+        col = t.column("feature")
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
         d = col.type.list_size
         feats = np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, d)
         yield t.column("clip_id").to_numpy(), feats
+        del t, col, feats  # one shard in memory at a time
 
 
 def feature_ids(run: RunDir | Path | str, sel: dict[int, list[int]] | None = None) -> np.ndarray:

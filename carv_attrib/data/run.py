@@ -174,6 +174,7 @@ class EncodeFacts:
     latent_dtype: str
     model_fingerprint: str | None  # of the VAE + text encoder + tokenizer files
     components: dict[str, Any]  # per-component file hashes (`carv_attrib.models.identity`)
+    vae_tiling: bool = False  # the VAE encoded in tiles (`encode --vae-tiling`): queries are too
 
     @property
     def policy(self) -> FramePolicy:
@@ -194,6 +195,7 @@ class EncodeFacts:
             latent_dtype=config.get("latent_dtype", "float32"),
             model_fingerprint=config["model"].get("fingerprint"),
             components=config["model"]["components"],
+            vae_tiling=bool(config.get("vae_tiling", False)),
         )
 
 

@@ -186,6 +186,46 @@ def encode_video(vae: Any, frames: Any) -> Any:
     return ((z - mean.to(z.device)) / std.to(z.device)).cpu()
 
 
+# Peak activation memory of an untiled Wan2.1 VAE encode per clip in the batch, float32: the encoder
+# runs causally over 4-frame chunks, so it grows with the frame area, not the frame count. Fitted to
+# peak RSS above the loaded VAE (0.92 GB) on CPU, `bench/real_shapes.py --worker --case vae --mode
+# untiled --clip F x H x W`: 0.26 GB at 5x64x64; 0.52, 0.42, 0.50 GB at 5, 9, 17 x 128x128. So about
+# 0.2 GB + 20 KB per pixel, i.e. ~8 GB per 480x832 clip (an estimate: two frame sizes, one machine).
+VAE_BYTES_FIXED = 0.2e9
+VAE_BYTES_PER_PIXEL = 20e3
+
+
+def vae_encode_bytes(height: int, width: int, batch: int, dtype: str = "float32") -> float:
+    """Estimated peak activation bytes of an untiled VAE encode of `batch` clips of height x width."""
+    scale = 0.5 if dtype in ("bfloat16", "float16") else 1.0
+    return batch * scale * (VAE_BYTES_FIXED + VAE_BYTES_PER_PIXEL * height * width)
+
+
+def device_free_bytes(device: str) -> float | None:
+    """Free memory of `device` now (CUDA: mem_get_info; CPU: Linux MemAvailable), None if unknown."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return float(torch.cuda.mem_get_info(torch.device(device))[0])
+    if device == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def vae_tiling_decision(mode: str, height: int, width: int, batch: int, dtype: str, device: str) -> bool:
+    """Whether to tile the VAE encode: `on` / `off` as given; `auto` when the untiled estimate
+    (`vae_encode_bytes`) exceeds 80 % of the device's free memory (diffusers' tiling encodes
+    overlapping 256-pixel tiles and blends them: the latents differ slightly, so the choice is part of
+    a run's configuration)."""
+    if mode != "auto":
+        return mode == "on"
+    free = device_free_bytes(resolve_device(device))
+    return free is not None and vae_encode_bytes(height, width, batch, dtype) > 0.8 * free
+
+
 def encode_prompts(wan: WanModel, prompts: Sequence[str], batch_size: int = 16) -> list[Any]:
     """Prompt embeddings exactly as `WanPipeline.encode_prompt(..., max_sequence_length=512)`,
     trimmed to each prompt's real tokens: a list of (L_i, D) float32 CPU tensors.

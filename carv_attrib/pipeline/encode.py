@@ -40,7 +40,7 @@ from carv_attrib.data.sources import SourcedClips
 from carv_attrib.data.store import ShardStore, fingerprint, now_iso
 from carv_attrib.data.video import ClipFailure, DecodedClip, decode_clip, failure_message, frames_to_tensor
 from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity
-from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
+from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan, vae_tiling_decision
 from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ __all__ = ["EncodeConfig", "EncodeSummary", "run_encode"]
 LAYOUT = "content-addressed-v1"
 
 
-def latents_identity(cfg: EncodeConfig, model_ident: dict[str, Any]) -> dict[str, Any]:
+def latents_identity(cfg: EncodeConfig, model_ident: dict[str, Any], tiled: bool = False) -> dict[str, Any]:
     """What changes the stored numbers: the fingerprinted stage config. The manifest is not in it: a
     run grows, shrinks and changes clip by clip (`carv_attrib.data.sources`), and the shard size is
     only the unit of resume."""
@@ -73,7 +73,7 @@ def latents_identity(cfg: EncodeConfig, model_ident: dict[str, Any]) -> dict[str
         # frame k = the frame displayed at k/fps after the first displayed one (edit lists, VFR,
         # rotation and SAR honoured; data/video.py): latents from the older index rule never mix in
         "frame_selection": FRAME_SELECTION,
-    }
+    } | ({"vae_tiling": True} if tiled else {})  # only when on: untiled runs keep their fingerprint
 
 
 @dataclass
@@ -342,7 +342,11 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
     run = RunDir(cfg.run)
     table = read_manifest(cfg.manifest, cfg.videos, cfg.manifest_options)
     ident, wan = _identify_model(cfg)
-    config = latents_identity(cfg, ident)
+    policy = cfg.policy
+    tiled = vae_tiling_decision(
+        cfg.vae_tiling, policy.height, policy.width, cfg.batch_size, cfg.dtype, cfg.device
+    )
+    config = latents_identity(cfg, ident, tiled)
     store = run.latents
     resumes = store.check(config, overwrite=cfg.overwrite, what="encode")
     if cfg.executor == "ray" and not cfg.dry_run:
@@ -361,6 +365,8 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
     progress("start", {"total": len(table), "todo": len(plan.todo), "shards": len(shards), "skipped": 0})
     if shards:
         wan = wan or load_wan(cfg.model, ENCODER_COMPONENTS, device=cfg.device, dtype=cfg.dtype)
+        if tiled:
+            wan.vae.enable_tiling()
         provenance = {"stage": "latents", "fingerprint": fp, "tool_version": __version__, "config": config}
         encoder = _ShardEncoder(cfg, wan, store, table, provenance)
         sourced = plan.clips
@@ -391,6 +397,8 @@ def _encode_with_ray(
         run.root.mkdir(parents=True, exist_ok=True)
         run.latents.prepare(config, overwrite=cfg.overwrite, what="encode")
         n = cfg.parts or default_parts(ray)
+        # the driver's tiling decision for every part: an `auto` on another machine could differ
+        cfg = dataclasses.replace(cfg, vae_tiling="on" if config.get("vae_tiling") else "off")
         parts = [
             dataclasses.replace(cfg, shard=f"{i}/{n}", executor="local", overwrite=False) for i in range(n)
         ]

@@ -20,6 +20,7 @@ import numpy as np
 from carv_attrib import __version__
 from carv_attrib.attrib.index import (
     add_vectors,
+    check_fits,
     check_trainable,
     new_index,
     save_index,
@@ -90,6 +91,7 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
     try:
         index = new_index(dim, cfg.index_factory, use_gpu)  # a bad factory is refused before any pass
         check_trainable(index, int(ids.size), cfg.index_factory)
+        check_fits(int(ids.size), dim, cfg.index_factory)
         pre = fit_preconditioner(
             cfg.precondition,
             (f for _, f in iter_feature_blocks(run, sel)) if cfg.precondition == "trak" else None,

@@ -311,6 +311,8 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
     queries = [Query(path=str(p), prompt=t) for p, t in zip(cfg.queries, prompts)]
 
     wan = load_wan(model, ("vae", "text_encoder", "tokenizer"), device=cfg.device, dtype=info.encode.dtype)
+    if info.encode.vae_tiling:  # queries are encoded exactly as the training clips were
+        wan.vae.enable_tiling()
     progress("start", {"todo": 2 * len(queries)})
     _encode_queries(cfg, info, wan, queries, progress)
     del wan

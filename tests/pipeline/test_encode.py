@@ -171,3 +171,26 @@ def test_resume_after_sigkill_gives_the_same_rows(
         assert ra["text_emb"] == rb["text_emb"]
     assert not list((killed / "latents").glob(".*.tmp"))
     assert sum(pq.read_metadata(p).num_rows for p in (killed / "latents").glob("part-*.parquet")) == 8
+
+
+def test_vae_tiling_is_decided_once_recorded_and_followed_by_score(
+    tmp_path: Path, tiny_model_dir: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from carv_attrib.data.run import EncodeFacts, RunDir
+    from carv_attrib.models import wan as wan_mod
+
+    assert wan_mod.vae_tiling_decision("on", 32, 32, 1, "float32", "cpu")
+    assert not wan_mod.vae_tiling_decision("off", 4096, 4096, 64, "float32", "cpu")
+    monkeypatch.setattr(wan_mod, "device_free_bytes", lambda device: 1e9)  # 1 GB free
+    assert wan_mod.vae_tiling_decision("auto", 480, 832, 1, "float32", "cpu")  # ~8 GB: tile
+    assert not wan_mod.vae_tiling_decision("auto", 64, 64, 1, "float32", "cpu")
+    cfg = EncodeConfig(
+        manifest=demo_data / "manifest.json", videos=demo_data / "videos", model=str(tiny_model_dir),
+        run=tmp_path / "run", **FRAMES, workers=0, device="cpu", vae_tiling="on",
+    )  # fmt: skip
+    run_encode(cfg)
+    lat = RunDir(tmp_path / "run").latents.read_config()["config"]
+    assert lat["vae_tiling"] is True and EncodeFacts.from_latents_config(lat).vae_tiling
+    cfg.vae_tiling = "off"
+    with pytest.raises(ConfigMismatchError, match="vae_tiling"):
+        run_encode(cfg)  # never mixed into one run
