@@ -150,7 +150,7 @@ def ray_address_option() -> Any:
 
 def parts_option() -> Any:
     return option(
-        None, help="With --executor ray: number of parts (default: the cluster's GPUs, else its CPUs)."
+        None, help="With --executor ray: number of parts (default: the cluster's GPUs, else its nodes)."
     )
 
 
@@ -177,6 +177,11 @@ def check_distribution(cfg: Any) -> None:
     check_choice("--executor", cfg.executor, EXECUTORS)
     if cfg.shard is not None and cfg.executor != "local":
         raise UsageError("--shard is a part of a local run; --executor ray makes its own parts")
+    if cfg.shard is not None and cfg.overwrite:
+        raise UsageError(
+            "--overwrite with --shard would let each part discard the others' work; start the parts "
+            "on a new --run (or delete the stage's folder first)"
+        )
     if cfg.parts is not None:
         check_min("--parts", cfg.parts, 1)
 

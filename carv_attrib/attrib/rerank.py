@@ -4,9 +4,9 @@ An IVF-PQ / OPQ / HNSW index holds a million clips in a few hundred MB by storin
 so its scores are approximate and its top-k misses some true neighbours. `score` therefore asks the
 index for R·k candidates and re-scores them exactly against the stored vectors (TRAK and FAISS's own
 "refine" step do the same: `faiss.IndexRefineFlat`). The vectors live in RUN/index/vectors.bin, an
-(n, d) row-major memory-mapped file (float16 by default: half the disk, and a relative error of about
-2^-11 per entry, far below the gaps between neighbours' scores), written shard by shard, never all in
-memory; RUN/index/vector_ids.npy gives each row's clip id.
+(n, d) row-major memory-mapped file of unit rows (float16 by default: half the disk, and a relative
+error of about 2^-11 per entry at any scale) with their norms in float32 (vector_norms.npy), written
+shard by shard, never all in memory; RUN/index/vector_ids.npy gives each row's clip id.
 
     store = VectorStore.write(dir, blocks, dim, "float16")     # blocks: iterable of (ids, (n_s, d))
     scores, ids = rerank(VectorStore(dir), queries, candidate_ids, k=10)
@@ -31,6 +31,7 @@ class VectorStore:
         self.ids = meta
         self._order = np.argsort(meta, kind="stable")
         self._sorted = meta[self._order]
+        self.norms = np.load(d / "vector_norms.npy", allow_pickle=False)  # (n,) float32
         dtype, dim = (d / "vectors.meta").read_text().split()
         self.dim = int(dim)
         self.vectors = np.memmap(d / "vectors.bin", dtype=np.dtype(dtype), mode="r").reshape(-1, self.dim)
@@ -43,12 +44,20 @@ class VectorStore:
         if dtype not in VECTOR_DTYPES:
             raise ValueError(f"vector dtype {dtype}: choose one of {', '.join(VECTOR_DTYPES)}")
         d = Path(directory)
-        ids = []
+        ids, norms = [], []
         with open(d / "vectors.bin", "wb") as f:
             for block_ids, vecs in blocks:
-                f.write(np.ascontiguousarray(vecs, dtype=np.dtype(dtype)).tobytes())
+                # unit rows in `dtype` and the norms in float32: float16 keeps its 2^-11 relative
+                # precision whatever the scale (TRAK vectors can be tiny, identity ones huge)
+                v = np.asarray(vecs, dtype=np.float32)
+                n = np.linalg.norm(v, axis=1)
+                f.write(
+                    np.ascontiguousarray(v / np.where(n > 0, n, 1)[:, None], dtype=np.dtype(dtype)).tobytes()
+                )
                 ids.append(np.asarray(block_ids, dtype=np.int64))
+                norms.append(n.astype(np.float32))
         np.save(d / "vector_ids.npy", np.concatenate(ids) if ids else np.zeros(0, np.int64))
+        np.save(d / "vector_norms.npy", np.concatenate(norms) if norms else np.zeros(0, np.float32))
         (d / "vectors.meta").write_text(f"{dtype} {dim}\n")
         return int(sum(len(x) for x in ids))
 
@@ -58,7 +67,8 @@ class VectorStore:
         pos = np.clip(pos, 0, len(self._sorted) - 1)
         if len(clip_ids) and not np.array_equal(self._sorted[pos], clip_ids):
             raise KeyError("some candidate ids are not in the vector store")
-        return np.asarray(self.vectors[self._order[pos]], dtype=np.float32)
+        rows = self._order[pos]
+        return np.asarray(self.vectors[rows], dtype=np.float32) * self.norms[rows][:, None]
 
 
 def rerank(

@@ -29,13 +29,14 @@ _INDEX_OPTIONS = [p.replace(default=None) for p in config_parameters(IndexConfig
 def featurize(cfg: FeaturizeConfig, fmt: str, **index_options: object) -> None:
     """Per-clip projected gradients (K draws per cached encode) into RUN/features, then RUN/index."""
     from carv_attrib.pipeline.featurize import run_featurize
-    from carv_attrib.pipeline.index import build_run_index, index_config_keeping
+    from carv_attrib.pipeline.index import build_run_index, index_config_keeping, precheck_index
 
     fmt = check_format(fmt)
     started = time.monotonic()
     index_cfg, kept = index_config_keeping(cfg.run, index_options)  # bad options refused before the work
     with ClipProgress("featurize") as progress:
-        summary = run_featurize(cfg, progress)
+        check = None if cfg.shard is not None else (lambda dim, n: precheck_index(index_cfg, dim, n))
+        summary = run_featurize(cfg, progress, index_check=check)
     changes = ", ".join(f"{k} {v}" for k, v in summary.changes.items() if k != "to_compute")
     if summary.dry_run:
         if fmt != "human":

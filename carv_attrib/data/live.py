@@ -68,6 +68,22 @@ def latent_rows(store: ShardStore) -> dict[tuple[int, str], LatentRow]:
     return out
 
 
+def hashes_in_rows(store: ShardStore, path_of: dict[int, str]) -> dict[tuple[str, int, int], str]:
+    """(path, size, mtime_ns) -> sha256 recorded in the done latent rows, for the clips of `path_of`
+    (clip_id -> path): `encode` does not read those files again (parts write rows before any manifest
+    is committed, so the commit pass would otherwise re-hash every file)."""
+    out: dict[tuple[str, int, int], str] = {}
+    for s in store.done_shards():
+        d = _key_columns(store, s, ["clip_id", "source_size", "source_mtime_ns", "source_sha256"])
+        for cid, size, mtime, sha in zip(
+            d["clip_id"], d["source_size"], d["source_mtime_ns"], d["source_sha256"]
+        ):
+            path = path_of.get(cid)
+            if path is not None and sha is not None and size is not None and mtime is not None:
+                out[(path, size, mtime)] = sha
+    return out
+
+
 def feature_rows(store: ShardStore) -> tuple[dict[tuple[int, str], tuple[Where, str]], int]:
     """(clip_id, latent_sha) -> (where, status) of the first done feature row per key, and the number
     of done rows."""

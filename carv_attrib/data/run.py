@@ -80,6 +80,11 @@ class RunDir:
             raise UsageError(
                 f"{self.root} has no latent cache; run `carv-attrib encode ... --run {self.root}` first"
             )
+        if not self.manifest_table.exists():
+            raise UsageError(
+                f"{self.root} holds encoded parts but no committed manifest; run the same `carv-attrib "
+                "encode` once without --shard to commit them (it encodes only what a part missed)"
+            )
         return cfg
 
     def require_features(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,13 +60,31 @@ def fingerprint(config: dict[str, Any]) -> str:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_HOST = socket.gethostname().replace(".", "-") or "host"
+
+
+def _is_stale_tmp(path: Path) -> bool:
+    """A temporary file of a writer that is gone: written on this host by a pid that no longer runs.
+    Another host's (a part on a shared file system) or a live writer's is left alone."""
+    parts = path.name.rsplit(".", 3)  # .NAME.HOST.PID.tmp
+    if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False  # the writer still runs
 
 
 def write_json_atomic(path: Path, data: Any, sort_keys: bool = True) -> None:
@@ -150,7 +169,8 @@ class ShardStore:
         if not self.check(config, overwrite, what) and self.dir.exists():
             shutil.rmtree(self.dir)
         for stale in list(self.dir.glob(".*.tmp")) + list(self.done_dir.glob(".*.tmp")):
-            stale.unlink(missing_ok=True)  # left by a killed run; never read as data
+            if _is_stale_tmp(stale):  # left by a killed writer; never read as data
+                stale.unlink(missing_ok=True)
         existing = self.read_config()
         if existing is None:
             fp = fingerprint(config)

@@ -22,6 +22,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,13 +34,13 @@ from carv_attrib import __version__
 from carv_attrib.config import EncodeConfig, parse_shard
 from carv_attrib.data.decode_pool import DecodePool
 from carv_attrib.data.latents import empty_latent_row, latent_schema
-from carv_attrib.data.live import latent_rows, latent_sha, selection
+from carv_attrib.data.live import hashes_in_rows, latent_rows, latent_sha, selection
 from carv_attrib.data.manifest import ClipTable, read_manifest
 from carv_attrib.data.run import RunDir
 from carv_attrib.data.sources import SourcedClips
 from carv_attrib.data.store import ShardStore, fingerprint, now_iso
 from carv_attrib.data.video import ClipFailure, DecodedClip, decode_clip, failure_message, frames_to_tensor
-from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity
+from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity, resolve_source
 from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan, vae_tiling_decision
 from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts
 
@@ -155,7 +156,10 @@ def plan_encode(
     if part is not None:
         clips = part_of(clips, part)
     previous = SourcedClips.read(run.manifest_table) if resumes else None
-    sourced = SourcedClips.identify(clips, previous.known_hashes() if previous else None)
+    known = previous.known_hashes() if previous else {}
+    if resumes:  # and what earlier or interrupted runs and parts recorded in their rows
+        known |= hashes_in_rows(run.latents, dict(zip(clips.clip_id, clips.path)))
+    sourced = SourcedClips.identify(clips, known)
     rows = latent_rows(run.latents) if resumes else {}
     before = dict(zip(previous.clips.clip_id, previous.keys)) if previous else {}
     plan = EncodePlan(sourced, [])
@@ -391,8 +395,17 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
 def _encode_with_ray(
     cfg: EncodeConfig, run: RunDir, config: dict[str, Any], progress: ProgressFn
 ) -> EncodeSummary:
+    t0 = time.monotonic()
     """`--executor ray`: the stage is created here, its N parts run as Ray tasks (`ray_exec`), then a
     local pass finds their rows, encodes whatever a part could not, and commits the manifest."""
+    # Workers on other nodes start in another directory: every path they get is absolute.
+    cfg = dataclasses.replace(
+        cfg,
+        manifest=Path(cfg.manifest).resolve(),
+        videos=Path(cfg.videos).resolve(),
+        run=Path(cfg.run).resolve(),
+        model=resolve_source(cfg.model),
+    )
     with ray_session(cfg.ray_address) as ray:  # an unreachable cluster is refused before any write
         run.root.mkdir(parents=True, exist_ok=True)
         run.latents.prepare(config, overwrite=cfg.overwrite, what="encode")
@@ -403,10 +416,19 @@ def _encode_with_ray(
             dataclasses.replace(cfg, shard=f"{i}/{n}", executor="local", overwrite=False) for i in range(n)
         ]
         progress("parts", {"parts": n})
-        run_parts(
+        done = run_parts(
             run_encode, parts, ray, on_done=lambda i, s: progress("part", {"part": i, "encoded": s.encoded})
         )
-    return run_encode(dataclasses.replace(cfg, executor="local", overwrite=False), progress)
+    final = run_encode(dataclasses.replace(cfg, executor="local", overwrite=False), progress)
+    # The parts' counts partition the clips (each part plans its own); the final pass adds what a
+    # part missed (its "resumed" are the parts' work, not new).
+    final.changes = {k: sum(p.changes[k] for p in done) for k in final.changes}
+    final.changes["to_encode"] += final.encoded
+    final.encoded += sum(p.encoded for p in done)
+    final.shards_written += sum(p.shards_written for p in done)
+    final.seconds = round(time.monotonic() - t0, 3)
+    final.clips_per_s = round(final.encoded / final.seconds, 3) if final.encoded else 0.0
+    return final
 
 
 def summarize(

@@ -35,7 +35,7 @@ from carv_attrib.data.live import LatentRow, LiveFeatures, LiveLatents, selectio
 from carv_attrib.data.run import RunDir
 from carv_attrib.data.store import ShardStore, fingerprint, now_iso, read_json
 from carv_attrib.errors import UsageError
-from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity
+from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity, resolve_source
 from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts
 
 log = logging.getLogger(__name__)
@@ -185,11 +185,16 @@ def _estimate(featurizer: Featurizer, run: RunDir, feats: LiveFeatures, cfg: Fea
     return round((time.monotonic() - t) / len(sample) * len(feats.missing), 3)
 
 
-def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> FeaturizeSummary:
+def run_featurize(
+    cfg: FeaturizeConfig,
+    progress: ProgressFn = _noop,
+    index_check: Callable[[int, int], None] | None = None,
+) -> FeaturizeSummary:
     """Compute the features RUN/features lacks: one per live ok latent (all the first time; then the
     clips added or changed since, `carv_attrib.data.live`). Everything is checked before the first
     write. Raises UsageError / ConfigMismatchError (exit 2) for a run without latents, a model that
-    did not encode it, or a stage made with other options."""
+    did not encode it, or a stage made with other options. `index_check(dim, clips)` (the CLI's
+    `pipeline.index.precheck_index`) refuses an index that could not be built, before any work."""
     t0 = time.monotonic()
     cfg.validate()
     part = parse_shard(cfg.shard)
@@ -210,8 +215,12 @@ def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> Featuri
     config = _features_identity(cfg, lat_cfg["fingerprint"], ckpt_ids, rule, featurizer.projectors[0].spec())
     store = run.features
     resumes = store.check(config, overwrite=cfg.overwrite, what="featurize")
+    if index_check is not None:
+        index_check(featurizer.dim, len(live.ok()))
     if cfg.executor == "ray" and not cfg.dry_run:
-        return _featurize_with_ray(cfg, store, config, progress)
+        del featurizer  # the parts load their own; the driver's final pass loads it again
+        before = run.live_features(live) if resumes else LiveFeatures({}, live.ok(), set(), 0)
+        return _featurize_with_ray(cfg, store, config, progress, _changes(live, before))
     feats = run.live_features(live) if resumes else LiveFeatures({}, live.ok(), set(), 0)
     if part is not None:  # --shard I/N: this part's clips only
         feats.missing = [m for m in feats.missing if m[0] % part[1] == part[0]]
@@ -255,10 +264,23 @@ def run_featurize(cfg: FeaturizeConfig, progress: ProgressFn = _noop) -> Featuri
 
 
 def _featurize_with_ray(
-    cfg: FeaturizeConfig, store: ShardStore, config: dict[str, Any], progress: ProgressFn
+    cfg: FeaturizeConfig,
+    store: ShardStore,
+    config: dict[str, Any],
+    progress: ProgressFn,
+    changes: dict[str, int],
 ) -> FeaturizeSummary:
+    t0 = time.monotonic()
     """`--executor ray`: the stage is created here, its N parts run as Ray tasks (`ray_exec`), then a
     local pass computes whatever a part could not and reports the run."""
+    # Workers on other nodes start in another directory: every path they get is absolute.
+    cfg = dataclasses.replace(
+        cfg,
+        run=Path(cfg.run).resolve(),
+        model=resolve_source(cfg.model),
+        plan=None if cfg.plan is None else Path(cfg.plan).resolve(),
+        checkpoints=[str(Path(c).resolve()) if Path(c).exists() else c for c in cfg.checkpoints],
+    )
     with ray_session(cfg.ray_address) as ray:  # an unreachable cluster is refused before any write
         store.prepare(config, overwrite=cfg.overwrite, what="featurize")
         n = cfg.parts or default_parts(ray)
@@ -266,13 +288,19 @@ def _featurize_with_ray(
             dataclasses.replace(cfg, shard=f"{i}/{n}", executor="local", overwrite=False) for i in range(n)
         ]
         progress("parts", {"parts": n})
-        run_parts(
+        done = run_parts(
             run_featurize,
             parts,
             ray,
             on_done=lambda i, s: progress("part", {"part": i, "computed": s.computed}),
         )
-    return run_featurize(dataclasses.replace(cfg, executor="local", overwrite=False), progress)
+    final = run_featurize(dataclasses.replace(cfg, executor="local", overwrite=False), progress)
+    final.changes = changes  # counted before the parts ran
+    final.computed += sum(p.computed for p in done)
+    final.shards_written += sum(p.shards_written for p in done)
+    final.seconds = round(time.monotonic() - t0, 3)
+    final.clips_per_s = round(final.computed / final.seconds, 3) if final.computed else 0.0
+    return final
 
 
 def _summary(

@@ -153,11 +153,23 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
     return info
 
 
+def precheck_index(cfg: IndexConfig, dim: int, n: int) -> None:
+    """What `build_run_index` would refuse about the index itself, checked before `featurize`
+    computes anything: a factory FAISS cannot build for dim, that n vectors cannot train, or an index
+    that would not fit in the memory available. UsageError (exit 2)."""
+    try:
+        check_trainable(new_index(dim, cfg.index_factory, use_gpu=False), n, cfg.index_factory)
+        check_fits(n, dim, cfg.index_factory)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 INDEX_FLAGS = {
     "precondition": "--precondition",
     "lambda_rel": "--lambda",
     "index_factory": "--index-factory",
     "nprobe": "--nprobe",
+    "vector_dtype": "--vector-dtype",
 }
 
 
@@ -177,6 +189,8 @@ def index_config_keeping(run: Path | str, given: dict[str, Any]) -> tuple[IndexC
             "index_factory": None if info.factory == "Flat" else info.factory,
             "nprobe": info.nprobe,
         }
+        if info.factory != "Flat":  # a Flat index keeps no vectors: nothing to carry over
+            previous["vector_dtype"] = info.rerank_vectors or "none"
     cfg = IndexConfig(run=run, **{**previous, **explicit}).validate()
     default = IndexConfig(run=run)
     kept = {

@@ -94,9 +94,10 @@ def ray_session(address: str | None) -> Iterator[Any]:
 
 
 def default_parts(ray: Any) -> int:
-    """One part per GPU of the cluster, else per CPU."""
-    res = ray.cluster_resources()
-    return max(1, int(res.get("GPU", 0)) or int(res.get("CPU", 1)))
+    """One part per GPU of the cluster; without GPUs one per node (a part loads the VAE and UMT5,
+    ~22 GB at float32 for Wan2.1, and uses the node's cores itself: one per CPU would not fit)."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return max(1, gpus or sum(1 for node in ray.nodes() if node.get("Alive")))
 
 
 def run_parts(
@@ -119,7 +120,13 @@ def run_parts(
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         i = index[done[0]]
-        results[i] = ray.get(done[0])  # a task's own exception is raised as its original type
+        try:
+            results[i] = ray.get(done[0])
+        except ray.exceptions.RayTaskError as exc:  # a part's own error: raised as itself, one line
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
         if on_done is not None:
             on_done(i, results[i])
     return results

@@ -357,6 +357,8 @@ def aggregate(method: str, scored: list[Query], top_k: int | None, clips: ClipMe
     k_vote = top_k or 10  # ScoreConfig refuses vote with --top-k all; library callers get 10
     for q in scored:
         for s, i in zip(q.scores[:k_vote].tolist(), q.ids[:k_vote].tolist()):
+            if i < 0:  # a short approximate result: no clip in this slot
+                continue
             votes[i] += 1
             score_sum[i] += s
     ranked_ids = sorted(votes, key=lambda i: (-votes[i], -score_sum[i]))

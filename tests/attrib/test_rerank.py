@@ -27,8 +27,15 @@ def test_store_returns_each_ids_vector_rounded_through_its_dtype(tmp_path: Path,
     assert VectorStore.write(tmp_path, iter(blocks), 12, dtype) == 50
     store = VectorStore(tmp_path)
     pick = ids[[3, 41, 0, 17]]
-    expect = x[[3, 41, 0, 17]].astype(dtype).astype(np.float32)
-    np.testing.assert_array_equal(store.rows(pick), expect)  # bitwise: a pure storage round trip
+    v = x[[3, 41, 0, 17]]
+    n = np.linalg.norm(v, axis=1)
+    expect = (v / n[:, None]).astype(dtype).astype(np.float32) * n[:, None]  # unit rows + float32 norms
+    np.testing.assert_array_equal(store.rows(pick), expect)  # bitwise: the same storage round trip
+    scale = VectorStore.write(tmp_path, iter([(ids[:2], 1e-9 * x[:2]), (ids[2:4], 1e6 * x[2:4])]), 12, dtype)
+    rows = VectorStore(tmp_path).rows(ids[:4])
+    ref = np.concatenate([1e-9 * x[:2], 1e6 * x[2:4]])
+    eps = np.finfo(np.dtype(dtype)).eps  # relative precision at any scale: no float16 under/overflow
+    assert scale == 4 and np.all(np.abs(rows - ref) <= 2 * eps * np.abs(ref).max(axis=1, keepdims=True))
     with pytest.raises(KeyError):
         store.rows(np.array([-5], dtype=np.int64))
 

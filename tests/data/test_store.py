@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -47,12 +48,23 @@ def test_prepare_refuses_another_config_and_names_the_difference(tmp_path: Path)
     assert store.read_config()["config"]["frames"] == 33
 
 
-def test_stale_temp_files_are_removed_on_resume(tmp_path: Path) -> None:
+def test_stale_temp_files_are_removed_on_resume_and_live_writers_kept(tmp_path: Path) -> None:
+    """A dead writer's temp file goes; a running writer's (another part) and another host's stay."""
+    import subprocess
+
+    from carv_attrib.data.store import _HOST
+
     store = ShardStore(tmp_path, "latents")
     store.prepare({"a": 1})
-    (store.dir / ".part-00000.parquet.123.tmp").write_bytes(b"partial")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    dead = store.dir / f".part-00000.parquet.{_HOST}.{gone.pid}.tmp"
+    live = store.dir / f".part-00001.parquet.{_HOST}.{os.getpid()}.tmp"
+    other = store.dir / ".part-00002.parquet.another-host.1.tmp"
+    for p in (dead, live, other):
+        p.write_bytes(b"partial")
     store.prepare({"a": 1})
-    assert not (store.dir / ".part-00000.parquet.123.tmp").exists()
+    assert not dead.exists() and live.exists() and other.exists()
 
 
 def test_model_source_is_provenance_not_identity(tmp_path: Path) -> None:

@@ -135,6 +135,17 @@ def test_dry_runs_count_and_write_nothing(world: World, tmp_path: Path) -> None:
     assert tree(run) == before
 
 
+def test_featurize_refuses_an_index_it_could_not_build_before_computing(world: World, tmp_path: Path) -> None:
+    from carv_attrib.pipeline.index import IndexConfig, precheck_index
+
+    run = tmp_path / "run"
+    world.encode(run)
+    cfg = IndexConfig(run=run, index_factory="IVF1024,Flat")
+    with pytest.raises(UsageError, match="cannot train it"):
+        world.featurize(run, index_check=lambda dim, n: precheck_index(cfg, dim, n))
+    assert RunDir(run).features.read_config() is None, "nothing computed or written"
+
+
 def test_index_rebuilds_keep_their_choices(world: World, tmp_path: Path) -> None:
     run = tmp_path / "run"
     world.all_stages(run)

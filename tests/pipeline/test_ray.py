@@ -42,13 +42,24 @@ def assert_same_rows(run: Path, reference: Path) -> None:
     assert_same_run(run, reference)
 
 
-def test_parts_by_hand_then_a_plain_run_commit(world: World, tmp_path: Path) -> None:
+def test_parts_by_hand_then_a_plain_run_commit(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from carv_attrib.data import sources
+
     reference, parts = tmp_path / "local", tmp_path / "parts"
     world.all_stages(reference)
     for i in range(3):
         s = world.encode(parts, shard=f"{i}/3")
         assert s.total == 0, "a part commits nothing"
+    with pytest.raises(UsageError, match="without --shard to commit them"):
+        world.featurize(parts)  # uncommitted parts: refused, not an empty run
+    hashed = []
+    real = sources.file_sha256
+    monkeypatch.setattr(sources, "file_sha256", lambda p: hashed.append(p) or real(p))
     done = world.encode(parts)
+    assert hashed == [], "the commit pass takes the parts' recorded hashes"
+    monkeypatch.undo()
     assert done.encoded == 0 and done.changes["resumed"] == len(world.rows)
     for i in range(3):
         world.featurize(parts, shard=f"{i}/3")
@@ -63,6 +74,7 @@ def test_bad_distribution_options_are_refused_before_work(world: World, tmp_path
         ({"shard": "x"}, "give I/N"),
         ({"executor": "spark"}, "--executor spark"),
         ({"executor": "ray", "shard": "0/2"}, "--executor ray makes its own parts"),
+        ({"shard": "0/2", "overwrite": True}, "each part discard the others' work"),
         ({"executor": "ray", "ray_address": "127.0.0.1:9"}, "no Ray cluster answers there"),
     ):
         with pytest.raises(UsageError, match=msg):

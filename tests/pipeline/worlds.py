@@ -44,11 +44,13 @@ class World:
         )
         return run_encode(cfg, progress) if progress else run_encode(cfg)
 
-    def featurize(self, run: Path, progress: Callable | None = None, **kw: Any) -> Any:
+    def featurize(
+        self, run: Path, progress: Callable | None = None, index_check: Callable | None = None, **kw: Any
+    ) -> Any:
         cfg = FeaturizeConfig(
             run=run, model=str(self.model), draws=2, device="cpu", batch_clips=1, shard_size=2, **kw
         )
-        return run_featurize(cfg, progress) if progress else run_featurize(cfg)
+        return run_featurize(cfg, progress or (lambda e, i: None), index_check)
 
     def index(self, run: Path, **kw: Any) -> Any:
         return build_run_index(IndexConfig(run=run, **kw))
