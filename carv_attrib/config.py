@@ -610,6 +610,39 @@ class DemoConfig(StageConfig):
         return self
 
 
+# -- generate --------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class GenerateConfig(StageConfig):
+    """`generate`: a video from a prompt with the model's own WanPipeline (a query to attribute)."""
+
+    prompt: str = option(positional=True, help="The text prompt.")
+    model: str = model_option(help="Wan2.1 diffusers directory or Hub id (e.g. demo-run/model).")
+    out: Path = option(Path("generated.mp4"), flags=("--out", "-o"), help="The MP4 to write.")
+    frames: int = option(17, help="Frames, 1 + 4k.")
+    size: str = option("64x64", metavar="WxH", help="Frame size WxH, multiples of 16.")
+    steps: int = option(12, help="Denoising steps.")
+    fps: float = option(8.0, help="Frame rate of the MP4.")
+    seed: int = seed_option()
+    device: str = device_option()
+
+    def validate(self) -> GenerateConfig:
+        FramePolicy(frames=self.frames, height=self.height, width=self.width).validate()
+        check_min("--steps", self.steps, 1)
+        if self.fps <= 0:
+            raise UsageError(f"--fps {self.fps}: must be > 0")
+        if not self.prompt.strip():
+            raise UsageError("PROMPT is empty")
+        return self
+
+    @property
+    def width(self) -> int:
+        return parse_size(self.size)[0]
+
+    @property
+    def height(self) -> int:
+        return parse_size(self.size)[1]
+
+
 # -- frames ----------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class FramesConfig(StageConfig):

@@ -46,7 +46,10 @@ class ClipSpec:
 
     @property
     def caption(self) -> str:
-        return f"a {self.color} {self.shape} moving {self.direction} over a {self.background} background"
+        article = "an" if self.color[0] in "aeiou" else "a"  # "an orange circle", not "a orange"
+        return (
+            f"{article} {self.color} {self.shape} moving {self.direction} over a {self.background} background"
+        )
 
 
 def _mask(shape: str, h: int, w: int, cx: float, cy: float, r: int) -> Any:

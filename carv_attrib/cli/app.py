@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from carv_attrib import __version__
-from carv_attrib.cli import demo, encode, evaluate, featurize, frames, inspect, make, plan, score
+from carv_attrib.cli import demo, encode, evaluate, featurize, frames, generate, inspect, make, plan, score
 from carv_attrib.cli.common import state
 from carv_attrib.cli.options import common_options
 
@@ -52,6 +52,7 @@ COMMANDS = {
     "encode": encode.encode,
     "featurize": featurize.featurize,
     "index": featurize.index,
+    "generate": generate.generate,
     "score": score.score,
     "plan": plan.plan,
     "evaluate": evaluate.evaluate,

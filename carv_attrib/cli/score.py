@@ -83,6 +83,8 @@ def score(cfg: ScoreConfig, top_k: str, out: Path | None, fmt: str | None) -> No
         emit(doc, fmt, lines)
     else:
         render_table(doc)
+    for warning in doc.get("warnings", []):  # user text (paths) printed literally
+        say(f"warning: {warning}", style="yellow")
     failed = [q for q in doc["queries"] if q["status"] != "ok"]
     if failed:  # exit 3 whether 1 of 1 or 1 of 3 failed: the document says which
         say(f"{len(failed)} of {len(doc['queries'])} queries could not be scored", style="yellow", error=True)

@@ -20,23 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from diffusers import WanPipeline
-
 from carv_attrib.config import DemoConfig, EncodeConfig, FeaturizeConfig, IndexConfig, PlanConfig, ScoreConfig
 from carv_attrib.data.store import write_json_atomic
 from carv_attrib.demo_data import make_demo_data, write_mp4
 from carv_attrib.models.tiny import make_model
-from carv_attrib.models.wan import _quiet_hf
 from carv_attrib.pipeline.encode import run_encode
 from carv_attrib.pipeline.featurize import run_featurize
+from carv_attrib.pipeline.generate import generate_video
 from carv_attrib.pipeline.index import build_run_index
 from carv_attrib.pipeline.plan import run_plan
 from carv_attrib.pipeline.score import run_score
 from carv_attrib.train import TrainConfig, train_transformer
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo", "generate_video"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +50,6 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
-
-
-def generate_video(
-    model: str, prompt: str, frames: int, height: int, width: int, steps: int, seed: int, device: str
-) -> Any:
-    """uint8 (F, H, W, 3) frames from `WanPipeline` (the real diffusers pipeline) for `prompt`."""
-    _quiet_hf()
-    pipe = WanPipeline.from_pretrained(model).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        prompt=prompt,
-        negative_prompt="",
-        height=height,
-        width=width,
-        num_frames=frames,
-        num_inference_steps=steps,
-        guidance_scale=3.0,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-    ).frames[0]  # (F, H, W, 3) float in [0, 1]
-    return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> DemoResult:

@@ -337,7 +337,27 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
     scored = [q for q in queries if q.scores is not None]
     if cfg.aggregate != "none" and scored:
         doc["aggregate"] = aggregate(cfg.aggregate, scored, cfg.top_k, clips)
+    doc["warnings"] = untrained_warnings(queries)
     return doc
+
+
+UNTRAINED_SPREAD = 1e-3  # a 150-step demo model spreads its top-5 over 1.5e-3; random weights 3e-4
+
+
+def untrained_warnings(queries: list[Query]) -> list[str]:
+    """A warning per query whose ≥ 3 results all score within UNTRAINED_SPREAD of each other: the
+    gradients barely depend on the clip, as with a transformer that was never trained (random
+    weights from `make-model`), so the ranking is noise."""
+    out = []
+    for q in queries:
+        s = [r["score"] for r in q.results]
+        if len(s) >= 3 and max(s) - min(s) < UNTRAINED_SPREAD:
+            out.append(
+                f"{q.path}: its {len(s)} results all score within {max(s) - min(s):.1e} of each other; "
+                "the transformer looks untrained (random weights?), so this ranking says little. "
+                "Attribute with a trained model (e.g. the demo's: `make demo`, then -m demo-run/model)"
+            )
+    return out
 
 
 def aggregate(method: str, scored: list[Query], top_k: int | None, clips: ClipMeta) -> dict[str, Any]:

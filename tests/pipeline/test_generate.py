@@ -1,0 +1,51 @@
+"""pipeline/generate.py: a query video from the model's own WanPipeline, and score's warning for a
+transformer that looks untrained (flat scores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from carv_attrib.config import GenerateConfig
+from carv_attrib.data.video import FramePolicy, decode_clip
+from carv_attrib.errors import ModelLoadError, UsageError
+from carv_attrib.pipeline.generate import run_generate
+from carv_attrib.pipeline.score import UNTRAINED_SPREAD, Query, untrained_warnings
+
+
+def test_generate_writes_a_video_score_can_decode(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = run_generate(
+        GenerateConfig(
+            prompt="a red square", model=str(tiny_model_dir), out=tmp_path / "q" / "g.mp4",
+            frames=5, size="32x32", steps=2, device="cpu",
+        )
+    )  # fmt: skip
+    clip = decode_clip(str(out), FramePolicy(frames=5, height=32, width=32, fps=8))
+    assert clip.frames.shape == (5, 32, 32, 3)
+
+
+def test_generate_refuses_bad_input_before_loading(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="1 \\+ 4k frames"):
+        run_generate(GenerateConfig(prompt="x", model=str(tiny_model_dir), frames=6, out=tmp_path / "a.mp4"))
+    with pytest.raises(ModelLoadError, match="component folder"):
+        run_generate(GenerateConfig(prompt="x", model=str(tiny_model_dir / "vae"), out=tmp_path / "a.mp4"))
+    assert not (tmp_path / "a.mp4").exists()
+
+
+def test_flat_scores_warn_that_the_transformer_looks_untrained() -> None:
+    def query(scores: list[float]) -> Query:
+        q = Query(path="q.mp4", prompt="p")
+        q.results = [{"score": s} for s in scores]
+        return q
+
+    flat = query([0.99997, 0.99989, 0.99972, 0.99966])  # a random-weight tiny model's, measured
+    spread = query([0.99927, 0.99824, 0.99790, 0.99778, 0.99775])  # the 150-step demo model's
+    short = query([0.5, 0.5])
+    warnings = untrained_warnings([flat, spread, short])
+    assert (
+        len(warnings) == 1 and warnings[0].startswith("q.mp4: its 4 results") and "untrained" in warnings[0]
+    )
+    assert (
+        max(r["score"] for r in spread.results) - min(r["score"] for r in spread.results) > UNTRAINED_SPREAD
+    )
