@@ -610,6 +610,47 @@ class DemoConfig(StageConfig):
         return self
 
 
+# -- curate ----------------------------------------------------------------------------------------
+CURATE_METHODS = ("mean", "rank-sum", "vote")
+
+
+@dataclass(kw_only=True)
+class CurateConfig(StageConfig):
+    """`curate`: many attribution JSONs -> a per-clip aggregate and a subset manifest."""
+
+    attributions: list[Path] = option(positional=True, help="Attribution JSONs from `score` (one index).")
+    manifest: Path = option(help="The training manifest to take the subset from (its own format is kept).")
+    out: Path = option(flags=("--out", "-o"), help="The subset manifest to write.")
+    csv: Path | None = option(None, help="Also write the per-clip aggregate as CSV.")
+    method: str = option(
+        "mean",
+        help="mean (mean score over the queries, a clip absent from a top-k counts its score as the "
+        "query's k-th) | rank-sum (sum of ranks, absent = k+1; lower is more influential) | vote "
+        "(queries with the clip in their top-k, Motive-style).",
+    )
+    top: float | None = option(None, help="Keep the top P % of the clips by the method.")
+    bottom: float | None = option(
+        None, help="Keep the bottom P % (the least supportive: harmful candidates)."
+    )
+    threshold: float | None = option(None, help="Keep clips whose aggregate is at least this (mean, vote).")
+    id_column: str = option("vid", help="Manifest column of the clip id.")
+    manifest_format: str | None = option(None, help="vidgen | jsonl | csv | parquet (default: by extension).")
+
+    def validate(self) -> CurateConfig:
+        check_choice("--method", self.method, CURATE_METHODS)
+        chosen = [x for x in (self.top, self.bottom, self.threshold) if x is not None]
+        if len(chosen) != 1:
+            raise UsageError("give exactly one of --top P, --bottom P or --threshold X")
+        for flag, v in (("--top", self.top), ("--bottom", self.bottom)):
+            if v is not None and not 0 < v <= 100:
+                raise UsageError(f"{flag} {v}: a percentage in (0, 100]")
+        if self.threshold is not None and self.method == "rank-sum":
+            raise UsageError("--threshold applies to mean and vote; use --top/--bottom with rank-sum")
+        if not self.attributions:
+            raise UsageError("give at least one attribution JSON")
+        return self
+
+
 # -- generate --------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class GenerateConfig(StageConfig):

@@ -7,7 +7,19 @@ from typing import Annotated
 import typer
 
 from carv_attrib import __version__
-from carv_attrib.cli import demo, encode, evaluate, featurize, frames, generate, inspect, make, plan, score
+from carv_attrib.cli import (
+    curate,
+    demo,
+    encode,
+    evaluate,
+    featurize,
+    frames,
+    generate,
+    inspect,
+    make,
+    plan,
+    score,
+)
 from carv_attrib.cli.common import state
 from carv_attrib.cli.options import common_options
 
@@ -54,6 +66,7 @@ COMMANDS = {
     "index": featurize.index,
     "generate": generate.generate,
     "score": score.score,
+    "curate": curate.curate,
     "plan": plan.plan,
     "evaluate": evaluate.evaluate,
     "frames": frames.frames,

@@ -161,6 +161,42 @@ def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
     return _strip_bom_keys(_read_rows_raw(path, fmt))
 
 
+def read_rows(path: str | Path, fmt: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """A manifest's raw rows (every column, as written) and its format; UsageError when unreadable."""
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    return _read_rows(path, fmt), fmt
+
+
+def write_rows(path: str | Path, rows: list[dict[str, Any]], fmt: str) -> None:
+    """Write raw rows as a manifest in `fmt` (the input's own format: `curate`'s subsets), atomically;
+    CSV keeps the column order of the first row."""
+    from carv_attrib.data.store import atomic_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        if fmt == "vidgen":
+            tmp.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        elif fmt == "jsonl":
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        elif fmt == "csv":
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
+                w = csv.DictWriter(
+                    f, fieldnames=list(rows[0]) if rows else ["vid", "caption"], dialect=dialect
+                )
+                w.writeheader()
+                w.writerows(rows)
+        elif fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        else:
+            raise UsageError(f"unknown manifest format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
 def _read_rows_raw(path: Path, fmt: str) -> list[dict[str, Any]]:
     try:
         if fmt == "vidgen":

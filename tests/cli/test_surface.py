@@ -29,9 +29,19 @@ FORMAT_COMMANDS = [c for c in COMMANDS if _has_option(c, "--format")]
 
 
 def test_every_data_command_takes_the_same_formats() -> None:
-    assert {"encode", "featurize", "index", "score", "plan", "evaluate", "frames", "status", "env"} <= set(
-        FORMAT_COMMANDS
-    )
+    assert {
+        "encode",
+        "featurize",
+        "index",
+        "score",
+        "plan",
+        "evaluate",
+        "frames",
+        "status",
+        "env",
+        "generate",
+        "curate",
+    } <= set(FORMAT_COMMANDS)
     for command in FORMAT_COMMANDS:
         help_text = invoke(command, "--help").stdout
         assert "human | json | jsonl" in " ".join(help_text.split()), command
@@ -58,6 +68,8 @@ def _dummy_args(command: str, tmp: Path) -> list[object]:
         "frames": [tmp / "q.mp4"],
         "status": [tmp],
         "env": [],
+        "generate": ["a prompt", "-m", tmp],
+        "curate": [tmp / "a.json", "--manifest", tmp / "m.json", "-o", tmp / "o.json", "--top", "10"],
     }.get(command, [])
 
 

@@ -1,0 +1,30 @@
+"""`carv-attrib curate ATTRIBUTION.json... --manifest M -o SUBSET (--top P | --bottom P | --threshold X)`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from carv_attrib.cli.common import check_format, emit, handle_errors, say
+from carv_attrib.cli.options import format_param, stage_command
+from carv_attrib.config import CurateConfig
+
+
+@handle_errors
+@stage_command(CurateConfig, extra=[format_param()])
+def curate(cfg: CurateConfig, fmt: str | None) -> None:
+    """Aggregate many queries' attributions per training clip (mean, rank-sum or vote) and write the
+    top / bottom / thresholded subset of MANIFEST in its own format, plus the aggregate as CSV."""
+    from carv_attrib.pipeline.curate import run_curate
+
+    fmt = check_format(fmt)
+    summary = run_curate(cfg)
+    if fmt != "human":
+        emit(dataclasses.asdict(summary), fmt, summary.per_query)
+        return
+    say(
+        f"curated {summary.queries} queries over {summary.clips} clips by {summary.method}: "
+        f"{summary.selected} selected, {summary.written} manifest rows -> {summary.out}"
+        + (f"; aggregate -> {summary.csv}" if summary.csv else "")
+    )
+    for q in summary.per_query:
+        say(f"  {q['path']}: {q['selected_in_top_k']} of its top {q['k']} selected")

@@ -1,0 +1,182 @@
+"""`curate`: turn many queries' attributions into a data decision.
+
+From one or more attribution JSONs (`score` over a prompt suite, all against one index), aggregate per
+training clip and write a subset of the training manifest in its own format, plus the aggregate as CSV.
+
+Per clip, over the Q scored queries (k_q results each):
+  mean      mean score over queries; a clip absent from a query's top-k counts that query's k-th
+            score (an upper bound of its own, so absent clips are never favoured);
+  rank-sum  Σ_q rank_q, absent = k_q + 1 (lower = more influential; Borda count);
+  vote      the number of queries with the clip in their top-k (Motive, arXiv 2601.08828, §4).
+`--top P` keeps the P % most influential clips, `--bottom P` the P % least (candidates for removal;
+meaningful with `score --top-k all`), `--threshold X` those with mean or vote ≥ X. Ties are broken by
+clip id, so the subset is stable.
+
+    from carv_attrib.pipeline.curate import CurateConfig, run_curate
+    summary = run_curate(CurateConfig(attributions=["a.json"], manifest="train.json", out="keep.json", top=10))
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from carv_attrib.config import CurateConfig
+from carv_attrib.data.manifest import nfc, read_rows, write_rows
+from carv_attrib.data.store import atomic_path
+from carv_attrib.errors import UsageError
+
+__all__ = ["CurateConfig", "CurateSummary", "aggregate_clips", "run_curate"]
+
+
+@dataclass
+class ClipAggregate:
+    clip_id: int
+    vid: str
+    caption: str | None
+    appearances: int = 0
+    score_sum: float = 0.0
+    rank_sum: float = 0.0
+    mean: float = 0.0
+    votes: int = 0
+
+
+@dataclass
+class CurateSummary:
+    queries: int
+    clips: int  # clips seen in any query's results
+    selected: int
+    written: int  # manifest rows written (selected clips found in the manifest)
+    method: str
+    out: str
+    csv: str | None
+    per_query: list[dict[str, Any]] = field(default_factory=list)  # path, selected clips in its top-k
+
+
+def _load(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    docs, fps = [], set()
+    for p in paths:
+        try:
+            doc = json.loads(Path(p).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{p}: not a readable attribution JSON ({exc})") from None
+        if not isinstance(doc, dict) or "queries" not in doc or "index" not in doc:
+            raise UsageError(f"{p}: not an attribution JSON from `carv-attrib score` (no queries/index)")
+        fps.add(doc["index"].get("fingerprint"))
+        docs.append((Path(p), doc))
+    if len(fps) > 1:
+        raise UsageError(
+            f"the attribution JSONs were scored against different indexes ({', '.join(sorted(map(str, fps)))}); "
+            "curate one run at a time"
+        )
+    return docs
+
+
+def aggregate_clips(docs: list[dict[str, Any]]) -> tuple[dict[int, ClipAggregate], list[dict[str, Any]]]:
+    """Per clip id: appearances, mean score (absent = the query's k-th score), rank sum (absent =
+    k+1), votes; and the scored queries (path, their results)."""
+    queries = [q for d in docs for q in d["queries"] if q.get("status") == "ok" and q.get("results")]
+    if not queries:
+        raise UsageError("no scored queries in the attribution JSONs")
+    clips: dict[int, ClipAggregate] = {}
+    for q in queries:
+        for r in q["results"]:
+            cid = int(r.get("clip_id_str") or r["clip_id"])  # the string is exact in any reader
+            clips.setdefault(cid, ClipAggregate(cid, r.get("vid"), r.get("caption")))
+    for q in queries:
+        res = q["results"]
+        kth, k = res[-1]["score"], len(res)
+        seen: dict[int, tuple[int, float]] = {
+            int(r.get("clip_id_str") or r["clip_id"]): (r["rank"], r["score"]) for r in res
+        }
+        for cid, a in clips.items():
+            rank, score = seen.get(cid, (k + 1, kth))
+            a.score_sum += score
+            a.rank_sum += rank
+            if cid in seen:
+                a.appearances += 1
+                a.votes += 1
+    for a in clips.values():
+        a.mean = a.score_sum / len(queries)
+    return clips, queries
+
+
+def _ranked(clips: dict[int, ClipAggregate], method: str) -> list[ClipAggregate]:
+    """Most influential first; ties by clip id (stable subsets)."""
+    key = {
+        "mean": lambda a: (-a.mean, a.clip_id),
+        "rank-sum": lambda a: (a.rank_sum, a.clip_id),
+        "vote": lambda a: (-a.votes, -a.mean, a.clip_id),
+    }[method]
+    return sorted(clips.values(), key=key)
+
+
+def run_curate(cfg: CurateConfig) -> CurateSummary:
+    """Aggregate, select, and write the subset manifest (and the CSV). UsageError (exit 2) for
+    unreadable inputs, attributions of different indexes, or a manifest without the selected ids."""
+    cfg.validate()
+    docs = _load(list(cfg.attributions))
+    rows, fmt = read_rows(cfg.manifest, cfg.manifest_format)
+    if rows and cfg.id_column not in rows[0]:
+        raise UsageError(f"manifest {cfg.manifest}: no column {cfg.id_column!r} (--id-column)")
+    clips, queries = aggregate_clips([d for _, d in docs])
+    ranked = _ranked(clips, cfg.method)
+    if cfg.top is not None:
+        selected = ranked[: math.ceil(len(ranked) * cfg.top / 100)]
+    elif cfg.bottom is not None:
+        selected = ranked[len(ranked) - math.ceil(len(ranked) * cfg.bottom / 100) :]
+    else:
+        value = (lambda a: a.mean) if cfg.method == "mean" else (lambda a: a.votes)
+        selected = [a for a in ranked if value(a) >= cfg.threshold]
+    chosen = {nfc(str(a.vid)) for a in selected if a.vid is not None}
+    subset = [r for r in rows if nfc(str(r[cfg.id_column])) in chosen]
+    write_rows(cfg.out, subset, fmt)
+    if cfg.csv is not None:
+        _write_csv(Path(cfg.csv), ranked, {a.clip_id for a in selected})
+    chosen_ids = {a.clip_id for a in selected}
+    per_query = [
+        {
+            "path": q["path"],
+            "selected_in_top_k": sum(
+                int(r.get("clip_id_str") or r["clip_id"]) in chosen_ids for r in q["results"]
+            ),
+            "k": len(q["results"]),
+        }
+        for q in queries
+    ]
+    return CurateSummary(
+        queries=len(queries),
+        clips=len(clips),
+        selected=len(selected),
+        written=len(subset),
+        method=cfg.method,
+        out=str(cfg.out),
+        csv=None if cfg.csv is None else str(cfg.csv),
+        per_query=per_query,
+    )
+
+
+def _write_csv(path: Path, ranked: list[ClipAggregate], selected: set[int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "order",
+                "clip_id_str",
+                "vid",
+                "caption",
+                "appearances",
+                "mean_score",
+                "rank_sum",
+                "votes",
+                "selected",
+            ]
+        )
+        for i, a in enumerate(ranked, start=1):
+            w.writerow([i, str(a.clip_id), a.vid, a.caption, a.appearances, f"{a.mean:.6g}", a.rank_sum, a.votes,
+                        int(a.clip_id in selected)])  # fmt: skip
