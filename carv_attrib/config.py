@@ -475,6 +475,11 @@ class ScoreConfig(StageConfig):
     decode_timeout: float = option(120.0, help="Seconds per query before its decoder is killed.")
     batch_clips: int = batch_clips_option()
     nprobe: int | None = option(None, help="IVF lists probed per query (default: the index's).")
+    explain: bool = option(
+        False,
+        flags=("--explain",),
+        help="Split each result's score over the transformer's blocks and layers (kron features).",
+    )
     rerank: int = option(
         10,
         help="With an approximate index: take R·k candidates and re-rank them exactly from the stored "

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from carv_attrib import __version__
+from carv_attrib.attrib.explain import explain_result, layer_slices, layer_split
 from carv_attrib.attrib.featurizer import load_featurizer
 from carv_attrib.attrib.index import load_index, search
 from carv_attrib.attrib.precondition import load_preconditioner
@@ -246,6 +247,23 @@ def _search(
         q.scores, q.ids = s, i
         k = len(s) if cfg.top_k is None else cfg.top_k
         q.results = _results(s[:k], i[:k], clips)
+    if cfg.explain:
+        _explain(run, info, index, searched, psi)
+
+
+def _explain(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:
+    """Each result's score split over layers and blocks (`carv_attrib.attrib.explain`), from the
+    clip's indexed vector: the exact one kept for re-ranking, else the index's own (exact for Flat)."""
+    try:
+        slices = layer_slices(info.projector, info.blocks)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    store = VectorStore(run.index_dir) if info.rerank_vectors else None
+    for q, psi_q in zip(queries, psi):
+        for r in q.results:
+            cid = np.array([r["clip_id"]], dtype=np.int64)
+            psi_i = store.rows(cid)[0] if store is not None else index.reconstruct(int(cid[0]))
+            r["explain"] = explain_result(layer_split(psi_q, psi_i, slices))
 
 
 def clip_ids(clip_id: int) -> dict[str, Any]:
