@@ -26,8 +26,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check carv_attrib tests bench
-	$(BIN)/ruff format --check carv_attrib tests bench
+	$(BIN)/ruff check carv_attrib tests bench examples
+	$(BIN)/ruff format --check carv_attrib tests bench examples
 
 clean:
 	rm -rf demo-run .pytest_cache
