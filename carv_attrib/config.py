@@ -656,6 +656,20 @@ class CurateConfig(StageConfig):
         return self
 
 
+# -- report ----------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class ReportConfig(StageConfig):
+    """`report`: one self-contained HTML page for an attribution JSON."""
+
+    attribution: Path = option(positional=True, help="Attribution JSON from `score`.")
+    out: Path = option(Path("report.html"), flags=("--out", "-o"), help="The HTML page to write.")
+    frames: int = option(4, help="Frames shown per clip, evenly spaced over those encode took (0: none).")
+
+    def validate(self) -> ReportConfig:
+        check_min("--frames", self.frames, 0)
+        return self
+
+
 # -- generate --------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class GenerateConfig(StageConfig):

@@ -18,6 +18,7 @@ from carv_attrib.cli import (
     inspect,
     make,
     plan,
+    report,
     score,
 )
 from carv_attrib.cli.common import state
@@ -67,6 +68,7 @@ COMMANDS = {
     "generate": generate.generate,
     "score": score.score,
     "curate": curate.curate,
+    "report": report.report,
     "plan": plan.plan,
     "evaluate": evaluate.evaluate,
     "frames": frames.frames,

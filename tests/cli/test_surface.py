@@ -69,6 +69,7 @@ def _dummy_args(command: str, tmp: Path) -> list[object]:
         "status": [tmp],
         "env": [],
         "generate": ["a prompt", "-m", tmp],
+        "report": [tmp / "a.json"],
         "curate": [tmp / "a.json", "--manifest", tmp / "m.json", "-o", tmp / "o.json", "--top", "10"],
     }.get(command, [])
 

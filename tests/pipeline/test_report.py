@@ -1,0 +1,70 @@
+"""pipeline/report.py: the HTML page of an attribution JSON, parsed back: N queries x k result rows,
+one frame strip per clip (the run's frame selection), failures and hostile captions shown as text.
+(No browser here: the page is checked with html.parser.)"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from carv_attrib.config import ReportConfig
+from carv_attrib.errors import UsageError
+from carv_attrib.pipeline.report import run_report
+from carv_attrib.pipeline.score import ScoreConfig, run_score
+
+
+class Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_the_page_shows_queries_clips_frames_and_escapes_text(
+    featurized_run: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(featurized_run, run)
+    videos = sorted((demo_data / "videos").glob("*.mp4"))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({str(v): "a clip" for v in [videos[0], videos[3], tmp_path / "gone.mp4"]}))
+    doc = run_score(ScoreConfig(run=run, queries=[], prompts_file=prompts, top_k=3, workers=0, device="cpu"))
+    hostile = '<script>alert(1)</script> [/INST] & "quotes"'
+    doc["queries"][0]["results"][0]["caption"] = hostile
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    out = run_report(
+        ReportConfig(attribution=tmp_path / "a.json", out=tmp_path / "r" / "report.html", frames=3)
+    )
+    html = out.read_text()
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    page = Page()
+    page.feed(html)
+    assert hostile in "".join(page.text)  # shown literally, as text
+    assert sum(1 for t, a in page.tags if t == "section") == 3
+    assert sum(1 for t, a in page.tags if t == "tr" and a.get("class") == "result") == 2 * 3  # 2 scored x k
+    assert "not scored:" in "".join(page.text)
+    strips = [a["src"] for t, a in page.tags if t == "img"]
+    assert len(strips) == 2 + 2 * 3  # the scored queries' and their clips'
+    img = Image.open(io.BytesIO(base64.b64decode(strips[0].split(",", 1)[1])))
+    enc = doc["index"]["encode"]
+    assert img.size == (3 * enc["width"], enc["height"])  # 3 frames of the encode's size, side by side
+
+
+def test_not_an_attribution_json_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text("[1, 2]")
+    with pytest.raises(UsageError, match="not an attribution JSON"):
+        run_report(ReportConfig(attribution=tmp_path / "x.json", out=tmp_path / "r.html"))
+    assert not (tmp_path / "r.html").exists()
