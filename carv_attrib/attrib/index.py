@@ -26,6 +26,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from carv_attrib.memory import available_memory  # looked up at call time: tests patch it here
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TRAIN_SAMPLE = 100_000
@@ -63,17 +65,6 @@ def index_bytes(n: int, d: int, factory: str | None) -> int:
     if re.search(r"(OPQ|PCA)", f):
         fixed += 4 * d * d
     return int(n * (per + 16) + fixed)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable), None when unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def check_fits(n: int, d: int, factory: str | None, available: int | None = None) -> None:

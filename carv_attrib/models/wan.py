@@ -30,6 +30,7 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from safetensors.torch import load_file
 
 from carv_attrib.errors import ModelLoadError, UsageError
+from carv_attrib.memory import available_memory
 from carv_attrib.models.identity import check_pipeline_dir, model_identity
 
 log = logging.getLogger(__name__)
@@ -206,12 +207,8 @@ def device_free_bytes(device: str) -> float | None:
     if device.startswith("cuda") and torch.cuda.is_available():
         return float(torch.cuda.mem_get_info(torch.device(device))[0])
     if device == "cpu":
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-        except OSError:
-            return None
+        free = available_memory()
+        return None if free is None else float(free)
     return None
 
 
