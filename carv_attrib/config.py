@@ -478,7 +478,9 @@ class ScoreConfig(StageConfig):
     explain: bool = option(
         False,
         flags=("--explain",),
-        help="Split each result's score over the transformer's blocks and layers (kron features).",
+        help="Split each result's score over the transformer's blocks and layers, and over timestep "
+        "strata (recomputed from the clip's cached latent: one K-draw backward per result clip; kron "
+        "features).",
     )
     rerank: int = option(
         10,

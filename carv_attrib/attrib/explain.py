@@ -8,6 +8,13 @@ that layer (LoGra's per-layer view; TRAK/TracIn scores decompose the same way). 
 
     split = layer_split(psi_q, psi_i, layer_slices(info.projector, info.blocks))
     by_block(split)   # {"blocks.0": ..., "blocks.1": ...}: the transformer block of each layer summed
+
+Over timesteps: a clip's feature is the CARV average φ_i = (1/K) Σ_k w_k φ_ik over its K draws
+(`carv_attrib.attrib.gradients`), and each preconditioner is linear once the clip's norm is fixed
+(`Preconditioner.prepare_train_parts`), so s = Σ_k ⟨ψ_q, ψ(w_k φ_ik / K)⟩ exactly: one term per
+draw, i.e. per stratum of the stratified schemes (draw k lies in stratum [k/K, (k+1)/K) of the
+proposal's CDF). `stratum_split` sums the terms per stratum and labels each with its σ interval.
+Under iid draws the bands are the density's K equal-mass intervals, each holding 0, 1 or more draws.
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ import re
 from typing import Any
 
 import numpy as np
+import torch
+
+from carv_attrib.carv.draws import DrawRule
+from carv_attrib.carv.timesteps import density
 
 
 def layer_slices(projector: dict[str, Any], blocks: list[int]) -> list[tuple[str, slice]]:
@@ -62,3 +73,52 @@ def explain_result(split: dict[str, float], top: int = 5) -> dict[str, Any]:
         "by_block": by_block(split),
         "top_layers": [{"layer": k, "score": v} for k, v in layers],
     }
+
+
+def strata_edges(rule: DrawRule) -> np.ndarray:
+    """(K+1,) float64 σ edges of the rule's K strata: F⁻¹(j/K) for j = 0..K, with F the proposal's
+    CDF under stratified-is (the density's otherwise; under iid the density's equal-mass bands)."""
+    u = torch.linspace(0.0, 1.0, rule.k + 1, dtype=torch.float64)
+    dist = (
+        rule.proposal
+        if (rule.scheme == "stratified-is" and rule.proposal is not None)
+        else density(rule.density)
+    )
+    edges = dist.icdf(u).numpy().astype(np.float64)
+    edges[0], edges[-1] = 0.0, 1.0  # icdf may leave the ends at 1e-300 or 1 - 1e-16
+    return edges
+
+
+def stratum_of(rule: DrawRule, sigma: np.ndarray) -> np.ndarray:
+    """(K,) int stratum of each of a clip's K draws: draw k itself under the stratified schemes (it
+    was drawn inside stratum k), the equal-mass band holding σ_k under iid."""
+    if rule.scheme != "iid":
+        return np.arange(rule.k)
+    edges = strata_edges(rule)
+    return np.clip(
+        np.searchsorted(edges, np.asarray(sigma, dtype=np.float64), side="right") - 1, 0, rule.k - 1
+    )
+
+
+def stratum_split(
+    psi_q: np.ndarray, psi_parts: np.ndarray, sigma: np.ndarray, rule: DrawRule
+) -> list[dict[str, Any]]:
+    """[{stratum, sigma_lo, sigma_hi, draws, score}] of one query (D,) against one clip's
+    preconditioned per-draw parts (K, D) (they sum to the clip's ψ): the score's terms summed per
+    stratum, float64, in σ order. Terms can be negative."""
+    terms = psi_parts.astype(np.float64) @ psi_q.astype(np.float64)  # (K,)
+    which = stratum_of(rule, sigma)
+    edges = strata_edges(rule)
+    out = []
+    for j in range(rule.k):
+        mask = which == j
+        out.append(
+            {
+                "stratum": j,
+                "sigma_lo": float(edges[j]),
+                "sigma_hi": float(edges[j + 1]),
+                "draws": int(mask.sum()),
+                "score": float(terms[mask].sum()),
+            }
+        )
+    return out

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from carv_attrib.attrib.gradients import ClipDraws
+from carv_attrib.attrib.gradients import ClipDraws, per_draw_features
 from carv_attrib.attrib.projection import (
     DEFAULT_K_IN,
     DEFAULT_K_OUT,
@@ -157,6 +157,25 @@ class Featurizer:
             feats.append(f)
             losses.append(ell)
         return torch.cat(feats, dim=1), torch.cat(losses, dim=1), draws
+
+    def draw_parts(
+        self, clip_id: int, latent: torch.Tensor, text_emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(parts (K, D) float32 CPU, σ (K,) float64): part k = w_k φ_k / K, draw k's weighted share
+        of the clip's feature (one block per checkpoint, like `features`), so Σ_k parts = φ up to
+        float32 summation order. Kron projectors only (`per_draw_features`); costs one K-draw
+        forward and backward per checkpoint, like featurizing the clip."""
+        sigma, w, eps = self.draws(clip_id, tuple(latent.shape))
+        ctx = pad_context(text_emb).to(self.device)  # (1, 512, D)
+        blocks = []
+        for transformer, proj in zip(self.transformers, self.projectors):
+            if not isinstance(proj, KronProjector):
+                raise UsageError("per-draw parts need per-layer (kron) features")
+            phi_k, _ = per_draw_features(
+                transformer, proj, latent.to(self.device), ctx, sigma, eps, self.output_fn
+            )  # (K, D_j)
+            blocks.append(phi_k.float().cpu() * (w.float() / sigma.shape[0])[:, None])
+        return torch.cat(blocks, dim=1), sigma
 
 
 def load_featurizer(

@@ -102,6 +102,13 @@ class Preconditioner:
         """(m, d) float32 to search the index with."""
         return _as_features(feats, self.dim, "query features").astype(np.float32)
 
+    def prepare_train_parts(self, parts: Any, total: Any) -> np.ndarray:
+        """Parts (P, d) of one train feature whose sum is `total` (d,) → (P, d) float64 that sum to
+        prepare_train(total): every preconditioner here is linear once the clip's own norm is fixed
+        (cosine divides each part by the norm of the *total's* block). `score --explain` splits a score
+        over timestep strata with it."""
+        return _as_features(parts, self.dim, "feature parts").astype(np.float64)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description (no arrays)."""
         return {"kind": self.kind, "dim": self.dim, "blocks": self.blocks}
@@ -130,6 +137,14 @@ class CosinePreconditioner(Preconditioner):
 
     def prepare_train(self, feats: Any) -> np.ndarray:
         return self._normalise(feats, "train features")
+
+    def prepare_train_parts(self, parts: Any, total: Any) -> np.ndarray:
+        arr = _as_features(parts, self.dim, "feature parts").astype(np.float64)
+        tot = _as_features(np.asarray(total).reshape(1, -1), self.dim, "train feature").astype(np.float64)[0]
+        for sl in _block_slices(self.blocks):
+            norm = float(np.linalg.norm(tot[sl]))
+            arr[:, sl] /= norm if norm > 0 else 1.0
+        return arr
 
     def prepare_query(self, feats: Any) -> np.ndarray:
         return self._normalise(feats, "query features")
@@ -160,6 +175,12 @@ class TrakPreconditioner(Preconditioner):
         for sl, inv in zip(_block_slices(self.blocks), self.inverses, strict=True):
             out[:, sl] = arr[:, sl] @ inv  # (n, d_b); inv is symmetric
         return out
+
+    def prepare_train_parts(self, parts: Any, total: Any) -> np.ndarray:
+        arr = _as_features(parts, self.dim, "feature parts").astype(np.float64)
+        for sl, inv in zip(_block_slices(self.blocks), self.inverses, strict=True):
+            arr[:, sl] = arr[:, sl] @ inv  # (P, d_b): linear, so the parts still add up
+        return arr
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -50,6 +50,8 @@ class ClipProgress:
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         if event == "start":
             self.task = self.progress.add_task(self.label, total=info["todo"], failures=0, rate="")
+        elif event == "explain" and self.task is not None:  # more steps: `score --explain`'s clips
+            self.progress.update(self.task, total=self.progress.tasks[self.task].total + info["todo"])
         elif event == "clip" and self.task is not None:
             self.done += 1
             if info["status"] != "ok":

@@ -1,6 +1,7 @@
 """`report`: one self-contained HTML page for an attribution JSON: each query's frames beside its top-k
 training clips (frames, vid, caption, score), failed queries with their error, the aggregate table, and
-the provenance in a collapsible block.
+the provenance in a collapsible block. Results scored with `score --explain` get two small bar charts
+(inline SVG): the score's split over the transformer's blocks and over the timestep strata.
 
 Frames are taken with the run's own frame selection (`carv_attrib.data.video.decode_clip` with the
 index's recorded frame policy), --frames of them evenly spaced, as one PNG strip per clip inlined as a
@@ -28,7 +29,7 @@ from carv_attrib.data.store import atomic_path
 from carv_attrib.data.video import ClipFailure, FramePolicy, decode_clip
 from carv_attrib.errors import UsageError
 
-__all__ = ["ReportConfig", "run_report", "frame_strip"]
+__all__ = ["ReportConfig", "run_report", "frame_strip", "bar_chart", "explain_charts"]
 
 
 def frame_strip(path: str, policy: FramePolicy, n: int) -> str:
@@ -40,6 +41,46 @@ def frame_strip(path: str, policy: FramePolicy, n: int) -> str:
     buf = io.BytesIO()
     Image.fromarray(strip).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+CHART_W, CHART_H, AXIS_H = 220, 64, 12  # px of one bar chart and of its tick labels under it
+
+
+def bar_chart(title: str, items: list[tuple[str, str, float]]) -> dict[str, Any]:
+    """The geometry of one inline-SVG bar chart: one column per (label, tick, value), heights scaled
+    to the largest |value|, a zero line in the middle when some value is negative; ticks are shown
+    under the columns when they fit (≥ 24 px each), labels as hover titles. Text stays text (the
+    template escapes it)."""
+    n = max(len(items), 1)
+    peak = max((abs(v) for *_, v in items), default=0.0) or 1.0
+    signed = any(v < 0 for *_, v in items)
+    zero = CHART_H / 2 if signed else CHART_H - 1.0  # y of the zero line
+    room = zero - 2 if signed else CHART_H - 3  # px for the largest bar
+    slot = CHART_W / n
+    bars = []
+    for i, (label, tick, v) in enumerate(items):
+        h = max(abs(v) / peak * room, 0.5)
+        y = zero - h if v >= 0 else zero
+        bars.append({"x": round(i * slot + slot * 0.1, 2), "y": round(y, 2), "w": round(slot * 0.8, 2),
+                     "h": round(h, 2), "neg": v < 0, "label": label, "value": v,
+                     "tick": tick, "tick_x": round((i + 0.5) * slot, 2)})  # fmt: skip
+    return {"title": title, "w": CHART_W, "h": CHART_H + AXIS_H, "plot_h": CHART_H, "zero": round(zero, 2),
+            "ticks": slot >= 24, "tick_y": CHART_H + AXIS_H - 2, "bars": bars}  # fmt: skip
+
+
+def explain_charts(explain: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The charts of one result's `explain` block: by block, then by timestep stratum (σ order)."""
+    if not explain:
+        return []
+    charts = []
+    if explain.get("by_block"):
+        items = [(k, k.replace("blocks.", "b"), v) for k, v in explain["by_block"].items()]
+        charts.append(bar_chart("by block", items))
+    if explain.get("by_stratum"):
+        items = [(f"σ {x['sigma_lo']:.2f}–{x['sigma_hi']:.2f} ({x['draws']} draws)", f"{x['sigma_lo']:.2f}",
+                  x["score"]) for x in explain["by_stratum"]]  # fmt: skip
+        charts.append(bar_chart("by timestep stratum (σ: 0 → 1)", items))
+    return charts
 
 
 def _policy(doc: dict[str, Any]) -> FramePolicy:
@@ -76,7 +117,7 @@ def run_report(cfg: ReportConfig) -> Path:
         results = []
         for r in q.get("results", []):
             s, err = strip(r.get("path"))
-            results.append({**r, "strip": s, "strip_error": err})
+            results.append({**r, "strip": s, "strip_error": err, "charts": explain_charts(r.get("explain"))})
         queries.append({**q, "strip": q_strip, "results": results})
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("carv_attrib", "templates"),

@@ -27,15 +27,16 @@ import numpy as np
 import torch
 
 from carv_attrib import __version__
-from carv_attrib.attrib.explain import explain_result, layer_slices, layer_split
-from carv_attrib.attrib.featurizer import load_featurizer
+from carv_attrib.attrib.explain import explain_result, layer_slices, layer_split, stratum_split
+from carv_attrib.attrib.featurizer import Featurizer, load_featurizer
 from carv_attrib.attrib.index import load_index, search
 from carv_attrib.attrib.precondition import load_preconditioner
 from carv_attrib.attrib.rerank import VectorStore, rerank
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.config import ScoreConfig
 from carv_attrib.data.decode_pool import DecodePool
-from carv_attrib.data.latents import as_stored
+from carv_attrib.data.latents import as_stored, read_latents
+from carv_attrib.data.live import selection
 from carv_attrib.data.manifest import clip_id_for, read_text_file
 from carv_attrib.data.run import IndexInfo, RunDir
 from carv_attrib.data.store import now_iso
@@ -196,8 +197,9 @@ def _encode_queries(
 
 def _featurize_queries(
     cfg: ScoreConfig, info: IndexInfo, model: str, queries: list[Query], progress: ProgressFn = _noop
-) -> np.ndarray:
-    """(m, D) float32 features of the ok queries, with the index's transformers, draws and projector."""
+) -> tuple[np.ndarray, Featurizer]:
+    """(m, D) float32 features of the ok queries, with the index's transformers, draws and projector,
+    and the featurizer (`--explain` reuses it for the top clips' per-stratum parts)."""
     featurizer = load_featurizer(
         model,
         info.checkpoint_paths,
@@ -218,11 +220,18 @@ def _featurize_queries(
         phis.append(f)
         for _ in chunk:
             progress("clip", {"status": "ok"})
-    return torch.cat(phis).numpy().astype(np.float32)
+    return torch.cat(phis).numpy().astype(np.float32), featurizer
 
 
 def _search(
-    cfg: ScoreConfig, run: RunDir, info: IndexInfo, queries: list[Query], phi: np.ndarray, clips: ClipMeta
+    cfg: ScoreConfig,
+    run: RunDir,
+    info: IndexInfo,
+    queries: list[Query],
+    phi: np.ndarray,
+    clips: ClipMeta,
+    featurizer: Featurizer,
+    progress: ProgressFn = _noop,
 ) -> None:
     """Precondition the finite query features, search the index, fill each query's scores and rows."""
     finite = np.isfinite(phi).all(axis=1)
@@ -249,6 +258,7 @@ def _search(
         q.results = _results(s[:k], i[:k], clips)
     if cfg.explain:
         _explain(run, info, index, searched, psi)
+        _explain_strata(run, featurizer, pre, searched, psi, progress)
 
 
 def _explain(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:
@@ -264,6 +274,32 @@ def _explain(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi
             cid = np.array([r["clip_id"]], dtype=np.int64)
             psi_i = store.rows(cid)[0] if store is not None else index.reconstruct(int(cid[0]))
             r["explain"] = explain_result(layer_split(psi_q, psi_i, slices))
+
+
+def _explain_strata(
+    run: RunDir, featurizer: Featurizer, pre: Any, queries: list[Query], psi: np.ndarray, progress: ProgressFn
+) -> None:
+    """Each result's score split over timestep strata (`explain.stratum_split`): the result clips'
+    per-draw parts recomputed from their cached latents with the index's draws (one K-draw backward
+    per distinct clip), preconditioned as the index was. `by_stratum_total` is their sum, the score
+    recomputed exactly (the indexed score differs by the index's own rounding: SQ8, float16...)."""
+    wanted = {r["clip_id"] for q in queries for r in q.results}
+    live = {cid: row.where for cid, _, row in run.live_latents().ok() if cid in wanted}
+    progress("explain", {"todo": len(live)})
+    parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for clip in read_latents(run, selection(list(live.values()))):
+        raw, sigma = featurizer.draw_parts(clip.clip_id, clip.latent, clip.text_emb)  # (K, D), (K,)
+        raw64 = raw.numpy().astype(np.float64)
+        parts[clip.clip_id] = (pre.prepare_train_parts(raw64, raw64.sum(axis=0)), sigma.numpy())
+        progress("clip", {"status": "ok"})
+    for q, psi_q in zip(queries, psi):
+        for r in q.results:
+            if r["clip_id"] not in parts:  # its latent is gone from the live run: no strata to show
+                continue
+            psi_parts, sigma = parts[r["clip_id"]]
+            strata = stratum_split(psi_q, psi_parts, sigma, featurizer.rule)
+            r.setdefault("explain", {})["by_stratum"] = strata
+            r["explain"]["by_stratum_total"] = sum(x["score"] for x in strata)
 
 
 def clip_ids(clip_id: int) -> dict[str, Any]:
@@ -340,7 +376,8 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
         if q.status != "ok":
             progress("clip", {"status": "ok", "skipped": True})  # its failure was counted; no 2nd step
     if ok:
-        _search(cfg, run, info, ok, _featurize_queries(cfg, info, model, ok, progress), clips)
+        phi, featurizer = _featurize_queries(cfg, info, model, ok, progress)
+        _search(cfg, run, info, ok, phi, clips, featurizer, progress)
 
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,

@@ -1,16 +1,32 @@
-"""attrib/explain.py: a score's split over layers and blocks adds up to the score; `score --explain`
-attaches it to every result."""
+"""attrib/explain.py: a score's split over layers and blocks, and over timestep strata, adds up to the
+score; `score --explain` attaches both to every result."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from carv_attrib.attrib.explain import by_block, explain_result, layer_slices, layer_split
+from carv_attrib.attrib.explain import (
+    by_block,
+    explain_result,
+    layer_slices,
+    layer_split,
+    strata_edges,
+    stratum_of,
+    stratum_split,
+)
+from carv_attrib.attrib.precondition import CosinePreconditioner, GramAccumulator, Preconditioner
+from carv_attrib.carv.draws import DrawRule
+from carv_attrib.carv.timesteps import Proposal
+from carv_attrib.models.wan import load_transformer
 from carv_attrib.pipeline.score import ScoreConfig, run_score
+
+EPS32 = float(np.finfo(np.float32).eps)
 
 SPEC = {
     "kind": "kron",
@@ -55,3 +71,75 @@ def test_score_explain_splits_every_result(featurized_run: Path, demo_data: Path
         assert e["total"] == pytest.approx(r["score"], rel=0, abs=dim * float(np.finfo(np.float32).eps))
         assert sum(e["by_block"].values()) == pytest.approx(e["total"], rel=0, abs=dim * 2.0**-52)
         assert all(k.startswith("blocks.") or "." not in k for k in e["by_block"])
+
+
+def test_strata_are_the_draws_of_the_stratified_schemes_and_equal_mass_bands_under_iid() -> None:
+    rule = DrawRule(seed=3, scheme="stratified", k=4, density="uniform")
+    np.testing.assert_array_equal(strata_edges(rule), [0.0, 0.25, 0.5, 0.75, 1.0])
+    sigma, _, _ = rule.draws_for(0, (1,))
+    assert stratum_of(rule, sigma.numpy()).tolist() == [0, 1, 2, 3]
+    assert all(
+        lo <= s < hi for s, lo, hi in zip(sigma.tolist(), strata_edges(rule)[:-1], strata_edges(rule)[1:])
+    )
+    # stratified-is: the strata are the proposal's; every draw k lies in its own stratum's σ interval
+    q = Proposal.from_bins(torch.linspace(0, 1, 5), torch.tensor([4.0, 1.0, 1.0, 1.0]), "uniform", mix=0.1)
+    rule_is = DrawRule(seed=3, scheme="stratified-is", k=8, density="uniform", proposal=q)
+    edges = strata_edges(rule_is)
+    sig, _, _ = rule_is.draws_for(0, (1,))
+    assert np.all((edges[:-1] <= sig.numpy()) & (sig.numpy() <= edges[1:]))
+    assert edges[1] < 0.125  # the proposal crowds strata where it puts mass (σ < 0.25)
+    # iid: draws fall in the density's equal-mass bands, any number per band
+    rule_iid = DrawRule(seed=3, scheme="iid", k=4, density="uniform")
+    assert stratum_of(rule_iid, np.array([0.1, 0.12, 0.9, 0.5])).tolist() == [0, 0, 3, 2]
+
+
+def test_stratum_terms_add_up_to_the_score_for_every_preconditioner() -> None:
+    rng = np.random.default_rng(1)
+    d, k = 12, 4
+    parts = rng.standard_normal((k, d))  # (K, D) one clip's weighted per-draw parts
+    total = parts.sum(axis=0)
+    q = rng.standard_normal(d)
+    acc = GramAccumulator(dim=d, blocks=[8, 4])
+    acc.update(rng.standard_normal((30, d)))
+    rule = DrawRule(seed=0, scheme="stratified", k=k, density="uniform")
+    for pre in (Preconditioner(d, [8, 4]), CosinePreconditioner(d, [8, 4]), acc.finalize(1e-2)):
+        psi_i = pre.prepare_train(total[None])[0].astype(np.float64)  # float32 on the way out
+        psi_parts = pre.prepare_train_parts(parts, total)
+        np.testing.assert_allclose(psi_parts.sum(axis=0), psi_i, rtol=0, atol=4 * EPS32 * np.abs(psi_i).max())
+        strata = stratum_split(q, psi_parts, np.zeros(k), rule)
+        score = float(q @ psi_i)
+        tol = 4 * EPS32 * float(np.abs(q) @ np.abs(psi_i)) * math.sqrt(d)
+        assert sum(x["score"] for x in strata) == pytest.approx(score, rel=0, abs=tol), pre.kind
+        assert [x["draws"] for x in strata] == [1] * k
+
+
+def test_score_explain_splits_every_result_over_timestep_strata(
+    featurized_run: Path, demo_data: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """by_stratum (K entries, σ intervals tiling [0, 1]) sums to the result's score: the per-draw
+    parts are recomputed from the cached latent with the index's draws. Tolerance as in
+    tests/attrib/test_gradients.py: per-draw rows vs the batched K-draw feature differ by float32
+    contraction order, rel ≤ C·eps32·sqrt(n) per layer block with n the longest contraction
+    (widest layer's out·in_aug, or K·tokens); for unit vectors (a cosine index) the score moves by
+    at most twice that, plus the float32 inner product's D·eps32."""
+    run = tmp_path / "run"
+    shutil.copytree(featurized_run, run)
+    query = sorted((demo_data / "videos").glob("*.mp4"))[2]
+    doc = run_score(ScoreConfig(run=run, queries=[query], prompt="a clip", top_k=3, workers=0, device="cpu",
+                                explain=True))  # fmt: skip
+    est, dim = doc["index"]["estimator"], doc["index"]["dim"]
+    k = est["draws"]
+    t = load_transformer(str(tiny_model_dir))
+    widest = max(m.out_features * (m.in_features + 1) for m in t.modules() if isinstance(m, torch.nn.Linear))
+    enc = doc["index"]["encode"]
+    p_t, p_h, p_w = t.config.patch_size
+    tokens = ((enc["frames"] - 1) // 4 + 1) // p_t * (enc["height"] // 8 // p_h) * (enc["width"] // 8 // p_w)
+    n = max(widest, k * tokens)
+    tol = 2 * 8 * EPS32 * math.sqrt(n) + dim * EPS32
+    for r in doc["queries"][0]["results"]:
+        strata = r["explain"]["by_stratum"]
+        assert [x["stratum"] for x in strata] == list(range(k))
+        assert strata[0]["sigma_lo"] == 0.0 and strata[-1]["sigma_hi"] == 1.0
+        assert all(a["sigma_hi"] == b["sigma_lo"] for a, b in zip(strata, strata[1:]))
+        assert r["explain"]["by_stratum_total"] == sum(x["score"] for x in strata)
+        assert r["explain"]["by_stratum_total"] == pytest.approx(r["score"], rel=0, abs=tol)
