@@ -28,6 +28,7 @@ from carv_attrib.errors import UsageError
 # Choices the CLI accepts. The library modules that implement them keep their own tuples (they must
 # not import the tool's configs); tests/test_config.py checks that both agree.
 OUTPUT_FNS = ("loss", "sqnorm")
+OBJECTIVES = ("uniform", "motion")  # carv_attrib.carv.objective.OBJECTIVES
 SCHEMES = ("iid", "stratified", "stratified-is")
 NOISE_MODES = ("shared", "per-clip")
 PROJECTORS = ("kron", "dense")
@@ -271,6 +272,12 @@ class EncodeConfig(StageConfig):
         "float32", help="Storage dtype of latents and text embeddings: float32 | float16."
     )
     shard_size: int = option(64, help="Clips per Parquet shard (the unit of resume).")
+    motion_masks: bool = option(
+        False,
+        flags=("--motion-masks",),
+        help="Also store each clip's motion map on the latent grid (Farneback optical flow, pooled to "
+        "8x8 patches) for `featurize --objective motion`.",
+    )
     retry_failed: bool = option(
         False,
         flags=("--retry-failed",),
@@ -381,6 +388,11 @@ class FeaturizeConfig(StageConfig):
     )
     plan: Path | None = option(None, help="plan.json from `carv-attrib plan` (its fitted proposal q).")
     output_fn: str = output_fn_option()
+    objective: str = option(
+        "uniform",
+        help="uniform | motion: weight the per-token loss by the clip's motion map (Motive's loss-space "
+        "motion mask; needs `encode --motion-masks`), so static background stops dominating.",
+    )
     projector: str = option("kron", help="kron (per-layer LoGra, default) | dense (reference).")
     proj_dim: int | None = option(
         None,
@@ -418,6 +430,7 @@ class FeaturizeConfig(StageConfig):
     def validate(self) -> FeaturizeConfig:
         check_choice("--timesteps", self.timesteps, SCHEMES)
         check_choice("--output-fn", self.output_fn, OUTPUT_FNS)
+        check_choice("--objective", self.objective, OBJECTIVES)
         check_choice("--projector", self.projector, PROJECTORS)
         check_choice("--matrix", self.matrix, MATRIX_KINDS)
         check_choice("--noise", self.noise, NOISE_MODES)
@@ -475,6 +488,11 @@ class ScoreConfig(StageConfig):
     decode_timeout: float = option(120.0, help="Seconds per query before its decoder is killed.")
     batch_clips: int = batch_clips_option()
     nprobe: int | None = option(None, help="IVF lists probed per query (default: the index's).")
+    objective: str | None = option(
+        None,
+        help="uniform | motion: the objective the index was built with (default: the index's; another "
+        "one is refused, since queries must be featurized like the training clips).",
+    )
     explain: bool = option(
         False,
         flags=("--explain",),
@@ -492,6 +510,8 @@ class ScoreConfig(StageConfig):
         if not self.queries:
             raise UsageError("give at least one query video (or a --prompts FILE that lists them)")
         check_choice("--aggregate", self.aggregate, AGGREGATES)
+        if self.objective is not None:
+            check_choice("--objective", self.objective, OBJECTIVES)
         if self.aggregate == "vote" and self.top_k is None:
             raise UsageError("--aggregate vote counts each query's top k: give --top-k N, not all")
         if self.top_k is not None and self.top_k < 1:

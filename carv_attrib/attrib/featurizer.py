@@ -39,8 +39,41 @@ from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
 
 DEFAULT_DENSE_DIM = 1280  # the dense reference projector's default total dimension
 
-# One clip for `Featurizer.features`: (clip_id, latent (C, T, h, w), trimmed text embedding (L, D)).
-ClipInput = tuple[int, torch.Tensor, torch.Tensor]
+# One clip for `Featurizer.features`: (clip_id, latent (C, T, h, w), trimmed text embedding (L, D)),
+# and, for the motion objective, its motion map (T, h, w) (`carv_attrib.data.motion`).
+ClipInput = (
+    tuple[int, torch.Tensor, torch.Tensor] | tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]
+)
+
+UNIFORM: dict[str, Any] = {"kind": "uniform"}
+
+
+def objective_spec(kind: str) -> dict[str, Any]:
+    """The recorded form of `--objective`: {"kind": "uniform"} or {"kind": "motion", "floor", "rule"}
+    (the weight rule and the flow rule of the maps, so an index is always scored as it was built)."""
+    from carv_attrib.data.motion import MOTION_FLOOR, MOTION_RULE
+
+    if kind == "uniform":
+        return dict(UNIFORM)
+    if kind == "motion":
+        return {"kind": "motion", "floor": MOTION_FLOOR, "rule": MOTION_RULE}
+    raise UsageError(f"--objective {kind}: choose uniform or motion")
+
+
+def token_weights(
+    objective: dict[str, Any], clip_id: int, motion: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The per-token loss weights (T, h, w) of a clip under `objective` (None: uniform). UsageError
+    when the motion objective meets a clip without a motion map."""
+    if objective.get("kind", "uniform") == "uniform":
+        return None
+    from carv_attrib.data.motion import motion_weights
+
+    if motion is None:
+        raise UsageError(
+            f"clip {clip_id} has no motion map: --objective motion needs latents encoded with --motion-masks"
+        )
+    return torch.from_numpy(motion_weights(motion.numpy(), objective["floor"]))
 
 
 def build_draw_rule(
@@ -113,6 +146,7 @@ class Featurizer:
     output_fn: str
     device: str
     draws_per_backward: int | None = None  # None: one backward over all B×K draws (`kron_features`)
+    objective: dict[str, Any] = field(default_factory=lambda: dict(UNIFORM))  # `objective_spec`
     _eps_cache: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict
     )
@@ -144,13 +178,18 @@ class Featurizer:
     def features(
         self, clips: Sequence[ClipInput]
     ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """clips [(clip_id, latent (C,T,h,w), text (L,D))] → (features (B, D) float32 CPU, per-draw
-        losses (B, n_ckpt·K), [(σ, w)] per clip). One feature block per checkpoint, concatenated."""
+        """clips [(clip_id, latent (C,T,h,w), text (L,D)[, motion (T,h,w)])] → (features (B, D) float32
+        CPU, per-draw losses (B, n_ckpt·K), [(σ, w)] per clip). One feature block per checkpoint,
+        concatenated. Under the motion objective each clip needs its motion map."""
         batch, draws = [], []
-        for clip_id, z, emb in clips:
+        for clip_id, z, emb, *rest in clips:
             sigma, w, eps = self.draws(clip_id, tuple(z.shape))
             draws.append((sigma, w))
-            batch.append(ClipDraws(z.to(self.device), pad_context(emb).to(self.device), sigma, w, eps))
+            tw = token_weights(self.objective, clip_id, rest[0] if rest else None)
+            ctx = pad_context(emb).to(self.device)
+            batch.append(
+                ClipDraws(z.to(self.device), ctx, sigma, w, eps, None if tw is None else tw.to(self.device))
+            )
         feats, losses = [], []
         for transformer, proj in zip(self.transformers, self.projectors):
             f, ell = proj.batch_features(transformer, batch, self.output_fn, self.draws_per_backward)
@@ -159,7 +198,7 @@ class Featurizer:
         return torch.cat(feats, dim=1), torch.cat(losses, dim=1), draws
 
     def draw_parts(
-        self, clip_id: int, latent: torch.Tensor, text_emb: torch.Tensor
+        self, clip_id: int, latent: torch.Tensor, text_emb: torch.Tensor, motion: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(parts (K, D) float32 CPU, σ (K,) float64): part k = w_k φ_k / K, draw k's weighted share
         of the clip's feature (one block per checkpoint, like `features`), so Σ_k parts = φ up to
@@ -167,13 +206,15 @@ class Featurizer:
         forward and backward per checkpoint, like featurizing the clip."""
         sigma, w, eps = self.draws(clip_id, tuple(latent.shape))
         ctx = pad_context(text_emb).to(self.device)  # (1, 512, D)
+        tw = token_weights(self.objective, clip_id, motion)
         blocks = []
         for transformer, proj in zip(self.transformers, self.projectors):
             if not isinstance(proj, KronProjector):
                 raise UsageError("per-draw parts need per-layer (kron) features")
             phi_k, _ = per_draw_features(
-                transformer, proj, latent.to(self.device), ctx, sigma, eps, self.output_fn
-            )  # (K, D_j)
+                transformer, proj, latent.to(self.device), ctx, sigma, eps, self.output_fn,
+                None if tw is None else tw.to(self.device),
+            )  # (K, D_j)  # fmt: skip
             blocks.append(phi_k.float().cpu() * (w.float() / sigma.shape[0])[:, None])
         return torch.cat(blocks, dim=1), sigma
 
@@ -188,6 +229,7 @@ def load_featurizer(
     *,
     projector_specs: Sequence[dict[str, Any]] | None = None,
     new_projector: Callable[[nn.Module], Projector] | None = None,
+    objective: dict[str, Any] | None = None,
 ) -> Featurizer:
     """Load one transformer per checkpoint (None: MODEL's own) and give each a projector: rebuilt
     from recorded `projector_specs` (score), or made by `new_projector` (featurize, plan)."""
@@ -202,4 +244,4 @@ def load_featurizer(
     else:
         assert new_projector is not None
         projectors = [new_projector(t) for t in transformers]
-    return Featurizer(transformers, projectors, rule, output_fn, device)
+    return Featurizer(transformers, projectors, rule, output_fn, device, objective=dict(objective or UNIFORM))

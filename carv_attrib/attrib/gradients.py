@@ -36,6 +36,7 @@ class ClipDraws:
     sigma: Tensor  # (K,)
     weights: Tensor  # (K,)
     eps: Tensor  # (K, C, T, H, W)
+    token_weight: Tensor | None = None  # (T, H, W) per-token loss weights (motion objective)
 
 
 def flat_grad(layers: Sequence[tuple[str, nn.Linear]]) -> torch.Tensor:
@@ -77,8 +78,9 @@ def kron_features(
             k = clip.sigma.shape[0]
             if draws_per_backward is None or draws_per_backward >= k:
                 obj, ell = clip_objective(
-                    transformer, clip.latent, clip.context, clip.sigma, clip.eps, clip.weights, output_fn
-                )
+                    transformer, clip.latent, clip.context, clip.sigma, clip.eps, clip.weights, output_fn,
+                    clip.token_weight,
+                )  # fmt: skip
                 total = obj if total is None else total + obj
                 losses.append(ell.float().cpu())
                 continue
@@ -87,7 +89,7 @@ def kron_features(
                 hi = min(k, lo + draws_per_backward)
                 obj, ell = clip_objective(
                     transformer, clip.latent, clip.context, clip.sigma[lo:hi], clip.eps[lo:hi],
-                    clip.weights[lo:hi], output_fn,
+                    clip.weights[lo:hi], output_fn, clip.token_weight,
                 )  # fmt: skip
                 (obj * ((hi - lo) / k)).backward()
                 parts.append(ell.float().cpu())
@@ -114,8 +116,9 @@ def dense_features(
             p.grad = None
         for clip in batch:
             obj, ell = clip_objective(
-                transformer, clip.latent, clip.context, clip.sigma, clip.eps, clip.weights, output_fn
-            )
+                transformer, clip.latent, clip.context, clip.sigma, clip.eps, clip.weights, output_fn,
+                clip.token_weight,
+            )  # fmt: skip
             obj.backward()
             grads.append(flat_grad(layers))  # (p,)
             losses.append(ell.float().cpu())
@@ -138,6 +141,7 @@ def per_draw_features(
     sigma: Tensor,
     eps: Tensor,
     output_fn: str = "loss",
+    token_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One feature per draw, φ_k = P ∇θ ℓ(σ_k, ε_k): (K, D) and losses (K,), for pilots (`plan`).
 
@@ -149,6 +153,8 @@ def per_draw_features(
     with projector.capture(num_slots=K):
         projector.slot = torch.arange(K)
         ctx = context.expand(K, -1, -1).contiguous()  # (K, L, D)
-        obj, ell = clip_objective(transformer, latent, ctx, sigma, eps, torch.full((K,), float(K)), output_fn)
+        obj, ell = clip_objective(
+            transformer, latent, ctx, sigma, eps, torch.full((K,), float(K)), output_fn, token_weight
+        )
         obj.backward()
     return projector.features(), ell.float().cpu()

@@ -6,6 +6,11 @@ Rectified flow with v-prediction (ARCHITECTURE §2; research note wan-diffusers 
     "loss":    ℓ_k = mean((v_θ(x_σk, t_k, c) − (ε_k − z))²)
     "sqnorm":  ℓ_k = mean(v_θ(x_σk, t_k, c)²)                 (D-TRAK's output function)
 
+With a per-token weight m (T, H, W) of mean 1 (motion attribution, Motive arXiv 2601.08828: a
+loss-space motion mask; `carv_attrib.data.motion.motion_weights`) the mean becomes a weighted one,
+ℓ_k = mean(m · r_k²) over (C, T, H, W) with m broadcast over channels, so moving tokens dominate
+the gradient; m = 1 is the plain objective.
+
 `clip_objective` returns L = Σ_k (w_k/K)·ℓ_k, whose gradient is the weighted K-draw estimate
 ĝ = (1/K) Σ_k w_k ∇θ ℓ_k: the weights are folded into the per-draw losses so one backward gives ĝ.
 Losses are reduced in float32 (float64 for a float64 model) even when the model runs in bf16.
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 TIMESTEP_SCALE = 1000.0  # Wan2.1's num_train_timesteps: t = 1000·σ
 TIMESTEP_CONVENTION = "t = 1000*sigma (float)"
 OUTPUT_FNS = ("loss", "sqnorm")
+OBJECTIVES = ("uniform", "motion")  # per-token weights: none, or the clip's motion map
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -48,13 +54,14 @@ def clip_objective(
     eps: Tensor,
     weights: Tensor,
     output_fn: str = "loss",
+    token_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One forward over the K draws of one clip: (L = Σ_k (w_k/K)·ℓ_k scalar, ℓ detached (K,)).
 
     z (C, T, H, W) is the clip's normalised latent, context (1, L, D) its text embedding (passed with
     batch 1: the transformer broadcasts it over the K draws, which is cheaper than expanding it),
-    sigma (K,), eps (K, C, T, H, W), weights (K,). Any module with WanTransformer3DModel's call
-    signature works.
+    sigma (K,), eps (K, C, T, H, W), weights (K,); token_weight (T, H, W) optional per-token loss
+    weights (mean 1; None: all 1). Any module with WanTransformer3DModel's call signature works.
     """
     if output_fn not in OUTPUT_FNS:
         raise ValueError(f"unknown output function {output_fn!r}; use one of {', '.join(OUTPUT_FNS)}")
@@ -88,7 +95,14 @@ def clip_objective(
         )
     v = v.to(acc)
     resid = v - (eps - z) if output_fn == "loss" else v  # (K, C, T, H, W)
-    per_draw = resid.pow(2).flatten(1).mean(1)  # (K,) ℓ_k
+    sq = resid.pow(2)
+    if token_weight is not None:
+        if token_weight.shape != z.shape[2:]:
+            raise ValueError(
+                f"token weights {tuple(token_weight.shape)} do not match the latent grid {tuple(z.shape[2:])}"
+            )
+        sq = sq * token_weight.to(device=device, dtype=acc)[None, None]  # (K, C, T, H, W)
+    per_draw = sq.flatten(1).mean(1)  # (K,) ℓ_k
     w = weights.to(dtype=acc).to(device)  # (K,)
     objective = (w * per_draw).sum() / K
     return objective, per_draw.detach()

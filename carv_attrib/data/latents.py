@@ -33,6 +33,7 @@ class CachedClip:
     vid: str
     latent: torch.Tensor  # float32 (C, T, h, w), normalised
     text_emb: torch.Tensor  # float32 (L, D), trimmed to the caption's real tokens
+    motion: torch.Tensor | None = None  # float32 (T, h, w) flow magnitudes (encode --motion-masks)
 
 
 def latent_schema() -> pa.Schema:
@@ -60,6 +61,10 @@ def latent_schema() -> pa.Schema:
             ("source_mtime_ns", pa.int64()),
             ("source_sha256", pa.string()),
             ("latent_sha", pa.string()),  # `data.live.latent_sha` of latent + text_emb; null unless ok
+            # (T, h, w) float16 |optical flow| in px/frame on the latent grid (`data.motion`); null
+            # unless encoded with --motion-masks (shards written before this column lack it)
+            ("motion", pa.binary()),
+            ("motion_shape", pa.list_(pa.int32())),
         ]
     )
 
@@ -87,11 +92,16 @@ def row_to_clip(row: dict[str, Any]) -> CachedClip:
     dt = np.dtype(row["latent_dtype"])
     z = np.frombuffer(row["latent"], dtype=dt).reshape(row["latent_shape"])
     e = np.frombuffer(row["text_emb"], dtype=dt).reshape(row["text_len"], row["text_dim"])
+    motion = None
+    if row.get("motion") is not None:
+        m = np.frombuffer(row["motion"], dtype=np.float16).reshape(row["motion_shape"])
+        motion = torch.from_numpy(m.astype(np.float32))
     return CachedClip(
         clip_id=int(row["clip_id"]),
         vid=row["vid"],
         latent=torch.from_numpy(z.astype(np.float32)),
         text_emb=torch.from_numpy(e.astype(np.float32)),
+        motion=motion,
     )
 
 

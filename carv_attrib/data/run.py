@@ -180,6 +180,7 @@ class EncodeFacts:
     model_fingerprint: str | None  # of the VAE + text encoder + tokenizer files
     components: dict[str, Any]  # per-component file hashes (`carv_attrib.models.identity`)
     vae_tiling: bool = False  # the VAE encoded in tiles (`encode --vae-tiling`): queries are too
+    motion_masks: str | None = None  # the motion-map rule (`encode --motion-masks`), None: no maps
 
     @property
     def policy(self) -> FramePolicy:
@@ -201,6 +202,7 @@ class EncodeFacts:
             model_fingerprint=config["model"].get("fingerprint"),
             components=config["model"]["components"],
             vae_tiling=bool(config.get("vae_tiling", False)),
+            motion_masks=config.get("motion_masks"),
         )
 
 
@@ -234,6 +236,7 @@ class IndexInfo:
     nprobe: int | None = None  # IVF lists probed per query (None: attrib.index.default_nprobe)
     live_digest: str = ""  # `LiveLatents.digest()` of the clips indexed: another live set makes it stale
     rerank_vectors: str | None = None  # dtype of index/vectors.bin (approximate indexes), None: none
+    objective: dict[str, Any] = field(default_factory=lambda: {"kind": "uniform"})  # `objective_spec`
     created_at: str = ""
     tool_version: str = ""
     schema_version: int = INDEX_SCHEMA_VERSION

@@ -240,7 +240,7 @@ class ShardStore:
         ]
         if not tables:
             raise UsageError(f"{self.dir} holds no finished shards; run the {self.stage} stage first")
-        return pa.concat_tables(tables)
+        return pa.concat_tables(tables, promote_options="default")  # shards from before a new column
 
     def iter_tables(
         self, columns: list[str] | None = None, filters: Any = None, shards: list[int] | None = None

@@ -229,6 +229,7 @@ class DecodedClip:
     timestamps: list[float] = field(default_factory=list)
     start: float = 0.0
     reasons: list[str] = field(default_factory=list)
+    motion: Any = None  # (F, H/8, W/8) float32 flow magnitudes when decoded for motion masks
 
 
 # Codecs decord (its bundled FFmpeg) indexes and seeks correctly in the common containers; others go

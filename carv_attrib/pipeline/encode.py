@@ -36,6 +36,7 @@ from carv_attrib.data.decode_pool import DecodePool
 from carv_attrib.data.latents import empty_latent_row, latent_schema
 from carv_attrib.data.live import hashes_in_rows, latent_rows, latent_sha, selection
 from carv_attrib.data.manifest import ClipTable, read_manifest
+from carv_attrib.data.motion import MOTION_RULE, decode_with_motion, latent_motion
 from carv_attrib.data.run import RunDir
 from carv_attrib.data.sources import SourcedClips
 from carv_attrib.data.store import ShardStore, fingerprint, now_iso
@@ -59,22 +60,28 @@ def latents_identity(cfg: EncodeConfig, model_ident: dict[str, Any], tiled: bool
     run grows, shrinks and changes clip by clip (`carv_attrib.data.sources`), and the shard size is
     only the unit of resume."""
     policy = cfg.policy
-    return {
-        "model": model_ident,
-        "frames": policy.frames,
-        "height": policy.height,
-        "width": policy.width,
-        "fps": policy.fps,
-        "pad_short": policy.pad_short,
-        "dtype": cfg.dtype,
-        "latent_dtype": cfg.latent_dtype,
-        "layout": LAYOUT,
-        "text_max_sequence_length": 512,
-        "latent": "normalised latent_dist.mode(): (z - latents_mean) / latents_std",
-        # frame k = the frame displayed at k/fps after the first displayed one (edit lists, VFR,
-        # rotation and SAR honoured; data/video.py): latents from the older index rule never mix in
-        "frame_selection": FRAME_SELECTION,
-    } | ({"vae_tiling": True} if tiled else {})  # only when on: untiled runs keep their fingerprint
+    return (
+        {
+            "model": model_ident,
+            "frames": policy.frames,
+            "height": policy.height,
+            "width": policy.width,
+            "fps": policy.fps,
+            "pad_short": policy.pad_short,
+            "dtype": cfg.dtype,
+            "latent_dtype": cfg.latent_dtype,
+            "layout": LAYOUT,
+            "text_max_sequence_length": 512,
+            "latent": "normalised latent_dist.mode(): (z - latents_mean) / latents_std",
+            # frame k = the frame displayed at k/fps after the first displayed one (edit lists, VFR,
+            # rotation and SAR honoured; data/video.py): latents from the older index rule never mix in
+            "frame_selection": FRAME_SELECTION,
+        }
+        | ({"vae_tiling": True} if tiled else {})
+        | (  # only when on: other runs keep their fingerprint
+            {"motion_masks": MOTION_RULE} if cfg.motion_masks else {}
+        )
+    )
 
 
 @dataclass
@@ -206,23 +213,28 @@ class _TextCache:
 def _encode_batch(vae: Any, items: list[tuple[dict[str, Any], DecodedClip]], np_dtype: np.dtype) -> None:
     """VAE-encode decoded clips in one call, filling each row's latent (or its failure)."""
 
-    def fill(row: dict[str, Any], z: torch.Tensor) -> None:
+    def fill(row: dict[str, Any], z: torch.Tensor, clip: DecodedClip) -> None:
         if not torch.isfinite(z).all():
             row.update(status="encode_error", error="VAE produced non-finite latents")
             return
         arr = z.numpy().astype(np_dtype)
         row.update(latent=arr.tobytes(), latent_shape=list(arr.shape), latent_dtype=str(arr.dtype))
+        if clip.motion is not None:  # --motion-masks: the flow pooled onto this latent's grid
+            m = latent_motion(clip.motion, arr.shape[1])  # (T, h, w)
+            if m.shape != arr.shape[1:]:
+                raise ValueError(f"motion map {m.shape} does not match the latent grid {arr.shape[1:]}")
+            row.update(motion=m.astype(np.float16).tobytes(), motion_shape=list(m.shape))
 
     try:
         x = torch.stack([frames_to_tensor(c.frames) for _, c in items])  # (B, 3, F, H, W)
         z = encode_video(vae, x)  # (B, C, T, h, w)
-        for (row, _), zi in zip(items, z):
-            fill(row, zi)
+        for (row, clip), zi in zip(items, z):
+            fill(row, zi, clip)
     except Exception:
         # One bad batch must not take its neighbours down: retry clip by clip.
         for row, clip in items:
             try:
-                fill(row, encode_video(vae, frames_to_tensor(clip.frames)[None])[0])
+                fill(row, encode_video(vae, frames_to_tensor(clip.frames)[None])[0], clip)
             except Exception as exc:
                 row.update(status="encode_error", error=f"{type(exc).__name__}: {exc}")
 
@@ -376,7 +388,10 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
         sourced = plan.clips
         tasks = [((names[si], j), table.path[j]) for si, shard in enumerate(shards) for j in shard]
         last = {names[si]: shard[-1] for si, shard in enumerate(shards)}
-        with DecodePool(cfg.policy, workers=cfg.workers, timeout=cfg.decode_timeout) as pool:
+        decode_fn = decode_with_motion if cfg.motion_masks else decode_clip  # flow in the workers too
+        with DecodePool(
+            cfg.policy, workers=cfg.workers, timeout=cfg.decode_timeout, decode_fn=decode_fn
+        ) as pool:
             t_wait = time.monotonic()
             for (name, j), result in pool.imap(tasks):  # decoding in workers overlaps the VAE here
                 encoder.timers["wait_decode_s"] += time.monotonic() - t_wait

@@ -24,7 +24,13 @@ from typing import Any
 import pyarrow as pa
 
 from carv_attrib import __version__
-from carv_attrib.attrib.featurizer import Featurizer, build_draw_rule, build_projector, load_featurizer
+from carv_attrib.attrib.featurizer import (
+    Featurizer,
+    build_draw_rule,
+    build_projector,
+    load_featurizer,
+    objective_spec,
+)
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.objective import TIMESTEP_CONVENTION
 from carv_attrib.carv.timesteps import Proposal
@@ -110,7 +116,9 @@ def _features_identity(
     rule: DrawRule,
     proj_spec: dict[str, Any],
 ) -> dict[str, Any]:
-    """What changes the stored features: the fingerprinted stage config."""
+    """What changes the stored features: the fingerprinted stage config (the objective only when it
+    is not uniform, so that runs from before --objective keep their fingerprint)."""
+    objective = objective_spec(cfg.objective)
     return {
         "latents": latents_fp,
         "transformers": [c["fingerprint"] for c in ckpt_ids],
@@ -120,7 +128,7 @@ def _features_identity(
         "projector": {k: v for k, v in proj_spec.items() if k != "rng"},
         "dtype": cfg.dtype,
         "context": "UMT5 embedding zero-padded to 512 tokens, batch 1 broadcast over draws",
-    }
+    } | ({"objective": objective} if objective["kind"] != "uniform" else {})
 
 
 def _load(cfg: FeaturizeConfig, rule: DrawRule) -> tuple[Featurizer, list[str | None]]:
@@ -136,6 +144,7 @@ def _load(cfg: FeaturizeConfig, rule: DrawRule) -> tuple[Featurizer, list[str | 
         new_projector=lambda t: build_projector(
             cfg.projector, t, cfg.layers, cfg.seed, cfg.proj_dim, cfg.matrix, cfg.kron_shape
         ),
+        objective=objective_spec(cfg.objective),
     )
     featurizer.draws_per_backward = cfg.draws_per_backward  # memory only: not in the fingerprint
     return featurizer, checkpoints
@@ -155,7 +164,9 @@ def _featurize_rows(
     rows: list[dict[str, Any]] = []
     for start in range(0, len(clips), batch_clips):
         chunk = clips[start : start + batch_clips]
-        feats, losses, draws = featurizer.features([(c.clip_id, c.latent, c.text_emb) for c in chunk])
+        feats, losses, draws = featurizer.features(
+            [(c.clip_id, c.latent, c.text_emb, c.motion) for c in chunk]
+        )
         for c, f, ell, (sigma, w) in zip(chunk, feats, losses, draws):
             rows.append(feature_row(c.clip_id, c.vid, sha[c.clip_id], f, ell, sigma, w, n_ckpt))
             progress("clip", {"status": rows[-1]["status"], "vid": c.vid})
@@ -209,6 +220,12 @@ def run_featurize(
     check_encoder_matches(
         cfg.model, lat_cfg["config"]["model"]["components"], lat_cfg["config"]["model"].get("source")
     )
+    if cfg.objective == "motion" and not lat_cfg["config"].get("motion_masks"):
+        raise UsageError(
+            f"--objective motion weights the loss by each clip's motion map, and {run} was encoded "
+            "without them: encode into a new run with --motion-masks (or rerun encode with "
+            "--motion-masks --overwrite)"
+        )
     rule = draw_rule(cfg)
     featurizer, checkpoints = _load(cfg, rule)
     ckpt_ids = [checkpoint_identity(cfg.model, ck) for ck in checkpoints]

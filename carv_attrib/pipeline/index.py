@@ -126,6 +126,7 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
         rerank_vectors=cfg.vector_dtype if keep else None,
         draws=feats_cfg["draws"],
         output_fn=feats_cfg["output_fn"],
+        objective=feats_cfg.get("objective", {"kind": "uniform"}),
         timestep=feats_cfg["timestep"],
         projector=feats_cfg["projector"],
         feature_dtype=feats_cfg["dtype"],

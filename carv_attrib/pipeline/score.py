@@ -38,9 +38,10 @@ from carv_attrib.data.decode_pool import DecodePool
 from carv_attrib.data.latents import as_stored, read_latents
 from carv_attrib.data.live import selection
 from carv_attrib.data.manifest import clip_id_for, read_text_file
+from carv_attrib.data.motion import decode_with_motion, latent_motion
 from carv_attrib.data.run import IndexInfo, RunDir
 from carv_attrib.data.store import now_iso
-from carv_attrib.data.video import ClipFailure, failure_message, frames_to_tensor
+from carv_attrib.data.video import ClipFailure, decode_clip, failure_message, frames_to_tensor
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
@@ -61,6 +62,7 @@ class Query:
     error: str | None = None
     latent: torch.Tensor | None = None  # (C, T, h, w), rounded through the cache dtype
     text_emb: torch.Tensor | None = None  # (L, D) trimmed
+    motion: torch.Tensor | None = None  # (T, h, w) motion map, when the index's objective is motion
     scores: np.ndarray | None = None  # (n,) every score FAISS returned, best first
     ids: np.ndarray | None = None  # (n,) int64 clip ids beside them
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -153,6 +155,13 @@ def _read_prompt_mapping(path: Path) -> dict[str, str]:
 
 def _resolve_model(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> str:
     """The model to score with (--model, else the recorded one), refused unless it is the index's."""
+    kind = info.objective.get("kind", "uniform")
+    if cfg.objective is not None and cfg.objective != kind:
+        raise UsageError(
+            f"--objective {cfg.objective}: {run}'s index was built with --objective {kind}, and queries "
+            f"are featurized like its training clips; featurize the run with --objective {cfg.objective} "
+            "(in another run) to score that way"
+        )
     model = cfg.model or info.model_source
     if model is None:
         raise UsageError(f"{run} does not record its model; pass --model")
@@ -174,7 +183,9 @@ def _encode_queries(
     """Decode and encode each query like a training clip; failures become status "error"."""
     enc = info.encode
     policy = enc.policy
-    with DecodePool(policy, workers=cfg.workers, timeout=cfg.decode_timeout) as pool:
+    motion = info.objective.get("kind") == "motion"
+    decode_fn = decode_with_motion if motion else decode_clip  # the maps the training clips have
+    with DecodePool(policy, workers=cfg.workers, timeout=cfg.decode_timeout, decode_fn=decode_fn) as pool:
         for i, result in pool.imap([(i, str(Path(q.path).resolve())) for i, q in enumerate(queries)]):
             q = queries[i]
             if isinstance(result, ClipFailure):
@@ -186,6 +197,9 @@ def _encode_queries(
                 q.latent = as_stored(z, enc.latent_dtype)
                 if not torch.isfinite(q.latent).all():
                     raise ValueError("VAE produced non-finite latents")
+                if motion:  # stored as float16 for training clips: the same rounding here
+                    m = latent_motion(result.motion, q.latent.shape[1]).astype(np.float16)
+                    q.motion = torch.from_numpy(m.astype(np.float32))
             except Exception as exc:
                 q.fail(f"encode_error: {exc}")
             finally:
@@ -208,6 +222,7 @@ def _featurize_queries(
         cfg.device,
         cfg.dtype or info.feature_dtype,
         projector_specs=[info.projector] * len(info.checkpoint_paths),
+        objective=info.objective,
     )
     phis = []
     for start in range(0, len(queries), cfg.batch_clips):
@@ -215,7 +230,7 @@ def _featurize_queries(
         # A query's stream: the shared one (common random numbers), or under per-clip noise a stream
         # of its own derived from its file name.
         f, _, _ = featurizer.features(
-            [(clip_id_for("query:" + Path(q.path).name), q.latent, q.text_emb) for q in chunk]
+            [(clip_id_for("query:" + Path(q.path).name), q.latent, q.text_emb, q.motion) for q in chunk]
         )
         phis.append(f)
         for _ in chunk:
@@ -288,7 +303,9 @@ def _explain_strata(
     progress("explain", {"todo": len(live)})
     parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for clip in read_latents(run, selection(list(live.values()))):
-        raw, sigma = featurizer.draw_parts(clip.clip_id, clip.latent, clip.text_emb)  # (K, D), (K,)
+        raw, sigma = featurizer.draw_parts(
+            clip.clip_id, clip.latent, clip.text_emb, clip.motion
+        )  # (K, D), (K,)
         raw64 = raw.numpy().astype(np.float64)
         parts[clip.clip_id] = (pre.prepare_train_parts(raw64, raw64.sum(axis=0)), sigma.numpy())
         progress("clip", {"status": "ok"})
@@ -340,7 +357,12 @@ def provenance(info: IndexInfo) -> dict[str, Any]:
             "pad_short": enc.pad_short,
             "dtype": enc.dtype,
         },
-        "estimator": {**draws, "output_fn": info.output_fn, "timestep": info.timestep},
+        "estimator": {
+            **draws,
+            "output_fn": info.output_fn,
+            "objective": info.objective,
+            "timestep": info.timestep,
+        },
         "projector": {k: info.projector.get(k) for k in ("kind", "seed", "matrix", "dim", "patterns")},
         "preconditioner": info.preconditioner,
         "factory": info.factory,

@@ -1,0 +1,132 @@
+"""Motion attribution end to end: `encode --motion-masks` stores a motion map per clip on its latent
+grid; `featurize --objective motion` weights the per-token loss by it; `score` treats queries alike.
+
+A clip where nothing moves gets weights 1 everywhere, so its motion feature is bitwise its uniform
+feature; moving clips' features change. A training clip scored as a query finds itself first."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carv_attrib.data.latents import iter_cached
+from carv_attrib.data.run import RunDir
+from carv_attrib.demo_data import clip_specs, make_demo_data, render_frames, write_mp4
+from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.pipeline.encode import EncodeConfig, run_encode
+from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
+from carv_attrib.pipeline.index import IndexConfig, build_run_index
+from carv_attrib.pipeline.score import ScoreConfig, run_score
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _encode(data: Path, model: Path, run: Path, motion: bool = True) -> None:
+    run_encode(
+        EncodeConfig(manifest=data / "manifest.json", videos=data / "videos", model=str(model), run=run,
+                     frames=9, size="32x32", fps=8, shard_size=4, workers=1, device="cpu", motion_masks=motion)
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def motion_world(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """(data dir: 6 demo clips + one static clip "still", encoded run with motion maps)."""
+    root = tmp_path_factory.mktemp("motion")
+    data = root / "data"
+    make_demo_data(data, clips=6, seed=3)
+    spec = clip_specs(1, seed=9)[0]
+    still = np.repeat(render_frames(spec, 1, 96, 80, 0.0), 24, axis=0)  # (24, 80, 96, 3): nothing moves
+    write_mp4(data / "videos" / "still.mp4", still, 8.0)
+    rows = json.loads((data / "manifest.json").read_text()) + [{"vid": "still", "caption": spec.caption}]
+    (data / "manifest.json").write_text(json.dumps(rows))
+    run = root / "run"
+    _encode(data, tiny_model_dir, run)
+    return data, run
+
+
+def test_encode_stores_a_motion_map_on_each_latent_grid(motion_world: tuple[Path, Path]) -> None:
+    _, run = motion_world
+    clips = {c.vid: c for c in iter_cached(run)}
+    assert len(clips) == 7
+    for c in clips.values():
+        assert c.motion is not None and tuple(c.motion.shape) == tuple(c.latent.shape[1:])  # (T, h, w)
+        assert (c.motion >= 0).all()
+    assert float(clips["still"].motion.max()) < 1e-3
+    assert all(float(c.motion.max()) > 0.5 for v, c in clips.items() if v != "still")  # px per frame
+    assert (
+        json.loads((run / "latents" / "config.json").read_text())["config"]["motion_masks"] == "farneback-v1"
+    )
+
+
+def test_a_run_encoded_without_maps_refuses_the_motion_objective(
+    encoded_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    with pytest.raises(UsageError, match="--motion-masks"):
+        run_featurize(
+            FeaturizeConfig(run=run, model=str(tiny_model_dir), draws=2, objective="motion", device="cpu")
+        )
+    assert not (run / "features").exists()
+
+
+def test_adding_motion_maps_to_a_run_is_a_new_encode_configuration(
+    motion_world: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data, run = motion_world
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    with pytest.raises(ConfigMismatchError, match="motion_masks"):
+        _encode(data, tiny_model_dir, copy, motion=False)
+
+
+def test_the_motion_objective_reweights_moving_clips_only(
+    motion_world: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    _, run = motion_world
+    feats = {}
+    for objective in ("uniform", "motion"):
+        r = tmp_path / objective
+        shutil.copytree(run, r)
+        run_featurize(FeaturizeConfig(run=r, model=str(tiny_model_dir), draws=3, objective=objective,
+                                      batch_clips=1, device="cpu"))  # fmt: skip
+        t = RunDir(r).features.read_table(columns=["vid", "feature"]).to_pylist()
+        feats[objective] = {row["vid"]: np.asarray(row["feature"], dtype=np.float32) for row in t}
+    assert set(feats["uniform"]) == set(feats["motion"]) and len(feats["motion"]) == 7
+    # nothing moves: weights are exactly 1, the same computation
+    np.testing.assert_array_equal(feats["motion"]["still"], feats["uniform"]["still"])
+    for vid in feats["uniform"]:
+        if vid != "still":
+            u, m = feats["uniform"][vid], feats["motion"][vid]
+            assert np.linalg.norm(m - u) > 1e-2 * np.linalg.norm(u), vid
+
+
+def test_a_training_clip_scored_under_motion_finds_itself(
+    motion_world: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data, run = motion_world
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    run_featurize(
+        FeaturizeConfig(run=r, model=str(tiny_model_dir), draws=3, objective="motion", device="cpu")
+    )
+    info = build_run_index(IndexConfig(run=r, precondition="cosine"))
+    assert info.objective["kind"] == "motion"
+    rows = json.loads((data / "manifest.json").read_text())
+    query = data / "videos" / f"{rows[1]['vid']}.mp4"
+    doc = run_score(ScoreConfig(run=r, queries=[query], prompt=rows[1]["caption"], top_k=3, workers=0,
+                                device="cpu"))  # fmt: skip
+    assert doc["index"]["estimator"]["objective"]["kind"] == "motion"
+    top = doc["queries"][0]["results"][0]
+    assert top["vid"] == rows[1]["vid"]
+    # the same frames, latent and map (both rounded through float16 storage): cosine 1 up to the
+    # float32 feature arithmetic (batch composition differs: B clips per backward vs one query)
+    assert top["score"] == pytest.approx(1.0, abs=info.dim * EPS32)
+    with pytest.raises(UsageError, match="built with --objective motion"):
+        run_score(
+            ScoreConfig(run=r, queries=[query], prompt="x", objective="uniform", workers=0, device="cpu")
+        )
