@@ -5,6 +5,7 @@
 .venv/bin/python bench/report.py incremental   # a grown run (bench/results/incremental.json)
 .venv/bin/python bench/report.py index_scale   # factories at 10^4..10^6 (bench/results/index_scale.json)
 .venv/bin/python bench/report.py real_shapes   # Wan2.1-1.3B shapes (bench/results/real_shapes.json)
+.venv/bin/python bench/report.py motion        # motion vs appearance attribution (bench/results/motion.json)
 """
 
 from __future__ import annotations
@@ -159,6 +160,29 @@ def real_shapes() -> None:
         )
 
 
+def motion() -> None:
+    doc = json.loads((RESULTS / "motion.json").read_text())
+    st = doc["settings"]
+    cells = doc["cells"]
+    print(
+        f"{st['worlds']} worlds x {st['seeds']} estimator seeds, {st['train']} training clips and "
+        f"{st['queries']} held-out queries per world; chance (direction) {doc['chance_direction']:.3f}"
+    )
+    print()
+    print("| k | direction P@k, uniform | direction P@k, motion | gain (paired) | cells where motion is better "
+          "| appearance P@k, uniform | appearance P@k, motion |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for k, row in doc["summary"].items():
+
+        def f(key: str, row: dict = row) -> str:
+            return f"{row[key]['mean']:.3f} ± {row[key]['se_cells']:.3f}"
+
+        print(
+            f"| {k} | {f('uniform_direction')} | **{f('motion_direction')}** | {f('direction_gain')} | "
+            f"{row['cells_motion_better']} / {len(cells)} | {f('uniform_appearance')} | {f('motion_appearance')} |"
+        )
+
+
 if __name__ == "__main__":
     tables = {
         "factors": factors,
@@ -166,5 +190,6 @@ if __name__ == "__main__":
         "incremental": incremental,
         "index_scale": index_scale,
         "real_shapes": real_shapes,
+        "motion": motion,
     }
     tables[sys.argv[1]](*sys.argv[2:])
