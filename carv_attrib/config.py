@@ -512,6 +512,11 @@ class ScoreConfig(StageConfig):
         check_choice("--aggregate", self.aggregate, AGGREGATES)
         if self.objective is not None:
             check_choice("--objective", self.objective, OBJECTIVES)
+        if self.explain and self.top_k is None:
+            raise UsageError(
+                "--explain recomputes each result clip's per-stratum gradients (one K-draw backward per "
+                "clip): give --top-k N, not all"
+            )
         if self.aggregate == "vote" and self.top_k is None:
             raise UsageError("--aggregate vote counts each query's top k: give --top-k N, not all")
         if self.top_k is not None and self.top_k < 1:
@@ -561,6 +566,11 @@ class PlanConfig(StageConfig):
     mix: float = option(0.1, help="α in q = (1−α) q* + α p (so w = p/q ≤ 1/α).")
     density: str = density_option()
     output_fn: str = output_fn_option()
+    objective: str = option(
+        "uniform",
+        help="uniform | motion: fit the plan for the objective you will featurize with (motion needs "
+        "`encode --motion-masks`); `featurize --plan` refuses a plan fitted for another.",
+    )
     k_max: int = option(64, help="Largest K to consider.")
     batch_clips: int = batch_clips_option()
     proj_dim: int | None = option(None, help=f"Pilot feature dim (default: {DEFAULT_KRON_DIMS} per layer).")
@@ -572,6 +582,7 @@ class PlanConfig(StageConfig):
     dtype: str = dtype_option()
 
     def validate(self) -> PlanConfig:
+        check_choice("--objective", self.objective, OBJECTIVES)
         check_choice("--output-fn", self.output_fn, OUTPUT_FNS)
         check_choice("--dtype", self.dtype, DTYPES)
         if (

@@ -304,3 +304,15 @@ def test_vote_needs_a_number_of_hits_per_query() -> None:
     with pytest.raises(UsageError, match="--aggregate vote counts each query's top k"):
         ScoreConfig(queries=[Path("q.mp4")], run=Path("r"), aggregate="vote", top_k=None).validate()
     ScoreConfig(queries=[Path("q.mp4")], run=Path("r"), aggregate="vote", top_k=5).validate()
+
+
+def test_explain_needs_a_number_of_results() -> None:
+    """--explain recomputes each result clip's per-stratum gradients: with --top-k all that is a
+    re-featurize of the whole run, refused before any work."""
+    from carv_attrib.config import ScoreConfig
+
+    with pytest.raises(UsageError, match="--explain .* give --top-k N"):
+        ScoreConfig(queries=[Path("q.mp4")], run=Path("r"), explain=True, top_k=None).validate()
+    with pytest.raises(UsageError, match="--objective"):
+        ScoreConfig(queries=[Path("q.mp4")], run=Path("r"), objective="motions").validate()
+    ScoreConfig(queries=[Path("q.mp4")], run=Path("r"), explain=True, top_k=3, objective="motion").validate()

@@ -51,13 +51,29 @@ UNIFORM: dict[str, Any] = {"kind": "uniform"}
 def objective_spec(kind: str) -> dict[str, Any]:
     """The recorded form of `--objective`: {"kind": "uniform"} or {"kind": "motion", "floor", "rule"}
     (the weight rule and the flow rule of the maps, so an index is always scored as it was built)."""
-    from carv_attrib.data.motion import MOTION_FLOOR, MOTION_RULE
+    from carv_attrib.data.motion import MOTION_FLOOR, MOTION_NOISE, MOTION_RULE
 
     if kind == "uniform":
         return dict(UNIFORM)
     if kind == "motion":
-        return {"kind": "motion", "floor": MOTION_FLOOR, "rule": MOTION_RULE}
+        return {"kind": "motion", "floor": MOTION_FLOOR, "noise": MOTION_NOISE, "rule": MOTION_RULE}
     raise UsageError(f"--objective {kind}: choose uniform or motion")
+
+
+def check_objective_inputs(objective: str, latents_config: dict[str, Any], run: Any) -> None:
+    """UsageError (exit 2) unless the latents can serve `objective`: motion needs maps of this
+    version's flow rule (`encode --motion-masks`)."""
+    if objective != "motion":
+        return
+    from carv_attrib.data.motion import check_rule
+
+    if not latents_config.get("motion_masks"):
+        raise UsageError(
+            f"--objective motion weights the loss by each clip's motion map, and {run} was encoded "
+            "without them: encode into a new run with --motion-masks (or rerun encode with "
+            "--motion-masks --overwrite)"
+        )
+    check_rule(latents_config["motion_masks"], str(run))
 
 
 def token_weights(
@@ -73,7 +89,7 @@ def token_weights(
         raise UsageError(
             f"clip {clip_id} has no motion map: --objective motion needs latents encoded with --motion-masks"
         )
-    return torch.from_numpy(motion_weights(motion.numpy(), objective["floor"]))
+    return torch.from_numpy(motion_weights(motion.numpy(), objective["floor"], objective.get("noise", 0.0)))
 
 
 def build_draw_rule(

@@ -18,7 +18,8 @@ Frame f's motion is |flow(f−1 → f)| (frame 0 takes |flow(0 → 1)|); a laten
 the video frames it encodes (t = 0: frame 0; t ≥ 1: frames 4t−3 … 4t, Wan2.1's temporal factor 4).
 Flow is computed at most FLOW_MAX_SIDE px on the longer side (magnitudes rescaled to frame pixels):
 the map is pooled to 8x8 patches anyway. Encode stores the pooled magnitudes (`--motion-masks`);
-`motion_weights` turns them into weights at featurize/score time (`--objective motion`).
+`motion_weights` turns them into weights at featurize/score time (`--objective motion`), after
+subtracting MOTION_NOISE px/frame of flow noise.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ MOTION_RULE = "farneback-v1"  # recorded with the latents: maps from another rul
 SPATIAL_FACTOR = 8  # Wan2.1 VAE: 8x8 pixels per latent cell
 FLOW_MAX_SIDE = 256
 MOTION_FLOOR = 0.1  # share of the weight spread evenly: static tokens keep a small gradient
+# px/frame of apparent motion that is noise: a still frame with Gaussian pixel noise of sd 1 / 3 / 6
+# grey levels gives patch magnitudes up to 0.03 / 0.13 / 0.67 px/frame (sd 3 already exceeds what an
+# H.264 still shows), which per-clip normalisation would otherwise blow up into weights of 20x
+MOTION_NOISE = 0.2
 # Farneback parameters: OpenCV's documented example (pyramid 0.5, 3 levels, 15 px window).
 _FARNEBACK = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2}
 
@@ -93,11 +98,13 @@ def latent_motion(frame_mag: np.ndarray, t_latent: int) -> np.ndarray:
     return np.concatenate([frame_mag[:1], rest]).astype(np.float32)
 
 
-def motion_weights(motion: np.ndarray, floor: float = MOTION_FLOOR) -> np.ndarray:
+def motion_weights(
+    motion: np.ndarray, floor: float = MOTION_FLOOR, noise: float = MOTION_NOISE
+) -> np.ndarray:
     """(T, h, w) magnitudes → (T, h, w) float32 per-token loss weights with mean 1:
-    w = floor + (1 − floor)·m / mean(m). A clip where nothing moves (mean(m) below 1e-6 px/frame)
-    gets w = 1 everywhere, the plain objective."""
-    m = np.asarray(motion, dtype=np.float64)
+    m' = max(m − noise, 0), w = floor + (1 − floor)·m' / mean(m'). A clip where nothing moves more than
+    `noise` px/frame (mean(m') below 1e-6) gets w = 1 everywhere, the plain objective."""
+    m = np.maximum(np.asarray(motion, dtype=np.float64) - noise, 0.0)
     mean = float(m.mean()) if m.size else 0.0
     if not np.isfinite(mean) or mean < 1e-6:
         return np.ones(m.shape, dtype=np.float32)
@@ -109,6 +116,19 @@ def decode_with_motion(path: str, policy: Any) -> Any:
     that decode workers (`DecodePool(decode_fn=...)`) compute the flow beside the decode."""
     from carv_attrib.data.video import decode_clip
 
+    cv2.setNumThreads(1)  # one decode worker per core already: OpenCV's own pool would oversubscribe
     clip = decode_clip(path, policy)
     clip.motion = frame_motion(np.asarray(clip.frames))
     return clip
+
+
+def check_rule(recorded: str | None, where: str) -> None:
+    """UsageError unless maps recorded under `recorded` are this version's MOTION_RULE (queries and
+    training clips must get their maps from the same flow rule)."""
+    from carv_attrib.errors import UsageError
+
+    if recorded != MOTION_RULE:
+        raise UsageError(
+            f"{where} holds motion maps of rule {recorded!r}, this carv-attrib computes {MOTION_RULE!r}: "
+            "re-encode with --motion-masks --overwrite (or into a new run)"
+        )

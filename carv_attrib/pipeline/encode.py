@@ -334,7 +334,7 @@ def _estimate(cfg: EncodeConfig, plan: EncodePlan, wan: WanModel | None) -> floa
     t1 = time.monotonic()
     for j in sample:
         try:
-            decoded = decode_clip(clips.path[j], cfg.policy)
+            decoded = (decode_with_motion if cfg.motion_masks else decode_clip)(clips.path[j], cfg.policy)
         except ClipFailure:
             continue
         encode_video(wan.vae, frames_to_tensor(decoded.frames)[None])

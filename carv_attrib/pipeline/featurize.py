@@ -28,6 +28,7 @@ from carv_attrib.attrib.featurizer import (
     Featurizer,
     build_draw_rule,
     build_projector,
+    check_objective_inputs,
     load_featurizer,
     objective_spec,
 )
@@ -75,10 +76,10 @@ def _noop(event: str, info: dict[str, Any]) -> None:
     pass
 
 
-def read_plan_proposal(path: Path, output_fn: str) -> Proposal:
+def read_plan_proposal(path: Path, output_fn: str, objective: str = "uniform") -> Proposal:
     """The fitted proposal q of a plan.json, refused (exit 2) when it is missing or was fitted for
-    another output function (q is fitted to one output's gradient norms; another's would stay
-    unbiased under it but could lose the variance reduction the plan promised)."""
+    another output function or objective (q is fitted to one output's gradient norms; another's
+    would stay unbiased under it but could lose the variance reduction the plan promised)."""
     if not path.exists():
         raise UsageError(f"--plan {path}: no such file")
     plan = read_json(path)
@@ -90,13 +91,21 @@ def read_plan_proposal(path: Path, output_fn: str) -> Proposal:
             f"--plan {path} was fitted for --output-fn {plan_fn}, not {output_fn}; featurize "
             f"with --output-fn {plan_fn}, or run `carv-attrib plan ... --output-fn {output_fn}`"
         )
+    plan_obj = plan.get("objective", "uniform")
+    if plan_obj != objective:
+        raise UsageError(
+            f"--plan {path} was fitted for --objective {plan_obj}, not {objective}; featurize with "
+            f"--objective {plan_obj}, or run `carv-attrib plan ... --objective {objective}`"
+        )
     return Proposal.from_json(plan["proposal"])
 
 
 def draw_rule(cfg: FeaturizeConfig) -> DrawRule:
     """The DrawRule of a featurize config. p(σ) is --density when given, else the plan's density
     (with --plan), else uniform; an explicit --density that contradicts the plan is refused."""
-    proposal = read_plan_proposal(Path(cfg.plan), cfg.output_fn) if cfg.plan is not None else None
+    proposal = (
+        read_plan_proposal(Path(cfg.plan), cfg.output_fn, cfg.objective) if cfg.plan is not None else None
+    )
     density = cfg.density or (proposal.density if proposal is not None else "uniform")
     return build_draw_rule(
         seed=cfg.seed,
@@ -220,12 +229,7 @@ def run_featurize(
     check_encoder_matches(
         cfg.model, lat_cfg["config"]["model"]["components"], lat_cfg["config"]["model"].get("source")
     )
-    if cfg.objective == "motion" and not lat_cfg["config"].get("motion_masks"):
-        raise UsageError(
-            f"--objective motion weights the loss by each clip's motion map, and {run} was encoded "
-            "without them: encode into a new run with --motion-masks (or rerun encode with "
-            "--motion-masks --overwrite)"
-        )
+    check_objective_inputs(cfg.objective, lat_cfg["config"], run)
     rule = draw_rule(cfg)
     featurizer, checkpoints = _load(cfg, rule)
     ckpt_ids = [checkpoint_identity(cfg.model, ck) for ck in checkpoints]

@@ -32,7 +32,14 @@ import pyarrow.parquet as pq
 import torch
 
 from carv_attrib import __version__
-from carv_attrib.attrib.featurizer import Featurizer, build_projector, load_featurizer
+from carv_attrib.attrib.featurizer import (
+    Featurizer,
+    build_projector,
+    check_objective_inputs,
+    load_featurizer,
+    objective_spec,
+    token_weights,
+)
 from carv_attrib.attrib.gradients import per_draw_features
 from carv_attrib.carv.accounting import Costs, VarianceComponents, ecm, ecm_limit
 from carv_attrib.carv.draws import DrawRule
@@ -40,6 +47,7 @@ from carv_attrib.carv.rng import clip_stream, noise, uniforms
 from carv_attrib.carv.timesteps import Density, Proposal, density
 from carv_attrib.config import PlanConfig
 from carv_attrib.data.latents import CachedClip, iter_cached
+from carv_attrib.data.motion import decode_with_motion
 from carv_attrib.data.run import EncodeFacts, RunDir
 from carv_attrib.data.store import now_iso, write_json_atomic
 from carv_attrib.data.video import ClipFailure, decode_clip, frames_to_tensor
@@ -74,13 +82,14 @@ def reencode_cost(
     rows = {r["clip_id"]: r for r in pq.read_table(run.manifest_table).to_pylist()}
     c = lat_config["config"]
     policy = EncodeFacts.from_latents_config(c).policy
+    decode = decode_with_motion if c.get("motion_masks") else decode_clip  # the flow is encode's cost too
     wan = load_wan(model, ("vae", "text_encoder", "tokenizer"), device=device, dtype=c["dtype"])
     seconds = []
     try:
         for _ in range(2):  # the median of per-clip times: one slow call on a loaded machine does not count
             for i in clip_ids:
                 t0 = time.monotonic()
-                clip = decode_clip(rows[i]["path"], policy)
+                clip = decode(rows[i]["path"], policy)
                 encode_video(wan.vae, frames_to_tensor(clip.frames)[None])
                 encode_prompts(wan, [rows[i]["caption"]])
                 seconds.append(time.monotonic() - t0)
@@ -129,6 +138,7 @@ def bin_second_moments(
             sigma,
             eps,
             cfg.output_fn,
+            token_weights(featurizer.objective, c.clip_id, c.motion),
         )  # (n, D)
         sq += phi.double().pow(2).sum(1).view(cfg.bins, J).sum(1)
     seconds = (time.monotonic() - t0) / (len(clips) * n)
@@ -152,9 +162,9 @@ def replicate_variance(
         t0 = time.monotonic()
         f = torch.cat(
             [
-                featurizer.features([(c.clip_id, c.latent, c.text_emb) for c in clips[i : i + batch_clips]])[
-                    0
-                ]
+                featurizer.features(
+                    [(c.clip_id, c.latent, c.text_emb, c.motion) for c in clips[i : i + batch_clips]]
+                )[0]
                 for i in range(0, len(clips), batch_clips)
             ]
         )  # (N, D): B clips x K draws per backward, as featurize does
@@ -297,6 +307,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
     check_encoder_matches(
         cfg.model, lat["config"]["model"]["components"], lat["config"]["model"].get("source")
     )
+    check_objective_inputs(cfg.objective, lat["config"], run)
     clips = _pilot_clips(run, cfg.pilot_clips)
     progress("start", {"todo": 2 + len(SCHEMES)})
     c_enc = reencode_cost(run, cfg.model, [c.clip_id for c in clips], lat, cfg.device)
@@ -313,6 +324,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
         cfg.device,
         cfg.dtype,
         new_projector=lambda t: build_projector("kron", t, cfg.layers, cfg.seed, cfg.proj_dim, "gaussian"),
+        objective=objective_spec(cfg.objective),
     )
     t0 = time.monotonic()
     proposal, bins = _fit_proposal(featurizer, clips, cfg, p)
@@ -328,6 +340,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
         "projector": featurizer.projectors[0].spec(),
         "density": p.spec,
         "output_fn": cfg.output_fn,
+        "objective": cfg.objective,
         "pilot": {
             "clips": len(clips),
             "bins": cfg.bins,

@@ -79,7 +79,7 @@ def explain_charts(explain: dict[str, Any] | None) -> list[dict[str, Any]]:
     if explain.get("by_stratum"):
         items = [(f"σ {x['sigma_lo']:.2f}–{x['sigma_hi']:.2f} ({x['draws']} draws)", f"{x['sigma_lo']:.2f}",
                   x["score"]) for x in explain["by_stratum"]]  # fmt: skip
-        charts.append(bar_chart("by timestep stratum (σ: 0 → 1)", items))
+        charts.append(bar_chart("by timestep stratum (equal-probability strata, low σ → high σ)", items))
     return charts
 
 
@@ -118,7 +118,7 @@ def run_report(cfg: ReportConfig) -> Path:
         for r in q.get("results", []):
             s, err = strip(r.get("path"))
             results.append({**r, "strip": s, "strip_error": err, "charts": explain_charts(r.get("explain"))})
-        queries.append({**q, "strip": q_strip, "results": results})
+        queries.append({**q, "strip": q_strip, "results": results, "why": any(r["charts"] for r in results)})
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("carv_attrib", "templates"),
         autoescape=True,

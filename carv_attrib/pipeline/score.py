@@ -38,7 +38,7 @@ from carv_attrib.data.decode_pool import DecodePool
 from carv_attrib.data.latents import as_stored, read_latents
 from carv_attrib.data.live import selection
 from carv_attrib.data.manifest import clip_id_for, read_text_file
-from carv_attrib.data.motion import decode_with_motion, latent_motion
+from carv_attrib.data.motion import check_rule, decode_with_motion, latent_motion
 from carv_attrib.data.run import IndexInfo, RunDir
 from carv_attrib.data.store import now_iso
 from carv_attrib.data.video import ClipFailure, decode_clip, failure_message, frames_to_tensor
@@ -153,15 +153,27 @@ def _read_prompt_mapping(path: Path) -> dict[str, str]:
     return mapping
 
 
-def _resolve_model(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> str:
-    """The model to score with (--model, else the recorded one), refused unless it is the index's."""
+def _check_index_use(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> None:
+    """UsageError (exit 2), before any query is encoded, for options the index cannot serve: another
+    --objective, motion maps of another flow rule, --explain on dense features."""
     kind = info.objective.get("kind", "uniform")
+    if kind == "motion":  # queries get their maps from this version's flow rule: the index's must match
+        check_rule(info.objective.get("rule"), f"{run}'s index")
+    if cfg.explain:  # refused before any query is encoded
+        try:
+            layer_slices(info.projector, info.blocks)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if cfg.objective is not None and cfg.objective != kind:
         raise UsageError(
             f"--objective {cfg.objective}: {run}'s index was built with --objective {kind}, and queries "
             f"are featurized like its training clips; featurize the run with --objective {cfg.objective} "
             "(in another run) to score that way"
         )
+
+
+def _resolve_model(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> str:
+    """The model to score with (--model, else the recorded one), refused unless it is the index's."""
     model = cfg.model or info.model_source
     if model is None:
         raise UsageError(f"{run} does not record its model; pass --model")
@@ -296,27 +308,29 @@ def _explain_strata(
 ) -> None:
     """Each result's score split over timestep strata (`explain.stratum_split`): the result clips'
     per-draw parts recomputed from their cached latents with the index's draws (one K-draw backward
-    per distinct clip), preconditioned as the index was. `by_stratum_total` is their sum, the score
-    recomputed exactly (the indexed score differs by the index's own rounding: SQ8, float16...)."""
-    wanted = {r["clip_id"] for q in queries for r in q.results}
-    live = {cid: row.where for cid, _, row in run.live_latents().ok() if cid in wanted}
+    per distinct clip, streamed: one clip's (K, D) parts in memory at a time), preconditioned as the
+    index was. `by_stratum_total` is their sum, the score recomputed; `by_stratum_residual` = score −
+    total is the rounding between the two computations (float32: ~1e-7 relative; bf16 features
+    ~1e-4; an approximate index adds its own)."""
+    hits: dict[int, list[tuple[np.ndarray, dict[str, Any]]]] = defaultdict(list)
+    for q, psi_q in zip(queries, psi):
+        for r in q.results:
+            hits[r["clip_id"]].append((psi_q, r))
+    live = {cid: row.where for cid, _, row in run.live_latents().ok() if cid in hits}
     progress("explain", {"todo": len(live)})
-    parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for clip in read_latents(run, selection(list(live.values()))):
         raw, sigma = featurizer.draw_parts(
             clip.clip_id, clip.latent, clip.text_emb, clip.motion
         )  # (K, D), (K,)
         raw64 = raw.numpy().astype(np.float64)
-        parts[clip.clip_id] = (pre.prepare_train_parts(raw64, raw64.sum(axis=0)), sigma.numpy())
+        psi_parts = pre.prepare_train_parts(raw64, raw64.sum(axis=0))  # (K, D)
+        for psi_q, r in hits[clip.clip_id]:
+            strata = stratum_split(psi_q, psi_parts, sigma.numpy(), featurizer.rule)
+            total = sum(x["score"] for x in strata)
+            r.setdefault("explain", {}).update(
+                by_stratum=strata, by_stratum_total=total, by_stratum_residual=r["score"] - total
+            )
         progress("clip", {"status": "ok"})
-    for q, psi_q in zip(queries, psi):
-        for r in q.results:
-            if r["clip_id"] not in parts:  # its latent is gone from the live run: no strata to show
-                continue
-            psi_parts, sigma = parts[r["clip_id"]]
-            strata = stratum_split(psi_q, psi_parts, sigma, featurizer.rule)
-            r.setdefault("explain", {})["by_stratum"] = strata
-            r["explain"]["by_stratum_total"] = sum(x["score"] for x in strata)
 
 
 def clip_ids(clip_id: int) -> dict[str, Any]:
@@ -383,6 +397,7 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
     cfg.validate()
     run = RunDir(cfg.run)
     info = run.index_info()
+    _check_index_use(cfg, run, info)
     model = _resolve_model(cfg, run, info)
     queries = [Query(path=str(p), prompt=t) for p, t in zip(cfg.queries, prompts)]
 

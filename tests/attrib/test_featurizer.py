@@ -262,3 +262,58 @@ def test_features_report_each_clips_draws(tiny_model_dir: Path, clips) -> None:
     fz.use_rule(DrawRule(seed=0, scheme="stratified", k=2, noise="per-clip"))
     _, _, draws = fz.features(clips)
     assert not torch.equal(draws[0][0], draws[1][0])
+
+
+# -- draw_parts (score --explain's per-stratum split) ----------------------------------------------
+@pytest.mark.parametrize("objective", ["uniform", "motion"])
+def test_draw_parts_add_up_to_the_feature_with_weights_and_checkpoints(
+    tiny_model_dir: Path, clips, objective: str
+) -> None:
+    """Σ_k part_k = φ for each checkpoint block, with importance weights w_k ≠ 1 (stratified-is under
+    a non-flat proposal) and per-token motion weights.
+
+    The per-draw path and the batched K-draw feature are the same sums in another float32 order. Per
+    layer block the allowed error is the larger of C·eps32·sqrt(n)·Σ_k ‖part_k‖ (test_gradients.py's
+    bound, n the longest contraction; Σ_k ‖part_k‖ because draws partly cancel) and 10x the measured
+    reordering noise of the same feature (one backward per draw, `draws_per_backward=1`, against one
+    for all K): the token sums of the real demo latents, with the 512-token padded context, cancel
+    more than test_gradients.py's random data. The control: dropping the w_k, or the motion weights,
+    must exceed it."""
+    from carv_attrib.attrib.featurizer import objective_spec
+
+    q = Proposal.from_bins(torch.linspace(0, 1, 5), torch.tensor([4.0, 1.0, 0.5, 0.25]), "uniform", mix=0.1)
+    rule = DrawRule(seed=1, scheme="stratified-is", k=3, density="uniform", proposal=q)
+    ck = str(tiny_model_dir / "transformer")
+    fz = load_featurizer(
+        str(tiny_model_dir), [None, ck], rule, "loss", "cpu", "float32",
+        new_projector=lambda t: build_projector("kron", t, kron_dims=(2, 2)), objective=objective_spec(objective),
+    )  # fmt: skip
+    cid, z, emb = clips[0]
+    motion = torch.rand(z.shape[1:], generator=torch.Generator().manual_seed(0)) * 3  # (T, h, w) px/frame
+    feat, _, ((sigma, w),) = fz.features([(cid, z, emb, motion)])
+    assert not torch.allclose(w, torch.ones_like(w))  # the weights are really exercised
+    fz.draws_per_backward = 1
+    reordered, _, _ = fz.features([(cid, z, emb, motion)])
+    fz.draws_per_backward = None
+    parts, sig = fz.draw_parts(cid, z, emb, motion)
+    assert parts.shape == (rule.k, fz.dim) and torch.equal(sig, sigma)
+    widest = max(m.out_features * (m.in_features + 1) for t in fz.transformers for m in t.modules()
+                 if isinstance(m, nn.Linear))  # fmt: skip
+    n = max(widest, rule.k * 512)  # the K/V layers contract over the padded context's 512 tokens
+    c_eps = 8.0 * torch.finfo(torch.float32).eps * math.sqrt(n)
+    unweighted = parts.double() / w.double()[:, None]  # the control: w_k dropped
+    start, worst, control = 0, 0.0, 0.0
+    for proj in fz.projectors:
+        for _, k_out, k_in in proj.layer_dims:
+            sl = slice(start, start + k_out * k_in)
+            b = feat[0, sl].double()
+            tol = max(c_eps * float(parts[:, sl].double().norm(dim=1).sum()),
+                      10 * float((reordered[0, sl].double() - b).norm()))  # fmt: skip
+            worst = max(worst, float((parts[:, sl].double().sum(0) - b).norm()) / tol)
+            control = max(control, float((unweighted[:, sl].sum(0) - b).norm()) / tol)
+            start = sl.stop
+    assert worst <= 1.0 and control > 1.0, (worst, control)
+    if objective == "motion":  # the weights reach the gradient: the uniform feature differs
+        fz.objective = objective_spec("uniform")
+        plain, _, _ = fz.features([(cid, z, emb)])
+        assert float((plain - feat).norm() / feat.norm()) > 1e-2

@@ -14,7 +14,14 @@ import cv2
 import numpy as np
 import pytest
 
-from carv_attrib.data.motion import FLOW_MAX_SIDE, MOTION_FLOOR, frame_motion, latent_motion, motion_weights
+from carv_attrib.data.motion import (
+    FLOW_MAX_SIDE,
+    MOTION_FLOOR,
+    MOTION_NOISE,
+    frame_motion,
+    latent_motion,
+    motion_weights,
+)
 from carv_attrib.demo_data import ClipSpec, render_frames
 
 
@@ -88,6 +95,20 @@ def test_magnitude_is_the_same_whichever_way_the_shape_moves() -> None:
     assert max(means) < 1.25 * min(means)
 
 
+@pytest.mark.parametrize("sd", [1.0, 3.0])
+def test_pixel_noise_on_a_still_clip_is_not_motion(sd: float) -> None:
+    """Per-clip normalisation would turn a still clip's flow noise into weights of 20x; below
+    MOTION_NOISE px/frame it is no motion (H.264 stills stay well under sd 3 grey levels)."""
+    rng = np.random.default_rng(int(sd))
+    still = np.repeat(_clip("left", 0.0, 8)[:1], 17, axis=0).astype(np.float32)
+    noisy = np.clip(still + rng.normal(0, sd, still.shape), 0, 255).astype(np.uint8)
+    m = latent_motion(frame_motion(noisy), 5)
+    assert 0 < float(m.max()) < MOTION_NOISE
+    np.testing.assert_array_equal(motion_weights(m), np.ones(m.shape, np.float32))
+    moving = latent_motion(frame_motion(_clip("left", 1.0, 8, frames=17)), 5)
+    assert motion_weights(moving).max() > 2  # a shape moving 1 px/frame still stands out
+
+
 def test_a_static_clip_has_no_motion_and_plain_weights() -> None:
     frames = np.repeat(_clip("left", 0.0, 8)[:1], 9, axis=0)
     m = frame_motion(frames)
@@ -119,7 +140,7 @@ def test_latent_frames_group_like_the_wan_vae() -> None:
 
 def test_weights_have_mean_one_and_a_floor() -> None:
     rng = np.random.default_rng(0)
-    m = rng.exponential(size=(5, 4, 4)).astype(np.float32)
+    m = MOTION_NOISE + rng.exponential(size=(5, 4, 4)).astype(np.float32)
     m[:, :2] = 0.0  # a static half
     w = motion_weights(m)
     assert w.dtype == np.float32

@@ -130,3 +130,56 @@ def test_a_training_clip_scored_under_motion_finds_itself(
         run_score(
             ScoreConfig(run=r, queries=[query], prompt="x", objective="uniform", workers=0, device="cpu")
         )
+
+
+def test_queries_get_bitwise_the_maps_training_clips_got(motion_world: tuple[Path, Path]) -> None:
+    """`score` decodes a query with `decode_with_motion` under the index's frame policy and rounds its
+    map through float16 like encode stores it: for a training clip that is its stored map, bit for
+    bit (the self-match test above is too coarse to see a small map difference)."""
+    from carv_attrib.data.motion import decode_with_motion, latent_motion
+    from carv_attrib.data.run import EncodeFacts
+
+    data, run = motion_world
+    policy = EncodeFacts.from_latents_config(RunDir(run).latents.read_config()["config"]).policy
+    for c in iter_cached(run):
+        decoded = decode_with_motion(str(data / "videos" / f"{c.vid}.mp4"), policy)
+        q = latent_motion(decoded.motion, c.latent.shape[1]).astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(q, c.motion.numpy(), err_msg=c.vid)
+
+
+def test_plan_fits_the_objective_and_featurize_refuses_another(
+    motion_world: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from carv_attrib.pipeline.plan import PlanConfig, run_plan
+
+    _, run = motion_world
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    plan = run_plan(PlanConfig(run=r, model=str(tiny_model_dir), out=tmp_path / "plan.json", pilot_clips=2, bins=4,
+                               draws=2, replicates=2, objective="motion", device="cpu"))  # fmt: skip
+    assert plan["objective"] == "motion"
+    with pytest.raises(UsageError, match="fitted for --objective motion"):
+        run_featurize(FeaturizeConfig(run=r, model=str(tiny_model_dir), draws=2, plan=tmp_path / "plan.json",
+                                      device="cpu"))  # fmt: skip
+    assert not (r / "features").exists()
+    run_featurize(FeaturizeConfig(run=r, model=str(tiny_model_dir), draws=2, plan=tmp_path / "plan.json",
+                                  objective="motion", device="cpu"))  # fmt: skip
+
+
+def test_an_index_of_another_flow_rule_is_refused_before_any_query(
+    motion_world: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data, run = motion_world
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    run_featurize(
+        FeaturizeConfig(run=r, model=str(tiny_model_dir), draws=2, objective="motion", device="cpu")
+    )
+    build_run_index(IndexConfig(run=r))
+    info_path = r / "index" / "index_info.json"
+    info = json.loads(info_path.read_text())
+    info["objective"]["rule"] = "farneback-v0"
+    info_path.write_text(json.dumps(info))
+    query = next((data / "videos").glob("*.mp4"))
+    with pytest.raises(UsageError, match="farneback-v0"):
+        run_score(ScoreConfig(run=r, queries=[query], prompt="x", workers=0, device="cpu"))
