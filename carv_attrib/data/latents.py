@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from carv_attrib.data.live import selection
+from carv_attrib.data.motion import MOTION_DTYPE
 from carv_attrib.data.run import RunDir
 from carv_attrib.data.sources import SourceId
 
@@ -94,7 +95,7 @@ def row_to_clip(row: dict[str, Any]) -> CachedClip:
     e = np.frombuffer(row["text_emb"], dtype=dt).reshape(row["text_len"], row["text_dim"])
     motion = None
     if row.get("motion") is not None:
-        m = np.frombuffer(row["motion"], dtype=np.float16).reshape(row["motion_shape"])
+        m = np.frombuffer(row["motion"], dtype=MOTION_DTYPE).reshape(row["motion_shape"])
         motion = torch.from_numpy(m.astype(np.float32))
     return CachedClip(
         clip_id=int(row["clip_id"]),

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 MOTION_RULE = "farneback-v1"  # recorded with the latents: maps from another rule never mix in
+MOTION_DTYPE = np.float16  # storage dtype of the maps (latent rows' `motion` column)
 SPATIAL_FACTOR = 8  # Wan2.1 VAE: 8x8 pixels per latent cell
 FLOW_MAX_SIDE = 256
 MOTION_FLOOR = 0.1  # share of the weight spread evenly: static tokens keep a small gradient
@@ -96,6 +97,12 @@ def latent_motion(frame_mag: np.ndarray, t_latent: int) -> np.ndarray:
     r = (f - 1) // (t_latent - 1)
     rest = frame_mag[1:].reshape(t_latent - 1, r, *frame_mag.shape[1:]).mean(axis=1)  # (T−1, h, w)
     return np.concatenate([frame_mag[:1], rest]).astype(np.float32)
+
+
+def stored_map(frame_mag: np.ndarray, t_latent: int) -> np.ndarray:
+    """(F, h, w) per-frame magnitudes → the (T, h, w) MOTION_DTYPE map a latent row stores; queries
+    use it too, so they get the training clips' rounding."""
+    return latent_motion(frame_mag, t_latent).astype(MOTION_DTYPE)
 
 
 def motion_weights(

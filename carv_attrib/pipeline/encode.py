@@ -36,7 +36,7 @@ from carv_attrib.data.decode_pool import DecodePool
 from carv_attrib.data.latents import empty_latent_row, latent_schema
 from carv_attrib.data.live import hashes_in_rows, latent_rows, latent_sha, selection
 from carv_attrib.data.manifest import ClipTable, read_manifest
-from carv_attrib.data.motion import MOTION_RULE, decode_with_motion, latent_motion
+from carv_attrib.data.motion import MOTION_RULE, decode_with_motion, stored_map
 from carv_attrib.data.run import RunDir
 from carv_attrib.data.sources import SourcedClips
 from carv_attrib.data.store import ShardStore, fingerprint, now_iso
@@ -220,10 +220,10 @@ def _encode_batch(vae: Any, items: list[tuple[dict[str, Any], DecodedClip]], np_
         arr = z.numpy().astype(np_dtype)
         row.update(latent=arr.tobytes(), latent_shape=list(arr.shape), latent_dtype=str(arr.dtype))
         if clip.motion is not None:  # --motion-masks: the flow pooled onto this latent's grid
-            m = latent_motion(clip.motion, arr.shape[1])  # (T, h, w)
+            m = stored_map(clip.motion, arr.shape[1])  # (T, h, w)
             if m.shape != arr.shape[1:]:
                 raise ValueError(f"motion map {m.shape} does not match the latent grid {arr.shape[1:]}")
-            row.update(motion=m.astype(np.float16).tobytes(), motion_shape=list(m.shape))
+            row.update(motion=m.tobytes(), motion_shape=list(m.shape))
 
     try:
         x = torch.stack([frames_to_tensor(c.frames) for _, c in items])  # (B, 3, F, H, W)

@@ -38,7 +38,7 @@ from carv_attrib.data.decode_pool import DecodePool
 from carv_attrib.data.latents import as_stored, read_latents
 from carv_attrib.data.live import selection
 from carv_attrib.data.manifest import clip_id_for, read_text_file
-from carv_attrib.data.motion import check_rule, decode_with_motion, latent_motion
+from carv_attrib.data.motion import check_rule, decode_with_motion, stored_map
 from carv_attrib.data.run import IndexInfo, RunDir
 from carv_attrib.data.store import now_iso
 from carv_attrib.data.video import ClipFailure, decode_clip, failure_message, frames_to_tensor
@@ -209,8 +209,8 @@ def _encode_queries(
                 q.latent = as_stored(z, enc.latent_dtype)
                 if not torch.isfinite(q.latent).all():
                     raise ValueError("VAE produced non-finite latents")
-                if motion:  # stored as float16 for training clips: the same rounding here
-                    m = latent_motion(result.motion, q.latent.shape[1]).astype(np.float16)
+                if motion:  # the map a training clip stores, with its rounding
+                    m = stored_map(result.motion, q.latent.shape[1])  # (T, h, w)
                     q.motion = torch.from_numpy(m.astype(np.float32))
             except Exception as exc:
                 q.fail(f"encode_error: {exc}")
@@ -290,11 +290,9 @@ def _search(
 
 def _explain(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:
     """Each result's score split over layers and blocks (`carv_attrib.attrib.explain`), from the
-    clip's indexed vector: the exact one kept for re-ranking, else the index's own (exact for Flat)."""
-    try:
-        slices = layer_slices(info.projector, info.blocks)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    clip's indexed vector: the exact one kept for re-ranking, else the index's own (exact for Flat).
+    A dense projector was refused by `_check_index_use`."""
+    slices = layer_slices(info.projector, info.blocks)
     store = VectorStore(run.index_dir) if info.rerank_vectors else None
     for q, psi_q in zip(queries, psi):
         for r in q.results:

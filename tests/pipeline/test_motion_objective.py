@@ -48,6 +48,13 @@ def motion_world(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
     return data, run
 
 
+def _featurized_copy(run: Path, model: Path, dest: Path, **featurize: object) -> Path:
+    """A copy of `run` at `dest`, featurized with the given FeaturizeConfig options."""
+    shutil.copytree(run, dest)
+    run_featurize(FeaturizeConfig(run=dest, model=str(model), device="cpu", **featurize))
+    return dest
+
+
 def test_encode_stores_a_motion_map_on_each_latent_grid(motion_world: tuple[Path, Path]) -> None:
     _, run = motion_world
     clips = {c.vid: c for c in iter_cached(run)}
@@ -90,10 +97,9 @@ def test_the_motion_objective_reweights_moving_clips_only(
     _, run = motion_world
     feats = {}
     for objective in ("uniform", "motion"):
-        r = tmp_path / objective
-        shutil.copytree(run, r)
-        run_featurize(FeaturizeConfig(run=r, model=str(tiny_model_dir), draws=3, objective=objective,
-                                      batch_clips=1, device="cpu"))  # fmt: skip
+        r = _featurized_copy(
+            run, tiny_model_dir, tmp_path / objective, draws=3, objective=objective, batch_clips=1
+        )
         t = RunDir(r).features.read_table(columns=["vid", "feature"]).to_pylist()
         feats[objective] = {row["vid"]: np.asarray(row["feature"], dtype=np.float32) for row in t}
     assert set(feats["uniform"]) == set(feats["motion"]) and len(feats["motion"]) == 7
@@ -109,11 +115,7 @@ def test_a_training_clip_scored_under_motion_finds_itself(
     motion_world: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     data, run = motion_world
-    r = tmp_path / "run"
-    shutil.copytree(run, r)
-    run_featurize(
-        FeaturizeConfig(run=r, model=str(tiny_model_dir), draws=3, objective="motion", device="cpu")
-    )
+    r = _featurized_copy(run, tiny_model_dir, tmp_path / "run", draws=3, objective="motion")
     info = build_run_index(IndexConfig(run=r, precondition="cosine"))
     assert info.objective["kind"] == "motion"
     rows = json.loads((data / "manifest.json").read_text())
@@ -170,11 +172,7 @@ def test_an_index_of_another_flow_rule_is_refused_before_any_query(
     motion_world: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     data, run = motion_world
-    r = tmp_path / "run"
-    shutil.copytree(run, r)
-    run_featurize(
-        FeaturizeConfig(run=r, model=str(tiny_model_dir), draws=2, objective="motion", device="cpu")
-    )
+    r = _featurized_copy(run, tiny_model_dir, tmp_path / "run", draws=2, objective="motion")
     build_run_index(IndexConfig(run=r))
     info_path = r / "index" / "index_info.json"
     info = json.loads(info_path.read_text())
