@@ -1,115 +1,426 @@
-"""Where LDS is lost: each attribution factor against the exact reference, on every standard world.
+"""Where LDS is won and lost: every attribution factor against the fixed reference, on every world.
 
-For each world of `bench/worlds.py` (built first: `.venv/bin/python bench/worlds.py`), every
-variant of `VARIANTS` is scored by LDS (`carv_attrib.evaluate.study`), with a 95 % bootstrap CI over
-queries and replicates (projection seed r and estimator seed r, r = 0..2). The exact reference is the
-unprojected gradient of all trainable parameters with K = 256 iid draws (common random numbers),
-scored by grad-dot (identity).
+For each world of the suite (`bench/worlds.py`, built first), the full gradients of the training
+and query clips are computed once per draw rule (`carv_attrib.evaluate.reference.exact_gradients`),
+and every layer set, projection and preconditioner is derived from them
+(`carv_attrib.evaluate.gradspace`: kron features from G equal the tool's KronProjector features for
+the same draws, tested). Gram matrices are cached under WORK/NAME/study/, so a rerun only computes
+what is new. Rows:
 
-    .venv/bin/python bench/factors.py              # -> bench/results/factors.json
-    .venv/bin/python bench/factors.py base sgd     # some worlds only (merged into the JSON)
-    .venv/bin/python bench/factors.py base --only kron-12x12,K32   # some variants only (merged)
+- the fixed references: the training loss, all parameters, unprojected, grad-dot, K = 256 iid σ ~ p
+  (the world's training density), with common draws ("ref-crn", 2 seeds) and independent per-clip
+  draws ("ref-per-clip", 1 seed);
+- estimator jobs: output function (loss | sqnorm) × scheme (iid | stratified | stratified-is with the
+  plan's fitted proposal) × K, common draws, 3 seeds; each seed r is the estimator seed *and* the
+  projection seed, so CIs cover queries, estimator and projection;
+- per job: layer sets (blocks, all-linear, all), projections (none, kron k×k, dense), preconditioners
+  (identity, cosine, normalize α, trak λ, diag: the run's own per-coordinate second moment, adam: the
+  full model's AdamW v̂ where one was trained);
+- the tool's own featurize path (`carv_attrib.evaluate.study.product_features`) for the shipped
+  settings, so the table also says what `carv-attrib featurize` gives.
+
+    .venv/bin/python bench/factors.py                 # every built world -> bench/results/factors.json
+    .venv/bin/python bench/factors.py ft-uniform       # some worlds (merged into the JSON)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
 from _util import load_avg, machine_info
 
-from carv_attrib.evaluate.lds import random_floor
-from carv_attrib.evaluate.study import Variant, score_variants
-from carv_attrib.evaluate.world import STANDARD_WORLDS, World
+from carv_attrib.attrib.featurizer import build_projector, load_featurizer
+from carv_attrib.carv.draws import DrawRule
+from carv_attrib.carv.timesteps import Proposal, density
+from carv_attrib.config import PlanConfig
+from carv_attrib.evaluate.gradspace import FeatureSpec, features, gram, scores_from_gram
+from carv_attrib.evaluate.lds import LdsBootstrap, interval, random_floor, subset_sums
+from carv_attrib.evaluate.reference import exact_gradients, reference_rule
+from carv_attrib.evaluate.study import Variant, product_features
+from carv_attrib.evaluate.world import WORLD_SUITE, World
+from carv_attrib.models.wan import load_transformer
 
 WORK = Path(__file__).resolve().parent / "_work" / "worlds"
 OUT = Path(__file__).resolve().parent / "results" / "factors.json"
+ADAM_EPS = 1e-8
+
+NONE = tuple(FeatureSpec(layers=s) for s in ("blocks", "all-linear", "all"))
+KRON16 = FeatureSpec(layers="blocks", projection="kron")
+BASIC = (*NONE, KRON16, FeatureSpec(layers="all-linear", projection="kron"))
+SWEEP = (
+    *BASIC,
+    *(
+        FeatureSpec(layers=ls, projection="kron", k_out=k, k_in=k)
+        for ls in ("blocks", "all-linear")
+        for k in (4, 8, 32)
+    ),
+    FeatureSpec(layers="all", projection="kron"),
+    FeatureSpec(layers="blocks", projection="kron", matrix="rademacher"),
+    FeatureSpec(layers="blocks", projection="dense", dim=5120),
+)
 
 
-# The shipped default before this study (loss, kron 8x8 per layer); each factor changes it one at a time.
-OLD = {
-    "output_fn": "loss",
-    "kron_dims": "8x8",
-    "timesteps": "stratified-is",
-    "precondition": "cosine",
-    "draws": 8,
+@dataclass(frozen=True)
+class GradJob:
+    """One draw rule and output function whose full gradients are computed (per replicate)."""
+
+    name: str
+    output_fn: str = "loss"
+    scheme: str = "stratified-is"
+    k: int = 8
+    noise: str = "shared"
+    reference: str | None = None  # "crn" | "per-clip": reference seeds and iid draws
+    replicates: int = 3
+    specs: tuple[FeatureSpec, ...] = BASIC
+    keep: bool = False  # keep G on disk (later studies of new features need no backward)
+
+
+JOBS = (
+    GradJob("ref-crn-256", scheme="iid", k=256, reference="crn", replicates=2, specs=NONE, keep=True),
+    GradJob(
+        "ref-per-clip-256", scheme="iid", k=256, reference="per-clip", replicates=1, specs=NONE, keep=True
+    ),
+    GradJob("sqnorm-ref-crn-256", "sqnorm", scheme="iid", k=256, reference="crn", replicates=1, specs=NONE),
+    GradJob("loss-sis-8", specs=SWEEP, keep=True),
+    GradJob("sqnorm-sis-8", "sqnorm", specs=SWEEP, keep=True),
+    GradJob("loss-iid-8", scheme="iid"),
+    GradJob("loss-strat-8", scheme="stratified"),
+    GradJob("sqnorm-iid-8", "sqnorm", scheme="iid"),
+    GradJob("sqnorm-strat-8", "sqnorm", scheme="stratified"),
+    GradJob("loss-sis-8-per-clip", noise="per-clip"),
+    *(GradJob(f"loss-sis-{k}", k=k) for k in (1, 2, 4, 16, 32)),
+    *(GradJob(f"sqnorm-sis-{k}", "sqnorm", k=k) for k in (1, 2, 4, 16, 32)),
+    *(GradJob(f"loss-iid-{k}", scheme="iid", k=k) for k in (1, 2, 4, 16, 32)),
+    *(GradJob(f"loss-strat-{k}", scheme="stratified", k=k) for k in (1, 2, 4, 16, 32)),
+)
+
+# preconditioners scored on every Gram: (label, kind, params, gram variant)
+PRECONDITIONERS: tuple[tuple[str, str, dict[str, float], str], ...] = (
+    ("identity", "identity", {}, "plain"),
+    ("cosine", "cosine", {}, "plain"),
+    ("normalize-0.5", "normalize", {"alpha": 0.5}, "plain"),
+    *((f"trak-{lam:g}", "trak", {"lambda_rel": lam}, "plain") for lam in (1e-3, 1e-2, 1e-1, 1.0, 10.0)),
+    ("diag-identity", "identity", {}, "diag"),
+    ("diag-cosine", "cosine", {}, "diag"),
+    ("adam-identity", "identity", {}, "adam"),
+    ("adam-cosine", "cosine", {}, "adam"),
+)
+
+# The tool's shipped settings, run through its own featurizer (kron on blocks.*, K = 8).
+PRODUCT = {
+    "old default (loss, kron 8x8, cosine)": dict(output_fn="loss", kron_dims="8x8", precondition="cosine"),
+    "last default (sqnorm, kron 16x16, cosine)": dict(
+        output_fn="sqnorm", kron_dims="16x16", precondition="cosine"
+    ),
 }
 
 
-def V(name: str, **change: object) -> Variant:  # noqa: N802 (a row of the table)
-    return Variant(name, **{**OLD, **change})
+# -- cache --------------------------------------------------------------------------------------
+class Store:
+    """Gram matrices (and kept gradients) of one world, one .npy per key under WORK/NAME/study."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "grams").mkdir(parents=True, exist_ok=True)
+        (root / "grads").mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _name(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()[:20] + ".npy"
+
+    def gram_path(self, key: str) -> Path:
+        return self.root / "grams" / self._name(key)
+
+    def grad_path(self, key: str) -> Path:
+        return self.root / "grads" / self._name(key)
+
+    def get(self, key: str) -> np.ndarray | None:
+        p = self.gram_path(key)
+        return np.load(p) if p.exists() else None
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        tmp = self.gram_path(key).with_suffix(".tmp.npy")
+        np.save(tmp, value)
+        tmp.rename(self.gram_path(key))
 
 
-def variants(density: str) -> list[Variant]:
-    """The factor table: the old default and one change at a time (K = 8 unless named), then the
-    combinations the single factors point to; `kron-16x16-sqnorm` is the new default."""
-    return [
-        V("exact-256", kind="exact", draws=256, timesteps="iid", precondition="identity", replicates=1),
-        V("exact-256-cosine", kind="exact", draws=256, timesteps="iid", precondition="cosine", replicates=1),
-        V("exact-256-adam", kind="exact", draws=256, timesteps="iid", precondition="adam", replicates=1),
-        V("exact-8", kind="exact", timesteps="iid", precondition="identity"),
-        V("exact-8-adam", kind="exact", timesteps="iid", precondition="adam"),
-        V("default"),  # the old default: loss, stratified-is (q = p), kron 8x8 on blocks.*, cosine
-        V("iid", timesteps="iid"),
-        V("stratified", timesteps="stratified"),
-        V("density-matched", density=density),
-        V("identity", precondition="identity"),
-        V("trak", precondition="trak"),
-        V("trak-lambda1", precondition="trak", lambda_rel=1.0),
-        V("kron-16x16", kron_dims="16x16"),
-        V("kron-32x32", kron_dims="32x32"),
-        V("all-linear", layers=("*",)),
-        V("sqnorm", output_fn="sqnorm"),
-        V("per-clip-noise", noise="per-clip"),
-        V("K32", draws=32),
-        V("kron-12x12", kron_dims="12x12"),
-        V("kron-16x16-iid", kron_dims="16x16", timesteps="iid"),
-        V("kron-16x16-stratified", kron_dims="16x16", timesteps="stratified"),
-        V("kron-16x16-matched", kron_dims="16x16", density=density),
-        V("kron-16x16-sqnorm", kron_dims="16x16", output_fn="sqnorm"),  # the new default
-        V("kron-16x16-K4", kron_dims="16x16", draws=4),
-        V("kron-16x16-K4-iid", kron_dims="16x16", draws=4, timesteps="iid"),
-        V("kron-16x16-sqnorm-iid", kron_dims="16x16", output_fn="sqnorm", timesteps="iid"),
-        V("kron-16x16-sqnorm-all-linear", kron_dims="16x16", output_fn="sqnorm", layers=("*",)),
-        V("kron-16x16-sqnorm-K4", kron_dims="16x16", output_fn="sqnorm", draws=4),
-        V("kron-16x16-sqnorm-K4-iid", kron_dims="16x16", output_fn="sqnorm", draws=4, timesteps="iid"),
-        V("kron-16x16-sqnorm-trak", kron_dims="16x16", output_fn="sqnorm", precondition="trak"),
-    ]
+def gram_key(job: GradJob, r: int, spec: FeatureSpec, variant: str) -> str:
+    return f"{job.name}|{job.output_fn}|{job.scheme}|{job.k}|{job.noise}|{job.reference}|r{r}|{spec.key}|{variant}"
+
+
+# -- draws --------------------------------------------------------------------------------------
+def proposal_for(world: World, output_fn: str) -> Proposal:
+    """The plan's fitted q for this world and output function: `carv-attrib plan`'s fit with its
+    defaults (8 pilot clips, 10 bins x 2 draws, mix 0.1, kron 16x16 on blocks.*), cached."""
+    path = world.root / "study" / f"proposal-{output_fn}.json"
+    if path.exists():
+        return Proposal.from_json(path.read_text())
+    from carv_attrib.data.run import RunDir
+    from carv_attrib.pipeline.plan import _fit_proposal, _pilot_clips
+
+    spec = world.spec
+    cfg = PlanConfig(
+        run=world.run("train"), model=str(world.model), density=spec.density, output_fn=output_fn
+    )
+    rule = DrawRule(seed=0, scheme="iid", k=8, density=spec.density, noise="per-clip")
+    fz = load_featurizer(
+        str(world.model), [None], rule, output_fn, "cpu", "float32",
+        new_projector=lambda t: build_projector("kron", t, ["blocks.*"], 0),
+    )  # fmt: skip
+    q, _ = _fit_proposal(
+        fz, _pilot_clips(RunDir(world.run("train")), cfg.pilot_clips), cfg, density(spec.density)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(q.to_dict()))
+    return q
+
+
+def rule_for(job: GradJob, world: World, r: int, proposals: dict[str, Proposal]) -> DrawRule:
+    d = world.spec.density
+    if job.reference is not None:
+        return reference_rule(d, job.k, job.reference, r)
+    q = proposals[job.output_fn] if job.scheme == "stratified-is" else None
+    return DrawRule(seed=r, scheme=job.scheme, k=job.k, density=d, proposal=q, noise=job.noise)
+
+
+# -- compute ------------------------------------------------------------------------------------
+def adam_scale(world: World, transformer: torch.nn.Module) -> np.ndarray | None:
+    """(P,) 1/(sqrt(v̂)+ε) of the full model's AdamW training, in `named_parameters` order."""
+    path = world.second_moments_path
+    if not path.exists():
+        return None
+    v = torch.load(path)
+    return (
+        torch.cat(
+            [
+                (1.0 / (v[n].sqrt() + ADAM_EPS)).reshape(-1) if n in v else torch.ones(p.numel())
+                for n, p in transformer.named_parameters()
+            ]
+        )
+        .double()
+        .numpy()
+    )
+
+
+def compute_job(
+    job: GradJob, world: World, store: Store, transformer: torch.nn.Module, clips: list, n_train: int,
+    proposals: dict[str, Proposal], adam: np.ndarray | None, say: Any,
+) -> None:  # fmt: skip
+    for r in range(job.replicates):
+        keys = [
+            (s, v)
+            for s in job.specs
+            for v in ("plain", "diag") + (("adam",) if s.layers == "all" and s.projection == "none" else ())
+        ]
+        todo = [(s, v) for s, v in keys if not store.gram_path(gram_key(job, r, s, v)).exists()]
+        if not todo:
+            continue
+        gkey = gram_key(job, r, FeatureSpec(layers="all"), "grad")
+        gpath = store.grad_path(gkey)
+        t0 = time.monotonic()
+        if gpath.exists():
+            G = np.load(gpath)
+        else:
+            G = exact_gradients(transformer, clips, rule_for(job, world, r, proposals), job.output_fn)
+            if job.keep:
+                np.save(gpath.with_suffix(".tmp.npy"), G)
+                gpath.with_suffix(".tmp.npy").rename(gpath)
+        t1 = time.monotonic()
+        for spec in {s for s, _ in todo}:
+            F = features(G, transformer, spec, seed=r)
+            for s, v in todo:
+                if s != spec:
+                    continue
+                if v == "plain":
+                    K = gram(F)
+                elif v == "diag":  # the run's own per-coordinate second moment (training clips only)
+                    K = gram(F, 1.0 / (np.sqrt((np.asarray(F[:n_train], np.float64) ** 2).mean(0)) + 1e-30))
+                elif adam is not None:  # the full model's AdamW v̂ (unprojected, all parameters)
+                    K = gram(F, adam)
+                else:
+                    continue
+                store.put(gram_key(job, r, s, v), K)
+        say(
+            f"{world.spec.name} {job.name} r{r}: gradients {t1 - t0:.0f} s, features {time.monotonic() - t1:.0f} s"
+        )
+
+
+def lds_rows(
+    job: GradJob, world: World, store: Store, n_train: int, gt: np.ndarray, pos: np.ndarray, dims: dict
+) -> dict:
+    rows = {}
+    for spec in job.specs:
+        for label, kind, params, variant in PRECONDITIONERS:
+            grams = [store.get(gram_key(job, r, spec, variant)) for r in range(job.replicates)]
+            if any(g is None for g in grams):
+                continue
+            sums = [
+                subset_sums(scores_from_gram(g, n_train, kind, dim=dims[spec.key], **params), pos)
+                for g in grams
+            ]
+            rows[f"{job.name}|{spec.key}|{label}"] = {
+                "job": job.name, "output_fn": job.output_fn, "scheme": job.scheme, "k": job.k, "noise": job.noise,
+                "reference": job.reference, "features": spec.key, "dim": dims[spec.key], "precondition": label,
+                "sums": sums,
+            }  # fmt: skip
+    return rows
+
+
+def finish_rows(rows: dict[str, Any], gt: np.ndarray) -> dict[str, Any]:
+    """LDS mean, CI over subsets, queries and seeds, and the ratio to the fixed reference with its
+    paired CI (one bootstrap for all rows of the world); per-replicate sums are dropped."""
+    boot = LdsBootstrap(gt.shape[0], gt.shape[1], n_boot=1000, seed=0)
+    ref = boot.samples(rows[REF]["sums"], gt)
+    ref_mean = float(np.nanmean([np.nanmean(_spearman(s, gt)) for s in rows[REF]["sums"]]))
+    out = {}
+    for key, row in rows.items():
+        sums = row.pop("sums")
+        per_rep = [float(np.nanmean(_spearman(s, gt))) for s in sums]
+        samples = boot.samples(sums, gt)
+        mean = float(np.mean(per_rep))
+        out[key] = {
+            **row,
+            "lds": {"mean": round(mean, 4), "ci95": [round(x, 4) for x in interval(samples)],
+                    "replicates": [round(x, 4) for x in per_rep]},
+            "ratio": round(mean / ref_mean, 4),
+            "ratio_ci95": [round(x, 4) for x in interval(samples / ref)],
+        }  # fmt: skip
+    return out
+
+
+def _spearman(sums: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    from carv_attrib.evaluate.lds import _spearman_columns
+
+    return _spearman_columns(sums, gt, axis=0)
+
+
+def product_rows(world: World, problem: Any, proposals: dict[str, Proposal], pos: np.ndarray) -> dict:
+    """The tool's own featurize path (`study.product_features`) for the shipped settings."""
+    rows = {}
+    for name, kw in PRODUCT.items():
+        v = Variant(name, timesteps="stratified-is", density=world.spec.density, draws=8, **kw)
+        sums = []
+        for r in range(3):
+            prob = replace(problem, proposal=proposals[v.output_fn])
+            ft = product_features(prob, v, r, problem.train)
+            fq = product_features(prob, v, r, problem.query)
+            n = len(problem.train)
+            K = gram(np.concatenate([ft, fq]))
+            sums.append(subset_sums(scores_from_gram(K, n, v.precondition, dim=ft.shape[1]), pos))
+        rows[f"product|{name}"] = {
+            **kw, "job": "product", "output_fn": v.output_fn, "scheme": v.timesteps, "k": v.draws, "noise": v.noise,
+            "reference": None, "features": f"blocks/kron-{kw['kron_dims']}-gaussian", "dim": ft.shape[1],
+            "precondition": v.precondition, "sums": sums,
+        }  # fmt: skip
+    return rows
+
+
+def run_world(world: World, say: Any, jobs: set[str] | None = None, products: bool = True) -> dict[str, Any]:
+    problem = world.problem()
+    clips = problem.train + problem.query
+    n_train = len(problem.train)
+    gt, pos = problem.gt_values, problem.positions
+    store = Store(world.root / "study")
+    transformer = load_transformer(str(world.model))
+    proposals = {fn: proposal_for(world, fn) for fn in ("loss", "sqnorm")}
+    adam = adam_scale(world, transformer)
+    from carv_attrib.evaluate.gradspace import describe
+
+    dims = {s.key: describe(s, transformer)["dim"] for s in SWEEP}
+    t0 = time.monotonic()
+    rows: dict[str, Any] = {}
+    for job in JOBS:
+        if jobs is not None and job.name not in jobs and not job.name.startswith("ref-crn"):
+            continue
+        compute_job(job, world, store, transformer, clips, n_train, proposals, adam, say)
+        rows.update(lds_rows(job, world, store, n_train, gt, pos, dims))
+    if products:
+        rows.update(product_rows(world, problem, proposals, pos))
+    return {
+        "spec": world.spec.to_dict(),
+        "description": world.spec.describe(),
+        "random": random_floor(gt, pos, n_train),
+        "query_gt_correlation": float(np.corrcoef(gt.T)[np.triu_indices(gt.shape[1], 1)].mean()),
+        "rows": finish_rows(rows, gt),
+        "proposals": {fn: q.to_dict() for fn, q in proposals.items()},
+        "seconds": round(time.monotonic() - t0, 1),
+    }
 
 
 def main() -> None:
     args = sys.argv[1:]
-    only = None
-    if "--only" in args:
-        i = args.index("--only")
-        only, args = set(args[i + 1].split(",")), args[:i] + args[i + 2 :]
-    names = args or [w.name for w in STANDARD_WORLDS]
-    doc = json.loads(OUT.read_text()) if OUT.exists() else {"worlds": {}}
-    for spec in STANDARD_WORLDS:
-        if spec.name not in names:
-            continue
+    jobs = None
+    if "--jobs" in args:
+        i = args.index("--jobs")
+        jobs, args = set(args[i + 1].split(",")), args[:i] + args[i + 2 :]
+    products = "--no-product" not in args
+    args = [a for a in args if a != "--no-product"]
+    names = args or [w.name for w in WORLD_SUITE]
+    doc = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if "suite" not in doc:
+        doc = {"suite": "WORLD_SUITE", "worlds": {}}
+    say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)  # noqa: E731
+    for spec in WORLD_SUITE:
         world = World(spec, WORK / spec.name)
-        t0 = time.monotonic()
-        todo = [v for v in variants(spec.density) if only is None or v.name in only]
-        rows = score_variants(world.problem(), todo, say=lambda s: print(s, flush=True))
-        old = doc["worlds"].get(spec.name, {}).get("variants", {})
-        merged = {
-            v.name: rows.get(v.name, old.get(v.name))
-            for v in variants(spec.density)
-            if v.name in rows or v.name in old
-        }
-        doc["worlds"][spec.name] = {
-            "spec": spec.to_dict(),
-            "random": random_floor(world.gt_values(), world.subset_positions(), spec.n_train),
-            "variants": merged,
-            "seconds": time.monotonic() - t0,
-        }
+        if spec.name not in names or not (world.root / "installed.json").exists():
+            continue
+        new = run_world(world, say, jobs, products)
+        old = doc["worlds"].get(spec.name, {}).get("rows", {})
+        new["rows"] = {**old, **new["rows"]}  # the same ground truth and bootstrap: rows stay comparable
+        doc["worlds"][spec.name] = new
         doc["machine"], doc["load_avg"] = machine_info(), load_avg()
         OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(doc, indent=1) + "\n")
+        OUT.write_text(json.dumps(doc) + "\n")
+        say(f"{spec.name}: done")
+    doc["selection"] = select(doc)
+    OUT.write_text(json.dumps(doc) + "\n")
 
 
 if __name__ == "__main__":
     main()
+
+
+# -- analysis -----------------------------------------------------------------------------------
+REF = "ref-crn-256|all/none|identity"
+REF_PER_CLIP = "ref-per-clip-256|all/none|identity"
+
+
+def shippable(row: dict[str, Any]) -> bool:
+    """A setting featurize can run at Wan2.1 scale: projected, K = 8, common draws, no optimizer state."""
+    return (
+        row["reference"] is None and row["k"] == 8 and row["noise"] == "shared"
+        and "/none" not in row["features"] and not row["precondition"].startswith("adam")
+    )  # fmt: skip
+
+
+def select(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every shippable setting's LDS ÷ the fixed reference on every world; ranked by the minimum."""
+    worlds = doc["worlds"]
+    keys = set.intersection(*(set(w["rows"]) for w in worlds.values()))
+    table = {}
+    for key in keys:
+        rows = [worlds[w]["rows"][key] for w in worlds]
+        if not shippable(rows[0]):
+            continue
+        ratios = {w: worlds[w]["rows"][key]["ratio"] for w in worlds}
+        table[key] = {
+            "min": min(ratios.values()), "mean": float(np.mean(list(ratios.values()))), "ratios": ratios,
+            "ratio_ci95": {w: worlds[w]["rows"][key]["ratio_ci95"] for w in worlds},
+        }  # fmt: skip
+    ranked = sorted(table, key=lambda k: -table[k]["min"])
+    best = ranked[0] if ranked else None
+    out: dict[str, Any] = {
+        "worlds": list(worlds),
+        "ranked": [{"setting": k, **table[k]} for k in ranked[:40]],
+    }
+    if best is not None:
+        out["best"] = {"setting": best, **table[best]}
+    return out

@@ -1,24 +1,46 @@
-"""Build the standard LDS worlds (`carv_attrib.evaluate.world.STANDARD_WORLDS`) under bench/_work/worlds.
+"""Build the LDS world suite (`carv_attrib.evaluate.world.WORLD_SUITE`) under bench/_work/worlds.
 
-.venv/bin/python bench/worlds.py [NAME ...]     # all four by default; resumes
+Each world is seeded and described in WORK/NAME/world.json (spec + a one-line description); the
+suite's specs, descriptions, build seconds and training losses go to bench/results/worlds.json.
+
+.venv/bin/python bench/worlds.py [NAME ...]     # all of them by default; resumes
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
-from carv_attrib.evaluate.world import STANDARD_WORLDS, build_world
+from _util import machine_info
+
+from carv_attrib.data.store import read_json
+from carv_attrib.evaluate.world import WORLD_SUITE, build_world
 
 WORK = Path(__file__).resolve().parent / "_work" / "worlds"
+OUT = Path(__file__).resolve().parent / "results" / "worlds.json"
+
+
+def summary(name: str, seconds: float | None) -> dict:
+    root = WORK / name
+    full = read_json(root / "models" / "full" / "gt.json")
+    spec = read_json(root / "world.json")
+    return {
+        "spec": {k: v for k, v in spec.items() if k != "description"},
+        "description": spec["description"],
+        "init": read_json(root / "init.json"),
+        "full_model_train_loss_first_last": full["train_loss"],
+        "full_model_query_loss_mean": sum(full["query_loss"]) / len(full["query_loss"]),
+        "build_seconds": seconds,
+    }
 
 
 def main() -> None:
-    names = sys.argv[1:] or [w.name for w in STANDARD_WORLDS]
-    for spec in STANDARD_WORLDS:
-        if spec.name not in names:
-            continue
+    names = sys.argv[1:] or [w.name for w in WORLD_SUITE]
+    doc = json.loads(OUT.read_text()) if OUT.exists() else {"worlds": {}}
+    by_name = {w.name: w for w in WORLD_SUITE}
+    for spec in [by_name[n] for n in names]:
         t0 = time.monotonic()
         build_world(
             spec,
@@ -26,9 +48,13 @@ def main() -> None:
             workers=2,
             say=lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True),
         )
-        print(
-            f"[{time.strftime('%H:%M:%S')}] {spec.name}: built in {time.monotonic() - t0:.0f} s", flush=True
-        )
+        seconds = time.monotonic() - t0
+        print(f"[{time.strftime('%H:%M:%S')}] {spec.name}: built in {seconds:.0f} s", flush=True)
+        old = doc["worlds"].get(spec.name, {}).get("build_seconds")
+        doc["worlds"][spec.name] = summary(spec.name, seconds if seconds > 60 or old is None else old)
+        doc["machine"] = machine_info()
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ DEFAULT_LAYERS = ("blocks.*",)
 DEFAULT_KRON_DIMS = "16x16"  # = attrib.projection.DEFAULT_K_OUT x DEFAULT_K_IN
 # D-TRAK's output: the better attribution signal on every world of bench/factors.py (README, Benchmarks)
 DEFAULT_OUTPUT_FN = "sqnorm"
+DEFAULT_PRECONDITION = "cosine"
 
 
 def option(
@@ -339,7 +340,7 @@ class IndexConfig(StageConfig):
 
     run: Path = option(positional=True, help="Run directory with features.")
     precondition: str = option(
-        "cosine",
+        DEFAULT_PRECONDITION,
         help="identity (TracIn dot product) | trak ((ΦᵀΦ+λI)⁻¹) | cosine (unit norm per checkpoint block).",
     )
     lambda_rel: float = option(
@@ -559,6 +560,11 @@ class PlanConfig(StageConfig):
         None, help="PNG: q(σ) beside p(σ) and the per-bin gradient norm; variance×cost against K."
     )
     pilot_clips: int = option(8, help="Cached clips in the pilot.")
+    rank_clips: int = option(
+        32,
+        help="Cached clips ranked against each other under two estimator seeds: the recommended K is the "
+        "fewest draws at which the rankings agree.",
+    )
     bins: int = option(10, help="σ bins of the proposal.")
     draws_per_bin: int = option(2, help="Per-draw gradients measured per σ bin and pilot clip.")
     draws: int = draws_option(help="K at which each scheme's within-encode variance is measured.")
@@ -587,13 +593,15 @@ class PlanConfig(StageConfig):
         check_choice("--dtype", self.dtype, DTYPES)
         if (
             self.pilot_clips < 2
+            or self.rank_clips < 3
             or self.replicates < 2
             or self.bins < 1
             or self.draws < 1
             or self.draws_per_bin < 1
         ):
             raise UsageError(
-                "plan needs --pilot-clips >= 2, --replicates >= 2, --bins >= 1, --draws >= 1, --draws-per-bin >= 1"
+                "plan needs --pilot-clips >= 2, --rank-clips >= 3, --replicates >= 2, --bins >= 1, --draws >= 1, "
+                "--draws-per-bin >= 1"
             )
         if not 0 < self.mix <= 1:
             raise UsageError(f"--mix {self.mix}: must be in (0, 1] (weights are bounded by 1/α)")
@@ -776,15 +784,27 @@ class EvaluateConfig(StageConfig):
     variant: list[str] = option(
         flags=("--variant",),
         default_factory=lambda: ["default", "iid"],
-        help="Featurize setting(s) to score (repeatable): default, iid, stratified, identity, trak, kron-8x8, "
-        "kron-32x32, all-linear, loss, K32, exact-8, exact-256, exact-256-adam.",
+        help="Setting(s) to score (repeatable): default, iid, stratified, identity, cosine, trak, kron-8x8, "
+        "kron-32x32, all-linear, loss, sqnorm, K4, K32; the fixed reference (training loss, all parameters, "
+        "unprojected; small models only): exact-crn-8, exact-per-clip-8, exact-crn-256, exact-per-clip-256, "
+        "exact-crn-256-cosine, exact-crn-256-adam.",
     )
     queries: int = option(8, help="Clips of RUN held out as queries (seeded choice).")
     subsets: int = option(16, help="Random halves of the training clips, one retrained model each.")
     steps: int = option(50, help="Fine-tuning steps of the full model and of every subset model.")
     lr: float = option(1e-3, help="Learning rate of the retrainings.")
     optimizer: str = option("adamw", help="adamw | sgd.")
-    density: str = density_option(help="p(σ) of the retrainings and of the ground-truth loss.")
+    full_batch: bool = option(
+        False, help="Every training clip at every step (deterministic: models differ by their data only)."
+    )
+    train_seeds: int = option(
+        1,
+        help="Models per subset (training seeds), their query losses averaged: tames minibatch order noise.",
+    )
+    density: str = density_option(
+        help="p(σ) the model was trained with: of the retrainings, the ground-truth loss, the reference and the "
+        "settings' draws."
+    )
     gt_draws: int = option(64, help="Fixed draws of each query's ground-truth loss.")
     replicates: int = option(3, help="Projection and estimator seeds per setting (the CI covers them).")
     ground_truth: Path | None = option(
@@ -804,6 +824,7 @@ class EvaluateConfig(StageConfig):
         check_min("--steps", self.steps, 1)
         check_min("--gt-draws", self.gt_draws, 1)
         check_min("--replicates", self.replicates, 1)
+        check_min("--train-seeds", self.train_seeds, 1)
         check_choice("--optimizer", self.optimizer, ("adamw", "sgd"))
         if self.lr <= 0:
             raise UsageError(f"--lr {self.lr}: must be > 0")

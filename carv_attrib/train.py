@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from diffusers import WanTransformer3DModel
 
-from carv_attrib.carv.objective import clip_objective
+from carv_attrib.carv.objective import TIMESTEP_SCALE, clip_objective
+from carv_attrib.carv.rng import clip_stream, noise, uniforms
 from carv_attrib.carv.timesteps import density as make_density
 from carv_attrib.data.latents import iter_cached
 from carv_attrib.models.wan import load_transformer, pad_context
@@ -69,9 +70,17 @@ def train_on_clips(
     on_step: Callable[[int, float], None] | None = None,
     optimizer: str = "adamw",
     second_moments: dict[str, torch.Tensor] | None = None,
+    full_batch: bool = False,
 ) -> list[float]:
     """AdamW (or plain SGD) on Σ_clips mean_k ℓ(σ_k, ε_k), σ ~ p(σ) = `density`; returns the loss per
     step. Deterministic given `seed`.
+
+    Minibatch (default): each step draws `batch_clips` clips with replacement and `draws` fresh
+    (σ, ε) per clip from one seeded generator. `full_batch`: each step uses every clip once, and
+    clip c's draws at step s are counter-based (`carv.rng`, stream of c's id, counters s·draws + j),
+    so two trainings on different subsets see the same draws for the clips they share: the models
+    differ by their data only (lower-noise LDS ground truth). Clips then share forwards in chunks
+    of `FULL_BATCH_CHUNK` (the same loss, fewer calls).
 
     second_moments: filled (when given, with AdamW) with Adam's bias-corrected second-moment estimate
     v̂ = exp_avg_sq / (1 − β₂^t) per parameter name (same shapes as the parameters): what an
@@ -94,6 +103,17 @@ def train_on_clips(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))  # short warm-up
     losses = []
     for step in range(steps):
+        if full_batch:
+            opt.zero_grad(set_to_none=True)
+            total = _full_batch_loss(transformer, clips, contexts, step, draws, p, seed)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(total.detach()))
+            if on_step is not None:
+                on_step(step, losses[-1])
+            continue
         idx = torch.randint(len(clips), (min(batch_clips, len(clips)),), generator=gen).tolist()
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
@@ -119,6 +139,42 @@ def train_on_clips(
                 t = float(st["step"])
                 second_moments[name] = (st["exp_avg_sq"] / (1 - beta2**t)).detach().cpu().clone()
     return losses
+
+
+FULL_BATCH_CHUNK = 16  # clips per forward in full-batch training
+
+
+def _full_batch_loss(
+    transformer: Any, clips: list[Any], contexts: list[torch.Tensor], step: int, draws: int, p: Any, seed: int
+) -> torch.Tensor:
+    """mean over clips of mean_k ℓ(σ_k, ε_k) at `step`, draws counter-based per (clip, step) (see
+    `train_on_clips`); clips of one latent shape share a forward, `FULL_BATCH_CHUNK` at a time."""
+    ks = range(step * draws, (step + 1) * draws)
+    total = None
+    for start in range(0, len(clips), FULL_BATCH_CHUNK):
+        chunk = range(start, min(start + FULL_BATCH_CHUNK, len(clips)))
+        zs, xs, ts, ctx, targets = [], [], [], [], []
+        for i in chunk:
+            z = clips[i].latent  # (C, T, h, w)
+            stream = clip_stream(clips[i].clip_id)
+            sigma = p.icdf(uniforms(seed, stream, ks)).float()  # (K,)
+            eps = noise(seed, stream, ks, tuple(z.shape))  # (K, C, T, h, w)
+            s = sigma.view(draws, 1, 1, 1, 1)
+            xs.append((1 - s) * z[None] + s * eps)
+            targets.append(eps - z[None])
+            ts.append(sigma * TIMESTEP_SCALE)
+            ctx.append(contexts[i].expand(draws, -1, -1))
+            zs.append(z.shape)
+        if len(set(zs)) != 1:  # mixed latent shapes: one clip per forward
+            raise ValueError("full-batch training needs clips of one latent shape")
+        v = transformer(
+            hidden_states=torch.cat(xs), timestep=torch.cat(ts), encoder_hidden_states=torch.cat(ctx),
+            return_dict=False,
+        )[0]  # (n·K, C, T, h, w)  # fmt: skip
+        part = (v - torch.cat(targets)).pow(2).flatten(1).mean(1).sum() / (draws * len(clips))
+        total = part if total is None else total + part
+    assert total is not None
+    return total
 
 
 def train_transformer(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> list[float]:

@@ -14,7 +14,8 @@ from carv_attrib.config import EvaluateConfig
 @stage_command(EvaluateConfig, extra=[format_param()])
 def evaluate(cfg: EvaluateConfig, fmt: str | None) -> None:
     """How faithful are the attributions on RUN? Hold out queries, retrain MODEL on random halves of
-    the other clips, and score each --variant setting by LDS with a 95 % CI (JSON to --out)."""
+    the other clips, and score each --variant setting by LDS with a 95 % CI over subsets, queries and
+    seeds (JSON to --out)."""
     from carv_attrib.pipeline.evaluate import run_evaluate
 
     fmt = check_format(fmt)
@@ -31,7 +32,7 @@ def evaluate(cfg: EvaluateConfig, fmt: str | None) -> None:
     for col in ("setting", "LDS", "95 % CI", "draws/clip", "seconds"):
         table.add_column(col, justify="left" if col == "setting" else "right")
     for name, row in doc["settings"].items():
-        lo, hi = row["lds"]["ci95"]
+        lo, hi = row["lds"].get("ci95_subsets", row["lds"]["ci95"])
         table.add_row(
             Text(name),
             f"{row['lds']['mean']:.3f}",

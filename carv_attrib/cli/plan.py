@@ -65,9 +65,16 @@ def plan(cfg: PlanConfig, fmt: str) -> None:
     elif result["density"] != "uniform":
         flags.append(f"--density {result['density']}")
     say(f"recommended {' '.join(flags)} (ECM {r['ecm']:.2f})", style="green")
+    rk = r["ranking"]
+    last = rk["curve"][-1]
+    say(
+        f"at K={last['draws']} two estimator seeds share {last['top_k_overlap']:.0%} of each clip's top-{rk['top_k']} "
+        f"and rank the {rk['clips'] - 1} others with Spearman {last['spearman']:.3f} (stable: overlap >= 90%, "
+        "Spearman >= 0.95)"
+    )
     if r["capped"]:
         say(
-            f"--k-max {cfg.k_max} limits K: the estimator noise is still {r['noise_share_at_draws']:.0%} of the "
-            "spread between clips' features there; raise --k-max to see the K that brings it to 10%",
+            f"--k-max {cfg.k_max} limits K: the rankings of two seeds still differ there; raise --k-max to see "
+            "the K at which they agree",
             style="yellow",
         )

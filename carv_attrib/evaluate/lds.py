@@ -8,6 +8,15 @@ The LDS of a method is the mean over queries. 1 is a perfect linear datamodel; r
 
     per_q = lds_per_query(scores, gt_values, positions)     # (Q,)
     summary = lds_summary([per_q_seed0, per_q_seed1, ...])  # mean, CI over queries and seeds
+
+A world's queries are often alike (their losses move together over subsets), so resampling queries
+alone understates the uncertainty: the M subsets are a sample too. `LdsBootstrap` resamples
+subsets, queries and replicates with one set of indices shared by every setting scored on the
+same ground truth, so CIs of a difference or a ratio between two settings are paired:
+
+    boot = LdsBootstrap(m=40, q=16)
+    a = boot.samples([subset_sums(S_r, positions) for S_r in setting_scores], gt)   # (n_boot,)
+    ci = np.percentile(a / boot.samples(ref_sums, gt), [2.5, 97.5])
 """
 
 from __future__ import annotations
@@ -19,28 +28,77 @@ import numpy as np
 from scipy.stats import rankdata
 
 
+def subset_sums(scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(M, Q) predicted subset effects Σ_{i∈S_m} scores[i, q]; positions (M, size) or M ragged arrays."""
+    return (
+        scores[positions].sum(axis=1)
+        if isinstance(positions, np.ndarray)
+        else np.stack([scores[p].sum(0) for p in positions])
+    )
+
+
+def _spearman_columns(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
+    """Spearman correlation along `axis` (average ranks for ties; NaN for a constant column)."""
+    ra = rankdata(a, axis=axis)
+    rb = rankdata(b, axis=axis)
+    ra = ra - ra.mean(axis=axis, keepdims=True)
+    rb = rb - rb.mean(axis=axis, keepdims=True)
+    denom = np.sqrt((ra**2).sum(axis) * (rb**2).sum(axis))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ra * rb).sum(axis) / denom
+
+
 def lds_per_query(scores: np.ndarray, gt_values: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """(Q,) Spearman correlation over subsets between Σ_{i∈S_m} scores[i, q] and gt_values[m, q].
 
     scores (n_train, Q) float, gt_values (M, Q) float (−loss), positions (M, subset size) int
     training positions (or M index arrays of any sizes). Ties get average ranks; a constant column gives NaN (as scipy and dattri).
     """
-    # (M, Q) predicted subset effect; positions may be ragged (a list of index arrays)
-    sums = (
-        scores[positions].sum(axis=1)
-        if isinstance(positions, np.ndarray)
-        else np.stack([scores[p].sum(0) for p in positions])
-    )
-    ra = rankdata(sums, axis=0)
-    rb = rankdata(gt_values, axis=0)
-    ra, rb = ra - ra.mean(0), rb - rb.mean(0)
-    denom = np.sqrt((ra**2).sum(0) * (rb**2).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (ra * rb).sum(0) / denom
+    return _spearman_columns(subset_sums(scores, positions), gt_values, axis=0)
 
 
-def lds_summary(per_query: Sequence[np.ndarray], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Mean LDS with a 95 % bootstrap CI over queries *and* replicates (projection/estimator seeds).
+class LdsBootstrap:
+    """Bootstrap indices over M subsets and Q queries (and replicates), fixed by `seed`, shared by
+    every setting scored on one ground truth: `samples` gives (n_boot,) LDS values, so the samples of
+    two settings are paired (the same subsets and queries in each draw)."""
+
+    def __init__(self, m: int, q: int, n_boot: int = 1000, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.m, self.q, self.n_boot, self.seed = m, q, n_boot, seed
+        self.rows = rng.integers(0, m, (n_boot, m))  # (B, M) resampled subsets
+        self.cols = rng.integers(0, q, (n_boot, q))  # (B, Q) resampled queries
+
+    def samples(self, sums: Sequence[np.ndarray], gt_values: np.ndarray) -> np.ndarray:
+        """(n_boot,) mean LDS of each bootstrap draw; sums: one (M, Q) `subset_sums` per replicate,
+        the replicates resampled too (a generator seeded by `seed` and their number)."""
+        per_rep = []
+        for s in sums:
+            rho = _spearman_columns(np.asarray(s)[self.rows], gt_values[self.rows], axis=1)  # (B, Q)
+            per_rep.append(np.nanmean(np.take_along_axis(rho, self.cols, axis=1), axis=1))  # (B,)
+        stack = np.stack(per_rep)  # (R, B)
+        r = stack.shape[0]
+        reps = np.random.default_rng([self.seed, r]).integers(0, r, (self.n_boot, r))  # (B, R)
+        return np.take_along_axis(stack.T, reps, axis=1).mean(1)
+
+
+def interval(samples: np.ndarray) -> list[float]:
+    """The 2.5 / 97.5 percentiles of bootstrap samples (NaN samples dropped)."""
+    x = np.asarray(samples, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]
+
+
+def lds_summary(
+    per_query: Sequence[np.ndarray],
+    n_boot: int = 2000,
+    seed: int = 0,
+    *,
+    sums: Sequence[np.ndarray] | None = None,
+    gt_values: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Mean LDS with a 95 % bootstrap CI over queries *and* replicates (projection/estimator seeds),
+    and over subsets too when `sums` (one (M, Q) `subset_sums` per replicate) and `gt_values` are
+    given (`ci95_subsets`: the CI to quote when queries are alike).
 
     per_query: R arrays (Q,), one per replicate. Each bootstrap draw resamples the Q queries and the
     R replicates with replacement and averages; the CI is the 2.5/97.5 percentiles. Also the SE over
@@ -55,13 +113,18 @@ def lds_summary(per_query: Sequence[np.ndarray], n_boot: int = 2000, seed: int =
         cols = rng.integers(0, q, q)
         boots[b] = np.nanmean(a[np.ix_(rows, cols)])
     per_rep = np.nanmean(a, axis=1)
-    return {
+    out = {
         "mean": float(np.nanmean(a)),
         "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
         "se_replicates": float(per_rep.std(ddof=1) / np.sqrt(r)) if r > 1 else None,
         "replicates": [float(x) for x in per_rep],
         "queries": q,
     }
+    if sums is not None and gt_values is not None:
+        boot = LdsBootstrap(gt_values.shape[0], q, min(n_boot, 1000), seed)
+        out["ci95_subsets"] = interval(boot.samples(sums, gt_values))
+        out["subsets"] = int(gt_values.shape[0])
+    return out
 
 
 def random_floor(

@@ -84,6 +84,7 @@ class TrainJob:
     seed: int = 0
     gt_draws: int = 64
     save_moments: bool = False  # Adam's v̂ to OUT/adam_v.pt (for the optimizer-aware preconditioner)
+    full_batch: bool = False  # every clip at every step, counter-based draws (`train_on_clips`)
 
 
 def _clips(run: str, ids: Sequence[int] | None) -> list[CachedClip]:
@@ -105,6 +106,7 @@ def train_job(job: TrainJob) -> dict[str, Any]:
     losses = train_on_clips(
         transformer, _clips(job.run, job.train_ids), job.steps, job.batch_clips, job.train_draws, job.lr,
         density=job.density, seed=job.seed, optimizer=job.optimizer, second_moments=moments,
+        full_batch=job.full_batch,
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     save_transformer(transformer, out / "transformer")
@@ -121,6 +123,11 @@ def train_job(job: TrainJob) -> dict[str, Any]:
     }
     write_json_atomic(marker, info)
     return info
+
+
+def subset_model(m: int, seed: int = 0) -> str:
+    """The model name of subset m's training seed `seed` (seed 0 keeps the plain name)."""
+    return f"subset-{m:03d}" + (f"-s{seed}" if seed else "")
 
 
 def worker_init() -> None:

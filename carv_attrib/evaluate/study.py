@@ -1,19 +1,23 @@
-"""Attribution variants scored by LDS on a world, against the exact reference.
+"""Attribution variants scored by LDS on a problem, beside the fixed exact reference.
 
 A `Variant` is one way to turn (training clips, queries) into scores:
 
 - kind "product": the tool's own path (`attrib.featurizer`: draw rule, output function, kron or
-  dense projection of the selected Linear layers) followed by a preconditioner (identity, cosine,
-  trak with `lambda_rel`);
-- kind "exact": the unprojected gradient of **all** trainable parameters (K iid draws, common random
-  numbers), scored by identity (grad-dot, TracIn), cosine, or `adam`: gᵢᵀ diag(1/(sqrt(v̂)+ε)) g_q with
-  Adam's bias-corrected second moment v̂ of the full model's training (one AdamW step's influence;
-  falls back to identity when the world was not trained with AdamW).
+  dense projection of the selected Linear layers) followed by a preconditioner of
+  `attrib.precondition` (identity, cosine, trak with `lambda_rel`). Its fields default to
+  featurize's and index's own defaults, so `Variant("default")` is what `carv-attrib featurize`
+  does; its density defaults to the problem's training density (what a user passes `--density`);
+- kind "exact": the fixed reference of `evaluate.reference`: the *training loss*, all trainable
+  parameters, unprojected, K iid draws σ ~ p of the problem's training density, with common draws
+  (`reference_draws="crn"`) or independent per-clip draws ("per-clip"). It never follows
+  featurize's options; only its draws, draw rule and preconditioner are chosen: identity (grad-dot,
+  TracIn), cosine, trak (Woodbury on the Gram), or adam: gᵢᵀ diag(1/(sqrt(v̂)+ε)) g_q with the full
+  model's AdamW v̂ (identity when the model was not trained with AdamW).
 
-Each variant is replicated over `replicates` seeds r (projection seed r *and* estimator seed r), so the
-CI of `lds_summary` covers queries and both seeds.
+Each variant is replicated over `replicates` seeds r (projection seed r *and* estimator seed r; the
+reference's seed r is `REFERENCE_SEED + r`), so the CI of `lds_summary` covers queries and seeds.
 
-    rows = score_variants(world, [Variant("default"), Variant("exact-256", kind="exact", draws=256)])
+    rows = score_variants(problem, [Variant("default"), NAMED_VARIANTS["exact-crn-256"]])
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 
 from carv_attrib.attrib.featurizer import build_draw_rule, build_projector, load_featurizer
 from carv_attrib.attrib.precondition import fit_preconditioner
-from carv_attrib.carv.objective import clip_objective
+from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.config import (
     DEFAULT_KRON_DIMS,
     DEFAULT_LAYERS,
@@ -39,18 +43,24 @@ from carv_attrib.config import (
     parse_kron_dims,
 )
 from carv_attrib.data.latents import CachedClip
-from carv_attrib.evaluate.lds import lds_per_query, lds_summary
-from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
+from carv_attrib.evaluate.gradspace import gram, scores_from_gram
+from carv_attrib.evaluate.lds import lds_per_query, lds_summary, subset_sums
+from carv_attrib.evaluate.reference import REFERENCE_DRAWS, exact_gradients, reference_rule
+from carv_attrib.models.wan import load_transformer, resolve_device
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default ε
+KINDS = ("product", "exact")
+EXACT_PRECONDITIONERS = ("identity", "cosine", "trak", "adam")
 
 
 @dataclass
 class LdsProblem:
     """What a variant is judged on: the model to attribute (MODEL + an optional transformer
     checkpoint), training clips and held-out queries, subset positions (M, n_train/2) and the measured
-    outputs gt_values (M, Q) = −loss of each subset model; `adam_moments`: Adam's v̂ of the model's
-    training ({param name: tensor}) when known."""
+    outputs gt_values (M, Q) = −loss of each subset model; `density` the model's training p(σ) (the
+    reference's and, by default, the product variants'); `proposal` the plan's q for stratified-is
+    product variants (None: q = p); `adam_moments`: Adam's v̂ of the model's training
+    ({param name: tensor}) when known."""
 
     name: str
     model: str
@@ -61,23 +71,26 @@ class LdsProblem:
     gt_values: np.ndarray
     adam_moments: str | None = None
     device: str = "cpu"  # where the settings' featurizers run (`auto`, `cuda`, ...)
+    density: str = "uniform"
+    proposal: Proposal | None = None
 
 
 _FEATURIZE = {f.name: f.default for f in dataclasses.fields(FeaturizeConfig)}
 _INDEX = {f.name: f.default for f in dataclasses.fields(IndexConfig)}
+_PRODUCT_ONLY = ("timesteps", "output_fn", "noise", "projector", "kron_dims", "proj_dim", "layers")
 
 
 @dataclass(frozen=True)
 class Variant:
     """One attribution setting; `draws` is its cost in (σ, ε) draws per clip."""
 
-    # Defaults are featurize's and index's own (read from their configs), so Variant("default") is
-    # exactly what `carv-attrib featurize` does.
+    # Product defaults are featurize's and index's own (read from their configs), so
+    # Variant("default") is exactly what `carv-attrib featurize` does.
     name: str
     kind: str = "product"  # product | exact
     draws: int = _FEATURIZE["draws"]
     timesteps: str = _FEATURIZE["timesteps"]
-    density: str = "uniform"  # featurize's default when no plan gives one
+    density: str | None = None  # None: the problem's training density
     output_fn: str = _FEATURIZE["output_fn"]
     noise: str = _FEATURIZE["noise"]
     projector: str = _FEATURIZE["projector"]
@@ -87,16 +100,44 @@ class Variant:
     precondition: str = _INDEX["precondition"]  # identity | cosine | trak | adam (exact only)
     lambda_rel: float = _INDEX["lambda_rel"]
     replicates: int = 3
+    reference_draws: str = "crn"  # exact only: crn | per-clip
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown variant kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.kind == "exact":
+            if self.reference_draws not in REFERENCE_DRAWS:
+                raise ValueError(f"reference_draws must be one of {', '.join(REFERENCE_DRAWS)}")
+            if self.precondition not in EXACT_PRECONDITIONERS:
+                raise ValueError(f"exact variants take {', '.join(EXACT_PRECONDITIONERS)}")
+        elif self.precondition == "adam":
+            raise ValueError("the adam preconditioner needs full gradients: exact variants only")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """What the row used. Exact rows say what the reference is (training loss, all parameters,
+        unprojected, iid σ ~ p, their draw rule), not featurize's fields they ignore."""
+        d = dataclasses.asdict(self)
+        if self.kind == "exact":
+            for k in _PRODUCT_ONLY:
+                d.pop(k)
+            d.update(
+                output_fn="loss", parameters="all", projection="none", timesteps="iid",
+                draw_rule="common draws for all clips (CRN)" if self.reference_draws == "crn"
+                else "independent per-clip draws",
+            )  # fmt: skip
+        else:
+            d.pop("reference_draws")
+        return d
 
 
 # -- features ------------------------------------------------------------------------------------
 def product_features(problem: LdsProblem, v: Variant, seed: int, clips: Sequence[CachedClip]) -> np.ndarray:
     """(n, D) float64 features of `clips` through the tool's featurizer (projection and draws seeded by
-    `seed`)."""
-    rule = build_draw_rule(seed=seed, scheme=v.timesteps, k=v.draws, density=v.density, noise=v.noise)
+    `seed`; the problem's proposal under stratified-is)."""
+    rule = build_draw_rule(
+        seed=seed, scheme=v.timesteps, k=v.draws, density=v.density or problem.density, noise=v.noise,
+        proposal=problem.proposal if v.timesteps == "stratified-is" else None,
+    )  # fmt: skip
     dims = None if v.proj_dim else parse_kron_dims(v.kron_dims)
     fz = load_featurizer(
         problem.model, [problem.checkpoint], rule, v.output_fn, problem.device, "float32",
@@ -109,31 +150,6 @@ def product_features(problem: LdsProblem, v: Variant, seed: int, clips: Sequence
     return np.concatenate(out)
 
 
-def exact_gradients(
-    transformer: torch.nn.Module, clips: Sequence[CachedClip], draws: int, seed: int, output_fn: str = "loss"
-) -> np.ndarray:
-    """(n, P) float32: each clip's full gradient (all trainable parameters, flattened in
-    `named_parameters` order) of its K-draw objective, iid σ ~ uniform with shared noise (the same
-    draws for every clip). Draws run in chunks of 64 through one forward each."""
-    rule = build_draw_rule(seed=seed, scheme="iid", k=draws, density="uniform", noise="shared")
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    rows = []
-    for c in clips:
-        sigma, w, eps = rule.draws_for(0, tuple(c.latent.shape))  # (K,), (K,), (K, C, T, h, w)
-        ctx = pad_context(c.text_emb)
-        for p in params:
-            p.grad = None
-        for s in range(0, draws, 64):
-            sl = slice(s, s + 64)
-            # clip_objective averages over its own chunk: rescale so the chunks sum to the K-draw mean
-            obj, _ = clip_objective(transformer, c.latent, ctx, sigma[sl], eps[sl], w[sl], output_fn)
-            (obj * (sigma[sl].shape[0] / draws)).backward()
-        rows.append(torch.cat([p.grad.reshape(-1) for p in params]).float().cpu().numpy())
-    for p in params:
-        p.grad = None
-    return np.stack(rows)
-
-
 def _adam_scale(problem: LdsProblem, transformer: torch.nn.Module) -> np.ndarray | None:
     """(P,) 1/(sqrt(v̂)+ε) in `exact_gradients`' order, or None without Adam state."""
     path = problem.adam_moments
@@ -143,7 +159,6 @@ def _adam_scale(problem: LdsProblem, transformer: torch.nn.Module) -> np.ndarray
     parts = [
         (1.0 / (v[name].sqrt() + ADAM_EPS)).reshape(-1) if name in v else torch.ones(p.numel())
         for name, p in transformer.named_parameters()
-        if p.requires_grad
     ]
     return torch.cat(parts).double().numpy()
 
@@ -155,60 +170,75 @@ def score_matrix(train: np.ndarray, query: np.ndarray, kind: str, lambda_rel: fl
     return pre.prepare_train(train).astype(np.float64) @ pre.prepare_query(query).astype(np.float64).T
 
 
-def variant_scores(problem: LdsProblem, v: Variant, seed: int, cache: dict[str, Any]) -> np.ndarray:
-    """(n_train, Q) scores of one replicate of a variant."""
-    train, query = problem.train, problem.query
-    if v.kind == "product":
-        ft = product_features(problem, v, seed, train)
-        fq = product_features(problem, v, seed, query)
-        return score_matrix(ft, fq, v.precondition, v.lambda_rel)
-    key = ("exact", v.draws, seed, v.output_fn)
+def _exact_gram(problem: LdsProblem, v: Variant, seed: int, cache: dict[Any, Any]) -> np.ndarray:
+    """(n + Q, n + Q) Gram of the reference gradients of one replicate (adam-scaled for adam)."""
+    adam = v.precondition == "adam"
+    key = ("exact", v.draws, v.reference_draws, seed, adam)
     if key not in cache:
         if "transformer" not in cache:
             cache["transformer"] = load_transformer(
                 problem.model, problem.checkpoint, device=resolve_device(problem.device)
             )
         t = cache["transformer"]
-        for p in t.parameters():
-            p.requires_grad_(True)
-        cache[key] = (
-            exact_gradients(t, train, v.draws, seed, v.output_fn).astype(np.float64),
-            exact_gradients(t, query, v.draws, seed, v.output_fn).astype(np.float64),
-        )
-    gt, gq = cache[key]
-    if v.precondition == "adam":
-        if "adam" not in cache:
-            cache["adam"] = _adam_scale(problem, cache["transformer"])
-        scale = cache["adam"]
-        return (gt * scale) @ gq.T if scale is not None else gt @ gq.T
-    return score_matrix(gt, gq, v.precondition, v.lambda_rel)
+        gkey = ("grads", v.draws, v.reference_draws, seed)
+        if gkey not in cache:
+            rule = reference_rule(problem.density, v.draws, v.reference_draws, seed)
+            cache[gkey] = exact_gradients(t, problem.train + problem.query, rule)  # (n + Q, P)
+        scale = _adam_scale(problem, t) if adam else None
+        cache[key] = gram(cache[gkey], scale)
+    return cache[key]
+
+
+def variant_scores(problem: LdsProblem, v: Variant, seed: int, cache: dict[Any, Any]) -> np.ndarray:
+    """(n_train, Q) scores of one replicate of a variant."""
+    train, query = problem.train, problem.query
+    if v.kind == "product":
+        ft = product_features(problem, v, seed, train)
+        fq = product_features(problem, v, seed, query)
+        return score_matrix(ft, fq, v.precondition, v.lambda_rel)
+    K = _exact_gram(problem, v, seed, cache)
+    kind = "identity" if v.precondition == "adam" else v.precondition
+    return scores_from_gram(K, len(train), kind, lambda_rel=v.lambda_rel)
 
 
 def score_variants(
     problem: LdsProblem, variants: Sequence[Variant], say: Callable[[str], None] = lambda s: None
 ) -> dict[str, Any]:
-    """{variant name: {**variant, lds: lds_summary(...), seconds}} on `problem`."""
+    """{variant name: {**variant, lds: lds_summary(...), seconds}} on `problem`; the LDS CI
+    `ci95_subsets` resamples subsets, queries and seeds (`ci95`: queries and seeds only)."""
     gt_values, positions = problem.gt_values, problem.positions
-    cache: dict[str, Any] = {}
+    cache: dict[Any, Any] = {}
     out = {}
     for v in variants:
         t0 = time.monotonic()
-        per_query = [
-            lds_per_query(variant_scores(problem, v, r, cache), gt_values, positions)
-            for r in range(v.replicates)
-        ]
+        scores = [variant_scores(problem, v, r, cache) for r in range(v.replicates)]
         out[v.name] = {
             **v.to_dict(),
-            "lds": lds_summary(per_query),
+            "density": v.density or problem.density,
+            "lds": lds_summary(
+                [lds_per_query(s, gt_values, positions) for s in scores],
+                sums=[subset_sums(s, positions) for s in scores],
+                gt_values=gt_values,
+            ),
             "seconds": round(time.monotonic() - t0, 2),
         }
         s = out[v.name]["lds"]
-        say(f"{problem.name} {v.name}: LDS {s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
+        say(
+            f"{problem.name} {v.name}: LDS {s['mean']:.3f} [{s['ci95_subsets'][0]:.3f}, {s['ci95_subsets'][1]:.3f}]"
+        )
     return out
 
 
-# Settings `carv-attrib evaluate --variant NAME` knows (K = 8 unless named; exact ones need the full
-# gradient of every parameter in memory per clip: small models only).
+def _exact(
+    name: str, draws: int, rule: str = "crn", precondition: str = "identity", reps: int = 1
+) -> Variant:
+    return Variant(
+        name, kind="exact", draws=draws, reference_draws=rule, precondition=precondition, replicates=reps
+    )
+
+
+# Settings `carv-attrib evaluate --variant NAME` knows (K = 8 unless named; exact ones hold the full
+# gradient of every parameter of every clip in memory: small models only).
 NAMED_VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
@@ -216,16 +246,20 @@ NAMED_VARIANTS: dict[str, Variant] = {
         Variant("iid", timesteps="iid"),
         Variant("stratified", timesteps="stratified"),
         Variant("identity", precondition="identity"),
+        Variant("cosine", precondition="cosine"),
         Variant("trak", precondition="trak"),
         Variant("kron-8x8", kron_dims="8x8"),
         Variant("kron-32x32", kron_dims="32x32"),
         Variant("all-linear", layers=("*",)),
         Variant("loss", output_fn="loss"),
+        Variant("sqnorm", output_fn="sqnorm"),
+        Variant("K4", draws=4),
         Variant("K32", draws=32),
-        Variant("exact-8", kind="exact", draws=8, timesteps="iid", precondition="identity"),
-        Variant("exact-256", kind="exact", draws=256, timesteps="iid", precondition="identity", replicates=1),
-        Variant(
-            "exact-256-adam", kind="exact", draws=256, timesteps="iid", precondition="adam", replicates=1
-        ),
+        _exact("exact-crn-8", 8, reps=3),
+        _exact("exact-per-clip-8", 8, "per-clip", reps=3),
+        _exact("exact-crn-256", 256),
+        _exact("exact-per-clip-256", 256, "per-clip"),
+        _exact("exact-crn-256-cosine", 256, precondition="cosine"),
+        _exact("exact-crn-256-adam", 256, precondition="adam"),
     )
 }

@@ -4,20 +4,24 @@ A world is everything an attribution method is judged on (the TRAK/D-TRAK linear
 protocol, anchors-attribution.md §3; dattri's conventions, external-oracles.md §3):
 
 1. data: demo clips (moving shapes) for a training split (`n_train`), held-out queries (`n_query`,
-   other captions) and a disjoint pretraining split, encoded once (`run_encode`) at
-   `frames`x`size`;
+   other captions) and, for fine-tuned worlds, a disjoint pretraining split, encoded once
+   (`run_encode`) at `frames`x`size`;
 2. model: a Wan2.1 pipeline from the real classes (`preset`'s VAE and UMT5) whose transformer is
    `transformer` (a size override; "lite" = 2 blocks x 2 heads x 64, ffn 512);
-3. θ0: a seeded init pretrained on the pretraining split; the *full model* is θ0 fine-tuned on all
-   training clips, and each of `subsets` random halves (seeded) is fine-tuned from the same θ0 with
-   the same steps, schedule, optimizer and training seed (`carv_attrib.train.train_on_clips`);
+3. θ0: a seeded init, either pretrained on the pretraining split (`init="pretrained"`: the world is
+   a fine-tune) or left random (`init="scratch"`: the world is trained from scratch); the *full
+   model* is θ0 trained on all training clips, and each of `subsets` random halves (seeded) is
+   trained from the same θ0 with the same steps, schedule, optimizer and training seed
+   (`carv_attrib.train.train_on_clips`: minibatches of `batch_clips`, or `full_batch`);
 4. ground truth: for each subset model and query, the flow-matching loss over `gt_draws` fixed draws
-   (stratified σ, seeded ε, the same for every model and query); gt_values = −loss.
+   (stratified σ over the world's training density, seeded ε, the same for every model and query);
+   gt_values = −loss.
 
-Worlds differ in what matters for attribution: the seed (data, init, subsets), the number of clips,
-the training length (near-linear vs strongly trained), the timestep density the model was trained
-with, and the optimizer. Everything is cached under WORK and a rebuild resumes; trainings run in
-`workers` spawned processes with one torch thread each.
+Worlds differ in what matters for attribution: trained from scratch or fine-tuned, the seed (data,
+init, subsets), the number of clips, the training length (near-linear vs strongly trained), the
+timestep density the model was trained with, the optimizer and the batch rule. Everything is cached
+under WORK (WORK/world.json holds the spec and a one-line description) and a rebuild resumes;
+trainings run in `workers` spawned processes with one torch thread each.
 
     spec = WorldSpec(name="w0", seed=0)
     world = build_world(spec, Path("worlds/w0"))
@@ -43,7 +47,7 @@ from carv_attrib.data.latents import CachedClip, iter_cached
 from carv_attrib.data.store import read_json, write_json_atomic
 from carv_attrib.demo_data import make_demo_data
 from carv_attrib.errors import ConfigMismatchError
-from carv_attrib.evaluate.retrain import TrainJob, run_trainings, save_transformer
+from carv_attrib.evaluate.retrain import TrainJob, run_trainings, save_transformer, subset_model
 from carv_attrib.evaluate.study import LdsProblem
 from carv_attrib.models.tiny import make_model
 from carv_attrib.models.wan import load_transformer
@@ -75,14 +79,36 @@ class WorldSpec:
     lr: float = 1e-3
     optimizer: str = "adamw"  # adamw | sgd
     density: str = "uniform"  # p(σ) the model is trained with
+    init: str = "pretrained"  # pretrained (θ0 pretrained on other clips: a fine-tune) | scratch (θ0 random)
+    full_batch: bool = False  # every training clip at every step (else minibatches of batch_clips)
+    train_seeds: int = 1  # models per subset (training seeds), their query losses averaged (TRAK §C)
     gt_draws: int = 128
     frames: int = 9
     size: int = 32
     preset: str = "small"
     transformer: str = "lite"
 
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; use one of {', '.join(INITS)}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """One line: how the world's model was made (what a reader of a results table needs)."""
+        start = "trained from scratch" if self.init == "scratch" else (
+            f"fine-tuned from a base pretrained {self.pretrain_steps} steps on {self.n_pretrain} other clips"
+        )  # fmt: skip
+        batch = "full-batch" if self.full_batch else f"batch {self.batch_clips}"
+        return (
+            f"{start}: {self.n_train} clips, {self.steps} {batch} {self.optimizer} steps, σ ~ {self.density}; "
+            f"{self.subsets} subsets, {self.n_query} queries, {self.frames}x{self.size}x{self.size}, "
+            f"transformer {self.transformer}, seed {self.seed}"
+        )
+
+
+INITS = ("pretrained", "scratch")
 
 
 class World:
@@ -135,12 +161,20 @@ class World:
             positions=self.subset_positions(),
             gt_values=self.gt_values(),
             adam_moments=str(self.second_moments_path) if self.second_moments_path.exists() else None,
+            density=self.spec.density,
         )
 
     def gt_values(self) -> np.ndarray:
-        """(M, Q) float64: −(query loss) of each subset model (dattri's convention: larger = better)."""
+        """(M, Q) float64: −(query loss) of each subset, averaged over its `train_seeds` models
+        (dattri's convention: larger = better)."""
         rows = [
-            read_json(self.model_dir(f"subset-{m:03d}") / "gt.json")["query_loss"]
+            np.mean(
+                [
+                    read_json(self.model_dir(subset_model(m, s)) / "gt.json")["query_loss"]
+                    for s in range(self.spec.train_seeds)
+                ],
+                axis=0,
+            )
             for m in range(self.spec.subsets)
         ]
         return -np.asarray(rows, dtype=np.float64)
@@ -152,7 +186,9 @@ def _prepare_data(world: World) -> None:
     model = world.model
     if not (model / "model_index.json").exists():
         make_model(str(model), s.preset, seed=s.seed)
-    splits = {"train": (s.n_train, 0), "query": (s.n_query, 1), "pretrain": (s.n_pretrain, 2)}
+    splits = {"train": (s.n_train, 0), "query": (s.n_query, 1)}
+    if s.init == "pretrained":
+        splits["pretrain"] = (s.n_pretrain, 2)
     for split, (n, offset) in splits.items():
         started = (world.run(split) / "latents" / "config.json").exists()
         if started and world.clips(split):
@@ -185,13 +221,17 @@ def _build_init(world: World) -> None:
         torch.manual_seed(s.seed)
         transformer = WanTransformer3DModel.from_config({**base.config, **TRANSFORMERS[s.transformer]})
     t0 = time.monotonic()
-    losses = train_on_clips(
-        transformer, world.clips("pretrain"), s.pretrain_steps, 2 * s.batch_clips, s.train_draws, 2 * s.lr,
-        density=s.density, seed=s.seed + 1,
-    )  # fmt: skip
+    losses = [float("nan")]
+    if s.init == "pretrained":
+        losses = train_on_clips(
+            transformer, world.clips("pretrain"), s.pretrain_steps, 2 * s.batch_clips, s.train_draws,
+            2 * s.lr, density=s.density, seed=s.seed + 1,
+        )  # fmt: skip
     save_transformer(transformer, world.init)
     params = sum(p.numel() for p in transformer.parameters())
-    write_json_atomic(marker, {"params": params, "seconds": time.monotonic() - t0, "loss": losses[-1]})
+    write_json_atomic(
+        marker, {"init": s.init, "params": params, "seconds": time.monotonic() - t0, "loss": losses[-1]}
+    )
 
 
 def _train_jobs(world: World) -> list[TrainJob]:
@@ -203,15 +243,18 @@ def _train_jobs(world: World) -> list[TrainJob]:
         query_run=str(world.run("query")), steps=s.steps, batch_clips=s.batch_clips, train_draws=s.train_draws,
         lr=s.lr if s.optimizer == "adamw" else 10 * s.lr,  # SGD: a larger step for comparable progress
         optimizer=s.optimizer, density=s.density, seed=s.seed + 2, gt_draws=s.gt_draws,
+        full_batch=s.full_batch,
     )  # fmt: skip
     jobs = [
         TrainJob(name="full", out=str(world.model_dir("full")), train_ids=None, save_moments=True, **common)
     ]
     for m, idx in enumerate(world.subset_positions()):
-        name = f"subset-{m:03d}"
-        jobs.append(
-            TrainJob(name=name, out=str(world.model_dir(name)), train_ids=[ids[i] for i in idx], **common)
-        )
+        for seed in range(s.train_seeds):
+            name = subset_model(m, seed)
+            job = TrainJob(
+                name=name, out=str(world.model_dir(name)), train_ids=[ids[i] for i in idx], **common
+            )
+            jobs.append(dataclasses.replace(job, seed=job.seed + 1000 * seed))
     return jobs
 
 
@@ -222,14 +265,19 @@ def build_world(
     world = World(spec, root)
     world.root.mkdir(parents=True, exist_ok=True)
     spec_path = world.root / "world.json"
-    if spec_path.exists() and read_json(spec_path) != spec.to_dict():
-        raise ConfigMismatchError(
-            f"{root} holds another world ({read_json(spec_path)}); use another directory"
-        )
-    write_json_atomic(spec_path, spec.to_dict())
+    if spec_path.exists():
+        # fields an older world.json lacks are read as their defaults (the world they describe)
+        defaults = {f.name: f.default for f in dataclasses.fields(WorldSpec)}
+        held = {**defaults, **{k: v for k, v in read_json(spec_path).items() if k != "description"}}
+        if held != spec.to_dict():
+            raise ConfigMismatchError(f"{root} holds another world ({held}); use another directory")
+    write_json_atomic(spec_path, {**spec.to_dict(), "description": spec.describe()})
     say(f"{spec.name}: data and model")
     _prepare_data(world)
-    say(f"{spec.name}: θ0 ({spec.pretrain_steps} pretraining steps)")
+    say(
+        f"{spec.name}: θ0 "
+        + (f"({spec.pretrain_steps} pretraining steps)" if spec.init == "pretrained" else "(random)")
+    )
     _build_init(world)
     jobs = _train_jobs(world)
     todo = [j for j in jobs if not (Path(j.out) / "gt.json").exists()]
@@ -243,11 +291,38 @@ def build_world(
     return world
 
 
-# Four worlds that differ in what matters (the issue's list): seed and size, training length,
-# the training timestep density, the optimizer.
-STANDARD_WORLDS = (
-    WorldSpec(name="base", seed=0),
-    WorldSpec(name="long-logitnormal", seed=1, n_train=64, steps=300, density="logit-normal:0,1"),
-    WorldSpec(name="shift-short", seed=2, n_train=40, steps=50, density="shift:3"),
-    WorldSpec(name="sgd", seed=3, optimizer="sgd", steps=150),
+# The suite defaults are chosen on: ten worlds of different kinds (the faithfulness issue's list):
+# fine-tuned from a pretrained base and trained from scratch; uniform, logit-normal and shifted
+# timestep densities; AdamW and SGD; short and long training; minibatch and full-batch; 64 or 96
+# clips. Full-batch worlds take one draw per clip per step (the full batch already averages).
+_SUITE = dict(n_train=64, n_query=16, subsets=40)
+_MINI = dict(train_seeds=3)  # minibatch order is chaotic: three models per subset average it out
+_FULL = dict(full_batch=True, train_draws=1)
+_SCRATCH = dict(init="scratch", lr=2e-3)
+WORLD_SUITE = (
+    WorldSpec(name="ft-uniform", seed=10, **_SUITE, **_MINI),
+    WorldSpec(
+        name="ft-logitnormal-long", seed=11, steps=300, density="logit-normal:0,1", **_SUITE, train_seeds=2
+    ),  # fmt: skip
+    WorldSpec(name="ft-shift-short", seed=12, steps=40, density="shift:3", **_SUITE, **_MINI),
+    WorldSpec(name="ft-sgd", seed=13, optimizer="sgd", steps=150, **_SUITE, **_MINI),
+    WorldSpec(name="ft-fullbatch-logitnormal", seed=14, density="logit-normal:0,1", **_SUITE, **_FULL),
+    WorldSpec(name="scratch-uniform-96", seed=15, **{**_SUITE, "n_train": 96}, **_FULL, **_SCRATCH),
+    WorldSpec(name="scratch-uniform", seed=16, **_SUITE, **_FULL, **_SCRATCH),
+    WorldSpec(
+        name="scratch-logitnormal-sgd",
+        seed=17,
+        optimizer="sgd",
+        steps=150,
+        density="logit-normal:0,1",
+        **_SUITE,
+        **_FULL,
+        **_SCRATCH,
+    ),  # fmt: skip
+    WorldSpec(
+        name="scratch-shift-long", seed=18, steps=300, density="shift:3", **_SUITE, **_FULL, **_SCRATCH
+    ),
+    WorldSpec(
+        name="scratch-minibatch-short", seed=19, steps=60, batch_clips=8, **_SUITE, **_SCRATCH, **_MINI
+    ),
 )

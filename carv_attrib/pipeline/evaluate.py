@@ -17,6 +17,7 @@ Retrained models are cached under RUN/evaluate/<protocol fingerprint>/, so a rer
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from carv_attrib.data.run import RunDir
 from carv_attrib.data.store import fingerprint, now_iso, write_json_atomic
 from carv_attrib.errors import UsageError
 from carv_attrib.evaluate.lds import random_floor
-from carv_attrib.evaluate.retrain import TrainJob, run_trainings
+from carv_attrib.evaluate.retrain import TrainJob, run_trainings, subset_model
 from carv_attrib.evaluate.study import NAMED_VARIANTS, LdsProblem, score_variants
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity
 from carv_attrib.optional import require_matplotlib
@@ -66,33 +67,47 @@ def _retrained_problem(
         "queries": [c.clip_id for c in query],
         "positions": positions.tolist(),
         **{k: getattr(cfg, k) for k in ("steps", "lr", "optimizer", "density", "gt_draws", "seed")},
+        **({"full_batch": True} if cfg.full_batch else {}),  # absent when off: older caches keep resuming
     }
     work = run.root / "evaluate" / fingerprint(protocol)
     write_json_atomic(work / "protocol.json", protocol)
     base = dict(
         model=cfg.model, checkpoint=None, run=str(run.root), query_ids=[c.clip_id for c in query], steps=cfg.steps,
         lr=cfg.lr, optimizer=cfg.optimizer, density=cfg.density, seed=cfg.seed + 2, gt_draws=cfg.gt_draws,
+        full_batch=cfg.full_batch,
     )  # fmt: skip
     ids = [c.clip_id for c in train]
     jobs = [
         TrainJob(name="full", out=str(work / "models" / "full"), train_ids=ids, save_moments=True, **base)
     ]
     jobs += [
-        TrainJob(
-            name=f"subset-{m:03d}",
-            out=str(work / "models" / f"subset-{m:03d}"),
-            train_ids=[ids[i] for i in p],
-            **base,
+        dataclasses.replace(
+            TrainJob(
+                name=subset_model(m, s),
+                out=str(work / "models" / subset_model(m, s)),
+                train_ids=[ids[i] for i in p],
+                **base,
+            ),
+            seed=base["seed"] + 1000 * s,
         )
         for m, p in enumerate(positions)
+        for s in range(cfg.train_seeds)
     ]
-    say(f"retraining: the full model and {cfg.subsets} subset models, {cfg.steps} steps each -> {work}")
+    n_models = cfg.subsets * cfg.train_seeds
+    say(f"retraining: the full model and {n_models} subset models, {cfg.steps} steps each -> {work}")
     results = run_trainings(jobs, cfg.workers, say)
-    gt = -np.asarray([results[f"subset-{m:03d}"]["query_loss"] for m in range(cfg.subsets)], dtype=np.float64)
+    gt = -np.asarray(
+        [
+            np.mean([results[subset_model(m, s)]["query_loss"] for s in range(cfg.train_seeds)], axis=0)
+            for m in range(cfg.subsets)
+        ],
+        dtype=np.float64,
+    )
     adam = work / "models" / "full" / "adam_v.pt"
     return LdsProblem(
         name=str(run), model=cfg.model, checkpoint=str(work / "models" / "full" / "transformer"), train=train,
         query=query, positions=positions, gt_values=gt, adam_moments=str(adam) if adam.exists() else None,
+        density=cfg.density,
     )  # fmt: skip
 
 
@@ -144,6 +159,7 @@ def _file_problem(run: RunDir, cfg: EvaluateConfig, clips: list[CachedClip]) -> 
         query=query,
         positions=positions,
         gt_values=gt,
+        density=cfg.density,
     )
 
 
@@ -186,7 +202,19 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda s: Non
             **(
                 {}
                 if cfg.ground_truth
-                else {k: getattr(cfg, k) for k in ("steps", "lr", "optimizer", "density", "gt_draws", "seed")}
+                else {
+                    k: getattr(cfg, k)
+                    for k in (
+                        "steps",
+                        "lr",
+                        "optimizer",
+                        "full_batch",
+                        "train_seeds",
+                        "density",
+                        "gt_draws",
+                        "seed",
+                    )
+                }
             ),
         },
         "random_floor": random_floor(problem.gt_values, problem.positions, len(problem.train)),
@@ -213,8 +241,9 @@ def plot_evaluation(doc: dict[str, Any], path: Path) -> None:
 
     names = list(doc["settings"])
     means = [doc["settings"][n]["lds"]["mean"] for n in names]
-    lo = [m - doc["settings"][n]["lds"]["ci95"][0] for n, m in zip(names, means)]
-    hi = [doc["settings"][n]["lds"]["ci95"][1] - m for n, m in zip(names, means)]
+    cis = [doc["settings"][n]["lds"].get("ci95_subsets", doc["settings"][n]["lds"]["ci95"]) for n in names]
+    lo = [m - ci[0] for ci, m in zip(cis, means)]
+    hi = [ci[1] - m for ci, m in zip(cis, means)]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 2), 3.6))
     ax.errorbar(range(len(names)), means, yerr=[lo, hi], fmt="o", capsize=4)
     floor = doc["random_floor"]

@@ -11,6 +11,11 @@ effective compute multiplier against the baseline "fresh encode per draw, iid, K
 
     ECM(K) = σ_w,iid²·(c_enc + c_draw) / ((σ_w,s²/K)·(c_enc + K·c_draw))       (σ_b² = 0: mode latents)
 
+The recommended K is the fewest draws at which two estimator seeds give the same ranking of
+`rank_clips` cached clips against each other (top-10 overlap ≥ 0.9 and Spearman ≥ 0.95,
+`ranking_draws`): what a user needs is an answer that another seed would not change, and on the
+LDS worlds of bench/factors.py that is where LDS stops growing with K (README, Benchmarks).
+
 The resulting plan.json is consumed by `featurize --plan`.
 
     from carv_attrib.pipeline.plan import PlanConfig, run_plan
@@ -45,7 +50,7 @@ from carv_attrib.carv.accounting import Costs, VarianceComponents, ecm, ecm_limi
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.rng import clip_stream, noise, uniforms
 from carv_attrib.carv.timesteps import Density, Proposal, density
-from carv_attrib.config import PlanConfig
+from carv_attrib.config import DEFAULT_PRECONDITION, PlanConfig
 from carv_attrib.data.latents import CachedClip, iter_cached
 from carv_attrib.data.motion import decode_with_motion
 from carv_attrib.data.run import EncodeFacts, RunDir
@@ -263,31 +268,91 @@ def _ecm_table(variances: dict[str, dict[str, float]], costs: Costs, k_max: int)
     return table
 
 
-NOISE_SHARE = 0.1  # recommended K: estimator noise of the stored features ≤ this share of their spread
+NOISE_SHARE = 0.1  # the noise rule's K: estimator noise of the stored features ≤ this share of their spread
+RANK_SEED_OFFSET = 104_729  # the ranking pilot's two seeds never coincide with featurize's or the pilot's
 
 
-def _recommend(variances: dict[str, dict[str, float]], costs: Costs, k_max: int) -> dict[str, Any]:
-    """The scheme with the lowest stored-feature variance per draw, and the smallest K at which its
-    noise σ_w²/K is at most NOISE_SHARE of the signal (how far apart the clips' stored features are).
-    K is never the cap by default: when the cap is what limits it, `capped` says so with the noise
-    share left at the cap."""
+def ranking_draws(
+    featurizer: Featurizer,
+    clips: list[CachedClip],
+    rule: DrawRule,
+    precondition: str,
+    k_max: int,
+    batch_clips: int = 4,
+    progress: ProgressFn = _noop,
+) -> dict[str, Any]:
+    """The fewest K in 1, 2, 4, … ≤ k_max at which two estimator seeds rank the clips alike.
+
+    Each clip is a query against the others (its own score left out): features under seeds s and s'
+    (`rule` otherwise unchanged: scheme, proposal, shared noise as featurize uses them), the index's
+    preconditioner, then `attrib.stability.ranking_agreement` (top-k overlap, k = min(10, (n−1)//3),
+    and Spearman over the whole ranking). K is stable when `stability.is_stable` holds; the curve up
+    to that K is returned, and `stable` False when even k_max is not."""
+    from carv_attrib.attrib.precondition import fit_preconditioner
+    from carv_attrib.attrib.stability import STABLE, is_stable, ranking_agreement
+
+    n = len(clips)
+    top_k = max(1, min(STABLE["top_k"], (n - 1) // 3))
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= k_max] or [k_max]
+    curve = []
+    for k in ks:
+        scores = []
+        for r in (0, 1):
+            featurizer.use_rule(dataclasses.replace(rule, k=k, seed=rule.seed + RANK_SEED_OFFSET + r))
+            feats = torch.cat(
+                [
+                    featurizer.features(
+                        [(c.clip_id, c.latent, c.text_emb, c.motion) for c in clips[i : i + batch_clips]]
+                    )[0]
+                    for i in range(0, n, batch_clips)
+                ]
+            ).double()  # (n, D)
+            pre = fit_preconditioner(precondition, feats.numpy(), dim=feats.shape[1])
+            s = pre.prepare_train(feats.numpy()).astype("float64") @ pre.prepare_query(feats.numpy()).T
+            s[range(n), range(n)] = float("nan")  # a clip is not its own training clip
+            scores.append(s)
+        overlap, rho = ranking_agreement(scores[0], scores[1], top_k=top_k)
+        curve.append({"draws": k, "top_k_overlap": overlap, "spearman": rho})
+        progress("clip", {"status": "ok", "step": f"ranking K={k}"})
+        if is_stable(overlap, rho):
+            return {"draws": k, "stable": True, "top_k": top_k, "clips": n, "curve": curve, **STABLE_RULE}
+    return {"draws": ks[-1], "stable": False, "top_k": top_k, "clips": n, "curve": curve, **STABLE_RULE}
+
+
+STABLE_RULE = {"rule": "top-k overlap >= 0.9 and Spearman >= 0.95 between two estimator seeds"}
+
+
+def _recommend(
+    variances: dict[str, dict[str, float]], costs: Costs, k_max: int, ranking: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The scheme with the lowest stored-feature variance per draw, and K: with `ranking`
+    (`ranking_draws` of that scheme), the fewest draws at which two seeds rank alike; without, the
+    smallest K at which the noise σ_w²/K is at most NOISE_SHARE of the signal (how far apart the
+    clips' stored features are). When k_max is what limits K, `capped` says so."""
     best = min(variances, key=lambda n: (variances[n]["stored"], "antithetic" in n))
     v = variances[best]
     k_noise = max(1, math.ceil(v["stored"] / max(NOISE_SHARE * v["signal"], 1e-300)))
-    k_rec = min(k_noise, k_max)
+    k_rec = min(k_noise, k_max) if ranking is None else int(ranking["draws"])
     # ECM(K)/ECM_∞ = K·c_draw/(c_enc + K·c_draw): K ≥ 9·c_enc/c_draw reaches 90% of the amortisation limit
     k_amortised = max(1, math.ceil(9 * costs.c_enc / max(costs.c_draw, 1e-12)))
     base = VarianceComponents(between=0.0, within=variances["iid"]["stored"])
+    why = "lowest variance per draw of the stored feature; " + (
+        f"the fewest draws that bring its noise to {NOISE_SHARE:.0%} of the spread between clips' features"
+        if ranking is None
+        else f"the fewest draws at which two estimator seeds give the same ranking ({STABLE_RULE['rule']}, "
+        f"top-{ranking['top_k']} of {ranking['clips']} clips)"
+    )
     return {
         "scheme": best.split("+")[0],
         "antithetic": "antithetic" in best,
         "draws": k_rec,
-        "capped": k_noise > k_max,
+        "capped": (k_noise > k_max) if ranking is None else not ranking["stable"],
+        "draws_noise_share": min(k_noise, k_max),
         "noise_share_at_draws": v["stored"] / k_rec / max(v["signal"], 1e-300),
         "draws_for_90pct_amortisation": k_amortised,
         "ecm": ecm(k_rec, costs, VarianceComponents(0.0, v["stored"]), base),
-        "why": f"lowest variance per draw of the stored (unit-norm) feature; the fewest draws that bring its "
-        f"noise to {NOISE_SHARE:.0%} of the spread between clips' features",
+        "ranking": ranking,
+        "why": why,
     }
 
 
@@ -309,7 +374,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
     )
     check_objective_inputs(cfg.objective, lat["config"], run)
     clips = _pilot_clips(run, cfg.pilot_clips)
-    progress("start", {"todo": 2 + len(SCHEMES)})
+    progress("start", {"todo": 2 + len(SCHEMES) + 4})  # + the ranking pilot's K = 1, 2, 4, 8 (usually)
     c_enc = reencode_cost(run, cfg.model, [c.clip_id for c in clips], lat, cfg.device)
     progress("clip", {"status": "ok", "step": "c_enc"})
     c_enc_source = "timed re-encode of the pilot clips"
@@ -331,6 +396,16 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
     progress("clip", {"status": "ok", "step": "proposal"})
     variances, c_draw = _scheme_variances(featurizer, clips, cfg, p, proposal, progress)
     costs = Costs(c_enc=c_enc, c_draw=c_draw)
+    best = min(variances, key=lambda n: (variances[n]["stored"], "antithetic" in n))
+    scheme, anti = best.split("+")[0], "antithetic" in best
+    rank_rule = DrawRule(
+        seed=cfg.seed, scheme=scheme, k=cfg.draws, density=p.spec, noise="shared", antithetic=anti,
+        proposal=proposal if scheme == "stratified-is" else None,
+    )  # fmt: skip
+    ranking = ranking_draws(
+        featurizer, _pilot_clips(run, cfg.rank_clips), rank_rule, DEFAULT_PRECONDITION, cfg.k_max,
+        cfg.batch_clips, progress,
+    )  # fmt: skip
     plan = {
         "schema": PLAN_SCHEMA,
         "tool_version": __version__,
@@ -347,6 +422,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
             "draws_per_bin": cfg.draws_per_bin,
             "draws": cfg.draws,
             "replicates": cfg.replicates,
+            "rank_clips": ranking["clips"],
             "seed": cfg.seed,
             "seconds": round(time.monotonic() - t0, 2),
         },
@@ -361,7 +437,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
         },
         "variance_between_encodes": 0.0,
         "schemes": _ecm_table(variances, costs, cfg.k_max),
-        "recommended": _recommend(variances, costs, cfg.k_max),
+        "recommended": _recommend(variances, costs, cfg.k_max, ranking),
     }
     write_json_atomic(Path(cfg.out), plan)
     if cfg.plot is not None:

@@ -52,3 +52,31 @@ def test_summary_reports_replicate_spread(reps: int) -> None:
     per = [lds_per_query(scores + 0.1 * k, gt, positions) for k in range(reps)]
     s = lds_summary(per)
     assert len(s["replicates"]) == reps and (s["se_replicates"] is None) == (reps == 1)
+
+
+def test_subset_bootstrap_is_wider_when_queries_move_together() -> None:
+    """Queries that are copies of one another carry one query's information: resampling queries
+    alone gives a CI of width 0, resampling subsets does not."""
+    from carv_attrib.evaluate.lds import LdsBootstrap, subset_sums
+
+    scores, gt, positions = _problem(4, q=1)
+    scores, gt = np.repeat(scores, 6, axis=1), np.repeat(gt, 6, axis=1)
+    per = lds_per_query(scores, gt, positions)
+    s = lds_summary([per], sums=[subset_sums(scores, positions)], gt_values=gt)
+    assert s["ci95"][1] - s["ci95"][0] == pytest.approx(0.0, abs=1e-12)
+    lo, hi = s["ci95_subsets"]
+    assert lo < s["mean"] < hi and hi - lo > 0.05
+    # one bootstrap's samples of two settings are paired: a setting against itself has ratio 1
+    boot = LdsBootstrap(len(gt), gt.shape[1], n_boot=200)
+    a = boot.samples([subset_sums(scores, positions)], gt)
+    np.testing.assert_array_equal(a / boot.samples([subset_sums(scores, positions)], gt), np.ones(200))
+
+
+def test_bootstrap_samples_center_on_the_estimate() -> None:
+    from carv_attrib.evaluate.lds import LdsBootstrap, subset_sums
+
+    scores, gt, positions = _problem(5)
+    est = np.nanmean(lds_per_query(scores, gt, positions))
+    samples = LdsBootstrap(len(gt), gt.shape[1], n_boot=500).samples([subset_sums(scores, positions)], gt)
+    # resampled subsets repeat (ties), which biases Spearman a little: small beside the spread
+    assert abs(samples.mean() - est) < samples.std()

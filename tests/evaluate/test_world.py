@@ -41,8 +41,9 @@ def test_study_scores_product_and_exact_variants(world) -> None:
         world.problem(),
         [
             Variant("default", draws=2, replicates=2),
-            Variant("exact", kind="exact", draws=4, timesteps="iid", precondition="identity", replicates=1),
-            Variant("adam", kind="exact", draws=4, timesteps="iid", precondition="adam", replicates=1),
+            Variant("exact", kind="exact", draws=4, precondition="identity", replicates=1),
+            Variant("adam", kind="exact", draws=4, precondition="adam", replicates=1),
+            Variant("per-clip", kind="exact", draws=4, reference_draws="per-clip", replicates=1),
         ],
     )
     default = rows["default"]["lds"]
@@ -52,3 +53,26 @@ def test_study_scores_product_and_exact_variants(world) -> None:
     )
     assert default["ci95"][0] <= default["ci95"][1] and np.isfinite(default["se_replicates"])
     assert rows["exact"]["draws"] == 4 and rows["adam"]["precondition"] == "adam"
+    # the reference is the training loss of every parameter, whatever featurize's defaults are
+    for name in ("exact", "adam", "per-clip"):
+        assert rows[name] | {"output_fn": "loss", "parameters": "all", "projection": "none"} == rows[name]
+    assert "CRN" in rows["exact"]["draw_rule"] and "per-clip" in rows["per-clip"]["draw_rule"]
+    assert "output_fn" in rows["default"] and "reference_draws" not in rows["default"]
+    lo, hi = default["ci95_subsets"]
+    assert lo <= default["mean"] <= hi
+
+
+def test_the_reference_never_follows_featurize_options(world) -> None:
+    """An exact variant handed featurize's other fields still scores the training-loss gradient."""
+    from carv_attrib.evaluate.study import variant_scores
+
+    problem, cache = world.problem(), {}
+    plain = Variant("e", kind="exact", draws=3, replicates=1)
+    odd = Variant(
+        "e", kind="exact", draws=3, replicates=1, output_fn="sqnorm", layers=("blocks.0.*",), timesteps="iid"
+    )
+    np.testing.assert_array_equal(
+        variant_scores(problem, plain, 0, cache), variant_scores(problem, odd, 0, {})
+    )
+    with pytest.raises(ValueError, match="exact variants only"):
+        Variant("bad", precondition="adam")

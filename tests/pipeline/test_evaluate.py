@@ -91,13 +91,13 @@ def test_retraining_writes_json_and_plot(tmp_path: Path, tiny_model_dir: Path, d
     )
     r = invoke(
         "evaluate", tmp_path / "run", "-m", tiny_model_dir, "--queries", "2", "--subsets", "8", "--steps", "2",
-        "--gt-draws", "4", "--replicates", "2", "--workers", "1", "--variant", "default", "--variant", "exact-8",
+        "--gt-draws", "4", "--replicates", "2", "--workers", "1", "--variant", "default", "--variant", "exact-crn-8",
         "-o", tmp_path / "e.json", "--plot", tmp_path / "e.png", "--format", "json",
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "e.json").read_text())
     assert doc["protocol"] | {"subsets": 8, "queries": 2, "train_clips": 8} == doc["protocol"]
-    assert set(doc["settings"]) == {"default", "exact-8"} and (tmp_path / "e.png").stat().st_size > 0
+    assert set(doc["settings"]) == {"default", "exact-crn-8"} and (tmp_path / "e.png").stat().st_size > 0
     ci = doc["settings"]["default"]["lds"]["ci95"]
     assert ci[0] <= doc["settings"]["default"]["lds"]["mean"] <= ci[1]
 

@@ -115,3 +115,43 @@ def test_recommended_k_follows_the_noise_not_the_cap() -> None:
     assert r["noise_share_at_draws"] <= NOISE_SHARE and r["draws_for_90pct_amortisation"] == 900
     r = _recommend(v, costs, k_max=4)
     assert r["draws"] == 4 and r["capped"] and r["noise_share_at_draws"] > NOISE_SHARE
+
+
+class _NoisyFeaturizer:
+    """Features = a fixed signal + noise of sd 1/sqrt(K), seeded by the rule: what a K-draw estimate
+    does, without a model."""
+
+    def __init__(self, n: int, d: int = 16) -> None:
+        self.signal = np.random.default_rng(0).standard_normal((n, d)) * np.linspace(0.2, 3.0, n)[:, None]
+        self.rule = None
+
+    def use_rule(self, rule) -> None:
+        self.rule = rule
+
+    def features(self, clips):
+        import torch
+
+        rng = np.random.default_rng([self.rule.seed, self.rule.k])
+        noise = rng.standard_normal(self.signal.shape) * 0.5 / np.sqrt(self.rule.k)
+        rows = [c[0] for c in clips]
+        return torch.from_numpy(self.signal[rows] + noise[rows]), None, None
+
+
+def test_ranking_rule_recommends_the_first_k_where_two_seeds_agree() -> None:
+    from types import SimpleNamespace
+
+    from carv_attrib.attrib.stability import is_stable
+    from carv_attrib.carv.draws import DrawRule
+    from carv_attrib.pipeline.plan import ranking_draws
+
+    n = 31
+    clips = [SimpleNamespace(clip_id=i, latent=None, text_emb=None, motion=None) for i in range(n)]
+    rule = DrawRule(seed=0, scheme="stratified", k=8, density="uniform")
+    out = ranking_draws(_NoisyFeaturizer(n), clips, rule, "identity", k_max=256)
+    assert out["stable"] and out["top_k"] == 10 and out["clips"] == n
+    ks = [c["draws"] for c in out["curve"]]
+    assert ks == sorted(ks) and ks[-1] == out["draws"] and ks[0] == 1
+    verdicts = [is_stable(c["top_k_overlap"], c["spearman"]) for c in out["curve"]]
+    assert verdicts[-1] and not any(verdicts[:-1]), "stops at the first stable K"
+    capped = ranking_draws(_NoisyFeaturizer(n), clips, rule, "identity", k_max=2)
+    assert not capped["stable"] and capped["draws"] == 2
