@@ -424,3 +424,81 @@ def select(doc: dict[str, Any]) -> dict[str, Any]:
     if best is not None:
         out["best"] = {"setting": best, **table[best]}
     return out
+
+
+SCHEME_ABBR = {"iid": "iid", "stratified": "strat", "stratified-is": "sis"}
+K_SWEEP = (1, 2, 4, 8, 16, 32)
+
+
+def _scores(store: Store, job_name: str, r: int, features: str, precond: str, n_train: int, dim: int) -> np.ndarray | None:
+    job = next(j for j in JOBS if j.name == job_name)
+    spec = next(s for s in SWEEP if s.key == features)
+    label, kind, params, variant = next(p for p in PRECONDITIONERS if p[0] == precond)
+    K = store.get(gram_key(job, r, spec, variant))
+    return None if K is None else scores_from_gram(K, n_train, kind, dim=dim, **params)
+
+
+def _spearman_mean(a: np.ndarray, b: np.ndarray) -> float:
+    from carv_attrib.evaluate.lds import _spearman_columns
+
+    return float(np.nanmean(_spearman_columns(a, b, axis=0)))
+
+
+def fidelity(world: World, output_fn: str, features: str, precond: str) -> dict[str, Any]:
+    """CARV's own claim, apart from LDS: Spearman (per query, over training clips) of a setting's
+    K-draw scores with the same setting's K = 256 scores, unprojected over the same layers (the mean
+    of the reference seeds' scores), per scheme and K; mean and SE over the 3 estimator seeds. Both
+    the setting as given (projected) and its unprojected twin (the estimator alone)."""
+    store, n_train = Store(world.root / "study"), world.spec.n_train
+    transformer = load_transformer(str(world.model))
+    from carv_attrib.evaluate.gradspace import describe
+
+    dims = {s.key: describe(s, transformer)["dim"] for s in SWEEP}
+    layers = features.split("/")[0]
+    target_job = "ref-crn-256" if output_fn == "loss" else "sqnorm-ref-crn-256"
+    reps = next(j for j in JOBS if j.name == target_job).replicates
+    targets = [_scores(store, target_job, r, f"{layers}/none", precond, n_train, dims[f"{layers}/none"]) for r in range(reps)]
+    if any(t is None for t in targets):
+        return {}
+    target = np.mean(targets, axis=0)
+    out: dict[str, Any] = {"target": f"{target_job}|{layers}/none|{precond}"}
+    for feats in (features, f"{layers}/none"):
+        table = {}
+        for scheme, ab in SCHEME_ABBR.items():
+            for k in K_SWEEP:
+                name = f"{output_fn}-{ab}-{k}"
+                if not any(j.name == name for j in JOBS):
+                    continue
+                per = [_scores(store, name, r, feats, precond, n_train, dims[feats]) for r in range(3)]
+                if any(p is None for p in per):
+                    continue
+                rho = [_spearman_mean(p, target) for p in per]
+                table.setdefault(scheme, {})[str(k)] = {
+                    "mean": round(float(np.mean(rho)), 4), "se": round(float(np.std(rho, ddof=1) / np.sqrt(3)), 4),
+                }  # fmt: skip
+        out[feats] = table
+    return out
+
+
+def calibration(world: World, output_fn: str, features: str, precond: str, doc_rows: dict[str, Any]) -> dict[str, Any]:
+    """`plan`'s rule on this world: the first K (stratified-is) at which estimator seeds 0 and 1 agree
+    (top-10 overlap ≥ 0.9, Spearman ≥ 0.95 over the training clips, per query), beside LDS at each K."""
+    from carv_attrib.attrib.stability import is_stable, ranking_agreement
+    from carv_attrib.evaluate.gradspace import describe
+
+    store, n_train = Store(world.root / "study"), world.spec.n_train
+    transformer = load_transformer(str(world.model))
+    dim = describe(next(s for s in SWEEP if s.key == features), transformer)["dim"]
+    curve, chosen = [], None
+    for k in K_SWEEP:
+        name = f"{output_fn}-sis-{k}"
+        a, b = (_scores(store, name, r, features, precond, n_train, dim) for r in (0, 1))
+        if a is None or b is None:
+            continue
+        overlap, rho = ranking_agreement(a, b, top_k=10)
+        row = doc_rows.get(f"{name}|{features}|{precond}", {})
+        curve.append({"draws": k, "top10_overlap": round(overlap, 4), "spearman": round(rho, 4),
+                      "lds": row.get("lds", {}).get("mean"), "lds_ci95": row.get("lds", {}).get("ci95")})  # fmt: skip
+        if chosen is None and is_stable(overlap, rho):
+            chosen = k
+    return {"setting": f"{output_fn}|{features}|{precond}", "stable_draws": chosen, "curve": curve}
