@@ -384,10 +384,6 @@ def main() -> None:
     OUT.write_text(json.dumps(doc) + "\n")
 
 
-if __name__ == "__main__":
-    main()
-
-
 # -- analysis -----------------------------------------------------------------------------------
 REF = "ref-crn-256|all/none|identity"
 REF_PER_CLIP = "ref-per-clip-256|all/none|identity"
@@ -430,7 +426,9 @@ SCHEME_ABBR = {"iid": "iid", "stratified": "strat", "stratified-is": "sis"}
 K_SWEEP = (1, 2, 4, 8, 16, 32)
 
 
-def _scores(store: Store, job_name: str, r: int, features: str, precond: str, n_train: int, dim: int) -> np.ndarray | None:
+def _scores(
+    store: Store, job_name: str, r: int, features: str, precond: str, n_train: int, dim: int
+) -> np.ndarray | None:
     job = next(j for j in JOBS if j.name == job_name)
     spec = next(s for s in SWEEP if s.key == features)
     label, kind, params, variant = next(p for p in PRECONDITIONERS if p[0] == precond)
@@ -457,7 +455,10 @@ def fidelity(world: World, output_fn: str, features: str, precond: str) -> dict[
     layers = features.split("/")[0]
     target_job = "ref-crn-256" if output_fn == "loss" else "sqnorm-ref-crn-256"
     reps = next(j for j in JOBS if j.name == target_job).replicates
-    targets = [_scores(store, target_job, r, f"{layers}/none", precond, n_train, dims[f"{layers}/none"]) for r in range(reps)]
+    targets = [
+        _scores(store, target_job, r, f"{layers}/none", precond, n_train, dims[f"{layers}/none"])
+        for r in range(reps)
+    ]
     if any(t is None for t in targets):
         return {}
     target = np.mean(targets, axis=0)
@@ -480,7 +481,9 @@ def fidelity(world: World, output_fn: str, features: str, precond: str) -> dict[
     return out
 
 
-def calibration(world: World, output_fn: str, features: str, precond: str, doc_rows: dict[str, Any]) -> dict[str, Any]:
+def calibration(
+    world: World, output_fn: str, features: str, precond: str, doc_rows: dict[str, Any]
+) -> dict[str, Any]:
     """`plan`'s rule on this world: the first K (stratified-is) at which estimator seeds 0 and 1 agree
     (top-10 overlap ≥ 0.9, Spearman ≥ 0.95 over the training clips, per query), beside LDS at each K."""
     from carv_attrib.attrib.stability import is_stable, ranking_agreement
@@ -502,3 +505,7 @@ def calibration(world: World, output_fn: str, features: str, precond: str, doc_r
         if chosen is None and is_stable(overlap, rho):
             chosen = k
     return {"setting": f"{output_fn}|{features}|{precond}", "stable_draws": chosen, "curve": curve}
+
+
+if __name__ == "__main__":
+    main()
