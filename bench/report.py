@@ -17,40 +17,80 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _cell(row: dict) -> str:
+def _cell(row: dict, ratio: bool = True) -> str:
     lds = row["lds"]
-    return f"{lds['mean']:.3f} [{lds['ci95'][0]:.2f}, {lds['ci95'][1]:.2f}]"
+    out = f"{lds['mean']:.3f} [{lds['ci95'][0]:.2f}, {lds['ci95'][1]:.2f}]"
+    return out + (f" ({row['ratio']:.2f}×)" if ratio and "ratio" in row else "")
 
 
-LABELS = {
-    "default": "old default (loss, kron 8x8, stratified-is, cosine)",
-    "kron-16x16-sqnorm": "**new default** (sqnorm, kron 16x16, stratified-is, cosine)",
-}
+def _short(name: str) -> str:
+    return name.replace("scratch-", "s-").replace("ft-", "f-")
 
 
-def factors() -> None:
+def factors(which: str = "worlds") -> None:
+    """Tables of bench/results/factors.json: `worlds` (per world: references, random, defaults),
+    `ranked` (shippable settings by their worst world), `diagnosis` (one factor at a time),
+    `projection`, `fidelity`, `calibration`."""
     doc = json.loads((RESULTS / "factors.json").read_text())
     worlds = doc["worlds"]
-    names = list(worlds)
-    print("| setting | draws | " + " | ".join(names) + " |")
-    print("|---|---|" + "---|" * len(names))
-    order = list(next(iter(worlds.values()))["variants"])
-    for v in order:
-        cells = []
-        for w in names:
-            row = worlds[w]["variants"].get(v)
-            if row is None:
-                cells.append("")
-                continue
-            ref = worlds[w]["variants"]["exact-256"]["lds"]["mean"]
-            cells.append(f"{_cell(row)} ({row['lds']['mean'] / ref:.2f}×)")
-        draws = next(worlds[w]["variants"][v]["draws"] for w in names if v in worlds[w]["variants"])
-        print(f"| {LABELS.get(v, v)} | {draws} | " + " | ".join(cells) + " |")
-    print(
-        "| random scores (mean ± sd) | | "
-        + " | ".join(f"{worlds[w]['random']['mean']:.3f} ± {worlds[w]['random']['sd']:.3f}" for w in names)
-        + " |"
-    )
+    sel = doc.get("selection", {})
+    if which == "worlds":
+        best = sel.get("best", {}).get("setting")
+        cols = [
+            ("fixed reference, CRN (K=256)", "ref-crn-256|all/none|identity"),
+            ("fixed reference, per-clip draws (K=256)", "ref-per-clip-256|all/none|identity"),
+            *[(f"tool: {k.split('|', 1)[1]}", k) for k in worlds[next(iter(worlds))]["rows"] if k.startswith("product|")],
+            ("chosen default", best),
+            ("chosen default, iid at equal cost", best.replace("-sis-", "-iid-") if best else None),
+        ]
+        print("| world | kind | " + " | ".join(c for c, _ in cols) + " | random (mean ± sd) |")
+        print("|---|---|" + "---|" * len(cols) + "---|")
+        for name, w in worlds.items():
+            cells = [(_cell(w["rows"][k]) if k in w["rows"] else "") for _, k in cols]
+            r = w["random"]
+            print(f"| {name} | {w['description']} | " + " | ".join(cells) + f" | {r['mean']:.3f} ± {r['sd']:.3f} |")
+    elif which == "ranked":
+        print("| setting | min over worlds (world) | mean | " + " | ".join(_short(w) for w in sel["worlds"]) + " |")
+        print("|---|---|---|" + "---|" * len(sel["worlds"]))
+        for row in sel["ranked"][:15]:
+            worst = min(row["ratios"], key=row["ratios"].get)
+            cells = " | ".join(f"{row['ratios'][w]:.2f}" for w in sel["worlds"])
+            print(f"| {row['setting']} | {row['min']:.2f} ({_short(worst)}) | {row['mean']:.2f} | {cells} |")
+    elif which == "diagnosis":
+        keys = doc.get("diagnosis_rows", [])
+        print("| setting | " + " | ".join(_short(w) for w in worlds) + " |")
+        print("|---|" + "---|" * len(worlds))
+        for k in keys:
+            cells = [(_cell(w["rows"][k]) if k in w["rows"] else "") for w in worlds.values()]
+            print(f"| {k} | " + " | ".join(cells) + " |")
+    elif which == "fidelity":
+        fid = doc["fidelity"]
+        for feats in ("projected", "unprojected"):
+            print(f"\n{feats}: Spearman with the same setting's K = 256 unprojected scores (mean over worlds; min)\n")
+            ks = sorted({int(k) for f in fid.values() for t in f[feats].values() for k in t})
+            print("| scheme | " + " | ".join(f"K={k}" for k in ks) + " |")
+            print("|---|" + "---|" * len(ks))
+            for scheme in ("iid", "stratified", "stratified-is"):
+                cells = []
+                for k in ks:
+                    vals = [f[feats][scheme][str(k)] for f in fid.values() if str(k) in f[feats].get(scheme, {})]
+                    if not vals:
+                        cells.append("")
+                        continue
+                    m = sum(v["mean"] for v in vals) / len(vals)
+                    se = (sum(v["se"] ** 2 for v in vals) ** 0.5) / len(vals)
+                    cells.append(f"{m:.3f} ± {se:.3f} ({min(v['mean'] for v in vals):.2f})")
+                print(f"| {scheme} | " + " | ".join(cells) + " |")
+    elif which == "calibration":
+        cal = doc["calibration"]
+        print("| world | plan's K (two seeds agree) | LDS at that K | LDS at K=32 | curve: K: top-10 overlap / Spearman |")
+        print("|---|---|---|---|---|")
+        for w, c in cal.items():
+            at = {p["draws"]: p for p in c["curve"]}
+            k = c["stable_draws"]
+            fmt = lambda p: f"{p['lds']:.3f}" if p and p.get("lds") is not None else ""  # noqa: E731
+            curve = ", ".join(f"{p['draws']}: {p['top10_overlap']:.2f}/{p['spearman']:.3f}" for p in c["curve"])
+            print(f"| {w} | {k} | {fmt(at.get(k))} | {fmt(at.get(32))} | {curve} |")
 
 
 def ecm(name: str = "ecm_sqnorm.json") -> None:
