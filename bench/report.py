@@ -39,7 +39,11 @@ def factors(which: str = "worlds") -> None:
         cols = [
             ("fixed reference, CRN (K=256)", "ref-crn-256|all/none|identity"),
             ("fixed reference, per-clip draws (K=256)", "ref-per-clip-256|all/none|identity"),
-            *[(f"tool: {k.split('|', 1)[1]}", k) for k in worlds[next(iter(worlds))]["rows"] if k.startswith("product|")],
+            *[
+                (f"tool: {k.split('|', 1)[1]}", k)
+                for k in worlds[next(iter(worlds))]["rows"]
+                if k.startswith("product|")
+            ],
             ("chosen default", best),
             ("chosen default, iid at equal cost", best.replace("-sis-", "-iid-") if best else None),
         ]
@@ -48,9 +52,17 @@ def factors(which: str = "worlds") -> None:
         for name, w in worlds.items():
             cells = [(_cell(w["rows"][k]) if k in w["rows"] else "") for _, k in cols]
             r = w["random"]
-            print(f"| {name} | {w['description']} | " + " | ".join(cells) + f" | {r['mean']:.3f} ± {r['sd']:.3f} |")
+            print(
+                f"| {name} | {w['description']} | "
+                + " | ".join(cells)
+                + f" | {r['mean']:.3f} ± {r['sd']:.3f} |"
+            )
     elif which == "ranked":
-        print("| setting | min over worlds (world) | mean | " + " | ".join(_short(w) for w in sel["worlds"]) + " |")
+        print(
+            "| setting | min over worlds (world) | mean | "
+            + " | ".join(_short(w) for w in sel["worlds"])
+            + " |"
+        )
         print("|---|---|---|" + "---|" * len(sel["worlds"]))
         for row in sel["ranked"][:15]:
             worst = min(row["ratios"], key=row["ratios"].get)
@@ -66,14 +78,18 @@ def factors(which: str = "worlds") -> None:
     elif which == "fidelity":
         fid = doc["fidelity"]
         for feats in ("projected", "unprojected"):
-            print(f"\n{feats}: Spearman with the same setting's K = 256 unprojected scores (mean over worlds; min)\n")
+            print(
+                f"\n{feats}: Spearman with the same setting's K = 256 unprojected scores (mean over worlds; min)\n"
+            )
             ks = sorted({int(k) for f in fid.values() for t in f[feats].values() for k in t})
             print("| scheme | " + " | ".join(f"K={k}" for k in ks) + " |")
             print("|---|" + "---|" * len(ks))
             for scheme in ("iid", "stratified", "stratified-is"):
                 cells = []
                 for k in ks:
-                    vals = [f[feats][scheme][str(k)] for f in fid.values() if str(k) in f[feats].get(scheme, {})]
+                    vals = [
+                        f[feats][scheme][str(k)] for f in fid.values() if str(k) in f[feats].get(scheme, {})
+                    ]
                     if not vals:
                         cells.append("")
                         continue
@@ -83,13 +99,17 @@ def factors(which: str = "worlds") -> None:
                 print(f"| {scheme} | " + " | ".join(cells) + " |")
     elif which == "calibration":
         cal = doc["calibration"]
-        print("| world | plan's K (two seeds agree) | LDS at that K | LDS at K=32 | curve: K: top-10 overlap / Spearman |")
+        print(
+            "| world | plan's K (two seeds agree) | LDS at that K | LDS at K=32 | curve: K: top-10 overlap / Spearman |"
+        )
         print("|---|---|---|---|---|")
         for w, c in cal.items():
             at = {p["draws"]: p for p in c["curve"]}
             k = c["stable_draws"]
             fmt = lambda p: f"{p['lds']:.3f}" if p and p.get("lds") is not None else ""  # noqa: E731
-            curve = ", ".join(f"{p['draws']}: {p['top10_overlap']:.2f}/{p['spearman']:.3f}" for p in c["curve"])
+            curve = ", ".join(
+                f"{p['draws']}: {p['top10_overlap']:.2f}/{p['spearman']:.3f}" for p in c["curve"]
+            )
             print(f"| {w} | {k} | {fmt(at.get(k))} | {fmt(at.get(32))} | {curve} |")
 
 
