@@ -42,7 +42,14 @@ from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.timesteps import Proposal, density
 from carv_attrib.config import PlanConfig
 from carv_attrib.evaluate.gradspace import FeatureSpec, features, gram, scores_from_gram
-from carv_attrib.evaluate.lds import LdsBootstrap, interval, random_floor, subset_sums
+from carv_attrib.evaluate.lds import (
+    LdsBootstrap,
+    common_factor_lds,
+    interval,
+    query_centered,
+    random_floor,
+    subset_sums,
+)
 from carv_attrib.evaluate.reference import exact_gradients, reference_rule
 from carv_attrib.evaluate.study import Variant, product_features
 from carv_attrib.evaluate.world import WORLD_SUITE, World
@@ -275,23 +282,39 @@ def lds_rows(
 
 
 def finish_rows(rows: dict[str, Any], gt: np.ndarray) -> dict[str, Any]:
-    """LDS mean, CI over subsets, queries and seeds, and the ratio to the fixed reference with its
-    paired CI (one bootstrap for all rows of the world); per-replicate sums are dropped."""
+    """Per row: LDS (mean over seeds, CI over subsets, queries and seeds), its ratio to the fixed
+    reference with a paired CI (one bootstrap for all rows of the world), and its two parts
+    (`evaluate.lds`): the query-specific LDS (and its ratio) and the common-factor LDS; the
+    per-replicate sums are dropped."""
     boot = LdsBootstrap(gt.shape[0], gt.shape[1], n_boot=1000, seed=0)
-    ref = boot.samples(rows[REF]["sums"], gt)
-    ref_mean = float(np.nanmean([np.nanmean(_spearman(s, gt)) for s in rows[REF]["sums"]]))
+    common_boot = LdsBootstrap(gt.shape[0], 1, n_boot=1000, seed=1)
+    gt_c = query_centered(gt)
+
+    def part(sums: list[np.ndarray], target: np.ndarray) -> tuple[float, list[float], np.ndarray]:
+        per_rep = [float(np.nanmean(_spearman(s, target))) for s in sums]
+        return float(np.mean(per_rep)), per_rep, boot.samples(sums, target)
+
+    ref_sums = rows[REF]["sums"]
+    ref_mean, _, ref = part(ref_sums, gt)
+    ref_qs_mean, _, ref_qs = part([query_centered(s) for s in ref_sums], gt_c)
     out = {}
     for key, row in rows.items():
         sums = row.pop("sums")
-        per_rep = [float(np.nanmean(_spearman(s, gt))) for s in sums]
-        samples = boot.samples(sums, gt)
-        mean = float(np.mean(per_rep))
+        mean, per_rep, samples = part(sums, gt)
+        qs_mean, _, qs = part([query_centered(s) for s in sums], gt_c)
+        common = [np.asarray(s).mean(1, keepdims=True) for s in sums]
+        common_samples = common_boot.samples(common, gt.mean(1, keepdims=True))
         out[key] = {
             **row,
             "lds": {"mean": round(mean, 4), "ci95": [round(x, 4) for x in interval(samples)],
                     "replicates": [round(x, 4) for x in per_rep]},
             "ratio": round(mean / ref_mean, 4),
             "ratio_ci95": [round(x, 4) for x in interval(samples / ref)],
+            "query_specific": {"mean": round(qs_mean, 4), "ci95": [round(x, 4) for x in interval(qs)],
+                               "ratio": round(qs_mean / ref_qs_mean, 4),
+                               "ratio_ci95": [round(x, 4) for x in interval(qs / ref_qs)]},
+            "common_factor": {"mean": round(float(np.mean([common_factor_lds(s, gt) for s in sums])), 4),
+                              "ci95": [round(x, 4) for x in interval(common_samples)]},
         }  # fmt: skip
     return out
 

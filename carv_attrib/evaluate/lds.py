@@ -14,6 +14,14 @@ alone understates the uncertainty: the M subsets are a sample too. `LdsBootstrap
 subsets, queries and replicates with one set of indices shared by every setting scored on the
 same ground truth, so CIs of a difference or a ratio between two settings are paired:
 
+Two parts of the same number, when the queries' measured outputs move together over the subsets
+(a subset that makes a better model for every query): the *common-factor* LDS, one Spearman over
+subsets between the query-averaged predicted effect and the query-averaged output (does the method
+know which subsets make a better model?), and the *query-specific* LDS, the LDS after subtracting
+each subset's mean over queries from both sides (`query_centered`: does it know which subsets help
+*this* query more than the others?). A world whose queries correlate strongly has an LDS dominated by
+the first, which is a single correlation over M subsets and so noisy (sd ≈ 1/sqrt(M − 1)).
+
     boot = LdsBootstrap(m=40, q=16)
     a = boot.samples([subset_sums(S_r, positions) for S_r in setting_scores], gt)   # (n_boot,)
     ci = np.percentile(a / boot.samples(ref_sums, gt), [2.5, 97.5])
@@ -79,6 +87,19 @@ class LdsBootstrap:
         r = stack.shape[0]
         reps = np.random.default_rng([self.seed, r]).integers(0, r, (self.n_boot, r))  # (B, R)
         return np.take_along_axis(stack.T, reps, axis=1).mean(1)
+
+
+def query_centered(x: np.ndarray) -> np.ndarray:
+    """(M, Q) minus each row's mean over the Q queries: the query-specific part of subset sums or of
+    measured outputs (see the module docstring)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x - x.mean(axis=1, keepdims=True)
+
+
+def common_factor_lds(sums: np.ndarray, gt_values: np.ndarray) -> float:
+    """Spearman over the M subsets between the query-averaged predicted effect and the
+    query-averaged measured output (sums, gt_values (M, Q))."""
+    return float(_spearman_columns(np.asarray(sums).mean(1), np.asarray(gt_values).mean(1), axis=0))
 
 
 def interval(samples: np.ndarray) -> list[float]:

@@ -80,3 +80,29 @@ def test_bootstrap_samples_center_on_the_estimate() -> None:
     samples = LdsBootstrap(len(gt), gt.shape[1], n_boot=500).samples([subset_sums(scores, positions)], gt)
     # resampled subsets repeat (ties), which biases Spearman a little: small beside the spread
     assert abs(samples.mean() - est) < samples.std()
+
+
+def test_common_factor_and_query_specific_parts() -> None:
+    """A world whose queries share one subset effect: the common-factor LDS sees it, the
+    query-specific LDS (both sides centred over queries) sees only what differs between queries."""
+    from scipy.stats import spearmanr
+
+    from carv_attrib.evaluate.lds import common_factor_lds, query_centered, subset_sums
+
+    rng = np.random.default_rng(6)
+    n, q, m = 20, 6, 40
+    positions = np.stack([np.sort(rng.choice(n, n // 2, replace=False)) for _ in range(m)])
+    quality = rng.normal(size=n)  # a per-clip effect shared by every query
+    specific = rng.normal(size=(n, q))
+    gt = (quality[:, None] + specific)[positions].sum(1)
+    sums = subset_sums(quality[:, None] + 0 * specific, positions)  # knows the shared part only
+    assert common_factor_lds(sums, gt) == pytest.approx(spearmanr(sums.mean(1), gt.mean(1)).statistic)
+    assert common_factor_lds(sums, gt) > 0.5
+    c = query_centered(gt)
+    np.testing.assert_allclose(c.mean(1), 0.0, atol=1e-12)
+    # the centred sums of a method that knows only the shared part carry no query-specific signal
+    assert np.allclose(query_centered(sums), 0.0)
+    from carv_attrib.evaluate.lds import _spearman_columns
+
+    knows_specific = query_centered(subset_sums(specific, positions))
+    assert np.nanmean(_spearman_columns(knows_specific, c, axis=0)) > 0.5
