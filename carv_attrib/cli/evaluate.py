@@ -29,14 +29,18 @@ def evaluate(cfg: EvaluateConfig, fmt: str | None) -> None:
         f"(random scores {floor['mean']:.3f} ± {floor['sd']:.3f})",
         title_justify="left",
     )
-    for col in ("setting", "LDS", "95 % CI", "draws/clip", "seconds"):
+    for col in ("setting", "LDS", "95 % CI", "query-specific", "common factor", "draws/clip", "seconds"):
         table.add_column(col, justify="left" if col == "setting" else "right")
     for name, row in doc["settings"].items():
         lo, hi = row["lds"].get("ci95_subsets", row["lds"]["ci95"])
+        qs = row.get("query_specific_lds", {}).get("mean")
+        cf = row.get("common_factor_lds")
         table.add_row(
             Text(name),
             f"{row['lds']['mean']:.3f}",
             f"[{lo:.3f}, {hi:.3f}]",
+            "" if qs is None else f"{qs:.3f}",
+            "" if cf is None else f"{cf:.3f}",
             str(row["draws"]),
             f"{row['seconds']:.0f}",
         )

@@ -56,13 +56,18 @@ def _spearman_columns(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
         return (ra * rb).sum(axis) / denom
 
 
+def lds_from_sums(sums: np.ndarray, gt_values: np.ndarray) -> np.ndarray:
+    """(Q,) Spearman over subsets between predicted subset effects (M, Q) and outputs (M, Q)."""
+    return _spearman_columns(np.asarray(sums, dtype=np.float64), gt_values, axis=0)
+
+
 def lds_per_query(scores: np.ndarray, gt_values: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """(Q,) Spearman correlation over subsets between Σ_{i∈S_m} scores[i, q] and gt_values[m, q].
 
     scores (n_train, Q) float, gt_values (M, Q) float (−loss), positions (M, subset size) int
     training positions (or M index arrays of any sizes). Ties get average ranks; a constant column gives NaN (as scipy and dattri).
     """
-    return _spearman_columns(subset_sums(scores, positions), gt_values, axis=0)
+    return lds_from_sums(subset_sums(scores, positions), gt_values)
 
 
 class LdsBootstrap:

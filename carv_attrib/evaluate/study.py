@@ -44,7 +44,14 @@ from carv_attrib.config import (
 )
 from carv_attrib.data.latents import CachedClip
 from carv_attrib.evaluate.gradspace import gram, scores_from_gram
-from carv_attrib.evaluate.lds import lds_per_query, lds_summary, subset_sums
+from carv_attrib.evaluate.lds import (
+    common_factor_lds,
+    lds_from_sums,
+    lds_per_query,
+    lds_summary,
+    query_centered,
+    subset_sums,
+)
 from carv_attrib.evaluate.reference import REFERENCE_DRAWS, exact_gradients, reference_rule
 from carv_attrib.models.wan import load_transformer, resolve_device
 
@@ -204,22 +211,29 @@ def variant_scores(problem: LdsProblem, v: Variant, seed: int, cache: dict[Any, 
 def score_variants(
     problem: LdsProblem, variants: Sequence[Variant], say: Callable[[str], None] = lambda s: None
 ) -> dict[str, Any]:
-    """{variant name: {**variant, lds: lds_summary(...), seconds}} on `problem`; the LDS CI
-    `ci95_subsets` resamples subsets, queries and seeds (`ci95`: queries and seeds only)."""
+    """{variant name: {**variant, lds, query_specific_lds, common_factor_lds, seconds}} on `problem`:
+    `lds_summary`s of the LDS and of its query-specific part, and the common-factor LDS
+    (`evaluate.lds`); the CI `ci95_subsets` resamples subsets, queries and seeds (`ci95`: queries and
+    seeds only)."""
     gt_values, positions = problem.gt_values, problem.positions
     cache: dict[Any, Any] = {}
     out = {}
     for v in variants:
         t0 = time.monotonic()
         scores = [variant_scores(problem, v, r, cache) for r in range(v.replicates)]
+        sums = [subset_sums(s, positions) for s in scores]
+        centred = [query_centered(x) for x in sums]
+        gt_c = query_centered(gt_values)
         out[v.name] = {
             **v.to_dict(),
             "density": v.density or problem.density,
             "lds": lds_summary(
-                [lds_per_query(s, gt_values, positions) for s in scores],
-                sums=[subset_sums(s, positions) for s in scores],
-                gt_values=gt_values,
+                [lds_per_query(s, gt_values, positions) for s in scores], sums=sums, gt_values=gt_values
             ),
+            "query_specific_lds": lds_summary(
+                [lds_from_sums(c, gt_c) for c in centred], sums=centred, gt_values=gt_c
+            ),
+            "common_factor_lds": float(np.mean([common_factor_lds(x, gt_values) for x in sums])),
             "seconds": round(time.monotonic() - t0, 2),
         }
         s = out[v.name]["lds"]

@@ -60,6 +60,9 @@ def test_study_scores_product_and_exact_variants(world) -> None:
     assert "output_fn" in rows["default"] and "reference_draws" not in rows["default"]
     lo, hi = default["ci95_subsets"]
     assert lo <= default["mean"] <= hi
+    # the two parts of LDS (common factor, query-specific) are reported beside it
+    assert -1 <= rows["default"]["common_factor_lds"] <= 1
+    assert len(rows["default"]["query_specific_lds"]["replicates"]) == 2
 
 
 def test_the_reference_never_follows_featurize_options(world) -> None:
