@@ -21,6 +21,7 @@ what is new. Rows:
 
     .venv/bin/python bench/factors.py                 # every built world -> bench/results/factors.json
     .venv/bin/python bench/factors.py ft-uniform       # some worlds (merged into the JSON)
+    .venv/bin/python bench/factors.py --analyze        # + fidelity, plan calibration, diagnosis of the best
 """
 
 from __future__ import annotations
@@ -297,8 +298,17 @@ def finish_rows(rows: dict[str, Any], gt: np.ndarray) -> dict[str, Any]:
     ref_sums = rows[REF]["sums"]
     ref_mean, _, ref = part(ref_sums, gt)
     ref_qs_mean, _, ref_qs = part([query_centered(s) for s in ref_sums], gt_c)
+    samples_of = {k: boot.samples(r["sums"], gt) for k, r in rows.items()}
+    all_sums = {k: r["sums"] for k, r in rows.items()}
     out = {}
     for key, row in rows.items():
+        twin = key.split("|")
+        twin[1] = twin[1].split("/")[0] + "/none"
+        twin_key = "|".join(twin)
+        vs_twin = None
+        if twin_key != key and twin_key in rows:
+            d = samples_of[key] - samples_of[twin_key]
+            vs_twin = {"twin": twin_key, "diff": round(float(np.mean([np.nanmean(_spearman(a, gt)) - np.nanmean(_spearman(b, gt)) for a, b in zip(all_sums[key], all_sums[twin_key])])), 4), "ci95": [round(x, 4) for x in interval(d)]}  # fmt: skip
         sums = row.pop("sums")
         mean, per_rep, samples = part(sums, gt)
         qs_mean, _, qs = part([query_centered(s) for s in sums], gt_c)
@@ -315,6 +325,7 @@ def finish_rows(rows: dict[str, Any], gt: np.ndarray) -> dict[str, Any]:
                                "ratio_ci95": [round(x, 4) for x in interval(qs / ref_qs)]},
             "common_factor": {"mean": round(float(np.mean([common_factor_lds(s, gt) for s in sums])), 4),
                               "ci95": [round(x, 4) for x in interval(common_samples)]},
+            **({"vs_unprojected": vs_twin} if vs_twin else {}),
         }  # fmt: skip
     return out
 
@@ -385,7 +396,8 @@ def main() -> None:
         i = args.index("--jobs")
         jobs, args = set(args[i + 1].split(",")), args[:i] + args[i + 2 :]
     products = "--no-product" not in args
-    args = [a for a in args if a != "--no-product"]
+    analyze = "--analyze" in args
+    args = [a for a in args if a not in ("--no-product", "--analyze")]
     names = args or [w.name for w in WORLD_SUITE]
     doc = json.loads(OUT.read_text()) if OUT.exists() else {}
     if "suite" not in doc:
@@ -404,7 +416,51 @@ def main() -> None:
         OUT.write_text(json.dumps(doc) + "\n")
         say(f"{spec.name}: done")
     doc["selection"] = select(doc)
+    best = doc["selection"].get("best", {}).get("setting")
+    if best is not None and analyze:
+        job, features, precond = best.split("|")
+        fn = next(j.output_fn for j in JOBS if j.name == job)
+        doc["fidelity"], doc["calibration"] = {}, {}
+        for spec in WORLD_SUITE:
+            world = World(spec, WORK / spec.name)
+            if spec.name in doc["worlds"]:
+                doc["fidelity"][spec.name] = fidelity(world, fn, features, precond)
+                doc["calibration"][spec.name] = calibration(
+                    world, fn, features, precond, doc["worlds"][spec.name]["rows"]
+                )
+        doc["diagnosis_rows"] = diagnosis_rows(best)
     OUT.write_text(json.dumps(doc) + "\n")
+
+
+def diagnosis_rows(best: str) -> list[str]:
+    """One factor at a time around the chosen setting: reference, draws, scheme, output function,
+    preconditioner, layer set, projection size and kind."""
+    job, features, precond = best.split("|")
+    layers = features.split("/")[0]
+    fn = job.split("-")[0]
+    other_fn = "sqnorm" if fn == "loss" else "loss"
+    rows = [REF, REF_PER_CLIP, "ref-crn-256|all/none|cosine", "ref-crn-256|all/none|adam-identity", best]
+    rows += [f"{fn}-sis-8|{layers}/none|{precond}", f"{fn}-sis-8|all/none|{precond}"]
+    rows += [f"{fn}-{s}-8|{features}|{precond}" for s in ("iid", "strat")]
+    rows += [f"{fn}-sis-8-per-clip|{features}|{precond}", f"{other_fn}-sis-8|{features}|{precond}"]
+    rows += [
+        f"{job}|{features}|{p}"
+        for p in ("identity", "cosine", "normalize-0.5", "trak-0.1", "trak-1", "diag-identity")
+        if p != precond
+    ]
+    rows += [
+        f"{job}|{ls}/kron-{k}x{k}-gaussian|{precond}"
+        for ls in ("blocks", "all-linear")
+        for k in (4, 8, 16, 32)
+    ]
+    rows += [
+        f"{job}|all/kron-16x16-gaussian|{precond}",
+        f"{job}|blocks/kron-16x16-rademacher|{precond}",
+        f"{job}|blocks/dense-5120-gaussian|{precond}",
+    ]
+    rows += [f"{fn}-sis-{k}|{features}|{precond}" for k in (1, 2, 4, 16, 32)]
+    seen: list[str] = []
+    return [r for r in rows if not (r in seen or seen.append(r))]  # type: ignore[func-returns-value]
 
 
 # -- analysis -----------------------------------------------------------------------------------
@@ -421,27 +477,37 @@ def shippable(row: dict[str, Any]) -> bool:
 
 
 def select(doc: dict[str, Any]) -> dict[str, Any]:
-    """Every shippable setting's LDS ÷ the fixed reference on every world; ranked by the minimum."""
+    """Every shippable setting's LDS ÷ the fixed reference on every world, ranked by its minimum over
+    the worlds where the reference itself has signal (its LDS CI above 0: elsewhere a ratio is
+    undefined, and the difference to the reference is reported instead); beside it, the minimum of
+    the query-specific LDS ratio over all worlds."""
     worlds = doc["worlds"]
+    signal = [w for w, x in worlds.items() if x["rows"][REF]["lds"]["ci95"][0] > 0]
     keys = set.intersection(*(set(w["rows"]) for w in worlds.values()))
     table = {}
     for key in keys:
-        rows = [worlds[w]["rows"][key] for w in worlds]
-        if not shippable(rows[0]):
+        rows = {w: worlds[w]["rows"][key] for w in worlds}
+        if not shippable(next(iter(rows.values()))):
             continue
-        ratios = {w: worlds[w]["rows"][key]["ratio"] for w in worlds}
+        ratios = {w: rows[w]["ratio"] for w in signal}
+        qs = {w: rows[w]["query_specific"]["ratio"] for w in worlds}
+        diffs = {w: round(rows[w]["lds"]["mean"] - worlds[w]["rows"][REF]["lds"]["mean"], 4) for w in worlds}
         table[key] = {
-            "min": min(ratios.values()), "mean": float(np.mean(list(ratios.values()))), "ratios": ratios,
-            "ratio_ci95": {w: worlds[w]["rows"][key]["ratio_ci95"] for w in worlds},
-        }  # fmt: skip
-    ranked = sorted(table, key=lambda k: -table[k]["min"])
-    best = ranked[0] if ranked else None
+            "min": min(ratios.values()) if ratios else None,
+            "mean": float(np.mean(list(ratios.values()))) if ratios else None,
+            "ratios": ratios,
+            "ratio_ci95": {w: rows[w]["ratio_ci95"] for w in signal},
+            "query_specific_min": min(qs.values()),
+            "query_specific_ratios": qs,
+            "diff_to_reference": diffs,
+        }
+    ranked = sorted(table, key=lambda k: -(table[k]["min"] if table[k]["min"] is not None else -9))
     out: dict[str, Any] = {
-        "worlds": list(worlds),
-        "ranked": [{"setting": k, **table[k]} for k in ranked[:40]],
-    }
-    if best is not None:
-        out["best"] = {"setting": best, **table[best]}
+        "worlds": list(worlds), "worlds_with_reference_signal": signal,
+        "ranked": [{"setting": k, **table[k]} for k in ranked[:60]],
+    }  # fmt: skip
+    if ranked:
+        out["best"] = {"setting": ranked[0], **table[ranked[0]]}
     return out
 
 
