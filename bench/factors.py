@@ -574,17 +574,21 @@ def calibration(
     world: World, output_fn: str, features: str, precond: str, doc_rows: dict[str, Any]
 ) -> dict[str, Any]:
     """`plan`'s rule on this world: the first K (stratified-is) at which estimator seeds 0 and 1 agree
-    (top-10 overlap ≥ 0.9, Spearman ≥ 0.95 over the training clips, per query), beside LDS at each K."""
+    (top-10 overlap ≥ 0.9 and Spearman ≥ 0.95 over the training clips, mean over queries), beside
+    the setting's LDS at each K. The agreement is measured on the unprojected twin (same layers and
+    preconditioner): `plan` holds the projection fixed and varies the estimator seed only, while the
+    study's seed r changes both."""
     from carv_attrib.attrib.stability import is_stable, ranking_agreement
     from carv_attrib.evaluate.gradspace import describe
 
     store, n_train = Store(world.root / "study"), world.spec.n_train
     transformer = load_transformer(str(world.model))
-    dim = describe(next(s for s in SWEEP if s.key == features), transformer)["dim"]
+    twin = features.split("/")[0] + "/none"
+    dim = describe(next(s for s in SWEEP if s.key == twin), transformer)["dim"]
     curve, chosen = [], None
     for k in K_SWEEP:
         name = f"{output_fn}-sis-{k}"
-        a, b = (_scores(store, name, r, features, precond, n_train, dim) for r in (0, 1))
+        a, b = (_scores(store, name, r, twin, precond, n_train, dim) for r in (0, 1))
         if a is None or b is None:
             continue
         overlap, rho = ranking_agreement(a, b, top_k=10)
@@ -593,7 +597,12 @@ def calibration(
                       "lds": row.get("lds", {}).get("mean"), "lds_ci95": row.get("lds", {}).get("ci95")})  # fmt: skip
         if chosen is None and is_stable(overlap, rho):
             chosen = k
-    return {"setting": f"{output_fn}|{features}|{precond}", "stable_draws": chosen, "curve": curve}
+    return {
+        "setting": f"{output_fn}|{features}|{precond}",
+        "agreement_on": twin,
+        "stable_draws": chosen,
+        "curve": curve,
+    }
 
 
 if __name__ == "__main__":
