@@ -423,7 +423,8 @@ def main() -> None:
         doc["fidelity"], doc["calibration"] = {}, {}
         for spec in WORLD_SUITE:
             world = World(spec, WORK / spec.name)
-            if spec.name in doc["worlds"]:
+            # fidelity and calibration read the cached Grams: only worlds whose study is on disk
+            if spec.name in doc["worlds"] and (world.root / "study" / "grams").is_dir():
                 doc["fidelity"][spec.name] = fidelity(world, fn, features, precond)
                 doc["calibration"][spec.name] = calibration(
                     world, fn, features, precond, doc["worlds"][spec.name]["rows"]

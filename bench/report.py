@@ -23,6 +23,16 @@ def _cell(row: dict, ratio: bool = True) -> str:
     return out + (f" ({row['ratio']:.2f}×)" if ratio and "ratio" in row else "")
 
 
+# The shipped settings, as rows of the study (kron on blocks.*, stratified-is, K = 8; gradspace's kron
+# equals the tool's KronProjector, tests/evaluate/test_gradspace.py).
+SHIPPED = {
+    "old default": "loss-sis-8|blocks/kron-8x8-gaussian|cosine",
+    "last default": "sqnorm-sis-8|blocks/kron-16x16-gaussian|cosine",
+    "new default": "loss-sis-8|blocks/kron-16x16-gaussian|cosine",
+    "new default, iid at equal cost": "loss-iid-8|blocks/kron-16x16-gaussian|cosine",
+}
+
+
 def _short(name: str) -> str:
     return name.replace("scratch-", "s-").replace("ft-", "f-")
 
@@ -35,18 +45,13 @@ def factors(which: str = "worlds") -> None:
     worlds = doc["worlds"]
     sel = doc.get("selection", {})
     if which == "worlds":
-        best = sel.get("best", {}).get("setting")
         cols = [
             ("fixed reference, CRN (K=256)", "ref-crn-256|all/none|identity"),
             ("fixed reference, per-clip draws (K=256)", "ref-per-clip-256|all/none|identity"),
-            *[
-                (f"tool: {k.split('|', 1)[1]}", k)
-                for k in worlds[next(iter(worlds))]["rows"]
-                if k.startswith("product|")
-            ],
-            ("chosen default", best),
-            ("chosen default, iid at equal cost", best.replace("-sis-", "-iid-") if best else None),
-        ]
+            ("unprojected loss, CRN, K=8, grad-dot", "loss-sis-8|all/none|identity"),
+            *[(f"tool: {k.split('|', 1)[1]}", k) for k in worlds[next(iter(worlds))]["rows"] if k.startswith("product|")],
+            *[(f"{label}: {k}", k) for label, k in SHIPPED.items()],
+        ]  # fmt: skip
         print("| world | kind | " + " | ".join(c for c, _ in cols) + " | random (mean ± sd) |")
         print("|---|---|" + "---|" * len(cols) + "---|")
         for name, w in worlds.items():
@@ -56,6 +61,24 @@ def factors(which: str = "worlds") -> None:
                 f"| {name} | {w['description']} | "
                 + " | ".join(cells)
                 + f" | {r['mean']:.3f} ± {r['sd']:.3f} |"
+            )
+    elif which == "parts":
+        # LDS = common factor + query-specific part (evaluate.lds): the part that tells queries apart
+        keys = [("fixed reference, CRN (K=256)", "ref-crn-256|all/none|identity"), *SHIPPED.items()]
+        print(
+            "| world | query-gt correlation | "
+            + " | ".join(f"{c}: query-specific / common factor" for c, _ in keys)
+            + " |"
+        )
+        print("|---|---|" + "---|" * len(keys))
+        for name, w in worlds.items():
+            cells = []
+            for _, k in keys:
+                row = w["rows"].get(k, {})
+                qs, cf = row.get("query_specific"), row.get("common_factor")
+                cells.append(f"{qs['mean']:.3f} / {cf['mean']:.3f}" if qs and cf else "")
+            print(
+                f"| {name} | {w.get('query_gt_correlation', float('nan')):.2f} | " + " | ".join(cells) + " |"
             )
     elif which == "ranked":
         print(

@@ -88,13 +88,13 @@ def test_featurize_consumes_the_plan(
                 device="cpu",
             )
         )
-    with pytest.raises(UsageError, match="fitted for --output-fn sqnorm, not loss"):
+    with pytest.raises(UsageError, match="fitted for --output-fn loss, not sqnorm"):
         run_featurize(
             FeaturizeConfig(
                 run=run,
                 model=str(tiny_model_dir),
                 draws=4,
-                output_fn="loss",
+                output_fn="sqnorm",
                 plan=out / "plan.json",
                 device="cpu",
             )
