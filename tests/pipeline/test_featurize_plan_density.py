@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from carv_attrib.carv.timesteps import Proposal, density
 from carv_attrib.cli.app import app
+from carv_attrib.config import DEFAULT_OUTPUT_FN, OUTPUT_FNS
 from carv_attrib.data.run import RunDir
 from carv_attrib.data.store import write_json_atomic
 from carv_attrib.errors import UsageError
@@ -33,7 +34,7 @@ def plan(tmp_path: Path) -> tuple[Path, Proposal]:
     """A plan.json whose proposal q was fitted for p = logit-normal(0, 1), non-uniform over 4 bins."""
     q = Proposal.from_bins([0.0, 0.25, 0.5, 0.75, 1.0], [1.0, 3.0, 2.0, 0.5], DENSITY, 0.1, form="p-scaled")
     path = tmp_path / "plan.json"
-    write_json_atomic(path, {"proposal": q.to_dict(), "output_fn": "sqnorm", "density": DENSITY})
+    write_json_atomic(path, {"proposal": q.to_dict(), "output_fn": DEFAULT_OUTPUT_FN, "density": DENSITY})
     return path, q
 
 
@@ -90,6 +91,7 @@ def test_a_contradicting_density_exits_2_through_the_cli(run: Path, plan, tiny_m
 def test_a_plan_for_another_output_fn_is_refused(run: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
     q = Proposal.from_bins([0.0, 0.5, 1.0], [1.0, 2.0], DENSITY, 0.1, form="p-scaled")
     path = tmp_path / "sq.json"
-    path.write_text(json.dumps({"proposal": q.to_dict(), "output_fn": "loss"}))
-    with pytest.raises(UsageError, match=r"--output-fn sqnorm"):
+    other = next(fn for fn in OUTPUT_FNS if fn != DEFAULT_OUTPUT_FN)
+    path.write_text(json.dumps({"proposal": q.to_dict(), "output_fn": other}))
+    with pytest.raises(UsageError, match=rf"--output-fn {DEFAULT_OUTPUT_FN}"):
         draw_rule(FeaturizeConfig(run=run, model=str(tiny_model_dir), plan=path, draws=2))
