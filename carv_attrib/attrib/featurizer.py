@@ -34,6 +34,7 @@ from carv_attrib.attrib.projection import (
 )
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.timesteps import Proposal
+from carv_attrib.choices import OBJECTIVES, PROJECTORS
 from carv_attrib.errors import UsageError
 from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
 
@@ -57,14 +58,16 @@ def objective_spec(kind: str) -> dict[str, Any]:
         return dict(UNIFORM)
     if kind == "motion":
         return {"kind": "motion", "floor": MOTION_FLOOR, "noise": MOTION_NOISE, "rule": MOTION_RULE}
-    raise UsageError(f"--objective {kind}: choose uniform or motion")
+    raise UsageError(f"--objective {kind}: choose {' or '.join(OBJECTIVES)}")
 
 
 def check_objective_inputs(objective: str, latents_config: dict[str, Any], run: Any) -> None:
     """UsageError (exit 2) unless the latents can serve `objective`: motion needs maps of this
     version's flow rule (`encode --motion-masks`)."""
-    if objective != "motion":
+    if objective == "uniform":
         return
+    if objective != "motion":
+        raise UsageError(f"--objective {objective}: choose {' or '.join(OBJECTIVES)}")
     from carv_attrib.data.motion import check_rule
 
     if not latents_config.get("motion_masks"):
@@ -81,8 +84,11 @@ def token_weights(
 ) -> torch.Tensor | None:
     """The per-token loss weights (T, h, w) of a clip under `objective` (None: uniform). UsageError
     when the motion objective meets a clip without a motion map."""
-    if objective.get("kind", "uniform") == "uniform":
+    kind = objective.get("kind", "uniform")
+    if kind == "uniform":
         return None
+    if kind != "motion":
+        raise ValueError(f"unknown objective {kind!r}; expected one of {', '.join(OBJECTIVES)}")
     from carv_attrib.data.motion import motion_weights
 
     if motion is None:
@@ -149,7 +155,7 @@ def build_projector(
             return DenseProjector(selected, seed=seed, dim=proj_dim or DEFAULT_DENSE_DIM, kind=matrix)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    raise UsageError(f"--projector {kind}: choose kron or dense")
+    raise UsageError(f"--projector {kind}: choose {' or '.join(PROJECTORS)}")
 
 
 @dataclass

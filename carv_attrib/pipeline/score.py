@@ -33,6 +33,7 @@ from carv_attrib.attrib.index import load_index, search
 from carv_attrib.attrib.precondition import load_preconditioner
 from carv_attrib.attrib.rerank import VectorStore, rerank
 from carv_attrib.carv.draws import DrawRule
+from carv_attrib.choices import OBJECTIVES
 from carv_attrib.config import ScoreConfig
 from carv_attrib.data.decode_pool import DecodePool
 from carv_attrib.data.latents import as_stored, read_latents
@@ -157,6 +158,10 @@ def _check_index_use(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> None:
     """UsageError (exit 2), before any query is encoded, for options the index cannot serve: another
     --objective, motion maps of another flow rule, --explain on dense features."""
     kind = info.objective.get("kind", "uniform")
+    if kind not in OBJECTIVES:
+        raise UsageError(
+            f"{run}'s index records an unknown objective {kind!r}; expected one of {', '.join(OBJECTIVES)}"
+        )
     if kind == "motion":  # queries get their maps from this version's flow rule: the index's must match
         check_rule(info.objective.get("rule"), f"{run}'s index")
     if cfg.explain:  # refused before any query is encoded

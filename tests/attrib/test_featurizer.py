@@ -17,7 +17,10 @@ from carv_attrib.attrib.featurizer import (
     Featurizer,
     build_draw_rule,
     build_projector,
+    check_objective_inputs,
     load_featurizer,
+    objective_spec,
+    token_weights,
 )
 from carv_attrib.attrib.projection import (
     DEFAULT_K_IN,
@@ -317,3 +320,15 @@ def test_draw_parts_add_up_to_the_feature_with_weights_and_checkpoints(
         fz.objective = objective_spec("uniform")
         plain, _, _ = fz.features([(cid, z, emb)])
         assert float((plain - feat).norm() / feat.norm()) > 1e-2
+
+
+# -- objectives ------------------------------------------------------------------------------------
+def test_an_unknown_objective_is_refused_not_taken_as_uniform_or_motion() -> None:
+    with pytest.raises(UsageError, match=r"--objective saliency: choose uniform or motion"):
+        objective_spec("saliency")
+    with pytest.raises(UsageError, match=r"--objective saliency: choose uniform or motion"):
+        check_objective_inputs("saliency", {}, "runs/x")
+    check_objective_inputs("uniform", {}, "runs/x")  # uniform needs nothing of the latents
+    assert token_weights({"kind": "uniform"}, 0, None) is None
+    with pytest.raises(ValueError, match=r"unknown objective 'saliency'; expected one of uniform, motion"):
+        token_weights({"kind": "saliency"}, 0, torch.ones(3, 4, 4))
