@@ -36,13 +36,14 @@ from carv_attrib.carv.draws import DrawRule
 from carv_attrib.choices import OBJECTIVES
 from carv_attrib.config import ScoreConfig
 from carv_attrib.data.decode_pool import DecodePool
+from carv_attrib.data.failures import ClipFailure, failure_message
 from carv_attrib.data.latents import as_stored, read_latents
 from carv_attrib.data.live import selection
 from carv_attrib.data.manifest import clip_id_for, read_text_file
 from carv_attrib.data.motion import check_rule, decode_with_motion, stored_map
 from carv_attrib.data.run import IndexInfo, RunDir
 from carv_attrib.data.store import now_iso
-from carv_attrib.data.video import ClipFailure, decode_clip, failure_message, frames_to_tensor
+from carv_attrib.data.video import decode_clip, frames_to_tensor
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
