@@ -7,7 +7,7 @@ Rectified flow with v-prediction (ARCHITECTURE §2; research note wan-diffusers 
     "sqnorm":  ℓ_k = mean(v_θ(x_σk, t_k, c)²)                 (D-TRAK's output function)
 
 With a per-token weight m (T, H, W) of mean 1 (motion attribution, Motive arXiv 2601.08828: a
-loss-space motion mask; `carv_attrib.data.motion.motion_weights`) the mean becomes a weighted one,
+loss-space motion mask; `carv_attrib.carv.weights.motion_weights`) the mean becomes a weighted one,
 ℓ_k = mean(m · r_k²) over (C, T, H, W) with m broadcast over channels, so moving tokens dominate
 the gradient; m = 1 is the plain objective.
 

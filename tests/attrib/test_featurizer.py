@@ -17,9 +17,7 @@ from carv_attrib.attrib.featurizer import (
     Featurizer,
     build_draw_rule,
     build_projector,
-    check_objective_inputs,
     load_featurizer,
-    objective_spec,
     token_weights,
 )
 from carv_attrib.attrib.projection import (
@@ -282,7 +280,7 @@ def test_draw_parts_add_up_to_the_feature_with_weights_and_checkpoints(
     for all K): the token sums of the real demo latents, with the 512-token padded context, cancel
     more than test_gradients.py's random data. The control: dropping the w_k, or the motion weights,
     must exceed it."""
-    from carv_attrib.attrib.featurizer import objective_spec
+    from carv_attrib.data.motion import objective_spec
 
     q = Proposal.from_bins(torch.linspace(0, 1, 5), torch.tensor([4.0, 1.0, 0.5, 0.25]), "uniform", mix=0.1)
     rule = DrawRule(seed=1, scheme="stratified-is", k=3, density="uniform", proposal=q)
@@ -323,12 +321,8 @@ def test_draw_parts_add_up_to_the_feature_with_weights_and_checkpoints(
 
 
 # -- objectives ------------------------------------------------------------------------------------
-def test_an_unknown_objective_is_refused_not_taken_as_uniform_or_motion() -> None:
-    with pytest.raises(UsageError, match=r"--objective saliency: choose uniform or motion"):
-        objective_spec("saliency")
-    with pytest.raises(UsageError, match=r"--objective saliency: choose uniform or motion"):
-        check_objective_inputs("saliency", {}, "runs/x")
-    check_objective_inputs("uniform", {}, "runs/x")  # uniform needs nothing of the latents
+def test_an_unknown_objective_weights_no_token() -> None:
+    """No fallback: an objective kind other than uniform and motion is not read as motion."""
     assert token_weights({"kind": "uniform"}, 0, None) is None
     with pytest.raises(ValueError, match=r"unknown objective 'saliency'; expected one of uniform, motion"):
         token_weights({"kind": "saliency"}, 0, torch.ones(3, 4, 4))
