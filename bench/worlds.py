@@ -17,6 +17,7 @@ from _util import machine_info
 
 from carv_attrib.data.store import read_json
 from carv_attrib.evaluate.world import WORLD_SUITE, build_world
+from carv_attrib.pipeline.encode import run_encode
 
 WORK = Path(__file__).resolve().parent / "_work" / "worlds"
 OUT = Path(__file__).resolve().parent / "results" / "worlds.json"
@@ -47,6 +48,7 @@ def main() -> None:
             WORK / spec.name,
             workers=2,
             say=lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True),
+            encode=run_encode,
         )
         seconds = time.monotonic() - t0
         print(f"[{time.strftime('%H:%M:%S')}] {spec.name}: built in {seconds:.0f} s", flush=True)

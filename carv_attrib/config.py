@@ -21,21 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from carv_attrib.choices import (
+    DTYPES,
+    MATRIX_KINDS,
+    NOISE_MODES,
+    OBJECTIVES,
+    OUTPUT_FNS,
+    PRECONDITIONERS,
+    PROJECTORS,
+    SCHEMES,
+)
 from carv_attrib.data.manifest import ManifestOptions
 from carv_attrib.data.video import FramePolicy
 from carv_attrib.errors import UsageError
 
-# Choices the CLI accepts. The library modules that implement them keep their own tuples (they must
-# not import the tool's configs); tests/test_config.py checks that both agree.
-OUTPUT_FNS = ("loss", "sqnorm")
-OBJECTIVES = ("uniform", "motion")  # carv_attrib.carv.objective.OBJECTIVES
-SCHEMES = ("iid", "stratified", "stratified-is")
-NOISE_MODES = ("shared", "per-clip")
-PROJECTORS = ("kron", "dense")
-MATRIX_KINDS = ("gaussian", "rademacher")
-PRECONDITIONERS = ("identity", "trak", "cosine")
+# Choices the CLI accepts: the extension axes' names live in `carv_attrib.choices`, defined once for
+# the configs and the library modules that implement them (and importable from here as before).
 LATENT_DTYPES = ("float32", "float16")
-DTYPES = ("float32", "bfloat16", "float16")
 AGGREGATES = ("none", "mean", "vote")
 FORMATS = ("human", "json", "jsonl")
 DEFAULT_LAYERS = ("blocks.*",)

@@ -52,6 +52,29 @@ def test_cli_choices_equal_the_library_choices() -> None:
         assert tuple(ours) == tuple(theirs), name
 
 
+def test_every_choice_tuple_is_defined_once_in_choices() -> None:
+    """config and the library hold the very tuples of carv_attrib.choices, and each registry's keys
+    are its axis' names, so a name added in one place cannot be missing in another."""
+    from carv_attrib import choices
+    from carv_attrib.attrib import featurizer, precondition, projection
+    from carv_attrib.carv import draws, objective, timesteps
+    from carv_attrib.models import wan
+
+    for name, *holders in [
+        ("OUTPUT_FNS", C, objective),
+        ("OBJECTIVES", C, featurizer),
+        ("SCHEMES", C, timesteps, draws),
+        ("NOISE_MODES", C, draws),
+        ("PROJECTORS", C, projection, featurizer),
+        ("MATRIX_KINDS", C, projection),
+        ("PRECONDITIONERS", C, precondition),
+        ("DTYPES", C, wan),
+    ]:
+        assert all(getattr(h, name) is getattr(choices, name) for h in holders), name
+    assert tuple(objective.RESIDUALS) == choices.OUTPUT_FNS
+    assert tuple(projection.PROJECTOR_CLASSES) == choices.PROJECTORS
+
+
 def test_cli_default_layers_and_kron_dims_equal_the_projector_defaults() -> None:
     from carv_attrib.attrib import projection
 

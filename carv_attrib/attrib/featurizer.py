@@ -34,6 +34,8 @@ from carv_attrib.attrib.projection import (
 )
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.timesteps import Proposal
+from carv_attrib.carv.weights import motion_weights
+from carv_attrib.choices import OBJECTIVES, PROJECTORS
 from carv_attrib.errors import UsageError
 from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
 
@@ -48,43 +50,16 @@ ClipInput = (
 UNIFORM: dict[str, Any] = {"kind": "uniform"}
 
 
-def objective_spec(kind: str) -> dict[str, Any]:
-    """The recorded form of `--objective`: {"kind": "uniform"} or {"kind": "motion", "floor", "rule"}
-    (the weight rule and the flow rule of the maps, so an index is always scored as it was built)."""
-    from carv_attrib.data.motion import MOTION_FLOOR, MOTION_NOISE, MOTION_RULE
-
-    if kind == "uniform":
-        return dict(UNIFORM)
-    if kind == "motion":
-        return {"kind": "motion", "floor": MOTION_FLOOR, "noise": MOTION_NOISE, "rule": MOTION_RULE}
-    raise UsageError(f"--objective {kind}: choose uniform or motion")
-
-
-def check_objective_inputs(objective: str, latents_config: dict[str, Any], run: Any) -> None:
-    """UsageError (exit 2) unless the latents can serve `objective`: motion needs maps of this
-    version's flow rule (`encode --motion-masks`)."""
-    if objective != "motion":
-        return
-    from carv_attrib.data.motion import check_rule
-
-    if not latents_config.get("motion_masks"):
-        raise UsageError(
-            f"--objective motion weights the loss by each clip's motion map, and {run} was encoded "
-            "without them: encode into a new run with --motion-masks (or rerun encode with "
-            "--motion-masks --overwrite)"
-        )
-    check_rule(latents_config["motion_masks"], str(run))
-
-
 def token_weights(
     objective: dict[str, Any], clip_id: int, motion: torch.Tensor | None
 ) -> torch.Tensor | None:
     """The per-token loss weights (T, h, w) of a clip under `objective` (None: uniform). UsageError
     when the motion objective meets a clip without a motion map."""
-    if objective.get("kind", "uniform") == "uniform":
+    kind = objective.get("kind", "uniform")
+    if kind == "uniform":
         return None
-    from carv_attrib.data.motion import motion_weights
-
+    if kind != "motion":
+        raise ValueError(f"unknown objective {kind!r}; expected one of {', '.join(OBJECTIVES)}")
     if motion is None:
         raise UsageError(
             f"clip {clip_id} has no motion map: --objective motion needs latents encoded with --motion-masks"
@@ -149,7 +124,7 @@ def build_projector(
             return DenseProjector(selected, seed=seed, dim=proj_dim or DEFAULT_DENSE_DIM, kind=matrix)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    raise UsageError(f"--projector {kind}: choose kron or dense")
+    raise UsageError(f"--projector {kind}: choose {' or '.join(PROJECTORS)}")
 
 
 @dataclass

@@ -15,16 +15,33 @@ gradient of the summed objective is ĝ itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from carv_attrib.carv.objective import clip_objective
 
-if TYPE_CHECKING:  # projection.py imports this module (its projectors call these functions)
-    from carv_attrib.attrib.projection import DenseProjector, KronProjector
+
+class HookProjector(Protocol):
+    """What `kron_features` and `per_draw_features` need of a projector (`KronProjector`): inside
+    `capture`, hooks file each forward's per-sample gradient under `slot` (an int, or one slot id
+    per input row) and project it; `features()` is then (num_slots, D)."""
+
+    slot: int | Tensor | None
+
+    def capture(self, num_slots: int) -> AbstractContextManager[Any]: ...
+
+    def features(self) -> Tensor: ...
+
+
+class MatrixProjector(Protocol):
+    """What `dense_features` needs of a projector (`DenseProjector`): flattened gradients (B, p)
+    times its (p, D) matrix."""
+
+    def project(self, g: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -59,7 +76,7 @@ def flat_grad(layers: Sequence[tuple[str, nn.Linear]]) -> torch.Tensor:
 
 def kron_features(
     transformer: nn.Module,
-    projector: KronProjector,
+    projector: HookProjector,
     batch: Sequence[ClipDraws],
     output_fn: str = "loss",
     draws_per_backward: int | None = None,
@@ -102,7 +119,7 @@ def kron_features(
 def dense_features(
     transformer: nn.Module,
     layers: Sequence[tuple[str, nn.Linear]],
-    projector: DenseProjector,
+    projector: MatrixProjector,
     batch: Sequence[ClipDraws],
     output_fn: str = "loss",
 ) -> tuple[Tensor, Tensor]:
@@ -135,7 +152,7 @@ def dense_features(
 
 def per_draw_features(
     transformer: nn.Module,
-    projector: KronProjector,
+    projector: HookProjector,
     latent: Tensor,
     context: Tensor,
     sigma: Tensor,

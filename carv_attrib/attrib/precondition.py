@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch  # float64 Cholesky; torch is a core dependency, scipy is not
 
-PRECONDITIONERS = ("identity", "trak", "cosine")
+from carv_attrib.choices import PRECONDITIONERS
+
 DEFAULT_LAMBDA_REL = 1e-2
 _META = "precondition.json"
 
@@ -260,7 +261,7 @@ def fit_preconditioner(
     if kind == "cosine":
         return CosinePreconditioner(dim, blocks)
     if kind != "trak":
-        raise ValueError(f"unknown preconditioner {kind!r}; use one of {PRECONDITIONERS}")
+        raise ValueError(f"unknown preconditioner {kind!r}; expected one of {', '.join(PRECONDITIONERS)}")
     if feats is None:
         raise ValueError("the trak preconditioner needs the train features")
     acc = GramAccumulator(dim, blocks)
@@ -288,4 +289,6 @@ def load_preconditioner(directory: str | os.PathLike[str]) -> Preconditioner:
         if pre.blocks != meta["blocks"]:
             raise ValueError(f"{d}: inverse shapes {pre.blocks} do not match the blocks {meta['blocks']}")
         return pre
-    raise ValueError(f"{meta_path}: unknown preconditioner kind {kind!r}")
+    raise ValueError(
+        f"{meta_path}: unknown preconditioner {kind!r}; expected one of {', '.join(PRECONDITIONERS)}"
+    )

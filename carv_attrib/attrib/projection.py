@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from carv_attrib.attrib.gradients import ClipDraws, dense_features, kron_features
+from carv_attrib.choices import MATRIX_KINDS, PROJECTORS
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,6 @@ DEFAULT_PATTERNS: tuple[str, ...] = ("blocks.*",)
 # gradient (the projection's error, not the estimator's), 12x12 to 32x32 recovered it.
 DEFAULT_K_IN = 16
 DEFAULT_K_OUT = 16
-MATRIX_KINDS = ("gaussian", "rademacher")
 DENSE_CHUNK_ROWS = 65536
 RNG_RULE = "torch.Generator(cpu).manual_seed(sha256('seed|name|role')[:8] & (2**63-1))"
 
@@ -221,8 +221,14 @@ class Projector(Protocol):
 
 
 def projector_from_spec(model: nn.Module, spec: Mapping[str, Any]) -> KronProjector | DenseProjector:
-    """The projector a `spec()` describes, rebuilt on `model` (same layers, same matrices)."""
-    return (KronProjector if spec["kind"] == "kron" else DenseProjector).from_spec(model, spec)
+    """The projector a `spec()` describes, rebuilt on `model` (same layers, same matrices).
+    ValueError for a kind outside `PROJECTORS`."""
+    cls = PROJECTOR_CLASSES.get(spec.get("kind"))
+    if cls is None:
+        raise ValueError(
+            f"unknown projector kind {spec.get('kind')!r}; expected one of {', '.join(PROJECTORS)}"
+        )
+    return cls.from_spec(model, spec)
 
 
 class KronProjector:
@@ -572,3 +578,11 @@ class DenseProjector:
             "grad_dim": self.grad_dim,
             "layers": [{"name": n, "out": o, "in_aug": i} for n, o, i in self.layer_shapes],
         }
+
+
+# The projector classes by `spec()["kind"]`, the names of `carv_attrib.choices.PROJECTORS`.
+PROJECTOR_CLASSES: dict[str, type[KronProjector] | type[DenseProjector]] = {
+    "kron": KronProjector,
+    "dense": DenseProjector,
+}
+assert tuple(PROJECTOR_CLASSES) == PROJECTORS, "choices.PROJECTORS and PROJECTOR_CLASSES must agree"

@@ -8,6 +8,7 @@ Depends on torch only; knows nothing about video, files or Wan loading.
     timesteps   p(σ) densities, the proposal q, `sample(scheme, n, ...)` → (σ, w)
     draws       the `DrawRule` recorded with every index: (seed, scheme, K, p, q, noise) → (σ, w, ε)
     objective   Wan2.1 flow-matching loss / sqnorm over K draws, weights folded in
+    weights     the motion objective's per-token loss weights from a motion map (numpy)
     accounting  cost and variance model, effective compute multiplier (ECM), optimal K
 
 Usage:

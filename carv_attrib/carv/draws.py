@@ -28,9 +28,8 @@ from torch import Tensor
 
 from carv_attrib.carv.rng import RULE_VERSION, SHARED_STREAM, clip_stream, noise
 from carv_attrib.carv.rng import uniforms as uniforms  # re-export, until importers switch to rng
-from carv_attrib.carv.timesteps import SCHEMES, Proposal, check_proposal, density, sample
-
-NOISE_MODES = ("shared", "per-clip")
+from carv_attrib.carv.timesteps import Proposal, check_proposal, density, sample
+from carv_attrib.choices import NOISE_MODES, SCHEMES
 
 
 @dataclass(frozen=True)
@@ -52,20 +51,22 @@ class DrawRule:
     def __post_init__(self) -> None:
         object.__setattr__(self, "density", density(self.density).spec)
         if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown timestep scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
+            raise ValueError(f"unknown timestep scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
         if int(self.k) < 1:
             raise ValueError(f"need at least one draw per clip, got k={self.k}")
         if self.noise not in NOISE_MODES:
-            raise ValueError(f"unknown noise mode {self.noise!r}; use 'shared' or 'per-clip'")
+            raise ValueError(f"unknown noise mode {self.noise!r}; expected one of {', '.join(NOISE_MODES)}")
         check_proposal(self.scheme, self.proposal, self.density)  # fail here, not at the first draw
 
     def stream_for(self, clip_id: int | None = None) -> int:
         """The stream of a clip: 0 with shared noise, `clip_stream(clip_id)` with per-clip noise."""
         if self.noise == "shared":
             return SHARED_STREAM
-        if clip_id is None:
-            raise ValueError("per-clip noise needs a clip id to pick the clip's stream")
-        return clip_stream(clip_id)
+        if self.noise == "per-clip":
+            if clip_id is None:
+                raise ValueError("per-clip noise needs a clip id to pick the clip's stream")
+            return clip_stream(clip_id)
+        raise ValueError(f"unknown noise mode {self.noise!r}; expected one of {', '.join(NOISE_MODES)}")
 
     def draws_for(
         self,

@@ -7,7 +7,7 @@ Rectified flow with v-prediction (ARCHITECTURE §2; research note wan-diffusers 
     "sqnorm":  ℓ_k = mean(v_θ(x_σk, t_k, c)²)                 (D-TRAK's output function)
 
 With a per-token weight m (T, H, W) of mean 1 (motion attribution, Motive arXiv 2601.08828: a
-loss-space motion mask; `carv_attrib.data.motion.motion_weights`) the mean becomes a weighted one,
+loss-space motion mask; `carv_attrib.carv.weights.motion_weights`) the mean becomes a weighted one,
 ℓ_k = mean(m · r_k²) over (C, T, H, W) with m broadcast over channels, so moving tokens dominate
 the gradient; m = 1 is the plain objective.
 
@@ -24,15 +24,22 @@ Usage:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from carv_attrib.choices import OUTPUT_FNS
+
 TIMESTEP_SCALE = 1000.0  # Wan2.1's num_train_timesteps: t = 1000·σ
 TIMESTEP_CONVENTION = "t = 1000*sigma (float)"
-OUTPUT_FNS = ("loss", "sqnorm")
-OBJECTIVES = ("uniform", "motion")  # per-token weights: none, or the clip's motion map
+
+# The output function's residual r_k, whose square's mean is ℓ_k: v (the model's output), eps, z.
+RESIDUALS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "loss": lambda v, eps, z: v - (eps - z),  # flow-matching error against v* = ε − z
+    "sqnorm": lambda v, eps, z: v,  # D-TRAK: the output itself
+}
+assert tuple(RESIDUALS) == OUTPUT_FNS, "choices.OUTPUT_FNS and RESIDUALS must agree"
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -63,8 +70,9 @@ def clip_objective(
     sigma (K,), eps (K, C, T, H, W), weights (K,); token_weight (T, H, W) optional per-token loss
     weights (mean 1; None: all 1). Any module with WanTransformer3DModel's call signature works.
     """
-    if output_fn not in OUTPUT_FNS:
-        raise ValueError(f"unknown output function {output_fn!r}; use one of {', '.join(OUTPUT_FNS)}")
+    residual = RESIDUALS.get(output_fn)
+    if residual is None:
+        raise ValueError(f"unknown output function {output_fn!r}; expected one of {', '.join(OUTPUT_FNS)}")
     dtype, device = _model_dtype_device(transformer)
     acc = torch.promote_types(dtype, torch.float32)  # reduce losses in at least fp32
     K = sigma.shape[0]
@@ -94,7 +102,7 @@ def clip_objective(
             "be multiples of the transformer's patch size"
         )
     v = v.to(acc)
-    resid = v - (eps - z) if output_fn == "loss" else v  # (K, C, T, H, W)
+    resid = residual(v, eps, z)  # (K, C, T, H, W)
     sq = resid.pow(2)
     if token_weight is not None:
         if token_weight.shape != z.shape[2:]:

@@ -41,8 +41,8 @@ import torch
 from torch import Tensor
 
 from carv_attrib.carv.rng import uniforms
+from carv_attrib.choices import SCHEMES
 
-SCHEMES = ("iid", "stratified", "stratified-is")
 PROPOSAL_FORMS = ("flat", "p-scaled")
 DENSITY_FORMS = "'uniform', 'logit-normal:m,s' (s > 0) or 'shift:k' (k > 0)"
 _F64 = torch.float64
@@ -453,7 +453,7 @@ def sample(
     A proposal must suit `scheme` and `density` (`check_proposal`), else ValueError.
     """
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown timestep scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+        raise ValueError(f"unknown timestep scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
     if n < 1:
         raise ValueError(f"need at least one draw, got n={n}")
     p = _parse_density(density)
@@ -465,7 +465,11 @@ def sample(
     if scheme == "iid":
         return p.icdf(U), torch.ones_like(U)
     u = (k.to(_F64) + U) / n  # (len(ks),) one point in each stratum [k/n, (k+1)/n)
-    if scheme == "stratified" or proposal is None:
+    if scheme == "stratified":
         return p.icdf(u), torch.ones_like(u)
-    sigma = proposal.icdf(u)
-    return sigma, proposal.weight(sigma)
+    if scheme == "stratified-is":
+        if proposal is None:  # q = p
+            return p.icdf(u), torch.ones_like(u)
+        sigma = proposal.icdf(u)
+        return sigma, proposal.weight(sigma)
+    raise ValueError(f"timestep scheme {scheme!r} has no sampler; expected one of {', '.join(SCHEMES)}")

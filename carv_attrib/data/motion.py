@@ -8,7 +8,7 @@ the very frames encode feeds the VAE, so the map lines up with the latent token 
 
     m = frame_motion(frames)            # (F, H/8, W/8) float32: |flow| in px/frame, 8x8 patch means
     m = latent_motion(m, T)             # (T, H/8, W/8): Wan2.1's VAE groups frames 0 | 1-4 | 5-8 | ...
-    w = motion_weights(m)               # (T, h, w) float32, mean 1: the per-token loss weights
+    w = motion_weights(m)               # carv.weights: (T, h, w) float32, mean 1, the per-token loss weights
 
 Flow runs on each colour channel, and a pixel's magnitude is the channels' average weighted by their
 local contrast (gradient energy over the flow window): on grey levels alone a shape whose colour has
@@ -18,8 +18,9 @@ Frame f's motion is |flow(f−1 → f)| (frame 0 takes |flow(0 → 1)|); a laten
 the video frames it encodes (t = 0: frame 0; t ≥ 1: frames 4t−3 … 4t, Wan2.1's temporal factor 4).
 Flow is computed at most FLOW_MAX_SIDE px on the longer side (magnitudes rescaled to frame pixels):
 the map is pooled to 8x8 patches anyway. Encode stores the pooled magnitudes (`--motion-masks`);
-`motion_weights` turns them into weights at featurize/score time (`--objective motion`), after
-subtracting MOTION_NOISE px/frame of flow noise.
+`carv.weights.motion_weights` turns them into weights at featurize/score time (`--objective motion`),
+after subtracting MOTION_NOISE px/frame of flow noise; `objective_spec` records the objective (weight
+rule and this flow rule) and `check_objective_inputs` refuses latents that cannot serve it.
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from carv_attrib.carv.weights import MOTION_FLOOR, MOTION_NOISE
+from carv_attrib.choices import OBJECTIVES
+from carv_attrib.errors import UsageError
+
 MOTION_RULE = "farneback-v1"  # recorded with the latents: maps from another rule never mix in
 MOTION_DTYPE = np.float16  # storage dtype of the maps (latent rows' `motion` column)
 SPATIAL_FACTOR = 8  # Wan2.1 VAE: 8x8 pixels per latent cell
 FLOW_MAX_SIDE = 256
-MOTION_FLOOR = 0.1  # share of the weight spread evenly: static tokens keep a small gradient
-# px/frame of apparent motion that is noise: a still frame with Gaussian pixel noise of sd 1 / 3 / 6
-# grey levels gives patch magnitudes up to 0.03 / 0.13 / 0.67 px/frame (sd 3 already exceeds what an
-# H.264 still shows), which per-clip normalisation would otherwise blow up into weights of 20x
-MOTION_NOISE = 0.2
 # Farneback parameters: OpenCV's documented example (pyramid 0.5, 3 levels, 15 px window).
 _FARNEBACK = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2}
 
@@ -105,19 +105,6 @@ def stored_map(frame_mag: np.ndarray, t_latent: int) -> np.ndarray:
     return latent_motion(frame_mag, t_latent).astype(MOTION_DTYPE)
 
 
-def motion_weights(
-    motion: np.ndarray, floor: float = MOTION_FLOOR, noise: float = MOTION_NOISE
-) -> np.ndarray:
-    """(T, h, w) magnitudes → (T, h, w) float32 per-token loss weights with mean 1:
-    m' = max(m − noise, 0), w = floor + (1 − floor)·m' / mean(m'). A clip where nothing moves more than
-    `noise` px/frame (mean(m') below 1e-6) gets w = 1 everywhere, the plain objective."""
-    m = np.maximum(np.asarray(motion, dtype=np.float64) - noise, 0.0)
-    mean = float(m.mean()) if m.size else 0.0
-    if not np.isfinite(mean) or mean < 1e-6:
-        return np.ones(m.shape, dtype=np.float32)
-    return (floor + (1.0 - floor) * m / mean).astype(np.float32)
-
-
 def decode_with_motion(path: str, policy: Any) -> Any:
     """`decode_clip` plus the clip's per-frame motion (`frame_motion`) in `.motion`; module-level so
     that decode workers (`DecodePool(decode_fn=...)`) compute the flow beside the decode."""
@@ -132,10 +119,34 @@ def decode_with_motion(path: str, policy: Any) -> Any:
 def check_rule(recorded: str | None, where: str) -> None:
     """UsageError unless maps recorded under `recorded` are this version's MOTION_RULE (queries and
     training clips must get their maps from the same flow rule)."""
-    from carv_attrib.errors import UsageError
-
     if recorded != MOTION_RULE:
         raise UsageError(
             f"{where} holds motion maps of rule {recorded!r}, this carv-attrib computes {MOTION_RULE!r}: "
             "re-encode with --motion-masks --overwrite (or into a new run)"
         )
+
+
+def objective_spec(kind: str) -> dict[str, Any]:
+    """The recorded form of `--objective`: {"kind": "uniform"} or {"kind": "motion", "floor", "rule"}
+    (the weight rule and the flow rule of the maps, so an index is always scored as it was built)."""
+    if kind == "uniform":
+        return {"kind": "uniform"}
+    if kind == "motion":
+        return {"kind": "motion", "floor": MOTION_FLOOR, "noise": MOTION_NOISE, "rule": MOTION_RULE}
+    raise UsageError(f"--objective {kind}: choose {' or '.join(OBJECTIVES)}")
+
+
+def check_objective_inputs(objective: str, latents_config: dict[str, Any], run: Any) -> None:
+    """UsageError (exit 2) unless the latents can serve `objective`: motion needs maps of this
+    version's flow rule (`encode --motion-masks`)."""
+    if objective == "uniform":
+        return
+    if objective != "motion":
+        raise UsageError(f"--objective {objective}: choose {' or '.join(OBJECTIVES)}")
+    if not latents_config.get("motion_masks"):
+        raise UsageError(
+            f"--objective motion weights the loss by each clip's motion map, and {run} was encoded "
+            "without them: encode into a new run with --motion-masks (or rerun encode with "
+            "--motion-masks --overwrite)"
+        )
+    check_rule(latents_config["motion_masks"], str(run))

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from carv_attrib.data.video import ClipFailure
+from carv_attrib.data.failures import ClipFailure
 
 
 @dataclass

@@ -4,8 +4,9 @@ A world is everything an attribution method is judged on (the TRAK/D-TRAK linear
 protocol, anchors-attribution.md §3; dattri's conventions, external-oracles.md §3):
 
 1. data: demo clips (moving shapes) for a training split (`n_train`), held-out queries (`n_query`,
-   other captions) and, for fine-tuned worlds, a disjoint pretraining split, encoded once
-   (`run_encode`) at `frames`x`size`;
+   other captions) and, for fine-tuned worlds, a disjoint pretraining split, encoded once at
+   `frames`x`size` by the `encode` stage the caller passes (`carv_attrib.pipeline.encode.run_encode`:
+   this module sits below the stages and does not import them);
 2. model: a Wan2.1 pipeline from the real classes (`preset`'s VAE and UMT5) whose transformer is
    `transformer` (a size override; "lite" = 2 blocks x 2 heads x 64, ffn 512);
 3. θ0: a seeded init, either pretrained on the pretraining split (`init="pretrained"`: the world is
@@ -24,7 +25,7 @@ under WORK (WORK/world.json holds the spec and a one-line description) and a reb
 trainings run in `workers` spawned processes with one torch thread each.
 
     spec = WorldSpec(name="w0", seed=0)
-    world = build_world(spec, Path("worlds/w0"))
+    world = build_world(spec, Path("worlds/w0"), encode=run_encode)   # pipeline.encode.run_encode
     world.gt_values()   # (M, Q) float64 = −loss;  world.subset_positions()  # (M, n_train/2)
 """
 
@@ -51,7 +52,6 @@ from carv_attrib.evaluate.retrain import TrainJob, run_trainings, save_transform
 from carv_attrib.evaluate.study import LdsProblem
 from carv_attrib.models.tiny import make_model
 from carv_attrib.models.wan import load_transformer
-from carv_attrib.pipeline.encode import run_encode
 from carv_attrib.train import train_on_clips
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,10 @@ class World:
 
 
 # -- building -------------------------------------------------------------------------------------
-def _prepare_data(world: World) -> None:
+EncodeFn = Callable[[EncodeConfig], object]  # the encode stage: `carv_attrib.pipeline.encode.run_encode`
+
+
+def _prepare_data(world: World, encode: EncodeFn) -> None:
     s = world.spec
     model = world.model
     if not (model / "model_index.json").exists():
@@ -194,7 +197,7 @@ def _prepare_data(world: World) -> None:
         if started and world.clips(split):
             continue
         manifest = make_demo_data(world.data(split), clips=n, seed=1000 * s.seed + offset)
-        run_encode(
+        encode(
             EncodeConfig(
                 manifest=manifest,
                 videos=world.data(split) / "videos",
@@ -259,9 +262,15 @@ def _train_jobs(world: World) -> list[TrainJob]:
 
 
 def build_world(
-    spec: WorldSpec, root: Path, workers: int = 2, say: Callable[[str], None] = lambda s: None
+    spec: WorldSpec,
+    root: Path,
+    workers: int = 2,
+    say: Callable[[str], None] = lambda s: None,
+    *,
+    encode: EncodeFn,
 ) -> World:
-    """Build (or resume) a world under `root`; refuses a `root` built from another spec (exit 2)."""
+    """Build (or resume) a world under `root`, its clips encoded by `encode` (the encode stage,
+    `run_encode`); refuses a `root` built from another spec (exit 2)."""
     world = World(spec, root)
     world.root.mkdir(parents=True, exist_ok=True)
     spec_path = world.root / "world.json"
@@ -273,7 +282,7 @@ def build_world(
             raise ConfigMismatchError(f"{root} holds another world ({held}); use another directory")
     write_json_atomic(spec_path, {**spec.to_dict(), "description": spec.describe()})
     say(f"{spec.name}: data and model")
-    _prepare_data(world)
+    _prepare_data(world, encode)
     say(
         f"{spec.name}: θ0 "
         + (f"({spec.pretrain_steps} pretraining steps)" if spec.init == "pretrained" else "(random)")

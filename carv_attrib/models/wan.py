@@ -29,6 +29,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from safetensors.torch import load_file
 
+from carv_attrib.choices import DTYPES
 from carv_attrib.errors import ModelLoadError, UsageError
 from carv_attrib.memory import available_memory
 from carv_attrib.models.identity import check_pipeline_dir, model_identity
@@ -46,8 +47,6 @@ COMPONENT_CLASSES = {
     "text_encoder": ("transformers", "UMT5EncoderModel"),
     "tokenizer": ("transformers", "AutoTokenizer"),
 }
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass

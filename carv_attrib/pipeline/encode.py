@@ -33,6 +33,7 @@ import torch
 from carv_attrib import __version__
 from carv_attrib.config import EncodeConfig, parse_shard
 from carv_attrib.data.decode_pool import DecodePool
+from carv_attrib.data.failures import ClipFailure, failure_message
 from carv_attrib.data.latents import empty_latent_row, latent_schema
 from carv_attrib.data.live import hashes_in_rows, latent_rows, latent_sha, selection
 from carv_attrib.data.manifest import ClipTable, read_manifest
@@ -40,7 +41,7 @@ from carv_attrib.data.motion import MOTION_RULE, decode_with_motion, stored_map
 from carv_attrib.data.run import RunDir
 from carv_attrib.data.sources import SourcedClips
 from carv_attrib.data.store import ShardStore, fingerprint, now_iso
-from carv_attrib.data.video import ClipFailure, DecodedClip, decode_clip, failure_message, frames_to_tensor
+from carv_attrib.data.video import DecodedClip, decode_clip, frames_to_tensor
 from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity, resolve_source
 from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan, vae_tiling_decision
 from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts

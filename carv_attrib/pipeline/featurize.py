@@ -28,9 +28,7 @@ from carv_attrib.attrib.featurizer import (
     Featurizer,
     build_draw_rule,
     build_projector,
-    check_objective_inputs,
     load_featurizer,
-    objective_spec,
 )
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.objective import TIMESTEP_CONVENTION
@@ -39,6 +37,7 @@ from carv_attrib.config import FeaturizeConfig, parse_shard
 from carv_attrib.data.features import feature_row, feature_schema
 from carv_attrib.data.latents import read_latents
 from carv_attrib.data.live import LatentRow, LiveFeatures, LiveLatents, selection
+from carv_attrib.data.motion import check_objective_inputs, objective_spec
 from carv_attrib.data.run import RunDir
 from carv_attrib.data.store import ShardStore, fingerprint, now_iso, read_json
 from carv_attrib.errors import UsageError

@@ -40,9 +40,7 @@ from carv_attrib import __version__
 from carv_attrib.attrib.featurizer import (
     Featurizer,
     build_projector,
-    check_objective_inputs,
     load_featurizer,
-    objective_spec,
     token_weights,
 )
 from carv_attrib.attrib.gradients import per_draw_features
@@ -52,7 +50,7 @@ from carv_attrib.carv.rng import clip_stream, noise, uniforms
 from carv_attrib.carv.timesteps import Density, Proposal, density
 from carv_attrib.config import DEFAULT_PRECONDITION, PlanConfig
 from carv_attrib.data.latents import CachedClip, iter_cached
-from carv_attrib.data.motion import decode_with_motion
+from carv_attrib.data.motion import check_objective_inputs, decode_with_motion, objective_spec
 from carv_attrib.data.run import EncodeFacts, RunDir
 from carv_attrib.data.store import now_iso, write_json_atomic
 from carv_attrib.data.video import ClipFailure, decode_clip, frames_to_tensor

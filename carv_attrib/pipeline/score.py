@@ -33,15 +33,17 @@ from carv_attrib.attrib.index import load_index, search
 from carv_attrib.attrib.precondition import load_preconditioner
 from carv_attrib.attrib.rerank import VectorStore, rerank
 from carv_attrib.carv.draws import DrawRule
+from carv_attrib.choices import OBJECTIVES
 from carv_attrib.config import ScoreConfig
 from carv_attrib.data.decode_pool import DecodePool
+from carv_attrib.data.failures import ClipFailure, failure_message
 from carv_attrib.data.latents import as_stored, read_latents
 from carv_attrib.data.live import selection
 from carv_attrib.data.manifest import clip_id_for, read_text_file
 from carv_attrib.data.motion import check_rule, decode_with_motion, stored_map
 from carv_attrib.data.run import IndexInfo, RunDir
 from carv_attrib.data.store import now_iso
-from carv_attrib.data.video import ClipFailure, decode_clip, failure_message, frames_to_tensor
+from carv_attrib.data.video import decode_clip, frames_to_tensor
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
@@ -157,6 +159,10 @@ def _check_index_use(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> None:
     """UsageError (exit 2), before any query is encoded, for options the index cannot serve: another
     --objective, motion maps of another flow rule, --explain on dense features."""
     kind = info.objective.get("kind", "uniform")
+    if kind not in OBJECTIVES:
+        raise UsageError(
+            f"{run}'s index records an unknown objective {kind!r}; expected one of {', '.join(OBJECTIVES)}"
+        )
     if kind == "motion":  # queries get their maps from this version's flow rule: the index's must match
         check_rule(info.objective.get("rule"), f"{run}'s index")
     if cfg.explain:  # refused before any query is encoded

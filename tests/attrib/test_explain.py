@@ -147,3 +147,13 @@ def test_score_explain_splits_every_result_over_timestep_strata(
         assert all(a["sigma_hi"] == b["sigma_lo"] for a, b in zip(strata, strata[1:]))
         assert r["explain"]["by_stratum_total"] == sum(x["score"] for x in strata)
         assert r["explain"]["by_stratum_total"] == pytest.approx(r["score"], rel=0, abs=tol)
+
+
+def test_strata_of_an_unknown_scheme_are_refused() -> None:
+    """No fallback: a scheme without a branch is not read as "draw k lies in stratum k"."""
+    rule = DrawRule(seed=3, scheme="stratified", k=4, density="uniform")
+    object.__setattr__(rule, "scheme", "sobol")  # past DrawRule's own check
+    with pytest.raises(ValueError, match=r"unknown timestep scheme 'sobol'; expected one of iid, "):
+        stratum_of(rule, np.array([0.1, 0.3, 0.6, 0.9]))
+    with pytest.raises(ValueError, match=r"unknown timestep scheme 'sobol'"):
+        strata_edges(rule)

@@ -18,6 +18,7 @@ from carv_attrib.attrib.featurizer import (
     build_draw_rule,
     build_projector,
     load_featurizer,
+    token_weights,
 )
 from carv_attrib.attrib.projection import (
     DEFAULT_K_IN,
@@ -279,7 +280,7 @@ def test_draw_parts_add_up_to_the_feature_with_weights_and_checkpoints(
     for all K): the token sums of the real demo latents, with the 512-token padded context, cancel
     more than test_gradients.py's random data. The control: dropping the w_k, or the motion weights,
     must exceed it."""
-    from carv_attrib.attrib.featurizer import objective_spec
+    from carv_attrib.data.motion import objective_spec
 
     q = Proposal.from_bins(torch.linspace(0, 1, 5), torch.tensor([4.0, 1.0, 0.5, 0.25]), "uniform", mix=0.1)
     rule = DrawRule(seed=1, scheme="stratified-is", k=3, density="uniform", proposal=q)
@@ -317,3 +318,11 @@ def test_draw_parts_add_up_to_the_feature_with_weights_and_checkpoints(
         fz.objective = objective_spec("uniform")
         plain, _, _ = fz.features([(cid, z, emb)])
         assert float((plain - feat).norm() / feat.norm()) > 1e-2
+
+
+# -- objectives ------------------------------------------------------------------------------------
+def test_an_unknown_objective_weights_no_token() -> None:
+    """No fallback: an objective kind other than uniform and motion is not read as motion."""
+    assert token_weights({"kind": "uniform"}, 0, None) is None
+    with pytest.raises(ValueError, match=r"unknown objective 'saliency'; expected one of uniform, motion"):
+        token_weights({"kind": "saliency"}, 0, torch.ones(3, 4, 4))

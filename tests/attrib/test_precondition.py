@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +147,17 @@ def test_trak_lambda_is_relative_to_the_mean_nonzero_eigenvalue_when_n_is_below_
     nonzero = eig[eig > eig.max() * 8 * np.finfo(np.float64).eps * 8]  # rank 3 of 8
     assert nonzero.size == 3
     assert pre.lambdas[0] == pytest.approx(0.1 * nonzero.mean(), rel=8 * 8 * np.finfo(np.float64).eps)
+
+
+def test_unknown_preconditioners_are_refused_when_fitted_and_when_loaded(feats, tmp_path) -> None:
+    phi, _ = feats
+    with pytest.raises(
+        ValueError, match=r"unknown preconditioner 'adam'; expected one of identity, trak, cosine"
+    ):
+        fit_preconditioner("adam", phi, dim=8)
+    pre = fit_preconditioner("identity", phi, dim=8)
+    pre.save(tmp_path / "pre")
+    meta = tmp_path / "pre" / "precondition.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "kind": "adam"}))
+    with pytest.raises(ValueError, match=r"unknown preconditioner 'adam'; expected one of identity, "):
+        load_preconditioner(tmp_path / "pre")

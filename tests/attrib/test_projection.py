@@ -19,6 +19,7 @@ from carv_attrib.attrib.projection import (
     KronProjector,
     kron_matrix,
     layer_matrices,
+    projector_from_spec,
     select_linear_layers,
     shapes_for_total_dim,
 )
@@ -239,3 +240,11 @@ def test_jl_projected_inner_products_converge(wan, grads):
         kron_med[k] = torch.stack(kerrs).median().item()
     assert dense_med[64] < dense_med[16] < dense_med[4] and dense_med[64] * 2 < dense_med[4]
     assert kron_med[64] < kron_med[4] / 2
+
+
+def test_projector_from_spec_refuses_an_unknown_kind(wan) -> None:
+    """No fallback: a spec of another kind is not rebuilt as a dense projector."""
+    spec = DenseProjector(select_linear_layers(wan), seed=0, dim=8).spec()
+    assert isinstance(projector_from_spec(wan, spec), DenseProjector)
+    with pytest.raises(ValueError, match=r"unknown projector kind 'fastfood'; expected one of kron, dense"):
+        projector_from_spec(wan, {**spec, "kind": "fastfood"})

@@ -84,6 +84,10 @@ def test_draw_rule_streams_and_dict() -> None:
     assert not torch.equal(a[0], b[0]) and not torch.equal(a[2], b[2])
     with pytest.raises(ValueError, match="clip id"):
         per_clip.stream_for(None)
+    unknown = fitted_rule()
+    object.__setattr__(unknown, "noise", "fresh")  # past __post_init__: stream_for has no fallback
+    with pytest.raises(ValueError, match=r"unknown noise mode 'fresh'"):
+        unknown.stream_for(3)
 
     sigma, w, eps = shared.draws_for(0, LATENT, dtype=torch.float64)
     assert sigma.shape == w.shape == (8,) and sigma.dtype == w.dtype == torch.float64
@@ -119,6 +123,10 @@ def test_draw_rule_validation() -> None:
             DrawRule(**kwargs)
     with pytest.raises(ValueError, match="rule"):
         DrawRule.from_dict({**DrawRule().to_dict(), "rule": "carv-draws/v0"})
+    with pytest.raises(ValueError, match=r"unknown timestep scheme 'sobol'; expected one of iid, "):
+        DrawRule(scheme="sobol")
+    with pytest.raises(ValueError, match=r"unknown noise mode 'fresh'; expected one of shared, per-clip"):
+        DrawRule(noise="fresh")
     # The proposal/density check is timesteps.check_proposal's, raised at construction.
     with pytest.raises(ValueError, match=r"fitted for density 'uniform', not --density 'shift:3'"):
         DrawRule(density="shift:3", proposal=q)

@@ -14,15 +14,17 @@ import cv2
 import numpy as np
 import pytest
 
+from carv_attrib.carv.weights import MOTION_FLOOR, MOTION_NOISE, motion_weights
 from carv_attrib.data.motion import (
     FLOW_MAX_SIDE,
-    MOTION_FLOOR,
-    MOTION_NOISE,
+    MOTION_RULE,
+    check_objective_inputs,
     frame_motion,
     latent_motion,
-    motion_weights,
+    objective_spec,
 )
 from carv_attrib.demo_data import ClipSpec, render_frames
+from carv_attrib.errors import UsageError
 
 
 def _clip(
@@ -149,3 +151,20 @@ def test_weights_have_mean_one_and_a_floor() -> None:
     )
     np.testing.assert_allclose(w[:, :2], MOTION_FLOOR, rtol=np.finfo(np.float32).eps)
     assert (w[:, 2:] > MOTION_FLOOR).all()
+
+
+def test_objective_specs_and_an_unknown_objective() -> None:
+    """The recorded objective holds the weight rule and the maps' flow rule; an unknown kind is
+    refused, not taken as uniform (the check) or motion (the spec)."""
+    assert objective_spec("uniform") == {"kind": "uniform"}
+    assert objective_spec("motion") == {
+        "kind": "motion", "floor": MOTION_FLOOR, "noise": MOTION_NOISE, "rule": MOTION_RULE,
+    }  # fmt: skip
+    with pytest.raises(UsageError, match=r"--objective saliency: choose uniform or motion"):
+        objective_spec("saliency")
+    with pytest.raises(UsageError, match=r"--objective saliency: choose uniform or motion"):
+        check_objective_inputs("saliency", {}, "runs/x")
+    check_objective_inputs("uniform", {}, "runs/x")  # uniform needs nothing of the latents
+    check_objective_inputs("motion", {"motion_masks": MOTION_RULE}, "runs/x")
+    with pytest.raises(UsageError, match=r"encoded without them"):
+        check_objective_inputs("motion", {}, "runs/x")

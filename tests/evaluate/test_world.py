@@ -8,6 +8,7 @@ import pytest
 from carv_attrib.errors import ConfigMismatchError
 from carv_attrib.evaluate.study import Variant, score_variants
 from carv_attrib.evaluate.world import WorldSpec, build_world
+from carv_attrib.pipeline.encode import run_encode
 
 TINY = WorldSpec(
     name="tiny", seed=3, n_train=8, n_query=2, n_pretrain=4, subsets=8, steps=3, pretrain_steps=2,
@@ -17,7 +18,7 @@ TINY = WorldSpec(
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
-    return build_world(TINY, tmp_path_factory.mktemp("worlds") / "tiny", workers=1)
+    return build_world(TINY, tmp_path_factory.mktemp("worlds") / "tiny", workers=1, encode=run_encode)
 
 
 def test_world_has_models_ground_truth_and_subsets(world) -> None:
@@ -30,10 +31,10 @@ def test_world_has_models_ground_truth_and_subsets(world) -> None:
 
 def test_rebuild_resumes_and_another_spec_is_refused(world) -> None:
     before = (world.model_dir("subset-000") / "gt.json").stat().st_mtime_ns
-    build_world(TINY, world.root, workers=1)
+    build_world(TINY, world.root, workers=1, encode=run_encode)
     assert (world.model_dir("subset-000") / "gt.json").stat().st_mtime_ns == before
     with pytest.raises(ConfigMismatchError, match="another world"):
-        build_world(WorldSpec(name="tiny", seed=4), world.root)
+        build_world(WorldSpec(name="tiny", seed=4), world.root, encode=run_encode)
 
 
 def test_study_scores_product_and_exact_variants(world) -> None:

@@ -274,3 +274,19 @@ def test_model_paths_are_recorded_absolute_and_a_missing_one_is_named(
                 device="cpu",
             )
         )
+
+
+def test_an_index_of_an_unknown_objective_is_refused_before_any_query(
+    featurized_run: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    """No fallback: an objective kind this version does not know is not scored as uniform."""
+    run = tmp_path / "run"
+    shutil.copytree(featurized_run, run)
+    info_path = run / "index" / "index_info.json"
+    info = json.loads(info_path.read_text())
+    info["objective"] = {"kind": "saliency"}
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(UsageError, match=r"unknown objective 'saliency'; expected one of uniform, motion"):
+        run_score(
+            ScoreConfig(run=run, queries=[demo_data / "videos" / "demo-00001.mp4"], prompt="x", device="cpu")
+        )

@@ -1,0 +1,17 @@
+"""The names of each extension axis, defined once: the configs, the CLI and the library take them
+from here, and each library dispatch raises ValueError for a name outside its tuple.
+
+Import-free (no torch, no other carv_attrib module), so both the torch-free `config` and the
+lowest library layer (`carv/`) can use it without a circle or an arrow back up.
+"""
+
+from __future__ import annotations
+
+OUTPUT_FNS = ("loss", "sqnorm")  # carv.objective: the residual whose square is the loss
+OBJECTIVES = ("uniform", "motion")  # attrib.featurizer: per-token weights, none or the motion map
+SCHEMES = ("iid", "stratified", "stratified-is")  # carv.timesteps.sample
+NOISE_MODES = ("shared", "per-clip")  # carv.draws.DrawRule.stream_for
+PROJECTORS = ("kron", "dense")  # attrib.projection / attrib.featurizer.build_projector
+MATRIX_KINDS = ("gaussian", "rademacher")  # attrib.projection's random matrices
+PRECONDITIONERS = ("identity", "trak", "cosine")  # attrib.precondition
+DTYPES = ("float32", "bfloat16", "float16")  # models.wan: the model's compute dtype
