@@ -291,9 +291,11 @@ def finish_rows(rows: dict[str, Any], gt: np.ndarray) -> dict[str, Any]:
     common_boot = LdsBootstrap(gt.shape[0], 1, n_boot=1000, seed=1)
     gt_c = query_centered(gt)
 
-    def part(sums: list[np.ndarray], target: np.ndarray) -> tuple[float, list[float], np.ndarray]:
+    def part(
+        sums: list[np.ndarray], target: np.ndarray, samples: np.ndarray | None = None
+    ) -> tuple[float, list[float], np.ndarray]:
         per_rep = [float(np.nanmean(_spearman(s, target))) for s in sums]
-        return float(np.mean(per_rep)), per_rep, boot.samples(sums, target)
+        return float(np.mean(per_rep)), per_rep, boot.samples(sums, target) if samples is None else samples
 
     ref_sums = rows[REF]["sums"]
     ref_mean, _, ref = part(ref_sums, gt)
@@ -310,7 +312,7 @@ def finish_rows(rows: dict[str, Any], gt: np.ndarray) -> dict[str, Any]:
             d = samples_of[key] - samples_of[twin_key]
             vs_twin = {"twin": twin_key, "diff": round(float(np.mean([np.nanmean(_spearman(a, gt)) - np.nanmean(_spearman(b, gt)) for a, b in zip(all_sums[key], all_sums[twin_key])])), 4), "ci95": [round(x, 4) for x in interval(d)]}  # fmt: skip
         sums = row.pop("sums")
-        mean, per_rep, samples = part(sums, gt)
+        mean, per_rep, samples = part(sums, gt, samples_of[key])
         qs_mean, _, qs = part([query_centered(s) for s in sums], gt_c)
         common = [np.asarray(s).mean(1, keepdims=True) for s in sums]
         common_samples = common_boot.samples(common, gt.mean(1, keepdims=True))
