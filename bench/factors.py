@@ -21,7 +21,9 @@ what is new. Rows:
 
     .venv/bin/python bench/factors.py                 # every built world -> bench/results/factors.json
     .venv/bin/python bench/factors.py ft-uniform       # some worlds (merged into the JSON)
-    .venv/bin/python bench/factors.py --analyze        # + fidelity, plan calibration, diagnosis of the best
+    .venv/bin/python bench/factors.py ft-uniform --no-product --jobs ref-crn-256,loss-sis-8   # some jobs
+    .venv/bin/python bench/factors.py --analyze        # no rerun: selection, fidelity, plan calibration,
+                                                       # diagnosis rows of the best (worlds with Grams on disk)
 """
 
 from __future__ import annotations
@@ -400,7 +402,7 @@ def main() -> None:
     products = "--no-product" not in args
     analyze = "--analyze" in args
     args = [a for a in args if a not in ("--no-product", "--analyze")]
-    names = args or [w.name for w in WORLD_SUITE]
+    names = args or ([] if analyze else [w.name for w in WORLD_SUITE])  # --analyze alone: no rerun
     doc = json.loads(OUT.read_text()) if OUT.exists() else {}
     if "suite" not in doc:
         doc = {"suite": "WORLD_SUITE", "worlds": {}}
@@ -493,14 +495,15 @@ def select(doc: dict[str, Any]) -> dict[str, Any]:
         if not shippable(next(iter(rows.values()))):
             continue
         ratios = {w: rows[w]["ratio"] for w in signal}
-        qs = {w: rows[w]["query_specific"]["ratio"] for w in worlds}
+        # the query-specific part is missing from rows computed before it was defined
+        qs = {w: rows[w]["query_specific"]["ratio"] for w in worlds if "query_specific" in rows[w]}
         diffs = {w: round(rows[w]["lds"]["mean"] - worlds[w]["rows"][REF]["lds"]["mean"], 4) for w in worlds}
         table[key] = {
             "min": min(ratios.values()) if ratios else None,
             "mean": float(np.mean(list(ratios.values()))) if ratios else None,
             "ratios": ratios,
             "ratio_ci95": {w: rows[w]["ratio_ci95"] for w in signal},
-            "query_specific_min": min(qs.values()),
+            "query_specific_min": min(qs.values()) if qs else None,
             "query_specific_ratios": qs,
             "diff_to_reference": diffs,
         }
