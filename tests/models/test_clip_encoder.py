@@ -1,18 +1,22 @@
 """models/clip_encoder.py: the one "encode a clip like a training clip" path.
 
-Unit tests on the tiny model: stored dtypes, motion maps, the finite check, failures, tiling.
+Unit tests on the tiny model (stored dtypes, motion maps, the finite check, failures, tiling), then
+the invariant itself: a clip encoded by the encode stage and the same clip encoded as a query by
+`score` are the same latents, text embedding and motion map, bit for bit.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from carv_attrib.data.latents import iter_cached
 from carv_attrib.data.motion import MOTION_DTYPE, MOTION_RULE, decode_with_motion, stored_map
-from carv_attrib.data.run import EncodeFacts
+from carv_attrib.data.run import EncodeFacts, RunDir
 from carv_attrib.data.video import decode_clip, frames_to_tensor
 from carv_attrib.models import clip_encoder as ce
 from carv_attrib.models.clip_encoder import NON_FINITE, ClipEncoder, EncodedClip, EncodeFailure
@@ -124,3 +128,44 @@ def test_tiling_follows_the_facts(tiny_model_dir: Path) -> None:
     enc = ClipEncoder.load(str(tiny_model_dir), facts(vae_tiling=True))
     assert enc.wan.vae.use_tiling
     assert not ClipEncoder.load(str(tiny_model_dir), facts()).wan.vae.use_tiling
+
+
+def test_encode_stage_and_score_encode_a_clip_identically(
+    tmp_path: Path, tiny_model_dir: Path, demo_data: Path
+) -> None:
+    """The training clip's stored latent, text embedding and motion map are bitwise the query's, for
+    a float16 cache with motion maps. VAE batches of one on both sides (`batch_size=1`): a batch of B
+    > 1 sums its convolutions in another order (last float32 bits, see `test_score`'s ulp test)."""
+    from carv_attrib.pipeline.encode import EncodeConfig, run_encode
+    from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
+    from carv_attrib.pipeline.index import IndexConfig, build_run_index
+    from carv_attrib.pipeline.score import Query, ScoreConfig, _encode_queries, query_encoder
+
+    rows = json.loads((demo_data / "manifest.json").read_text())[:2]
+    (tmp_path / "m.json").write_text(json.dumps(rows))
+    run = tmp_path / "run"
+    run_encode(
+        EncodeConfig(
+            manifest=tmp_path / "m.json", videos=demo_data / "videos", model=str(tiny_model_dir), run=run,
+            frames=9, size="32x32", fps=8, workers=0, device="cpu", batch_size=1, latent_dtype="float16",
+            motion_masks=True,
+        )
+    )  # fmt: skip
+    run_featurize(
+        FeaturizeConfig(run=run, model=str(tiny_model_dir), draws=1, device="cpu", objective="motion")
+    )
+    build_run_index(IndexConfig(run=run, precondition="identity"))
+    info = RunDir(run).index_info()
+    videos = [demo_data / "videos" / f"{r['vid']}.mp4" for r in rows]
+    cfg = ScoreConfig(run=run, queries=videos, prompt="x", device="cpu", workers=0)
+    queries = [Query(path=str(v), prompt=r["caption"]) for v, r in zip(videos, rows)]
+    wan = load_wan(str(tiny_model_dir), ("vae", "text_encoder", "tokenizer"), dtype=info.encode.dtype)
+    _encode_queries(cfg, query_encoder(wan, info), queries)
+
+    stored = {c.vid: c for c in iter_cached(run)}
+    for q, r in zip(queries, rows):
+        c = stored[r["vid"]]
+        assert q.status == "ok" and q.motion is not None
+        assert torch.equal(q.latent, c.latent) and torch.equal(q.text_emb, c.text_emb)
+        assert torch.equal(q.motion, c.motion)
+        assert q.latent.dtype == q.text_emb.dtype == torch.float32
