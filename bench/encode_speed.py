@@ -70,7 +70,7 @@ def decode_all(paths: list[str], policy: Any) -> list[Any]:
 
 
 def vae_only(vae: Any, frames: list[Any], batch_size: int) -> float:
-    """Seconds to VAE-encode pre-decoded clips in batches, as the stage's _encode_batch does."""
+    """Seconds to VAE-encode pre-decoded clips in batches, as the stage's ClipEncoder.encode_frames does."""
     import torch
 
     from carv_attrib.data.video import frames_to_tensor

@@ -5,8 +5,9 @@ protocol, anchors-attribution.md §3; dattri's conventions, external-oracles.md 
 
 1. data: demo clips (moving shapes) for a training split (`n_train`), held-out queries (`n_query`,
    other captions) and, for fine-tuned worlds, a disjoint pretraining split, encoded once at
-   `frames`x`size` by the `encode` stage the caller passes (`carv_attrib.pipeline.encode.run_encode`:
-   this module sits below the stages and does not import them);
+   `frames`x`size` by the `encode` stage the caller passes (`carv_attrib.pipeline.encode.run_encode`,
+   whose `models.clip_encoder.ClipEncoder` encodes every training clip and query: this module sits
+   below the stages and does not import them);
 2. model: a Wan2.1 pipeline from the real classes (`preset`'s VAE and UMT5) whose transformer is
    `transformer` (a size override; "lite" = 2 blocks x 2 heads x 64, ffn 512);
 3. θ0: a seeded init, either pretrained on the pretraining split (`init="pretrained"`: the world is

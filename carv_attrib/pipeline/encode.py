@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from carv_attrib import __version__
 from carv_attrib.config import EncodeConfig, parse_shard
@@ -37,13 +36,14 @@ from carv_attrib.data.failures import ClipFailure, failure_message
 from carv_attrib.data.latents import empty_latent_row, latent_schema
 from carv_attrib.data.live import hashes_in_rows, latent_rows, latent_sha, selection
 from carv_attrib.data.manifest import ClipTable, read_manifest
-from carv_attrib.data.motion import MOTION_RULE, decode_with_motion, stored_map
-from carv_attrib.data.run import RunDir
+from carv_attrib.data.motion import MOTION_RULE
+from carv_attrib.data.run import EncodeFacts, RunDir
 from carv_attrib.data.sources import SourcedClips
 from carv_attrib.data.store import ShardStore, fingerprint, now_iso
-from carv_attrib.data.video import DecodedClip, decode_clip, frames_to_tensor
+from carv_attrib.data.video import DecodedClip
+from carv_attrib.models.clip_encoder import ClipEncoder, EncodedClip, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity, resolve_source
-from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan, vae_tiling_decision
+from carv_attrib.models.wan import WanModel, load_wan, vae_tiling_decision
 from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts
 
 log = logging.getLogger(__name__)
@@ -188,18 +188,18 @@ def plan_encode(
 
 
 class _TextCache:
-    """Embeddings of distinct captions; bounded, because a real UMT5 row set is ~1 MB."""
+    """Stored embeddings of distinct captions; bounded, because a real UMT5 row set is ~1 MB."""
 
-    def __init__(self, wan: WanModel, capacity: int = 2048):
-        self.wan = wan
+    def __init__(self, encoder: ClipEncoder, capacity: int = 2048):
+        self.encoder = encoder
         self.capacity = capacity
-        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.encoded = 0
 
-    def get_many(self, captions: list[str]) -> list[torch.Tensor]:
+    def get_many(self, captions: list[str]) -> list[np.ndarray]:
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
         if missing:
-            for cap, emb in zip(missing, encode_prompts(self.wan, missing)):
+            for cap, emb in zip(missing, self.encoder.embed(missing)):
                 self._cache[cap] = emb
             self.encoded += len(missing)
         out = []
@@ -211,33 +211,15 @@ class _TextCache:
         return out
 
 
-def _encode_batch(vae: Any, items: list[tuple[dict[str, Any], DecodedClip]], np_dtype: np.dtype) -> None:
-    """VAE-encode decoded clips in one call, filling each row's latent (or its failure)."""
-
-    def fill(row: dict[str, Any], z: torch.Tensor, clip: DecodedClip) -> None:
-        if not torch.isfinite(z).all():
-            row.update(status="encode_error", error="VAE produced non-finite latents")
-            return
-        arr = z.numpy().astype(np_dtype)
-        row.update(latent=arr.tobytes(), latent_shape=list(arr.shape), latent_dtype=str(arr.dtype))
-        if clip.motion is not None:  # --motion-masks: the flow pooled onto this latent's grid
-            m = stored_map(clip.motion, arr.shape[1])  # (T, h, w)
-            if m.shape != arr.shape[1:]:
-                raise ValueError(f"motion map {m.shape} does not match the latent grid {arr.shape[1:]}")
-            row.update(motion=m.tobytes(), motion_shape=list(m.shape))
-
-    try:
-        x = torch.stack([frames_to_tensor(c.frames) for _, c in items])  # (B, 3, F, H, W)
-        z = encode_video(vae, x)  # (B, C, T, h, w)
-        for (row, clip), zi in zip(items, z):
-            fill(row, zi, clip)
-    except Exception:
-        # One bad batch must not take its neighbours down: retry clip by clip.
-        for row, clip in items:
-            try:
-                fill(row, encode_video(vae, frames_to_tensor(clip.frames)[None])[0], clip)
-            except Exception as exc:
-                row.update(status="encode_error", error=f"{type(exc).__name__}: {exc}")
+def _fill(row: dict[str, Any], out: EncodedClip | EncodeFailure) -> None:
+    """A latent row's latent and motion map (or its failure) from the clip's stored form."""
+    if isinstance(out, EncodeFailure):
+        row.update(status=out.kind, error=out.detail)
+        return
+    z = out.latent  # (C, T, h, w) latent_dtype
+    row.update(latent=z.tobytes(), latent_shape=list(z.shape), latent_dtype=str(z.dtype))
+    if out.motion is not None:  # --motion-masks: the flow pooled onto this latent's grid
+        row.update(motion=out.motion.tobytes(), motion_shape=list(out.motion.shape))
 
 
 def _identify_model(cfg: EncodeConfig) -> tuple[dict[str, Any], WanModel | None]:
@@ -255,12 +237,11 @@ class _ShardEncoder:
     distinct text at the end of each shard, then the shard written with its stats."""
 
     def __init__(
-        self, cfg: EncodeConfig, wan: WanModel, store: ShardStore, table: ClipTable, provenance: dict
+        self, cfg: EncodeConfig, encoder: ClipEncoder, store: ShardStore, table: ClipTable, provenance: dict
     ):
-        self.cfg, self.wan, self.store, self.provenance = cfg, wan, store, provenance
-        self.texts = _TextCache(wan)
+        self.cfg, self.encoder, self.store, self.provenance = cfg, encoder, store, provenance
+        self.texts = _TextCache(encoder)
         self.caption_of = dict(zip(table.clip_id, table.caption))
-        self.np_dtype = np.dtype(cfg.latent_dtype)
         self.rows: dict[int, list[dict[str, Any]]] = {}
         self.pending: list[tuple[dict[str, Any], DecodedClip]] = []
         self.timers: Counter[str] = Counter()
@@ -289,7 +270,8 @@ class _ShardEncoder:
         if not self.pending:
             return
         t = time.monotonic()
-        _encode_batch(self.wan.vae, self.pending, self.np_dtype)
+        for (row, _), out in zip(self.pending, self.encoder.encode_frames([c for _, c in self.pending])):
+            _fill(row, out)
         self.timers["vae_s"] += time.monotonic() - t
         for r, _ in self.pending:
             progress("clip", {"status": r["status"], "vid": r["vid"]})
@@ -301,8 +283,7 @@ class _ShardEncoder:
         shard_rows = self.rows.pop(shard)
         ok_rows = [r for r in shard_rows if r["status"] == "ok"]
         for r, emb in zip(ok_rows, self.texts.get_many([self.caption_of[r["clip_id"]] for r in ok_rows])):
-            arr = emb.numpy().astype(self.np_dtype)  # (L, D)
-            r.update(text_emb=arr.tobytes(), text_len=arr.shape[0], text_dim=arr.shape[1])
+            r.update(text_emb=emb.tobytes(), text_len=emb.shape[0], text_dim=emb.shape[1])  # (L, D)
             r["latent_sha"] = latent_sha(r["latent"], r["text_emb"])
         self.timers["text_s"] += time.monotonic() - t
         kinds = Counter(r["status"] for r in shard_rows)
@@ -322,24 +303,24 @@ class _ShardEncoder:
         self.shard_t0 = time.monotonic()
 
 
-def _estimate(cfg: EncodeConfig, plan: EncodePlan, wan: WanModel | None) -> float:
+def _estimate(cfg: EncodeConfig, plan: EncodePlan, facts: EncodeFacts, wan: WanModel | None) -> float:
     """Seconds the encode of `plan` would take: model load plus a timed encode of up to 2 of its clips
     (decode + VAE + caption) scaled to all, with the VAE batching of the real run ignored."""
     if not plan.todo:
         return 0.0
     t0 = time.monotonic()
     wan = wan or load_wan(cfg.model, ENCODER_COMPONENTS, device=cfg.device, dtype=cfg.dtype)
+    encoder = ClipEncoder(wan, facts)
     load_s = time.monotonic() - t0
     sample = plan.todo[:2]
     clips = plan.clips.clips
     t1 = time.monotonic()
     for j in sample:
         try:
-            decoded = (decode_with_motion if cfg.motion_masks else decode_clip)(clips.path[j], cfg.policy)
+            decoded = encoder.decode(clips.path[j])
         except ClipFailure:
             continue
-        encode_video(wan.vae, frames_to_tensor(decoded.frames)[None])
-        encode_prompts(wan, [clips.caption[j]])
+        encoder.encode(decoded, clips.caption[j])
     per_clip = (time.monotonic() - t1) / len(sample)
     return round(load_s + per_clip * len(plan.todo), 3)
 
@@ -364,6 +345,7 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
         cfg.vae_tiling, policy.height, policy.width, cfg.batch_size, cfg.dtype, cfg.device
     )
     config = latents_identity(cfg, ident, tiled)
+    facts = EncodeFacts.from_latents_config(config)  # what score and plan read back from the run
     store = run.latents
     resumes = store.check(config, overwrite=cfg.overwrite, what="encode")
     if cfg.executor == "ray" and not cfg.dry_run:
@@ -371,7 +353,7 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
     plan = plan_encode(run, table, resumes, cfg.retry_failed, part)
     progress("plan", plan.counts())
     if cfg.dry_run:
-        estimate = _estimate(cfg, plan, wan)
+        estimate = _estimate(cfg, plan, facts, wan)
         return summarize(run, plan, fingerprint(config), 0, 0, time.monotonic() - t0, estimate)
 
     run.root.mkdir(parents=True, exist_ok=True)
@@ -382,16 +364,14 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
     progress("start", {"total": len(table), "todo": len(plan.todo), "shards": len(shards), "skipped": 0})
     if shards:
         wan = wan or load_wan(cfg.model, ENCODER_COMPONENTS, device=cfg.device, dtype=cfg.dtype)
-        if tiled:
-            wan.vae.enable_tiling()
+        clip_encoder = ClipEncoder(wan, facts)  # tiles the VAE when the facts say so
         provenance = {"stage": "latents", "fingerprint": fp, "tool_version": __version__, "config": config}
-        encoder = _ShardEncoder(cfg, wan, store, table, provenance)
+        encoder = _ShardEncoder(cfg, clip_encoder, store, table, provenance)
         sourced = plan.clips
         tasks = [((names[si], j), table.path[j]) for si, shard in enumerate(shards) for j in shard]
         last = {names[si]: shard[-1] for si, shard in enumerate(shards)}
-        decode_fn = decode_with_motion if cfg.motion_masks else decode_clip  # flow in the workers too
-        with DecodePool(
-            cfg.policy, workers=cfg.workers, timeout=cfg.decode_timeout, decode_fn=decode_fn
+        with DecodePool(  # the flow is computed in the workers too
+            cfg.policy, workers=cfg.workers, timeout=cfg.decode_timeout, decode_fn=clip_encoder.decode_fn
         ) as pool:
             t_wait = time.monotonic()
             for (name, j), result in pool.imap(tasks):  # decoding in workers overlaps the VAE here

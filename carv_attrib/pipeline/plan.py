@@ -50,13 +50,14 @@ from carv_attrib.carv.rng import clip_stream, noise, uniforms
 from carv_attrib.carv.timesteps import Density, Proposal, density
 from carv_attrib.config import DEFAULT_PRECONDITION, PlanConfig
 from carv_attrib.data.latents import CachedClip, iter_cached
-from carv_attrib.data.motion import check_objective_inputs, decode_with_motion, objective_spec
+from carv_attrib.data.motion import check_objective_inputs, objective_spec
 from carv_attrib.data.run import EncodeFacts, RunDir
 from carv_attrib.data.store import now_iso, write_json_atomic
-from carv_attrib.data.video import ClipFailure, decode_clip, frames_to_tensor
+from carv_attrib.data.video import ClipFailure
 from carv_attrib.errors import UsageError
+from carv_attrib.models.clip_encoder import ClipEncoder
 from carv_attrib.models.identity import check_encoder_matches
-from carv_attrib.models.wan import encode_prompts, encode_video, load_wan, pad_context
+from carv_attrib.models.wan import pad_context
 from carv_attrib.optional import require_matplotlib
 
 log = logging.getLogger(__name__)
@@ -83,18 +84,14 @@ def reencode_cost(
     twice), measured in this process like c_draw, so the two costs are comparable. None when the
     videos are gone."""
     rows = {r["clip_id"]: r for r in pq.read_table(run.manifest_table).to_pylist()}
-    c = lat_config["config"]
-    policy = EncodeFacts.from_latents_config(c).policy
-    decode = decode_with_motion if c.get("motion_masks") else decode_clip  # the flow is encode's cost too
-    wan = load_wan(model, ("vae", "text_encoder", "tokenizer"), device=device, dtype=c["dtype"])
+    # the training clips' encoder: the flow (when recorded) and VAE tiling are encode's cost too
+    encoder = ClipEncoder.load(model, EncodeFacts.from_latents_config(lat_config["config"]), device=device)
     seconds = []
     try:
         for _ in range(2):  # the median of per-clip times: one slow call on a loaded machine does not count
             for i in clip_ids:
                 t0 = time.monotonic()
-                clip = decode(rows[i]["path"], policy)
-                encode_video(wan.vae, frames_to_tensor(clip.frames)[None])
-                encode_prompts(wan, [rows[i]["caption"]])
+                encoder.encode(encoder.decode(rows[i]["path"]), rows[i]["caption"])
                 seconds.append(time.monotonic() - t0)
     except (ClipFailure, KeyError):
         return None

@@ -37,16 +37,16 @@ from carv_attrib.choices import OBJECTIVES
 from carv_attrib.config import ScoreConfig
 from carv_attrib.data.decode_pool import DecodePool
 from carv_attrib.data.failures import ClipFailure, failure_message
-from carv_attrib.data.latents import as_stored, read_latents
+from carv_attrib.data.latents import read_latents
 from carv_attrib.data.live import selection
 from carv_attrib.data.manifest import clip_id_for, read_text_file
-from carv_attrib.data.motion import check_rule, decode_with_motion, stored_map
+from carv_attrib.data.motion import check_rule
 from carv_attrib.data.run import IndexInfo, RunDir
 from carv_attrib.data.store import now_iso
-from carv_attrib.data.video import decode_clip, frames_to_tensor
 from carv_attrib.errors import UsageError
-from carv_attrib.models.identity import check_encoder_matches, check_transformers_match
-from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
+from carv_attrib.models.clip_encoder import ClipEncoder, EncodeFailure
+from carv_attrib.models.identity import ENCODER_COMPONENTS, check_encoder_matches, check_transformers_match
+from carv_attrib.models.wan import WanModel, load_wan
 
 __all__ = ["SCHEMA_VERSION", "ScoreConfig", "Query", "run_score", "read_prompts", "provenance", "aggregate"]
 
@@ -195,36 +195,33 @@ def _noop(event: str, info: dict[str, Any]) -> None:
     pass
 
 
+def query_encoder(wan: WanModel, info: IndexInfo) -> ClipEncoder:
+    """The index's training-clip encoder (`info.encode`), with motion maps only when the index's
+    objective weights by them."""
+    return ClipEncoder(wan, info.encode, motion=info.objective.get("kind") == "motion")
+
+
 def _encode_queries(
-    cfg: ScoreConfig, info: IndexInfo, wan: WanModel, queries: list[Query], progress: ProgressFn = _noop
+    cfg: ScoreConfig, encoder: ClipEncoder, queries: list[Query], progress: ProgressFn = _noop
 ) -> None:
-    """Decode and encode each query like a training clip; failures become status "error"."""
-    enc = info.encode
-    policy = enc.policy
-    motion = info.objective.get("kind") == "motion"
-    decode_fn = decode_with_motion if motion else decode_clip  # the maps the training clips have
+    """Decode and encode each query like a training clip (`encoder`, `query_encoder`): latents in a VAE
+    batch of one, then the ok queries' prompts in one call; failures become status "error"."""
+    policy, decode_fn = encoder.policy, encoder.decode_fn  # decode_fn: with the flow when maps are used
     with DecodePool(policy, workers=cfg.workers, timeout=cfg.decode_timeout, decode_fn=decode_fn) as pool:
         for i, result in pool.imap([(i, str(Path(q.path).resolve())) for i, q in enumerate(queries)]):
             q = queries[i]
             if isinstance(result, ClipFailure):
                 q.fail(f"{result.kind}: {failure_message(result, 'score')}")
-                progress("clip", {"status": q.status})
-                continue
-            try:
-                z = encode_video(wan.vae, frames_to_tensor(result.frames)[None])[0]  # (C, T, h, w)
-                q.latent = as_stored(z, enc.latent_dtype)
-                if not torch.isfinite(q.latent).all():
-                    raise ValueError("VAE produced non-finite latents")
-                if motion:  # the map a training clip stores, with its rounding
-                    m = stored_map(result.motion, q.latent.shape[1])  # (T, h, w)
-                    q.motion = torch.from_numpy(m.astype(np.float32))
-            except Exception as exc:
-                q.fail(f"encode_error: {exc}")
-            finally:
-                progress("clip", {"status": q.status})
+            else:
+                out = encoder.encode_clip(result)
+                if isinstance(out, EncodeFailure):
+                    q.fail(f"{out.kind}: {out.message}")
+                else:  # float32, with the training clips' storage rounding
+                    q.latent, q.motion = out.latent_tensor(), out.motion_tensor()  # (C, T, h, w), (T, h, w)
+            progress("clip", {"status": q.status})
     ok = [q for q in queries if q.status == "ok"]
-    for q, emb in zip(ok, encode_prompts(wan, [q.prompt for q in ok])):
-        q.text_emb = as_stored(emb, enc.latent_dtype)  # (L, D) trimmed
+    for q, emb in zip(ok, encoder.embed([q.prompt for q in ok])):
+        q.text_emb = torch.from_numpy(emb.astype(np.float32))  # (L, D) trimmed
 
 
 def _featurize_queries(
@@ -405,11 +402,9 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
     model = _resolve_model(cfg, run, info)
     queries = [Query(path=str(p), prompt=t) for p, t in zip(cfg.queries, prompts)]
 
-    wan = load_wan(model, ("vae", "text_encoder", "tokenizer"), device=cfg.device, dtype=info.encode.dtype)
-    if info.encode.vae_tiling:  # queries are encoded exactly as the training clips were
-        wan.vae.enable_tiling()
+    wan = load_wan(model, ENCODER_COMPONENTS, device=cfg.device, dtype=info.encode.dtype)
     progress("start", {"todo": 2 * len(queries)})
-    _encode_queries(cfg, info, wan, queries, progress)
+    _encode_queries(cfg, query_encoder(wan, info), queries, progress)  # as the training clips were
     del wan
     clips = run.clips()
     ok = [q for q in queries if q.status == "ok"]
