@@ -12,6 +12,7 @@ from carv_attrib.attrib.precondition import fit_preconditioner
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.data.latents import CachedClip
 from carv_attrib.evaluate.gradspace import (
+    LAYER_SETS,
     FeatureSpec,
     describe,
     features,
@@ -44,19 +45,22 @@ def _sum_tol(terms: int, scale: float) -> float:
     return terms * EPS32 * scale
 
 
-@pytest.mark.parametrize("noise", ["shared", "per-clip"])
-def test_kron_from_gradients_is_the_tools_kron_feature(noise: str) -> None:
+@pytest.mark.parametrize(
+    ("noise", "layers"), [("shared", "blocks"), ("per-clip", "blocks"), ("shared", "all-linear")]
+)
+def test_kron_from_gradients_is_the_tools_kron_feature(noise: str, layers: str) -> None:
     t = tiny_wan()
     clips = _clips(3)
     rule = DrawRule(seed=1, scheme="stratified", k=4, density="uniform", noise=noise)
-    proj = build_projector("kron", t, ["blocks.*"], seed=5, kron_dims=(4, 3))
+    globs = list(LAYER_SETS[layers])
+    proj = build_projector("kron", t, globs, seed=5, kron_dims=(4, 3))
     fz = Featurizer([t], [proj], rule, "loss", "cpu")
     tool, _, _ = fz.features([(c.clip_id, c.latent, c.text_emb) for c in clips])  # (3, D)
     G = exact_gradients(t, clips, rule)  # (3, P)
-    mine = features(G, t, FeatureSpec(layers="blocks", projection="kron", k_out=4, k_in=3), seed=5)
+    mine = features(G, t, FeatureSpec(layers=layers, projection="kron", k_out=4, k_in=3), seed=5)
     assert mine.shape == tuple(tool.shape)
     tokens = LATENT[1] * (LATENT[2] // 2) * (LATENT[3] // 2) * rule.k
-    widest = max(b.out + b.in_aug for b in linear_blocks(t, ["blocks.*"]))
+    widest = max(b.out + b.in_aug for b in linear_blocks(t, globs))
     scale = float(np.abs(mine).max())
     np.testing.assert_allclose(mine, tool.double().numpy(), rtol=0, atol=_sum_tol(tokens + widest, scale))
 
