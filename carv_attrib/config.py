@@ -46,7 +46,10 @@ DEFAULT_KRON_DIMS = "16x16"  # = attrib.projection.DEFAULT_K_OUT x DEFAULT_K_IN
 # world suite of bench/factors.py (README, Benchmarks) finds sqnorm (D-TRAK) no better on any world and
 # worse where the reference has signal; held-out worlds found the same.
 DEFAULT_OUTPUT_FN = "loss"
-DEFAULT_PRECONDITION = "cosine"
+# Grad-dot (α = 0) tracks the fixed reference where it has signal and fails where a few huge-norm clips
+# dominate; cosine (α = 1) is the reverse. α = 0.5 was the only preconditioner at or above the reference
+# on every world of bench/factors.py (README, Benchmarks): the default by its worst world.
+DEFAULT_PRECONDITION = "normalize"
 
 
 def option(
@@ -345,7 +348,7 @@ class IndexConfig(StageConfig):
     run: Path = option(positional=True, help="Run directory with features.")
     precondition: str = option(
         DEFAULT_PRECONDITION,
-        help="identity (TracIn dot product) | trak ((ΦᵀΦ+λI)⁻¹) | cosine (unit norm per checkpoint block).",
+        help="identity (TracIn dot product) | trak ((ΦᵀΦ+λI)⁻¹) | cosine (unit norm per checkpoint block) | normalize (train ÷ ‖φ‖^0.5, query unit norm).",
     )
     lambda_rel: float = option(
         1e-2,
@@ -628,7 +631,7 @@ class DemoConfig(StageConfig):
     train_steps: int = option(150, help="Flow-matching steps before attribution (0: none).")
     draws: int = draws_option()
     timesteps: str = option("stratified-is", help="iid | stratified | stratified-is.")
-    precondition: str = option("cosine", help="identity | trak | cosine.")
+    precondition: str = option(DEFAULT_PRECONDITION, help="identity | trak | cosine | normalize.")
     plan_pilot_clips: int = option(
         4, flags=("--plan-pilot",), help="Pilot clips for `plan` (0: skip the plan; q = p)."
     )

@@ -12,6 +12,12 @@ Score of query q against train clip i (FAISS inner product):
               fraction of every eigenvalue actually present), so one value fits any feature scale
               and any n; both lambda_rel and the absolute λ are stored.
 * `cosine`:   unit-normalise both sides (ReTrac / D-TRAK style, against the timestep norm bias).
+* `normalize`: ψ_i = φ_i / ‖φ_i‖^α (α = 0.5), queries unit-normalised: score = cos(φ_q, φ_i)·‖φ_i‖^(1−α),
+              the geometric middle between grad-dot (α = 0) and cosine (α = 1). It keeps part of a
+              clip's gradient norm (which carries attribution signal where the model fits its data
+              well) while damping the few huge-norm clips that dominate grad-dot. The LDS world suite
+              (README, Benchmarks) found it the only preconditioner at or above the fixed reference on
+              every world; scores are no longer bounded by 1.
 
 Several checkpoints: the feature is the concatenation of one block per checkpoint
 (`blocks` = the block sizes). `trak` then uses a block-diagonal preconditioner (one Gram per
@@ -45,6 +51,7 @@ import torch  # float64 Cholesky; torch is a core dependency, scipy is not
 from carv_attrib.choices import PRECONDITIONERS
 
 DEFAULT_LAMBDA_REL = 1e-2
+DEFAULT_NORMALIZE_ALPHA = 0.5
 _META = "precondition.json"
 
 
@@ -151,6 +158,44 @@ class CosinePreconditioner(Preconditioner):
         return self._normalise(feats, "query features")
 
 
+class NormalizePreconditioner(CosinePreconditioner):
+    """Train blocks divided by ‖φ_b‖^alpha, query blocks by ‖φ_b‖ (per checkpoint block, like cosine).
+
+    alpha ∈ [0, 1]: 0 is grad-dot (up to a per-query scale, which no ranking sees), 1 is cosine.
+    Source: the `normalize` kind of `carv_attrib.evaluate.gradspace.scores_from_gram`, which the LDS
+    study scored (tests/attrib/test_precondition.py checks the two agree)."""
+
+    kind = "normalize"
+
+    def __init__(self, dim: int, blocks: Sequence[int] | None = None, alpha: float = DEFAULT_NORMALIZE_ALPHA):
+        super().__init__(dim, blocks)
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"normalize alpha {alpha}: must lie in [0, 1]")
+        self.alpha = float(alpha)
+
+    def _scale(self, arr: np.ndarray, power: float) -> np.ndarray:
+        out = np.empty(arr.shape, dtype=np.float64)
+        for sl in _block_slices(self.blocks):
+            norms = np.linalg.norm(arr[:, sl], axis=1, keepdims=True)  # (n, 1)
+            out[:, sl] = arr[:, sl] / np.where(norms > 0, norms, 1.0) ** power  # a zero block stays zero
+        return out
+
+    def prepare_train(self, feats: Any) -> np.ndarray:
+        arr = _as_features(feats, self.dim, "train features").astype(np.float64)
+        return self._scale(arr, self.alpha).astype(np.float32)
+
+    def prepare_train_parts(self, parts: Any, total: Any) -> np.ndarray:
+        arr = _as_features(parts, self.dim, "feature parts").astype(np.float64)
+        tot = _as_features(np.asarray(total).reshape(1, -1), self.dim, "train feature").astype(np.float64)[0]
+        for sl in _block_slices(self.blocks):
+            norm = float(np.linalg.norm(tot[sl]))
+            arr[:, sl] /= (norm if norm > 0 else 1.0) ** self.alpha  # the total's norm: parts still add up
+        return arr
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "alpha": self.alpha}
+
+
 class TrakPreconditioner(Preconditioner):
     """ψ_i = (ΦᵀΦ + λI)⁻¹ φ_i per checkpoint block; queries raw. Build with `GramAccumulator`."""
 
@@ -254,12 +299,14 @@ def fit_preconditioner(
 ) -> Preconditioner:
     """The preconditioner `kind` for train features `feats`: one (n, d) array or an iterable of them.
 
-    `identity` and `cosine` need no data; `trak` streams `feats` into a `GramAccumulator`.
+    `identity`, `cosine` and `normalize` need no data; `trak` streams `feats` into a `GramAccumulator`.
     """
     if kind == "identity":
         return Preconditioner(dim, blocks)
     if kind == "cosine":
         return CosinePreconditioner(dim, blocks)
+    if kind == "normalize":
+        return NormalizePreconditioner(dim, blocks)
     if kind != "trak":
         raise ValueError(f"unknown preconditioner {kind!r}; expected one of {', '.join(PRECONDITIONERS)}")
     if feats is None:
@@ -283,6 +330,8 @@ def load_preconditioner(directory: str | os.PathLike[str]) -> Preconditioner:
         return Preconditioner(meta["dim"], meta["blocks"])
     if kind == "cosine":
         return CosinePreconditioner(meta["dim"], meta["blocks"])
+    if kind == "normalize":
+        return NormalizePreconditioner(meta["dim"], meta["blocks"], meta["alpha"])
     if kind == "trak":
         inverses = [np.load(d / f"trak_inverse_{b}.npy") for b in range(len(meta["blocks"]))]
         pre = TrakPreconditioner(inverses, meta["lambda_rel"], meta["lambdas"], meta["num_train"])

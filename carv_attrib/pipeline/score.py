@@ -432,7 +432,9 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
     return doc
 
 
-UNTRAINED_SPREAD = 1e-3  # a 150-step demo model spreads its top-5 over 1.5e-3; random weights 3e-4
+UNTRAINED_SPREAD = (
+    1e-3  # relative spread; a 150-step demo model spreads its top-5 over 1.5e-3, random weights 3e-4
+)
 
 
 def untrained_warnings(queries: list[Query]) -> list[str]:
@@ -442,9 +444,12 @@ def untrained_warnings(queries: list[Query]) -> list[str]:
     out = []
     for q in queries:
         s = [r["score"] for r in q.results]
-        if len(s) >= 3 and max(s) - min(s) < UNTRAINED_SPREAD:
+        # relative to the largest |score|: cosine scores lie in [-1, 1], normalize's scale with ‖φ‖^(1-α)
+        scale = max((abs(x) for x in s), default=0.0) or 1.0
+        if len(s) >= 3 and (max(s) - min(s)) / scale < UNTRAINED_SPREAD:
             out.append(
-                f"{q.path}: its {len(s)} results all score within {max(s) - min(s):.1e} of each other; "
+                f"{q.path}: its {len(s)} results all score within {(max(s) - min(s)) / scale:.1e} "
+                "(relative to the largest |score|) of each other; "
                 "the transformer looks untrained (random weights?), so this ranking says little. "
                 "Attribute with a trained model (e.g. the demo's: `make demo`, then -m demo-run/model)"
             )

@@ -20,7 +20,12 @@ from carv_attrib.attrib.explain import (
     stratum_of,
     stratum_split,
 )
-from carv_attrib.attrib.precondition import CosinePreconditioner, GramAccumulator, Preconditioner
+from carv_attrib.attrib.precondition import (
+    CosinePreconditioner,
+    GramAccumulator,
+    NormalizePreconditioner,
+    Preconditioner,
+)
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.models.wan import load_transformer
@@ -103,7 +108,12 @@ def test_stratum_terms_add_up_to_the_score_for_every_preconditioner() -> None:
     acc.update(rng.standard_normal((30, d)))
     rule = DrawRule(seed=0, scheme="stratified", k=k, density="uniform")
     eps64 = float(np.finfo(np.float64).eps)
-    for pre in (Preconditioner(d, [8, 4]), CosinePreconditioner(d, [8, 4]), acc.finalize(1e-2)):
+    for pre in (
+        Preconditioner(d, [8, 4]),
+        CosinePreconditioner(d, [8, 4]),
+        NormalizePreconditioner(d, [8, 4]),
+        acc.finalize(1e-2),
+    ):
         # prepare_train rounds ψ to float32 (≤ eps32/2 relative per entry); the float64 parts carry
         # (K + d)·eps64 of their own sums (the trak inverse's d-term products, the K-term sum)
         psi_i = pre.prepare_train(total[None])[0].astype(np.float64)

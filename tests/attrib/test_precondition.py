@@ -11,6 +11,7 @@ import torch
 from carv_attrib.attrib.precondition import (
     CosinePreconditioner,
     GramAccumulator,
+    NormalizePreconditioner,
     Preconditioner,
     TrakPreconditioner,
     fit_preconditioner,
@@ -120,7 +121,7 @@ def test_singular_gram_needs_lambda():
     fit_preconditioner("trak", phi, dim=8, lambda_rel=1e-3)  # fine with λ > 0
 
 
-@pytest.mark.parametrize("kind", ["identity", "cosine", "trak"])
+@pytest.mark.parametrize("kind", ["identity", "cosine", "normalize", "trak"])
 def test_save_load_round_trip(kind, feats, tmp_path):
     phi, q = feats
     pre = fit_preconditioner(kind, phi, dim=8, blocks=[6, 2], lambda_rel=0.2)
@@ -131,9 +132,12 @@ def test_save_load_round_trip(kind, feats, tmp_path):
     np.testing.assert_array_equal(again.prepare_train(phi), pre.prepare_train(phi))
     np.testing.assert_array_equal(again.prepare_query(q), pre.prepare_query(q))
     assert not list((tmp_path / "pre").glob("*.tmp"))
-    expected_cls = {"identity": Preconditioner, "cosine": CosinePreconditioner, "trak": TrakPreconditioner}[
-        kind
-    ]
+    expected_cls = {
+        "identity": Preconditioner,
+        "cosine": CosinePreconditioner,
+        "normalize": NormalizePreconditioner,
+        "trak": TrakPreconditioner,
+    }[kind]
     assert type(again) is expected_cls
     with pytest.raises(FileNotFoundError, match="precondition.json"):
         load_preconditioner(tmp_path / "missing")
@@ -161,3 +165,28 @@ def test_unknown_preconditioners_are_refused_when_fitted_and_when_loaded(feats, 
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "kind": "adam"}))
     with pytest.raises(ValueError, match=r"unknown preconditioner 'adam'; expected one of identity, "):
         load_preconditioner(tmp_path / "pre")
+
+
+def test_normalize_is_the_studys_normalize_and_spans_grad_dot_to_cosine(feats) -> None:
+    """ψ = φ/‖φ‖^α, queries unit norm: the scores equal `gradspace.scores_from_gram(…, "normalize")`
+    (the LDS study's), α = 1 is cosine and α = 0 grad-dot up to a per-query scale."""
+    from carv_attrib.evaluate.gradspace import scores_from_gram
+
+    phi, q = feats
+    both = np.concatenate([phi, q]).astype(np.float64)
+    pre = fit_preconditioner("normalize", dim=8)
+    assert pre.alpha == 0.5 and pre.to_dict()["alpha"] == 0.5
+    tool = pre.prepare_train(phi).astype(np.float64) @ pre.prepare_query(q).astype(np.float64).T  # (50, 4)
+    study = scores_from_gram(both @ both.T, len(phi), "normalize", alpha=0.5)
+    # float32 rounding of ψ and of the unit query (≤ eps32/2 relative per entry), summed over d = 8 terms
+    bound = 8 * float(np.finfo(np.float32).eps) * np.abs(study).max()
+    np.testing.assert_allclose(tool, study, rtol=0, atol=bound)
+    cos = CosinePreconditioner(8)
+    one = NormalizePreconditioner(8, alpha=1.0)
+    np.testing.assert_array_equal(one.prepare_train(phi), cos.prepare_train(phi))
+    zero = NormalizePreconditioner(8, alpha=0.0)
+    raw = phi.astype(np.float64) @ q.astype(np.float64).T / np.linalg.norm(q.astype(np.float64), axis=1)
+    got = zero.prepare_train(phi).astype(np.float64) @ zero.prepare_query(q).astype(np.float64).T
+    np.testing.assert_allclose(got, raw, rtol=0, atol=8 * float(np.finfo(np.float32).eps) * np.abs(raw).max())
+    with pytest.raises(ValueError, match="alpha"):
+        NormalizePreconditioner(8, alpha=1.5)
