@@ -28,13 +28,22 @@ def _cell(row: dict, ratio: bool = True) -> str:
 SHIPPED = {
     "old default": "loss-sis-8|blocks/kron-8x8-gaussian|cosine",
     "last default": "sqnorm-sis-8|blocks/kron-16x16-gaussian|cosine",
-    "new default": "loss-sis-8|blocks/kron-16x16-gaussian|cosine",
-    "new default, iid at equal cost": "loss-iid-8|blocks/kron-16x16-gaussian|cosine",
+    "loss + cosine": "loss-sis-8|blocks/kron-16x16-gaussian|cosine",
+    "new default": "loss-sis-8|blocks/kron-16x16-gaussian|normalize-0.5",
+    "new default, iid at equal cost": "loss-iid-8|blocks/kron-16x16-gaussian|normalize-0.5",
 }
 
 
+def _key(key: str) -> str:
+    """A study row's key (job|features|preconditioner) for a markdown cell, where `|` splits cells."""
+    return key.replace("|", " · ")
+
+
 def _short(name: str) -> str:
-    return name.replace("scratch-", "s-").replace("ft-", "f-")
+    for long, short in (("scratch-", "s-"), ("ft-", "f-")):
+        if name.startswith(long):
+            return short + name[len(long) :]
+    return name
 
 
 def factors(which: str = "worlds") -> None:
@@ -50,18 +59,20 @@ def factors(which: str = "worlds") -> None:
             ("fixed reference, per-clip draws (K=256)", "ref-per-clip-256|all/none|identity"),
             ("unprojected loss, CRN, K=8, grad-dot", "loss-sis-8|all/none|identity"),
             *[(f"tool: {k.split('|', 1)[1]}", k) for k in worlds[next(iter(worlds))]["rows"] if k.startswith("product|")],
-            *[(f"{label}: {k}", k) for label, k in SHIPPED.items()],
+            *[(f"{label}: {_key(k)}", k) for label, k in SHIPPED.items()],
         ]  # fmt: skip
-        print("| world | kind | " + " | ".join(c for c, _ in cols) + " | random (mean ± sd) |")
-        print("|---|---|" + "---|" * len(cols) + "---|")
+        print("| world | " + " | ".join(c for c, _ in cols) + " | random (mean ± sd) |")
+        print("|---|" + "---|" * len(cols) + "---|")
         for name, w in worlds.items():
             cells = [(_cell(w["rows"][k]) if k in w["rows"] else "") for _, k in cols]
             r = w["random"]
-            print(
-                f"| {name} | {w['description']} | "
-                + " | ".join(cells)
-                + f" | {r['mean']:.3f} ± {r['sd']:.3f} |"
-            )
+            print(f"| {name} | " + " | ".join(cells) + f" | {r['mean']:.3f} ± {r['sd']:.3f} |")
+        print()
+        built = json.loads((RESULTS / "worlds.json").read_text())["worlds"]
+        for name, w in worlds.items():
+            secs = built.get(name, {}).get("build_seconds")
+            cost = f" (built in {secs / 60:.0f} min)" if secs else ""
+            print(f"- **{name}**: {w['description']}{cost}")
     elif which == "parts":
         # LDS = common factor + query-specific part (evaluate.lds): the part that tells queries apart
         keys = [("fixed reference, CRN (K=256)", "ref-crn-256|all/none|identity"), *SHIPPED.items()]
@@ -81,25 +92,45 @@ def factors(which: str = "worlds") -> None:
                 f"| {name} | {w.get('query_gt_correlation', float('nan')):.2f} | " + " | ".join(cells) + " |"
             )
     elif which == "ranked":
+        # selection rule (bench/factors.py select): the worst world's LDS − fixed reference LDS
+        sig = sel["worlds_with_reference_signal"]
         print(
-            "| setting | min over worlds (world) | mean | "
+            "| setting | worst world: LDS − reference (world) | mean over worlds | "
             + " | ".join(_short(w) for w in sel["worlds"])
-            + " |"
+            + " | ratio to reference where it has signal ("
+            + ", ".join(_short(w) for w in sig)
+            + ") | query-specific ratio, min |"
         )
-        print("|---|---|---|" + "---|" * len(sel["worlds"]))
-        for row in sel["ranked"][:15]:
-            worst = min(row["ratios"], key=row["ratios"].get)
-            cells = " | ".join(f"{row['ratios'][w]:.2f}" for w in sel["worlds"])
-            print(f"| {row['setting']} | {row['min']:.2f} ({_short(worst)}) | {row['mean']:.2f} | {cells} |")
+        print("|---|---|---|" + "---|" * len(sel["worlds"]) + "---|---|")
+        shown = [(r["setting"], r) for r in sel["ranked"][:10]]
+        shown += [(k, v) for k, v in sel.get("shipped", {}).items() if k not in dict(shown)]
+        for key, row in shown:
+            d = row["diff_to_reference"]
+            worst = min(d, key=d.get)
+            cells = " | ".join(f"{d[w]:+.3f}" for w in sel["worlds"])
+            ratio = ", ".join(f"{row['ratios'][w]:.2f}×" for w in sig)
+            qs = row.get("query_specific_min")
+            label = next((lab for lab, k in SHIPPED.items() if k == key), None)
+            name = f"**{label}**: {_key(key)}" if label else _key(key)
+            print(
+                f"| {name} | {row['min_diff_to_reference']:+.3f} ({_short(worst)}) | "
+                f"{row['mean_diff_to_reference']:+.3f} | {cells} | {ratio} | {qs:.2f} |"
+            )
     elif which == "diagnosis":
         keys = doc.get("diagnosis_rows", [])
         print("| setting | " + " | ".join(_short(w) for w in worlds) + " |")
         print("|---|" + "---|" * len(worlds))
         for k in keys:
             cells = [(_cell(w["rows"][k]) if k in w["rows"] else "") for w in worlds.values()]
-            print(f"| {k} | " + " | ".join(cells) + " |")
+            print(f"| {_key(k)} | " + " | ".join(cells) + " |")
     elif which == "fidelity":
-        fid = doc["fidelity"]
+        fid = {w: f for w, f in doc["fidelity"].items() if f}
+        # each world's entry: the setting's features (projected) and its layers unprojected ("…/none")
+        for f in fid.values():
+            keys = [k for k in f if k != "target"]
+            f["unprojected"] = next(f[k] for k in keys if k.endswith("/none"))
+            f["projected"] = next(f[k] for k in keys if not k.endswith("/none"))
+        print(f"worlds: {', '.join(fid)}; target: {next(iter(fid.values()))['target']} (mean of its seeds)")
         for feats in ("projected", "unprojected"):
             print(
                 f"\n{feats}: Spearman with the same setting's K = 256 unprojected scores (mean over worlds; min)\n"
