@@ -130,7 +130,9 @@ def factors(which: str = "worlds") -> None:
             keys = [k for k in f if k != "target"]
             f["unprojected"] = next(f[k] for k in keys if k.endswith("/none"))
             f["projected"] = next(f[k] for k in keys if not k.endswith("/none"))
-        print(f"worlds: {', '.join(fid)}; target: {next(iter(fid.values()))['target']} (mean of its seeds)")
+        print(
+            f"worlds: {', '.join(fid)}; target: {_key(next(iter(fid.values()))['target'])} (mean of its seeds)"
+        )
         for feats in ("projected", "unprojected"):
             print(
                 f"\n{feats}: Spearman with the same setting's K = 256 unprojected scores (mean over worlds; min)\n"
