@@ -791,8 +791,8 @@ class EvaluateConfig(StageConfig):
     variant: list[str] = option(
         flags=("--variant",),
         default_factory=lambda: ["default", "iid"],
-        help="Setting(s) to score (repeatable): default, iid, stratified, identity, cosine, trak, kron-8x8, "
-        "kron-32x32, all-linear, loss, sqnorm, K4, K32; the fixed reference (training loss, all parameters, "
+        help="Setting(s) to score (repeatable): default, iid, stratified, identity, cosine, normalize, trak, "
+        "kron-8x8, kron-32x32, all-linear, loss, sqnorm, K4, K32; the fixed reference (training loss, all parameters, "
         "unprojected; small models only): exact-crn-8, exact-per-clip-8, exact-crn-256, exact-per-clip-256, "
         "exact-crn-256-cosine, exact-crn-256-adam.",
     )

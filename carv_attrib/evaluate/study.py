@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from carv_attrib.attrib.featurizer import build_draw_rule, build_projector, load_featurizer
-from carv_attrib.attrib.precondition import fit_preconditioner
+from carv_attrib.attrib.precondition import DEFAULT_NORMALIZE_ALPHA, fit_preconditioner
 from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.config import (
     DEFAULT_KRON_DIMS,
@@ -57,7 +57,7 @@ from carv_attrib.models.wan import load_transformer, resolve_device
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default ε
 KINDS = ("product", "exact")
-EXACT_PRECONDITIONERS = ("identity", "cosine", "trak", "adam")
+EXACT_PRECONDITIONERS = ("identity", "cosine", "normalize", "trak", "adam")
 
 
 @dataclass
@@ -104,7 +104,8 @@ class Variant:
     kron_dims: str = DEFAULT_KRON_DIMS
     proj_dim: int | None = None
     layers: tuple[str, ...] = DEFAULT_LAYERS
-    precondition: str = _INDEX["precondition"]  # identity | cosine | trak | adam (exact only)
+    # None: featurize's default for product rows, grad-dot (identity) for the exact reference
+    precondition: str | None = None  # identity | cosine | normalize | trak | adam (exact only)
     lambda_rel: float = _INDEX["lambda_rel"]
     replicates: int = 3
     reference_draws: str = "crn"  # exact only: crn | per-clip
@@ -112,6 +113,10 @@ class Variant:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown variant kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.precondition is None:  # the reference never follows featurize's default
+            object.__setattr__(
+                self, "precondition", "identity" if self.kind == "exact" else _INDEX["precondition"]
+            )
         if self.kind == "exact":
             if self.reference_draws not in REFERENCE_DRAWS:
                 raise ValueError(f"reference_draws must be one of {', '.join(REFERENCE_DRAWS)}")
@@ -205,7 +210,8 @@ def variant_scores(problem: LdsProblem, v: Variant, seed: int, cache: dict[Any, 
         return score_matrix(ft, fq, v.precondition, v.lambda_rel)
     K = _exact_gram(problem, v, seed, cache)
     kind = "identity" if v.precondition == "adam" else v.precondition
-    return scores_from_gram(K, len(train), kind, lambda_rel=v.lambda_rel)
+    alpha = DEFAULT_NORMALIZE_ALPHA if kind == "normalize" else 1.0  # attrib.precondition's α
+    return scores_from_gram(K, len(train), kind, lambda_rel=v.lambda_rel, alpha=alpha)
 
 
 def score_variants(
@@ -261,6 +267,7 @@ NAMED_VARIANTS: dict[str, Variant] = {
         Variant("stratified", timesteps="stratified"),
         Variant("identity", precondition="identity"),
         Variant("cosine", precondition="cosine"),
+        Variant("normalize", precondition="normalize"),
         Variant("trak", precondition="trak"),
         Variant("kron-8x8", kron_dims="8x8"),
         Variant("kron-32x32", kron_dims="32x32"),

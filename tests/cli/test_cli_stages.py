@@ -7,6 +7,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from carv_attrib.cli.app import app
+from carv_attrib.config import DEFAULT_PRECONDITION
 
 runner = CliRunner()
 
@@ -23,7 +24,7 @@ def test_featurize_index_score_through_the_cli(
     r = invoke("featurize", run, "-m", tiny_model_dir, "-K", "2", "--device", "cpu", "--format", "json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    assert summary["ok"] == 8 and summary["index"]["preconditioner"] == "cosine"
+    assert summary["ok"] == 8 and summary["index"]["preconditioner"] == DEFAULT_PRECONDITION
     r = invoke("featurize", run, "-m", tiny_model_dir, "-K", "3", "--device", "cpu")
     assert r.exit_code == 2 and "draws.draws: 2 -> 3" in r.output
     r = invoke("index", run, "--precondition", "trak", "--format", "json")
