@@ -524,13 +524,15 @@ def select(doc: dict[str, Any]) -> dict[str, Any]:
             "query_specific_min": min(qs.values()) if qs else None,
             "query_specific_ratios": qs,
         }
-    ranked = sorted(
-        table,
-        key=lambda k: (
-            -round(table[k]["min_diff_to_reference"] / 0.005),
-            -table[k]["mean_diff_to_reference"],
-        ),
-    )
+    # the worst world first; among the settings within 0.005 of the best worst world, the larger mean
+    top = max((t["min_diff_to_reference"] for t in table.values()), default=0.0)
+
+    def order(k: str) -> tuple[bool, float]:
+        t = table[k]
+        near = t["min_diff_to_reference"] >= top - 0.005
+        return (not near, -(t["mean_diff_to_reference"] if near else t["min_diff_to_reference"]))
+
+    ranked = sorted(table, key=order)
     out: dict[str, Any] = {
         "rule": "max over settings of min over worlds of (LDS - fixed reference LDS); ties (0.005) by mean",
         "worlds": list(worlds), "worlds_with_reference_signal": signal,

@@ -114,7 +114,7 @@ def factors(which: str = "worlds") -> None:
             name = f"**{label}**: {_key(key)}" if label else _key(key)
             print(
                 f"| {name} | {row['min_diff_to_reference']:+.3f} ({_short(worst)}) | "
-                f"{row['mean_diff_to_reference']:+.3f} | {cells} | {ratio} | {qs:.2f} |"
+                f"{row['mean_diff_to_reference']:+.3f} | {cells} | {ratio} | {'' if qs is None else f'{qs:.2f}'} |"
             )
     elif which == "diagnosis":
         keys = doc.get("diagnosis_rows", [])

@@ -68,6 +68,9 @@ class Query:
     scores: np.ndarray | None = None  # (n,) every score FAISS returned, best first
     ids: np.ndarray | None = None  # (n,) int64 clip ids beside them
     results: list[dict[str, Any]] = field(default_factory=list)
+    # (k,) cos(ψ_q, ψ_i) of the top-k: what the untrained check reads, since a score's scale follows the
+    # preconditioner (normalize keeps ‖φ_i‖^0.5, whose spread says nothing about training)
+    cosines: np.ndarray | None = None
 
     def fail(self, error: str) -> None:
         self.status, self.error = "error", error
@@ -286,9 +289,30 @@ def _search(
         q.scores, q.ids = s, i
         k = len(s) if cfg.top_k is None else cfg.top_k
         q.results = _results(s[:k], i[:k], clips)
+    _result_cosines(run, info, index, searched, psi)
     if cfg.explain:
         _explain(run, info, index, searched, psi)
         _explain_strata(run, featurizer, pre, searched, psi, progress)
+
+
+def _result_cosines(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:
+    """q.cosines (k,) = score / (‖ψ_q‖ ‖ψ_i‖) of the top results, from the exact stored vectors or the
+    index's own; left None where neither gives the vectors back (an IVF index without stored vectors)."""
+    store = VectorStore(run.index_dir) if info.rerank_vectors else None
+    for q, psi_q in zip(queries, psi):
+        ids = np.array([r["clip_id"] for r in q.results[:UNTRAINED_TOP]], dtype=np.int64)
+        if len(ids) == 0:
+            continue
+        try:
+            rows = (
+                store.rows(ids) if store is not None else np.stack([index.reconstruct(int(i)) for i in ids])
+            )
+        except RuntimeError:  # faiss: reconstruct not implemented for this index
+            continue
+        rows = np.asarray(rows, dtype=np.float64)  # (k, D)
+        norms = np.linalg.norm(rows, axis=1) * float(np.linalg.norm(psi_q))
+        scores = rows @ np.asarray(psi_q, dtype=np.float64)  # (k,)
+        q.cosines = np.divide(scores, norms, out=np.zeros_like(scores), where=norms > 0)
 
 
 def _explain(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:
@@ -432,24 +456,24 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
     return doc
 
 
-UNTRAINED_SPREAD = (
-    1e-3  # relative spread; a 150-step demo model spreads its top-5 over 1.5e-3, random weights 3e-4
-)
+UNTRAINED_SPREAD = 1e-3  # relative cosine spread of the top results; random demo weights: 6e-5
+UNTRAINED_TOP = 10  # the top results the check reads
 
 
 def untrained_warnings(queries: list[Query]) -> list[str]:
-    """A warning per query whose ≥ 3 results all score within UNTRAINED_SPREAD of each other: the
-    gradients barely depend on the clip, as with a transformer that was never trained (random
-    weights from `make-model`), so the ranking is noise."""
+    """A warning per query whose ≥ 3 top results all have cosines (ψ_q, ψ_i) within UNTRAINED_SPREAD of
+    each other (relative to the largest): the gradients barely depend on the clip, as with a
+    transformer that was never trained (random weights from `make-model`), so the ranking is noise.
+    Cosines, not scores: under `normalize` a score also carries ‖φ_i‖^0.5, whose spread is not a sign
+    of training; where the vectors cannot be read back the scores stand in."""
     out = []
     for q in queries:
-        s = [r["score"] for r in q.results]
-        # relative to the largest |score|: cosine scores lie in [-1, 1], normalize's scale with ‖φ‖^(1-α)
+        s = list(q.cosines) if q.cosines is not None else [r["score"] for r in q.results[:UNTRAINED_TOP]]
         scale = max((abs(x) for x in s), default=0.0) or 1.0
         if len(s) >= 3 and (max(s) - min(s)) / scale < UNTRAINED_SPREAD:
             out.append(
-                f"{q.path}: its {len(s)} results all score within {(max(s) - min(s)) / scale:.1e} "
-                "(relative to the largest |score|) of each other; "
+                f"{q.path}: its top {len(s)} results all lie within {(max(s) - min(s)) / scale:.1e} "
+                "(relative cosine spread) of each other; "
                 "the transformer looks untrained (random weights?), so this ranking says little. "
                 "Attribute with a trained model (e.g. the demo's: `make demo`, then -m demo-run/model)"
             )

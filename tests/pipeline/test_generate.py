@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from carv_attrib.config import GenerateConfig
@@ -44,8 +45,22 @@ def test_flat_scores_warn_that_the_transformer_looks_untrained() -> None:
     short = query([0.5, 0.5])
     warnings = untrained_warnings([flat, spread, short])
     assert (
-        len(warnings) == 1 and warnings[0].startswith("q.mp4: its 4 results") and "untrained" in warnings[0]
+        len(warnings) == 1
+        and warnings[0].startswith("q.mp4: its top 4 results")
+        and "untrained" in warnings[0]
     )
     assert (
         max(r["score"] for r in spread.results) - min(r["score"] for r in spread.results) > UNTRAINED_SPREAD
     )
+
+
+def test_the_untrained_check_reads_cosines_not_normalize_scores() -> None:
+    """Under `normalize` the scores carry ‖φ_i‖^0.5 (the untrained demo's: 0.7573..0.7561, a 1.6e-3
+    spread); their cosines are what stays flat (4.4e-5 measured on that run)."""
+    q = Query(path="q.mp4", prompt="p")
+    q.results = [{"score": s} for s in (0.757283, 0.756764, 0.75632, 0.756129, 0.756072)]
+    assert untrained_warnings([q]) == []  # the scores alone would not warn
+    q.cosines = np.array([0.99991, 0.99990, 0.99989, 0.99988, 0.99987])
+    assert len(untrained_warnings([q])) == 1
+    q.cosines = np.array([0.94, 0.92, 0.91, 0.89, 0.88])  # a trained model's spread
+    assert untrained_warnings([q]) == []
