@@ -400,9 +400,10 @@ def main() -> None:
     if "--jobs" in args:
         i = args.index("--jobs")
         jobs, args = set(args[i + 1].split(",")), args[:i] + args[i + 2 :]
+    setting = None  # --analyze --setting KEY: analyse the shipped setting rather than the ranking's winner
     if "--setting" in args:
         i = args.index("--setting")
-        args = args[:i] + args[i + 2 :]
+        setting, args = args[i + 1], args[:i] + args[i + 2 :]
     products = "--no-product" not in args
     analyze = "--analyze" in args
     args = [a for a in args if a not in ("--no-product", "--analyze")]
@@ -424,9 +425,7 @@ def main() -> None:
         OUT.write_text(json.dumps(doc) + "\n")
         say(f"{spec.name}: done")
     doc["selection"] = select(doc)
-    best = doc["selection"].get("best", {}).get("setting")
-    if "--setting" in sys.argv:  # analyse the shipped setting rather than the ranking's winner
-        best = sys.argv[sys.argv.index("--setting") + 1]
+    best = setting or doc["selection"].get("best", {}).get("setting")
     if best is not None and analyze:
         job, features, precond = best.split("|")
         fn = next(j.output_fn for j in JOBS if j.name == job)

@@ -295,36 +295,37 @@ def _search(
         _explain_strata(run, featurizer, pre, searched, psi, progress)
 
 
+def _indexed_vectors(store: VectorStore | None, index: Any, ids: np.ndarray) -> np.ndarray:
+    """(len(ids), D) the clips' indexed ψ: the exact ones kept for re-ranking, else the index's own
+    (exact for Flat); faiss raises RuntimeError where the index cannot reconstruct (IVF, no store)."""
+    return store.rows(ids) if store is not None else np.stack([index.reconstruct(int(i)) for i in ids])
+
+
 def _result_cosines(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:
-    """q.cosines (k,) = score / (‖ψ_q‖ ‖ψ_i‖) of the top results, from the exact stored vectors or the
-    index's own; left None where neither gives the vectors back (an IVF index without stored vectors)."""
+    """q.cosines (k,) = ⟨ψ_q, ψ_i⟩ / (‖ψ_q‖ ‖ψ_i‖) of the top results; left None where the index cannot
+    give the vectors back (an IVF index without stored vectors)."""
     store = VectorStore(run.index_dir) if info.rerank_vectors else None
     for q, psi_q in zip(queries, psi):
         ids = np.array([r["clip_id"] for r in q.results[:UNTRAINED_TOP]], dtype=np.int64)
         if len(ids) == 0:
             continue
         try:
-            rows = (
-                store.rows(ids) if store is not None else np.stack([index.reconstruct(int(i)) for i in ids])
-            )
-        except RuntimeError:  # faiss: reconstruct not implemented for this index
+            rows = np.asarray(_indexed_vectors(store, index, ids), dtype=np.float64)  # (k, D)
+        except RuntimeError:
             continue
-        rows = np.asarray(rows, dtype=np.float64)  # (k, D)
         norms = np.linalg.norm(rows, axis=1) * float(np.linalg.norm(psi_q))
-        scores = rows @ np.asarray(psi_q, dtype=np.float64)  # (k,)
-        q.cosines = np.divide(scores, norms, out=np.zeros_like(scores), where=norms > 0)
+        dots = rows @ np.asarray(psi_q, dtype=np.float64)  # (k,)
+        q.cosines = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
 
 
 def _explain(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:
     """Each result's score split over layers and blocks (`carv_attrib.attrib.explain`), from the
-    clip's indexed vector: the exact one kept for re-ranking, else the index's own (exact for Flat).
-    A dense projector was refused by `_check_index_use`."""
+    clip's indexed vector (`_indexed_vectors`). A dense projector was refused by `_check_index_use`."""
     slices = layer_slices(info.projector, info.blocks)
     store = VectorStore(run.index_dir) if info.rerank_vectors else None
     for q, psi_q in zip(queries, psi):
         for r in q.results:
-            cid = np.array([r["clip_id"]], dtype=np.int64)
-            psi_i = store.rows(cid)[0] if store is not None else index.reconstruct(int(cid[0]))
+            psi_i = _indexed_vectors(store, index, np.array([r["clip_id"]], dtype=np.int64))[0]
             r["explain"] = explain_result(layer_split(psi_q, psi_i, slices))
 
 
