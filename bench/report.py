@@ -23,17 +23,6 @@ def _cell(row: dict, ratio: bool = True) -> str:
     return out + (f" ({row['ratio']:.2f}×)" if ratio and "ratio" in row else "")
 
 
-# The shipped settings, as rows of the study (kron on blocks.*, stratified-is, K = 8; gradspace's kron
-# equals the tool's KronProjector, tests/evaluate/test_gradspace.py).
-SHIPPED = {
-    "old default": "loss-sis-8|blocks/kron-8x8-gaussian|cosine",
-    "last default": "sqnorm-sis-8|blocks/kron-16x16-gaussian|cosine",
-    "loss + cosine": "loss-sis-8|blocks/kron-16x16-gaussian|cosine",
-    "new default": "loss-sis-8|blocks/kron-16x16-gaussian|normalize-0.5",
-    "new default, iid at equal cost": "loss-iid-8|blocks/kron-16x16-gaussian|normalize-0.5",
-}
-
-
 def _key(key: str) -> str:
     """A study row's key (job|features|preconditioner) for a markdown cell, where `|` splits cells."""
     return key.replace("|", " · ")
@@ -53,13 +42,15 @@ def factors(which: str = "worlds") -> None:
     doc = json.loads((RESULTS / "factors.json").read_text())
     worlds = doc["worlds"]
     sel = doc.get("selection", {})
+    # label -> study row of the tool's settings (bench/factors.py SHIPPED, via the JSON)
+    shipped = {v["label"]: k for k, v in sel.get("shipped", {}).items()}
     if which == "worlds":
         cols = [
             ("fixed reference, CRN (K=256)", "ref-crn-256|all/none|identity"),
             ("fixed reference, per-clip draws (K=256)", "ref-per-clip-256|all/none|identity"),
             ("unprojected loss, CRN, K=8, grad-dot", "loss-sis-8|all/none|identity"),
             *[(f"tool: {k.split('|', 1)[1]}", k) for k in worlds[next(iter(worlds))]["rows"] if k.startswith("product|")],
-            *[(f"{label}: {_key(k)}", k) for label, k in SHIPPED.items()],
+            *[(f"{label}: {_key(k)}", k) for label, k in shipped.items()],
         ]  # fmt: skip
         print("| world | " + " | ".join(c for c, _ in cols) + " | random (mean ± sd) |")
         print("|---|" + "---|" * len(cols) + "---|")
@@ -75,7 +66,7 @@ def factors(which: str = "worlds") -> None:
             print(f"- **{name}**: {w['description']}{cost}")
     elif which == "parts":
         # LDS = common factor + query-specific part (evaluate.lds): the part that tells queries apart
-        keys = [("fixed reference, CRN (K=256)", "ref-crn-256|all/none|identity"), *SHIPPED.items()]
+        keys = [("fixed reference, CRN (K=256)", "ref-crn-256|all/none|identity"), *shipped.items()]
         print(
             "| world | query-gt correlation | "
             + " | ".join(f"{c}: query-specific / common factor" for c, _ in keys)
@@ -110,7 +101,7 @@ def factors(which: str = "worlds") -> None:
             cells = " | ".join(f"{d[w]:+.3f}" for w in sel["worlds"])
             ratio = ", ".join(f"{row['ratios'][w]:.2f}×" for w in sig)
             qs = row.get("query_specific_min")
-            label = next((lab for lab, k in SHIPPED.items() if k == key), None)
+            label = next((lab for lab, k in shipped.items() if k == key), None)
             name = f"**{label}**: {_key(key)}" if label else _key(key)
             print(
                 f"| {name} | {row['min_diff_to_reference']:+.3f} ({_short(worst)}) | "
