@@ -1,0 +1,78 @@
+"""`evaluate`'s config and the smallest study it accepts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from carv_attrib.config.checks import check_choice, check_min
+from carv_attrib.config.options import (
+    StageConfig,
+    density_option,
+    device_option,
+    model_option,
+    option,
+    run_argument,
+    seed_option,
+)
+from carv_attrib.errors import UsageError
+
+MIN_EVAL_TRAIN, MIN_EVAL_QUERIES, MIN_EVAL_SUBSETS = 8, 2, 8
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(StageConfig):
+    """`evaluate`: LDS of featurize settings on RUN, by retraining MODEL on random halves of its clips."""
+
+    run: Path = run_argument("Run directory with a latent cache (from encode).")
+    model: str = model_option(help="Wan2.1 model whose transformer is the shared init of every retraining.")
+    variant: list[str] = option(
+        flags=("--variant",),
+        default_factory=lambda: ["default", "iid"],
+        help="Setting(s) to score (repeatable): default, iid, stratified, identity, cosine, normalize, trak, "
+        "kron-8x8, kron-32x32, all-linear, loss, sqnorm, K4, K32; the fixed reference (training loss, all parameters, "
+        "unprojected; small models only): exact-crn-8, exact-per-clip-8, exact-crn-256, exact-per-clip-256, "
+        "exact-crn-256-cosine, exact-crn-256-adam.",
+    )
+    queries: int = option(8, help="Clips of RUN held out as queries (seeded choice).")
+    subsets: int = option(16, help="Random halves of the training clips, one retrained model each.")
+    steps: int = option(50, help="Fine-tuning steps of the full model and of every subset model.")
+    lr: float = option(1e-3, help="Learning rate of the retrainings.")
+    optimizer: str = option("adamw", help="adamw | sgd.")
+    full_batch: bool = option(
+        False, help="Every training clip at every step (deterministic: models differ by their data only)."
+    )
+    train_seeds: int = option(
+        1,
+        help="Models per subset (training seeds), their query losses averaged: tames minibatch order noise.",
+    )
+    density: str = density_option(
+        help="p(σ) the model was trained with: of the retrainings, the ground-truth loss, the reference and the "
+        "settings' draws."
+    )
+    gt_draws: int = option(64, help="Fixed draws of each query's ground-truth loss.")
+    replicates: int = option(3, help="Projection and estimator seeds per setting (the CI covers them).")
+    ground_truth: Path | None = option(
+        None,
+        help="JSON of measured subset outputs instead of retraining: {queries: [vid], subsets: [[vid]], "
+        "gt_values: [[M x Q]]} (−loss, larger = helped).",
+    )
+    out: Path = option(Path("evaluation.json"), flags=("--out", "-o"), help="The evaluation JSON to write.")
+    plot: Path | None = option(None, help="PNG: LDS with its 95 % CI per setting.")
+    seed: int = seed_option()
+    device: str = device_option()
+    workers: int = option(2, help="Processes for the retrainings (one torch thread each, on the CPU).")
+
+    def validate(self) -> EvaluateConfig:
+        check_min("--queries", self.queries, MIN_EVAL_QUERIES)
+        check_min("--subsets", self.subsets, MIN_EVAL_SUBSETS)
+        check_min("--steps", self.steps, 1)
+        check_min("--gt-draws", self.gt_draws, 1)
+        check_min("--replicates", self.replicates, 1)
+        check_min("--train-seeds", self.train_seeds, 1)
+        check_choice("--optimizer", self.optimizer, ("adamw", "sgd"))
+        if self.lr <= 0:
+            raise UsageError(f"--lr {self.lr}: must be > 0")
+        if not self.variant:
+            raise UsageError("--variant: give at least one setting")
+        return self

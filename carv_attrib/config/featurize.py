@@ -1,0 +1,168 @@
+"""`featurize`'s and `index`'s configs (featurize also takes index's options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from carv_attrib.choices import (
+    DTYPES,
+    MATRIX_KINDS,
+    NOISE_MODES,
+    OBJECTIVES,
+    OUTPUT_FNS,
+    PRECONDITIONERS,
+    PROJECTORS,
+    SCHEMES,
+)
+from carv_attrib.config.checks import check_choice, check_distribution, check_min, parse_kron_dims
+from carv_attrib.config.options import (
+    DEFAULT_KRON_DIMS,
+    DEFAULT_LAYERS,
+    DEFAULT_PRECONDITION,
+    StageConfig,
+    batch_clips_option,
+    density_option,
+    device_option,
+    draws_option,
+    dry_run_option,
+    dtype_option,
+    executor_option,
+    model_option,
+    option,
+    output_fn_option,
+    overwrite_option,
+    parts_option,
+    ray_address_option,
+    run_argument,
+    seed_option,
+    shard_option,
+    timesteps_option,
+)
+from carv_attrib.errors import UsageError
+
+
+@dataclass(kw_only=True)
+class IndexConfig(StageConfig):
+    """`index`: preconditioner + FAISS index over RUN/features (no gradients recomputed)."""
+
+    run: Path = run_argument("Run directory with features.")
+    precondition: str = option(
+        DEFAULT_PRECONDITION,
+        help="identity (TracIn dot product) | trak ((ΦᵀΦ+λI)⁻¹) | cosine (unit norm per checkpoint block) | normalize (train ÷ ‖φ‖^0.5, query unit norm).",
+    )
+    lambda_rel: float = option(
+        1e-2,
+        flags=("--lambda",),
+        help="TRAK damping λ relative to the mean non-zero eigenvalue of ΦᵀΦ, tr/min(n, d).",
+    )
+    index_factory: str | None = option(
+        None, help="FAISS factory for large runs, e.g. IVF4096,SQ8 for 10^6 clips (default: exact Flat)."
+    )
+    nprobe: int | None = option(
+        None, help="IVF lists probed per query (default nlist/16, at least 8; widened until k hits)."
+    )
+    vector_dtype: str = option(
+        "float16",
+        help="With --index-factory: dtype of the exact vectors kept for re-ranking (float16 | float32 | none).",
+    )
+
+    def validate(self) -> IndexConfig:
+        check_choice("--precondition", self.precondition, PRECONDITIONERS)
+        check_choice("--vector-dtype", self.vector_dtype, ("float16", "float32", "none"))
+        if self.nprobe is not None:
+            check_min("--nprobe", self.nprobe, 1)
+        if self.lambda_rel <= 0:
+            raise UsageError(f"--lambda {self.lambda_rel}: must be > 0")
+        return self
+
+
+@dataclass(kw_only=True)
+class FeaturizeConfig(StageConfig):
+    """`featurize`: per-clip projected gradients, K (σ, ε) draws per cached encode."""
+
+    run: Path = run_argument("Run directory with a latent cache (from encode).")
+    model: str = model_option(help="Wan2.1 diffusers directory or Hub id (the one that encoded RUN).")
+    checkpoints: list[str] = option(
+        flags=("--checkpoint",),
+        default_factory=list,
+        help="Transformer checkpoint (dir or .safetensors); repeat for an ensemble (default: MODEL's).",
+        show_default=False,
+    )
+    draws: int = draws_option()
+    timesteps: str = timesteps_option()
+    density: str | None = density_option(
+        None,
+        help="p(σ): uniform | logit-normal:m,s | shift:k (default: the plan's density with --plan, else uniform).",
+    )
+    plan: Path | None = option(None, help="plan.json from `carv-attrib plan` (its fitted proposal q).")
+    output_fn: str = output_fn_option()
+    objective: str = option(
+        "uniform",
+        help="uniform | motion: weight the per-token loss by the clip's motion map (Motive's loss-space "
+        "motion mask; needs `encode --motion-masks`), so static background stops dominating.",
+    )
+    projector: str = option("kron", help="kron (per-layer LoGra, default) | dense (reference).")
+    proj_dim: int | None = option(
+        None,
+        help="Total feature dim per checkpoint, split over layers (default kron: --kron-dims per layer).",
+    )
+    kron_dims: str | None = option(
+        None,
+        metavar="OUTxIN",
+        help=f"kron: k_out x k_in per Linear layer (default {DEFAULT_KRON_DIMS}; D = layers x k_out x k_in).",
+    )
+    layers: list[str] = option(
+        default_factory=lambda: list(DEFAULT_LAYERS),
+        help="Glob on Linear module names (repeatable).",
+    )
+    matrix: str = option("gaussian", help="Projection entries: gaussian | rademacher.")
+    seed: int = seed_option()
+    noise: str = option("shared", help="shared (common random numbers for all clips and queries) | per-clip.")
+    antithetic: bool = option(False, flags=("--antithetic",), help="Pair draws as (ε, −ε).")
+    batch_clips: int = batch_clips_option()
+    draws_per_backward: int | None = option(
+        None,
+        help="Draws per backward pass (default: all B·K in one); fewer hold fewer activations "
+        "(one Wan2.1-1.3B draw at 17x480x832 holds ~36 GB in float32). Same features.",
+    )
+    shard_size: int = option(64, help="Clips per feature shard (the unit of resume).")
+    device: str = device_option()
+    dtype: str = dtype_option()
+    dry_run: bool = dry_run_option()
+    shard: str | None = shard_option()
+    executor: str = executor_option()
+    ray_address: str | None = ray_address_option()
+    parts: int | None = parts_option()
+    overwrite: bool = overwrite_option()
+
+    def validate(self) -> FeaturizeConfig:
+        check_choice("--timesteps", self.timesteps, SCHEMES)
+        check_choice("--output-fn", self.output_fn, OUTPUT_FNS)
+        check_choice("--objective", self.objective, OBJECTIVES)
+        check_choice("--projector", self.projector, PROJECTORS)
+        check_choice("--matrix", self.matrix, MATRIX_KINDS)
+        check_choice("--noise", self.noise, NOISE_MODES)
+        check_choice("--dtype", self.dtype, DTYPES)
+        check_min("--draws", self.draws, 1)
+        check_min("--batch-clips", self.batch_clips, 1)
+        check_min("--shard-size", self.shard_size, 1)
+        if self.draws_per_backward is not None:
+            check_min("--draws-per-backward", self.draws_per_backward, 1)
+        check_distribution(self)
+        if self.proj_dim is not None:
+            check_min("--proj-dim", self.proj_dim, 1)
+        dims = parse_kron_dims(self.kron_dims)
+        if self.projector == "kron" and self.proj_dim and dims:
+            raise UsageError("give --proj-dim (a total) or --kron-dims (per layer), not both")
+        if self.projector == "dense" and dims:
+            raise UsageError("--kron-dims applies to --projector kron only; give --proj-dim for dense")
+        if self.plan is not None and self.timesteps != "stratified-is":
+            raise UsageError(f"--plan gives a proposal for --timesteps stratified-is, not {self.timesteps}")
+        if not self.layers:
+            raise UsageError("--layers: give at least one glob")
+        return self
+
+    @property
+    def kron_shape(self) -> tuple[int, int] | None:
+        return parse_kron_dims(self.kron_dims)

@@ -1,0 +1,94 @@
+"""`score`'s config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from carv_attrib.choices import (
+    DTYPES,
+    OBJECTIVES,
+)
+from carv_attrib.config.checks import check_choice, check_min
+from carv_attrib.config.options import (
+    AGGREGATES,
+    StageConfig,
+    batch_clips_option,
+    device_option,
+    dtype_option,
+    model_option,
+    option,
+)
+from carv_attrib.errors import UsageError
+
+
+@dataclass(kw_only=True)
+class ScoreConfig(StageConfig):
+    """`score`: the training clips that shaped each query video, best first."""
+
+    queries: list[Path] = option(
+        positional=True,
+        default_factory=list,
+        help="Generated video(s) to attribute (none: the videos listed in --prompts FILE).",
+        show_default=False,
+    )
+    run: Path = option(flags=("--run", "-r"), help="Run directory with an index.")
+    prompt: str | None = option(None, flags=("--prompt", "-p"), help="The prompt of the (single) query.")
+    prompts_file: Path | None = option(
+        None, flags=("--prompts",), help="JSON {path: prompt} or CSV path,prompt: one prompt per query."
+    )
+    top_k: int | None = option(10, cli=False, help="Results per query; None: every training clip.")
+    aggregate: str = option("none", help="none | mean (mean score) | vote (majority over per-query top-k).")
+    model: str | None = model_option(
+        None, help="Wan2.1 model (default: the one recorded in RUN; checked against the index either way)."
+    )
+    device: str = device_option()
+    dtype: str | None = dtype_option(
+        None, help="Transformer compute dtype (default: the one featurize used)."
+    )
+    workers: int = option(1, help="Decoding processes (0: decode in this process).")
+    decode_timeout: float = option(120.0, help="Seconds per query before its decoder is killed.")
+    batch_clips: int = batch_clips_option()
+    nprobe: int | None = option(None, help="IVF lists probed per query (default: the index's).")
+    objective: str | None = option(
+        None,
+        help="uniform | motion: the objective the index was built with (default: the index's; another "
+        "one is refused, since queries must be featurized like the training clips).",
+    )
+    explain: bool = option(
+        False,
+        flags=("--explain",),
+        help="Split each result's score over the transformer's blocks and layers, and over timestep "
+        "strata (recomputed from the clip's cached latent: one K-draw backward per result clip; kron "
+        "features).",
+    )
+    rerank: int = option(
+        10,
+        help="With an approximate index: take R·k candidates and re-rank them exactly from the stored "
+        "vectors (0: off).",
+    )
+
+    def validate(self) -> ScoreConfig:
+        if not self.queries:
+            raise UsageError("give at least one query video (or a --prompts FILE that lists them)")
+        check_choice("--aggregate", self.aggregate, AGGREGATES)
+        if self.objective is not None:
+            check_choice("--objective", self.objective, OBJECTIVES)
+        if self.explain and self.top_k is None:
+            raise UsageError(
+                "--explain recomputes each result clip's per-stratum gradients (one K-draw backward per "
+                "clip): give --top-k N, not all"
+            )
+        if self.aggregate == "vote" and self.top_k is None:
+            raise UsageError("--aggregate vote counts each query's top k: give --top-k N, not all")
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError("--top-k must be >= 1 or 'all'")
+        if self.dtype is not None:
+            check_choice("--dtype", self.dtype, DTYPES)
+        check_min("--workers", self.workers, 0)
+        check_min("--batch-clips", self.batch_clips, 1)
+        if self.nprobe is not None:
+            check_min("--nprobe", self.nprobe, 1)
+        if self.decode_timeout <= 0:
+            raise UsageError(f"--decode-timeout {self.decode_timeout}: must be > 0 seconds")
+        return self
