@@ -15,3 +15,15 @@ PROJECTORS = ("kron", "dense")  # attrib.projection / attrib.featurizer.build_pr
 MATRIX_KINDS = ("gaussian", "rademacher")  # attrib.projection's random matrices
 PRECONDITIONERS = ("identity", "trak", "cosine", "normalize")  # attrib.precondition
 DTYPES = ("float32", "bfloat16", "float16")  # models.wan: the model's compute dtype
+
+# Choices of the CLI alone (no library dispatch), defined here too so that config holds no list of names.
+LATENT_DTYPES = ("float32", "float16")  # encode --latent-dtype: storage dtype of the cache
+VAE_TILINGS = ("auto", "on", "off")  # encode --vae-tiling
+EXECUTORS = ("local", "ray")  # encode/featurize --executor
+VECTOR_DTYPES = ("float16", "float32", "none")  # index --vector-dtype: exact vectors kept for re-ranking
+AGGREGATES = ("none", "mean", "vote")  # score --aggregate
+FORMATS = ("human", "json", "jsonl")  # --format of the commands that print results
+CURATE_METHODS = ("mean", "rank-sum", "vote")  # curate --method
+PRESETS = ("tiny", "small", "medium")  # demo --preset: the model's size
+DECODERS = ("auto", "pyav")  # frames --decoder
+OPTIMIZERS = ("adamw", "sgd")  # evaluate --optimizer (train.OPTIMIZERS)

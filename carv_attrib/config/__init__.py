@@ -21,7 +21,12 @@ validation; every public name is re-exported here.
 from __future__ import annotations
 
 from carv_attrib.choices import (
+    AGGREGATES,
+    CURATE_METHODS,
     DTYPES,
+    EXECUTORS,
+    FORMATS,
+    LATENT_DTYPES,
     MATRIX_KINDS,
     NOISE_MODES,
     OBJECTIVES,
@@ -43,16 +48,13 @@ from carv_attrib.config.encode import EncodeConfig
 from carv_attrib.config.evaluate import MIN_EVAL_QUERIES, MIN_EVAL_SUBSETS, MIN_EVAL_TRAIN, EvaluateConfig
 from carv_attrib.config.featurize import FeaturizeConfig, IndexConfig
 from carv_attrib.config.options import (
-    AGGREGATES,
     DEFAULT_KRON_DIMS,
     DEFAULT_LAYERS,
     DEFAULT_OUTPUT_FN,
     DEFAULT_PRECONDITION,
-    EXECUTORS,
-    FORMATS,
-    LATENT_DTYPES,
     StageConfig,
     batch_clips_option,
+    choice_help,
     density_option,
     device_option,
     draws_option,
@@ -73,7 +75,6 @@ from carv_attrib.config.options import (
 from carv_attrib.config.plan import PlanConfig
 from carv_attrib.config.score import ScoreConfig
 from carv_attrib.config.tools import (
-    CURATE_METHODS,
     CurateConfig,
     DemoConfig,
     FramesConfig,
@@ -116,6 +117,7 @@ __all__ = [
     "ScoreConfig",
     "StageConfig",
     "batch_clips_option",
+    "choice_help",
     "check_choice",
     "check_distribution",
     "check_min",

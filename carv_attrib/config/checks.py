@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from carv_attrib.config.options import EXECUTORS
+from carv_attrib.choices import EXECUTORS
 from carv_attrib.errors import UsageError
 
 

@@ -6,13 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from carv_attrib.choices import (
-    DTYPES,
-)
+from carv_attrib.choices import DTYPES, LATENT_DTYPES, VAE_TILINGS
 from carv_attrib.config.checks import check_choice, check_distribution, check_min, parse_size
 from carv_attrib.config.options import (
-    LATENT_DTYPES,
     StageConfig,
+    choice_help,
     device_option,
     dry_run_option,
     dtype_option,
@@ -52,14 +50,14 @@ class EncodeConfig(StageConfig):
     batch_size: int = option(4, flags=("--batch-size", "-b"), help="Clips per VAE call.")
     vae_tiling: str = option(
         "auto",
-        help="auto | on | off: tile the VAE encode (less memory, slightly different latents); auto: when "
+        help=f"{choice_help(VAE_TILINGS)}: tile the VAE encode (less memory, slightly different latents); auto: when "
         "an untiled batch would not fit in the device's free memory.",
     )
     workers: int = option(2, help="Decoding processes (0 = decode in this process).")
     device: str = device_option()
     dtype: str = dtype_option()
     latent_dtype: str = option(
-        "float32", help="Storage dtype of latents and text embeddings: float32 | float16."
+        "float32", help=f"Storage dtype of latents and text embeddings: {choice_help(LATENT_DTYPES)}."
     )
     shard_size: int = option(64, help="Clips per Parquet shard (the unit of resume).")
     motion_masks: bool = option(
@@ -109,7 +107,7 @@ class EncodeConfig(StageConfig):
     def validate(self) -> EncodeConfig:
         self.policy.validate()
         check_choice("--latent-dtype", self.latent_dtype, LATENT_DTYPES)
-        check_choice("--vae-tiling", self.vae_tiling, ("auto", "on", "off"))
+        check_choice("--vae-tiling", self.vae_tiling, VAE_TILINGS)
         check_choice("--dtype", self.dtype, DTYPES)
         check_min("--shard-size", self.shard_size, 1)
         check_min("--batch-size", self.batch_size, 1)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from carv_attrib.choices import OPTIMIZERS
 from carv_attrib.config.checks import check_choice, check_min
 from carv_attrib.config.options import (
     StageConfig,
+    choice_help,
     density_option,
     device_option,
     model_option,
@@ -38,7 +40,7 @@ class EvaluateConfig(StageConfig):
     subsets: int = option(16, help="Random halves of the training clips, one retrained model each.")
     steps: int = option(50, help="Fine-tuning steps of the full model and of every subset model.")
     lr: float = option(1e-3, help="Learning rate of the retrainings.")
-    optimizer: str = option("adamw", help="adamw | sgd.")
+    optimizer: str = option("adamw", help=f"{choice_help(OPTIMIZERS)}.")
     full_batch: bool = option(
         False, help="Every training clip at every step (deterministic: models differ by their data only)."
     )
@@ -70,7 +72,7 @@ class EvaluateConfig(StageConfig):
         check_min("--gt-draws", self.gt_draws, 1)
         check_min("--replicates", self.replicates, 1)
         check_min("--train-seeds", self.train_seeds, 1)
-        check_choice("--optimizer", self.optimizer, ("adamw", "sgd"))
+        check_choice("--optimizer", self.optimizer, OPTIMIZERS)
         if self.lr <= 0:
             raise UsageError(f"--lr {self.lr}: must be > 0")
         if not self.variant:

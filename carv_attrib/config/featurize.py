@@ -14,6 +14,7 @@ from carv_attrib.choices import (
     PRECONDITIONERS,
     PROJECTORS,
     SCHEMES,
+    VECTOR_DTYPES,
 )
 from carv_attrib.config.checks import check_choice, check_distribution, check_min, parse_kron_dims
 from carv_attrib.config.options import (
@@ -22,6 +23,7 @@ from carv_attrib.config.options import (
     DEFAULT_PRECONDITION,
     StageConfig,
     batch_clips_option,
+    choice_help,
     density_option,
     device_option,
     draws_option,
@@ -49,7 +51,16 @@ class IndexConfig(StageConfig):
     run: Path = run_argument("Run directory with features.")
     precondition: str = option(
         DEFAULT_PRECONDITION,
-        help="identity (TracIn dot product) | trak ((ΦᵀΦ+λI)⁻¹) | cosine (unit norm per checkpoint block) | normalize (train ÷ ‖φ‖^0.5, query unit norm).",
+        help=choice_help(
+            PRECONDITIONERS,
+            {
+                "identity": " (TracIn dot product)",
+                "trak": " ((ΦᵀΦ+λI)⁻¹)",
+                "cosine": " (unit norm per checkpoint block)",
+                "normalize": " (train ÷ ‖φ‖^0.5, query unit norm)",
+            },
+        )
+        + ".",
     )
     lambda_rel: float = option(
         1e-2,
@@ -64,12 +75,13 @@ class IndexConfig(StageConfig):
     )
     vector_dtype: str = option(
         "float16",
-        help="With --index-factory: dtype of the exact vectors kept for re-ranking (float16 | float32 | none).",
+        help="With --index-factory: dtype of the exact vectors kept for re-ranking "
+        f"({choice_help(VECTOR_DTYPES)}).",
     )
 
     def validate(self) -> IndexConfig:
         check_choice("--precondition", self.precondition, PRECONDITIONERS)
-        check_choice("--vector-dtype", self.vector_dtype, ("float16", "float32", "none"))
+        check_choice("--vector-dtype", self.vector_dtype, VECTOR_DTYPES)
         if self.nprobe is not None:
             check_min("--nprobe", self.nprobe, 1)
         if self.lambda_rel <= 0:
@@ -99,10 +111,13 @@ class FeaturizeConfig(StageConfig):
     output_fn: str = output_fn_option()
     objective: str = option(
         "uniform",
-        help="uniform | motion: weight the per-token loss by the clip's motion map (Motive's loss-space "
+        help=f"{choice_help(OBJECTIVES)}: weight the per-token loss by the clip's motion map (Motive's loss-space "
         "motion mask; needs `encode --motion-masks`), so static background stops dominating.",
     )
-    projector: str = option("kron", help="kron (per-layer LoGra, default) | dense (reference).")
+    projector: str = option(
+        "kron",
+        help=f"{choice_help(PROJECTORS, {'kron': ' (per-layer LoGra, default)', 'dense': ' (reference)'})}.",
+    )
     proj_dim: int | None = option(
         None,
         help="Total feature dim per checkpoint, split over layers (default kron: --kron-dims per layer).",
@@ -116,9 +131,12 @@ class FeaturizeConfig(StageConfig):
         default_factory=lambda: list(DEFAULT_LAYERS),
         help="Glob on Linear module names (repeatable).",
     )
-    matrix: str = option("gaussian", help="Projection entries: gaussian | rademacher.")
+    matrix: str = option("gaussian", help=f"Projection entries: {choice_help(MATRIX_KINDS)}.")
     seed: int = seed_option()
-    noise: str = option("shared", help="shared (common random numbers for all clips and queries) | per-clip.")
+    noise: str = option(
+        "shared",
+        help=f"{choice_help(NOISE_MODES, {'shared': ' (common random numbers for all clips and queries)'})}.",
+    )
     antithetic: bool = option(False, flags=("--antithetic",), help="Pair draws as (ε, −ε).")
     batch_clips: int = batch_clips_option()
     draws_per_backward: int | None = option(

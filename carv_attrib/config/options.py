@@ -8,11 +8,10 @@ import dataclasses
 from dataclasses import field
 from typing import Any
 
+from carv_attrib.choices import DTYPES, EXECUTORS, SCHEMES
+
 # Choices the CLI accepts: the extension axes' names live in `carv_attrib.choices`, defined once for
 # the configs and the library modules that implement them (and importable from here as before).
-LATENT_DTYPES = ("float32", "float16")
-AGGREGATES = ("none", "mean", "vote")
-FORMATS = ("human", "json", "jsonl")
 DEFAULT_LAYERS = ("blocks.*",)
 DEFAULT_KRON_DIMS = "16x16"  # = attrib.projection.DEFAULT_K_OUT x DEFAULT_K_IN
 # The training loss: the objective whose influence LDS measures, and the fixed reference's output. The
@@ -54,6 +53,13 @@ def option(
     return field(default=default, metadata=meta)
 
 
+def choice_help(choices: tuple[str, ...], notes: dict[str, str] | None = None) -> str:
+    """'a | b (note) | c': the choices in their order, each followed by its note (if any)."""
+    notes = notes or {}
+    assert set(notes) <= set(choices), sorted(set(notes) - set(choices))
+    return " | ".join(name + notes.get(name, "") for name in choices)
+
+
 # -- shared options: one definition each ---------------------------------------------------------
 def model_option(default: Any = dataclasses.MISSING, help: str | None = None) -> Any:
     return option(
@@ -87,7 +93,7 @@ def device_option(default: str = "auto") -> Any:
 
 
 def dtype_option(default: str | None = "float32", help: str | None = None) -> Any:
-    return option(default, help=help or "Model compute dtype: float32 | bfloat16 | float16.")
+    return option(default, help=help or f"Model compute dtype: {choice_help(DTYPES)}.")
 
 
 def seed_option() -> Any:
@@ -102,9 +108,6 @@ def dry_run_option() -> Any:
     )
 
 
-EXECUTORS = ("local", "ray")
-
-
 def shard_option() -> Any:
     return option(
         None,
@@ -117,7 +120,7 @@ def shard_option() -> Any:
 def executor_option() -> Any:
     return option(
         "local",
-        help="local | ray: N parts as Ray tasks (pip install 'carv-attrib[ray]'), a GPU each when the "
+        help=f"{choice_help(EXECUTORS)}: N parts as Ray tasks (pip install 'carv-attrib[ray]'), a GPU each when the "
         "cluster has them; a task whose worker dies is retried and redoes only its unfinished shard.",
     )
 
@@ -145,7 +148,7 @@ def batch_clips_option(default: int = 4) -> Any:
 
 
 def timesteps_option() -> Any:
-    return option("stratified-is", help="iid | stratified | stratified-is.")
+    return option("stratified-is", help=f"{choice_help(SCHEMES)}.")
 
 
 def run_argument(help: str) -> Any:

@@ -5,17 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from carv_attrib.choices import (
-    DTYPES,
-    OBJECTIVES,
-    OUTPUT_FNS,
-)
+from carv_attrib.choices import DTYPES, OBJECTIVES, OUTPUT_FNS
 from carv_attrib.config.checks import check_choice, check_min
 from carv_attrib.config.options import (
     DEFAULT_KRON_DIMS,
     DEFAULT_LAYERS,
     StageConfig,
     batch_clips_option,
+    choice_help,
     density_option,
     device_option,
     draws_option,
@@ -56,7 +53,7 @@ class PlanConfig(StageConfig):
     output_fn: str = output_fn_option()
     objective: str = option(
         "uniform",
-        help="uniform | motion: fit the plan for the objective you will featurize with (motion needs "
+        help=f"{choice_help(OBJECTIVES)}: fit the plan for the objective you will featurize with (motion needs "
         "`encode --motion-masks`); `featurize --plan` refuses a plan fitted for another.",
     )
     k_max: int = option(64, help="Largest K to consider.")

@@ -5,15 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from carv_attrib.choices import (
-    DTYPES,
-    OBJECTIVES,
-)
+from carv_attrib.choices import AGGREGATES, DTYPES, OBJECTIVES
 from carv_attrib.config.checks import check_choice, check_min
 from carv_attrib.config.options import (
-    AGGREGATES,
     StageConfig,
     batch_clips_option,
+    choice_help,
     device_option,
     dtype_option,
     model_option,
@@ -38,7 +35,10 @@ class ScoreConfig(StageConfig):
         None, flags=("--prompts",), help="JSON {path: prompt} or CSV path,prompt: one prompt per query."
     )
     top_k: int | None = option(10, cli=False, help="Results per query; None: every training clip.")
-    aggregate: str = option("none", help="none | mean (mean score) | vote (majority over per-query top-k).")
+    aggregate: str = option(
+        "none",
+        help=f"{choice_help(AGGREGATES, {'mean': ' (mean score)', 'vote': ' (majority over per-query top-k)'})}.",
+    )
     model: str | None = model_option(
         None, help="Wan2.1 model (default: the one recorded in RUN; checked against the index either way)."
     )
@@ -52,7 +52,7 @@ class ScoreConfig(StageConfig):
     nprobe: int | None = option(None, help="IVF lists probed per query (default: the index's).")
     objective: str | None = option(
         None,
-        help="uniform | motion: the objective the index was built with (default: the index's; another "
+        help=f"{choice_help(OBJECTIVES)}: the objective the index was built with (default: the index's; another "
         "one is refused, since queries must be featurized like the training clips).",
     )
     explain: bool = option(

@@ -5,14 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from carv_attrib.choices import (
-    PRECONDITIONERS,
-    SCHEMES,
-)
+from carv_attrib.choices import CURATE_METHODS, DECODERS, PRECONDITIONERS, PRESETS, SCHEMES
 from carv_attrib.config.checks import check_choice, check_min, parse_size
 from carv_attrib.config.options import (
     DEFAULT_PRECONDITION,
     StageConfig,
+    choice_help,
     device_option,
     draws_option,
     model_option,
@@ -32,13 +30,13 @@ class DemoConfig(StageConfig):
         Path("demo-run"), positional=True, help="Directory for the model, data, run and results."
     )
     clips: int = option(24, flags=("--clips", "-n"), help="Synthetic training clips.")
-    preset: str = option("tiny", help="Model preset: tiny | small | medium.")
+    preset: str = option("tiny", help=f"Model preset: {choice_help(PRESETS)}.")
     frames: int = option(17, help="Frames per clip, 1 + 4k.")
     size: str = option("64x64", metavar="WxH", help="Frame size WxH, multiples of 16.")
     train_steps: int = option(150, help="Flow-matching steps before attribution (0: none).")
     draws: int = draws_option()
     timesteps: str = timesteps_option()
-    precondition: str = option(DEFAULT_PRECONDITION, help="identity | trak | cosine | normalize.")
+    precondition: str = option(DEFAULT_PRECONDITION, help=f"{choice_help(PRECONDITIONERS)}.")
     plan_pilot_clips: int = option(
         4, flags=("--plan-pilot",), help="Pilot clips for `plan` (0: skip the plan; q = p)."
     )
@@ -59,7 +57,7 @@ class DemoConfig(StageConfig):
 
     def validate(self) -> DemoConfig:
         FramePolicy(frames=self.frames, width=self.width, height=self.height).validate()
-        check_choice("--preset", self.preset, ("tiny", "small", "medium"))
+        check_choice("--preset", self.preset, PRESETS)
         check_min("--clips", self.clips, 2)
         check_min("--draws", self.draws, 1)
         check_min("--train-steps", self.train_steps, 0)
@@ -71,9 +69,6 @@ class DemoConfig(StageConfig):
 
 
 # -- curate ----------------------------------------------------------------------------------------
-CURATE_METHODS = ("mean", "rank-sum", "vote")
-
-
 @dataclass(kw_only=True)
 class CurateConfig(StageConfig):
     """`curate`: many attribution JSONs -> a per-clip aggregate and a subset manifest."""
@@ -84,9 +79,16 @@ class CurateConfig(StageConfig):
     csv: Path | None = option(None, help="Also write the per-clip aggregate as CSV.")
     method: str = option(
         "mean",
-        help="mean (mean score over the queries, a clip absent from a top-k counts its score as the "
-        "query's k-th) | rank-sum (sum of ranks, absent = k+1; lower is more influential) | vote "
-        "(queries with the clip in their top-k, Motive-style).",
+        help=choice_help(
+            CURATE_METHODS,
+            {
+                "mean": " (mean score over the queries, a clip absent from a top-k counts its score as the "
+                "query's k-th)",
+                "rank-sum": " (sum of ranks, absent = k+1; lower is more influential)",
+                "vote": " (queries with the clip in their top-k, Motive-style)",
+            },
+        )
+        + ".",
     )
     top: float | None = option(None, help="Keep the top P % of the clips by the method.")
     bottom: float | None = option(
@@ -168,7 +170,9 @@ class FramesConfig(StageConfig):
     size: str = option("64x64", metavar="WxH", help="Frame size WxH, multiples of 16.")
     fps: float = option(8.0, help="Sampling rate: frame k is the frame displayed at k/fps (0 = consecutive).")
     pad_short: bool = option(False, flags=("--pad-short",), help="Repeat the last frame of a too-short clip.")
-    decoder: str = option("auto", help="auto (decord where it is right, else PyAV) | pyav.")
+    decoder: str = option(
+        "auto", help=f"{choice_help(DECODERS, {'auto': ' (decord where it is right, else PyAV)'})}."
+    )
     png: Path | None = option(None, help="Write a contact sheet of the frames taken (PNG).")
     npy: Path | None = option(None, help="Write the frames taken as uint8 (F, H, W, 3) .npy.")
     scale: int = option(1, help="Integer upscaling of the contact sheet's tiles.")
@@ -180,6 +184,6 @@ class FramesConfig(StageConfig):
 
     def validate(self) -> FramesConfig:
         self.policy.validate()
-        check_choice("--decoder", self.decoder, ("auto", "pyav"))
+        check_choice("--decoder", self.decoder, DECODERS)
         check_min("--scale", self.scale, 1)
         return self
