@@ -22,6 +22,7 @@ from carv_attrib.config.options import (
     ray_address_option,
     shard_option,
 )
+from carv_attrib.data.manifest import FORMATS as MANIFEST_FORMATS
 from carv_attrib.data.manifest import ManifestOptions
 from carv_attrib.data.video import FramePolicy
 from carv_attrib.errors import UsageError
@@ -83,7 +84,9 @@ class EncodeConfig(StageConfig):
     path_column: str | None = option(
         None, help="Manifest column of the video path (default: 'path' when present)."
     )
-    manifest_format: str | None = option(None, help="vidgen | jsonl | csv | parquet (default: by extension).")
+    manifest_format: str | None = option(
+        None, help=f"{choice_help(MANIFEST_FORMATS)} (default: by extension)."
+    )
     allow_absolute_paths: bool = option(
         False, flags=("--allow-absolute-paths",), help="Accept manifest paths outside the videos root."
     )

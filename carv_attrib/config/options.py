@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import field
 from typing import Any
 
-from carv_attrib.choices import DTYPES, EXECUTORS, SCHEMES
+from carv_attrib.choices import DTYPES, EXECUTORS, OUTPUT_FNS, SCHEMES
 
 # Choices the CLI accepts: the extension axes' names live in `carv_attrib.choices`, defined once for
 # the configs and the library modules that implement them (and importable from here as before).
@@ -80,7 +80,12 @@ def density_option(default: str | None = "uniform", help: str | None = None) -> 
 def output_fn_option() -> Any:
     return option(
         DEFAULT_OUTPUT_FN,
-        help="Output whose gradient is attributed: loss = mean((v − (ε − z))²), the training objective | sqnorm = mean(v²) (D-TRAK).",
+        help="Output whose gradient is attributed: "
+        + choice_help(
+            OUTPUT_FNS,
+            {"loss": " = mean((v − (ε − z))²), the training objective", "sqnorm": " = mean(v²) (D-TRAK)"},
+        )
+        + ".",
     )
 
 

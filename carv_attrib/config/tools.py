@@ -18,6 +18,7 @@ from carv_attrib.config.options import (
     seed_option,
     timesteps_option,
 )
+from carv_attrib.data.manifest import FORMATS as MANIFEST_FORMATS
 from carv_attrib.data.video import FramePolicy
 from carv_attrib.errors import UsageError
 
@@ -96,7 +97,9 @@ class CurateConfig(StageConfig):
     )
     threshold: float | None = option(None, help="Keep clips whose aggregate is at least this (mean, vote).")
     id_column: str = option("vid", help="Manifest column of the clip id.")
-    manifest_format: str | None = option(None, help="vidgen | jsonl | csv | parquet (default: by extension).")
+    manifest_format: str | None = option(
+        None, help=f"{choice_help(MANIFEST_FORMATS)} (default: by extension)."
+    )
 
     def validate(self) -> CurateConfig:
         check_choice("--method", self.method, CURATE_METHODS)
