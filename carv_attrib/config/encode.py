@@ -108,6 +108,9 @@ class EncodeConfig(StageConfig):
         )
 
     def validate(self) -> EncodeConfig:
+        """The frame policy, the dtypes and tiling, sizes and workers, the distribution flags, a positive
+        --decode-timeout and a --max-failure-rate in [0, 1]; returns self.
+        """
         self.policy.validate()
         check_choice("--latent-dtype", self.latent_dtype, LATENT_DTYPES)
         check_choice("--vae-tiling", self.vae_tiling, VAE_TILINGS)

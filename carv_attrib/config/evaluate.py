@@ -66,6 +66,9 @@ class EvaluateConfig(StageConfig):
     workers: int = option(2, help="Processes for the retrainings (one torch thread each, on the CPU).")
 
     def validate(self) -> EvaluateConfig:
+        """Enough queries and subsets for an LDS, positive counts, a known optimizer, --lr > 0 and at least
+        one --variant; returns self.
+        """
         check_min("--queries", self.queries, MIN_EVAL_QUERIES)
         check_min("--subsets", self.subsets, MIN_EVAL_SUBSETS)
         check_min("--steps", self.steps, 1)

@@ -80,6 +80,7 @@ class IndexConfig(StageConfig):
     )
 
     def validate(self) -> IndexConfig:
+        """A known preconditioner and vector dtype, --nprobe >= 1 and --lambda > 0; returns self."""
         check_choice("--precondition", self.precondition, PRECONDITIONERS)
         check_choice("--vector-dtype", self.vector_dtype, VECTOR_DTYPES)
         if self.nprobe is not None:
@@ -155,6 +156,9 @@ class FeaturizeConfig(StageConfig):
     overwrite: bool = overwrite_option()
 
     def validate(self) -> FeaturizeConfig:
+        """Each choice, the counts, the distribution flags, one of --proj-dim / --kron-dims (kron only),
+        --plan with stratified-is only, and at least one layer glob; returns self.
+        """
         check_choice("--timesteps", self.timesteps, SCHEMES)
         check_choice("--output-fn", self.output_fn, OUTPUT_FNS)
         check_choice("--objective", self.objective, OBJECTIVES)

@@ -165,6 +165,7 @@ class StageConfig:
     """Mixin: `validate()` returns self so configs can be built and checked in one expression."""
 
     def validate(self) -> Any:
+        """Each config overrides it to refuse bad values with a UsageError naming the flag; returns self."""
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -67,6 +67,7 @@ class PlanConfig(StageConfig):
     dtype: str = dtype_option()
 
     def validate(self) -> PlanConfig:
+        """The choices, the pilot's minimum sizes, --mix in (0, 1] and --k-max >= 1; returns self."""
         check_choice("--objective", self.objective, OBJECTIVES)
         check_choice("--output-fn", self.output_fn, OUTPUT_FNS)
         check_choice("--dtype", self.dtype, DTYPES)

@@ -69,6 +69,9 @@ class ScoreConfig(StageConfig):
     )
 
     def validate(self) -> ScoreConfig:
+        """At least one query, the choices, a number of results where --explain or vote needs one, the counts
+        and a positive --decode-timeout; returns self.
+        """
         if not self.queries:
             raise UsageError("give at least one query video (or a --prompts FILE that lists them)")
         check_choice("--aggregate", self.aggregate, AGGREGATES)

@@ -57,6 +57,7 @@ class DemoConfig(StageConfig):
         return parse_size(self.size)[1]
 
     def validate(self) -> DemoConfig:
+        """The frame policy, the preset, the counts and the choices; returns self."""
         FramePolicy(frames=self.frames, width=self.width, height=self.height).validate()
         check_choice("--preset", self.preset, PRESETS)
         check_min("--clips", self.clips, 2)
@@ -102,6 +103,9 @@ class CurateConfig(StageConfig):
     )
 
     def validate(self) -> CurateConfig:
+        """A known method, exactly one of --top / --bottom / --threshold (in range, no threshold with rank-
+        sum) and at least one attribution; returns self.
+        """
         check_choice("--method", self.method, CURATE_METHODS)
         chosen = [x for x in (self.top, self.bottom, self.threshold) if x is not None]
         if len(chosen) != 1:
@@ -126,6 +130,7 @@ class ReportConfig(StageConfig):
     frames: int = option(4, help="Frames shown per clip, evenly spaced over those encode took (0: none).")
 
     def validate(self) -> ReportConfig:
+        """--frames >= 0; returns self."""
         check_min("--frames", self.frames, 0)
         return self
 
@@ -146,6 +151,7 @@ class GenerateConfig(StageConfig):
     device: str = device_option()
 
     def validate(self) -> GenerateConfig:
+        """The frame policy, --steps >= 1, --fps > 0 and a non-empty prompt; returns self."""
         FramePolicy(frames=self.frames, height=self.height, width=self.width).validate()
         check_min("--steps", self.steps, 1)
         if self.fps <= 0:
@@ -186,6 +192,7 @@ class FramesConfig(StageConfig):
         return FramePolicy(frames=self.frames, height=h, width=w, fps=self.fps, pad_short=self.pad_short)
 
     def validate(self) -> FramesConfig:
+        """The frame policy, a known decoder and --scale >= 1; returns self."""
         self.policy.validate()
         check_choice("--decoder", self.decoder, DECODERS)
         check_min("--scale", self.scale, 1)
