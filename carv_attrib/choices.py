@@ -26,4 +26,4 @@ FORMATS = ("human", "json", "jsonl")  # --format of the commands that print resu
 CURATE_METHODS = ("mean", "rank-sum", "vote")  # curate --method
 PRESETS = ("tiny", "small", "medium")  # demo --preset: the model's size
 DECODERS = ("auto", "pyav")  # frames --decoder
-OPTIMIZERS = ("adamw", "sgd")  # evaluate --optimizer (train.OPTIMIZERS)
+OPTIMIZERS = ("adamw", "sgd")  # evaluate --optimizer, train_on_clips

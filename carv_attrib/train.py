@@ -24,12 +24,12 @@ from diffusers import WanTransformer3DModel
 from carv_attrib.carv.objective import TIMESTEP_SCALE, clip_objective
 from carv_attrib.carv.rng import clip_stream, noise, uniforms
 from carv_attrib.carv.timesteps import density as make_density
+from carv_attrib.choices import OPTIMIZERS
 from carv_attrib.data.latents import iter_cached
 from carv_attrib.models.wan import load_transformer, pad_context
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
