@@ -31,7 +31,6 @@ from carv_attrib.models.wan import load_transformer, pad_context
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class TrainConfig:
     run: Path | str  # latent cache to train on
