@@ -178,10 +178,7 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda s: Non
     if cfg.plot is not None:
         require_matplotlib()
     run = RunDir(cfg.run)
-    lat = run.require_latents()
-    check_encoder_matches(
-        cfg.model, lat["config"]["model"]["components"], lat["config"]["model"].get("source")
-    )
+    check_encoder_matches(cfg.model, run.require_latents_record().model)
     clips = list(iter_cached(run))
     problem = _file_problem(run, cfg, clips) if cfg.ground_truth else _retrained_problem(run, cfg, clips, say)
     problem.device = cfg.device
