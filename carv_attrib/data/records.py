@@ -381,3 +381,58 @@ class PlanDoc:
     @classmethod
     def read(cls, path: Path) -> PlanDoc:
         return cls.from_dict(read_json(path))
+
+
+# -- what status shows ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IndexSummary:
+    """What `carv-attrib status` shows of RUN/index/index_info.json, read from a file of any schema
+    version (an old index is shown, and marked stale, rather than refused): every key may be absent.
+    `document` is the file as stored, which status hands back whole."""
+
+    fingerprint: str | None
+    count: int | None
+    dim: int | None
+    preconditioner_kind: str | None
+    document: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IndexSummary:
+        return cls(
+            fingerprint=d.get("fingerprint"),
+            count=d.get("count"),
+            dim=d.get("dim"),
+            preconditioner_kind=(d.get("preconditioner") or {}).get("kind"),
+            document=d,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.document
+
+    @classmethod
+    def read(cls, path: Path) -> IndexSummary:
+        return cls.from_dict(read_json(path))
+
+
+@dataclass(frozen=True)
+class RunLog:
+    """RUN/run.json: every invocation (argv, versions, device, times), appended by
+    `carv_attrib.data.store.record_invocation`. Each entry is kept as stored; `command` names the verb.
+    Unknown top-level keys are ignored."""
+
+    invocations: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def last_command(self) -> str | None:
+        return self.invocations[-1].get("command") if self.invocations else None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunLog:
+        return cls(invocations=list(d.get("invocations", [])))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"invocations": self.invocations}
+
+    @classmethod
+    def read(cls, path: Path) -> RunLog:
+        return cls.from_dict(read_json(path))
