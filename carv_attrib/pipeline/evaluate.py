@@ -61,7 +61,7 @@ def _retrained_problem(
     half = len(train) // 2
     positions = np.stack([np.sort(rng.choice(len(train), half, replace=False)) for _ in range(cfg.subsets)])
     protocol = {
-        "latents": (run.latents.read_config() or {}).get("fingerprint"),
+        "latents": run.require_latents_record().fingerprint,  # run_evaluate checked it exists
         # the weights, not the path: new weights at the same path retrain, another path to them resumes
         "model": checkpoint_identity(cfg.model, None)["fingerprint"],
         "queries": [c.clip_id for c in query],
