@@ -1,4 +1,5 @@
-"""A run directory: every path of a run, its stage stores, and the typed index record.
+"""A run directory: every path of a run, its stage stores, and its documents as typed records
+(`carv_attrib.data.records`).
 
 RUN/
   run.json                      every invocation (argv, versions, device, times)
@@ -11,6 +12,7 @@ RUN/
 
 run = RunDir("runs/demo")
 run.live_latents(); run.index_info()      # the current clips (`data.live`); IndexInfo, refused when stale
+run.require_latents_record().encode       # LatentsRecord of latents/config.json: how clips were encoded
 """
 
 from __future__ import annotations

@@ -101,8 +101,14 @@ class StatusDoc:
         return d
 
 
-def stage_status(store: ShardStore, live: LiveStatus | None = None) -> StageStatus | None:
+def stage_status(store: ShardStore) -> dict[str, Any] | None:
     """Fingerprint, done shards and row statuses of one stage (None when it was never started)."""
+    st = read_stage_status(store)
+    return st.to_dict() if st is not None else None
+
+
+def read_stage_status(store: ShardStore, live: LiveStatus | None = None) -> StageStatus | None:
+    """`stage_status` as a record, with the stage's live view (computed by `status_doc`)."""
     rec = store.read_record(StageRecord)
     if rec is None:
         return None
@@ -169,8 +175,8 @@ def status_doc(run: Path | str | RunDir) -> StatusDoc:
     return StatusDoc(
         run=str(run),
         manifest_clips=manifest,
-        latents=stage_status(run.latents, lat_live),
-        features=stage_status(run.features, feat_live),
+        latents=read_stage_status(run.latents, lat_live),
+        features=read_stage_status(run.features, feat_live),
         layout_error=layout_error,
         index=index,
         invocations=len(log.invocations) if log is not None else None,
