@@ -22,12 +22,12 @@ def status(
     fmt: Format = None,
 ) -> None:
     """Show what RUN holds: stages, finished shards, clip statuses, fingerprints, index."""
-    from carv_attrib.pipeline.status import run_status
+    from carv_attrib.pipeline.status import status_doc
 
     fmt = check_format(fmt)
-    info = run_status(run)
+    doc = status_doc(run)
     if fmt != "human":
-        emit(info, fmt)
+        emit(doc.to_dict(), fmt)
         return
     table = Table(title=Text(f"run {run}"), show_lines=False)
     table.add_column("stage")
@@ -35,47 +35,44 @@ def status(
     table.add_column("shards")
     table.add_column("current clips")
     table.add_column("statuses")
-    for stage in ("latents", "features"):
-        s = info.get(stage)
+    for stage, s in (("latents", doc.latents), ("features", doc.features)):
         if s is None:
             table.add_row(stage, "-", "-", "-", "not started")
             continue
-        live = s.get("live") or {}
+        live = s.live
         if stage == "latents":
-            statuses = live.get("statuses", s["statuses"])
+            statuses = live.statuses if live is not None and live.statuses is not None else s.statuses
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
-            if s.get("decoders"):
-                kinds += (
-                    " (decoded by " + ", ".join(f"{k} {v}" for k, v in sorted(s["decoders"].items())) + ")"
-                )
-            if live.get("pending"):
-                kinds += f"; {live['pending']} not encoded yet"
+            if s.decoders:
+                kinds += " (decoded by " + ", ".join(f"{k} {v}" for k, v in sorted(s.decoders.items())) + ")"
+            if live is not None and live.pending:
+                kinds += f"; {live.pending} not encoded yet"
         else:
-            kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["statuses"].items()))
-            if live.get("to_compute"):
-                kinds = f"{live['to_compute']} clips to featurize; " + kinds
-        if live.get("superseded_rows"):
-            kinds += f"; {live['superseded_rows']} superseded rows"
-        table.add_row(
-            stage, s["fingerprint"], str(s["shards_done"]), str(live.get("clips", s["rows"])), Text(kinds)
-        )
-    idx: dict[str, Any] | None = info.get("index")
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(s.statuses.items()))
+            if live is not None and live.to_compute:
+                kinds = f"{live.to_compute} clips to featurize; " + kinds
+        if live is not None and live.superseded_rows:
+            kinds += f"; {live.superseded_rows} superseded rows"
+        clips = live.clips if live is not None else s.rows
+        table.add_row(stage, s.fingerprint, str(s.shards_done), str(clips), Text(kinds))
+    idx = doc.index
     if idx:
-        fresh = "fresh" if idx.get("fresh") else "STALE: rerun featurize"
+        fresh = "fresh" if idx.fresh else "STALE: rerun featurize"
+        sm = idx.summary  # every field may be missing from an old index: shown as - or ?
         table.add_row(
             "index",
-            str(idx.get("fingerprint", "-")),
+            sm.fingerprint or "-",
             "-",
-            str(idx.get("count", "-")),
-            f"{idx.get('preconditioner', {}).get('kind', '?')}, dim {idx.get('dim', '?')}, {fresh}",
+            str(sm.count if sm.count is not None else "-"),
+            f"{sm.preconditioner_kind or '?'}, dim {sm.dim if sm.dim is not None else '?'}, {fresh}",
         )
     else:
         table.add_row("index", "-", "-", "-", "not built")
     out_console.print(table)
-    if info.get("layout_error"):
-        out_console.print(Text(info["layout_error"]), soft_wrap=True)
-    if "manifest_clips" in info:
-        out_console.print(f"manifest: {info['manifest_clips']} clips")
+    if doc.layout_error:
+        out_console.print(Text(doc.layout_error), soft_wrap=True)
+    if doc.manifest_clips is not None:
+        out_console.print(f"manifest: {doc.manifest_clips} clips")
 
 
 @handle_errors

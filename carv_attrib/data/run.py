@@ -1,4 +1,5 @@
-"""A run directory: every path of a run, its stage stores, and the typed index record.
+"""A run directory: every path of a run, its stage stores, and its documents as typed records
+(`carv_attrib.data.records`).
 
 RUN/
   run.json                      every invocation (argv, versions, device, times)
@@ -11,26 +12,32 @@ RUN/
 
 run = RunDir("runs/demo")
 run.live_latents(); run.index_info()      # the current clips (`data.live`); IndexInfo, refused when stale
+run.require_latents_record().encode       # LatentsRecord of latents/config.json: how clips were encoded
 """
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from carv_attrib.data.live import LiveFeatures, LiveLatents, live_features, live_latents
-from carv_attrib.data.store import ShardStore, read_json, write_json_atomic
-from carv_attrib.data.video import FramePolicy
+from carv_attrib.data.records import (  # re-exported: the records lived here before data/records.py
+    INDEX_SCHEMA_VERSION,
+    EncodeFacts,
+    FeaturesRecord,
+    IndexInfo,
+    LatentsRecord,
+    StageRecord,
+)
+from carv_attrib.data.store import ShardStore
 from carv_attrib.errors import ConfigMismatchError, UsageError
 
-INDEX_SCHEMA_VERSION = 3  # 3: live_digest replaces feature_shards (content-addressed runs)
+__all__ = ["INDEX_SCHEMA_VERSION", "EncodeFacts", "IndexInfo", "RunDir"]
 
 
 class RunDir:
@@ -72,9 +79,24 @@ class RunDir:
     def index_info_path(self) -> Path:
         return self.index_dir / "index_info.json"
 
+    # -- records ----------------------------------------------------------------------------------
+    def latents_record(self) -> LatentsRecord | None:
+        """latents/config.json as a record, None before the first encode."""
+        return self.latents.read_record(LatentsRecord)
+
+    def features_record(self) -> FeaturesRecord | None:
+        """features/config.json as a record, None before the first featurize."""
+        return self.features.read_record(FeaturesRecord)
+
     # -- checks -----------------------------------------------------------------------------------
     def require_latents(self) -> dict[str, Any]:
-        """latents/config.json, or a UsageError saying to run encode first."""
+        """latents/config.json as stored (`require_latents_record` for the typed record), or a
+        UsageError saying to run encode first."""
+        self.require_latents_record()
+        return self.latents.read_config()  # type: ignore[return-value]
+
+    def require_latents_record(self) -> LatentsRecord:
+        """latents/config.json as a LatentsRecord, or a UsageError saying to run encode first."""
         cfg = self.latents.read_config()
         if cfg is None or not self.latents.done_shards():
             raise UsageError(
@@ -85,15 +107,21 @@ class RunDir:
                 f"{self.root} holds encoded parts but no committed manifest; run the same `carv-attrib "
                 "encode` once without --shard to commit them (it encodes only what a part missed)"
             )
-        return cfg
+        return LatentsRecord.from_dict(cfg)
 
     def require_features(self) -> dict[str, Any]:
-        cfg = self.features.read_config()
-        if cfg is None:
+        """features/config.json as stored (`require_features_record` for the typed record)."""
+        self.require_features_record()
+        return self.features.read_config()  # type: ignore[return-value]
+
+    def require_features_record(self) -> FeaturesRecord:
+        """features/config.json as a FeaturesRecord, or a UsageError saying to run featurize first."""
+        rec = self.features_record()
+        if rec is None:
             raise UsageError(
                 f"{self.root} has no features; run `carv-attrib featurize {self.root} ...` first"
             )
-        return cfg
+        return rec
 
     def live_latents(self) -> LiveLatents:
         """The current latent row of each committed manifest clip (`carv_attrib.data.live`)."""
@@ -148,7 +176,8 @@ class RunDir:
         info = IndexInfo.read(self.index_info_path)
         if check_fresh:
             for stage, built_from in (("latents", info.latents_fingerprint), ("features", info.fingerprint)):
-                now = (ShardStore(self.root, stage).read_config() or {}).get("fingerprint")
+                rec = ShardStore(self.root, stage).read_record(StageRecord)
+                now = rec.fingerprint if rec is not None else None
                 if now != built_from:
                     raise ConfigMismatchError(
                         f"{self.root}/index is stale: it was built from {stage} {built_from}, but "
@@ -164,98 +193,3 @@ class RunDir:
                     f"`carv-attrib index {self.root}` when features are complete)"
                 )
         return info
-
-
-@dataclass
-class EncodeFacts:
-    """How the run's clips were turned into latents: a query must be encoded the same way."""
-
-    frames: int
-    height: int
-    width: int
-    fps: float
-    pad_short: bool
-    dtype: str
-    latent_dtype: str
-    model_fingerprint: str | None  # of the VAE + text encoder + tokenizer files
-    components: dict[str, Any]  # per-component file hashes (`carv_attrib.models.identity`)
-    vae_tiling: bool = False  # the VAE encoded in tiles (`encode --vae-tiling`): queries are too
-    motion_masks: str | None = None  # the motion-map rule (`encode --motion-masks`), None: no maps
-
-    @property
-    def policy(self) -> FramePolicy:
-        """The frame policy the clips were decoded with."""
-        return FramePolicy(
-            frames=self.frames, height=self.height, width=self.width, fps=self.fps, pad_short=self.pad_short
-        )
-
-    @classmethod
-    def from_latents_config(cls, config: dict[str, Any]) -> EncodeFacts:
-        return cls(
-            frames=config["frames"],
-            height=config["height"],
-            width=config["width"],
-            fps=config["fps"],
-            pad_short=config["pad_short"],
-            dtype=config["dtype"],
-            latent_dtype=config.get("latent_dtype", "float32"),
-            model_fingerprint=config["model"].get("fingerprint"),
-            components=config["model"]["components"],
-            vae_tiling=bool(config.get("vae_tiling", False)),
-            motion_masks=config.get("motion_masks"),
-        )
-
-
-@dataclass
-class IndexInfo:
-    """Everything `score` needs to treat a query exactly like the training clips, recorded once when
-    the index is built (RUN/index/index_info.json).
-
-    draws: `DrawRule.to_dict()`; projector: the projector spec (`Projector.spec()`); preconditioner:
-    `Preconditioner.to_dict()`; blocks: feature dims per checkpoint (sum = dim).
-    """
-
-    fingerprint: str  # of the features the index was built from
-    latents_fingerprint: str
-    count: int
-    dim: int
-    blocks: list[int]
-    factory: str
-    preconditioner: dict[str, Any]
-    lambda_rel: float
-    draws: dict[str, Any]
-    output_fn: str
-    timestep: str
-    projector: dict[str, Any]
-    feature_dtype: str
-    transformers: list[str]  # fingerprints, one per checkpoint
-    checkpoints: list[str]  # labels
-    checkpoint_paths: list[str | None]  # absolute; None = MODEL's own transformer
-    model_source: str | None
-    encode: EncodeFacts
-    nprobe: int | None = None  # IVF lists probed per query (None: attrib.index.default_nprobe)
-    live_digest: str = ""  # `LiveLatents.digest()` of the clips indexed: another live set makes it stale
-    rerank_vectors: str | None = None  # dtype of index/vectors.bin (approximate indexes), None: none
-    objective: dict[str, Any] = field(default_factory=lambda: {"kind": "uniform"})  # `objective_spec`
-    created_at: str = ""
-    tool_version: str = ""
-    schema_version: int = INDEX_SCHEMA_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def write(self, path: Path) -> None:
-        write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def read(cls, path: Path) -> IndexInfo:
-        d = read_json(path)
-        if d.get("schema_version") != INDEX_SCHEMA_VERSION:
-            raise ConfigMismatchError(
-                f"{path} was written by carv-attrib {d.get('tool_version', '?')} (index schema "
-                f"{d.get('schema_version')}, this version reads {INDEX_SCHEMA_VERSION}); rebuild it with "
-                f"`carv-attrib index {path.parent.parent}`"
-            )
-        d["encode"] = EncodeFacts(**d["encode"])
-        return cls(**d)

@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +33,14 @@ from carv_attrib import __version__
 from carv_attrib.errors import ConfigMismatchError, UsageError
 
 METADATA_KEY = b"carv_attrib"
+
+
+class _Record(Protocol):
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any: ...
+
+
+R = TypeVar("R", bound=_Record)
 
 
 # Keys that record where something came from, not what it is: kept in config.json, left out of the
@@ -139,7 +147,15 @@ class ShardStore:
         return self.dir / "config.json"
 
     def read_config(self) -> dict[str, Any] | None:
+        """config.json as stored (a dict), None when the stage was never started."""
         return read_json(self.config_path) if self.config_path.exists() else None
+
+    def read_record(self, record: type[R]) -> R | None:
+        """config.json as a typed record (`carv_attrib.data.records`: StageRecord, LatentsRecord,
+        FeaturesRecord), None when the stage was never started. The record type is passed in because
+        records.py builds on this module's JSON helpers."""
+        d = self.read_config()
+        return None if d is None else record.from_dict(d)
 
     def check(self, config: dict[str, Any], overwrite: bool = False, what: str = "") -> bool:
         """Whether the stage exists with this config (True: it resumes) or will be created (False);

@@ -20,11 +20,14 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import snapshot_download
 
 from carv_attrib.errors import ConfigMismatchError, ModelLoadError
+
+if TYPE_CHECKING:  # a type only: data/ builds on models/ elsewhere, not the other way round
+    from carv_attrib.data.records import ModelRecord
 
 ENCODER_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 
@@ -167,9 +170,14 @@ def checkpoint_identity(source: str, checkpoint: str | None) -> dict[str, Any]:
     return {"checkpoint": label, "files": files, "fingerprint": fp}
 
 
-def check_encoder_matches(model: str, recorded: dict[str, Any], source: str | None = None) -> None:
-    """Refuse (exit 2) a MODEL whose VAE / text encoder / tokenizer files differ from `recorded`
-    (per-component identities as stored by encode), or that cannot be found at all."""
+def check_encoder_matches(
+    model: str, recorded: ModelRecord | dict[str, Any], source: str | None = None
+) -> None:
+    """Refuse (exit 2) a MODEL whose VAE / text encoder / tokenizer files differ from `recorded`:
+    the run's `ModelRecord` (`LatentsRecord.model`), or its per-component identities as stored by
+    encode (then `source` names where they came from), or that cannot be found at all."""
+    if not isinstance(recorded, dict):
+        recorded, source = recorded.components, recorded.source
     now = model_identity(model, tuple(recorded))["components"]
     if not any(c.get("files") for c in now.values()):
         raise ModelLoadError(

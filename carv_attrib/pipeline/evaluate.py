@@ -61,7 +61,7 @@ def _retrained_problem(
     half = len(train) // 2
     positions = np.stack([np.sort(rng.choice(len(train), half, replace=False)) for _ in range(cfg.subsets)])
     protocol = {
-        "latents": (run.latents.read_config() or {}).get("fingerprint"),
+        "latents": run.require_latents_record().fingerprint,  # run_evaluate checked it exists
         # the weights, not the path: new weights at the same path retrain, another path to them resumes
         "model": checkpoint_identity(cfg.model, None)["fingerprint"],
         "queries": [c.clip_id for c in query],
@@ -178,10 +178,7 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda s: Non
     if cfg.plot is not None:
         require_matplotlib()
     run = RunDir(cfg.run)
-    lat = run.require_latents()
-    check_encoder_matches(
-        cfg.model, lat["config"]["model"]["components"], lat["config"]["model"].get("source")
-    )
+    check_encoder_matches(cfg.model, run.require_latents_record().model)
     clips = list(iter_cached(run))
     problem = _file_problem(run, cfg, clips) if cfg.ground_truth else _retrained_problem(run, cfg, clips, say)
     problem.device = cfg.device

@@ -38,8 +38,9 @@ from carv_attrib.data.features import feature_row, feature_schema
 from carv_attrib.data.latents import read_latents
 from carv_attrib.data.live import LatentRow, LiveFeatures, LiveLatents, selection
 from carv_attrib.data.motion import check_objective_inputs, objective_spec
+from carv_attrib.data.records import PlanDoc
 from carv_attrib.data.run import RunDir
-from carv_attrib.data.store import ShardStore, fingerprint, now_iso, read_json
+from carv_attrib.data.store import ShardStore, fingerprint, now_iso
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity, resolve_source
 from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts
@@ -81,22 +82,22 @@ def read_plan_proposal(path: Path, output_fn: str, objective: str = "uniform") -
     would stay unbiased under it but could lose the variance reduction the plan promised)."""
     if not path.exists():
         raise UsageError(f"--plan {path}: no such file")
-    plan = read_json(path)
-    if "proposal" not in plan:
+    plan = PlanDoc.read(path)
+    if plan.proposal is None:
         raise UsageError(f"--plan {path}: not a plan.json from `carv-attrib plan` (no 'proposal')")
-    plan_fn = plan.get("output_fn", "loss")
+    plan_fn = plan.output_fn
     if plan_fn != output_fn:
         raise UsageError(
             f"--plan {path} was fitted for --output-fn {plan_fn}, not {output_fn}; featurize "
             f"with --output-fn {plan_fn}, or run `carv-attrib plan ... --output-fn {output_fn}`"
         )
-    plan_obj = plan.get("objective", "uniform")
+    plan_obj = plan.objective
     if plan_obj != objective:
         raise UsageError(
             f"--plan {path} was fitted for --objective {plan_obj}, not {objective}; featurize with "
             f"--objective {plan_obj}, or run `carv-attrib plan ... --objective {objective}`"
         )
-    return Proposal.from_json(plan["proposal"])
+    return Proposal.from_json(plan.proposal)
 
 
 def draw_rule(cfg: FeaturizeConfig) -> DrawRule:
@@ -218,21 +219,19 @@ def run_featurize(
     cfg.validate()
     part = parse_shard(cfg.shard)
     run = RunDir(cfg.run)
-    lat_cfg = run.require_latents()
+    lat = run.require_latents_record()
     live = run.live_latents()
     if live.pending:
         raise UsageError(
             f"{len(live.pending)} clips of {run}'s manifest have no latents (e.g. {live.pending[0]}): "
             f"an encode was interrupted; rerun the same `carv-attrib encode` first"
         )
-    check_encoder_matches(
-        cfg.model, lat_cfg["config"]["model"]["components"], lat_cfg["config"]["model"].get("source")
-    )
-    check_objective_inputs(cfg.objective, lat_cfg["config"], run)
+    check_encoder_matches(cfg.model, lat.model)
+    check_objective_inputs(cfg.objective, lat.config, run)
     rule = draw_rule(cfg)
     featurizer, checkpoints = _load(cfg, rule)
     ckpt_ids = [checkpoint_identity(cfg.model, ck) for ck in checkpoints]
-    config = _features_identity(cfg, lat_cfg["fingerprint"], ckpt_ids, rule, featurizer.projectors[0].spec())
+    config = _features_identity(cfg, lat.fingerprint, ckpt_ids, rule, featurizer.projectors[0].spec())
     store = run.features
     resumes = store.check(config, overwrite=cfg.overwrite, what="featurize")
     if index_check is not None:

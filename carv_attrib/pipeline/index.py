@@ -31,18 +31,21 @@ from carv_attrib.attrib.precondition import Preconditioner, fit_preconditioner
 from carv_attrib.attrib.rerank import VectorStore
 from carv_attrib.config import IndexConfig
 from carv_attrib.data.features import feature_ids, iter_feature_blocks
-from carv_attrib.data.run import EncodeFacts, IndexInfo, RunDir
+from carv_attrib.data.live import LiveLatents
+from carv_attrib.data.records import FeaturesRecord, IndexInfo, LatentsRecord
+from carv_attrib.data.run import RunDir
 from carv_attrib.data.store import now_iso
 from carv_attrib.errors import ConfigMismatchError, UsageError
 
 __all__ = ["IndexConfig", "build_run_index"]
 
 
-def _check_features_current(run: RunDir, fcfg: dict, lat: dict) -> None:
-    if fcfg["config"].get("latents") != lat.get("fingerprint"):
+def _check_features_current(run: RunDir, feats: FeaturesRecord, lat: LatentsRecord | None) -> None:
+    now = lat.fingerprint if lat is not None else None
+    if feats.latents != now:
         raise ConfigMismatchError(
-            f"{run}/features were computed from latents {fcfg['config'].get('latents')}, but {run}/latents "
-            f"now holds {lat.get('fingerprint')} (re-encoded since); rerun `carv-attrib featurize {run} "
+            f"{run}/features were computed from latents {feats.latents}, but {run}/latents "
+            f"now holds {now} (re-encoded since); rerun `carv-attrib featurize {run} "
             "--overwrite ...` before indexing"
         )
 
@@ -68,25 +71,13 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
     features, features older than the latents, or a bad factory."""
     cfg.validate()
     run = RunDir(cfg.run)
-    fcfg = run.require_features()
-    lat = run.latents.read_config() or {}
-    _check_features_current(run, fcfg, lat)
+    frec = run.require_features_record()
+    lat = run.latents_record()
+    _check_features_current(run, frec, lat)
     prov = run.features.read_provenance() or {}
-
     live = run.live_latents()
-    feats = run.live_features(live)
-    if not feats.complete:
-        raise UsageError(
-            f"{run}/features lacks {len(feats.missing)} of the run's {len(live.ok())} clips (e.g. "
-            f"{feats.missing[0][1]}): they were added or changed since; run `carv-attrib featurize {run} ...`"
-        )
-    sel = feats.ok_selection()  # one snapshot for every pass, even if a featurize run is adding shards
-    ids = feature_ids(run, sel)  # (n,) int64, one per live clip
-    if ids.size == 0:
-        raise UsageError(f"{run} holds no ok features; run featurize first")
-    feats_cfg = fcfg["config"]
-    n_ckpt = len(feats_cfg["transformers"])
-    blocks = prov.get("blocks") or [int(feats_cfg["projector"]["dim"])] * n_ckpt  # one per checkpoint
+    sel, ids = _live_snapshot(run, live)
+    blocks = frec.blocks(prov)  # one per checkpoint
     dim = sum(blocks)
     try:
         index = new_index(dim, cfg.index_factory, use_gpu)  # a bad factory is refused before any pass
@@ -101,57 +92,70 @@ def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
         )
         if not index.is_trained:
             train_index(index, _train_sample(run, sel, ids.size, dim, pre), cfg.index_factory)
-        keep = cfg.index_factory is not None and cfg.vector_dtype != "none"
-
-        def added() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            for ids_s, feats_s in iter_feature_blocks(run, sel):
-                psi = pre.prepare_train(feats_s)  # (n_s, D) preconditioned
-                add_vectors(index, ids_s, psi)
-                yield ids_s, psi
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-
-    lat_config = lat.get("config", {})
-    info = IndexInfo(
-        fingerprint=fcfg["fingerprint"],
-        latents_fingerprint=lat.get("fingerprint"),
-        count=int(ids.size),
-        dim=int(dim),
-        blocks=blocks,
-        factory=cfg.index_factory or "Flat",
-        preconditioner=pre.to_dict(),
-        lambda_rel=cfg.lambda_rel,
-        nprobe=cfg.nprobe,
-        live_digest=live.digest(),
-        rerank_vectors=cfg.vector_dtype if keep else None,
-        draws=feats_cfg["draws"],
-        output_fn=feats_cfg["output_fn"],
-        objective=feats_cfg.get("objective", {"kind": "uniform"}),
-        timestep=feats_cfg["timestep"],
-        projector=feats_cfg["projector"],
-        feature_dtype=feats_cfg["dtype"],
-        transformers=feats_cfg["transformers"],
-        checkpoints=prov.get("checkpoints") or [],
-        checkpoint_paths=prov.get("checkpoint_paths") or [None] * n_ckpt,
-        model_source=lat_config.get("model", {}).get("source"),
-        encode=EncodeFacts.from_latents_config(lat_config),
-        created_at=now_iso(),
-        tool_version=__version__,
+    keep = cfg.index_factory is not None and cfg.vector_dtype != "none"
+    choices = {
+        "factory": cfg.index_factory or "Flat",
+        "preconditioner": pre.to_dict(),
+        "lambda_rel": cfg.lambda_rel,
+        "nprobe": cfg.nprobe,
+        "rerank_vectors": cfg.vector_dtype if keep else None,
+    }
+    info = IndexInfo.from_records(
+        lat, frec, prov, choices, int(ids.size), live.digest(), now_iso(), __version__
     )
     with run.index_swap() as tmp:
-        try:
-            if keep:  # one streamed pass adds the vectors and writes their exact copies
-                VectorStore.write(tmp, added(), dim, cfg.vector_dtype)
-            else:
-                for _ in added():
-                    pass
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
+        _add_all(run, sel, index, pre, tmp, dim, cfg.vector_dtype if keep else None)
         assert index.ntotal == ids.size, (index.ntotal, ids.size)  # every pass saw the same shards
         save_index(index, tmp / run.faiss_path.name)
         pre.save(tmp / run.preconditioner_dir.name)
         info.write(tmp / run.index_info_path.name)
     return info
+
+
+def _live_snapshot(run: RunDir, live: LiveLatents) -> tuple[dict[int, list[int]], np.ndarray]:
+    """The live features' selection (one snapshot for every pass, even if a featurize run is adding
+    shards) and their ids (n,) int64; UsageError when features are missing or none is ok."""
+    feats = run.live_features(live)
+    if not feats.complete:
+        raise UsageError(
+            f"{run}/features lacks {len(feats.missing)} of the run's {len(live.ok())} clips (e.g. "
+            f"{feats.missing[0][1]}): they were added or changed since; run `carv-attrib featurize {run} ...`"
+        )
+    sel = feats.ok_selection()
+    ids = feature_ids(run, sel)  # one per live clip
+    if ids.size == 0:
+        raise UsageError(f"{run} holds no ok features; run featurize first")
+    return sel, ids
+
+
+def _add_all(
+    run: RunDir,
+    sel: dict[int, list[int]],
+    index: Any,
+    pre: Preconditioner,
+    out: Path,
+    dim: int,
+    vector_dtype: str | None,
+) -> None:
+    """One streamed pass adding the preconditioned vectors to `index`, writing their exact copies
+    (`VectorStore`, into `out`) when vector_dtype is given."""
+
+    def added() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for ids_s, feats_s in iter_feature_blocks(run, sel):
+            psi = pre.prepare_train(feats_s)  # (n_s, D) preconditioned
+            add_vectors(index, ids_s, psi)
+            yield ids_s, psi
+
+    try:
+        if vector_dtype is not None:
+            VectorStore.write(out, added(), dim, vector_dtype)
+        else:
+            for _ in added():
+                pass
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def precheck_index(cfg: IndexConfig, dim: int, n: int) -> None:

@@ -51,7 +51,8 @@ from carv_attrib.carv.timesteps import Density, Proposal, density
 from carv_attrib.config import DEFAULT_PRECONDITION, PlanConfig
 from carv_attrib.data.latents import CachedClip, iter_cached
 from carv_attrib.data.motion import check_objective_inputs, objective_spec
-from carv_attrib.data.run import EncodeFacts, RunDir
+from carv_attrib.data.records import LatentsRecord
+from carv_attrib.data.run import RunDir
 from carv_attrib.data.store import now_iso, write_json_atomic
 from carv_attrib.data.video import ClipFailure
 from carv_attrib.errors import UsageError
@@ -78,14 +79,14 @@ def scheme_name(scheme: str, antithetic: bool) -> str:
 
 
 def reencode_cost(
-    run: RunDir, model: str, clip_ids: list[int], lat_config: dict[str, Any], device: str
+    run: RunDir, model: str, clip_ids: list[int], lat: LatentsRecord, device: str
 ) -> float | None:
     """Median seconds per clip of a timed re-encode of the pilot clips (decode + VAE + text; each clip
     twice), measured in this process like c_draw, so the two costs are comparable. None when the
     videos are gone."""
     rows = {r["clip_id"]: r for r in pq.read_table(run.manifest_table).to_pylist()}
     # the training clips' encoder: the flow (when recorded) and VAE tiling are encode's cost too
-    encoder = ClipEncoder.load(model, EncodeFacts.from_latents_config(lat_config["config"]), device=device)
+    encoder = ClipEncoder.load(model, lat.encode, device=device)
     seconds = []
     try:
         for _ in range(2):  # the median of per-clip times: one slow call on a loaded machine does not count
@@ -357,17 +358,15 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
     fit, each scheme's replicates)."""
     cfg.validate()
     run = RunDir(cfg.run)
-    lat = run.require_latents()
+    lat = run.require_latents_record()
     try:
         p = density(cfg.density)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if cfg.plot is not None:
         require_matplotlib()  # before the pilot, not after it
-    check_encoder_matches(
-        cfg.model, lat["config"]["model"]["components"], lat["config"]["model"].get("source")
-    )
-    check_objective_inputs(cfg.objective, lat["config"], run)
+    check_encoder_matches(cfg.model, lat.model)
+    check_objective_inputs(cfg.objective, lat.config, run)
     clips = _pilot_clips(run, cfg.pilot_clips)
     progress("start", {"todo": 2 + len(SCHEMES) + 4})  # + the ranking pilot's K = 1, 2, 4, 8 (usually)
     c_enc = reencode_cost(run, cfg.model, [c.clip_id for c in clips], lat, cfg.device)
@@ -406,7 +405,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
         "tool_version": __version__,
         "created_at": now_iso(),
         "run": str(run),
-        "model": {"source": cfg.model, "latents_fingerprint": lat["fingerprint"]},
+        "model": {"source": cfg.model, "latents_fingerprint": lat.fingerprint},
         "projector": featurizer.projectors[0].spec(),
         "density": p.spec,
         "output_fn": cfg.output_fn,

@@ -41,7 +41,8 @@ from carv_attrib.data.latents import read_latents
 from carv_attrib.data.live import selection
 from carv_attrib.data.manifest import clip_id_for, read_text_file
 from carv_attrib.data.motion import check_rule
-from carv_attrib.data.run import IndexInfo, RunDir
+from carv_attrib.data.records import IndexInfo
+from carv_attrib.data.run import RunDir
 from carv_attrib.data.store import now_iso
 from carv_attrib.errors import UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodeFailure
