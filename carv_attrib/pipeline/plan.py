@@ -29,7 +29,6 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,7 @@ from carv_attrib.models.clip_encoder import ClipEncoder
 from carv_attrib.models.identity import check_encoder_matches
 from carv_attrib.models.wan import pad_context
 from carv_attrib.optional import require_matplotlib
+from carv_attrib.pipeline._job import ProgressFn, noop, record
 
 log = logging.getLogger(__name__)
 
@@ -191,13 +191,6 @@ def _pilot_clips(run: RunDir, n: int) -> list[CachedClip]:
     return clips
 
 
-ProgressFn = Callable[[str, dict[str, Any]], None]
-
-
-def _noop(event: str, info: dict[str, Any]) -> None:
-    pass
-
-
 def _fit_proposal(
     featurizer: Featurizer, clips: list[CachedClip], cfg: PlanConfig, p: Density
 ) -> tuple[Proposal, dict[str, Any]]:
@@ -221,7 +214,7 @@ def _scheme_variances(
     cfg: PlanConfig,
     p: Density,
     proposal: Proposal,
-    progress: ProgressFn = _noop,
+    progress: ProgressFn = noop,
 ) -> tuple[dict[str, dict[str, float]], float]:
     """Within-encode variances per draw of each scheme (`replicate_variance`), and c_draw: the median
     seconds per draw over every replicate run (stable under a loaded machine)."""
@@ -274,7 +267,7 @@ def ranking_draws(
     precondition: str,
     k_max: int,
     batch_clips: int = 4,
-    progress: ProgressFn = _noop,
+    progress: ProgressFn = noop,
 ) -> dict[str, Any]:
     """The fewest K in 1, 2, 4, … ≤ k_max at which two estimator seeds rank the clips alike.
 
@@ -351,10 +344,14 @@ def _recommend(
     }
 
 
-def run_plan(cfg: PlanConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
+def run_plan(cfg: PlanConfig, progress: ProgressFn = noop) -> dict[str, Any]:
     """Run the pilot and write plan.json (and the PNG with cfg.plot); returns the plan document.
     `progress("start", {"todo"})`, then one "clip" event per pilot step (re-encode timing, proposal
-    fit, each scheme's replicates)."""
+    fit, each scheme's replicates). The document's `recommended.featurize_options` are the featurize
+    options that apply the recommendation ({"timesteps", "draws", then "antithetic", "output_fn",
+    "plan" or "density" where they differ from featurize's defaults}). The invocation is recorded
+    in RUN/run.json."""
+    started = time.monotonic()
     cfg.validate()
     run = RunDir(cfg.run)
     lat = run.require_latents()
@@ -434,10 +431,32 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
         "schemes": _ecm_table(variances, costs, cfg.k_max),
         "recommended": _recommend(variances, costs, cfg.k_max, ranking),
     }
+    plan["recommended"]["featurize_options"] = featurize_options(plan, cfg.out)
     write_json_atomic(Path(cfg.out), plan)
     if cfg.plot is not None:
         plot_plan(plan, Path(cfg.plot))
+    record(
+        cfg.run, "plan", device=cfg.device, started=started, out=str(cfg.out), recommended=plan["recommended"]
+    )
     return plan
+
+
+def featurize_options(plan: dict[str, Any], out: Path | str) -> dict[str, Any]:
+    """The `featurize` options that apply a plan's recommendation, in flag order: the scheme and K,
+    then only what differs from featurize's defaults (antithetic pairs, a non-loss output function,
+    and p(σ): `plan` (the plan.json at `out`, which carries q and its density) for stratified-is,
+    else a non-uniform `density`)."""
+    r = plan["recommended"]
+    opts: dict[str, Any] = {"timesteps": r["scheme"], "draws": r["draws"]}
+    if r["antithetic"]:
+        opts["antithetic"] = True
+    if plan["output_fn"] != "loss":
+        opts["output_fn"] = plan["output_fn"]
+    if r["scheme"] == "stratified-is":
+        opts["plan"] = str(out)
+    elif plan["density"] != "uniform":
+        opts["density"] = plan["density"]
+    return opts
 
 
 def plot_plan(plan: dict[str, Any], path: Path) -> None:
