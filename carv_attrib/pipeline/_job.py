@@ -66,3 +66,41 @@ def record(
         record_invocation(Path(run), entry)
     except OSError:
         log.warning("could not append to %s/run.json", run)
+
+
+def run_in_parts(
+    stage: Callable[..., Any],
+    cfg: Any,
+    prepare: Callable[[], None],
+    part_info: Callable[[Any], dict[str, Any]],
+    merge: Callable[[Any, list[Any]], None],
+    progress: ProgressFn = noop,
+) -> Any:
+    """`--executor ray` for a stage: its N parts (`--shard I/N`, N = cfg.parts or one per GPU/node)
+    run as Ray tasks (`ray_exec.run_parts`), then a local pass of `stage` does what a part could not.
+
+    cfg: the stage config, its paths already absolute (workers on other nodes start elsewhere);
+    prepare(): creates the stage on disk, inside the Ray session (an unreachable cluster is refused
+    before any write); part_info(summary): the counts of a finished part's "part" event;
+    merge(final, parts): folds the parts' summaries into the final pass's. Returns the final summary
+    with `seconds` of the whole. Raises UsageError (exit 2) when Ray is missing or unreachable.
+    """
+    import dataclasses
+
+    from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts
+
+    t0 = time.monotonic()
+    with ray_session(cfg.ray_address) as ray:
+        prepare()
+        n = cfg.parts or default_parts(ray)
+        parts = [
+            dataclasses.replace(cfg, shard=f"{i}/{n}", executor="local", overwrite=False) for i in range(n)
+        ]
+        progress("parts", {"parts": n})
+        done = run_parts(
+            stage, parts, ray, on_done=lambda i, s: progress("part", {"part": i, **part_info(s)})
+        )
+    final = stage(dataclasses.replace(cfg, executor="local", overwrite=False), progress)
+    merge(final, done)
+    final.seconds = round(time.monotonic() - t0, 3)
+    return final

@@ -44,8 +44,7 @@ from carv_attrib.errors import PartialRun
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodedClip, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity, resolve_source
 from carv_attrib.models.wan import WanModel, load_wan, vae_tiling_decision
-from carv_attrib.pipeline._job import ProgressFn, noop, record
-from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts
+from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
 
 log = logging.getLogger(__name__)
 
@@ -414,38 +413,32 @@ def _encode(cfg: EncodeConfig, progress: ProgressFn = noop) -> EncodeSummary:
 def _encode_with_ray(
     cfg: EncodeConfig, run: RunDir, config: dict[str, Any], progress: ProgressFn
 ) -> EncodeSummary:
-    t0 = time.monotonic()
-    """`--executor ray`: the stage is created here, its N parts run as Ray tasks (`ray_exec`), then a
-    local pass finds their rows, encodes whatever a part could not, and commits the manifest."""
-    # Workers on other nodes start in another directory: every path they get is absolute.
+    """`--executor ray`: the stage is created here, its N parts run as Ray tasks (`run_in_parts`), then
+    a local pass finds their rows, encodes whatever a part could not, and commits the manifest."""
+    # Workers on other nodes start in another directory: every path they get is absolute. The
+    # driver's tiling decision goes to every part: an `auto` on another machine could differ.
     cfg = dataclasses.replace(
         cfg,
         manifest=Path(cfg.manifest).resolve(),
         videos=Path(cfg.videos).resolve(),
         run=Path(cfg.run).resolve(),
         model=resolve_source(cfg.model),
+        vae_tiling="on" if config.get("vae_tiling") else "off",
     )
-    with ray_session(cfg.ray_address) as ray:  # an unreachable cluster is refused before any write
+
+    def prepare() -> None:
         run.root.mkdir(parents=True, exist_ok=True)
         run.latents.prepare(config, overwrite=cfg.overwrite, what="encode")
-        n = cfg.parts or default_parts(ray)
-        # the driver's tiling decision for every part: an `auto` on another machine could differ
-        cfg = dataclasses.replace(cfg, vae_tiling="on" if config.get("vae_tiling") else "off")
-        parts = [
-            dataclasses.replace(cfg, shard=f"{i}/{n}", executor="local", overwrite=False) for i in range(n)
-        ]
-        progress("parts", {"parts": n})
-        done = run_parts(
-            _encode, parts, ray, on_done=lambda i, s: progress("part", {"part": i, "encoded": s.encoded})
-        )
-    final = _encode(dataclasses.replace(cfg, executor="local", overwrite=False), progress)
-    # The parts' counts partition the clips (each part plans its own); the final pass adds what a
-    # part missed (its "resumed" are the parts' work, not new).
-    final.changes = {k: sum(p.changes[k] for p in done) for k in final.changes}
-    final.changes["to_encode"] += final.encoded
-    final.encoded += sum(p.encoded for p in done)
-    final.shards_written += sum(p.shards_written for p in done)
-    final.seconds = round(time.monotonic() - t0, 3)
+
+    def merge(final: EncodeSummary, done: list[EncodeSummary]) -> None:
+        # The parts' counts partition the clips (each part plans its own); the final pass adds what a
+        # part missed (its "resumed" are the parts' work, not new).
+        final.changes = {k: sum(p.changes[k] for p in done) for k in final.changes}
+        final.changes["to_encode"] += final.encoded
+        final.encoded += sum(p.encoded for p in done)
+        final.shards_written += sum(p.shards_written for p in done)
+
+    final = run_in_parts(_encode, cfg, prepare, lambda s: {"encoded": s.encoded}, merge, progress)
     final.clips_per_s = round(final.encoded / final.seconds, 3) if final.encoded else 0.0
     return final
 

@@ -43,9 +43,8 @@ from carv_attrib.data.run import IndexInfo, RunDir
 from carv_attrib.data.store import ShardStore, fingerprint, now_iso, read_json
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity, resolve_source
-from carv_attrib.pipeline._job import ProgressFn, noop, record
+from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
 from carv_attrib.pipeline.index import build_run_index, index_config_keeping, precheck_index
-from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts
 
 log = logging.getLogger(__name__)
 
@@ -350,9 +349,8 @@ def _featurize_with_ray(
     progress: ProgressFn,
     changes: dict[str, int],
 ) -> FeaturizeSummary:
-    t0 = time.monotonic()
-    """`--executor ray`: the stage is created here, its N parts run as Ray tasks (`ray_exec`), then a
-    local pass computes whatever a part could not and reports the run."""
+    """`--executor ray`: the stage is created here, its N parts run as Ray tasks (`run_in_parts`),
+    then a local pass computes whatever a part could not and reports the run."""
     # Workers on other nodes start in another directory: every path they get is absolute.
     cfg = dataclasses.replace(
         cfg,
@@ -361,24 +359,20 @@ def _featurize_with_ray(
         plan=None if cfg.plan is None else Path(cfg.plan).resolve(),
         checkpoints=[str(Path(c).resolve()) if Path(c).exists() else c for c in cfg.checkpoints],
     )
-    with ray_session(cfg.ray_address) as ray:  # an unreachable cluster is refused before any write
-        store.prepare(config, overwrite=cfg.overwrite, what="featurize")
-        n = cfg.parts or default_parts(ray)
-        parts = [
-            dataclasses.replace(cfg, shard=f"{i}/{n}", executor="local", overwrite=False) for i in range(n)
-        ]
-        progress("parts", {"parts": n})
-        done = run_parts(
-            run_featurize,
-            parts,
-            ray,
-            on_done=lambda i, s: progress("part", {"part": i, "computed": s.computed}),
-        )
-    final = run_featurize(dataclasses.replace(cfg, executor="local", overwrite=False), progress)
-    final.changes = changes  # counted before the parts ran
-    final.computed += sum(p.computed for p in done)
-    final.shards_written += sum(p.shards_written for p in done)
-    final.seconds = round(time.monotonic() - t0, 3)
+
+    def merge(final: FeaturizeSummary, done: list[FeaturizeSummary]) -> None:
+        final.changes = changes  # counted before the parts ran
+        final.computed += sum(p.computed for p in done)
+        final.shards_written += sum(p.shards_written for p in done)
+
+    final = run_in_parts(
+        run_featurize,
+        cfg,
+        lambda: store.prepare(config, overwrite=cfg.overwrite, what="featurize"),
+        lambda s: {"computed": s.computed},
+        merge,
+        progress,
+    )
     final.clips_per_s = round(final.computed / final.seconds, 3) if final.computed else 0.0
     return final
 
