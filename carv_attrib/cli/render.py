@@ -164,3 +164,29 @@ def score_tables(doc: dict[str, Any]) -> None:
         for r in agg["results"]:
             table.add_row(str(r["rank"]), Text(str(r["vid"])), f"{r['score']:.6g}", Text(str(r["caption"])))
         out_console.print(table)
+
+
+def evaluate(doc: dict[str, Any]) -> None:
+    """An evaluate document: one LDS row per featurize setting, with the random-scores floor."""
+    p, floor = doc["protocol"], doc["random_floor"]
+    table = Table(
+        title=f"LDS on {p['train_clips']} clips, {p['queries']} queries, {p['subsets']} subsets "
+        f"(random scores {floor['mean']:.3f} ± {floor['sd']:.3f})",
+        title_justify="left",
+    )
+    for col in ("setting", "LDS", "95 % CI", "query-specific", "common factor", "draws/clip", "seconds"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for name, row in doc["settings"].items():
+        lo, hi = row["lds"].get("ci95_subsets", row["lds"]["ci95"])
+        qs = row.get("query_specific_lds", {}).get("mean")
+        cf = row.get("common_factor_lds")
+        table.add_row(
+            Text(name),
+            f"{row['lds']['mean']:.3f}",
+            f"[{lo:.3f}, {hi:.3f}]",
+            "" if qs is None else f"{qs:.3f}",
+            "" if cf is None else f"{cf:.3f}",
+            str(row["draws"]),
+            f"{row['seconds']:.0f}",
+        )
+    out_console.print(table)
