@@ -1,7 +1,9 @@
-"""What every library job shares: the progress callback type and the RUN/run.json record.
+"""What every library job shares: the progress callback type, the RUN/run.json record and the Ray
+parts driver.
 
 The stage functions (`run_encode`, `featurize_and_index`, `run_index`, `run_plan`) record their own
-invocation, so a library user gets the same provenance as the CLI.
+invocation, so a library user gets the same provenance as the CLI; `run_in_parts` is `--executor
+ray` for encode and featurize.
 """
 
 from __future__ import annotations
