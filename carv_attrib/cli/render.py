@@ -98,6 +98,9 @@ def index(info: Any) -> None:
     )
 
 
+_FLAG_ORDER = ("timesteps", "draws", "antithetic", "output_fn", "plan", "density")
+
+
 def plan(doc: dict[str, Any], draws: int, k_max: int) -> None:
     """A plan document: the costs line and ECM table on stdout, the recommended options on stderr.
     draws / k_max: the pilot's --draws and --k-max (named in the title and the advice)."""
@@ -122,9 +125,11 @@ def plan(doc: dict[str, Any], draws: int, k_max: int) -> None:
         )
     out_console.print(table)
     r = doc["recommended"]
+    opts = r["featurize_options"]  # in flag order even when read back from a key-sorted plan.json
     flags = [
-        f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}"
-        for k, v in r["featurize_options"].items()
+        f"--{k.replace('_', '-')}" if opts[k] is True else f"--{k.replace('_', '-')} {opts[k]}"
+        for k in _FLAG_ORDER
+        if k in opts
     ]
     say(f"recommended {' '.join(flags)} (ECM {r['ecm']:.2f})", style="green")
     rk = r["ranking"]
