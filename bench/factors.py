@@ -174,8 +174,9 @@ def proposal_for(world: World, output_fn: str) -> Proposal:
     path = world.root / "study" / f"proposal-{output_fn}.json"
     if path.exists():
         return Proposal.from_json(path.read_text())
+    from carv_attrib.attrib.pilot import PilotSettings, fit_proposal
     from carv_attrib.data.run import RunDir
-    from carv_attrib.pipeline.plan import _fit_proposal, _pilot_clips
+    from carv_attrib.pipeline.plan import _pilot_clips
 
     spec = world.spec
     cfg = PlanConfig(
@@ -186,9 +187,8 @@ def proposal_for(world: World, output_fn: str) -> Proposal:
         str(world.model), [None], rule, output_fn, "cpu", "float32",
         new_projector=lambda t: build_projector("kron", t, ["blocks.*"], 0),
     )  # fmt: skip
-    q, _ = _fit_proposal(
-        fz, _pilot_clips(RunDir(world.run("train")), cfg.pilot_clips), cfg, density(spec.density)
-    )
+    clips = _pilot_clips(RunDir(world.run("train")), cfg.pilot_clips)
+    q, _ = fit_proposal(fz, clips, PilotSettings.from_config(cfg), density(spec.density))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(q.to_dict()))
     return q

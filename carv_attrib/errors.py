@@ -36,3 +36,15 @@ class ConfigMismatchError(UsageError):
 
 class ModelLoadError(UsageError):
     """A model directory or Hub id that cannot be loaded. Exit 2."""
+
+
+class PartialRun(CarvError):
+    """The job finished, but too many of its items failed (encode: more failed clips than
+    --max-failure-rate allows). `summary` is the job's finished summary, for the caller to report.
+    Exit 3."""
+
+    exit_code = EXIT_PARTIAL
+
+    def __init__(self, message: str, summary: object):
+        super().__init__(message)
+        self.summary = summary

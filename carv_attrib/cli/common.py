@@ -1,8 +1,9 @@
-"""What every command shares: consoles, option definitions, error handling, run records.
+"""What every command shares: consoles, option definitions, error handling.
 
 Data goes to stdout; progress, logs and messages go to stderr. Expected errors (CarvError) are one
 line plus the fix and exit with their code (2 for usage/config mismatches); unexpected ones keep
-their traceback. Ctrl-C exits 130 after a clean stop.
+their traceback. A `PartialRun` (a job that finished with too many failures) is its one red line
+and exit 3. Ctrl-C exits 130 after a clean stop.
 """
 
 from __future__ import annotations
@@ -10,20 +11,17 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import platform
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from carv_attrib import __version__
 from carv_attrib.config import FORMATS
-from carv_attrib.errors import EXIT_INTERRUPTED, CarvError, UsageError
+from carv_attrib.errors import EXIT_INTERRUPTED, CarvError, PartialRun, UsageError
+from carv_attrib.pipeline._job import package_versions  # noqa: F401  (cli/inspect.py imports it from here)
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
@@ -93,6 +91,9 @@ def handle_errors(fn: F) -> F:
         setup_logging()
         try:
             return fn(*args, **kwargs)
+        except PartialRun as exc:  # finished, but too many items failed: the command has shown its summary
+            say(str(exc), style="bold red", error=True)
+            raise typer.Exit(exc.exit_code) from None
         except CarvError as exc:
             err_console.quiet = False  # errors are printed under --quiet too
             if state.verbose:
@@ -105,41 +106,3 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def record_run(
-    run: Path, command: str, device: str | None = None, started: float | None = None, **extra: Any
-) -> None:
-    """Append this invocation to RUN/run.json (argv, versions, device, times)."""
-    from carv_attrib.data.store import now_iso, record_invocation
-
-    entry = {
-        "command": command,
-        "argv": sys.argv,
-        "tool_version": __version__,
-        "python": platform.python_version(),
-        "versions": package_versions(
-            ("torch", "diffusers", "transformers", "faiss-cpu", "pyarrow", "decord")
-        ),
-        "host": platform.node(),
-        "device": device,
-        "finished_at": now_iso(),
-        "seconds": round(time.monotonic() - started, 3) if started is not None else None,
-        **extra,
-    }
-    try:
-        record_invocation(run, entry)
-    except OSError:  # a read-only run dir must not turn a finished job into a failure
-        logging.getLogger(__name__).warning("could not append to %s/run.json", run)
-
-
-def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for n in names:
-        try:
-            out[n] = version(n)
-        except PackageNotFoundError:
-            out[n] = None
-    return out

@@ -6,10 +6,11 @@ import time
 
 from rich.text import Text
 
-from carv_attrib.cli.common import err_console, handle_errors, record_run, say
+from carv_attrib.cli import render
+from carv_attrib.cli.common import err_console, handle_errors, say
 from carv_attrib.cli.options import stage_command
-from carv_attrib.cli.score import render_table
 from carv_attrib.config import DemoConfig
+from carv_attrib.pipeline._job import record
 
 
 @handle_errors
@@ -23,8 +24,8 @@ def demo(cfg: DemoConfig) -> None:
     result = run_demo(
         cfg.validate(), say=lambda s: err_console.print(Text.assemble(("demo", "bold cyan"), " ", s))
     )
-    record_run(cfg.out / "run", "demo", device=cfg.device, started=started, timings=result.timings)
-    render_table(result.doc)
+    record(cfg.out / "run", "demo", device=cfg.device, started=started, timings=result.timings)
+    render.score_tables(result.doc)
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items())
     say(
         f"done in {time.monotonic() - started:.0f} s ({stages}); JSON: {cfg.out}/attribution.json, "

@@ -4,42 +4,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
-from carv_attrib.cli.common import check_format, emit, handle_errors, out_console, record_run, say
+from carv_attrib.cli import render
+from carv_attrib.cli.common import check_format, emit, handle_errors, say
 from carv_attrib.cli.options import format_param, param, stage_command
 from carv_attrib.cli.progress import ClipProgress
 from carv_attrib.config import ScoreConfig, parse_top_k
 from carv_attrib.errors import EXIT_PARTIAL
-
-
-def render_table(doc: dict[str, Any]) -> None:
-    """Human tables on stdout; captions, paths and errors are shown literally (rich `Text`, no markup)."""
-    for q in doc["queries"]:
-        if q["status"] != "ok":
-            out_console.print(Text(f"{q['path']}: {q['error']}", style="red"))
-            continue
-        table = Table(title=Text(f"{q['path']} — “{q['prompt']}”"), title_justify="left")
-        table.add_column("rank", justify="right")
-        table.add_column("vid")
-        table.add_column("score", justify="right")
-        table.add_column("caption")
-        for r in q["results"]:
-            table.add_row(str(r["rank"]), Text(str(r["vid"])), f"{r['score']:.6g}", Text(str(r["caption"])))
-        out_console.print(table)
-    agg = doc.get("aggregate")
-    if agg:
-        table = Table(title=f"aggregate ({agg['method']}, {agg['queries']} queries)", title_justify="left")
-        for col in ("rank", "vid", "score", "caption"):
-            table.add_column(col)
-        for r in agg["results"]:
-            table.add_row(str(r["rank"]), Text(str(r["vid"])), f"{r['score']:.6g}", Text(str(r["caption"])))
-        out_console.print(table)
-
+from carv_attrib.pipeline._job import record
 
 TOP_K = param(
     "top_k", Annotated[str, typer.Option("--top-k", "-k", help="N or 'all' (every training clip).")], "10"
@@ -67,7 +42,7 @@ def score(cfg: ScoreConfig, top_k: str, out: Path | None, fmt: str | None) -> No
         doc = run_score(cfg, progress)
     if out is not None:
         write_json_atomic(out, doc, sort_keys=False)
-    record_run(
+    record(
         cfg.run,
         "score",
         device=cfg.device,
@@ -82,7 +57,7 @@ def score(cfg: ScoreConfig, top_k: str, out: Path | None, fmt: str | None) -> No
         lines += [fp | {"aggregate": doc["aggregate"]}] if doc.get("aggregate") else []
         emit(doc, fmt, lines)
     else:
-        render_table(doc)
+        render.score_tables(doc)
     for warning in doc.get("warnings", []):  # user text (paths) printed literally
         say(f"warning: {warning}", style="yellow")
     failed = [q for q in doc["queries"] if q["status"] != "ok"]

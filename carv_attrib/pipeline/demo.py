@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carv_attrib.config import DemoConfig, EncodeConfig, FeaturizeConfig, IndexConfig, PlanConfig, ScoreConfig
+from carv_attrib.config import DemoConfig, EncodeConfig, FeaturizeConfig, PlanConfig, ScoreConfig
 from carv_attrib.data.store import write_json_atomic
 from carv_attrib.demo_data import make_demo_data, write_mp4
 from carv_attrib.models.tiny import make_model
 from carv_attrib.pipeline.encode import run_encode
-from carv_attrib.pipeline.featurize import run_featurize
+from carv_attrib.pipeline.featurize import featurize_and_index
 from carv_attrib.pipeline.generate import generate_video
-from carv_attrib.pipeline.index import build_run_index
 from carv_attrib.pipeline.plan import run_plan
 from carv_attrib.pipeline.score import run_score
 from carv_attrib.train import TrainConfig, train_transformer
@@ -128,7 +127,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
     say(
         f"featurize: {cfg.draws} {cfg.timesteps} draws per cached encode, kron projection, {cfg.precondition} index"
     )
-    run_featurize(
+    featurize_and_index(  # the CLI's job: features, then the index (its other choices kept)
         FeaturizeConfig(
             run=run,
             model=str(model),
@@ -137,9 +136,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
             seed=cfg.seed,
             device=cfg.device,
             plan=plan_path if use_plan else None,
-        )
+        ),
+        {"precondition": cfg.precondition},
     )
-    build_run_index(IndexConfig(run=run, precondition=cfg.precondition))
     done()
     done = stage("generate")
     prompt = cfg.prompt or json.loads(manifest.read_text())[0]["caption"]

@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +40,11 @@ from carv_attrib.data.run import EncodeFacts, RunDir
 from carv_attrib.data.sources import SourcedClips
 from carv_attrib.data.store import ShardStore, fingerprint, now_iso
 from carv_attrib.data.video import DecodedClip
+from carv_attrib.errors import PartialRun
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodedClip, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity, resolve_source
 from carv_attrib.models.wan import WanModel, load_wan, vae_tiling_decision
-from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts
+from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +137,9 @@ class EncodeSummary:
     def failure_rate(self) -> float:
         return self.failed / self.total if self.total else 0.0
 
-
-ProgressFn = Callable[[str, dict[str, Any]], None]
-
-
-def _noop(event: str, info: dict[str, Any]) -> None:
-    pass
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as a JSON-able dict (the `--format json` document and run.json's `summary`)."""
+        return dataclasses.asdict(self)
 
 
 def part_of(clips: ClipTable, part: tuple[int, int]) -> ClipTable:
@@ -325,7 +322,32 @@ def _estimate(cfg: EncodeConfig, plan: EncodePlan, facts: EncodeFacts, wan: WanM
     return round(load_s + per_clip * len(plan.todo), 3)
 
 
-def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary:
+def run_encode(
+    cfg: EncodeConfig, progress: ProgressFn = noop, *, check_failures: bool = False
+) -> EncodeSummary:
+    """Encode the clips of cfg.manifest that RUN/latents does not hold yet (`_encode`), then record
+    the invocation in RUN/run.json (not for a dry run).
+
+    check_failures: apply the failure policy, as the CLI does: raise PartialRun(summary) (exit 3)
+    once the run is recorded, when more than cfg.max_failure_rate of the run's clips failed. A
+    `--shard` part is not judged (the commit pass without --shard is). Off by default, so that a
+    library caller still gets the summary of a run with failed clips as a return value.
+    Raises UsageError / ConfigMismatchError (exit 2) before any write, as `_encode`.
+    """
+    started = time.monotonic()
+    summary = _encode(cfg, progress)
+    if not summary.dry_run:
+        record(cfg.run, "encode", device=cfg.device, started=started, summary=summary.to_dict())
+    if check_failures and cfg.shard is None and summary.failure_rate > cfg.max_failure_rate:
+        raise PartialRun(
+            f"too many failures: {summary.failed}/{summary.total} clips "
+            f"({summary.failure_rate:.1%} > --max-failure-rate {cfg.max_failure_rate:.1%})",
+            summary,
+        )
+    return summary
+
+
+def _encode(cfg: EncodeConfig, progress: ProgressFn = noop) -> EncodeSummary:
     """Encode the clips of cfg.manifest that RUN/latents does not hold yet (all of them the first
     time; then what was added or changed, and failures with --retry-failed), then commit the manifest.
 
@@ -391,38 +413,32 @@ def run_encode(cfg: EncodeConfig, progress: ProgressFn = _noop) -> EncodeSummary
 def _encode_with_ray(
     cfg: EncodeConfig, run: RunDir, config: dict[str, Any], progress: ProgressFn
 ) -> EncodeSummary:
-    t0 = time.monotonic()
-    """`--executor ray`: the stage is created here, its N parts run as Ray tasks (`ray_exec`), then a
-    local pass finds their rows, encodes whatever a part could not, and commits the manifest."""
-    # Workers on other nodes start in another directory: every path they get is absolute.
+    """`--executor ray`: the stage is created here, its N parts run as Ray tasks (`run_in_parts`), then
+    a local pass finds their rows, encodes whatever a part could not, and commits the manifest."""
+    # Workers on other nodes start in another directory: every path they get is absolute. The
+    # driver's tiling decision goes to every part: an `auto` on another machine could differ.
     cfg = dataclasses.replace(
         cfg,
         manifest=Path(cfg.manifest).resolve(),
         videos=Path(cfg.videos).resolve(),
         run=Path(cfg.run).resolve(),
         model=resolve_source(cfg.model),
+        vae_tiling="on" if config.get("vae_tiling") else "off",
     )
-    with ray_session(cfg.ray_address) as ray:  # an unreachable cluster is refused before any write
+
+    def prepare() -> None:
         run.root.mkdir(parents=True, exist_ok=True)
         run.latents.prepare(config, overwrite=cfg.overwrite, what="encode")
-        n = cfg.parts or default_parts(ray)
-        # the driver's tiling decision for every part: an `auto` on another machine could differ
-        cfg = dataclasses.replace(cfg, vae_tiling="on" if config.get("vae_tiling") else "off")
-        parts = [
-            dataclasses.replace(cfg, shard=f"{i}/{n}", executor="local", overwrite=False) for i in range(n)
-        ]
-        progress("parts", {"parts": n})
-        done = run_parts(
-            run_encode, parts, ray, on_done=lambda i, s: progress("part", {"part": i, "encoded": s.encoded})
-        )
-    final = run_encode(dataclasses.replace(cfg, executor="local", overwrite=False), progress)
-    # The parts' counts partition the clips (each part plans its own); the final pass adds what a
-    # part missed (its "resumed" are the parts' work, not new).
-    final.changes = {k: sum(p.changes[k] for p in done) for k in final.changes}
-    final.changes["to_encode"] += final.encoded
-    final.encoded += sum(p.encoded for p in done)
-    final.shards_written += sum(p.shards_written for p in done)
-    final.seconds = round(time.monotonic() - t0, 3)
+
+    def merge(final: EncodeSummary, done: list[EncodeSummary]) -> None:
+        # The parts' counts partition the clips (each part plans its own); the final pass adds what a
+        # part missed (its "resumed" are the parts' work, not new).
+        final.changes = {k: sum(p.changes[k] for p in done) for k in final.changes}
+        final.changes["to_encode"] += final.encoded
+        final.encoded += sum(p.encoded for p in done)
+        final.shards_written += sum(p.shards_written for p in done)
+
+    final = run_in_parts(_encode, cfg, prepare, lambda s: {"encoded": s.encoded}, merge, progress)
     final.clips_per_s = round(final.encoded / final.seconds, 3) if final.encoded else 0.0
     return final
 

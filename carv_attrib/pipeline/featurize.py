@@ -8,7 +8,8 @@ For each ok clip of RUN/latents, K (σ, ε) draws reuse its cached latent (the C
 
 Output: RUN/features/part-NNNNN.parquet (`carv_attrib.data.features`), appended: each run computes
 the live latents that have no feature row yet (`carv_attrib.data.live`), so a grown or edited run
-costs only its new and changed clips, and a killed run resumes from its last finished shard. The CLI then builds RUN/index (`carv_attrib.pipeline.index`).
+costs only its new and changed clips, and a killed run resumes from its last finished shard.
+`featurize_and_index` then builds RUN/index (`carv_attrib.pipeline.index`), as the CLI does.
 """
 
 from __future__ import annotations
@@ -33,21 +34,31 @@ from carv_attrib.attrib.featurizer import (
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.objective import TIMESTEP_CONVENTION
 from carv_attrib.carv.timesteps import Proposal
-from carv_attrib.config import FeaturizeConfig, parse_shard
+from carv_attrib.config import FeaturizeConfig, IndexConfig, parse_shard
 from carv_attrib.data.features import feature_row, feature_schema
 from carv_attrib.data.latents import read_latents
 from carv_attrib.data.live import LatentRow, LiveFeatures, LiveLatents, selection
 from carv_attrib.data.motion import check_objective_inputs, objective_spec
-from carv_attrib.data.records import PlanDoc
+from carv_attrib.data.records import IndexInfo, PlanDoc
 from carv_attrib.data.run import RunDir
 from carv_attrib.data.store import ShardStore, fingerprint, now_iso
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity, resolve_source
-from carv_attrib.pipeline.ray_exec import default_parts, ray_session, run_parts
+from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
+from carv_attrib.pipeline.index import build_run_index, index_config_keeping, precheck_index
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeaturizeConfig", "FeaturizeSummary", "run_featurize", "read_plan_proposal", "draw_rule"]
+__all__ = [
+    "FeaturizeConfig",
+    "FeaturizeResult",
+    "FeaturizeSummary",
+    "featurize_and_index",
+    "run_featurize",
+    "run_index",
+    "read_plan_proposal",
+    "draw_rule",
+]
 
 
 @dataclass
@@ -66,14 +77,22 @@ class FeaturizeSummary:
     density: str
     dry_run: bool = False
     estimated_s: float | None = None  # dry run: from one timed batch
-    index: dict[str, Any] | None = None
+    index: dict[str, Any] | None = None  # after the index build: count, dim, preconditioner, kept
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as a JSON-able dict (the `--format json` document and run.json's `summary`)."""
+        return dataclasses.asdict(self)
 
 
-ProgressFn = Callable[[str, dict[str, Any]], None]
+@dataclass
+class FeaturizeResult:
+    """What `featurize_and_index` did: the features' summary, the index it built (None for a dry run
+    or a `--shard` part, which leave the index alone) and the index choices it kept from the run's
+    previous index ({flag: value}, those that differ from the defaults)."""
 
-
-def _noop(event: str, info: dict[str, Any]) -> None:
-    pass
+    summary: FeaturizeSummary
+    index: IndexInfo | None = None
+    kept: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def read_plan_proposal(path: Path, output_fn: str, objective: str = "uniform") -> Proposal:
@@ -201,13 +220,53 @@ def _estimate(featurizer: Featurizer, run: RunDir, feats: LiveFeatures, cfg: Fea
         return 0.0
     sample = feats.missing[: cfg.batch_clips]
     t = time.monotonic()
-    _featurize_rows(featurizer, run, sample, cfg.batch_clips, len(featurizer.blocks), _noop)
+    _featurize_rows(featurizer, run, sample, cfg.batch_clips, len(featurizer.blocks), noop)
     return round((time.monotonic() - t) / len(sample) * len(feats.missing), 3)
+
+
+def featurize_and_index(
+    cfg: FeaturizeConfig, index_options: dict[str, Any] | None = None, progress: ProgressFn = noop
+) -> FeaturizeResult:
+    """`carv-attrib featurize`: compute the features RUN/features lacks (`run_featurize`), then
+    rebuild RUN/index over them, and record the invocation in RUN/run.json (not for a dry run).
+
+    index_options: IndexConfig's fields but `run` ({"precondition": "trak", ...}); a field absent or
+    None keeps the run's current index's choice (IndexConfig's default when there is no index yet).
+    They are validated, and the index is checked to be buildable for the features' dim and clip
+    count, before any feature is computed. A `--shard` part and a dry run leave the index alone.
+    Raises UsageError / ConfigMismatchError (exit 2) as `run_featurize` and `build_run_index` do.
+    """
+    started = time.monotonic()
+    index_cfg, kept = index_config_keeping(cfg.run, dict(index_options or {}))  # refused before the work
+    check = None if cfg.shard is not None else (lambda dim, n: precheck_index(index_cfg, dim, n))
+    summary = run_featurize(cfg, progress, index_check=check)
+    if summary.dry_run:
+        return FeaturizeResult(summary)
+    info = None
+    if cfg.shard is None:  # one part of several: the index waits for all of them
+        info = build_run_index(index_cfg)
+        summary.index = {
+            "count": info.count,
+            "dim": info.dim,
+            "preconditioner": info.preconditioner["kind"],
+            "kept": kept,
+        }
+    record(cfg.run, "featurize", device=cfg.device, started=started, summary=summary.to_dict())
+    return FeaturizeResult(summary, info, kept if info is not None else {})
+
+
+def run_index(cfg: IndexConfig) -> IndexInfo:
+    """`carv-attrib index`: rebuild RUN/index (`build_run_index`) without recomputing gradients, and
+    record the invocation in RUN/run.json. Raises UsageError / ConfigMismatchError (exit 2)."""
+    started = time.monotonic()
+    info = build_run_index(cfg)
+    record(cfg.run, "index", started=started, preconditioner=info.preconditioner)
+    return info
 
 
 def run_featurize(
     cfg: FeaturizeConfig,
-    progress: ProgressFn = _noop,
+    progress: ProgressFn = noop,
     index_check: Callable[[int, int], None] | None = None,
 ) -> FeaturizeSummary:
     """Compute the features RUN/features lacks: one per live ok latent (all the first time; then the
@@ -289,9 +348,8 @@ def _featurize_with_ray(
     progress: ProgressFn,
     changes: dict[str, int],
 ) -> FeaturizeSummary:
-    t0 = time.monotonic()
-    """`--executor ray`: the stage is created here, its N parts run as Ray tasks (`ray_exec`), then a
-    local pass computes whatever a part could not and reports the run."""
+    """`--executor ray`: the stage is created here, its N parts run as Ray tasks (`run_in_parts`),
+    then a local pass computes whatever a part could not and reports the run."""
     # Workers on other nodes start in another directory: every path they get is absolute.
     cfg = dataclasses.replace(
         cfg,
@@ -300,24 +358,20 @@ def _featurize_with_ray(
         plan=None if cfg.plan is None else Path(cfg.plan).resolve(),
         checkpoints=[str(Path(c).resolve()) if Path(c).exists() else c for c in cfg.checkpoints],
     )
-    with ray_session(cfg.ray_address) as ray:  # an unreachable cluster is refused before any write
-        store.prepare(config, overwrite=cfg.overwrite, what="featurize")
-        n = cfg.parts or default_parts(ray)
-        parts = [
-            dataclasses.replace(cfg, shard=f"{i}/{n}", executor="local", overwrite=False) for i in range(n)
-        ]
-        progress("parts", {"parts": n})
-        done = run_parts(
-            run_featurize,
-            parts,
-            ray,
-            on_done=lambda i, s: progress("part", {"part": i, "computed": s.computed}),
-        )
-    final = run_featurize(dataclasses.replace(cfg, executor="local", overwrite=False), progress)
-    final.changes = changes  # counted before the parts ran
-    final.computed += sum(p.computed for p in done)
-    final.shards_written += sum(p.shards_written for p in done)
-    final.seconds = round(time.monotonic() - t0, 3)
+
+    def merge(final: FeaturizeSummary, done: list[FeaturizeSummary]) -> None:
+        final.changes = changes  # counted before the parts ran
+        final.computed += sum(p.computed for p in done)
+        final.shards_written += sum(p.shards_written for p in done)
+
+    final = run_in_parts(
+        run_featurize,
+        cfg,
+        lambda: store.prepare(config, overwrite=cfg.overwrite, what="featurize"),
+        lambda s: {"computed": s.computed},
+        merge,
+        progress,
+    )
     final.clips_per_s = round(final.computed / final.seconds, 3) if final.computed else 0.0
     return final
 

@@ -19,8 +19,9 @@ import typer
 from typer.testing import CliRunner
 
 from carv_attrib import __version__
-from carv_attrib.cli.common import handle_errors, record_run, state
+from carv_attrib.cli.common import handle_errors, state
 from carv_attrib.errors import CarvError, ConfigMismatchError, ModelLoadError, UsageError
+from carv_attrib.pipeline._job import record as record_run
 
 runner = CliRunner()
 

@@ -102,8 +102,9 @@ def test_featurize_consumes_the_plan(
 
 
 def test_recommended_k_follows_the_noise_not_the_cap() -> None:
+    from carv_attrib.attrib.pilot import NOISE_SHARE
+    from carv_attrib.attrib.pilot import recommend as _recommend
     from carv_attrib.carv.accounting import Costs
-    from carv_attrib.pipeline.plan import NOISE_SHARE, _recommend
 
     costs = Costs(c_enc=1.0, c_draw=0.01)  # amortisation alone would ask for K = 900
     v = {
@@ -140,9 +141,9 @@ class _NoisyFeaturizer:
 def test_ranking_rule_recommends_the_first_k_where_two_seeds_agree() -> None:
     from types import SimpleNamespace
 
+    from carv_attrib.attrib.pilot import ranking_draws
     from carv_attrib.attrib.stability import is_stable
     from carv_attrib.carv.draws import DrawRule
-    from carv_attrib.pipeline.plan import ranking_draws
 
     n = 31
     clips = [SimpleNamespace(clip_id=i, latent=None, text_emb=None, motion=None) for i in range(n)]

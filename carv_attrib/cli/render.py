@@ -1,0 +1,197 @@
+"""The human views of the commands' results, in one place: each takes a library result and prints
+it (data tables on stdout, summaries and advice on stderr). User and library text (captions, paths,
+errors) is printed literally, never as rich markup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from carv_attrib.cli.common import err_console, out_console, say
+
+
+def _changes(changes: dict[str, int], skip: str) -> str:
+    return ", ".join(f"{k} {v}" for k, v in changes.items() if k != skip)
+
+
+def encode(summary: Any, shard: str | None, run: Any) -> None:
+    """An `EncodeSummary`: the dry-run estimate, or the counts, failure examples and advice."""
+    changes = _changes(summary.changes, "to_encode")
+    if summary.dry_run:
+        err_console.print(
+            Text.assemble(
+                ("dry run", "yellow"),
+                f": would encode {summary.changes['to_encode']} clips ({changes}), about "
+                f"{summary.estimated_s:.0f} s; nothing was written",
+            )
+        )
+        return
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary.failures.items())) or "none"
+    err_console.print(
+        Text.assemble(
+            ("encoded", "green"),
+            f" {summary.encoded} clips ({changes}) in {summary.seconds:.1f} s, "
+            f"{summary.clips_per_s:.2f} clips/s; the run: {summary.ok}/{summary.total} clips ok, "
+            f"failures: {kinds} -> {run}/latents",
+        )
+    )
+    for ex in summary.examples:
+        err_console.print(
+            Text.assemble("  ", (str(ex["status"]), "red"), f" {ex['vid']}: {ex['error']}"), soft_wrap=True
+        )
+    if shard is not None:
+        say(
+            f"part {shard} done; once every part is, the same command without --shard commits "
+            "the run (it finds the parts' clips and encodes only what a part missed)"
+        )
+    if set(summary.failures) - {"missing"} and summary.changes["retried"] == 0:
+        # a missing file is encoded once it is back; other failures only when asked
+        say("failed clips are kept as failures; `--retry-failed` tries them again")
+
+
+def featurize(result: Any, cfg: Any) -> None:
+    """A `FeaturizeResult`: the dry-run estimate, a part's counts, or the counts and the index."""
+    summary, info = result.summary, result.index
+    changes = _changes(summary.changes, "to_compute")
+    if summary.dry_run:
+        err_console.print(
+            Text.assemble(
+                ("dry run", "yellow"),
+                f": would compute {summary.changes['to_compute']} features ({changes}), about "
+                f"{summary.estimated_s:.0f} s, then rebuild the index; nothing was written",
+            )
+        )
+        return
+    if info is None:  # a --shard part: the human line is printed under every format (`shard_note`)
+        return
+    err_console.print(
+        Text.assemble(
+            ("featurized", "green"),
+            f" {summary.computed} clips ({changes}) in {summary.seconds:.1f} s; the run: "
+            f"{summary.ok}/{summary.clips} clips ok (dim {summary.dim}, {summary.nonfinite} non-finite, "
+            f"p(σ) {summary.density}); index: {info.count} clips, {info.preconditioner['kind']} -> {cfg.run}/index",
+        )
+    )
+    if result.kept:
+        kept_text = ", ".join(f"{k} {v}" for k, v in result.kept.items())
+        say(f"the index kept the previous index's {kept_text} (give the option to change it)")
+
+
+def featurize_part(summary: Any, cfg: Any) -> None:
+    """The note of a finished `--shard` part (stderr, under every --format)."""
+    say(
+        f"part {cfg.shard}: computed {summary.computed} features ({_changes(summary.changes, 'to_compute')}); "
+        f"once every part is done, `carv-attrib index {cfg.run}` builds the index (it refuses while clips "
+        "lack features)"
+    )
+
+
+def index(info: Any) -> None:
+    """An `IndexInfo` just built."""
+    err_console.print(
+        Text.assemble(
+            ("indexed", "green"),
+            f" {info.count} clips, dim {info.dim}, {info.preconditioner['kind']}, {info.factory}",
+        )
+    )
+
+
+_FLAG_ORDER = ("timesteps", "draws", "antithetic", "output_fn", "plan", "density")
+
+
+def plan(doc: dict[str, Any], draws: int, k_max: int) -> None:
+    """A plan document: the costs line and ECM table on stdout, the recommended options on stderr.
+    draws / k_max: the pilot's --draws and --k-max (named in the title and the advice)."""
+    c = doc["costs"]
+    out_console.print(
+        f"c_enc {c['c_enc']:.4g} s/clip ({c['c_enc_source']}), c_draw {c['c_draw']:.4g} s/draw, "
+        f"ratio {c['c_enc_over_c_draw']:.3g}; σ_b² = 0 (mode latents)"
+    )
+    ks = list(next(iter(doc["schemes"].values()))["ecm"])
+    table = Table(title=f"ECM against fresh-encode iid K=1 (within-encode variance measured at K={draws})")
+    table.add_column("scheme")
+    table.add_column("var/draw vs iid", justify="right")
+    for k in ks:
+        table.add_column(f"K={k}", justify="right")
+    table.add_column("limit", justify="right")
+    for name, row in doc["schemes"].items():
+        table.add_row(
+            name,
+            f"{row['variance_ratio_vs_iid']:.3f}",
+            *[f"{row['ecm'][k]:.2f}" for k in ks],
+            f"{row['ecm_limit']:.1f}",
+        )
+    out_console.print(table)
+    r = doc["recommended"]
+    opts = r["featurize_options"]  # in flag order even when read back from a key-sorted plan.json
+    flags = [
+        f"--{k.replace('_', '-')}" if opts[k] is True else f"--{k.replace('_', '-')} {opts[k]}"
+        for k in _FLAG_ORDER
+        if k in opts
+    ]
+    say(f"recommended {' '.join(flags)} (ECM {r['ecm']:.2f})", style="green")
+    rk = r["ranking"]
+    last = rk["curve"][-1]
+    say(
+        f"at K={last['draws']} two estimator seeds share {last['top_k_overlap']:.0%} of each clip's top-{rk['top_k']} "
+        f"and rank the {rk['clips'] - 1} others with Spearman {last['spearman']:.3f} (stable: overlap >= 90%, "
+        "Spearman >= 0.95)"
+    )
+    if r["capped"]:
+        say(
+            f"--k-max {k_max} limits K: the rankings of two seeds still differ there; raise --k-max to see "
+            "the K at which they agree",
+            style="yellow",
+        )
+
+
+def score_tables(doc: dict[str, Any]) -> None:
+    """A score document's tables on stdout: one per query (or its error), then the aggregate."""
+    for q in doc["queries"]:
+        if q["status"] != "ok":
+            out_console.print(Text(f"{q['path']}: {q['error']}", style="red"))
+            continue
+        table = Table(title=Text(f"{q['path']} — “{q['prompt']}”"), title_justify="left")
+        table.add_column("rank", justify="right")
+        table.add_column("vid")
+        table.add_column("score", justify="right")
+        table.add_column("caption")
+        for r in q["results"]:
+            table.add_row(str(r["rank"]), Text(str(r["vid"])), f"{r['score']:.6g}", Text(str(r["caption"])))
+        out_console.print(table)
+    agg = doc.get("aggregate")
+    if agg:
+        table = Table(title=f"aggregate ({agg['method']}, {agg['queries']} queries)", title_justify="left")
+        for col in ("rank", "vid", "score", "caption"):
+            table.add_column(col)
+        for r in agg["results"]:
+            table.add_row(str(r["rank"]), Text(str(r["vid"])), f"{r['score']:.6g}", Text(str(r["caption"])))
+        out_console.print(table)
+
+
+def evaluate(doc: dict[str, Any]) -> None:
+    """An evaluate document: one LDS row per featurize setting, with the random-scores floor."""
+    p, floor = doc["protocol"], doc["random_floor"]
+    table = Table(
+        title=f"LDS on {p['train_clips']} clips, {p['queries']} queries, {p['subsets']} subsets "
+        f"(random scores {floor['mean']:.3f} ± {floor['sd']:.3f})",
+        title_justify="left",
+    )
+    for col in ("setting", "LDS", "95 % CI", "query-specific", "common factor", "draws/clip", "seconds"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for name, row in doc["settings"].items():
+        lo, hi = row["lds"].get("ci95_subsets", row["lds"]["ci95"])
+        qs = row.get("query_specific_lds", {}).get("mean")
+        cf = row.get("common_factor_lds")
+        table.add_row(
+            Text(name),
+            f"{row['lds']['mean']:.3f}",
+            f"[{lo:.3f}, {hi:.3f}]",
+            "" if qs is None else f"{qs:.3f}",
+            "" if cf is None else f"{cf:.3f}",
+            str(row["draws"]),
+            f"{row['seconds']:.0f}",
+        )
+    out_console.print(table)
