@@ -21,7 +21,6 @@ from rich.text import Text
 
 from carv_attrib.config import FORMATS
 from carv_attrib.errors import EXIT_INTERRUPTED, CarvError, PartialRun, UsageError
-from carv_attrib.pipeline._job import package_versions  # noqa: F401  (cli/inspect.py imports it from here)
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)

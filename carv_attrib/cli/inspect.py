@@ -10,8 +10,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from carv_attrib.cli.common import check_format, emit, handle_errors, out_console, package_versions
+from carv_attrib.cli.common import check_format, emit, handle_errors, out_console
 from carv_attrib.cli.options import FORMAT_HELP
+from carv_attrib.pipeline._job import package_versions
 
 Format = Annotated[str | None, typer.Option("--format", help=FORMAT_HELP, show_default=False)]
 

@@ -18,7 +18,6 @@ import csv
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from carv_attrib.errors import UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import WanModel, load_wan
+from carv_attrib.pipeline._job import ProgressFn, noop
 
 __all__ = ["SCHEMA_VERSION", "ScoreConfig", "Query", "run_score", "read_prompts", "provenance", "aggregate"]
 
@@ -192,13 +192,6 @@ def _resolve_model(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> str:
     return model
 
 
-ProgressFn = Callable[[str, dict[str, Any]], None]
-
-
-def _noop(event: str, info: dict[str, Any]) -> None:
-    pass
-
-
 def query_encoder(wan: WanModel, info: IndexInfo) -> ClipEncoder:
     """The index's training-clip encoder (`info.encode`), with motion maps only when the index's
     objective weights by them."""
@@ -206,7 +199,7 @@ def query_encoder(wan: WanModel, info: IndexInfo) -> ClipEncoder:
 
 
 def _encode_queries(
-    cfg: ScoreConfig, encoder: ClipEncoder, queries: list[Query], progress: ProgressFn = _noop
+    cfg: ScoreConfig, encoder: ClipEncoder, queries: list[Query], progress: ProgressFn = noop
 ) -> None:
     """Decode and encode each query like a training clip (`encoder`, `query_encoder`): latents in a VAE
     batch of one, then the ok queries' prompts in one call; failures become status "error"."""
@@ -229,7 +222,7 @@ def _encode_queries(
 
 
 def _featurize_queries(
-    cfg: ScoreConfig, info: IndexInfo, model: str, queries: list[Query], progress: ProgressFn = _noop
+    cfg: ScoreConfig, info: IndexInfo, model: str, queries: list[Query], progress: ProgressFn = noop
 ) -> tuple[np.ndarray, Featurizer]:
     """(m, D) float32 features of the ok queries, with the index's transformers, draws and projector,
     and the featurizer (`--explain` reuses it for the top clips' per-stratum parts)."""
@@ -265,7 +258,7 @@ def _search(
     phi: np.ndarray,
     clips: ClipMeta,
     featurizer: Featurizer,
-    progress: ProgressFn = _noop,
+    progress: ProgressFn = noop,
 ) -> None:
     """Precondition the finite query features, search the index, fill each query's scores and rows."""
     finite = np.isfinite(phi).all(axis=1)
@@ -413,7 +406,7 @@ def provenance(info: IndexInfo) -> dict[str, Any]:
     }
 
 
-def run_score(cfg: ScoreConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
+def run_score(cfg: ScoreConfig, progress: ProgressFn = noop) -> dict[str, Any]:
     """Score `cfg.queries` against RUN's index; returns the attribution document. Raises UsageError /
     ConfigMismatchError (exit 2) for a stale index, another model, or missing prompts; an undecodable
     query becomes status "error" while the others are scored. `progress("start", {"todo"})` then one
