@@ -2,7 +2,7 @@
 
 Random weights make gradient statistics meaningless, so the benchmarks first train the `small`
 Wan config (~4.9 M transformer parameters) on demo clips with flow matching, reusing the project's
-own objective (`carv_attrib.train`). Everything lands in a work directory and is reused when it is
+own objective (`carv_attrib.models.train`). Everything lands in a work directory and is reused when it is
 already there (delete it to rebuild):
 
     WORK/model/        small Wan2.1 pipeline; model/transformer/ holds the trained weights
@@ -50,11 +50,11 @@ class BenchModel:
 
 def prepare(cfg: BenchModel, log=print) -> BenchModel:
     """Build (or reuse) the model, the data, the latent cache and the trained transformer."""
-    from carv_attrib.demo_data import make_demo_data
     from carv_attrib.errors import ConfigMismatchError
+    from carv_attrib.lds.synthetic import make_demo_data
     from carv_attrib.models.tiny import make_model
+    from carv_attrib.models.train import TrainConfig, train_transformer
     from carv_attrib.pipeline.encode import EncodeConfig, run_encode
-    from carv_attrib.train import TrainConfig, train_transformer
 
     cfg.work.mkdir(parents=True, exist_ok=True)
     if not (cfg.model / "model_index.json").exists():

@@ -60,9 +60,9 @@ class Encoder:
     def __init__(self, model: str, run: Path):
         import pyarrow.parquet as pq
 
-        from carv_attrib.data.store import ShardStore
-        from carv_attrib.data.video import FramePolicy
         from carv_attrib.models.wan import load_wan
+        from carv_attrib.store.shards import ShardStore
+        from carv_attrib.video.decode import FramePolicy
 
         cfg = ShardStore(run, "latents").read_config()["config"]
         self.policy = FramePolicy(
@@ -72,8 +72,8 @@ class Encoder:
         self.wan = load_wan(model, ("vae", "text_encoder", "tokenizer"), device="cpu")
 
     def __call__(self, clip_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from carv_attrib.data.video import decode_clip, frames_to_tensor
         from carv_attrib.models.wan import encode_prompts, encode_video
+        from carv_attrib.video.decode import decode_clip, frames_to_tensor
 
         row = self.rows[clip_id]
         frames = decode_clip(row["path"], self.policy).frames
@@ -187,8 +187,8 @@ def main() -> None:
     from carv_attrib.attrib.featurizer import build_projector, load_featurizer
     from carv_attrib.carv.draws import DrawRule
     from carv_attrib.carv.timesteps import Proposal
-    from carv_attrib.data.latents import iter_cached
     from carv_attrib.pipeline.plan import PlanConfig, run_plan
+    from carv_attrib.store.latents import iter_cached
 
     bm = prepare(BenchModel(work=args.work))
     clips = list(iter_cached(bm.run))

@@ -1,6 +1,6 @@
 """Encode speed on the demo: decode-only vs encode-only vs the overlapped encode stage, in clips/s.
 
-On N demo clips (default 48, `carv_attrib.demo_data`) and the `tiny` Wan2.1 pipeline, this measures
+On N demo clips (default 48, `carv_attrib.lds.synthetic`) and the `tiny` Wan2.1 pipeline, this measures
 
     decode-only   `DecodePool` with the default FramePolicy (17 frames, 64x64, fps 8), results
                   consumed and thrown away; workers = --workers (default 2) and workers = 0
@@ -48,8 +48,8 @@ BENCH = Path(__file__).parent
 def decode_only(paths: list[str], policy: Any, workers: int) -> dict[str, float]:
     """Seconds to decode every clip through a DecodePool (start-up included), the start-up alone, and
     the time to the first result (worker processes import decord/numpy before their first decode)."""
-    from carv_attrib.data.decode_pool import DecodePool
-    from carv_attrib.data.video import ClipFailure
+    from carv_attrib.video.decode import ClipFailure
+    from carv_attrib.video.pool import DecodePool
 
     t0 = time.perf_counter()
     ok, first = 0, None
@@ -63,7 +63,7 @@ def decode_only(paths: list[str], policy: Any, workers: int) -> dict[str, float]
 
 def decode_all(paths: list[str], policy: Any) -> list[Any]:
     """uint8 (F, H, W, 3) frames of every clip, decoded once in this process."""
-    from carv_attrib.data.decode_pool import DecodePool
+    from carv_attrib.video.pool import DecodePool
 
     with DecodePool(policy, workers=0) as pool:
         return [result.frames for _, result in pool.imap(list(enumerate(paths)))]
@@ -73,8 +73,8 @@ def vae_only(vae: Any, frames: list[Any], batch_size: int) -> float:
     """Seconds to VAE-encode pre-decoded clips in batches, as the stage's ClipEncoder.encode_frames does."""
     import torch
 
-    from carv_attrib.data.video import frames_to_tensor
     from carv_attrib.models.wan import encode_video
+    from carv_attrib.video.decode import frames_to_tensor
 
     t0 = time.perf_counter()
     for start in range(0, len(frames), batch_size):
@@ -85,8 +85,8 @@ def vae_only(vae: Any, frames: list[Any], batch_size: int) -> float:
 
 def overlapped(cfg: Any) -> dict[str, Any]:
     """The encode stage end to end into a fresh run directory; its summary and shard timers."""
-    from carv_attrib.data.store import ShardStore
     from carv_attrib.pipeline.encode import run_encode
+    from carv_attrib.store.shards import ShardStore
 
     shutil.rmtree(cfg.run, ignore_errors=True)
     t = time.perf_counter()
@@ -122,12 +122,12 @@ def main() -> None:
 
     import torch
 
-    from carv_attrib.data.manifest import read_manifest
-    from carv_attrib.data.video import FramePolicy
-    from carv_attrib.demo_data import make_demo_data
+    from carv_attrib.lds.synthetic import make_demo_data
     from carv_attrib.models.tiny import make_model
     from carv_attrib.models.wan import encode_prompts, load_wan
     from carv_attrib.pipeline.encode import EncodeConfig
+    from carv_attrib.store.manifest import read_manifest
+    from carv_attrib.video.decode import FramePolicy
 
     # -- setup: model and demo clips (kept in the work dir) ------------------------------------------
     work = Path(args.work)

@@ -1,9 +1,9 @@
 """Where LDS is won and lost: every attribution factor against the fixed reference, on every world.
 
 For each world of the suite (`bench/worlds.py`, built first), the full gradients of the training
-and query clips are computed once per draw rule (`carv_attrib.evaluate.reference.exact_gradients`),
+and query clips are computed once per draw rule (`carv_attrib.lds.reference.exact_gradients`),
 and every layer set, projection and preconditioner is derived from them
-(`carv_attrib.evaluate.gradspace`: kron features from G equal the tool's KronProjector features for
+(`carv_attrib.lds.gradspace`: kron features from G equal the tool's KronProjector features for
 the same draws, tested). Gram matrices are cached under WORK/NAME/study/, so a rerun only computes
 what is new. Rows:
 
@@ -16,7 +16,7 @@ what is new. Rows:
 - per job: layer sets (blocks, all-linear, all), projections (none, kron k×k, dense), preconditioners
   (identity, cosine, normalize α, trak λ, diag: the run's own per-coordinate second moment, adam: the
   full model's AdamW v̂ where one was trained);
-- the tool's own featurize path (`carv_attrib.evaluate.study.product_features`) for the shipped
+- the tool's own featurize path (`carv_attrib.lds.study.product_features`) for the shipped
   settings, so the table also says what `carv-attrib featurize` gives.
 
     .venv/bin/python bench/factors.py                 # every built world -> bench/results/factors.json
@@ -45,8 +45,8 @@ from carv_attrib.attrib.featurizer import build_projector, load_featurizer
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.timesteps import Proposal, density
 from carv_attrib.config import PlanConfig
-from carv_attrib.evaluate.gradspace import FeatureSpec, features, gram, scores_from_gram
-from carv_attrib.evaluate.lds import (
+from carv_attrib.lds.gradspace import FeatureSpec, features, gram, scores_from_gram
+from carv_attrib.lds.metric import (
     LdsBootstrap,
     common_factor_lds,
     interval,
@@ -54,9 +54,9 @@ from carv_attrib.evaluate.lds import (
     random_floor,
     subset_sums,
 )
-from carv_attrib.evaluate.reference import exact_gradients, reference_rule
-from carv_attrib.evaluate.study import Variant, product_features
-from carv_attrib.evaluate.world import WORLD_SUITE, World
+from carv_attrib.lds.reference import exact_gradients, reference_rule
+from carv_attrib.lds.study import Variant, product_features
+from carv_attrib.lds.world import WORLD_SUITE, World
 from carv_attrib.models.wan import load_transformer
 
 WORK = Path(__file__).resolve().parent / "_work" / "worlds"
@@ -175,8 +175,8 @@ def proposal_for(world: World, output_fn: str) -> Proposal:
     if path.exists():
         return Proposal.from_json(path.read_text())
     from carv_attrib.attrib.pilot import PilotSettings, fit_proposal
-    from carv_attrib.data.run import RunDir
     from carv_attrib.pipeline.plan import _pilot_clips
+    from carv_attrib.store.run import RunDir
 
     spec = world.spec
     cfg = PlanConfig(
@@ -336,7 +336,7 @@ def finish_rows(rows: dict[str, Any], gt: np.ndarray) -> dict[str, Any]:
 
 
 def _spearman(sums: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    from carv_attrib.evaluate.lds import _spearman_columns
+    from carv_attrib.lds.metric import _spearman_columns
 
     return _spearman_columns(sums, gt, axis=0)
 
@@ -371,7 +371,7 @@ def run_world(world: World, say: Any, jobs: set[str] | None = None, products: bo
     transformer = load_transformer(str(world.model))
     proposals = {fn: proposal_for(world, fn) for fn in ("loss", "sqnorm")}
     adam = adam_scale(world, transformer)
-    from carv_attrib.evaluate.gradspace import describe
+    from carv_attrib.lds.gradspace import describe
 
     dims = {s.key: describe(s, transformer)["dim"] for s in SWEEP}
     t0 = time.monotonic()
@@ -476,7 +476,7 @@ def diagnosis_rows(best: str) -> list[str]:
 # -- analysis -----------------------------------------------------------------------------------
 REF = "ref-crn-256|all/none|identity"
 # The tool's settings before and after this study, as study rows (kron on blocks.*, K = 8; gradspace's
-# kron equals the tool's KronProjector, tests/evaluate/test_gradspace.py); bench/report.py labels its
+# kron equals the tool's KronProjector, tests/lds/test_gradspace.py); bench/report.py labels its
 # tables with these names (from the JSON's selection.shipped).
 SHIPPED = {
     "old default": "loss-sis-8|blocks/kron-8x8-gaussian|cosine",
@@ -561,7 +561,7 @@ def _scores(
 
 
 def _spearman_mean(a: np.ndarray, b: np.ndarray) -> float:
-    from carv_attrib.evaluate.lds import _spearman_columns
+    from carv_attrib.lds.metric import _spearman_columns
 
     return float(np.nanmean(_spearman_columns(a, b, axis=0)))
 
@@ -573,7 +573,7 @@ def fidelity(world: World, output_fn: str, features: str, precond: str) -> dict[
     the setting as given (projected) and its unprojected twin (the estimator alone)."""
     store, n_train = Store(world.root / "study"), world.spec.n_train
     transformer = load_transformer(str(world.model))
-    from carv_attrib.evaluate.gradspace import describe
+    from carv_attrib.lds.gradspace import describe
 
     dims = {s.key: describe(s, transformer)["dim"] for s in SWEEP}
     layers = features.split("/")[0]
@@ -613,8 +613,8 @@ def calibration(
     the setting's LDS at each K. The agreement is measured on the unprojected twin (same layers and
     preconditioner): `plan` holds the projection fixed and varies the estimator seed only, while the
     study's seed r changes both."""
-    from carv_attrib.attrib.stability import is_stable, ranking_agreement
-    from carv_attrib.evaluate.gradspace import describe
+    from carv_attrib.lds.gradspace import describe
+    from carv_attrib.search.stability import is_stable, ranking_agreement
 
     store, n_train = Store(world.root / "study"), world.spec.n_train
     transformer = load_transformer(str(world.model))

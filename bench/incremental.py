@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import load_avg, machine_info, write_json  # noqa: E402
 
-from carv_attrib.demo_data import make_demo_data  # noqa: E402
+from carv_attrib.lds.synthetic import make_demo_data  # noqa: E402
 from carv_attrib.models.tiny import make_model  # noqa: E402
 from carv_attrib.pipeline.encode import EncodeConfig, run_encode  # noqa: E402
 from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize  # noqa: E402

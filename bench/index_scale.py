@@ -11,8 +11,8 @@ it; `faiss.index_factory`'s "PCAR<d>," prefix does that inside the index).
 
 For each N and factory: train on a seeded sample of min(N, 100 000) rows, add all N, then search
 --queries queries one at a time (the latency a user sees), with re-ranking as `score` does it
-(R·k candidates re-scored exactly from float16 vectors, `carv_attrib.attrib.rerank`) and without;
-IVF probes `carv_attrib.attrib.index.default_nprobe(nlist)` lists (nlist/16), HNSW's efSearch is 2k.
+(R·k candidates re-scored exactly from float16 vectors, `carv_attrib.search.rerank`) and without;
+IVF probes `carv_attrib.search.index.default_nprobe(nlist)` lists (nlist/16), HNSW's efSearch is 2k.
 recall@10 is |top-10 ∩ exact top-10| / 10, averaged over queries. Memory is the serialised index
 plus, for re-ranking, the float16 vectors (on disk, memory-mapped). Where a factory is not run at a
 size (HNSW at 10^6: hours on 2 cores), the fitted law t = a·N^b of its smaller sizes is stated.
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import load_avg, machine_info, write_json  # noqa: E402
 
-from carv_attrib.attrib.index import add_vectors, new_index, search, train_index  # noqa: E402
-from carv_attrib.attrib.rerank import VectorStore, rerank  # noqa: E402
+from carv_attrib.search.index import add_vectors, new_index, search, train_index  # noqa: E402
+from carv_attrib.search.rerank import VectorStore, rerank  # noqa: E402
 
 CHUNK = 50_000
 
@@ -49,8 +49,8 @@ def real_spectrum(work: Path) -> np.ndarray:
     """Eigenvalues (descending) of the cosine-normalised features of a real featurize run."""
     from bench_model import BenchModel, prepare
 
-    from carv_attrib.data.features import feature_matrix
     from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
+    from carv_attrib.store.features import feature_matrix
 
     bm = prepare(BenchModel(work=work))
     run_featurize(FeaturizeConfig(run=bm.run, model=str(bm.model), draws=8, device="cpu"))

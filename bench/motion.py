@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import machine_info, write_json  # noqa: E402
 
-from carv_attrib.demo_data import clip_specs, make_demo_data  # noqa: E402
+from carv_attrib.lds.synthetic import clip_specs, make_demo_data  # noqa: E402
 from carv_attrib.models.tiny import make_model  # noqa: E402
+from carv_attrib.models.train import TrainConfig, train_transformer  # noqa: E402
 from carv_attrib.pipeline.encode import EncodeConfig, run_encode  # noqa: E402
 from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize  # noqa: E402
 from carv_attrib.pipeline.index import IndexConfig, build_run_index  # noqa: E402
 from carv_attrib.pipeline.score import ScoreConfig, run_score  # noqa: E402
-from carv_attrib.train import TrainConfig, train_transformer  # noqa: E402
 
 QUERY_SEED_OFFSET = 1000  # held-out queries: another data seed, so other starts, sizes and combinations
 

@@ -3,7 +3,7 @@
     without probe  the decoder as it was before the probe (commit 2b4b7ea, copied below as
                    `decode_without_probe`): decord opens the clip, frames are picked at a constant
                    rate from decord's frame count and average fps, decord reads them resized.
-    with probe     `carv_attrib.data.video.decode_clip`: `probe_video` (one PyAV demux pass over
+    with probe     `carv_attrib.video.decode.decode_clip`: `probe_video` (one PyAV demux pass over
                    the clip, first frame decoded), frames picked by presentation time, then decord
                    (these clips have no quirk, so every one takes the decord path).
     probe alone    `probe_video` on every clip.
@@ -35,11 +35,11 @@ BENCH = Path(__file__).parent
 
 
 def decode_without_probe(path: str, policy: Any) -> tuple[Any, list[int]]:
-    """carv_attrib.data.video.decode_clip as of commit 2b4b7ea (decord only, constant-rate picking)."""
+    """carv_attrib.video.decode.decode_clip as of commit 2b4b7ea (decord only, constant-rate picking)."""
     import decord
     import numpy as np
 
-    from carv_attrib.data.video import cover_size
+    from carv_attrib.video.decode import cover_size
 
     vr = decord.VideoReader(path, num_threads=1)
     n = len(vr)
@@ -64,9 +64,9 @@ def main() -> None:
     ap.add_argument("--videos", nargs="*", default=None, help="measure these files instead of demo clips")
     args = ap.parse_args()
 
-    from carv_attrib.data.probe import probe_video
-    from carv_attrib.data.video import FramePolicy, decode_clip
-    from carv_attrib.demo_data import make_demo_data
+    from carv_attrib.lds.synthetic import make_demo_data
+    from carv_attrib.video.decode import FramePolicy, decode_clip
+    from carv_attrib.video.probe import probe_video
 
     if args.videos:
         paths = [str(Path(v).resolve()) for v in args.videos]

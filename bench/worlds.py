@@ -1,4 +1,4 @@
-"""Build the LDS world suite (`carv_attrib.evaluate.world.WORLD_SUITE`) under bench/_work/worlds.
+"""Build the LDS world suite (`carv_attrib.lds.world.WORLD_SUITE`) under bench/_work/worlds.
 
 Each world is seeded and described in WORK/NAME/world.json (spec + a one-line description); the
 suite's specs, descriptions, build seconds and training losses go to bench/results/worlds.json.
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from _util import machine_info
 
-from carv_attrib.data.store import read_json
-from carv_attrib.evaluate.world import WORLD_SUITE, build_world
+from carv_attrib.lds.world import WORLD_SUITE, build_world
 from carv_attrib.pipeline.encode import run_encode
+from carv_attrib.store.shards import read_json
 
 WORK = Path(__file__).resolve().parent / "_work" / "worlds"
 OUT = Path(__file__).resolve().parent / "results" / "worlds.json"

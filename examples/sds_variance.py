@@ -10,7 +10,7 @@ Each evaluation needs a render + VAE encode (c_enc) and then one transformer for
 `carv_attrib.carv` is model-agnostic: one encode is reused for K draws with stratified inverse-CDF
 importance-sampled σ (`DrawRule`), which leaves E[g] unchanged. This script estimates g for a tiny
 Wan2.1 pipeline (the real diffusers classes, random weights) and a clip rendered from a "scene"
-(`carv_attrib.demo_data`), and prints each scheme's variance and effective compute multiplier (ECM)
+(`carv_attrib.lds.synthetic`), and prints each scheme's variance and effective compute multiplier (ECM)
 against the baseline "fresh render + encode per draw, iid σ, K = 1", with the same batching on both
 sides (one forward over the K draws of an encode):
 
@@ -34,7 +34,7 @@ import torch
 
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.objective import TIMESTEP_SCALE
-from carv_attrib.demo_data import ClipSpec, render_frames
+from carv_attrib.lds.synthetic import ClipSpec, render_frames
 from carv_attrib.models.tiny import make_model
 from carv_attrib.models.wan import encode_prompts, encode_video, load_wan, pad_context
 

@@ -43,7 +43,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 demo clips (96x80, 24 frames at 8 fps) and DIR/manifest.json."""
-    from carv_attrib.demo_data import make_demo_data
+    from carv_attrib.lds.synthetic import make_demo_data
 
     out = tmp_path_factory.mktemp("demo-data")
     make_demo_data(out, clips=8, seed=0)

@@ -24,18 +24,19 @@ from carv_attrib.config import (
     parse_size,
     parse_top_k,
 )
-from carv_attrib.data.manifest import ManifestOptions
-from carv_attrib.data.video import FramePolicy
 from carv_attrib.errors import UsageError
+from carv_attrib.store.manifest import ManifestOptions
+from carv_attrib.video.decode import FramePolicy
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # -- choices ---------------------------------------------------------------------------------------
 def _library_choices() -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
-    from carv_attrib.attrib import precondition, projection
+    from carv_attrib.attrib import projection
     from carv_attrib.carv import draws, objective, timesteps
     from carv_attrib.models import wan
+    from carv_attrib.search import precondition
 
     return [
         ("OUTPUT_FNS", C.OUTPUT_FNS, objective.OUTPUT_FNS),
@@ -56,9 +57,10 @@ def test_every_choice_tuple_is_defined_once_in_choices() -> None:
     """config and the library hold the very tuples of carv_attrib.choices, and each registry's keys
     are its axis' names, so a name added in one place cannot be missing in another."""
     from carv_attrib import choices
-    from carv_attrib.attrib import featurizer, precondition, projection
+    from carv_attrib.attrib import featurizer, projection
     from carv_attrib.carv import draws, objective, timesteps
     from carv_attrib.models import wan
+    from carv_attrib.search import precondition
 
     for name, *holders in [
         ("OUTPUT_FNS", C, objective),

@@ -9,7 +9,7 @@ under shared noise, `carv_attrib.carv.draws.DrawRule`), the same projection matr
                          new_projector=lambda t: build_projector("kron", t))
     feats, losses, draws = fz.features([(clip_id, latent, text_emb), ...])   # (B, D), (B, n_ckpt·K)
 
-Knows no files beyond model loading: featurize writes the rows (`carv_attrib.data.features`).
+Knows no files beyond model loading: featurize writes the rows (`carv_attrib.store.features`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
 DEFAULT_DENSE_DIM = 1280  # the dense reference projector's default total dimension
 
 # One clip for `Featurizer.features`: (clip_id, latent (C, T, h, w), trimmed text embedding (L, D)),
-# and, for the motion objective, its motion map (T, h, w) (`carv_attrib.data.motion`).
+# and, for the motion objective, its motion map (T, h, w) (`carv_attrib.video.motion`).
 ClipInput = (
     tuple[int, torch.Tensor, torch.Tensor] | tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]
 )

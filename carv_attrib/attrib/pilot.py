@@ -26,7 +26,7 @@ from carv_attrib.carv.timesteps import Density, Proposal, density
 from carv_attrib.models.wan import pad_context
 
 if TYPE_CHECKING:
-    from carv_attrib.data.latents import CachedClip
+    from carv_attrib.store.latents import CachedClip
 
 StepFn = Callable[[str], None]
 """on_step(name): called after each pilot step ("iid", "ranking K=4", …); the pipeline turns it into
@@ -233,8 +233,8 @@ def ranking_draws(
     preconditioner, then `attrib.stability.ranking_agreement` (top-k overlap, k = min(10, (n−1)//3),
     and Spearman over the whole ranking). K is stable when `stability.is_stable` holds; the curve up
     to that K is returned, and `stable` False when even k_max is not."""
-    from carv_attrib.attrib.precondition import fit_preconditioner
-    from carv_attrib.attrib.stability import STABLE, is_stable, ranking_agreement
+    from carv_attrib.search.precondition import fit_preconditioner
+    from carv_attrib.search.stability import STABLE, is_stable, ranking_agreement
 
     n = len(clips)
     top_k = max(1, min(STABLE["top_k"], (n - 1) // 3))

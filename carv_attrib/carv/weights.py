@@ -1,7 +1,7 @@
 """Per-token loss weights of the motion objective (Motive, arXiv 2601.08828): numpy maths only.
 
 A clip's stored motion map m (T, h, w) (|optical flow| in px/frame on the latent grid,
-`carv_attrib.data.motion`) becomes weights of mean 1 that `objective.clip_objective` multiplies into
+`carv_attrib.video.motion`) becomes weights of mean 1 that `objective.clip_objective` multiplies into
 the per-token squared residual, so moving tokens dominate the gradient:
 
     m' = max(m − noise, 0),   w = floor + (1 − floor)·m' / mean(m')

@@ -18,8 +18,8 @@ from carv_attrib.errors import EXIT_PARTIAL
 def frames(cfg: FramesConfig, fmt: str | None) -> None:
     """Show the timestamps and source frames taken from VIDEO, the decoder and the container facts;
     optionally a contact sheet (--png) or the frames themselves (--npy). Exit 3 when the clip fails."""
-    from carv_attrib.data.failures import ClipFailure, failure_message
-    from carv_attrib.data.frames import contact_sheet, inspect_frames
+    from carv_attrib.video.failures import ClipFailure, failure_message
+    from carv_attrib.video.frames import contact_sheet, inspect_frames
 
     fmt = check_format(fmt)
     cfg.validate()

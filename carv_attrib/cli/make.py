@@ -49,7 +49,7 @@ def make_demo_data(
     fps: Annotated[float, typer.Option(help="Frame rate of the clips.")] = 8.0,
 ) -> None:
     """Write N real H.264 clips of moving shapes with matching captions and a VidGen-style manifest."""
-    from carv_attrib.demo_data import make_demo_data as build
+    from carv_attrib.lds.synthetic import make_demo_data as build
 
     if clips < 1:
         raise UsageError("--clips must be >= 1")

@@ -32,8 +32,8 @@ OUT = param(
 @stage_command(ScoreConfig, extra=[TOP_K, OUT, format_param()])
 def score(cfg: ScoreConfig, top_k: str, out: Path | None, fmt: str | None) -> None:
     """Score QUERY videos against RUN's index: the training clips that shaped each, best first."""
-    from carv_attrib.data.store import write_json_atomic
     from carv_attrib.pipeline.score import run_score
+    from carv_attrib.store.shards import write_json_atomic
 
     started = time.monotonic()
     fmt = check_format(fmt)

@@ -18,9 +18,9 @@ from carv_attrib.config.options import (
     seed_option,
     timesteps_option,
 )
-from carv_attrib.data.manifest import FORMATS as MANIFEST_FORMATS
-from carv_attrib.data.video import FramePolicy
 from carv_attrib.errors import UsageError
+from carv_attrib.store.manifest import FORMATS as MANIFEST_FORMATS
+from carv_attrib.video.decode import FramePolicy
 
 
 @dataclass(kw_only=True)

@@ -36,11 +36,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from carv_attrib.data.motion import decode_with_motion, stored_map
-from carv_attrib.data.run import EncodeFacts
-from carv_attrib.data.video import DecodedClip, FramePolicy, decode_clip, frames_to_tensor
 from carv_attrib.models.identity import ENCODER_COMPONENTS
 from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
+from carv_attrib.store.run import EncodeFacts
+from carv_attrib.video.decode import DecodedClip, FramePolicy, decode_clip, frames_to_tensor
+from carv_attrib.video.motion import decode_with_motion, stored_map
 
 __all__ = ["ClipEncoder", "EncodedClip", "EncodeFailure", "NON_FINITE"]
 

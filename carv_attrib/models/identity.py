@@ -4,7 +4,7 @@ refuse mixing them.
 What changes the numbers is the component configs and weights, so a component's identity is the
 sha256 of its config and every weight file (hashes of big files cached by (path, size, mtime); a
 Hugging Face cache blob is named by its sha256 and read for free). A model's *path* is provenance,
-not identity (`carv_attrib.data.store.PROVENANCE_KEYS`).
+not identity (`carv_attrib.store.shards.PROVENANCE_KEYS`).
 
 Checks used by the stages:
 - `check_encoder_matches(model, recorded)`: featurize/plan/score with the VAE + text encoder that
@@ -27,7 +27,7 @@ from huggingface_hub import snapshot_download
 from carv_attrib.errors import ConfigMismatchError, ModelLoadError
 
 if TYPE_CHECKING:  # a type only: data/ builds on models/ elsewhere, not the other way round
-    from carv_attrib.data.records import ModelRecord
+    from carv_attrib.store.records import ModelRecord
 
 ENCODER_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 

@@ -50,7 +50,7 @@ def record(
     `seconds` since `started` (a `time.monotonic()` value), plus `extra` as given (JSON-able).
     Never raises for an unwritable run dir: a finished job must not turn into a failure (a warning
     is logged instead)."""
-    from carv_attrib.data.store import now_iso, record_invocation
+    from carv_attrib.store.shards import now_iso, record_invocation
 
     entry = {
         "command": command,

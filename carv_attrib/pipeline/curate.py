@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from carv_attrib.config import CurateConfig
-from carv_attrib.data.manifest import nfc, read_rows, write_rows
-from carv_attrib.data.store import atomic_path
 from carv_attrib.errors import UsageError
+from carv_attrib.store.manifest import nfc, read_rows, write_rows
+from carv_attrib.store.shards import atomic_path
 
 __all__ = ["CurateConfig", "CurateSummary", "aggregate_clips", "run_curate"]
 

@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from carv_attrib.config import DemoConfig, EncodeConfig, FeaturizeConfig, PlanConfig, ScoreConfig
-from carv_attrib.data.store import write_json_atomic
-from carv_attrib.demo_data import make_demo_data, write_mp4
+from carv_attrib.lds.synthetic import make_demo_data, write_mp4
 from carv_attrib.models.tiny import make_model
+from carv_attrib.models.train import TrainConfig, train_transformer
 from carv_attrib.pipeline.encode import run_encode
 from carv_attrib.pipeline.featurize import featurize_and_index
 from carv_attrib.pipeline.generate import generate_video
 from carv_attrib.pipeline.plan import run_plan
 from carv_attrib.pipeline.score import run_score
-from carv_attrib.train import TrainConfig, train_transformer
+from carv_attrib.store.shards import write_json_atomic
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 

@@ -9,7 +9,7 @@ reused by every featurize run (any K, checkpoint, projection).
 
 Output: RUN/latents/part-NNNNN.parquet, one row per encoded clip (failed clips included, with status
 and error), see `latent_schema`, then RUN/manifest/clips.parquet, the committed manifest with each
-clip's source key (`carv_attrib.data.sources`). A rerun on an edited manifest or edited files encodes
+clip's source key (`carv_attrib.store.sources`). A rerun on an edited manifest or edited files encodes
 only the clips that are new or changed (`plan_encode`). Decoding runs in worker processes
 (`DecodePool`) ahead of the main process, which batches the VAE encodes, so the two overlap.
 """
@@ -30,21 +30,21 @@ import pyarrow.parquet as pq
 
 from carv_attrib import __version__
 from carv_attrib.config import EncodeConfig, parse_shard
-from carv_attrib.data.decode_pool import DecodePool
-from carv_attrib.data.failures import ClipFailure, failure_message
-from carv_attrib.data.latents import empty_latent_row, latent_schema
-from carv_attrib.data.live import hashes_in_rows, latent_rows, latent_sha, selection
-from carv_attrib.data.manifest import ClipTable, read_manifest
-from carv_attrib.data.motion import MOTION_RULE
-from carv_attrib.data.run import EncodeFacts, RunDir
-from carv_attrib.data.sources import SourcedClips
-from carv_attrib.data.store import ShardStore, fingerprint, now_iso
-from carv_attrib.data.video import DecodedClip
 from carv_attrib.errors import PartialRun
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodedClip, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity, resolve_source
 from carv_attrib.models.wan import WanModel, load_wan, vae_tiling_decision
 from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
+from carv_attrib.store.latents import empty_latent_row, latent_schema
+from carv_attrib.store.live import hashes_in_rows, latent_rows, latent_sha, selection
+from carv_attrib.store.manifest import ClipTable, read_manifest
+from carv_attrib.store.run import EncodeFacts, RunDir
+from carv_attrib.store.shards import ShardStore, fingerprint, now_iso
+from carv_attrib.store.sources import SourcedClips
+from carv_attrib.video.decode import DecodedClip
+from carv_attrib.video.failures import ClipFailure, failure_message
+from carv_attrib.video.motion import MOTION_RULE
+from carv_attrib.video.pool import DecodePool
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ LAYOUT = "content-addressed-v1"
 
 def latents_identity(cfg: EncodeConfig, model_ident: dict[str, Any], tiled: bool = False) -> dict[str, Any]:
     """What changes the stored numbers: the fingerprinted stage config. The manifest is not in it: a
-    run grows, shrinks and changes clip by clip (`carv_attrib.data.sources`), and the shard size is
+    run grows, shrinks and changes clip by clip (`carv_attrib.store.sources`), and the shard size is
     only the unit of resume."""
     policy = cfg.policy
     return (
@@ -75,7 +75,7 @@ def latents_identity(cfg: EncodeConfig, model_ident: dict[str, Any], tiled: bool
             "text_max_sequence_length": 512,
             "latent": "normalised latent_dist.mode(): (z - latents_mean) / latents_std",
             # frame k = the frame displayed at k/fps after the first displayed one (edit lists, VFR,
-            # rotation and SAR honoured; data/video.py): latents from the older index rule never mix in
+            # rotation and SAR honoured; video/decode.py): latents from the older index rule never mix in
             "frame_selection": FRAME_SELECTION,
         }
         | ({"vae_tiling": True} if tiled else {})

@@ -1,11 +1,11 @@
 """`evaluate`: how faithful are the attributions on this run? LDS of featurize settings, with CIs.
 
-Protocol (TRAK's linear datamodeling score; `carv_attrib.evaluate.lds`): `queries` ok clips of RUN
+Protocol (TRAK's linear datamodeling score; `carv_attrib.lds.metric`): `queries` ok clips of RUN
 are held out (seeded choice); the rest are the training clips. MODEL's transformer is the shared init:
 the *full model* is it fine-tuned on all training clips, and each of `subsets` random halves is
 fine-tuned from it the same way (same steps, schedule, optimizer, seed). Each subset model's loss on
 each query over fixed draws is the measured output (gt = −loss). Attributions are computed with the
-full model for each requested setting (`carv_attrib.evaluate.study.NAMED_VARIANTS`), replicated over
+full model for each requested setting (`carv_attrib.lds.study.NAMED_VARIANTS`), replicated over
 projection and estimator seeds, and scored by LDS with a bootstrap CI over queries and seeds; the LDS
 of random scores is the noise floor. With `ground_truth`, no model is trained: the file gives the
 subsets and their measured outputs, and MODEL's own transformer is attributed.
@@ -27,16 +27,16 @@ import numpy as np
 from carv_attrib import __version__
 from carv_attrib.carv.timesteps import density as make_density
 from carv_attrib.config import MIN_EVAL_SUBSETS, MIN_EVAL_TRAIN, EvaluateConfig
-from carv_attrib.data.latents import CachedClip, iter_cached
-from carv_attrib.data.manifest import read_text_file
-from carv_attrib.data.run import RunDir
-from carv_attrib.data.store import fingerprint, now_iso, write_json_atomic
 from carv_attrib.errors import UsageError
-from carv_attrib.evaluate.lds import random_floor
-from carv_attrib.evaluate.retrain import TrainJob, run_trainings, subset_model
-from carv_attrib.evaluate.study import NAMED_VARIANTS, LdsProblem, score_variants
+from carv_attrib.lds.metric import random_floor
+from carv_attrib.lds.retrain import TrainJob, run_trainings, subset_model
+from carv_attrib.lds.study import NAMED_VARIANTS, LdsProblem, score_variants
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity
 from carv_attrib.optional import require_matplotlib
+from carv_attrib.store.latents import CachedClip, iter_cached
+from carv_attrib.store.manifest import read_text_file
+from carv_attrib.store.run import RunDir
+from carv_attrib.store.shards import fingerprint, now_iso, write_json_atomic
 
 __all__ = ["EvaluateConfig", "run_evaluate"]
 

@@ -6,8 +6,8 @@ For each ok clip of RUN/latents, K (σ, ε) draws reuse its cached latent (the C
     from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
     summary = run_featurize(FeaturizeConfig(run="runs/demo", model="models/tiny-wan", draws=8))
 
-Output: RUN/features/part-NNNNN.parquet (`carv_attrib.data.features`), appended: each run computes
-the live latents that have no feature row yet (`carv_attrib.data.live`), so a grown or edited run
+Output: RUN/features/part-NNNNN.parquet (`carv_attrib.store.features`), appended: each run computes
+the live latents that have no feature row yet (`carv_attrib.store.live`), so a grown or edited run
 costs only its new and changed clips, and a killed run resumes from its last finished shard.
 `featurize_and_index` then builds RUN/index (`carv_attrib.pipeline.index`), as the CLI does.
 """
@@ -35,17 +35,17 @@ from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.objective import TIMESTEP_CONVENTION
 from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.config import FeaturizeConfig, IndexConfig, parse_shard
-from carv_attrib.data.features import feature_row, feature_schema
-from carv_attrib.data.latents import read_latents
-from carv_attrib.data.live import LatentRow, LiveFeatures, LiveLatents, selection
-from carv_attrib.data.motion import check_objective_inputs, objective_spec
-from carv_attrib.data.records import IndexInfo, PlanDoc
-from carv_attrib.data.run import RunDir
-from carv_attrib.data.store import ShardStore, fingerprint, now_iso
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity, resolve_source
 from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
 from carv_attrib.pipeline.index import build_run_index, index_config_keeping, precheck_index
+from carv_attrib.store.features import feature_row, feature_schema
+from carv_attrib.store.latents import read_latents
+from carv_attrib.store.live import LatentRow, LiveFeatures, LiveLatents, selection
+from carv_attrib.store.records import IndexInfo, PlanDoc
+from carv_attrib.store.run import RunDir
+from carv_attrib.store.shards import ShardStore, fingerprint, now_iso
+from carv_attrib.video.motion import check_objective_inputs, objective_spec
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def run_featurize(
     index_check: Callable[[int, int], None] | None = None,
 ) -> FeaturizeSummary:
     """Compute the features RUN/features lacks: one per live ok latent (all the first time; then the
-    clips added or changed since, `carv_attrib.data.live`). Everything is checked before the first
+    clips added or changed since, `carv_attrib.store.live`). Everything is checked before the first
     write. Raises UsageError / ConfigMismatchError (exit 2) for a run without latents, a model that
     did not encode it, or a stage made with other options. `index_check(dim, clips)` (the CLI's
     `pipeline.index.precheck_index`) refuses an index that could not be built, before any work."""

@@ -2,7 +2,7 @@
 
 The query side of the walkthrough: generate with the model whose training clips you attribute, then
 `score` the video against the run. Frames are written with libx264 through PyAV
-(`carv_attrib.demo_data.write_mp4`), so `score` decodes them like any clip.
+(`carv_attrib.lds.synthetic.write_mp4`), so `score` decodes them like any clip.
 
     from carv_attrib.pipeline.generate import GenerateConfig, run_generate
     path = run_generate(GenerateConfig(prompt="a red square moving left", model="demo-run/model"))
@@ -18,7 +18,7 @@ import torch
 from diffusers import WanPipeline
 
 from carv_attrib.config import GenerateConfig
-from carv_attrib.demo_data import write_mp4
+from carv_attrib.lds.synthetic import write_mp4
 from carv_attrib.models.identity import check_pipeline_dir
 from carv_attrib.models.wan import _quiet_hf, resolve_device
 

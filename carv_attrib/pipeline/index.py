@@ -3,7 +3,7 @@
     from carv_attrib.pipeline.index import IndexConfig, build_run_index
     info = build_run_index(IndexConfig(run="runs/demo", precondition="trak"))   # IndexInfo
 
-The index holds the live features (`carv_attrib.data.live`): one per current clip, none of removed or
+The index holds the live features (`carv_attrib.store.live`): one per current clip, none of removed or
 changed ones, and it records their digest so `score` refuses it once the run changes. Features are
 streamed shard by shard, never all in memory: the ids (a cheap column read), then the TRAK Gram, the
 training sample of an approximate index, and the vectors, one pass each, all over one snapshot.
@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from carv_attrib import __version__
-from carv_attrib.attrib.index import (
+from carv_attrib.config import IndexConfig
+from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.search.index import (
     add_vectors,
     check_fits,
     check_trainable,
@@ -27,15 +29,13 @@ from carv_attrib.attrib.index import (
     train_index,
     train_sample_rows,
 )
-from carv_attrib.attrib.precondition import Preconditioner, fit_preconditioner
-from carv_attrib.attrib.rerank import VectorStore
-from carv_attrib.config import IndexConfig
-from carv_attrib.data.features import feature_ids, iter_feature_blocks
-from carv_attrib.data.live import LiveLatents
-from carv_attrib.data.records import FeaturesRecord, IndexInfo, LatentsRecord
-from carv_attrib.data.run import RunDir
-from carv_attrib.data.store import now_iso
-from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.search.precondition import Preconditioner, fit_preconditioner
+from carv_attrib.search.rerank import VectorStore
+from carv_attrib.store.features import feature_ids, iter_feature_blocks
+from carv_attrib.store.live import LiveLatents
+from carv_attrib.store.records import FeaturesRecord, IndexInfo, LatentsRecord
+from carv_attrib.store.run import RunDir
+from carv_attrib.store.shards import now_iso
 
 __all__ = ["IndexConfig", "build_run_index"]
 

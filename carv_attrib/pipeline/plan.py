@@ -53,17 +53,17 @@ from carv_attrib.carv.accounting import Costs
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.timesteps import Proposal, density
 from carv_attrib.config import DEFAULT_PRECONDITION, PlanConfig
-from carv_attrib.data.latents import CachedClip, iter_cached
-from carv_attrib.data.motion import check_objective_inputs, objective_spec
-from carv_attrib.data.records import LatentsRecord
-from carv_attrib.data.run import RunDir
-from carv_attrib.data.store import now_iso, write_json_atomic
-from carv_attrib.data.video import ClipFailure
 from carv_attrib.errors import UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder
 from carv_attrib.models.identity import check_encoder_matches
 from carv_attrib.optional import require_matplotlib
 from carv_attrib.pipeline._job import ProgressFn, noop, record
+from carv_attrib.store.latents import CachedClip, iter_cached
+from carv_attrib.store.records import LatentsRecord
+from carv_attrib.store.run import RunDir
+from carv_attrib.store.shards import now_iso, write_json_atomic
+from carv_attrib.video.decode import ClipFailure
+from carv_attrib.video.motion import check_objective_inputs, objective_spec
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Run a stage's parts as Ray tasks (`--executor ray`): the engine when one machine is not enough.
 
 The unit of work is what `--shard I/N` already does on one machine: part I of N takes the clips whose
-id is I mod N and appends shards numbered I mod N (`carv_attrib.data.store.ShardStore.part_shards`),
+id is I mod N and appends shards numbered I mod N (`carv_attrib.store.shards.ShardStore.part_shards`),
 with the same atomic write and done-marker protocol. So a Ray run, a local run and a Ray run that was
 killed and resumed hold the same rows, and a task whose worker died is simply run again by Ray
 (`max_retries`): its finished shards are kept, its unfinished one is redone, and no clip is written
-twice into the live view (`carv_attrib.data.live`). Ray Core tasks, not Ray Data: the parts are a few
+twice into the live view (`carv_attrib.store.live`). Ray Core tasks, not Ray Data: the parts are a few
 long jobs that write their own files, not a stream of records.
 
     results = run_parts(run_encode, [replace(cfg, shard=f"{i}/{n}") for i in range(n)], address="local")

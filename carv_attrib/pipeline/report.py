@@ -3,7 +3,7 @@ training clips (frames, vid, caption, score), failed queries with their error, t
 the provenance in a collapsible block. Results scored with `score --explain` get two small bar charts
 (inline SVG): the score's split over the transformer's blocks and over the timestep strata.
 
-Frames are taken with the run's own frame selection (`carv_attrib.data.video.decode_clip` with the
+Frames are taken with the run's own frame selection (`carv_attrib.video.decode.decode_clip` with the
 index's recorded frame policy), --frames of them evenly spaced, as one PNG strip per clip inlined as a
 data URI, so the page needs nothing beside it. The page is rendered by Jinja2 with autoescaping:
 captions, paths and errors are shown as text, whatever they contain (`<script>`, `[/INST]`).
@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image
 
 from carv_attrib.config import ReportConfig
-from carv_attrib.data.store import atomic_path
-from carv_attrib.data.video import ClipFailure, FramePolicy, decode_clip
 from carv_attrib.errors import UsageError
+from carv_attrib.store.shards import atomic_path
+from carv_attrib.video.decode import ClipFailure, FramePolicy, decode_clip
 
 __all__ = ["ReportConfig", "run_report", "frame_strip", "bar_chart", "explain_charts"]
 

@@ -26,28 +26,28 @@ import numpy as np
 import torch
 
 from carv_attrib import __version__
-from carv_attrib.attrib.explain import explain_result, layer_slices, layer_split, stratum_split
 from carv_attrib.attrib.featurizer import Featurizer, load_featurizer
-from carv_attrib.attrib.index import load_index, search
-from carv_attrib.attrib.precondition import load_preconditioner
-from carv_attrib.attrib.rerank import VectorStore, rerank
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.choices import OBJECTIVES
 from carv_attrib.config import ScoreConfig
-from carv_attrib.data.decode_pool import DecodePool
-from carv_attrib.data.failures import ClipFailure, failure_message
-from carv_attrib.data.latents import read_latents
-from carv_attrib.data.live import selection
-from carv_attrib.data.manifest import clip_id_for, read_text_file
-from carv_attrib.data.motion import check_rule
-from carv_attrib.data.records import IndexInfo
-from carv_attrib.data.run import RunDir
-from carv_attrib.data.store import now_iso
 from carv_attrib.errors import UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import WanModel, load_wan
 from carv_attrib.pipeline._job import ProgressFn, noop
+from carv_attrib.search.explain import explain_result, layer_slices, layer_split, stratum_split
+from carv_attrib.search.index import load_index, search
+from carv_attrib.search.precondition import load_preconditioner
+from carv_attrib.search.rerank import VectorStore, rerank
+from carv_attrib.store.latents import read_latents
+from carv_attrib.store.live import selection
+from carv_attrib.store.manifest import clip_id_for, read_text_file
+from carv_attrib.store.records import IndexInfo
+from carv_attrib.store.run import RunDir
+from carv_attrib.store.shards import now_iso
+from carv_attrib.video.failures import ClipFailure, failure_message
+from carv_attrib.video.motion import check_rule
+from carv_attrib.video.pool import DecodePool
 
 __all__ = ["SCHEMA_VERSION", "ScoreConfig", "Query", "run_score", "read_prompts", "provenance", "aggregate"]
 
@@ -313,7 +313,7 @@ def _result_cosines(run: RunDir, info: IndexInfo, index: Any, queries: list[Quer
 
 
 def _explain(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:
-    """Each result's score split over layers and blocks (`carv_attrib.attrib.explain`), from the
+    """Each result's score split over layers and blocks (`carv_attrib.search.explain`), from the
     clip's indexed vector (`_indexed_vectors`). A dense projector was refused by `_check_index_use`."""
     slices = layer_slices(info.projector, info.blocks)
     store = VectorStore(run.index_dir) if info.rerank_vectors else None

@@ -9,15 +9,15 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from carv_attrib.data.records import IndexSummary, RunLog, StageRecord
-from carv_attrib.data.run import RunDir
-from carv_attrib.data.store import ShardStore
 from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.store.records import IndexSummary, RunLog, StageRecord
+from carv_attrib.store.run import RunDir
+from carv_attrib.store.shards import ShardStore
 
 
 @dataclass(frozen=True)
 class LiveStatus:
-    """The live view of one stage (`carv_attrib.data.live`): clips current, superseded rows of removed
+    """The live view of one stage (`carv_attrib.store.live`): clips current, superseded rows of removed
     or changed clips; latents add statuses and pending (manifest clips without a row), features
     to_compute (live ok latents without a feature). A field None is not shown."""
 
@@ -135,7 +135,7 @@ def read_stage_status(store: ShardStore, live: LiveStatus | None = None) -> Stag
 def status_doc(run: Path | str | RunDir) -> StatusDoc:
     """What RUN holds; UsageError (exit 2) when RUN is not a directory.
 
-    Per stage: every done row (`rows`, `statuses`) and the live view (`carv_attrib.data.live`): the
+    Per stage: every done row (`rows`, `statuses`) and the live view (`carv_attrib.store.live`): the
     current clips, what is still to compute and the superseded rows of removed or changed clips. The
     index says whether it is `fresh` (built from the live set) and, when not, why.
     """

@@ -42,7 +42,7 @@ def block_layers(wan: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 @pytest.fixture(scope="module")
 def clips(encoded_run: Path) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    from carv_attrib.data.latents import iter_cached
+    from carv_attrib.store.latents import iter_cached
 
     cached = list(iter_cached(encoded_run))[:2]
     return [(c.clip_id, c.latent, c.text_emb) for c in cached]
@@ -280,7 +280,7 @@ def test_draw_parts_add_up_to_the_feature_with_weights_and_checkpoints(
     for all K): the token sums of the real demo latents, with the 512-token padded context, cancel
     more than test_gradients.py's random data. The control: dropping the w_k, or the motion weights,
     must exceed it."""
-    from carv_attrib.data.motion import objective_spec
+    from carv_attrib.video.motion import objective_spec
 
     q = Proposal.from_bins(torch.linspace(0, 1, 5), torch.tensor([4.0, 1.0, 0.5, 0.25]), "uniform", mix=0.1)
     rule = DrawRule(seed=1, scheme="stratified-is", k=3, density="uniform", proposal=q)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from carv_attrib.attrib.precondition import fit_preconditioner
 from carv_attrib.attrib.projection import KronProjector, kron_matrix, select_linear_layers
+from carv_attrib.search.precondition import fit_preconditioner
 
 from .helpers import (
     flow_losses,

@@ -13,11 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from carv_attrib.cli.app import app
-from carv_attrib.data.features import feature_matrix
-from carv_attrib.data.run import RunDir
-from carv_attrib.demo_data import write_mp4
+from carv_attrib.lds.synthetic import write_mp4
 from carv_attrib.pipeline.index import IndexConfig, build_run_index
 from carv_attrib.pipeline.score import ScoreConfig, run_score
+from carv_attrib.store.features import feature_matrix
+from carv_attrib.store.run import RunDir
 
 runner = CliRunner()
 MARKUP = "a [b]red[/b] square [/INST] moving left"

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from carv_attrib.data.latents import iter_cached
-from carv_attrib.data.motion import MOTION_DTYPE, MOTION_RULE, decode_with_motion, stored_map
-from carv_attrib.data.run import EncodeFacts, RunDir
-from carv_attrib.data.video import decode_clip, frames_to_tensor
 from carv_attrib.models import clip_encoder as ce
 from carv_attrib.models.clip_encoder import NON_FINITE, ClipEncoder, EncodedClip, EncodeFailure
 from carv_attrib.models.wan import encode_prompts, encode_video, load_wan
+from carv_attrib.store.latents import iter_cached
+from carv_attrib.store.run import EncodeFacts, RunDir
+from carv_attrib.video.decode import decode_clip, frames_to_tensor
+from carv_attrib.video.motion import MOTION_DTYPE, MOTION_RULE, decode_with_motion, stored_map
 
 
 def facts(**over: object) -> EncodeFacts:

@@ -97,7 +97,7 @@ def test_encoder_check_passes_for_the_same_files_elsewhere(tmp_path: Path, tiny_
 def test_encoder_check_passes_for_the_model_that_encoded_a_run(
     encoded_run: Path, tiny_model_dir: Path
 ) -> None:
-    from carv_attrib.data.run import RunDir
+    from carv_attrib.store.run import RunDir
 
     model = RunDir(encoded_run).require_latents()["config"]["model"]
     check_encoder_matches(str(tiny_model_dir), model["components"], model.get("source"))

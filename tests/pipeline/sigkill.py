@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 
-from carv_attrib.data.store import ShardStore
+from carv_attrib.store.shards import ShardStore
 
 
 def sigkill_after_first_shard(proc: subprocess.Popen, store: ShardStore, timeout: float = 300.0) -> None:

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from carv_attrib.config import CurateConfig
-from carv_attrib.data.manifest import clip_id_for, read_rows
 from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.curate import aggregate_clips, run_curate
+from carv_attrib.store.manifest import clip_id_for, read_rows
 
 VIDS = ["a", "b", "c", "d", "e"]
 

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from carv_attrib.data.latents import iter_cached
-from carv_attrib.data.store import ShardStore
-from carv_attrib.data.video import FramePolicy, decode_clip, frames_to_tensor
 from carv_attrib.errors import ConfigMismatchError
 from carv_attrib.models.wan import encode_prompts, encode_video, load_wan
 from carv_attrib.pipeline.encode import EncodeConfig, run_encode
+from carv_attrib.store.latents import iter_cached
+from carv_attrib.store.shards import ShardStore
+from carv_attrib.video.decode import FramePolicy, decode_clip, frames_to_tensor
 from tests.pipeline.sigkill import sigkill_after_first_shard
 
 POLICY = FramePolicy(frames=9, height=32, width=32, fps=8)
@@ -176,8 +176,8 @@ def test_resume_after_sigkill_gives_the_same_rows(
 def test_vae_tiling_is_decided_once_recorded_and_followed_by_score(
     tmp_path: Path, tiny_model_dir: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from carv_attrib.data.run import EncodeFacts, RunDir
     from carv_attrib.models import wan as wan_mod
+    from carv_attrib.store.run import EncodeFacts, RunDir
 
     assert wan_mod.vae_tiling_decision("on", 32, 32, 1, "float32", "cpu")
     assert not wan_mod.vae_tiling_decision("off", 4096, 4096, 64, "float32", "cpu")

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from carv_attrib.cli.app import app
 from carv_attrib.config import EvaluateConfig
-from carv_attrib.data.latents import iter_cached
 from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.evaluate import run_evaluate
+from carv_attrib.store.latents import iter_cached
 
 runner = CliRunner()
 
@@ -73,7 +73,7 @@ def test_ground_truth_file_scores_without_training(
 
 def test_retraining_writes_json_and_plot(tmp_path: Path, tiny_model_dir: Path, demo_data: Path) -> None:
     from carv_attrib.config import EncodeConfig
-    from carv_attrib.demo_data import make_demo_data
+    from carv_attrib.lds.synthetic import make_demo_data
     from carv_attrib.pipeline.encode import run_encode
 
     manifest = make_demo_data(tmp_path / "d", clips=10, seed=4)

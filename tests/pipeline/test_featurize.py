@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from carv_attrib.data.features import feature_matrix
-from carv_attrib.data.latents import iter_cached
-from carv_attrib.data.run import RunDir
-from carv_attrib.data.store import ShardStore
 from carv_attrib.errors import ConfigMismatchError, UsageError
 from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
 from carv_attrib.pipeline.index import IndexConfig, build_run_index
+from carv_attrib.store.features import feature_matrix
+from carv_attrib.store.latents import iter_cached
+from carv_attrib.store.run import RunDir
+from carv_attrib.store.shards import ShardStore
 from tests.pipeline.sigkill import sigkill_after_first_shard
 
 

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from carv_attrib.carv.timesteps import Proposal, density
 from carv_attrib.cli.app import app
 from carv_attrib.config import DEFAULT_OUTPUT_FN, OUTPUT_FNS
-from carv_attrib.data.run import RunDir
-from carv_attrib.data.store import write_json_atomic
 from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.featurize import FeaturizeConfig, draw_rule, run_featurize
+from carv_attrib.store.run import RunDir
+from carv_attrib.store.shards import write_json_atomic
 
 DENSITY = "logit-normal:0,1"
 

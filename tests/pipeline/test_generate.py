@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from carv_attrib.config import GenerateConfig
-from carv_attrib.data.video import FramePolicy, decode_clip
 from carv_attrib.errors import ModelLoadError, UsageError
 from carv_attrib.pipeline.generate import run_generate
 from carv_attrib.pipeline.score import UNTRAINED_SPREAD, Query, untrained_warnings
+from carv_attrib.video.decode import FramePolicy, decode_clip
 
 
 def test_generate_writes_a_video_score_can_decode(tiny_model_dir: Path, tmp_path: Path) -> None:

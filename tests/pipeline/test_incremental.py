@@ -1,5 +1,5 @@
 """Runs that grow and heal: encode / featurize / index after manifest edits, file edits, kills and
-reruns hold exactly what a from-scratch run on the final state holds (`carv_attrib.data.live`).
+reruns hold exactly what a from-scratch run on the final state holds (`carv_attrib.store.live`).
 
 Replays the sequences that gave stale results with exit 0 (issue 13), then random sequences of
 edits and interrupted stages compared with a from-scratch run. Both sides use batch 1 (VAE calls,
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from carv_attrib.data.run import RunDir
 from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.index import index_config_keeping
 from carv_attrib.pipeline.score import ScoreConfig, run_score
+from carv_attrib.store.run import RunDir
 from tests.pipeline.worlds import World, assert_same_run, tree
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carv_attrib.attrib.index import load_index, search
-from carv_attrib.attrib.precondition import fit_preconditioner, load_preconditioner
-from carv_attrib.data.features import feature_matrix
 from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.index import IndexConfig, build_run_index
+from carv_attrib.search.index import load_index, search
+from carv_attrib.search.precondition import fit_preconditioner, load_preconditioner
+from carv_attrib.store.features import feature_matrix
 
 
 def test_streamed_trak_index_equals_the_in_memory_fit(featurized_run: Path, tmp_path: Path) -> None:

@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from carv_attrib.data.manifest import ClipTable
-from carv_attrib.data.run import RunDir
-from carv_attrib.data.sources import SourcedClips, SourceId
 from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.index import IndexConfig, build_run_index
+from carv_attrib.store.manifest import ClipTable
+from carv_attrib.store.run import RunDir
+from carv_attrib.store.sources import SourcedClips, SourceId
 
 N, D, SHARD = 100_000, 1024, 2_000  # 8 MB shards, as at 64 clips x 30,000 dims
 
@@ -67,7 +67,7 @@ def make_run(root: Path, n: int, d: int) -> int:
 
 BUILD = """
 import json, resource, sys
-import carv_attrib.attrib.index as ai
+import carv_attrib.search.index as ai
 from carv_attrib.pipeline.index import IndexConfig, build_run_index
 ai.TRAIN_SAMPLE_BYTES = 16 << 20  # the budget scaled with the test (2 GiB at a million clips)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -100,7 +100,7 @@ def test_a_factory_the_run_cannot_train_is_refused_before_any_pass(tmp_path: Pat
 def test_an_index_that_does_not_fit_in_memory_is_refused_before_any_pass(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import carv_attrib.attrib.index as ai
+    import carv_attrib.search.index as ai
 
     make_run(tmp_path / "run", 500, 64)
     monkeypatch.setattr(ai, "available_memory", lambda: 64 << 10)  # 64 KiB free
@@ -115,7 +115,7 @@ def test_index_size_estimates_match_faiss(tmp_path: Path) -> None:
     """`index_bytes` against the serialised size of real indexes (10^4 vectors): within 10 %."""
     import faiss
 
-    import carv_attrib.attrib.index as ai
+    import carv_attrib.search.index as ai
 
     x = np.random.default_rng(0).standard_normal((10_000, 64), dtype=np.float32)
     for factory in (None, "IVF64,SQ8", "IVF64,PQ16x4fs", "HNSW16"):

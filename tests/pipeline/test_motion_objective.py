@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carv_attrib.data.latents import iter_cached
-from carv_attrib.data.run import RunDir
-from carv_attrib.demo_data import clip_specs, make_demo_data, render_frames, write_mp4
 from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.lds.synthetic import clip_specs, make_demo_data, render_frames, write_mp4
 from carv_attrib.pipeline.encode import EncodeConfig, run_encode
 from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
 from carv_attrib.pipeline.index import IndexConfig, build_run_index
 from carv_attrib.pipeline.score import ScoreConfig, run_score
+from carv_attrib.store.latents import iter_cached
+from carv_attrib.store.run import RunDir
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -138,8 +138,8 @@ def test_queries_get_bitwise_the_maps_training_clips_got(motion_world: tuple[Pat
     """`score` decodes a query with `decode_with_motion` under the index's frame policy and rounds its
     map through float16 like encode stores it: for a training clip that is its stored map, bit for
     bit (the self-match test above is too coarse to see a small map difference)."""
-    from carv_attrib.data.motion import decode_with_motion, latent_motion
-    from carv_attrib.data.run import EncodeFacts
+    from carv_attrib.store.run import EncodeFacts
+    from carv_attrib.video.motion import decode_with_motion, latent_motion
 
     data, run = motion_world
     policy = EncodeFacts.from_latents_config(RunDir(run).latents.read_config()["config"]).policy

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from carv_attrib.carv.timesteps import Proposal
-from carv_attrib.data.store import ShardStore
 from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
 from carv_attrib.pipeline.plan import PlanConfig, run_plan
+from carv_attrib.store.shards import ShardStore
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +142,8 @@ def test_ranking_rule_recommends_the_first_k_where_two_seeds_agree() -> None:
     from types import SimpleNamespace
 
     from carv_attrib.attrib.pilot import ranking_draws
-    from carv_attrib.attrib.stability import is_stable
     from carv_attrib.carv.draws import DrawRule
+    from carv_attrib.search.stability import is_stable
 
     n = 31
     clips = [SimpleNamespace(clip_id=i, latent=None, text_emb=None, motion=None) for i in range(n)]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from carv_attrib.data.run import RunDir
 from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.ray_exec import DIE_ONCE_ENV
+from carv_attrib.store.run import RunDir
 from tests.pipeline.worlds import World, assert_same_run
 
 ray = pytest.importorskip("ray")
@@ -45,7 +45,7 @@ def assert_same_rows(run: Path, reference: Path) -> None:
 def test_parts_by_hand_then_a_plain_run_commit(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from carv_attrib.data import sources
+    from carv_attrib.store import sources
 
     reference, parts = tmp_path / "local", tmp_path / "parts"
     world.all_stages(reference)

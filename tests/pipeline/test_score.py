@@ -9,10 +9,10 @@ import jsonschema
 import numpy as np
 import pytest
 
-from carv_attrib.data.features import feature_matrix
 from carv_attrib.errors import ConfigMismatchError, UsageError
 from carv_attrib.pipeline.index import IndexConfig, build_run_index
 from carv_attrib.pipeline.score import ScoreConfig, read_prompts, run_score
+from carv_attrib.store.features import feature_matrix
 
 
 def schema() -> dict:
@@ -195,11 +195,11 @@ def test_float16_cache_query_reproduces_the_stored_feature(
     """
     from carv_attrib.attrib.featurizer import load_featurizer
     from carv_attrib.carv.draws import DrawRule
-    from carv_attrib.data.latents import as_stored, iter_cached
-    from carv_attrib.data.run import RunDir
-    from carv_attrib.data.video import decode_clip, frames_to_tensor
     from carv_attrib.models.wan import encode_video, load_wan
     from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
+    from carv_attrib.store.latents import as_stored, iter_cached
+    from carv_attrib.store.run import RunDir
+    from carv_attrib.video.decode import decode_clip, frames_to_tensor
 
     rows = json.loads((demo_data / "manifest.json").read_text())[:3]
     (tmp_path / "m.json").write_text(json.dumps(rows))
@@ -245,7 +245,7 @@ def test_float16_cache_query_reproduces_the_stored_feature(
 
 
 def stored_policy(info):
-    from carv_attrib.data.video import FramePolicy
+    from carv_attrib.video.decode import FramePolicy
 
     e = info.encode
     return FramePolicy(frames=e.frames, height=e.height, width=e.width, fps=e.fps, pad_short=e.pad_short)

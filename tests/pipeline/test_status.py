@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from carv_attrib.data.store import ShardStore, fingerprint, record_invocation, write_json_atomic
 from carv_attrib.errors import CarvError, UsageError
 from carv_attrib.pipeline.status import run_status
+from carv_attrib.store.shards import ShardStore, fingerprint, record_invocation, write_json_atomic
 
 STAGES = ("latents", "features")
 

@@ -12,12 +12,12 @@ from typing import Any
 import faiss
 import numpy as np
 
-from carv_attrib.attrib.index import load_index
-from carv_attrib.data.features import feature_matrix
-from carv_attrib.data.run import RunDir
 from carv_attrib.pipeline.encode import EncodeConfig, run_encode
 from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
 from carv_attrib.pipeline.index import IndexConfig, build_run_index
+from carv_attrib.search.index import load_index
+from carv_attrib.store.features import feature_matrix
+from carv_attrib.store.run import RunDir
 
 
 class World:

@@ -1,0 +1,297 @@
+"""FAISS inner-product index of preconditioned train features, keyed by clip id.
+
+The default is exact: `IndexIDMap2(IndexFlatIP(d))`, so search returns the true top-k inner
+products ⟨query, ψ_i⟩ with the clip ids given at build time. For large N a factory string
+(e.g. "IVF1024,Flat", "IVF4096,PQ64", "OPQ64,IVF4096,PQ64", "HNSW32") builds an approximate index
+with the inner-product metric, trained on a seeded random sample of the vectors; `score` re-ranks
+its candidates exactly (`carv_attrib.search.rerank`). A GPU index is used when faiss has GPU support
+and sees a CUDA device; `save_index` converts it back to the CPU.
+
+Usage::
+
+    index = build_index(ids, psi)                      # ids (n,) int64, psi (n, d) float32
+    save_index(index, "RUN/index/index.faiss")
+    index = load_index("RUN/index/index.faiss")
+    scores, hits = search(index, queries, k=10)        # (m, 10) float32, (m, 10) int64
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from carv_attrib.memory import available_memory  # looked up at call time: tests patch it here
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRAIN_SAMPLE = 100_000
+TRAIN_SAMPLE_BYTES = 2 << 30  # the training sample's float32 size at most: 2 GiB (26k rows at D = 19,200)
+MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below 39 training points per centroid
+
+
+def train_sample_rows(n: int, d: int, budget: int | None = None) -> int:
+    """Rows of the training sample of an approximate index over n vectors of dimension d: at most
+    DEFAULT_TRAIN_SAMPLE and at most `budget` bytes of float32, so that training never holds a
+    large share of a million-clip run in memory (budget None: TRAIN_SAMPLE_BYTES)."""
+    budget = TRAIN_SAMPLE_BYTES if budget is None else budget
+    return max(1, min(n, DEFAULT_TRAIN_SAMPLE, budget // (4 * d)))
+
+
+def index_bytes(n: int, d: int, factory: str | None) -> int:
+    """Approximate memory of an index of n d-dim vectors, from its factory string: 4·d bytes per
+    vector (Flat), d·b/8 (SQ<b>), 2·d (SQfp16), m (PQ<m>), m/2 (PQ<m>x4fs), plus HNSW<M>'s
+    links (8·M) and the id map (16); IVF centroids and OPQ/PCA matrices are added. A guide for
+    refusing what cannot fit, not an exact size."""
+
+    f = factory or "Flat"
+    per = 4.0 * d
+    if m := re.search(r"PQ(\d+)(x4fs)?", f):
+        per = int(m.group(1)) / (2 if m.group(2) else 1)
+    elif m := re.search(r"SQ(\d+)", f):
+        per = d * int(m.group(1)) / 8
+    elif "SQfp16" in f:
+        per = 2.0 * d
+    if m := re.search(r"HNSW(\d+)", f):
+        per += 8 * int(m.group(1))
+    fixed = 0
+    if m := re.search(r"IVF(\d+)", f):
+        fixed += 4 * d * int(m.group(1))
+    if re.search(r"(OPQ|PCA)", f):
+        fixed += 4 * d * d
+    return int(n * (per + 16) + fixed)
+
+
+def check_fits(n: int, d: int, factory: str | None, available: int | None = None) -> None:
+    """Refuse (ValueError) an index that would not fit in the memory available now, before any work."""
+    need = index_bytes(n, d, factory)
+    available = available_memory() if available is None else available
+    if available is not None and need > available:
+        raise ValueError(
+            f"an index of {n} vectors of dimension {d} with {factory or 'Flat'} needs about "
+            f"{need / 2**30:.1f} GiB but {available / 2**30:.1f} GiB are available; use a compressed "
+            "factory (e.g. IVF4096,SQ8: d bytes per vector) or a smaller feature (--kron-dims)"
+        )
+
+
+def check_trainable(index: Any, n: int, factory: str | None) -> None:
+    """Refuse (ValueError) an approximate index that n vectors cannot train: fewer vectors than IVF
+    lists (or than 8-bit PQ centroids, 256). Called before any pass over the features."""
+    if index.is_trained:
+        return
+    nlist = ivf_lists(index) or 0
+    need = max(nlist, 256 if _has_8bit_pq(index) else 0)
+    if n < need:
+        raise ValueError(
+            f"--index-factory {factory}: {n} vectors cannot train it (it needs at least {need}; "
+            f"{MIN_POINTS_PER_LIST}x its {nlist or need} centroids is better); use fewer IVF lists, "
+            f"e.g. IVF{max(1, n // MIN_POINTS_PER_LIST)},..., or the default Flat index"
+        )
+
+
+def _has_8bit_pq(index: Any) -> bool:
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    try:
+        inner = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        pass
+    pq = getattr(inner, "pq", None)
+    return pq is not None and getattr(pq, "nbits", 0) == 8
+
+
+def _as_vectors(vectors: Any, dim: int | None, what: str) -> np.ndarray:
+    """C-contiguous float32 (n, d), checked for shape and finiteness."""
+    if hasattr(vectors, "detach"):  # a torch tensor
+        vectors = vectors.detach().cpu().numpy()
+    arr = np.ascontiguousarray(vectors, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D (n, d) array, got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{what} have dimension {arr.shape[1]} but the index has dimension {dim}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} contain NaN/Inf; drop those rows first")
+    return arr
+
+
+def _gpu_available(faiss: Any) -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def new_index(d: int, factory: str | None = None, use_gpu: bool | None = None) -> Any:
+    """An empty inner-product `IndexIDMap2` of dimension d: exact `IndexFlatIP` for factory None,
+    else `faiss.index_factory(d, factory, METRIC_INNER_PRODUCT)` (to be trained with `train_index`).
+    use_gpu None: a GPU when faiss has GPU support and sees a device."""
+    if d < 1:
+        raise ValueError("vectors must have at least one dimension")
+    try:
+        inner = (
+            faiss.IndexFlatIP(d)
+            if factory is None
+            else faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        )
+    except RuntimeError as exc:  # FAISS's message is a multi-line C++ trace: keep its first line
+        first = next(
+            (line.strip() for line in str(exc).splitlines() if "Error" in line or "error" in line), ""
+        )
+        raise ValueError(
+            f"--index-factory {factory!r}: FAISS cannot build it for {d}-dimensional vectors"
+            f"{' (' + first + ')' if first else ''}; see the FAISS index_factory docs (e.g. IVF1024,Flat or IVF1024,PQ32 "
+            f"with {d} divisible by 32)"
+        ) from None
+    index = faiss.IndexIDMap2(inner)  # faiss's Python wrapper keeps `inner` referenced
+    if use_gpu is None:
+        use_gpu = _gpu_available(faiss)
+    if use_gpu:
+        if not _gpu_available(faiss):
+            raise ValueError("use_gpu=True but faiss has no GPU support or sees no CUDA device")
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+        index._carv_gpu_res = res  # the resources must outlive the index
+    return index
+
+
+def train_index(index: Any, sample: Any, factory: str | None = None) -> None:
+    """Train an approximate index on a sample (m, d) of the vectors it will hold."""
+    vecs = _as_vectors(sample, index.d, "training vectors")
+    try:
+        index.train(vecs)
+    except RuntimeError as e:
+        raise ValueError(
+            f"training the {factory!r} index on {vecs.shape[0]} vectors failed ({e}); "
+            "use a smaller factory (fewer IVF lists / PQ centroids) or more vectors"
+        ) from e
+
+
+def add_vectors(index: Any, ids: Any, vectors: Any) -> None:
+    """Add vectors (n, d) under clip ids (n,) int64; call once or block by block."""
+    vecs = _as_vectors(vectors, index.d, "index vectors")
+    ids_arr = np.ascontiguousarray(np.asarray(ids), dtype=np.int64)
+    if ids_arr.shape != (vecs.shape[0],):
+        raise ValueError(f"ids must have shape ({vecs.shape[0]},) to match the vectors, got {ids_arr.shape}")
+    index.add_with_ids(vecs, ids_arr)
+
+
+def build_index(
+    ids: Any,
+    vectors: Any,
+    factory: str | None = None,
+    use_gpu: bool | None = None,
+    train_sample: int = DEFAULT_TRAIN_SAMPLE,
+    seed: int = 0,
+) -> Any:
+    """An inner-product index over `vectors` (n, d) with ids `ids` (n,) int64, in one call.
+
+    factory None: exact `IndexIDMap2(IndexFlatIP(d))`. Otherwise trained on min(n, train_sample)
+    vectors drawn with `seed`. (`carv-attrib index` streams shards through new_index / train_index /
+    add_vectors instead.)
+    """
+    vecs = _as_vectors(vectors, None, "index vectors")
+    n, d = vecs.shape
+    ids_arr = np.asarray(ids.detach().cpu() if hasattr(ids, "detach") else ids)
+    if np.unique(ids_arr).size != ids_arr.size:
+        raise ValueError("ids must be unique (they are clip ids)")
+    index = new_index(d, factory, use_gpu)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        take = min(n, int(train_sample))
+        train_index(
+            index, vecs if take == n else vecs[np.sort(rng.choice(n, size=take, replace=False))], factory
+        )
+    add_vectors(index, ids_arr, vecs)
+    log.info("built %s index: %d vectors of dim %d", factory or "Flat", n, d)
+    return index
+
+
+def _to_cpu(index: Any) -> Any:
+    if hasattr(faiss, "index_gpu_to_cpu") and hasattr(index, "_carv_gpu_res"):
+        return faiss.index_gpu_to_cpu(index)
+    return index
+
+
+def save_index(index: Any, path: str | os.PathLike[str]) -> None:
+    """Write `index` (a GPU one is converted to the CPU) atomically to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(_to_cpu(index), str(tmp))
+    os.replace(tmp, path)
+
+
+def load_index(path: str | os.PathLike[str]) -> Any:
+    """The CPU index saved at `path`."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no FAISS index at {path}")
+    return faiss.read_index(str(path))
+
+
+def hnsw_of(index: Any) -> Any:
+    """The HNSW graph of an (ID-mapped) HNSW index, else None."""
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    return getattr(inner, "hnsw", None)
+
+
+def set_nprobe(index: Any, nprobe: int) -> None:
+    """Set the number of IVF lists visited per query, or an HNSW index's efSearch (no effect on
+    another index)."""
+    hnsw = hnsw_of(index)
+    if hnsw is not None:
+        hnsw.efSearch = int(nprobe)
+        return
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        log.debug("nprobe ignored: not an IVF index")
+        return
+    ivf.nprobe = int(nprobe)
+
+
+def ivf_lists(index: Any) -> int | None:
+    """The number of IVF lists of an IVF index, None for any other index."""
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return None
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists probed per query unless told otherwise: nlist/16, at least 8 (FAISS's own default, 1,
+    misses most neighbours of a small index). `search` widens it when it returns fewer than k hits."""
+    return min(nlist, max(8, -(-nlist // 16)))
+
+
+def search(
+    index: Any, queries: Any, k: int | None = 10, nprobe: int | None = None, fill: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner products: (scores (m, k) float32, ids (m, k) int64), best first.
+
+    k None means every indexed vector; k is clipped to `index.ntotal`. For an IVF index `nprobe`
+    lists are probed (None: `default_nprobe`); with `fill`, a query that gets fewer than k hits is
+    searched again with twice the lists, up to all of them, so k ≤ N always returns k results.
+    Without `fill`, missing slots have id -1. (A GPU index caps k at 2048, a faiss limit; indexes
+    from `load_index` are on the CPU.)
+    """
+    q = _as_vectors(queries, index.d, "queries")
+    nlist = ivf_lists(index)
+    if nlist is not None:
+        set_nprobe(index, nprobe or default_nprobe(nlist))
+    k = index.ntotal if k is None else min(int(k), index.ntotal)
+    if k < 0:
+        raise ValueError(f"k must be >= 0 or None, got {k}")
+    if hnsw_of(index) is not None:  # efSearch: --nprobe, else 2k (at least 64); never below k
+        set_nprobe(index, max(k, nprobe or max(64, 2 * k)))
+    if k == 0:
+        return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+    scores, ids = index.search(q, k)
+    probe = nprobe or (default_nprobe(nlist) if nlist else None)
+    while fill and nlist is not None and probe < nlist and (ids < 0).any():
+        probe = min(nlist, 2 * probe)
+        set_nprobe(index, probe)
+        short = np.flatnonzero((ids < 0).any(axis=1))  # only the queries that came back short
+        s2, i2 = index.search(q[short], k)
+        scores[short], ids[short] = s2, i2
+    return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)

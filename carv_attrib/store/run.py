@@ -1,0 +1,195 @@
+"""A run directory: every path of a run, its stage stores, and its documents as typed records
+(`carv_attrib.store.records`).
+
+RUN/
+  run.json                      every invocation (argv, versions, device, times)
+  manifest/clips.parquet        the committed manifest with source keys (`carv_attrib.store.sources`)
+  latents/                      encode's ShardStore (`carv_attrib.store.latents`)
+  features/                     featurize's ShardStore (`carv_attrib.store.features`)
+  index/index.faiss             FAISS index (`carv_attrib.search.index`)
+  index/preconditioner/         preconditioner state (`carv_attrib.search.precondition`)
+  index/index_info.json         `IndexInfo`: what `score` needs to treat a query like a training clip
+
+run = RunDir("runs/demo")
+run.live_latents(); run.index_info()      # the current clips (`data.live`); IndexInfo, refused when stale
+run.require_latents_record().encode       # LatentsRecord of latents/config.json: how clips were encoded
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.store.live import LiveFeatures, LiveLatents, live_features, live_latents
+from carv_attrib.store.records import (  # re-exported: the records lived here before store/records.py
+    INDEX_SCHEMA_VERSION,
+    EncodeFacts,
+    FeaturesRecord,
+    IndexInfo,
+    LatentsRecord,
+    StageRecord,
+)
+from carv_attrib.store.shards import ShardStore
+
+__all__ = ["INDEX_SCHEMA_VERSION", "EncodeFacts", "IndexInfo", "RunDir"]
+
+
+class RunDir:
+    """The paths and stage stores of one run directory. Creating it touches nothing on disk."""
+
+    def __init__(self, root: Path | str | RunDir):
+        self.root = Path(root.root if isinstance(root, RunDir) else root)
+        self.latents = ShardStore(self.root, "latents")
+        self.features = ShardStore(self.root, "features")
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    # -- paths ------------------------------------------------------------------------------------
+    @property
+    def manifest_table(self) -> Path:
+        return self.root / "manifest" / "clips.parquet"
+
+    @property
+    def run_log(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def faiss_path(self) -> Path:
+        return self.index_dir / "index.faiss"
+
+    @property
+    def preconditioner_dir(self) -> Path:
+        return self.index_dir / "preconditioner"
+
+    @property
+    def index_info_path(self) -> Path:
+        return self.index_dir / "index_info.json"
+
+    # -- records ----------------------------------------------------------------------------------
+    def latents_record(self) -> LatentsRecord | None:
+        """latents/config.json as a record, None before the first encode."""
+        return self.latents.read_record(LatentsRecord)
+
+    def features_record(self) -> FeaturesRecord | None:
+        """features/config.json as a record, None before the first featurize."""
+        return self.features.read_record(FeaturesRecord)
+
+    # -- checks -----------------------------------------------------------------------------------
+    def require_latents(self) -> dict[str, Any]:
+        """latents/config.json as stored (`require_latents_record` for the typed record), or a
+        UsageError saying to run encode first."""
+        self.require_latents_record()
+        return self.latents.read_config()  # type: ignore[return-value]
+
+    def require_latents_record(self) -> LatentsRecord:
+        """latents/config.json as a LatentsRecord, or a UsageError saying to run encode first."""
+        cfg = self.latents.read_config()
+        if cfg is None or not self.latents.done_shards():
+            raise UsageError(
+                f"{self.root} has no latent cache; run `carv-attrib encode ... --run {self.root}` first"
+            )
+        if not self.manifest_table.exists():
+            raise UsageError(
+                f"{self.root} holds encoded parts but no committed manifest; run the same `carv-attrib "
+                "encode` once without --shard to commit them (it encodes only what a part missed)"
+            )
+        return LatentsRecord.from_dict(cfg)
+
+    def require_features(self) -> dict[str, Any]:
+        """features/config.json as stored (`require_features_record` for the typed record)."""
+        self.require_features_record()
+        return self.features.read_config()  # type: ignore[return-value]
+
+    def require_features_record(self) -> FeaturesRecord:
+        """features/config.json as a FeaturesRecord, or a UsageError saying to run featurize first."""
+        rec = self.features_record()
+        if rec is None:
+            raise UsageError(
+                f"{self.root} has no features; run `carv-attrib featurize {self.root} ...` first"
+            )
+        return rec
+
+    def live_latents(self) -> LiveLatents:
+        """The current latent row of each committed manifest clip (`carv_attrib.store.live`)."""
+        return live_latents(self.manifest_table, self.latents)
+
+    def live_features(self, live: LiveLatents | None = None) -> LiveFeatures:
+        """Which live ok latents have features, and where (`carv_attrib.store.live`)."""
+        return live_features(live or self.live_latents(), self.features)
+
+    def clips(self) -> dict[int, dict[str, str]]:
+        """clip_id → {vid, caption, path} from the normalised manifest."""
+
+        rows = pq.read_table(self.manifest_table).to_pylist()
+        return {r["clip_id"]: {"vid": r["vid"], "caption": r["caption"], "path": r["path"]} for r in rows}
+
+    # -- index ------------------------------------------------------------------------------------
+    @contextmanager
+    def index_swap(self) -> Iterator[Path]:
+        """A fresh temporary index directory, swapped in for RUN/index when the block succeeds: a
+        crash mid-build leaves the previous index intact."""
+        self._recover_index()
+        tmp = self.root / ".index.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        yield tmp
+        old = self.root / ".index.old"
+        if self.index_dir.exists():
+            self.index_dir.rename(old)
+        tmp.rename(self.index_dir)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def _recover_index(self) -> None:
+        """Finish a swap that a kill interrupted: RUN/index missing but .index.old present means the
+        kill came between the two renames, so the previous index is restored; a .index.old beside a
+        live RUN/index is the previous one's leftover."""
+        old = self.root / ".index.old"
+        if old.exists() and not self.index_dir.exists():
+            old.rename(self.index_dir)
+        elif old.exists():
+            shutil.rmtree(old)
+
+    def index_info(self, check_fresh: bool = True) -> IndexInfo:
+        """RUN/index/index_info.json; with check_fresh, refused (exit 2) when the run's latents or
+        features changed after the index was built."""
+        self._recover_index()
+        if not self.index_info_path.exists():
+            raise UsageError(
+                f"{self.root} has no index; run `carv-attrib featurize` (or `carv-attrib index`) first"
+            )
+        info = IndexInfo.read(self.index_info_path)
+        if check_fresh:
+            for stage, built_from in (("latents", info.latents_fingerprint), ("features", info.fingerprint)):
+                rec = ShardStore(self.root, stage).read_record(StageRecord)
+                now = rec.fingerprint if rec is not None else None
+                if now != built_from:
+                    raise ConfigMismatchError(
+                        f"{self.root}/index is stale: it was built from {stage} {built_from}, but "
+                        f"{self.root}/{stage} now holds {now}; rerun `carv-attrib featurize {self.root} ...` "
+                        f"(or `carv-attrib index {self.root}`)"
+                    )
+            now_live = self.live_latents().digest()
+            if info.live_digest != now_live:
+                raise ConfigMismatchError(
+                    f"{self.root}/index is stale: it was built from another set of clips (live set "
+                    f"{info.live_digest}, now {now_live}: clips were added, removed, changed or "
+                    f"re-encoded since); rerun `carv-attrib featurize {self.root} ...` (or "
+                    f"`carv-attrib index {self.root}` when features are complete)"
+                )
+        return info

@@ -1,0 +1,1 @@
+"""Video decoding, torch-free: probe, decode (decord / PyAV), the decode pool, frames, motion maps, per-clip failures."""

@@ -1,0 +1,40 @@
+"""Per-clip failures: `ClipFailure` (kind, message, details), recorded in a stage's output and never
+raised to the user, and the advice each command adds to one (`failure_message`).
+
+The kinds are listed in `carv_attrib.video.decode`'s docstring. This module sits below both the
+decoder (`video`) and the container probe (`probe`), which raise them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ClipFailure(Exception):
+    """A per-clip failure that is recorded in the output (status=kind), never raised to the user.
+
+    `details` carries machine-readable facts (e.g. for too_short: available vs needed frames)."""
+
+    def __init__(self, kind: str, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.details = details or {}
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:  # crosses process boundaries intact
+        return (ClipFailure, (self.kind, self.message, self.details))
+
+
+# What a user of each command can do about a clip too short for the frame policy.
+TOO_SHORT_ADVICE = {
+    "encode": "pass --pad-short to repeat its last frame, or lower --frames / --fps",
+    "frames": "pass --pad-short to repeat its last frame, or lower --frames / --fps",
+    "score": "use a longer query video; the run fixes the frame policy (re-encode the run with --pad-short "
+    "to accept short clips)",
+}
+
+
+def failure_message(failure: ClipFailure, command: str) -> str:
+    """The failure's message, with advice the given command accepts where there is some."""
+    advice = TOO_SHORT_ADVICE.get(command) if failure.kind == "too_short" else None
+    return f"{failure.message}; {advice}" if advice else failure.message
