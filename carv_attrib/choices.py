@@ -13,7 +13,7 @@ SCHEMES = ("iid", "stratified", "stratified-is")  # carv.timesteps.sample
 NOISE_MODES = ("shared", "per-clip")  # carv.draws.DrawRule.stream_for
 PROJECTORS = ("kron", "dense")  # attrib.projection / attrib.featurizer.build_projector
 MATRIX_KINDS = ("gaussian", "rademacher")  # attrib.projection's random matrices
-PRECONDITIONERS = ("identity", "trak", "cosine", "normalize")  # attrib.precondition
+PRECONDITIONERS = ("identity", "trak", "cosine", "normalize")  # search.precondition
 DTYPES = ("float32", "bfloat16", "float16")  # models.wan: the model's compute dtype
 
 # Choices of the CLI alone (no library dispatch), defined here too so that config holds no list of names.

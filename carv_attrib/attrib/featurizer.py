@@ -23,23 +23,19 @@ from torch import nn
 
 from carv_attrib.attrib.gradients import ClipDraws, per_draw_features
 from carv_attrib.attrib.projection import (
-    DEFAULT_K_IN,
-    DEFAULT_K_OUT,
+    PROJECTOR_CLASSES,
     DenseProjector,
     KronProjector,
     Projector,
     projector_from_spec,
     select_linear_layers,
-    shapes_for_total_dim,
 )
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.carv.weights import motion_weights
-from carv_attrib.choices import OBJECTIVES, PROJECTORS
+from carv_attrib.choices import OBJECTIVES, PROJECTORS  # noqa: F401  (PROJECTORS: the kinds build_projector takes)
 from carv_attrib.errors import UsageError
 from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
-
-DEFAULT_DENSE_DIM = 1280  # the dense reference projector's default total dimension
 
 # One clip for `Featurizer.features`: (clip_id, latent (C, T, h, w), trimmed text embedding (L, D)),
 # and, for the motion objective, its motion map (T, h, w) (`carv_attrib.video.motion`).
@@ -107,24 +103,22 @@ def build_projector(
     kron: (k_out, k_in) = `kron_dims` per layer (default DEFAULT_K_OUT×DEFAULT_K_IN = 16×16), or a total `proj_dim` split over
     layers (`shapes_for_total_dim`); dense: one (p, proj_dim) JL matrix (default 1280).
     """
+    cls = PROJECTOR_CLASSES.get(kind)
+    if cls is None:
+        raise UsageError(f"--projector {kind}: choose {' or '.join(PROJECTOR_CLASSES)}")
     try:
         selected = select_linear_layers(transformer, list(layers))
-        if kind == "kron":
-            if proj_dim and kron_dims:
-                raise ValueError("give --proj-dim (a total) or --kron-dims (per layer), not both")
-            shapes = shapes_for_total_dim(selected, proj_dim) if proj_dim else None
-            k_out, k_in = kron_dims or (DEFAULT_K_OUT, DEFAULT_K_IN)
-            return KronProjector(
-                transformer, selected, seed=seed, kind=matrix, shapes=shapes, patterns=list(layers),
-                k_in=k_in, k_out=k_out,
-            )  # fmt: skip
-        if kind == "dense":
-            if kron_dims:
-                raise ValueError("--kron-dims applies to --projector kron only; give --proj-dim for dense")
-            return DenseProjector(selected, seed=seed, dim=proj_dim or DEFAULT_DENSE_DIM, kind=matrix)
+        return cls.build(
+            transformer,
+            selected,
+            patterns=layers,
+            seed=seed,
+            matrix=matrix,
+            proj_dim=proj_dim,
+            kron_dims=kron_dims,
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    raise UsageError(f"--projector {kind}: choose {' or '.join(PROJECTORS)}")
 
 
 @dataclass

@@ -13,7 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -25,8 +25,16 @@ from carv_attrib.carv.rng import clip_stream, noise, uniforms
 from carv_attrib.carv.timesteps import Density, Proposal, density
 from carv_attrib.models.wan import pad_context
 
-if TYPE_CHECKING:
-    from carv_attrib.store.latents import CachedClip
+
+class CachedClip(Protocol):
+    """What the pilot reads of a cached clip (`carv_attrib.store.latents.CachedClip` is one): attrib
+    takes clips by shape, not from storage."""
+
+    clip_id: int
+    latent: torch.Tensor  # float32 (C, T, h, w), normalised
+    text_emb: torch.Tensor  # float32 (L, D)
+    motion: torch.Tensor | None  # float32 (T, h, w) or None
+
 
 StepFn = Callable[[str], None]
 """on_step(name): called after each pilot step ("iid", "ranking K=4", …); the pipeline turns it into

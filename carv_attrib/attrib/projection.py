@@ -68,6 +68,7 @@ DEFAULT_PATTERNS: tuple[str, ...] = ("blocks.*",)
 # gradient (the projection's error, not the estimator's), 12x12 to 32x32 recovered it.
 DEFAULT_K_IN = 16
 DEFAULT_K_OUT = 16
+DEFAULT_DENSE_DIM = 1280  # the dense reference projector's default total dimension
 DENSE_CHUNK_ROWS = 65536
 RNG_RULE = "torch.Generator(cpu).manual_seed(sha256('seed|name|role')[:8] & (2**63-1))"
 
@@ -320,6 +321,36 @@ class KronProjector:
         }
 
     @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        layers: list[tuple[str, nn.Linear]],
+        *,
+        patterns: Sequence[str],
+        seed: int = 0,
+        matrix: str = "gaussian",
+        proj_dim: int | None = None,
+        kron_dims: tuple[int, int] | None = None,
+    ) -> KronProjector:
+        """A new projector from featurize's options: (k_out, k_in) = `kron_dims` per layer (default
+        DEFAULT_K_OUT×DEFAULT_K_IN), or a total `proj_dim` split over `layers` (`shapes_for_total_dim`).
+        ValueError for both at once."""
+        if proj_dim and kron_dims:
+            raise ValueError("give --proj-dim (a total) or --kron-dims (per layer), not both")
+        shapes = shapes_for_total_dim(layers, proj_dim) if proj_dim else None
+        k_out, k_in = kron_dims or (DEFAULT_K_OUT, DEFAULT_K_IN)
+        return cls(
+            model,
+            layers,
+            seed=seed,
+            kind=matrix,
+            shapes=shapes,
+            patterns=list(patterns),
+            k_in=k_in,
+            k_out=k_out,
+        )
+
+    @classmethod
     def from_spec(cls, model: nn.Module, spec: Mapping[str, Any]) -> KronProjector:
         """The projector described by `spec()` on `model` (same layers, shapes, matrices)."""
         if spec.get("kind") != "kron":
@@ -540,6 +571,24 @@ class DenseProjector:
             chunk = self._chunk(c).to(g.device)  # (rows_c, dim)
             out += g2[:, start : start + chunk.shape[0]] @ chunk
         return out.reshape(*g.shape[:-1], self.dim)
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        layers: list[tuple[str, nn.Linear]],
+        *,
+        patterns: Sequence[str],
+        seed: int = 0,
+        matrix: str = "gaussian",
+        proj_dim: int | None = None,
+        kron_dims: tuple[int, int] | None = None,
+    ) -> DenseProjector:
+        """A new projector from featurize's options: one (p, `proj_dim`) JL matrix (default
+        DEFAULT_DENSE_DIM). ValueError for `kron_dims`, which only kron takes."""
+        if kron_dims:
+            raise ValueError("--kron-dims applies to --projector kron only; give --proj-dim for dense")
+        return cls(layers, seed=seed, dim=proj_dim or DEFAULT_DENSE_DIM, kind=matrix)
 
     @classmethod
     def from_spec(cls, model: nn.Module, spec: Mapping[str, Any]) -> DenseProjector:

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from carv_attrib.carv.rng import RULE_VERSION, SHARED_STREAM, clip_stream, noise
 from carv_attrib.carv.rng import uniforms as uniforms  # re-export, until importers switch to rng
-from carv_attrib.carv.timesteps import Proposal, check_proposal, density, sample
-from carv_attrib.choices import NOISE_MODES, SCHEMES
+from carv_attrib.carv.timesteps import Proposal, check_proposal, density, sample, sampler
+from carv_attrib.choices import NOISE_MODES, SCHEMES  # noqa: F401  (SCHEMES: the names a DrawRule takes)
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,7 @@ class DrawRule:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "density", density(self.density).spec)
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown timestep scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
+        sampler(self.scheme)  # ValueError for a scheme without a registered sampler
         if int(self.k) < 1:
             raise ValueError(f"need at least one draw per clip, got k={self.k}")
         if self.noise not in NOISE_MODES:

@@ -34,7 +34,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -419,8 +420,11 @@ def check_proposal(scheme: str, proposal: Proposal | None, density: str | Densit
     """
     if proposal is None:
         return
-    if scheme != "stratified-is":
-        raise ValueError(f"a proposal only applies to scheme 'stratified-is', not {scheme!r}")
+    if not sampler(scheme).takes_proposal:
+        takers = [name for name, s in SAMPLERS.items() if s.takes_proposal]
+        raise ValueError(
+            f"a proposal only applies to scheme {' or '.join(map(repr, takers))}, not {scheme!r}"
+        )
     spec = _parse_density(density).spec
     if proposal.density != spec:
         raise ValueError(
@@ -452,8 +456,7 @@ def sample(
     whichever subset `ks` or process computes it; (1/n) Σ_k w_k f(σ_k) over all k is unbiased for E_p[f].
     A proposal must suit `scheme` and `density` (`check_proposal`), else ValueError.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown timestep scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    s = sampler(scheme)
     if n < 1:
         raise ValueError(f"need at least one draw, got n={n}")
     p = _parse_density(density)
@@ -462,14 +465,69 @@ def sample(
     if k.numel() and (int(k.min()) < 0 or int(k.max()) >= n):
         raise ValueError(f"draw indices must lie in [0, {n}), got {k.tolist()}")
     U = uniforms(seed, stream, k.tolist())  # (len(ks),) float64 in [0, 1)
-    if scheme == "iid":
-        return p.icdf(U), torch.ones_like(U)
-    u = (k.to(_F64) + U) / n  # (len(ks),) one point in each stratum [k/n, (k+1)/n)
-    if scheme == "stratified":
-        return p.icdf(u), torch.ones_like(u)
-    if scheme == "stratified-is":
-        if proposal is None:  # q = p
-            return p.icdf(u), torch.ones_like(u)
-        sigma = proposal.icdf(u)
-        return sigma, proposal.weight(sigma)
-    raise ValueError(f"timestep scheme {scheme!r} has no sampler; expected one of {', '.join(SCHEMES)}")
+    return s.draw(k, U, n, p, proposal)
+
+
+# --------------------------------------------------------------------------------------------------
+# the scheme registry: one Sampler per name of choices.SCHEMES
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How one timestep scheme turns the common uniforms into draws.
+
+    draw(k, U, n, p, proposal) -> (σ (len(k),), w (len(k),)) float64: k the draw indices (int64),
+    U their uniforms in [0, 1) (float64, `rng.uniforms`), n the draws per clip, p the density,
+    proposal q or None. `stratified`: draw k lies in stratum k, the k-th of n equal-mass bands of
+    `stratum_density` (what `score --explain` splits a score by); otherwise strata are the density's
+    equal-mass bands and a draw is placed by its σ. `takes_proposal`: the scheme can importance-sample
+    with a plan's proposal (`check_proposal`).
+
+    Adding a scheme: a `Sampler` here and its name in `choices.SCHEMES` (the CLI's list).
+    """
+
+    draw: Callable[[Tensor, Tensor, int, Density, Proposal | None], tuple[Tensor, Tensor]]
+    stratified: bool
+    takes_proposal: bool = False
+
+    def stratum_density(self, p: Density, proposal: Proposal | None) -> Density | Proposal:
+        """The distribution whose equal-mass bands are the strata: q when it samples with one, else p."""
+        return proposal if (self.takes_proposal and proposal is not None) else p
+
+
+def _draw_iid(k: Tensor, U: Tensor, n: int, p: Density, proposal: Proposal | None) -> tuple[Tensor, Tensor]:
+    return p.icdf(U), torch.ones_like(U)  # σ_k = F_p⁻¹(U_k), w = 1
+
+
+def _draw_stratified(
+    k: Tensor, U: Tensor, n: int, p: Density, proposal: Proposal | None
+) -> tuple[Tensor, Tensor]:
+    u = (k.to(_F64) + U) / n  # (len(k),) one point in each stratum [k/n, (k+1)/n)
+    return p.icdf(u), torch.ones_like(u)
+
+
+def _draw_stratified_is(
+    k: Tensor, U: Tensor, n: int, p: Density, proposal: Proposal | None
+) -> tuple[Tensor, Tensor]:
+    if proposal is None:  # q = p: plain stratified
+        return _draw_stratified(k, U, n, p, None)
+    sigma = proposal.icdf((k.to(_F64) + U) / n)  # σ_k = F_q⁻¹((k + U_k)/n)
+    return sigma, proposal.weight(sigma)  # w_k = p(σ_k)/q(σ_k)
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "iid": Sampler(_draw_iid, stratified=False),
+    "stratified": Sampler(_draw_stratified, stratified=True),
+    "stratified-is": Sampler(_draw_stratified_is, stratified=True, takes_proposal=True),
+}
+assert tuple(SAMPLERS) == SCHEMES, "choices.SCHEMES and timesteps.SAMPLERS must agree"
+
+
+def sampler(scheme: str) -> Sampler:
+    """The registered Sampler of `scheme`; ValueError for a name without one."""
+    try:
+        return SAMPLERS[scheme]
+    except KeyError:
+        raise ValueError(
+            f"unknown timestep scheme {scheme!r}; expected one of {', '.join(SAMPLERS)}"
+        ) from None

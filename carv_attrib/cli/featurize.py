@@ -34,7 +34,7 @@ def featurize(cfg: FeaturizeConfig, fmt: str, **index_options: object) -> None:
 @stage_command(IndexConfig, extra=[format_param()])
 def index(cfg: IndexConfig, fmt: str) -> None:
     """Rebuild RUN/index with another preconditioner or FAISS factory, without recomputing gradients."""
-    from carv_attrib.pipeline.featurize import run_index
+    from carv_attrib.pipeline.index import run_index
 
     fmt = check_format(fmt)
     info = run_index(cfg)

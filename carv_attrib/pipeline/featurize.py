@@ -34,7 +34,7 @@ from carv_attrib.attrib.featurizer import (
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.objective import TIMESTEP_CONVENTION
 from carv_attrib.carv.timesteps import Proposal
-from carv_attrib.config import FeaturizeConfig, IndexConfig, parse_shard
+from carv_attrib.config import FeaturizeConfig, parse_shard
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity, resolve_source
 from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
@@ -55,7 +55,6 @@ __all__ = [
     "FeaturizeSummary",
     "featurize_and_index",
     "run_featurize",
-    "run_index",
     "read_plan_proposal",
     "draw_rule",
 ]
@@ -253,15 +252,6 @@ def featurize_and_index(
         }
     record(cfg.run, "featurize", device=cfg.device, started=started, summary=summary.to_dict())
     return FeaturizeResult(summary, info, kept if info is not None else {})
-
-
-def run_index(cfg: IndexConfig) -> IndexInfo:
-    """`carv-attrib index`: rebuild RUN/index (`build_run_index`) without recomputing gradients, and
-    record the invocation in RUN/run.json. Raises UsageError / ConfigMismatchError (exit 2)."""
-    started = time.monotonic()
-    info = build_run_index(cfg)
-    record(cfg.run, "index", started=started, preconditioner=info.preconditioner)
-    return info
 
 
 def run_featurize(

@@ -11,6 +11,7 @@ training sample of an approximate index, and the vectors, one pass each, all ove
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 from carv_attrib import __version__
 from carv_attrib.config import IndexConfig
 from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.pipeline._job import record
 from carv_attrib.search.index import (
     add_vectors,
     check_fits,
@@ -204,3 +206,12 @@ def index_config_keeping(run: Path | str, given: dict[str, Any]) -> tuple[IndexC
         if k not in explicit and v is not None and v != getattr(default, k)
     }
     return cfg, kept
+
+
+def run_index(cfg: IndexConfig) -> IndexInfo:
+    """`carv-attrib index`: rebuild RUN/index (`build_run_index`) without recomputing gradients, and
+    record the invocation in RUN/run.json. Raises UsageError / ConfigMismatchError (exit 2)."""
+    started = time.monotonic()
+    info = build_run_index(cfg)
+    record(cfg.run, "index", started=started, preconditioner=info.preconditioner)
+    return info

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from carv_attrib.carv.draws import DrawRule
-from carv_attrib.carv.timesteps import density
-from carv_attrib.choices import SCHEMES
+from carv_attrib.carv.timesteps import density, sampler
 
 
 def layer_slices(projector: dict[str, Any], blocks: list[int]) -> list[tuple[str, slice]]:
@@ -79,14 +78,8 @@ def explain_result(split: dict[str, float], top: int = 5) -> dict[str, Any]:
 def strata_edges(rule: DrawRule) -> np.ndarray:
     """(K+1,) float64 σ edges of the rule's K strata: F⁻¹(j/K) for j = 0..K, with F the proposal's
     CDF under stratified-is (the density's otherwise; under iid the density's equal-mass bands)."""
-    if rule.scheme not in SCHEMES:
-        raise ValueError(f"unknown timestep scheme {rule.scheme!r}; expected one of {', '.join(SCHEMES)}")
+    dist = sampler(rule.scheme).stratum_density(density(rule.density), rule.proposal)
     u = torch.linspace(0.0, 1.0, rule.k + 1, dtype=torch.float64)
-    dist = (
-        rule.proposal
-        if (rule.scheme == "stratified-is" and rule.proposal is not None)
-        else density(rule.density)
-    )
     edges = dist.icdf(u).numpy().astype(np.float64)
     edges[0], edges[-1] = 0.0, 1.0  # icdf may leave the ends at 1e-300 or 1 - 1e-16
     return edges
@@ -95,10 +88,8 @@ def strata_edges(rule: DrawRule) -> np.ndarray:
 def stratum_of(rule: DrawRule, sigma: np.ndarray) -> np.ndarray:
     """(K,) int stratum of each of a clip's K draws: draw k itself under the stratified schemes (it
     was drawn inside stratum k), the equal-mass band holding σ_k under iid."""
-    if rule.scheme in ("stratified", "stratified-is"):
+    if sampler(rule.scheme).stratified:
         return np.arange(rule.k)
-    if rule.scheme != "iid":
-        raise ValueError(f"unknown timestep scheme {rule.scheme!r}; expected one of {', '.join(SCHEMES)}")
     edges = strata_edges(rule)
     return np.clip(
         np.searchsorted(edges, np.asarray(sigma, dtype=np.float64), side="right") - 1, 0, rule.k - 1

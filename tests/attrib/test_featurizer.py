@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from carv_attrib.attrib.featurizer import (
-    DEFAULT_DENSE_DIM,
     Featurizer,
     build_draw_rule,
     build_projector,
@@ -21,6 +20,7 @@ from carv_attrib.attrib.featurizer import (
     token_weights,
 )
 from carv_attrib.attrib.projection import (
+    DEFAULT_DENSE_DIM,
     DEFAULT_K_IN,
     DEFAULT_K_OUT,
     DenseProjector,

@@ -13,7 +13,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from carv_attrib.video.decode import ClipFailure, FramePolicy, decode_clip
-from tests.data import test_conformance as tc
+from tests.video import test_conformance as tc
 from tests.video.test_quirk_files import QUIRKS
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from carv_attrib.video.decode import ClipFailure, DecodedClip, FramePolicy
 from carv_attrib.video.pool import DecodePool
-from tests.data import faulty_decoder
+from tests.video import faulty_decoder
 
 
 def test_crashes_and_hangs_become_recorded_failures(demo_data: Path, tmp_path: Path) -> None:

@@ -1,0 +1,45 @@
+"""The attribution JSON schema's enums are the names of carv_attrib.choices: adding a name to an
+axis without the schema (or the reverse) fails here, not at a user's validation time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from carv_attrib import choices
+
+SCHEMA = Path(__file__).resolve().parents[1] / "carv_attrib" / "schemas" / "attribution.schema.json"
+
+# schema path of each enum -> the names it must list (None: a fixed value set of the document itself)
+EXPECTED: dict[str, tuple[str, ...] | None] = {
+    "index/estimator/scheme": choices.SCHEMES,
+    "index/estimator/noise": choices.NOISE_MODES,
+    "index/estimator/output_fn": choices.OUTPUT_FNS,
+    "index/estimator/objective/kind": choices.OBJECTIVES,
+    "index/projector/kind": choices.PROJECTORS,
+    "index/preconditioner/kind": choices.PRECONDITIONERS,
+    "aggregate/method": tuple(a for a in choices.AGGREGATES if a != "none"),  # none: no aggregate key
+    "queries/status": None,
+}
+
+
+def _enums(node: object, path: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    if isinstance(node, dict):
+        if "enum" in node:
+            out["/".join(path)] = node["enum"]
+        for key, value in node.items():
+            # the path names the document's fields only: properties/items are the schema's grammar
+            out |= _enums(value, path if key in ("properties", "items") else (*path, key))
+    return out
+
+
+def test_every_schema_enum_is_checked() -> None:
+    assert set(_enums(json.loads(SCHEMA.read_text()))) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("path", [p for p, names in EXPECTED.items() if names is not None])
+def test_schema_enum_equals_the_choices(path: str) -> None:
+    assert tuple(_enums(json.loads(SCHEMA.read_text()))[path]) == EXPECTED[path]
