@@ -32,7 +32,7 @@ from carv_attrib.attrib.projection import (
 )
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.timesteps import Proposal
-from carv_attrib.carv.weights import motion_weights
+from carv_attrib.carv.weights import Objective
 from carv_attrib.choices import OBJECTIVES, PROJECTORS  # noqa: F401  (PROJECTORS: the kinds build_projector takes)
 from carv_attrib.errors import UsageError
 from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
@@ -43,24 +43,22 @@ ClipInput = (
     tuple[int, torch.Tensor, torch.Tensor] | tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]
 )
 
-UNIFORM: dict[str, Any] = {"kind": "uniform"}
+UNIFORM: dict[str, Any] = Objective().spec()
 
 
 def token_weights(
-    objective: dict[str, Any], clip_id: int, motion: torch.Tensor | None
+    objective: Objective | dict[str, Any], clip_id: int, motion: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """The per-token loss weights (T, h, w) of a clip under `objective` (None: uniform). UsageError
-    when the motion objective meets a clip without a motion map."""
-    kind = objective.get("kind", "uniform")
-    if kind == "uniform":
-        return None
-    if kind != "motion":
-        raise ValueError(f"unknown objective {kind!r}; expected one of {', '.join(OBJECTIVES)}")
-    if motion is None:
+    """The per-token loss weights (T, h, w) float32 of a clip under `objective` (an `Objective` or its
+    recorded spec; None: uniform). ValueError for an unknown kind; UsageError when the motion
+    objective meets a clip without a motion map."""
+    obj = Objective.from_spec(objective)
+    if obj.kind != "uniform" and motion is None:
         raise UsageError(
             f"clip {clip_id} has no motion map: --objective motion needs latents encoded with --motion-masks"
         )
-    return torch.from_numpy(motion_weights(motion.numpy(), objective["floor"], objective.get("noise", 0.0)))
+    w = obj.weights(None if motion is None else motion.numpy())
+    return None if w is None else torch.from_numpy(w)
 
 
 def build_draw_rule(
@@ -131,7 +129,7 @@ class Featurizer:
     output_fn: str
     device: str
     draws_per_backward: int | None = None  # None: one backward over all B×K draws (`kron_features`)
-    objective: dict[str, Any] = field(default_factory=lambda: dict(UNIFORM))  # `objective_spec`
+    objective: Objective | dict[str, Any] = field(default_factory=Objective)  # or its recorded spec
     _eps_cache: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict
     )
@@ -214,7 +212,7 @@ def load_featurizer(
     *,
     projector_specs: Sequence[dict[str, Any]] | None = None,
     new_projector: Callable[[nn.Module], Projector] | None = None,
-    objective: dict[str, Any] | None = None,
+    objective: Objective | dict[str, Any] | None = None,
 ) -> Featurizer:
     """Load one transformer per checkpoint (None: MODEL's own) and give each a projector: rebuilt
     from recorded `projector_specs` (score), or made by `new_projector` (featurize, plan)."""
@@ -229,4 +227,6 @@ def load_featurizer(
     else:
         assert new_projector is not None
         projectors = [new_projector(t) for t in transformers]
-    return Featurizer(transformers, projectors, rule, output_fn, device, objective=dict(objective or UNIFORM))
+    return Featurizer(
+        transformers, projectors, rule, output_fn, device, objective=Objective.from_spec(objective)
+    )

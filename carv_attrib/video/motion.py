@@ -30,7 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from carv_attrib.carv.weights import MOTION_FLOOR, MOTION_NOISE
+from carv_attrib.carv.weights import Objective
 from carv_attrib.choices import OBJECTIVES
 from carv_attrib.errors import UsageError
 
@@ -129,11 +129,9 @@ def check_rule(recorded: str | None, where: str) -> None:
 def objective_spec(kind: str) -> dict[str, Any]:
     """The recorded form of `--objective`: {"kind": "uniform"} or {"kind": "motion", "floor", "rule"}
     (the weight rule and the flow rule of the maps, so an index is always scored as it was built)."""
-    if kind == "uniform":
-        return {"kind": "uniform"}
-    if kind == "motion":
-        return {"kind": "motion", "floor": MOTION_FLOOR, "noise": MOTION_NOISE, "rule": MOTION_RULE}
-    raise UsageError(f"--objective {kind}: choose {' or '.join(OBJECTIVES)}")
+    if kind not in OBJECTIVES:
+        raise UsageError(f"--objective {kind}: choose {' or '.join(OBJECTIVES)}")
+    return Objective(kind, rule=MOTION_RULE if kind != "uniform" else None).spec()
 
 
 def check_objective_inputs(objective: str, latents_config: dict[str, Any], run: Any) -> None:
