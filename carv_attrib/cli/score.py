@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +13,6 @@ from carv_attrib.cli.options import format_param, param, stage_command
 from carv_attrib.cli.progress import ClipProgress
 from carv_attrib.config import ScoreConfig, parse_top_k
 from carv_attrib.errors import EXIT_PARTIAL
-from carv_attrib.pipeline._job import record
 
 TOP_K = param(
     "top_k", Annotated[str, typer.Option("--top-k", "-k", help="N or 'all' (every training clip).")], "10"
@@ -33,23 +31,11 @@ OUT = param(
 def score(cfg: ScoreConfig, top_k: str, out: Path | None, fmt: str | None) -> None:
     """Score QUERY videos against RUN's index: the training clips that shaped each, best first."""
     from carv_attrib.pipeline.score import run_score
-    from carv_attrib.store.shards import write_json_atomic
 
-    started = time.monotonic()
     fmt = check_format(fmt)
     cfg.top_k = parse_top_k(top_k)
     with ClipProgress("score", unit="steps") as progress:
-        doc = run_score(cfg, progress)
-    if out is not None:
-        write_json_atomic(out, doc, sort_keys=False)
-    record(
-        cfg.run,
-        "score",
-        device=cfg.device,
-        started=started,
-        queries=len(cfg.queries),
-        json=str(out) if out else None,
-    )
+        doc = run_score(cfg, progress, out=out)
     if fmt != "human":
         # jsonl: one line per query, then one per aggregate (--aggregate), each naming its index
         fp = {"index": doc["index"]["fingerprint"]}

@@ -34,7 +34,7 @@ from carv_attrib.errors import UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import WanModel, load_wan
-from carv_attrib.pipeline._job import ProgressFn, noop
+from carv_attrib.pipeline._job import ProgressFn, noop, record
 from carv_attrib.search.explain import explain_result, layer_slices, layer_split, stratum_split
 from carv_attrib.search.index import load_index, search
 from carv_attrib.search.precondition import load_preconditioner
@@ -44,7 +44,7 @@ from carv_attrib.store.live import selection
 from carv_attrib.store.manifest import clip_id_for, read_text_file
 from carv_attrib.store.records import IndexInfo
 from carv_attrib.store.run import RunDir
-from carv_attrib.store.shards import now_iso
+from carv_attrib.store.shards import now_iso, write_json_atomic
 from carv_attrib.video.failures import ClipFailure, failure_message
 from carv_attrib.video.motion import check_rule
 from carv_attrib.video.pool import DecodePool
@@ -406,8 +406,9 @@ def provenance(info: IndexInfo) -> dict[str, Any]:
     }
 
 
-def run_score(cfg: ScoreConfig, progress: ProgressFn = noop) -> dict[str, Any]:
-    """Score `cfg.queries` against RUN's index; returns the attribution document. Raises UsageError /
+def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = None) -> dict[str, Any]:
+    """Score `cfg.queries` against RUN's index; returns the attribution document (also written to
+    `out` when given, atomically) and records the invocation in RUN/run.json. Raises UsageError /
     ConfigMismatchError (exit 2) for a stale index, another model, or missing prompts; an undecodable
     query becomes status "error" while the others are scored. `progress("start", {"todo"})` then one
     "clip" event per query encoded and per query featurized."""
@@ -448,6 +449,16 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop) -> dict[str, Any]:
     if cfg.aggregate != "none" and scored:
         doc["aggregate"] = aggregate(cfg.aggregate, scored, cfg.top_k, clips)
     doc["warnings"] = untrained_warnings(queries)
+    if out is not None:
+        write_json_atomic(out, doc, sort_keys=False)
+    record(
+        cfg.run,
+        "score",
+        device=cfg.device,
+        started=t0,
+        queries=len(cfg.queries),
+        json=str(out) if out else None,
+    )
     return doc
 
 
