@@ -147,19 +147,50 @@ def plan(doc: dict[str, Any], draws: int, k_max: int) -> None:
         )
 
 
+def _num(x: float | None, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _scale_caption(scale: dict[str, Any] | None) -> str | None:
+    """What pctl and z are read against: the query's scores over the run (`search.scale`)."""
+    if not scale:
+        return None
+    how = (
+        f"all {scale['clips']} clips"
+        if scale["method"] == "exact"
+        else f"a sample of {scale['scores']} of {scale['clips']} clips (± {scale['percentile_se']:.1f} pctl)"
+    )
+    return (
+        f"pctl: share of this query's scores over {how} at or below the result's; "
+        f"z: (score − {scale['mean']:.4g}) / {scale['sd']:.3g}"
+    )
+
+
 def score_tables(doc: dict[str, Any]) -> None:
     """A score document's tables on stdout: one per query (or its error), then the aggregate."""
     for q in doc["queries"]:
         if q["status"] != "ok":
             out_console.print(Text(f"{q['path']}: {q['error']}", style="red"))
             continue
-        table = Table(title=Text(f"{q['path']} — “{q['prompt']}”"), title_justify="left")
+        scale = q.get("scale")
+        table = Table(
+            title=Text(f"{q['path']} — “{q['prompt']}”"),
+            title_justify="left",
+            caption=_scale_caption(scale),
+            caption_justify="left",
+        )
         table.add_column("rank", justify="right")
         table.add_column("vid")
         table.add_column("score", justify="right")
+        if scale:
+            table.add_column("pctl", justify="right")
+            table.add_column("z", justify="right")
         table.add_column("caption")
         for r in q["results"]:
-            table.add_row(str(r["rank"]), Text(str(r["vid"])), f"{r['score']:.6g}", Text(str(r["caption"])))
+            placed = [_num(r.get("percentile"), ".1f"), _num(r.get("z"), "+.2f")] if scale else []
+            table.add_row(
+                str(r["rank"]), Text(str(r["vid"])), f"{r['score']:.6g}", *placed, Text(str(r["caption"]))
+            )
         out_console.print(table)
     agg = doc.get("aggregate")
     if agg:

@@ -39,6 +39,7 @@ from carv_attrib.search.explain import explain_result, layer_slices, layer_split
 from carv_attrib.search.index import load_index, search
 from carv_attrib.search.precondition import load_preconditioner
 from carv_attrib.search.rerank import VectorStore, rerank
+from carv_attrib.search.scale import RunScale, run_scales, sample_ids
 from carv_attrib.store.latents import read_latents
 from carv_attrib.store.live import selection
 from carv_attrib.store.manifest import clip_id_for, read_text_file
@@ -72,6 +73,7 @@ class Query:
     # (k,) cos(ψ_q, ψ_i) of the top-k: what the untrained check reads, since a score's scale follows the
     # preconditioner (normalize keeps ‖φ_i‖^0.5, whose spread says nothing about training)
     cosines: np.ndarray | None = None
+    scale: RunScale | None = None  # the query's scores over the run (`search.scale`), None if unreadable
 
     def fail(self, error: str) -> None:
         self.status, self.error = "error", error
@@ -81,6 +83,8 @@ class Query:
         if self.status != "ok":
             out["error"] = self.error
         out["results"] = self.results if self.status == "ok" else []
+        if self.status == "ok" and self.scale is not None:
+            out["scale"] = self.scale.to_json()
         return out
 
 
@@ -284,6 +288,7 @@ def _search(
         k = len(s) if cfg.top_k is None else cfg.top_k
         q.results = _results(s[:k], i[:k], clips)
     _result_cosines(run, info, index, searched, psi)
+    _place_results(run, info, index, searched, psi)
     if cfg.explain:
         _explain(run, info, index, searched, psi)
         _explain_strata(run, featurizer, pre, searched, psi, progress)
@@ -310,6 +315,45 @@ def _result_cosines(run: RunDir, info: IndexInfo, index: Any, queries: list[Quer
         norms = np.linalg.norm(rows, axis=1) * float(np.linalg.norm(psi_q))
         dots = rows @ np.asarray(psi_q, dtype=np.float64)  # (k,)
         q.cosines = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+
+
+def _index_ids(store: VectorStore | None, index: Any) -> np.ndarray | None:
+    """(N,) int64 ids of every indexed clip: the vector store's, else the IndexIDMap2's; None if neither."""
+    if store is not None:
+        return np.asarray(store.ids, dtype=np.int64)
+    if hasattr(index, "id_map"):
+        import faiss
+
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    return None
+
+
+def _place_results(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:
+    """q.scale (`search.scale.RunScale`) and each result's percentile and z within the query's scores
+    over the whole run: from the search itself when it returned every clip, else from the indexed
+    vectors of all clips (≤ EXACT_MAX) or a seeded sample; left None where the vectors cannot be read."""
+    store = VectorStore(run.index_dir) if info.rerank_vectors else None
+    n_run = int(index.ntotal)
+    scales: list[RunScale | None] = [None] * len(queries)
+    whole = [j for j, q in enumerate(queries) if q.scores is not None and len(q.scores) == n_run]
+    for j in whole:  # the search already scored every clip
+        scales[j] = RunScale.from_scores(queries[j].scores, "exact", n_run, queries[j].ids)
+    rest = [j for j in range(len(queries)) if scales[j] is None]
+    ids = _index_ids(store, index) if rest and n_run > 0 else None
+    if rest and ids is not None:
+        picked = ids[sample_ids(len(ids))]
+        try:
+            vectors = lambda c: _indexed_vectors(store, index, c)  # noqa: E731
+            for j, s in zip(rest, run_scales(psi[rest], picked, vectors, n_run)):
+                scales[j] = s
+        except RuntimeError:  # faiss: this index cannot reconstruct (IVF without stored vectors)
+            pass
+    for q, scale in zip(queries, scales):
+        q.scale = scale
+        for r in q.results:
+            r["percentile"], r["z"] = (
+                scale.place(r["score"], r["clip_id"]) if scale is not None else (None, None)
+            )
 
 
 def _explain(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:

@@ -290,3 +290,31 @@ def test_an_index_of_an_unknown_objective_is_refused_before_any_query(
         run_score(
             ScoreConfig(run=run, queries=[demo_data / "videos" / "demo-00001.mp4"], prompt="x", device="cpu")
         )
+
+
+def test_each_result_is_placed_among_the_querys_scores_over_the_run(
+    featurized_run: Path, demo_data: Path
+) -> None:
+    """top-3 of a run of 8: the scale reads every clip's indexed vector (exact), and a result's
+    percentile and z are those of its score among all 8, as a top_k=None search gives them."""
+    vid = "demo-00004"
+    query = dict(
+        run=featurized_run, queries=[demo_data / "videos" / f"{vid}.mp4"], prompt=captions(demo_data)[vid]
+    )
+    top = run_score(ScoreConfig(**query, top_k=3, device="cpu"))
+    jsonschema.validate(top, schema())
+    q = top["queries"][0]
+    assert q["scale"]["method"] == "exact" and q["scale"]["clips"] == q["scale"]["scores"] == 8
+    every = np.array(
+        [
+            r["score"]
+            for r in run_score(ScoreConfig(**query, top_k=None, device="cpu"))["queries"][0]["results"]
+        ]
+    )
+    # FAISS sums D float32 products per score (rounding ≤ ~√D·eps32·max|s|); the scale recomputes them
+    # in float64, so z = (s − mean)/sd agrees to that error over sd, a few times over
+    score_err = np.sqrt(top["index"]["dim"]) * np.finfo(np.float32).eps * np.abs(every).max()
+    for r in q["results"]:
+        assert r["percentile"] == pytest.approx(100.0 * (9 - r["rank"]) / 8)  # distinct scores: rank decides
+        expected_z = (r["score"] - every.mean()) / every.std()
+        assert r["z"] == pytest.approx(expected_z, abs=8 * score_err / every.std())
