@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +290,53 @@ class GramAccumulator:
         return TrakPreconditioner(inverses, lambda_rel, lambdas, self.n)
 
 
+def _fit_trak(feats: Any, dim: int, blocks: Sequence[int] | None, lambda_rel: float) -> Preconditioner:
+    if feats is None:
+        raise ValueError("the trak preconditioner needs the train features")
+    acc = GramAccumulator(dim, blocks)
+    is_one_array = hasattr(feats, "shape") and len(feats.shape) == 2
+    for block in [feats] if is_one_array else feats:
+        acc.update(block)
+    return acc.finalize(lambda_rel)
+
+
+def _load_trak(meta: dict[str, Any], d: Path) -> Preconditioner:
+    inverses = [np.load(d / f"trak_inverse_{b}.npy") for b in range(len(meta["blocks"]))]
+    pre = TrakPreconditioner(inverses, meta["lambda_rel"], meta["lambdas"], meta["num_train"])
+    if pre.blocks != meta["blocks"]:
+        raise ValueError(f"{d}: inverse shapes {pre.blocks} do not match the blocks {meta['blocks']}")
+    return pre
+
+
+@dataclass(frozen=True)
+class PreconditionerKind:
+    """One preconditioner kind: `fit(feats, dim, blocks, lambda_rel)` builds it for train features
+    (those without data ignore `feats`), `load(meta, directory)` rebuilds a saved one from its meta."""
+
+    fit: Callable[[Any, int, Sequence[int] | None, float], Preconditioner]
+    load: Callable[[dict[str, Any], Path], Preconditioner]
+
+
+PRECONDITIONER_KINDS: dict[str, PreconditionerKind] = {
+    "identity": PreconditionerKind(
+        lambda feats, dim, blocks, lam: Preconditioner(dim, blocks),
+        lambda meta, d: Preconditioner(meta["dim"], meta["blocks"]),
+    ),
+    "trak": PreconditionerKind(_fit_trak, _load_trak),
+    "cosine": PreconditionerKind(
+        lambda feats, dim, blocks, lam: CosinePreconditioner(dim, blocks),
+        lambda meta, d: CosinePreconditioner(meta["dim"], meta["blocks"]),
+    ),
+    "normalize": PreconditionerKind(
+        lambda feats, dim, blocks, lam: NormalizePreconditioner(dim, blocks),
+        lambda meta, d: NormalizePreconditioner(meta["dim"], meta["blocks"], meta["alpha"]),
+    ),
+}
+assert tuple(PRECONDITIONER_KINDS) == PRECONDITIONERS, (
+    "choices.PRECONDITIONERS and PRECONDITIONER_KINDS must agree"
+)
+
+
 def fit_preconditioner(
     kind: str,
     feats: Any | Iterable[Any] | None = None,
@@ -300,22 +348,11 @@ def fit_preconditioner(
     """The preconditioner `kind` for train features `feats`: one (n, d) array or an iterable of them.
 
     `identity`, `cosine` and `normalize` need no data; `trak` streams `feats` into a `GramAccumulator`.
+    ValueError for a kind outside `PRECONDITIONER_KINDS`.
     """
-    if kind == "identity":
-        return Preconditioner(dim, blocks)
-    if kind == "cosine":
-        return CosinePreconditioner(dim, blocks)
-    if kind == "normalize":
-        return NormalizePreconditioner(dim, blocks)
-    if kind != "trak":
+    if kind not in PRECONDITIONER_KINDS:
         raise ValueError(f"unknown preconditioner {kind!r}; expected one of {', '.join(PRECONDITIONERS)}")
-    if feats is None:
-        raise ValueError("the trak preconditioner needs the train features")
-    acc = GramAccumulator(dim, blocks)
-    is_one_array = hasattr(feats, "shape") and len(feats.shape) == 2
-    for block in [feats] if is_one_array else feats:
-        acc.update(block)
-    return acc.finalize(lambda_rel)
+    return PRECONDITIONER_KINDS[kind].fit(feats, dim, blocks, lambda_rel)
 
 
 def load_preconditioner(directory: str | os.PathLike[str]) -> Preconditioner:
@@ -326,18 +363,8 @@ def load_preconditioner(directory: str | os.PathLike[str]) -> Preconditioner:
         raise FileNotFoundError(f"no {_META} in {d}: not a saved preconditioner (or an interrupted save)")
     meta = json.loads(meta_path.read_text())
     kind = meta.get("kind")
-    if kind == "identity":
-        return Preconditioner(meta["dim"], meta["blocks"])
-    if kind == "cosine":
-        return CosinePreconditioner(meta["dim"], meta["blocks"])
-    if kind == "normalize":
-        return NormalizePreconditioner(meta["dim"], meta["blocks"], meta["alpha"])
-    if kind == "trak":
-        inverses = [np.load(d / f"trak_inverse_{b}.npy") for b in range(len(meta["blocks"]))]
-        pre = TrakPreconditioner(inverses, meta["lambda_rel"], meta["lambdas"], meta["num_train"])
-        if pre.blocks != meta["blocks"]:
-            raise ValueError(f"{d}: inverse shapes {pre.blocks} do not match the blocks {meta['blocks']}")
-        return pre
-    raise ValueError(
-        f"{meta_path}: unknown preconditioner {kind!r}; expected one of {', '.join(PRECONDITIONERS)}"
-    )
+    if kind not in PRECONDITIONER_KINDS:
+        raise ValueError(
+            f"{meta_path}: unknown preconditioner {kind!r}; expected one of {', '.join(PRECONDITIONERS)}"
+        )
+    return PRECONDITIONER_KINDS[kind].load(meta, d)
