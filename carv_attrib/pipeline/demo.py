@@ -29,7 +29,6 @@ from carv_attrib.pipeline.featurize import featurize_and_index
 from carv_attrib.pipeline.generate import generate_video
 from carv_attrib.pipeline.plan import run_plan
 from carv_attrib.pipeline.score import run_score
-from carv_attrib.store.shards import write_json_atomic
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
@@ -151,7 +150,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
     done()
     done = stage("score")
     say("score: same encode, same draws, FAISS top-k")
-    doc = run_score(ScoreConfig(run=run, queries=[video], prompt=prompt, top_k=cfg.top_k, device=cfg.device))
-    write_json_atomic(out / "attribution.json", doc, sort_keys=False)
+    score_cfg = ScoreConfig(run=run, queries=[video], prompt=prompt, top_k=cfg.top_k, device=cfg.device)
+    doc = run_score(score_cfg, out=out / "attribution.json")  # written and recorded in RUN/run.json
     done()
     return DemoResult(out=out, doc=doc, timings=timings)

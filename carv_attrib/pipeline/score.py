@@ -288,7 +288,10 @@ def _search(
         k = len(s) if cfg.top_k is None else cfg.top_k
         q.results = _results(s[:k], i[:k], clips)
     _result_cosines(run, info, index, searched, psi)
-    _place_results(run, info, index, searched, psi)
+    # displayed scores that are exact inner products of the indexed vectors (Flat) or re-ranked from the
+    # stored ones are recomputed by the scale from the same vectors: a result is placed by its own
+    reranked = bool(info.rerank_vectors and cfg.rerank > 0 and not want_all)
+    _place_results(run, info, index, searched, psi, same_source=info.rerank_vectors is None or reranked)
     if cfg.explain:
         _explain(run, info, index, searched, psi)
         _explain_strata(run, featurizer, pre, searched, psi, progress)
@@ -328,32 +331,42 @@ def _index_ids(store: VectorStore | None, index: Any) -> np.ndarray | None:
     return None
 
 
-def _place_results(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:
+def _place_results(
+    run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray, same_source: bool = True
+) -> None:
     """q.scale (`search.scale.RunScale`) and each result's percentile and z within the query's scores
-    over the whole run: from the search itself when it returned every clip, else from the indexed
-    vectors of all clips (≤ EXACT_MAX) or a seeded sample; left None where the vectors cannot be read."""
+    over the whole run: from the search itself when it returned every clip (no padding id −1, which
+    HNSW leaves), else from the indexed vectors (the stored exact ones where kept) of all clips
+    (≤ EXACT_MAX) or a seeded sample; left None where the vectors cannot be read. `same_source`: the
+    displayed scores come from those vectors, so a result is placed by its own recomputed score."""
     store = VectorStore(run.index_dir) if info.rerank_vectors else None
     n_run = int(index.ntotal)
     scales: list[RunScale | None] = [None] * len(queries)
-    whole = [j for j, q in enumerate(queries) if q.scores is not None and len(q.scores) == n_run]
-    for j in whole:  # the search already scored every clip
-        scales[j] = RunScale.from_scores(queries[j].scores, "exact", n_run, queries[j].ids)
+    for j, q in enumerate(queries):
+        if q.scores is not None and q.ids is not None and len(q.scores) == n_run and bool((q.ids >= 0).all()):
+            scales[j] = RunScale.from_scores(q.scores, "exact", n_run)  # the displayed scores are the scale
     rest = [j for j in range(len(queries)) if scales[j] is None]
     ids = _index_ids(store, index) if rest and n_run > 0 else None
     if rest and ids is not None:
         picked = ids[sample_ids(len(ids))]
         try:
             vectors = lambda c: _indexed_vectors(store, index, c)  # noqa: E731
-            for j, s in zip(rest, run_scales(psi[rest], picked, vectors, n_run)):
+            for j, s in zip(rest, run_scales(psi[rest], picked, vectors, n_run, keep_own=same_source)):
                 scales[j] = s
         except RuntimeError:  # faiss: this index cannot reconstruct (IVF without stored vectors)
             pass
     for q, scale in zip(queries, scales):
         q.scale = scale
-        for r in q.results:
-            r["percentile"], r["z"] = (
-                scale.place(r["score"], r["clip_id"]) if scale is not None else (None, None)
-            )
+        if scale is None or not q.results:
+            for r in q.results:
+                r["percentile"], r["z"] = None, None
+            continue
+        pct, z = scale.place_many(
+            np.array([r["score"] for r in q.results]),
+            np.array([r["clip_id"] for r in q.results], dtype=np.int64),
+        )
+        for j, r in enumerate(q.results):
+            r["percentile"], r["z"] = float(pct[j]), (None if z is None else float(z[j]))
 
 
 def _explain(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:

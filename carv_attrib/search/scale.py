@@ -40,6 +40,8 @@ class RunScale:
     sorted_scores: np.ndarray
     method: str
     n_run: int
+    mean: float
+    sd: float
     own: dict[int, float] | None = None  # clip id -> its score as the scale computed it
 
     @classmethod
@@ -52,26 +54,26 @@ class RunScale:
         if raw.size == 0:
             raise ValueError("a run scale needs at least one score")
         own = None if ids is None else dict(zip(np.asarray(ids).tolist(), raw.tolist()))
-        return cls(np.sort(raw), method, int(n_run), own)
-
-    @property
-    def mean(self) -> float:
-        return float(self.sorted_scores.mean())
-
-    @property
-    def sd(self) -> float:
-        return float(self.sorted_scores.std())
+        return cls(np.sort(raw), method, int(n_run), float(raw.mean()), float(raw.std()), own)
 
     def place(self, score: float, clip_id: int | None = None) -> tuple[float, float | None]:
         """(percentile in [0, 100]: share of the run's scores ≤ `score`, z-score or None when every
         score is equal). A `clip_id` the scale scored is placed by that score."""
-        if clip_id is not None and self.own is not None and clip_id in self.own:
-            score = self.own[clip_id]
-        at_most = int(np.searchsorted(self.sorted_scores, float(score), side="right"))
-        pct = 100.0 * at_most / self.sorted_scores.size
-        sd = self.sd
-        z = (float(score) - self.mean) / sd if sd > 0 and math.isfinite(sd) else None
-        return pct, z
+        pct, z = self.place_many(np.array([score]), None if clip_id is None else np.array([clip_id]))
+        return float(pct[0]), (None if z is None else float(z[0]))
+
+    def place_many(
+        self, scores: np.ndarray, clip_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Vectorised `place`: (percentiles (m,) float64, z (m,) float64 or None when sd is 0) of
+        `scores` (m,), one sorted search for all of them (O(m log n))."""
+        s = np.asarray(scores, dtype=np.float64).copy()
+        if clip_ids is not None and self.own is not None:
+            for j, i in enumerate(np.asarray(clip_ids).tolist()):
+                s[j] = self.own.get(i, s[j])
+        pct = 100.0 * np.searchsorted(self.sorted_scores, s, side="right") / self.sorted_scores.size
+        ok = self.sd > 0 and math.isfinite(self.sd)
+        return pct, ((s - self.mean) / self.sd if ok else None)
 
     def percentile_se(self) -> float:
         """Standard error of a percentile, in points: 0 when exact, 50/√n bound when sampled."""
@@ -100,22 +102,29 @@ def sample_ids(n_run: int, seed: int = 0, sample: int = SAMPLE, exact_max: int =
     return np.sort(rng.choice(n_run, size=sample, replace=False)).astype(np.int64)
 
 
+CHUNK_BYTES = 256 << 20  # float64 vectors read per step: memory stays ~2× this whatever D is
+
+
 def run_scales(
     psi: np.ndarray,
     ids: np.ndarray,
     vectors: Callable[[np.ndarray], np.ndarray],
     n_run: int,
-    chunk: int = 4096,
+    keep_own: bool = True,
 ) -> list[RunScale]:
     """One RunScale per query row of `psi` (m, D): scores ⟨ψ_q, v_i⟩ of the clips `ids` (their indexed
-    vectors read by `vectors(ids_chunk) -> (c, D)`, in chunks so memory stays (chunk, D)); "exact"
-    when `ids` covers the whole run of `n_run` clips. Raises what `vectors` raises (RuntimeError from
-    faiss for an index that cannot reconstruct)."""
+    vectors read by `vectors(ids_chunk) -> (c, D)`, CHUNK_BYTES of float64 at a time); "exact" when
+    `ids` covers the whole run of `n_run` clips. `keep_own`: results among `ids` are placed by these
+    scores (False when the displayed scores come from other vectors, e.g. an approximate index's
+    codes). Raises what `vectors` raises (RuntimeError from faiss for an index that cannot
+    reconstruct)."""
     psi64 = np.asarray(psi, dtype=np.float64)  # (m, D)
+    chunk = max(1, CHUNK_BYTES // (8 * max(1, psi64.shape[1])))
     parts = []
     for start in range(0, len(ids), chunk):
         v = np.asarray(vectors(ids[start : start + chunk]), dtype=np.float64)  # (c, D)
         parts.append(v @ psi64.T)  # (c, m)
     scores = np.concatenate(parts, axis=0) if parts else np.zeros((0, psi64.shape[0]))  # (n, m)
     method = "exact" if len(ids) == n_run else "sample"
-    return [RunScale.from_scores(scores[:, j], method, n_run, ids) for j in range(psi64.shape[0])]
+    own_ids = ids if keep_own else None
+    return [RunScale.from_scores(scores[:, j], method, n_run, own_ids) for j in range(psi64.shape[0])]

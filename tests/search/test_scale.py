@@ -57,3 +57,23 @@ def test_small_runs_are_scored_whole() -> None:
     assert np.array_equal(sample_ids(100), np.arange(100))
     scales = run_scales(np.ones((1, 2)), np.arange(3), lambda c: np.eye(3, 2)[c], 3)
     assert scales[0].method == "exact" and scales[0].to_json()["scores"] == 3
+
+
+def test_placing_many_equals_placing_each() -> None:
+    rng = np.random.default_rng(2)
+    scores = rng.normal(size=300)
+    ids = np.arange(300, dtype=np.int64) * 7
+    scale = RunScale.from_scores(scores, "exact", 300, ids=ids)
+    pct, z = scale.place_many(scores[:50], ids[:50])
+    assert z is not None
+    for j in range(50):
+        assert (pct[j], z[j]) == scale.place(float(scores[j]), int(ids[j]))
+
+
+def test_without_own_scores_a_result_is_placed_by_its_displayed_score() -> None:
+    vectors = np.eye(4)
+    scales = run_scales(
+        np.array([[4.0, 3.0, 2.0, 1.0]]), np.arange(4), lambda c: vectors[c], 4, keep_own=False
+    )
+    assert scales[0].own is None
+    assert scales[0].place(2.5, clip_id=0)[0] == 50.0  # not 100: the recomputed 4.0 is not used
