@@ -506,6 +506,10 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = 
     if cfg.aggregate != "none" and scored:
         doc["aggregate"] = aggregate(cfg.aggregate, scored, cfg.top_k, clips)
     doc["warnings"] = untrained_warnings(queries)
+    if cfg.top_k is not None and cfg.top_k > info.count:  # said, not silently shortened
+        doc["warnings"].append(
+            f"top-k {cfg.top_k} asks for more clips than the index holds ({info.count}): every clip is returned"
+        )
     if out is not None:
         write_json_atomic(out, doc, sort_keys=False)
     record(

@@ -38,7 +38,8 @@ displayed frame) and `DecodedClip.start` that frame's own pts (seconds).
 Failure kinds (`ClipFailure.kind`; the message says what is wrong without repeating the kind, so
 "{kind}: {message}" reads well, and never names a CLI flag, so callers add their own advice):
 - `missing`: the file does not exist;
-- `decode_error`: empty file, not a container FFmpeg can read, or frames that do not decode;
+- `decode_error`: empty file, not a regular file (a directory, FIFO, socket or device), not a container
+  FFmpeg can read, or frames that do not decode;
 - `no_video`: the container has no video stream (e.g. audio only);
 - `unsupported_codec`: no decoder for the stream's codec in this FFmpeg build (the codec is named);
 - `truncated`: the file ends early (interrupted copy) and its intact prefix is too short for the
@@ -348,6 +349,23 @@ def _decode_pyav(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> An
     return np.stack([got[p.display_pts[i]] for i in idx])
 
 
+def special_file_kind(path: str) -> str | None:
+    """What `path` is when it is not a regular file ("a directory", "a named pipe (FIFO)", "a socket",
+    "a device"), else None. Reads only the inode (`os.stat`), so it never blocks on a FIFO."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory (give the videos inside it)"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device or other special file"
+
+
 def plan_clip(path: str, policy: FramePolicy) -> tuple[Any, list[int], list[str]]:
     """Probe `path` and choose its frames: (VideoProbe, display indices, reasons to use PyAV).
 
@@ -357,6 +375,9 @@ def plan_clip(path: str, policy: FramePolicy) -> tuple[Any, list[int], list[str]
 
     if not os.path.exists(path):
         raise ClipFailure("missing", f"file not found: {path}")
+    special = special_file_kind(path)
+    if special is not None:  # opened as a video it would fail obscurely (a directory) or block (a FIFO)
+        raise ClipFailure("decode_error", f"not a video file but {special}: {path}")
     if os.path.getsize(path) == 0:
         raise ClipFailure("decode_error", f"file is empty (0 bytes): {path}")
     p = probe_video(path)

@@ -318,3 +318,26 @@ def test_each_result_is_placed_among_the_querys_scores_over_the_run(
         assert r["percentile"] == pytest.approx(100.0 * (9 - r["rank"]) / 8)  # distinct scores: rank decides
         expected_z = (r["score"] - every.mean()) / every.std()
         assert r["z"] == pytest.approx(expected_z, abs=8 * score_err / every.std())
+
+
+def test_a_directory_query_is_a_named_failure_and_a_large_top_k_is_said(
+    featurized_run: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    video = demo_data / "videos" / "demo-00001.mp4"
+    (tmp_path / "p.json").write_text(json.dumps({str(folder): "x", str(video): "y"}))
+    doc = run_score(
+        ScoreConfig(
+            run=featurized_run,
+            queries=[folder, video],
+            prompts_file=tmp_path / "p.json",
+            top_k=20,
+            device="cpu",
+        )
+    )
+    jsonschema.validate(doc, schema())
+    bad, good = doc["queries"]
+    assert bad["status"] == "error" and "not a video file but a directory" in bad["error"]
+    assert good["status"] == "ok" and len(good["results"]) == 8
+    assert any("top-k 20" in w and "(8)" in w for w in doc["warnings"])

@@ -176,3 +176,19 @@ def test_failures_are_typed(tmp_path: Path, demo_data: Path) -> None:
             str(demo_data / "videos" / "demo-00000.mp4"), FramePolicy(frames=41, height=32, width=32, fps=8)
         )
     assert exc.value.kind == "too_short"
+
+
+def test_special_files_are_named_decode_errors_and_never_block(tmp_path: Path) -> None:
+    """A directory or a FIFO among the videos: one clear per-clip failure, from the inode alone (opening
+    a FIFO for reading would block until a writer comes)."""
+    import os
+
+
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.mp4"
+    folder.mkdir()
+    for path, what in [(folder, "a directory"), (fifo, "a named pipe")]:
+        with pytest.raises(ClipFailure) as err:
+            decode_clip(str(path), FramePolicy(frames=5, width=32, height=32, fps=8))
+        assert err.value.kind == "decode_error" and f"not a video file but {what}" in err.value.message
