@@ -183,7 +183,6 @@ def test_special_files_are_named_decode_errors_and_never_block(tmp_path: Path) -
     a FIFO for reading would block until a writer comes)."""
     import os
 
-
     fifo = tmp_path / "pipe.mp4"
     os.mkfifo(fifo)
     folder = tmp_path / "folder.mp4"
