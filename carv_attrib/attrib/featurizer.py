@@ -43,8 +43,6 @@ ClipInput = (
     tuple[int, torch.Tensor, torch.Tensor] | tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]
 )
 
-UNIFORM: dict[str, Any] = Objective().spec()
-
 
 def token_weights(
     objective: Objective | dict[str, Any], clip_id: int, motion: torch.Tensor | None
