@@ -40,6 +40,7 @@ from carv_attrib.search import uncertainty as unc
 from carv_attrib.search.explain import explain_result, layer_slices, layer_split, stratum_split
 from carv_attrib.search.index import load_index, search
 from carv_attrib.search.precondition import load_preconditioner
+from carv_attrib.search.refine import QUERY, refine, replicate_rule
 from carv_attrib.search.rerank import VectorStore, rerank
 from carv_attrib.search.scale import RunScale, run_scales, sample_ids
 from carv_attrib.store.latents import read_latents
@@ -304,6 +305,8 @@ def _search(
         q.scores, q.ids = s, i
         k = len(s) if cfg.top_k is None else cfg.top_k
         q.results = _results(s[:k], i[:k], clips)
+    if cfg.refine:
+        _refine(cfg, run, info, index, searched, featurizer, pre, clips, progress)
     _result_cosines(run, info, index, searched, psi)
     # displayed scores that are exact inner products of the indexed vectors (Flat) or re-ranked from the
     # stored ones are recomputed by the scale from the same vectors: a result is placed by its own
@@ -343,6 +346,8 @@ def _uncertainty(
     stored vectors)."""
     store = VectorStore(run.index_dir) if info.rerank_vectors else None
     for j, (q, psi_q) in enumerate(zip(queries, psi)):
+        if q.uncertainty is not None:  # --refine filled them
+            continue
         for r in q.results:
             r["se"], r["se_gap"], r["p_top_k"] = None, None, None
         if q.parts is None or q.scores is None or q.ids is None:
@@ -367,18 +372,96 @@ def _uncertainty(
             shared, own = unc.variance_basis(xq + xi, rule), None
         else:  # the clip's own stream: its side is independent of the query's and of other clips'
             shared, own = unc.variance_basis(xq, rule), unc.variance_basis(xi, rule)
-        se = unc.standard_error(shared, own)  # (n,), NaN for K = 1
-        # the gap to the next candidate: shared draws cancel in it, so it is far surer than either score
-        gap = unc.standard_error(
-            shared[:-1] - shared[1:], None if own is None else np.hypot(own[:-1], own[1:])
-        )
         p = unc.p_top_k(scores, shared, own, top_k) if top_k is not None else None
-        for c, r in enumerate(q.results[:n]):
-            r["se"] = float(se[c]) if np.isfinite(se[c]) else None
-            r["se_gap"] = float(gap[c]) if c < len(gap) and np.isfinite(gap[c]) else None
-            r["p_top_k"] = None if p is None or r["se"] is None else float(p[c])
+        _fill_errors(q.results[:n], shared, own, p)
         method = "exact" if recomputed >= min(len(q.results), n) > 0 else "cheap"
         q.uncertainty = unc.describe(method, rule) | {"candidates": n, "recomputed": recomputed}
+
+
+def _fill_errors(
+    results: list[dict[str, Any]], shared: np.ndarray, own: np.ndarray | None, p: np.ndarray | None
+) -> None:
+    """Each result's se, se_gap (to the next candidate) and p_top_k from the candidates' variance
+    basis (n, U) (`uncertainty.variance_basis`), results in candidate order."""
+    se = unc.standard_error(shared, own)  # (n,), NaN for K = 1
+    # the gap to the next candidate: shared draws cancel in it, so it is far surer than either score
+    gap = unc.standard_error(shared[:-1] - shared[1:], None if own is None else np.hypot(own[:-1], own[1:]))
+    for c, r in enumerate(results):
+        r["se"] = float(se[c]) if np.isfinite(se[c]) else None
+        r["se_gap"] = float(gap[c]) if c < len(gap) and np.isfinite(gap[c]) else None
+        r["p_top_k"] = None if p is None or r["se"] is None else float(p[c])
+
+
+def default_refine_budget(top_k: int, k: int) -> int:
+    """--refine's default: four replicates of K draws for the query and its 2k + 10 candidates."""
+    return 4 * (candidates_for(top_k) + 1) * int(k)
+
+
+def _refine(
+    cfg: ScoreConfig,
+    run: RunDir,
+    info: IndexInfo,
+    index: Any,
+    queries: list[Query],
+    featurizer: Featurizer,
+    pre: Any,
+    clips: ClipMeta,
+    progress: ProgressFn,
+) -> None:
+    """--refine (`search.refine`): per query, more replicates of the draws for the unsettled candidates,
+    then the candidates re-sorted by their refined scores, the top-k rows rebuilt with their se,
+    se_gap and p_top_k, and the query's uncertainty block (method "refined", draws spent). A query
+    without per-draw parts (dense) or readable vectors keeps its K-draw result."""
+    assert cfg.top_k is not None  # ScoreConfig.validate
+    rule = featurizer.rule
+    budget = cfg.refine_budget if cfg.refine_budget is not None else default_refine_budget(cfg.top_k, rule.k)
+    store = VectorStore(run.index_dir) if info.rerank_vectors else None
+    where = {cid: row.where for cid, _, row in run.live_latents().ok()}
+    cached: dict[int, Any] = {}
+
+    def clip_input(cid: int) -> Any:
+        if cid not in cached:
+            cached[cid] = next(iter(read_latents(run, selection([where[cid]]))))
+        return cached[cid]
+
+    for q in queries:
+        if q.parts is None or q.scores is None or q.ids is None:
+            continue
+        keep = q.ids >= 0
+        ids = q.ids[keep]
+        try:
+            psi_c = np.asarray(_indexed_vectors(store, index, ids), dtype=np.float64)  # (n, D)
+        except RuntimeError:
+            continue
+
+        def parts_of(c: int, r: int, q: Query = q, ids: np.ndarray = ids) -> np.ndarray:
+            if c == QUERY:
+                cid, z, emb, motion = query_stream_id(q), q.latent, q.text_emb, q.motion
+            else:
+                clip = clip_input(int(ids[c]))
+                cid, z, emb, motion = clip.clip_id, clip.latent, clip.text_emb, clip.motion
+            featurizer.use_rule(replicate_rule(rule, r))
+            try:
+                return featurizer.draw_parts(cid, z, emb, motion)[0].numpy()  # (K, D)
+            finally:
+                featurizer.use_rule(rule)
+
+        out = refine(pre, rule, cfg.top_k, psi_c, q.parts, parts_of, budget)
+        order = np.argsort(-out.scores, kind="stable")
+        q.scores, q.ids = out.scores[order], ids[order]
+        q.results = _results(q.scores[: cfg.top_k], q.ids[: cfg.top_k], clips)
+        assert out.shared is not None
+        own = None if out.own is None else out.own[order]
+        _fill_errors(q.results, out.shared[order], own, out.p_top_k[order])
+        refined = int((out.replicates > 1).sum())
+        side = "mirrored" if out.rounds == 0 else ("recomputed" if pre.kind == "cosine" else "mixed")
+        q.uncertainty = unc.describe("refined", rule) | {
+            "clip_side": side,
+            "candidates": len(ids),
+            "recomputed": refined,
+            "refine": out.to_json(budget),
+        }
+        progress("refine", {"draws": out.draws})
 
 
 MAX_SE = 10_000  # results given an se (top-k all on a large run): the candidates' vectors are read whole

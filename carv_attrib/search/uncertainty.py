@@ -40,7 +40,12 @@ import numpy as np
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.timesteps import sampler
 
-SE_METHODS = ("cheap", "exact")
+SE_METHODS = ("cheap", "exact", "refined")  # "refined": score --refine (`search.refine`)
+CLIP_SIDES = (
+    "mirrored",
+    "recomputed",
+    "mixed",
+)  # mixed: --refine's replicate 0 mirrored, the rest recomputed
 LEVEL = 0.9  # the interval README and the report draw: score ± t·se, two-sided 90 %
 Z_LEVEL = 1.6448536269514722  # Φ⁻¹(0.95), the t quantile's limit
 # Student-t 0.95 quantiles t_{0.95, ν} for ν = 1..30 (any statistics table, e.g. NIST/SEMATECH

@@ -34,7 +34,9 @@ def test_a_random_pipeline_of_any_size_is_warned_about(tmp_path: Path, preset: s
     doc = _demo(tmp_path / preset, preset, train_steps=0)
     results = doc["queries"][0]["results"]
     assert all(r["se"] is not None and r["se"] > 0 for r in results)
-    assert any("looks untrained" in w and f"trained models: ≥ {UNTRAINED_RATIO}" in w for w in doc["warnings"])
+    assert any(
+        "looks untrained" in w and f"trained models: ≥ {UNTRAINED_RATIO}" in w for w in doc["warnings"]
+    )
 
 
 def test_the_trained_demo_model_is_not(tmp_path: Path) -> None:
