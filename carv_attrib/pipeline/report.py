@@ -1,7 +1,16 @@
-"""`report`: one self-contained HTML page for an attribution JSON: each query's frames beside its top-k
-training clips (frames, vid, caption, score), failed queries with their error, the aggregate table, and
-the provenance in a collapsible block. Results scored with `score --explain` get two small bar charts
-(inline SVG): the score's split over the transformer's blocks and over the timestep strata.
+"""`report`: one self-contained HTML page for an attribution JSON, laid out for judging a ranking: each
+query's frames beside its top-k training clips (frames, vid, caption, score), failed queries with their
+error, the aggregate table, and the provenance in a collapsible block.
+
+Per query, a one-line reading in plain words (`pipeline.report_reading`), and per result its score
+drawn as a dot with its ± se whisker on the query's score axis (overlapping whiskers: ranks the scores
+cannot order), P(top-k), pctl and z. Results scored with `score --explain` get "why" charts (inline
+SVG) on axes shared by the query's results, one axis per chart kind, zero line and values written, so
+rank 1's bars and rank 10's compare by eye: the score's split over the transformer's blocks, its top
+layers, the timestep strata and, when the JSON has `explain.by_kind`, the caption-vs-video split (self-
+vs cross-attention, feed-forward, other) as one diverging stacked bar. A query with a `null_prompt`
+block gets the null-prompt ranking beside the captioned one. Every newer field is optional: an older
+JSON renders as before, less what it lacks.
 
 Frames are taken with the run's own frame selection (`carv_attrib.video.decode.decode_clip` with the
 index's recorded frame policy), --frames of them evenly spaced, as one PNG strip per clip inlined as a
@@ -17,6 +26,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +38,12 @@ from PIL import Image
 
 from carv_attrib.config import ReportConfig
 from carv_attrib.errors import UsageError
+from carv_attrib.pipeline.report_reading import clip_key, reading
 from carv_attrib.store.shards import atomic_path
 from carv_attrib.video.decode import ClipFailure, FramePolicy, decode_clip
 
-__all__ = ["ReportConfig", "run_report", "frame_strip", "bar_chart", "explain_charts"]
+__all__ = ["ReportConfig", "run_report", "frame_strip", "Axis", "column_chart", "hbar_chart", "kind_chart",
+           "forest", "query_charts", "null_view"]  # fmt: skip
 
 
 def frame_strip(path: str, policy: FramePolicy, n: int) -> str:
@@ -43,44 +57,249 @@ def frame_strip(path: str, policy: FramePolicy, n: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-CHART_W, CHART_H, AXIS_H = 220, 64, 12  # px of one bar chart and of its tick labels under it
+@dataclass(frozen=True)
+class Axis:
+    """One query's scale for one kind of chart: every result's chart of that kind maps values through
+    the same [lo, hi], so rank 1's bars and rank 10's can be compared by eye."""
+
+    lo: float
+    hi: float
+
+    @classmethod
+    def over(cls, values: Iterable[float], zero: bool = True, pad: float = 0.0) -> Axis:
+        """The range of `values` (with 0 in it when `zero`: bars grow from the zero line), widened by
+        `pad` of its span on each side; a degenerate range is widened so that it maps somewhere."""
+        vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+        lo, hi = min(vals, default=0.0), max(vals, default=0.0)
+        if zero:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+        span = hi - lo
+        if span <= 0:
+            span = abs(hi) * 0.02 or 1.0
+            lo, hi = lo - span / 2, hi + span / 2
+        return cls(lo - pad * span, hi + pad * span)
+
+    def frac(self, v: float) -> float:
+        """v's place on the axis, 0 at lo and 1 at hi."""
+        return (v - self.lo) / (self.hi - self.lo)
 
 
-def bar_chart(title: str, items: list[tuple[str, str, float]]) -> dict[str, Any]:
-    """The geometry of one inline-SVG bar chart: one column per (label, tick, value), heights scaled
-    to the largest |value|, a zero line in the middle when some value is negative; ticks are shown
-    under the columns when they fit (≥ 24 px each), labels as hover titles. Text stays text (the
-    template escapes it)."""
+def _g(v: float) -> str:
+    """A value as written on a chart: 3 significant digits, signed when negative only."""
+    return f"{v:.3g}"
+
+
+CHART_W, CHART_H, AXIS_H, GUTTER = 220, 72, 12, 44  # px: plot, its height, tick row, y-label gutter
+PAD = 10  # px kept above and below the plot for the values written over the bars
+
+
+def column_chart(title: str, items: list[tuple[str, str, float]], axis: Axis) -> dict[str, Any]:
+    """The geometry of one inline-SVG column chart on the query's shared `axis`: one column per
+    (label, tick, value) from the zero line, the axis' top, zero and bottom written in the left
+    gutter, each value written over its column and the tick under it when a column is ≥ 30 px wide
+    (else the value is the column's hover title only). Text stays text (the template escapes it)."""
     n = max(len(items), 1)
-    peak = max((abs(v) for *_, v in items), default=0.0) or 1.0
-    signed = any(v < 0 for *_, v in items)
-    zero = CHART_H / 2 if signed else CHART_H - 1.0  # y of the zero line
-    room = zero - 2 if signed else CHART_H - 3  # px for the largest bar
     slot = CHART_W / n
+
+    def y(v: float) -> float:
+        return PAD + (1 - axis.frac(v)) * (CHART_H - 2 * PAD)
+
+    zero = y(0.0)
     bars = []
     for i, (label, tick, v) in enumerate(items):
-        h = max(abs(v) / peak * room, 0.5)
-        y = zero - h if v >= 0 else zero
-        bars.append({"x": round(i * slot + slot * 0.1, 2), "y": round(y, 2), "w": round(slot * 0.8, 2),
-                     "h": round(h, 2), "neg": v < 0, "label": label, "value": v,
-                     "tick": tick, "tick_x": round((i + 0.5) * slot, 2)})  # fmt: skip
-    return {"title": title, "w": CHART_W, "h": CHART_H + AXIS_H, "plot_h": CHART_H, "zero": round(zero, 2),
-            "ticks": slot >= 24, "tick_y": CHART_H + AXIS_H - 2, "bars": bars}  # fmt: skip
+        h = max(abs(y(v) - zero), 0.5)
+        top = zero - h if v >= 0 else zero
+        bars.append({"x": round(GUTTER + i * slot + slot * 0.1, 2), "y": round(top, 2),
+                     "w": round(slot * 0.8, 2), "h": round(h, 2), "neg": v < 0, "label": label,
+                     "value": v, "text": _g(v), "tick": tick, "cx": round(GUTTER + (i + 0.5) * slot, 2),
+                     "ty": round(top - 2 if v >= 0 else top + h + 8, 2)})  # fmt: skip
+    marks = [(axis.hi, y(axis.hi)), (0.0, zero)] + ([(axis.lo, y(axis.lo))] if axis.lo < 0 else [])
+    # a mark closer than 9 px to the zero line would print over it: keep zero's
+    marks = [(v, yy) for v, yy in marks if v == 0.0 or abs(yy - zero) >= 9]
+    return {"title": title, "w": GUTTER + CHART_W, "h": CHART_H + AXIS_H, "zero": round(zero, 2),
+            "x0": GUTTER, "values": slot >= 30, "ticks": slot >= 24, "tick_y": CHART_H + AXIS_H - 2,
+            "bars": bars, "marks": [{"text": _g(v), "y": round(yy + 3, 2)} for v, yy in marks]}  # fmt: skip
 
 
-def explain_charts(explain: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The charts of one result's `explain` block: by block, then by timestep stratum (σ order)."""
-    if not explain:
-        return []
-    charts = []
-    if explain.get("by_block"):
-        items = [(k, k.replace("blocks.", "b"), v) for k, v in explain["by_block"].items()]
-        charts.append(bar_chart("by block", items))
-    if explain.get("by_stratum"):
-        items = [(f"σ {x['sigma_lo']:.2f}–{x['sigma_hi']:.2f} ({x['draws']} draws)", f"{x['sigma_lo']:.2f}",
-                  x["score"]) for x in explain["by_stratum"]]  # fmt: skip
-        charts.append(bar_chart("by timestep stratum (equal-probability strata, low σ → high σ)", items))
-    return charts
+def _apart(zero: float, left: float, right: float, room: float = 26.0) -> bool:
+    """Whether the "0" under a zero line at x=`zero` clears the end labels written at `left` and
+    `right` (a value of ~7 characters takes ~26 px at 9 px); else the zero line alone marks 0."""
+    return zero - left >= room and right - zero >= room
+
+
+HBAR_LABEL, HBAR_W, HBAR_VALUE, HBAR_ROW = 130, 110, 44, 13  # px: label, bar area, value, row height
+
+
+def hbar_chart(title: str, items: list[tuple[str, str, float]], axis: Axis) -> dict[str, Any]:
+    """One horizontal bar per (label, tick, value) on the shared `axis` (for named terms such as the
+    top layers, whose names need room): tick on the left, bar from the zero line, value written on
+    the right, the axis' ends and zero written under the bars."""
+
+    def x(v: float) -> float:
+        return HBAR_LABEL + axis.frac(v) * HBAR_W
+
+    zero = x(0.0)
+    bars = []
+    for i, (label, tick, v) in enumerate(items):
+        w = max(abs(x(v) - zero), 0.5)
+        bars.append({"x": round(zero if v >= 0 else zero - w, 2), "y": i * HBAR_ROW + 2, "w": round(w, 2),
+                     "h": HBAR_ROW - 3, "neg": v < 0, "label": label, "value": v, "text": _g(v),
+                     "tick": tick, "ty": i * HBAR_ROW + HBAR_ROW - 3})  # fmt: skip
+    base, right = len(items) * HBAR_ROW, HBAR_LABEL + HBAR_W
+    marks = [{"text": _g(axis.lo), "x": HBAR_LABEL, "anchor": "start"}]
+    if _apart(zero, HBAR_LABEL, right):
+        marks.append({"text": "0", "x": round(zero, 2), "anchor": "middle"})
+    marks.append({"text": _g(axis.hi), "x": right, "anchor": "end"})
+    return {"title": title, "w": right + HBAR_VALUE, "h": base + 12, "zero": round(zero, 2),
+            "label_x": HBAR_LABEL - 4, "value_x": right + 4, "base": base, "bars": bars,
+            "marks": marks}  # fmt: skip
+
+
+# explain.by_kind's parts in drawing order, with the words and CSS class the page shows them under:
+# attention over the video's own tokens, attention to the caption's tokens (the text conditioning),
+# the MLPs, and everything else (embeddings, norms, the head).
+KINDS = (
+    ("self_attention", "self-attn (video)", "k-self"),
+    ("cross_attention", "cross-attn (caption)", "k-cross"),
+    ("feed_forward", "feed-forward", "k-ff"),
+    ("other", "other", "k-other"),
+)
+KIND_W, KIND_H = 220, 28  # px of the stacked bar and its axis row
+
+
+def kind_axis(kinds: list[dict[str, float]]) -> Axis:
+    """The shared axis of a query's by_kind bars: from the most negative sum of negative parts to the
+    largest sum of positive parts (each bar stacks its positive parts right of zero, its negative
+    parts left of it)."""
+    pos = [sum(max(k.get(name, 0.0), 0.0) for name, *_ in KINDS) for k in kinds]
+    neg = [sum(min(k.get(name, 0.0), 0.0) for name, *_ in KINDS) for k in kinds]
+    return Axis.over(pos + neg)
+
+
+def kind_chart(kinds: dict[str, float], axis: Axis) -> dict[str, Any]:
+    """The caption-vs-video split of one score as one diverging stacked bar on the shared `axis`,
+    with a legend row of the four parts and their values (the parts add up to the score)."""
+
+    def x(v: float) -> float:
+        return 1 + axis.frac(v) * (KIND_W - 2)
+
+    zero, up, down, segs = x(0.0), 0.0, 0.0, []
+    for name, words, css in KINDS:
+        v = float(kinds.get(name, 0.0))
+        a, b = (up, up + v) if v >= 0 else (down + v, down)
+        up, down = (b, down) if v >= 0 else (up, a)
+        if v != 0:
+            segs.append({"x": round(x(a), 2), "w": round(max(x(b) - x(a), 0.5), 2), "css": css,
+                         "label": words, "value": v})  # fmt: skip
+    legend = [
+        {"css": css, "label": words, "text": _g(float(kinds.get(name, 0.0)))} for name, words, css in KINDS
+    ]
+    return {"w": KIND_W, "h": KIND_H, "zero": round(zero, 2), "segs": segs, "legend": legend,
+            "lo": _g(axis.lo), "hi": _g(axis.hi), "zero_label": _apart(zero, 1, KIND_W - 1),
+            "total": _g(sum(float(v) for v in kinds.values()))}  # fmt: skip
+
+
+FOREST_W, FOREST_H = 160, 30  # px of one result's score ± se on the query's axis
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def score_axis(results: list[dict[str, Any]]) -> Axis:
+    """The query's score axis: every result's score ± se (se 0 when absent), zero left out (scores of
+    one query cluster far from it), padded 6 % so end dots are not cut."""
+    ends = []
+    for r in results:
+        se = _finite(r.get("se")) or 0.0
+        ends += [r["score"] - se, r["score"] + se]
+    return Axis.over(ends, zero=False, pad=0.06)
+
+
+def forest(r: dict[str, Any], axis: Axis) -> dict[str, Any]:
+    """One result's score as a dot with its ± se whisker (none without se) on the query's score axis,
+    the axis' ends written under it: stacked down the table, overlapping whiskers show which ranks
+    the scores cannot order."""
+
+    def x(v: float) -> float:
+        return 6 + axis.frac(v) * (FOREST_W - 12)
+
+    se = _finite(r.get("se"))
+    out = {"w": FOREST_W, "h": FOREST_H, "cx": round(x(r["score"]), 2), "se": se,
+           "lo": _g(axis.lo), "hi": _g(axis.hi)}  # fmt: skip
+    if se is not None:
+        out |= {"x1": round(x(r["score"] - se), 2), "x2": round(x(r["score"] + se), 2)}
+    return out
+
+
+def _split_items(explain: dict[str, Any], name: str) -> list[tuple[str, str, float]]:
+    """(label, tick, value) of one explain split, or [] when the result has none."""
+    if name == "by_block":
+        return [(k, k.replace("blocks.", "b"), v) for k, v in (explain.get("by_block") or {}).items()]
+    if name == "top_layers":
+        return [(x["layer"], x["layer"].replace("blocks.", "b")[-24:], x["score"])
+                for x in explain.get("top_layers") or []]  # fmt: skip
+    return [
+        (
+            f"σ {x['sigma_lo']:.2f}–{x['sigma_hi']:.2f} ({x['draws']} draws)",
+            f"{x['sigma_lo']:.2f}",
+            x["score"],
+        )
+        for x in explain.get("by_stratum") or []
+    ]
+
+
+# the explain splits drawn, in order: (JSON key, chart title, chart kind)
+SPLITS = (
+    ("by_block", "by block", "columns"),
+    ("top_layers", "top layers", "hbars"),
+    ("by_stratum", "by timestep stratum (equal-probability strata, low σ → high σ)", "columns"),
+)
+
+
+def query_charts(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per result (in order), its charts on the query's shared axes: {"splits": [chart...], "kinds":
+    chart or None, "forest": chart}. Each split's axis spans every result's values of that split, so
+    one query's charts share one scale per split; a result without a split gets no chart for it."""
+    explains = [r.get("explain") or {} for r in results]
+    axes = {name: Axis.over(v for e in explains for *_, v in _split_items(e, name)) for name, *_ in SPLITS}
+    kinds = [e.get("by_kind") for e in explains]
+    k_axis = kind_axis([k for k in kinds if k])
+    s_axis = score_axis(results)
+    out = []
+    for r, e, k in zip(results, explains, kinds):
+        splits = []
+        for name, title, kind in SPLITS:
+            items = _split_items(e, name)
+            if items:
+                draw = column_chart if kind == "columns" else hbar_chart
+                splits.append({"kind": kind, **draw(title, items, axes[name])})
+        out.append({"splits": splits, "kinds": kind_chart(k, k_axis) if k else None,
+                    "forest": forest(r, s_axis)})  # fmt: skip
+    return out
+
+
+def null_view(q: dict[str, Any]) -> dict[str, Any] | None:
+    """The null-prompt ranking beside the captioned one: rows of (rank, captioned result, null-prompt
+    result), each marked shared when its clip is in both top-k lists; None when the query has none."""
+    null = q.get("null_prompt")
+    if not isinstance(null, dict) or not null.get("results"):
+        return None
+    shared = {str(c) for c in null.get("shared") or []}
+    both = {clip_key(r) for r in q.get("results", [])} & {clip_key(r) for r in null["results"]}
+    shared |= both  # `shared` from the JSON, else the ids both lists hold
+
+    def cell(r: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if r is None else {**r, "shared": clip_key(r) in shared}
+
+    res, nul = q.get("results", []), null["results"]
+    rows = [
+        {"rank": i + 1, "captioned": cell(res[i] if i < len(res) else None),
+         "null": cell(nul[i] if i < len(nul) else None)}
+        for i in range(max(len(res), len(nul)))
+    ]  # fmt: skip
+    overlap = _finite(null.get("top_k_overlap"))
+    return {"rows": rows, "overlap": overlap, "n_shared": len(both)}
 
 
 def _policy(doc: dict[str, Any]) -> FramePolicy:
@@ -114,11 +333,15 @@ def run_report(cfg: ReportConfig) -> Path:
     queries = []
     for q in doc["queries"]:
         q_strip, _ = strip(q.get("path"))
+        rows = q.get("results", [])
         results = []
-        for r in q.get("results", []):
+        for r, charts in zip(rows, query_charts(rows)):
             s, err = strip(r.get("path"))
-            results.append({**r, "strip": s, "strip_error": err, "charts": explain_charts(r.get("explain"))})
-        queries.append({**q, "strip": q_strip, "results": results, "why": any(r["charts"] for r in results)})
+            results.append({**r, "strip": s, "strip_error": err, **charts})
+        queries.append({**q, "strip": q_strip, "results": results, "reading": reading(q),
+                        "null": null_view(q), "why": any(r["splits"] or r["kinds"] for r in results),
+                        "has_se": any(_finite(r.get("se")) is not None for r in rows),
+                        "has_p": any(_finite(r.get("p_top_k")) is not None for r in rows)})  # fmt: skip
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("carv_attrib", "templates"),
         autoescape=True,
