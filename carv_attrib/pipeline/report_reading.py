@@ -118,7 +118,8 @@ def reading(query: dict[str, Any]) -> list[str]:
     if content_words(query.get("prompt")):
         shares = [shared_words(query.get("prompt"), r.get("caption")) for r in results[:n]]
         c = sum(bool(s) for s in shares)
-        words = [w for w, _ in Counter(w for s in shares for w in sorted(s)).most_common(3)]
+        counts = Counter(w for s in shares for w in s)
+        words = sorted(counts, key=lambda w: (-counts[w], w))[:3]  # the most shared, ties alphabetical
         out.append(f"{c} of the {top} share a caption word with the prompt"
                    + (f" ({', '.join(words)})" if words else ""))  # fmt: skip
     m = indistinct_top(results)
