@@ -19,8 +19,9 @@ from carv_attrib.pipeline.report_reading import (
 
 
 def row(rank: int, score: float, caption: str | None = "", se: float | None = None, **extra: Any) -> dict:
-    return {"rank": rank, "clip_id": 100 + rank, "clip_id_str": str(100 + rank), "vid": f"v{rank}",
-            "caption": caption, "score": score, **({"se": se} if se is not None else {}), **extra}  # fmt: skip
+    r = {"rank": rank, "clip_id": 100 + rank, "clip_id_str": str(100 + rank), "vid": f"v{rank}",
+         "caption": caption, "score": score, **extra}  # fmt: skip
+    return r if se is None else {**r, "se": se}
 
 
 def test_content_words_casefold_and_drop_stop_words_and_punctuation() -> None:
@@ -38,9 +39,9 @@ def test_share_means_one_exact_content_word_in_common() -> None:
 
 
 def test_the_caption_sentence_counts_the_top_five() -> None:
-    q = {"prompt": "a red circle moving up", "status": "ok",
-         "results": [row(1, 0.9, "a red square"), row(2, 0.8, "a blue circle moving left"), row(3, 0.7, "green"),
-                     row(4, 0.6, None), row(5, 0.5, "the end"), row(6, 0.4, "a red circle")]}  # fmt: skip
+    captions = ["a red square", "a blue circle moving left", "green", None, "the end", "a red circle"]
+    results = [row(i + 1, 0.9 - i / 10, c) for i, c in enumerate(captions)]
+    q = {"prompt": "a red circle moving up", "status": "ok", "results": results}
     assert reading(q) == ["2 of the top 5 share a caption word with the prompt (circle, moving, red)"]
     q["prompt"] = "the"  # no content word in the prompt: nothing to share, no sentence
     assert reading(q) == []
@@ -74,8 +75,10 @@ def test_null_prompt_kept_and_cross_attention_share() -> None:
     assert cross_share([row(1, -0.5, explain={"by_kind": {"cross_attention": 0.1}})]) is None
     q = {"prompt": "", "results": rs, "null_prompt": {"results": null, "top_k_overlap": 3 / 7, "shared": []}}
     share = sum(0.1 for _ in range(5)) / sum(r["score"] for r in rs[:5])
-    assert reading(q) == ["the null-prompt ranking keeps 2 of the top 5",
-                          f"cross-attention (the caption's path) carries {share:.0%} of the top 5's summed score"]  # fmt: skip
+    assert reading(q) == [
+        "the null-prompt ranking keeps 2 of the top 5",
+        f"cross-attention (the caption's path) carries {share:.0%} of the top 5's summed score",
+    ]
     view = null_view(q)
     assert view is not None and view["n_shared"] == 3 and len(view["rows"]) == 7
     assert [r["captioned"]["shared"] for r in view["rows"]] == [True, True, True, False, False, False, False]
