@@ -96,10 +96,11 @@ PAD = 10  # px kept above and below the plot for the values written over the bar
 def column_chart(title: str, items: list[tuple[str, str, float]], axis: Axis) -> dict[str, Any]:
     """The geometry of one inline-SVG column chart on the query's shared `axis`: one column per
     (label, tick, value) from the zero line, the axis' top, zero and bottom written in the left
-    gutter, each value written over its column and the tick under it when a column is ≥ 30 px wide
-    (else the value is the column's hover title only). Text stays text (the template escapes it)."""
+    gutter, each value written over its column when a column is ≥ 34 px wide and its tick under it
+    when ≥ 24 px (else the hover title only); the plot widens from 220 px to 440 px to make room. Text stays text (the template escapes it)."""
     n = max(len(items), 1)
-    slot = CHART_W / n
+    plot_w = min(max(CHART_W, 36 * n), 2 * CHART_W)  # room to write each value, up to ~12 columns
+    slot = plot_w / n
 
     def y(v: float) -> float:
         return PAD + (1 - axis.frac(v)) * (CHART_H - 2 * PAD)
@@ -116,8 +117,8 @@ def column_chart(title: str, items: list[tuple[str, str, float]], axis: Axis) ->
     marks = [(axis.hi, y(axis.hi)), (0.0, zero)] + ([(axis.lo, y(axis.lo))] if axis.lo < 0 else [])
     # a mark closer than 9 px to the zero line would print over it: keep zero's
     marks = [(v, yy) for v, yy in marks if v == 0.0 or abs(yy - zero) >= 9]
-    return {"title": title, "w": GUTTER + CHART_W, "h": CHART_H + AXIS_H, "zero": round(zero, 2),
-            "x0": GUTTER, "values": slot >= 30, "ticks": slot >= 24, "tick_y": CHART_H + AXIS_H - 2,
+    return {"title": title, "w": GUTTER + plot_w, "h": CHART_H + AXIS_H, "zero": round(zero, 2),
+            "x0": GUTTER, "write_values": slot >= 34, "ticks": slot >= 24, "tick_y": CHART_H + AXIS_H - 2,
             "bars": bars, "marks": [{"text": _g(v), "y": round(yy + 3, 2)} for v, yy in marks]}  # fmt: skip
 
 
@@ -199,6 +200,13 @@ def kind_chart(kinds: dict[str, float], axis: Axis) -> dict[str, Any]:
             "total": _g(sum(float(v) for v in kinds.values()))}  # fmt: skip
 
 
+def _tick(v: float, span: float) -> str:
+    """A value at an axis end, with decimals enough to tell the two ends apart at this span (one
+    query's scores may differ in their fourth significant digit only: 0.99938 vs 0.99999)."""
+    decimals = max(0, 1 - math.floor(math.log10(span))) if span > 0 else 3
+    return f"{v:.{min(decimals, 12)}f}"
+
+
 FOREST_W, FOREST_H = 160, 30  # px of one result's score ± se on the query's axis
 
 
@@ -225,8 +233,9 @@ def forest(r: dict[str, Any], axis: Axis) -> dict[str, Any]:
         return 6 + axis.frac(v) * (FOREST_W - 12)
 
     se = _finite(r.get("se"))
+    span = axis.hi - axis.lo
     out = {"w": FOREST_W, "h": FOREST_H, "cx": round(x(r["score"]), 2), "se": se,
-           "lo": _g(axis.lo), "hi": _g(axis.hi)}  # fmt: skip
+           "lo": _tick(axis.lo, span), "hi": _tick(axis.hi, span)}  # fmt: skip
     if se is not None:
         out |= {"x1": round(x(r["score"] - se), 2), "x2": round(x(r["score"] + se), 2)}
     return out

@@ -97,7 +97,7 @@ def test_one_query_shares_one_axis_per_chart_kind() -> None:
     h1, h2 = c1["bars"][0]["h"], c2["bars"][0]["h"]
     assert h1 / h2 == pytest.approx(3.0 / 0.3, rel=0.02)  # heights on one scale, not each row's own
     assert [m["text"] for m in c2["marks"]] == ["3", "0", "-1"]  # the query's axis written on each chart
-    assert c2["values"] and c2["bars"][0]["text"] == "0.3"
+    assert c2["write_values"] and c2["bars"][0]["text"] == "0.3"
     k1, k2 = (c["kinds"] for c in charts)
     assert k1["zero"] == k2["zero"] and (k1["lo"], k1["hi"]) == ("-0.5", "2.5")
     assert sum(s["w"] for s in k1["segs"]) > 4 * sum(s["w"] for s in k2["segs"])
@@ -111,6 +111,7 @@ def test_axis_and_chart_edge_cases() -> None:
     assert Axis.over([]).frac(0.0) == pytest.approx(0.5)  # nothing to scale: still maps
     assert Axis.over([2.0, 2.0], zero=False).frac(2.0) == pytest.approx(0.5)
     c = column_chart("t", [(f"b{i}", f"b{i}", float(i)) for i in range(30)], Axis.over(range(30)))
-    assert not c["values"] and not c["ticks"]  # 30 columns of 7 px: hover titles only
+    assert not c["write_values"] and not c["ticks"]  # 30 columns of 14.7 px: hover titles only
+    assert c["w"] == 44 + 440
     k = kind_chart({"self_attention": 1.0}, kind_axis([{"self_attention": 1.0}]))
     assert [s["css"] for s in k["segs"]] == ["k-self"] and k["total"] == "1"
