@@ -261,7 +261,7 @@ def _split_items(explain: dict[str, Any], name: str) -> list[tuple[str, str, flo
 # the explain splits drawn, in order: (JSON key, chart title, chart kind)
 SPLITS = (
     ("by_block", "by block", "columns"),
-    ("top_layers", "top layers", "hbars"),
+    ("top_layers", "in its largest layer terms (by |term|)", "hbars"),
     ("by_stratum", "by timestep stratum (equal-probability strata, low σ → high σ)", "columns"),
 )
 
