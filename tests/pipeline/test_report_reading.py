@@ -1,4 +1,4 @@
-"""pipeline/report_reading.py and the report's chart geometry, on hand-made query dicts (no run, no
+"""pipeline/report.py's reading line and chart geometry, on hand-made query dicts (no run, no
 decode, no browser): the reading line's facts and the shared axes."""
 
 from __future__ import annotations
@@ -7,12 +7,17 @@ from typing import Any
 
 import pytest
 
-from carv_attrib.pipeline.report import Axis, column_chart, kind_axis, kind_chart, null_view, query_charts
-from carv_attrib.pipeline.report_reading import (
+from carv_attrib.pipeline.report import (
+    Axis,
+    column_chart,
     content_words,
     cross_share,
     indistinct_top,
+    kind_axis,
+    kind_chart,
     null_kept,
+    null_view,
+    query_charts,
     reading,
     shared_words,
 )
