@@ -171,6 +171,14 @@ KINDS = (
 KIND_W, KIND_H = 220, 28  # px of the stacked bar and its axis row
 
 
+def _kinds(raw: Any) -> dict[str, float] | None:
+    """by_kind with its four parts as floats (a missing or null part is 0), None when there is none:
+    the fields are new, so a partial or null block draws what it has instead of failing the page."""
+    if not isinstance(raw, dict) or not raw:
+        return None
+    return {name: _finite(raw.get(name)) or 0.0 for name, *_ in KINDS}
+
+
 def kind_axis(kinds: list[dict[str, float]]) -> Axis:
     """The shared axis of a query's by_kind bars: from the most negative sum of negative parts to the
     largest sum of positive parts (each bar stacks its positive parts right of zero, its negative
@@ -275,7 +283,7 @@ def query_charts(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     one query's charts share one scale per split; a result without a split gets no chart for it."""
     explains = [r.get("explain") or {} for r in results]
     axes = {name: Axis.over(v for e in explains for *_, v in _split_items(e, name)) for name, *_ in SPLITS}
-    kinds = [e.get("by_kind") for e in explains]
+    kinds = [_kinds(e.get("by_kind")) for e in explains]
     k_axis = kind_axis([k for k in kinds if k])
     s_axis = score_axis(results)
     out = []
@@ -395,7 +403,7 @@ def cross_share(results: list[dict[str, Any]]) -> float | None:
     total = sum(r["score"] for r in results)
     if not results or any(not k for k in kinds) or total <= 0:
         return None
-    return sum(k.get("cross_attention", 0.0) for k in kinds) / total
+    return sum(_finite(k.get("cross_attention")) or 0.0 for k in kinds) / total
 
 
 def reading(query: dict[str, Any]) -> list[str]:

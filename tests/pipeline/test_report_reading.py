@@ -120,3 +120,11 @@ def test_axis_and_chart_edge_cases() -> None:
     assert c["w"] == 44 + 440
     k = kind_chart({"self_attention": 1.0}, kind_axis([{"self_attention": 1.0}]))
     assert [s["css"] for s in k["segs"]] == ["k-self"] and k["total"] == "1"
+
+
+def test_a_partial_or_null_by_kind_draws_what_it_has() -> None:
+    rs = [row(1, 1.0, explain={"by_kind": {"self_attention": 0.8, "cross_attention": None}}),
+          row(2, 0.9, explain={"by_kind": {}})]  # fmt: skip
+    charts = query_charts(rs)
+    assert [s["css"] for s in charts[0]["kinds"]["segs"]] == ["k-self"] and charts[1]["kinds"] is None
+    assert cross_share(rs[:1]) == 0.0 and cross_share(rs) is None  # rank 2 has no split
