@@ -45,7 +45,7 @@ from carv_attrib.video.decode import ClipFailure, FramePolicy, decode_clip
 
 __all__ = ["ReportConfig", "run_report", "frame_strip", "Axis", "column_chart", "hbar_chart", "kind_chart",
            "forest", "query_charts", "null_view", "STOP_WORDS", "content_words", "shared_words",
-           "indistinct_top", "null_kept", "cross_share", "reading"]  # fmt: skip
+           "indistinct_top", "settled_gaps", "null_kept", "cross_share", "reading"]  # fmt: skip
 
 
 def frame_strip(path: str, policy: FramePolicy, n: int) -> str:
@@ -364,6 +364,18 @@ def _se(r: dict[str, Any]) -> float | None:
     return float(se) if isinstance(se, (int, float)) and math.isfinite(se) and se >= 0 else None
 
 
+def settled_gaps(results: list[dict[str, Any]], n: int) -> tuple[int, int] | None:
+    """(settled, gaps) over the top n's n − 1 steps from one rank to the next: a step is settled when
+    score_i − score_{i+1} > se_gap_i, the standard error of that difference itself (`score` writes
+    it when it has per-draw terms). Shared draws move neighbours together, so a gap can be sure while
+    the two error bars overlap. None when one of those n − 1 results has no se_gap."""
+    gaps = [_finite(r.get("se_gap")) for r in results[: n - 1]]
+    if n < 2 or len(results) < n or any(g is None for g in gaps):
+        return None
+    settled = sum(a["score"] - b["score"] > g for a, b, g in zip(results, results[1:n], gaps))
+    return settled, n - 1
+
+
 def indistinct_top(results: list[dict[str, Any]]) -> int | None:
     """The largest m ≥ 2 such that the top m results' error bars [score − se, score + se] all overlap
     (max of the lower ends ≤ min of the upper ends: on a line, pairwise overlap is a common point),
@@ -426,6 +438,11 @@ def reading(query: dict[str, Any]) -> list[str]:
         out.append("rank 1 stands apart from rank 2 beyond their error bars (± se)")
     elif m is not None:
         out.append(f"the top {m} cannot be told apart within their error bars (± se)")
+    gaps = settled_gaps(results, n)
+    if gaps is not None:
+        # the gap's own se, not the two bars: shared draws move neighbours together
+        verb = "exceeds its" if gaps[0] == 1 else "exceed their"
+        out.append(f"{gaps[0]} of the {gaps[1]} steps between the {top} {verb} own se (se_gap)")
     null = query.get("null_prompt")
     if isinstance(null, dict) and null.get("results"):
         out.append(f"the null-prompt ranking keeps {null_kept(results, null['results'], n)} of the {top}")

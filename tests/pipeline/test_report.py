@@ -79,7 +79,7 @@ def test_the_newer_fields_show_and_stay_text(featurized_run: Path, demo_data: Pa
     hostile = "<b onmouseover=alert(1)>x</b>"
     q["null_prompt"] = {"results": [{**q["results"][0], "vid": hostile}], "top_k_overlap": 1 / 3,
                         "shared": [q["results"][0]["clip_id_str"]]}  # fmt: skip
-    q["uncertainty"] = {"method": "cheap", "level": 0.9}
+    q["uncertainty"] = {"method": "cheap", "formula": "iid", "draws": 8, "level": 0.9, "t": 1.895}
     (tmp_path / "a.json").write_text(json.dumps(doc))
     html = run_report(ReportConfig(attribution=tmp_path / "a.json", out=tmp_path / "r.html", frames=0))
     html = html.read_text()
@@ -92,7 +92,8 @@ def test_the_newer_fields_show_and_stay_text(featurized_run: Path, demo_data: Pa
     assert hostile not in html and hostile in "".join(page.text)
     text = " ".join(page.text)
     assert "null-prompt ranking keeps 1 of the top 3" in text and "top-k overlap 0.33" in text
-    assert "uncertainty: cheap, level 0.9" in text and "P(top-k)" in text
+    assert "uncertainty: cheap, iid over 8 draws, level 0.9: the 90% interval is ± 1.9 se" in text
+    assert "P(top-k)" in text
 
 
 def test_not_an_attribution_json_is_refused(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from carv_attrib.pipeline.report import (
     null_view,
     query_charts,
     reading,
+    settled_gaps,
     shared_words,
 )
 
@@ -128,3 +129,14 @@ def test_a_partial_or_null_by_kind_draws_what_it_has() -> None:
     charts = query_charts(rs)
     assert [s["css"] for s in charts[0]["kinds"]["segs"]] == ["k-self"] and charts[1]["kinds"] is None
     assert cross_share(rs[:1]) == 0.0 and cross_share(rs) is None  # rank 2 has no split
+
+
+def test_a_step_is_settled_by_its_own_se_gap_though_the_bars_overlap() -> None:
+    rs = [row(1, 1.0, se=0.5, se_gap=0.01), row(2, 0.98, se=0.5, se_gap=0.05), row(3, 0.95, se=0.5)]
+    assert settled_gaps(rs, 3) == (1, 2)  # 0.02 > 0.01 settled; 0.03 < 0.05 not
+    assert settled_gaps(rs, 2) == (1, 1) and settled_gaps(rs[:2], 3) is None
+    assert settled_gaps([row(1, 1.0), row(2, 0.9)], 2) is None  # no se_gap: nothing said
+    assert reading({"prompt": "", "results": rs}) == [
+        "the top 3 cannot be told apart within their error bars (± se)",
+        "1 of the 2 steps between the top 3 exceeds its own se (se_gap)",
+    ]
