@@ -18,6 +18,7 @@ from carv_attrib.config import ReportConfig
 from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.report import run_report
 from carv_attrib.pipeline.score import ScoreConfig, run_score
+from tests.pipeline.report_fields import as_older
 
 
 class Page(HTMLParser):
@@ -73,6 +74,8 @@ def test_the_newer_fields_show_and_stay_text(featurized_run: Path, demo_data: Pa
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({str(v): "a circle moving down" for v in videos[:2]}))
     doc = run_score(ScoreConfig(run=run, queries=[], prompts_file=prompts, top_k=3, workers=0, device="cpu"))
+    for q in doc["queries"]:  # both in the older shape, whether or not this `score` writes the fields
+        as_older(q)
     q = doc["queries"][0]
     for i, r in enumerate(q["results"]):
         r |= {"se": 1e-6, "p_top_k": 1 - i / 3, "explain": {"by_kind": {"self_attention": r["score"]}}}

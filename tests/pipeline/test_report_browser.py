@@ -26,6 +26,7 @@ from PIL import Image
 from carv_attrib.config import ReportConfig
 from carv_attrib.pipeline.report import run_report
 from carv_attrib.pipeline.score import ScoreConfig, run_score
+from tests.pipeline.report_fields import as_older, inject_newer_fields
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 WINDOW = (1280, 1600)
@@ -82,24 +83,6 @@ window.alert = () => { window.__alerted = (window.__alerted || 0) + 1; };
 </script>"""
 
 
-def inject_newer_fields(q: dict) -> None:
-    """The fields `score` is gaining (se, p_top_k, explain.by_kind, uncertainty, null_prompt), made up
-    from the query's real results: by_kind splits each score over the four kinds, the null-prompt
-    ranking is the results reversed (so it keeps some), one of its vids hostile."""
-    rs = q["results"]
-    spread = (rs[0]["score"] - rs[-1]["score"]) or 1e-3
-    q["uncertainty"] = {"method": "cheap", "level": 0.9}
-    for i, r in enumerate(rs):
-        r["se"], r["p_top_k"] = spread * 0.6, 1.0 - i / len(rs)
-        s = r["score"]
-        r["explain"]["by_kind"] = {"self_attention": 0.6 * s, "cross_attention": 0.25 * s,
-                                   "feed_forward": 0.2 * s, "other": -0.05 * s}  # fmt: skip
-    null = [{**r, "rank": i + 1} for i, r in enumerate(reversed(rs))][:-1]
-    null[0] = {**null[0], "vid": "<img src=x onerror=alert(3)>"}
-    q["null_prompt"] = {"results": null, "top_k_overlap": len(null) / len(rs),
-                        "shared": [r["clip_id_str"] for r in null]}  # fmt: skip
-
-
 def test_the_report_renders_in_chromium(
     browser: str, featurized_run: Path, demo_data: Path, tmp_path: Path
 ) -> None:
@@ -117,7 +100,8 @@ def test_the_report_renders_in_chromium(
     k = 3
     doc = run_score(ScoreConfig(run=run, queries=[], prompts_file=prompts, top_k=k, workers=0, device="cpu",
                                 explain=True))  # fmt: skip
-    inject_newer_fields(doc["queries"][0])  # queries[1] keeps the older shape
+    inject_newer_fields(doc["queries"][0])
+    as_older(doc["queries"][1])
     doc["queries"][0]["results"][0]["caption"] = (
         "<script>alert(1)</script> [/INST] <img src=x onerror=alert(2)>"
     )
