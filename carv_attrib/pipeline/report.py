@@ -301,8 +301,11 @@ def query_charts(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def null_view(q: dict[str, Any]) -> dict[str, Any] | None:
     """The null-prompt ranking beside the captioned one: rows of (rank, captioned result, null-prompt
-    result), each marked shared when its clip is in both top-k lists; None when the query has none."""
+    result), each marked shared when its clip is in both top-k lists; its error when the null pass
+    failed; None when the query has none."""
     null = q.get("null_prompt")
+    if isinstance(null, dict) and null.get("status") == "error":  # the null pass failed, not the query
+        return {"error": str(null.get("error")), "rows": [], "overlap": None, "n_shared": 0}
     if not isinstance(null, dict) or not null.get("results"):
         return None
     shared = {str(c) for c in null.get("shared") or []}
@@ -319,7 +322,7 @@ def null_view(q: dict[str, Any]) -> dict[str, Any] | None:
         for i in range(max(len(res), len(nul)))
     ]  # fmt: skip
     overlap = _finite(null.get("top_k_overlap"))
-    return {"rows": rows, "overlap": overlap, "n_shared": len(both)}
+    return {"error": None, "rows": rows, "overlap": overlap, "n_shared": len(both)}
 
 
 # The reading line: plain-words facts of one query, computed from its JSON so a reader can judge a

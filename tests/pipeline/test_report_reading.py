@@ -3,10 +3,13 @@ decode, no browser): the reading line's facts and the shared axes."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from carv_attrib.config import ReportConfig
 from carv_attrib.pipeline.report import (
     Axis,
     column_chart,
@@ -19,6 +22,7 @@ from carv_attrib.pipeline.report import (
     null_view,
     query_charts,
     reading,
+    run_report,
     settled_gaps,
     shared_words,
 )
@@ -90,6 +94,9 @@ def test_null_prompt_kept_and_cross_attention_share() -> None:
     assert [r["captioned"]["shared"] for r in view["rows"]] == [True, True, True, False, False, False, False]
     assert view["rows"][6]["null"] is None
     assert null_view({"results": rs}) is None
+    failed = {"status": "error", "error": "non-finite", "results": [], "top_k_overlap": None, "shared": []}
+    assert null_view({"results": rs, "null_prompt": failed})["error"] == "non-finite"
+    assert not any("null-prompt" in x for x in reading({"prompt": "", "results": rs, "null_prompt": failed}))
 
 
 def test_one_query_shares_one_axis_per_chart_kind() -> None:
@@ -140,3 +147,24 @@ def test_a_step_is_settled_by_its_own_se_gap_though_the_bars_overlap() -> None:
         "the top 3 cannot be told apart within their error bars (± se)",
         "1 of the 2 steps between the top 3 exceeds its own se (se_gap)",
     ]
+
+
+def test_a_minimal_document_renders_old_and_new_shapes(tmp_path: Path) -> None:
+    """run_report on a hand-made document (no frames): the older shape gets none of the new elements,
+    a failed null pass shows its error as text."""
+    old = {"path": "q.mp4", "prompt": "a red circle", "status": "ok", "results": [row(1, 0.5, "a red dot")]}
+    failed = {"status": "error", "error": "<i>non-finite</i>", "results": [], "shared": []}
+    new = {**old, "results": [row(1, 0.5, "a red dot", se=0.1, p_top_k=0.7)], "null_prompt": failed}
+    for name, q in (("old", old), ("new", new)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"index": {}, "queries": [q]}))
+        run_report(
+            ReportConfig(attribution=tmp_path / f"{name}.json", out=tmp_path / f"{name}.html", frames=0)
+        )
+    # the body only: the stylesheet names every class
+    html_old, html_new = ((tmp_path / f"{n}.html").read_text().split("<body>")[1] for n in ("old", "new"))
+    assert 'class="reading"' in html_old and "1 of the top 1 share a caption word" in html_old
+    for absent in ('class="whisker"', "P(top-k)", "null prompt", 'class="kinds"', "± se"):
+        assert absent not in html_old
+    assert (
+        "null prompt not scored: &lt;i&gt;non-finite&lt;/i&gt;" in html_new and 'class="whisker"' in html_new
+    )
