@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +32,7 @@ from carv_attrib.attrib.projection import (
     select_linear_layers,
 )
 from carv_attrib.carv.draws import DrawRule
+from carv_attrib.carv.nested import level_draws
 from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.carv.weights import Objective
 from carv_attrib.choices import OBJECTIVES, PROJECTORS  # noqa: F401  (PROJECTORS: the kinds build_projector takes)
@@ -186,6 +188,35 @@ class Featurizer:
         float32 summation order. Kron projectors only (`per_draw_features`); costs one K-draw
         forward and backward per checkpoint, like featurizing the clip."""
         sigma, w, eps = self.draws(clip_id, tuple(latent.shape))
+        return self.parts_for(clip_id, latent, text_emb, motion, sigma, w, eps), sigma
+
+    def level_parts(
+        self,
+        clip_id: int,
+        latent: torch.Tensor,
+        text_emb: torch.Tensor,
+        motion: torch.Tensor | None,
+        level: int,
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """(parts (m, D) float32 CPU, u (m,) float64) of the m draws level ℓ of the rule's nested
+        strata adds (`carv.nested`; level 0: the rule's own K): part d = w_d φ_d / m, as `draw_parts`.
+        ValueError for an antithetic rule."""
+        sigma, w, eps, u = level_draws(
+            self.rule, self.rule.stream_for(clip_id), level, tuple(latent.shape), device=self.device
+        )
+        return self.parts_for(clip_id, latent, text_emb, motion, sigma, w, eps), u
+
+    def parts_for(
+        self,
+        clip_id: int,
+        latent: torch.Tensor,
+        text_emb: torch.Tensor,
+        motion: torch.Tensor | None,
+        sigma: torch.Tensor,
+        w: torch.Tensor,
+        eps: torch.Tensor,
+    ) -> torch.Tensor:
+        """(m, D) float32 CPU w_d φ_d / m of explicit draws σ (m,), w (m,), ε (m, *latent.shape)."""
         ctx = pad_context(text_emb).to(self.device)  # (1, 512, D)
         tw = token_weights(self.objective, clip_id, motion)
         blocks = []
@@ -193,11 +224,11 @@ class Featurizer:
             if not isinstance(proj, KronProjector):
                 raise UsageError("per-draw parts need per-layer (kron) features")
             phi_k, _ = per_draw_features(
-                transformer, proj, latent.to(self.device), ctx, sigma, eps, self.output_fn,
+                transformer, proj, latent.to(self.device), ctx, sigma, eps.to(self.device), self.output_fn,
                 None if tw is None else tw.to(self.device),
-            )  # (K, D_j)  # fmt: skip
+            )  # (m, D_j)  # fmt: skip
             blocks.append(phi_k.float().cpu() * (w.float() / sigma.shape[0])[:, None])
-        return torch.cat(blocks, dim=1), sigma
+        return torch.cat(blocks, dim=1)
 
 
 def load_featurizer(

@@ -65,14 +65,14 @@ class ScoreConfig(StageConfig):
     refine: bool = option(
         False,
         flags=("--refine",),
-        help="Spend more draws (further replicates of the index's draw rule, shared by the query and the "
-        "clips) on the candidates whose place in the top-k is unsettled, until it settles or the budget "
-        "is spent (kron features; cached latents).",
+        help="While a candidate's place in the top-k is unsettled, give the query and its 2k + 10 "
+        "candidates the next strata of the index's draws (K → 2K → 4K ..., the same new draws for all), "
+        "until it settles or the budget is spent (kron features; cached latents; not --antithetic).",
     )
     refine_budget: int | None = option(
         None,
-        help="With --refine: extra (σ, ε) draws per query (default 4·(2k + 11)·K: four replicates of the "
-        "query and its 2k + 10 candidates).",
+        help="With --refine: extra (σ, ε) draws per query (default 3·(2k + 11)·K: two levels, K → 4K, for "
+        "the query and its 2k + 10 candidates).",
     )
     rerank: int = option(
         10,

@@ -29,6 +29,7 @@ from carv_attrib import __version__
 from carv_attrib.attrib.featurizer import Featurizer, load_featurizer
 from carv_attrib.attrib.projection import KronProjector
 from carv_attrib.carv.draws import DrawRule
+from carv_attrib.carv.nested import level_draws
 from carv_attrib.choices import OBJECTIVES
 from carv_attrib.config import ScoreConfig
 from carv_attrib.errors import UsageError
@@ -40,7 +41,7 @@ from carv_attrib.search import uncertainty as unc
 from carv_attrib.search.explain import explain_result, layer_slices, layer_split, stratum_split
 from carv_attrib.search.index import load_index, search
 from carv_attrib.search.precondition import load_preconditioner
-from carv_attrib.search.refine import QUERY, refine, replicate_rule
+from carv_attrib.search.refine import QUERY, refine
 from carv_attrib.search.rerank import VectorStore, rerank
 from carv_attrib.search.scale import RunScale, run_scales, sample_ids
 from carv_attrib.store.latents import read_latents
@@ -393,8 +394,9 @@ def _fill_errors(
 
 
 def default_refine_budget(top_k: int, k: int) -> int:
-    """--refine's default: four replicates of K draws for the query and its 2k + 10 candidates."""
-    return 4 * (candidates_for(top_k) + 1) * int(k)
+    """--refine's default: two levels of nested strata (K → 4K draws) for the query and its 2k + 10
+    candidates, 3K draws each."""
+    return 3 * (candidates_for(top_k) + 1) * int(k)
 
 
 def _refine(
@@ -434,26 +436,29 @@ def _refine(
         except RuntimeError:
             continue
 
-        def parts_of(c: int, r: int, q: Query = q, ids: np.ndarray = ids) -> np.ndarray:
+        def parts_of(
+            c: int, level: int, q: Query = q, ids: np.ndarray = ids
+        ) -> tuple[np.ndarray, np.ndarray]:
             if c == QUERY:
                 cid, z, emb, motion = query_stream_id(q), q.latent, q.text_emb, q.motion
             else:
                 clip = clip_input(int(ids[c]))
                 cid, z, emb, motion = clip.clip_id, clip.latent, clip.text_emb, clip.motion
-            featurizer.use_rule(replicate_rule(rule, r))
-            try:
-                return featurizer.draw_parts(cid, z, emb, motion)[0].numpy()  # (K, D)
-            finally:
-                featurizer.use_rule(rule)
+            parts, u = featurizer.level_parts(cid, z, emb, motion, level)
+            return parts.numpy(), u  # (m, D), (m,)
 
-        out = refine(pre, rule, cfg.top_k, psi_c, q.parts, parts_of, budget)
+        u_of = lambda cid: level_draws(rule, rule.stream_for(cid), 0, (1,))[3]  # noqa: E731
+        out = refine(
+            pre, rule, cfg.top_k, psi_c, q.parts, parts_of, budget,
+            query_u=u_of(query_stream_id(q)), clip_u=np.stack([u_of(int(c)) for c in ids]),
+        )  # fmt: skip
         order = np.argsort(-out.scores, kind="stable")
         q.scores, q.ids = out.scores[order], ids[order]
         q.results = _results(q.scores[: cfg.top_k], q.ids[: cfg.top_k], clips)
         assert out.shared is not None
         own = None if out.own is None else out.own[order]
         _fill_errors(q.results, out.shared[order], own, out.p_top_k[order])
-        refined = int((out.replicates > 1).sum())
+        refined = len(ids) if out.rounds else 0
         side = "mirrored" if out.rounds == 0 else ("recomputed" if pre.kind == "cosine" else "mixed")
         q.uncertainty = unc.describe("refined", rule) | {
             "clip_side": side,

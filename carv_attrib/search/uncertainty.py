@@ -45,7 +45,7 @@ CLIP_SIDES = (
     "mirrored",
     "recomputed",
     "mixed",
-)  # mixed: --refine's replicate 0 mirrored, the rest recomputed
+)  # mixed: --refine's level 0 mirrored, the next strata recomputed
 LEVEL = 0.9  # the interval README and the report draw: score ± t·se, two-sided 90 %
 Z_LEVEL = 1.6448536269514722  # Φ⁻¹(0.95), the t quantile's limit
 # Student-t 0.95 quantiles t_{0.95, ν} for ν = 1..30 (any statistics table, e.g. NIST/SEMATECH
