@@ -166,6 +166,17 @@ def _scale_caption(scale: dict[str, Any] | None) -> str | None:
     )
 
 
+def _null_line(null: dict[str, Any], k: int) -> str:
+    """One line under a query's table: how much of its top-k the empty-text ranking keeps."""
+    if null["status"] != "ok":
+        return f"null prompt: {null.get('error')}"
+    vids = ", ".join(str(r["vid"]) for r in null["results"][:3])
+    overlap = null["top_k_overlap"]
+    share = "" if overlap is None else f" (overlap {overlap:.2f})"
+    n, k_null = len(null["shared"]), len(null["results"])
+    return f"null prompt: {n} of these {k} stay in the empty text's top {k_null}{share}; its top 3: {vids}"
+
+
 def score_tables(doc: dict[str, Any]) -> None:
     """A score document's tables on stdout: one per query (or its error), then the aggregate."""
     for q in doc["queries"]:
@@ -173,8 +184,9 @@ def score_tables(doc: dict[str, Any]) -> None:
             out_console.print(Text(f"{q['path']}: {q['error']}", style="red"))
             continue
         scale = q.get("scale")
+        under = " (the empty text: --null-prompt)" if q.get("conditioning") == "null" else ""
         table = Table(
-            title=Text(f"{q['path']} — “{q['prompt']}”"),
+            title=Text(f"{q['path']} — “{q['prompt']}”{under}"),
             title_justify="left",
             caption=_scale_caption(scale),
             caption_justify="left",
@@ -192,6 +204,9 @@ def score_tables(doc: dict[str, Any]) -> None:
                 str(r["rank"]), Text(str(r["vid"])), f"{r['score']:.6g}", *placed, Text(str(r["caption"]))
             )
         out_console.print(table)
+        null = q.get("null_prompt")
+        if null:
+            out_console.print(Text(_null_line(null, len(q["results"]))))
     agg = doc.get("aggregate")
     if agg:
         table = Table(title=f"aggregate ({agg['method']}, {agg['queries']} queries)", title_justify="left")
