@@ -17,12 +17,17 @@ and once more without --null-prompt, to check that the captioned rankings do not
 Per query: top-k overlap |top-k ∩ null top-k| / k for k = 5, 10; the rank of the query clip itself
 (training queries); precision@5 of appearance (same colour and shape as the query's caption) and of
 motion (same direction) in both rankings; the `explain.by_kind` shares of the top-5 results' scores
-(by_kind[kind] / total, averaged over the query's top 5). Reported as mean ± SE (sd / √n) over the
-queries of each group.
+(by_kind[kind] / total, averaged over the query's top 5); the mean top-5 overlap between the rankings
+of two different queries (near 1: the ranking hardly depends on the query). Reported as mean ± SE
+(sd / √n) over the queries of each group, beside chance (random top-k lists share k/N of their clips).
 
     .venv/bin/python bench/null_prompt.py                   # builds bench/_work/null_prompt/demo-run
     .venv/bin/python bench/null_prompt.py --demo /tmp/demo  # copies a finished demo dir (never writes it)
     # -> bench/results/null_prompt.json
+
+The generated videos are kept in bench/_work/null_prompt/generated (a rerun reuses them: its
+"generate" seconds count only the videos it made). Timings are wall seconds on a shared machine
+(`load_avg`), not a cost measurement.
 """
 
 from __future__ import annotations
@@ -236,6 +241,8 @@ def main() -> None:
         "command": "score --prompts prompts.json --run RUN --null-prompt --explain -k 10 (run_score)",
         "demo": {"clips": len(manifest), "index": doc["index"]["preconditioner"], "dim": doc["index"]["dim"]},
         "top_k": TOP_K,
+        # two top-k lists drawn at random from N clips share k²/N clips on average: overlap k/N
+        "chance_top_k_overlap": {f"top{k}": k / len(manifest) for k in KS},
         "captioned_rankings_unchanged_by_null_prompt": f"{same} of {len(doc['queries'])}",
         "warnings": doc["warnings"],
         "summary": {g: summary(rows, entries[g]) for g, rows in groups.items()},
