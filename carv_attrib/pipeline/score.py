@@ -12,8 +12,9 @@ clips), output function and projector, preconditioned as the index requires and 
 With `null_prompt=True` (`--null-prompt`) each query is also featurized under the empty text, the
 context of the unconditional branch of classifier-free guidance, and ranked like the captioned one:
 the query's `null_prompt` block holds that ranking and its top-k overlap with the captioned one (a clip
-in both shaped how the video looks and moves, not only its caption's words). Without a prompt the
-queries are scored under the empty text alone (`conditioning: "null"`).
+in both does not owe its rank to the caption alone; read the overlap against chance, k/N, and against
+the other queries' null lists: on the demo run the null ranking hardly depends on the query, README).
+Without a prompt the queries are scored under the empty text alone (`conditioning: "null"`).
 
 The returned document follows `carv_attrib/schemas/attribution.schema.json`.
 """
@@ -440,52 +441,6 @@ def _explain_strata(
         progress("clip", {"status": "ok"})
 
 
-def null_embedding(encoder: ClipEncoder) -> torch.Tensor:
-    """(L, D) float32 embedding of the empty text (NULL_PROMPT), exactly as a caption's
-    (`ClipEncoder.embed`, i.e. WanPipeline._get_t5_prompt_embeds: the tokenizer gives "" its lone
-    end-of-sequence token, so L = 1; the transformer sees it zero-padded to 512 rows, as WanPipeline's
-    negative_prompt_embeds), rounded through the cache dtype like every query's text."""
-    (emb,) = encoder.embed([NULL_PROMPT])
-    return torch.from_numpy(emb.astype(np.float32))
-
-
-def _null_copies(queries: list[Query], emb: torch.Tensor) -> list[Query]:
-    """Each encoded query again under the empty text `emb` (L, D): the same latent and motion map, and
-    the same draws (a query's noise stream is named by its file, `_featurize_queries`), so the two
-    rankings differ only by the text the transformer attends to."""
-    return [
-        Query(
-            path=q.path,
-            prompt=NULL_PROMPT,
-            conditioning="null",
-            latent=q.latent,
-            text_emb=emb,
-            motion=q.motion,
-        )
-        for q in queries
-    ]
-
-
-def null_prompt_block(q: Query, null: Query) -> dict[str, Any]:
-    """A query's "null_prompt" block: the ranking under the empty text (`null.results`, rows as in
-    `results`), `top_k_overlap` = |top-k ∩ null top-k| / k with k the longer of the two lists (top-k,
-    or fewer where the index holds fewer clips; None when both are empty), and the clip ids in both
-    (`shared`, in the captioned ranking's order; `shared_str` in decimal, as `clip_ids`). A null pass
-    that failed (non-finite feature) has status "error", its error, no results and overlap None."""
-    if null.status != "ok":
-        return {"status": "error", "error": null.error, "results": [], "top_k_overlap": None, "shared": []}
-    theirs = {r["clip_id"] for r in null.results}
-    shared = [r["clip_id"] for r in q.results if r["clip_id"] in theirs]
-    k = max(len(q.results), len(null.results))
-    return {
-        "status": "ok",
-        "results": null.results,
-        "top_k_overlap": len(shared) / k if k else None,
-        "shared": shared,
-        "shared_str": [str(c) for c in shared],
-    }
-
-
 def clip_ids(clip_id: int) -> dict[str, Any]:
     """A clip id as an integer and as a decimal string: ids are 63-bit, and jq or JavaScript round
     integers above 2^53, so readers in those need the string."""
@@ -539,19 +494,63 @@ def provenance(info: IndexInfo) -> dict[str, Any]:
     }
 
 
+def null_embedding(encoder: ClipEncoder) -> torch.Tensor:
+    """(L, D) float32 embedding of the empty text (NULL_PROMPT), exactly as a caption's
+    (`ClipEncoder.embed`, i.e. WanPipeline._get_t5_prompt_embeds: the tokenizer gives "" its lone
+    end-of-sequence token, so L = 1; the transformer sees it zero-padded to 512 rows, as WanPipeline's
+    negative_prompt_embeds), rounded through the cache dtype like every query's text."""
+    (emb,) = encoder.embed([NULL_PROMPT])
+    return torch.from_numpy(emb.astype(np.float32))
+
+
+def _null_copies(queries: list[Query], emb: torch.Tensor) -> list[Query]:
+    """Each encoded query again under the empty text `emb` (L, D): the same latent and motion map, and
+    the same draws (a query's noise stream is named by its file, `_featurize_queries`), so the two
+    rankings differ only by the text the transformer attends to."""
+    return [
+        Query(
+            path=q.path,
+            prompt=NULL_PROMPT,
+            conditioning="null",
+            latent=q.latent,
+            text_emb=emb,
+            motion=q.motion,
+        )
+        for q in queries
+    ]
+
+
+def null_prompt_block(q: Query, null: Query) -> dict[str, Any]:
+    """A query's "null_prompt" block: the ranking under the empty text (`null.results`, rows as in
+    `results`), `top_k_overlap` = |top-k ∩ null top-k| / k with k the longer of the two lists (top-k,
+    or fewer where the index holds fewer clips; None when both are empty), and the clip ids in both
+    (`shared`, in the captioned ranking's order; `shared_str` in decimal, as `clip_ids`). A null pass
+    that failed (non-finite feature) has status "error", its error, no results and overlap None."""
+    if null.status != "ok":
+        return {"status": "error", "error": null.error, "results": [], "top_k_overlap": None, "shared": []}
+    theirs = {r["clip_id"] for r in null.results}
+    shared = [r["clip_id"] for r in q.results if r["clip_id"] in theirs]
+    k = max(len(q.results), len(null.results))
+    return {
+        "status": "ok",
+        "results": null.results,
+        "top_k_overlap": len(shared) / k if k else None,
+        "shared": shared,
+        "shared_str": [str(c) for c in shared],
+    }
+
+
 def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = None) -> dict[str, Any]:
     """Score `cfg.queries` against RUN's index; returns the attribution document (also written to
     `out` when given, atomically) and records the invocation in RUN/run.json. Raises UsageError /
     ConfigMismatchError (exit 2) for a stale index, another model, or missing prompts; an undecodable
     query becomes status "error" while the others are scored. `progress("start", {"todo"})` then one
-    "clip" event per query encoded and per query featurized."""
+    "clip" event per query encoded and per query featurized (twice: captioned and empty text, under
+    `null_prompt` with prompts)."""
     t0 = time.monotonic()
     if cfg.null_prompt and cfg.prompt is None and cfg.prompts_file is None:  # no caption: the empty text only
-        paths, prompts, conditioning = (
-            [Path(q) for q in cfg.queries],
-            [NULL_PROMPT] * len(cfg.queries),
-            "null",
-        )
+        paths, conditioning = [Path(q) for q in cfg.queries], "null"
+        prompts = [NULL_PROMPT] * len(paths)
     else:
         paths, prompts = resolve_queries(list(cfg.queries), cfg.prompt, cfg.prompts_file)
         conditioning = "prompt"
