@@ -37,9 +37,9 @@ class ScoreConfig(StageConfig):
     null_prompt: bool = option(
         False,
         flags=("--null-prompt",),
-        help="Also rank each query under the empty text (the unconditional branch Wan2.1 trains for "
-        "classifier-free guidance): its results, and their top-k overlap with the captioned ones; "
-        "without --prompt/--prompts, the queries are scored with the empty text only.",
+        help='Also rank each query under the empty text "" (classifier-free guidance\'s unconditional '
+        "branch; WanPipeline's default negative prompt): its results, and their top-k overlap with the "
+        "captioned ones; without --prompt/--prompts, the queries are scored with the empty text only.",
     )
     top_k: int | None = option(10, cli=False, help="Results per query; None: every training clip.")
     aggregate: str = option(
