@@ -527,7 +527,14 @@ def null_prompt_block(q: Query, null: Query) -> dict[str, Any]:
     (`shared`, in the captioned ranking's order; `shared_str` in decimal, as `clip_ids`). A null pass
     that failed (non-finite feature) has status "error", its error, no results and overlap None."""
     if null.status != "ok":
-        return {"status": "error", "error": null.error, "results": [], "top_k_overlap": None, "shared": []}
+        return {
+            "status": "error",
+            "error": null.error,
+            "results": [],
+            "top_k_overlap": None,
+            "shared": [],
+            "shared_str": [],
+        }
     theirs = {r["clip_id"] for r in null.results}
     shared = [r["clip_id"] for r in q.results if r["clip_id"] in theirs]
     k = max(len(q.results), len(null.results))

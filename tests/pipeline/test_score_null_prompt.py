@@ -18,7 +18,15 @@ from carv_attrib.cli.app import app
 from carv_attrib.errors import UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder
 from carv_attrib.models.wan import pad_context
-from carv_attrib.pipeline.score import NULL_PROMPT, ScoreConfig, null_embedding, run_score
+from carv_attrib.pipeline.score import (
+    NULL_PROMPT,
+    Query,
+    ScoreConfig,
+    clip_ids,
+    null_embedding,
+    null_prompt_block,
+    run_score,
+)
 from carv_attrib.store.run import RunDir
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -67,7 +75,14 @@ def test_null_prompt_ranking_rides_beside_the_captioned_one(run: Path, demo_data
     vid = "demo-00002"
     query = demo_data / "videos" / f"{vid}.mp4"
     common = dict(run=run, queries=[query], top_k=3, workers=0, device="cpu")
-    doc = run_score(ScoreConfig(prompt=caption(demo_data, vid), null_prompt=True, explain=True, **common))
+    events: list[tuple[str, dict]] = []
+    doc = run_score(
+        ScoreConfig(prompt=caption(demo_data, vid), null_prompt=True, explain=True, **common),
+        lambda e, info: events.append((e, info)),
+    )
+    # the progress bar's total: encode + captioned + null featurize per query, then the explain clips
+    todo = sum(info["todo"] for e, info in events if e in ("start", "explain"))
+    assert todo == sum(e == "clip" for e, _ in events) and events[0] == ("start", {"todo": 3})
     jsonschema.validate(doc, schema())
     (q,) = doc["queries"]
     assert q["conditioning"] == "prompt" and q["results"][0]["vid"] == vid
@@ -113,3 +128,24 @@ def test_null_prompt_through_the_cli_and_its_checks(run: Path, demo_data: Path, 
         run_score(ScoreConfig(run=run, queries=[query], device="cpu"))
     with pytest.raises(UsageError, match="null_prompt must be True or False"):
         ScoreConfig(run=run, queries=[query], null_prompt="yes").validate()  # type: ignore[arg-type]
+
+
+def test_null_prompt_block_overlap_and_a_failed_null_pass() -> None:
+    def rows(*ids: int) -> list[dict]:  # result rows as `_results` writes them
+        meta = {"vid": None, "caption": None, "path": None, "score": 0.5}
+        return [{"rank": j + 1, **clip_ids(i), **meta} for j, i in enumerate(ids)]
+
+    q = Query(path="q.mp4", prompt="p", results=rows(7, 3, 2**60 + 1))
+    null = Query(path="q.mp4", prompt="", conditioning="null", results=rows(2**60 + 1, 9, 7))
+    block = null_prompt_block(q, null)
+    assert block["shared"] == [7, 2**60 + 1] and block["shared_str"] == ["7", str(2**60 + 1)]
+    assert block["top_k_overlap"] == 2 / 3 and block["results"] is null.results
+    # a short list (an index of fewer clips than k) is counted against the longer one
+    assert null_prompt_block(q, Query(path="q.mp4", prompt="", results=rows(3)))["top_k_overlap"] == 1 / 3
+    null.fail("nonfinite: the query's gradient feature has NaN/Inf")
+    failed = null_prompt_block(q, null)
+    assert failed["status"] == "error" and failed["results"] == [] and failed["top_k_overlap"] is None
+    q.null = null
+    entry = q.to_json()
+    assert entry["null_prompt"] == failed and entry["conditioning"] == "prompt"
+    jsonschema.validate(entry, schema()["properties"]["queries"]["items"] | {"$defs": schema()["$defs"]})
