@@ -10,7 +10,7 @@ import pytest
 
 from carv_attrib import choices
 from carv_attrib.pipeline.score import CONDITIONINGS
-from carv_attrib.search import scale
+from carv_attrib.search import scale, uncertainty
 
 SCHEMA = Path(__file__).resolve().parents[1] / "carv_attrib" / "schemas" / "attribution.schema.json"
 
@@ -27,6 +27,8 @@ EXPECTED: dict[str, tuple[str, ...] | None] = {
     "queries/conditioning": CONDITIONINGS,
     "queries/null_prompt/status": None,
     "queries/scale/method": scale.METHODS,
+    "queries/uncertainty/method": uncertainty.SE_METHODS,
+    "queries/uncertainty/clip_side": uncertainty.CLIP_SIDES,
 }
 
 

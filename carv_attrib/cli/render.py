@@ -166,6 +166,20 @@ def _scale_caption(scale: dict[str, Any] | None) -> str | None:
     )
 
 
+def _uncertainty_caption(unc: dict[str, Any] | None, top_k: int | None) -> str | None:
+    """How to read ± se and p top (`search.uncertainty`)."""
+    if not unc:
+        return None
+    t = unc.get("t")
+    interval = f"{unc['level']:.0%} interval score ± {t:.3g}·se" if t else "no interval (one draw)"
+    side = "recomputed" if unc["clip_side"] == "recomputed" else "mirrored from the query's draws"
+    return (
+        f"± se: Monte Carlo standard error from {unc['draws']} draws ({unc['formula']}, clip side {side}; "
+        f"{interval}); shared draws move neighbours together, so their gap is surer (se_gap in the JSON); "
+        f"p top: chance the clip belongs in the top {top_k}"
+    )
+
+
 def _null_line(null: dict[str, Any], k: int) -> str:
     """One line under a query's table: how much of its top-k the empty-text ranking keeps."""
     if null["status"] != "ok":
@@ -185,23 +199,36 @@ def score_tables(doc: dict[str, Any]) -> None:
             continue
         scale = q.get("scale")
         under = " (the empty text: --null-prompt)" if q.get("conditioning") == "null" else ""
+        unc = q.get("uncertainty")
+        caption = "\n".join(
+            c for c in (_scale_caption(scale), _uncertainty_caption(unc, doc.get("top_k"))) if c
+        )
         table = Table(
             title=Text(f"{q['path']} — “{q['prompt']}”{under}"),
             title_justify="left",
-            caption=_scale_caption(scale),
+            caption=caption or None,
             caption_justify="left",
         )
         table.add_column("rank", justify="right")
         table.add_column("vid")
         table.add_column("score", justify="right")
+        if unc:
+            table.add_column("± se", justify="right")
+            table.add_column("p top", justify="right")
         if scale:
             table.add_column("pctl", justify="right")
             table.add_column("z", justify="right")
         table.add_column("caption")
         for r in q["results"]:
             placed = [_num(r.get("percentile"), ".1f"), _num(r.get("z"), "+.2f")] if scale else []
+            sure = [_num(r.get("se"), ".2g"), _num(r.get("p_top_k"), ".2f")] if unc else []
             table.add_row(
-                str(r["rank"]), Text(str(r["vid"])), f"{r['score']:.6g}", *placed, Text(str(r["caption"]))
+                str(r["rank"]),
+                Text(str(r["vid"])),
+                f"{r['score']:.6g}",
+                *sure,
+                *placed,
+                Text(str(r["caption"])),
             )
         out_console.print(table)
         null = q.get("null_prompt")

@@ -11,7 +11,8 @@ from carv_attrib.config import ReportConfig
 @stage_command(ReportConfig, extra=[format_param()])
 def report(cfg: ReportConfig, fmt: str | None) -> None:
     """Write one self-contained HTML page: each query's frames beside its top-k training clips (frames,
-    vid, caption, score), failures, the aggregate, and the provenance."""
+    vid, caption, score ± se on the query's axis), a plain-words reading per query, the explain charts
+    on shared axes, the null-prompt ranking when scored, failures, the aggregate, and the provenance."""
     from carv_attrib.pipeline.report import run_report
 
     fmt = check_format(fmt)

@@ -69,6 +69,18 @@ class ScoreConfig(StageConfig):
         "strata (recomputed from the clip's cached latent: one K-draw backward per result clip; kron "
         "features).",
     )
+    refine: bool = option(
+        False,
+        flags=("--refine",),
+        help="Spend more draws (further replicates of the index's draw rule, shared by the query and the "
+        "clips) on the candidates whose place in the top-k is unsettled, until it settles or the budget "
+        "is spent (kron features; cached latents).",
+    )
+    refine_budget: int | None = option(
+        None,
+        help="With --refine: extra (σ, ε) draws per query (default 4·(2k + 11)·K: four replicates of the "
+        "query and its 2k + 10 candidates).",
+    )
     rerank: int = option(
         10,
         help="With an approximate index: take R·k candidates and re-rank them exactly from the stored "
@@ -91,6 +103,16 @@ class ScoreConfig(StageConfig):
                 "--explain recomputes each result clip's per-stratum gradients (one K-draw backward per "
                 "clip): give --top-k N, not all"
             )
+        if self.refine and self.top_k is None:
+            raise UsageError("--refine settles a top-k: give --top-k N, not all")
+        if self.refine and self.explain:
+            raise UsageError(
+                "--refine and --explain: --explain splits the first K draws' score; run them as two scores"
+            )
+        if self.refine_budget is not None:
+            if not self.refine:
+                raise UsageError("--refine-budget needs --refine")
+            check_min("--refine-budget", self.refine_budget, 0)
         if self.aggregate == "vote" and self.top_k is None:
             raise UsageError("--aggregate vote counts each query's top k: give --top-k N, not all")
         if self.top_k is not None and self.top_k < 1:

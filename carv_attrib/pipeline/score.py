@@ -34,6 +34,7 @@ import torch
 
 from carv_attrib import __version__
 from carv_attrib.attrib.featurizer import Featurizer, load_featurizer
+from carv_attrib.attrib.projection import KronProjector
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.choices import OBJECTIVES
 from carv_attrib.config import ScoreConfig
@@ -42,9 +43,11 @@ from carv_attrib.models.clip_encoder import ClipEncoder, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import WanModel, load_wan
 from carv_attrib.pipeline._job import ProgressFn, noop, record
+from carv_attrib.search import uncertainty as unc
 from carv_attrib.search.explain import explain_result, layer_slices, layer_split, stratum_split
 from carv_attrib.search.index import load_index, search
 from carv_attrib.search.precondition import load_preconditioner
+from carv_attrib.search.refine import QUERY, refine, replicate_rule
 from carv_attrib.search.rerank import VectorStore, rerank
 from carv_attrib.search.scale import RunScale, run_scales, sample_ids
 from carv_attrib.store.latents import read_latents
@@ -97,6 +100,10 @@ class Query:
     # preconditioner (normalize keeps ‖φ_i‖^0.5, whose spread says nothing about training)
     cosines: np.ndarray | None = None
     scale: RunScale | None = None  # the query's scores over the run (`search.scale`), None if unreadable
+    # (K, D) float32 y_k/K per draw (`Featurizer.draw_parts`): the standard errors' query side; None
+    # where the projector has no per-layer hooks (dense)
+    parts: np.ndarray | None = None
+    uncertainty: dict[str, Any] | None = None  # how se / p_top_k were obtained (`uncertainty.describe`)
     conditioning: str = "prompt"  # "prompt": ranked under its caption; "null": under the empty text
     null: Query | None = None  # --null-prompt: this query again under the empty text (`_null_copies`)
 
@@ -110,6 +117,8 @@ class Query:
         out["results"] = self.results if self.status == "ok" else []
         if self.status == "ok" and self.scale is not None:
             out["scale"] = self.scale.to_json()
+        if self.status == "ok" and self.uncertainty is not None:
+            out["uncertainty"] = self.uncertainty
         out["conditioning"] = self.conditioning
         if self.status == "ok" and self.null is not None:
             out["null_prompt"] = null_prompt_block(self, self.null)
@@ -272,17 +281,24 @@ def _featurize_queries(
         objective=info.objective,
     )
     phis = []
+    per_layer = all(isinstance(p, KronProjector) for p in featurizer.projectors)
     for start in range(0, len(queries), cfg.batch_clips):
         chunk = queries[start : start + cfg.batch_clips]
         # A query's stream: the shared one (common random numbers), or under per-clip noise a stream
         # of its own derived from its file name.
-        f, _, _ = featurizer.features(
-            [(clip_id_for("query:" + Path(q.path).name), q.latent, q.text_emb, q.motion) for q in chunk]
-        )
+        f, _, _ = featurizer.features([(query_stream_id(q), q.latent, q.text_emb, q.motion) for q in chunk])
         phis.append(f)
-        for _ in chunk:
+        for q in chunk:
+            if per_layer:  # the standard errors' query side: one more K-draw backward per query
+                parts, _ = featurizer.draw_parts(query_stream_id(q), q.latent, q.text_emb, q.motion)
+                q.parts = parts.numpy()  # (K, D)
             progress("clip", {"status": "ok"})
     return torch.cat(phis).numpy().astype(np.float32), featurizer
+
+
+def query_stream_id(q: Query) -> int:
+    """The id a query's draws are made for: its stream under per-clip noise (shared noise ignores it)."""
+    return clip_id_for("query:" + Path(q.path).name)
 
 
 def _search(
@@ -308,24 +324,178 @@ def _search(
     want_all = cfg.top_k is None or cfg.aggregate == "mean"
     nprobe = cfg.nprobe or info.nprobe
     psi = pre.prepare_query(phi[finite])  # (m, D)
+    # past the k-th: the candidates whose chance of entering the top-k `p_top_k` weighs
+    n_cand = None if want_all else min(int(index.ntotal), candidates_for(cfg.top_k))
     if info.rerank_vectors and cfg.rerank > 0 and not want_all:
         # Approximate index: R·k candidates re-scored exactly from the stored vectors (`attrib.rerank`)
-        _, cand = search(index, psi, cfg.top_k * cfg.rerank, nprobe)
-        scores, ids = rerank(VectorStore(run.index_dir), psi, cand, cfg.top_k)
+        _, cand = search(index, psi, max(cfg.top_k * cfg.rerank, n_cand), nprobe)
+        scores, ids = rerank(VectorStore(run.index_dir), psi, cand, n_cand)
     else:
-        scores, ids = search(index, psi, None if want_all else cfg.top_k, nprobe)
+        scores, ids = search(index, psi, n_cand, nprobe)
     for q, s, i in zip(searched, scores, ids):
         q.scores, q.ids = s, i
         k = len(s) if cfg.top_k is None else cfg.top_k
         q.results = _results(s[:k], i[:k], clips)
+    if cfg.refine:
+        _refine(cfg, run, info, index, searched, featurizer, pre, clips, progress)
     _result_cosines(run, info, index, searched, psi)
     # displayed scores that are exact inner products of the indexed vectors (Flat) or re-ranked from the
     # stored ones are recomputed by the scale from the same vectors: a result is placed by its own
     reranked = bool(info.rerank_vectors and cfg.rerank > 0 and not want_all)
     _place_results(run, info, index, searched, psi, same_source=info.rerank_vectors is None or reranked)
+    exact: ClipTerms = {}
     if cfg.explain:
         _explain(run, info, index, searched, psi)
-        _explain_strata(run, featurizer, pre, searched, psi, progress)
+        exact = _explain_strata(run, featurizer, pre, searched, psi, progress)
+    _uncertainty(run, info, index, searched, psi, featurizer.rule, pre, cfg.top_k, exact)
+
+
+def candidates_for(top_k: int) -> int:
+    """How many clips score searches for a top-k: 2k + 10, so that p_top_k sees the clips just below."""
+    return 2 * int(top_k) + 10
+
+
+# (query position, clip id) → the clip side's per-draw terms (K,) (`uncertainty.clip_terms`)
+ClipTerms = dict[tuple[int, int], np.ndarray]
+
+
+def _uncertainty(
+    run: RunDir,
+    info: IndexInfo,
+    index: Any,
+    queries: list[Query],
+    psi: np.ndarray,
+    rule: DrawRule,
+    pre: Any,
+    top_k: int | None,
+    exact: ClipTerms,
+) -> None:
+    """Each result's "se" and "p_top_k" (`search.uncertainty`), and the query's "uncertainty" block:
+    the query side from its per-draw parts and the candidates' indexed vectors, the clip side
+    recomputed where `exact` holds it (--explain), mirrored from the query's draws otherwise. None
+    where the query has no parts (dense projector) or the vectors cannot be read back (IVF without
+    stored vectors)."""
+    store = VectorStore(run.index_dir) if info.rerank_vectors else None
+    for j, (q, psi_q) in enumerate(zip(queries, psi)):
+        if q.uncertainty is not None:  # --refine filled them
+            continue
+        for r in q.results:
+            r["se"], r["se_gap"], r["p_top_k"] = None, None, None
+        if q.parts is None or q.scores is None or q.ids is None:
+            continue
+        keep = q.ids >= 0
+        n = int(keep.sum()) if top_k is None else min(int(keep.sum()), candidates_for(top_k))
+        n = min(n, MAX_SE)
+        ids, scores = q.ids[keep][:n], q.scores[keep][:n]
+        try:
+            psi_c = np.asarray(_indexed_vectors(store, index, ids), dtype=np.float64)  # (n, D)
+        except RuntimeError:
+            continue
+        dq, phi_q = unc.centred_draws(q.parts)  # (K, D), (D,)
+        xq = unc.query_terms(pre.linearize(dq, phi_q, "query"), psi_c)  # (n, K)
+        xi = unc.mirrored_clip_terms(pre, dq, phi_q, psi_c, psi_q)  # (n, K)
+        recomputed = 0
+        for c, cid in enumerate(ids.tolist()):
+            terms = exact.get((j, int(cid)))
+            if terms is not None:
+                xi[c], recomputed = terms, recomputed + 1
+        if rule.noise == "shared":  # the same draws on both sides: their terms add draw by draw
+            shared, own = unc.variance_basis(xq + xi, rule), None
+        else:  # the clip's own stream: its side is independent of the query's and of other clips'
+            shared, own = unc.variance_basis(xq, rule), unc.variance_basis(xi, rule)
+        p = unc.p_top_k(scores, shared, own, top_k) if top_k is not None else None
+        _fill_errors(q.results[:n], shared, own, p)
+        method = "exact" if recomputed >= min(len(q.results), n) > 0 else "cheap"
+        q.uncertainty = unc.describe(method, rule) | {"candidates": n, "recomputed": recomputed}
+
+
+def _fill_errors(
+    results: list[dict[str, Any]], shared: np.ndarray, own: np.ndarray | None, p: np.ndarray | None
+) -> None:
+    """Each result's se, se_gap (to the next candidate) and p_top_k from the candidates' variance
+    basis (n, U) (`uncertainty.variance_basis`), results in candidate order."""
+    se = unc.standard_error(shared, own)  # (n,), NaN for K = 1
+    # the gap to the next candidate: shared draws cancel in it, so it is far surer than either score
+    gap = unc.standard_error(shared[:-1] - shared[1:], None if own is None else np.hypot(own[:-1], own[1:]))
+    for c, r in enumerate(results):
+        r["se"] = float(se[c]) if np.isfinite(se[c]) else None
+        r["se_gap"] = float(gap[c]) if c < len(gap) and np.isfinite(gap[c]) else None
+        r["p_top_k"] = None if p is None or r["se"] is None else float(p[c])
+
+
+def default_refine_budget(top_k: int, k: int) -> int:
+    """--refine's default: four replicates of K draws for the query and its 2k + 10 candidates."""
+    return 4 * (candidates_for(top_k) + 1) * int(k)
+
+
+def _refine(
+    cfg: ScoreConfig,
+    run: RunDir,
+    info: IndexInfo,
+    index: Any,
+    queries: list[Query],
+    featurizer: Featurizer,
+    pre: Any,
+    clips: ClipMeta,
+    progress: ProgressFn,
+) -> None:
+    """--refine (`search.refine`): per query, more replicates of the draws for the unsettled candidates,
+    then the candidates re-sorted by their refined scores, the top-k rows rebuilt with their se,
+    se_gap and p_top_k, and the query's uncertainty block (method "refined", draws spent). A query
+    without per-draw parts (dense) or readable vectors keeps its K-draw result."""
+    assert cfg.top_k is not None  # ScoreConfig.validate
+    rule = featurizer.rule
+    budget = cfg.refine_budget if cfg.refine_budget is not None else default_refine_budget(cfg.top_k, rule.k)
+    store = VectorStore(run.index_dir) if info.rerank_vectors else None
+    where = {cid: row.where for cid, _, row in run.live_latents().ok()}
+    cached: dict[int, Any] = {}
+
+    def clip_input(cid: int) -> Any:
+        if cid not in cached:
+            cached[cid] = next(iter(read_latents(run, selection([where[cid]]))))
+        return cached[cid]
+
+    for q in queries:
+        if q.parts is None or q.scores is None or q.ids is None:
+            continue
+        keep = q.ids >= 0
+        ids = q.ids[keep]
+        try:
+            psi_c = np.asarray(_indexed_vectors(store, index, ids), dtype=np.float64)  # (n, D)
+        except RuntimeError:
+            continue
+
+        def parts_of(c: int, r: int, q: Query = q, ids: np.ndarray = ids) -> np.ndarray:
+            if c == QUERY:
+                cid, z, emb, motion = query_stream_id(q), q.latent, q.text_emb, q.motion
+            else:
+                clip = clip_input(int(ids[c]))
+                cid, z, emb, motion = clip.clip_id, clip.latent, clip.text_emb, clip.motion
+            featurizer.use_rule(replicate_rule(rule, r))
+            try:
+                return featurizer.draw_parts(cid, z, emb, motion)[0].numpy()  # (K, D)
+            finally:
+                featurizer.use_rule(rule)
+
+        out = refine(pre, rule, cfg.top_k, psi_c, q.parts, parts_of, budget)
+        order = np.argsort(-out.scores, kind="stable")
+        q.scores, q.ids = out.scores[order], ids[order]
+        q.results = _results(q.scores[: cfg.top_k], q.ids[: cfg.top_k], clips)
+        assert out.shared is not None
+        own = None if out.own is None else out.own[order]
+        _fill_errors(q.results, out.shared[order], own, out.p_top_k[order])
+        refined = int((out.replicates > 1).sum())
+        side = "mirrored" if out.rounds == 0 else ("recomputed" if pre.kind == "cosine" else "mixed")
+        q.uncertainty = unc.describe("refined", rule) | {
+            "clip_side": side,
+            "candidates": len(ids),
+            "recomputed": refined,
+            "refine": out.to_json(budget),
+        }
+        progress("refine", {"draws": out.draws})
+
+
+MAX_SE = 10_000  # results given an se (top-k all on a large run): the candidates' vectors are read whole
 
 
 def _indexed_vectors(store: VectorStore | None, index: Any, ids: np.ndarray) -> np.ndarray:
@@ -417,13 +587,14 @@ def _explain_strata(
     """Each result's score split over timestep strata (`explain.stratum_split`): the result clips'
     per-draw parts recomputed from their cached latents with the index's draws (one K-draw backward
     per distinct clip, streamed: one clip's (K, D) parts in memory at a time), preconditioned as the
-    index was. `by_stratum_total` is their sum, the score recomputed; `by_stratum_residual` = score −
+    index was; returns each (query, clip)'s exact per-draw standard-error terms. `by_stratum_total` is their sum, the score recomputed; `by_stratum_residual` = score −
     total is the rounding between the two computations (float32: ~1e-7 relative; bf16 features
     ~1e-4; an approximate index adds its own)."""
-    hits: dict[int, list[tuple[np.ndarray, dict[str, Any]]]] = defaultdict(list)
-    for q, psi_q in zip(queries, psi):
+    hits: dict[int, list[tuple[int, np.ndarray, dict[str, Any]]]] = defaultdict(list)
+    for j, (q, psi_q) in enumerate(zip(queries, psi)):
         for r in q.results:
-            hits[r["clip_id"]].append((psi_q, r))
+            hits[r["clip_id"]].append((j, psi_q, r))
+    terms: ClipTerms = {}
     live = {cid: row.where for cid, _, row in run.live_latents().ok() if cid in hits}
     progress("explain", {"todo": len(live)})
     for clip in read_latents(run, selection(list(live.values()))):
@@ -432,13 +603,17 @@ def _explain_strata(
         )  # (K, D), (K,)
         raw64 = raw.numpy().astype(np.float64)
         psi_parts = pre.prepare_train_parts(raw64, raw64.sum(axis=0))  # (K, D)
-        for psi_q, r in hits[clip.clip_id]:
+        di, phi_i = unc.centred_draws(raw64)
+        dpsi_i = pre.linearize(di, phi_i, "train")  # (K, D): the exact standard error's clip side
+        for j, psi_q, r in hits[clip.clip_id]:
+            terms[(j, clip.clip_id)] = unc.clip_terms(dpsi_i, psi_q)
             strata = stratum_split(psi_q, psi_parts, sigma.numpy(), featurizer.rule)
             total = sum(x["score"] for x in strata)
             r.setdefault("explain", {}).update(
                 by_stratum=strata, by_stratum_total=total, by_stratum_residual=r["score"] - total
             )
         progress("clip", {"status": "ok"})
+    return terms
 
 
 def clip_ids(clip_id: int) -> dict[str, Any]:
@@ -622,26 +797,59 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = 
     return doc
 
 
-UNTRAINED_SPREAD = 1e-3  # relative cosine spread of the top results; random demo weights: 6e-5
-UNTRAINED_TOP = 10  # the top results the check reads
+UNTRAINED_RATIO = 0.2  # sd of the clips' scores / a score's standard error; measured: random tiny, small,
+# medium demos 0.032, 0.063, 0.029; the trained demo 0.8 (README, "Reading a score")
+UNTRAINED_SPREAD = 1e-3  # without standard errors (dense projector): relative cosine spread of the top
+UNTRAINED_TOP = 10  # the top results the checks read
+
+
+def flatness(q: Query) -> float | None:
+    """sd of the query's scores over the run (its `scale`, else its top results') divided by the
+    median standard error of its top results: how much the score depends on the clip relative to
+    how much it moves with the draws. None without standard errors."""
+    se = [r["se"] for r in q.results[:UNTRAINED_TOP] if r.get("se") is not None]
+    if len(se) < 3:
+        return None
+    if q.scale is not None and q.scale.sorted_scores.size >= 3:
+        sd = q.scale.sd
+    else:
+        sd = float(np.std([r["score"] for r in q.results], ddof=1))
+    median = float(np.median(se))
+    return sd / median if median > 0 else None
 
 
 def untrained_warnings(queries: list[Query]) -> list[str]:
-    """A warning per query whose ≥ 3 top results all have cosines (ψ_q, ψ_i) within UNTRAINED_SPREAD of
-    each other (relative to the largest): the gradients barely depend on the clip, as with a
-    transformer that was never trained (random weights from `make-model`), so the ranking is noise.
-    Cosines, not scores: under `normalize` a score also carries ‖φ_i‖^0.5, whose spread is not a sign
-    of training; where the vectors cannot be read back the scores stand in."""
+    """A warning per query whose scores barely depend on the clip, as with a transformer that was
+    never trained (random weights from `make-model`), so the ranking says little.
+
+    With standard errors (`_uncertainty`): the clips' scores spread less than UNTRAINED_RATIO of one
+    score's Monte Carlo standard error (`flatness`): the gradient moves more with the draw (σ, ε) than
+    between clips. Under common random numbers such a ranking can still be *stable* (every clip sees
+    the same draws, p_top_k near 1); it is the size of the clip's share that gives the model away.
+    Without (dense projector, IVF without stored vectors): the ≥ 3 top cosines (ψ_q, ψ_i) within
+    UNTRAINED_SPREAD of each other, relative to the largest (scores stand in where the vectors cannot
+    be read)."""
     out = []
+    advice = (
+        "the transformer looks untrained (random weights?), so this ranking says little. "
+        "Attribute with a trained model (e.g. the demo's: `make demo`, then -m demo-run/model)"
+    )
     for q in queries:
+        ratio = flatness(q)
+        if ratio is not None:
+            if ratio < UNTRAINED_RATIO:
+                out.append(
+                    f"{q.path}: the clips' scores spread only {ratio:.2f}× one score's Monte Carlo "
+                    f"standard error (sd over the run / median se; trained models: ≥ {UNTRAINED_RATIO}): "
+                    f"the gradients barely depend on the clip; {advice}"
+                )
+            continue
         s = list(q.cosines) if q.cosines is not None else [r["score"] for r in q.results[:UNTRAINED_TOP]]
         scale = max((abs(x) for x in s), default=0.0) or 1.0
         if len(s) >= 3 and (max(s) - min(s)) / scale < UNTRAINED_SPREAD:
             out.append(
                 f"{q.path}: its top {len(s)} results all lie within {(max(s) - min(s)) / scale:.1e} "
-                "(relative cosine spread) of each other; "
-                "the transformer looks untrained (random weights?), so this ranking says little. "
-                "Attribute with a trained model (e.g. the demo's: `make demo`, then -m demo-run/model)"
+                f"(relative cosine spread) of each other; {advice}"
             )
     return out
 

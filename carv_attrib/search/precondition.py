@@ -87,6 +87,11 @@ def _block_slices(blocks: Sequence[int]) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:], strict=True)]
 
 
+def _check_side(side: str) -> None:
+    if side not in ("train", "query"):
+        raise ValueError(f"side must be 'train' or 'query', got {side!r}")
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """`write(tmp_path)`, then rename: a crash never leaves a file that reads as complete."""
     tmp = path.with_name(path.name + ".tmp")
@@ -117,6 +122,19 @@ class Preconditioner:
         (cosine divides each part by the norm of the *total's* block). `score --explain` splits a score
         over timestep strata with it."""
         return _as_features(parts, self.dim, "feature parts").astype(np.float64)
+
+    def linearize(self, deltas: Any, total: Any, side: str) -> np.ndarray:
+        """J(total) δ for each row δ of `deltas` (P, d): the first-order change of
+        prepare_train(total) (side "train") or prepare_query(total) (side "query") when the feature
+        moves by δ, float64 (P, d). The delta method of `search.uncertainty` reads it; identity here."""
+        _check_side(side)
+        return _as_features(deltas, self.dim, "feature changes").astype(np.float64)
+
+    def raw_from_train(self, psi: Any) -> np.ndarray:
+        """(n, d) float64 features φ whose prepare_train is ψ (n, d): the inverse map, where the norm
+        is lost (cosine) the unit-norm φ (every linearisation here is then the same). The cheap
+        standard error's mirrored clip side reads it (`search.uncertainty.mirrored_clip_terms`)."""
+        return _as_features(psi, self.dim, "train vectors").astype(np.float64)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description (no arrays)."""
@@ -158,6 +176,25 @@ class CosinePreconditioner(Preconditioner):
     def prepare_query(self, feats: Any) -> np.ndarray:
         return self._normalise(feats, "query features")
 
+    def _power(self, side: str) -> float:
+        return 1.0
+
+    def linearize(self, deltas: Any, total: Any, side: str) -> np.ndarray:
+        """d(φ/‖φ‖^a) = (δ − a·u⟨u, δ⟩)/‖φ‖^a per block, u = φ/‖φ‖ (a = 1 here; normalize's train
+        side a = alpha): the radial part of a change is (partly) divided away."""
+        _check_side(side)
+        power = 1.0 if side == "query" else self._power(side)
+        arr = _as_features(deltas, self.dim, "feature changes").astype(np.float64)
+        tot = _as_features(np.asarray(total).reshape(1, -1), self.dim, "feature").astype(np.float64)[0]
+        for sl in _block_slices(self.blocks):
+            norm = float(np.linalg.norm(tot[sl]))
+            if norm == 0:  # a zero block stays zero whatever moves it (prepare_* keep it at 0)
+                arr[:, sl] = 0.0
+                continue
+            u = tot[sl] / norm  # (d_b,)
+            arr[:, sl] = (arr[:, sl] - power * np.outer(arr[:, sl] @ u, u)) / norm**power
+        return arr
+
 
 class NormalizePreconditioner(CosinePreconditioner):
     """Train blocks divided by ‖φ_b‖^alpha, query blocks by ‖φ_b‖ (per checkpoint block, like cosine).
@@ -191,6 +228,19 @@ class NormalizePreconditioner(CosinePreconditioner):
         for sl in _block_slices(self.blocks):
             norm = float(np.linalg.norm(tot[sl]))
             arr[:, sl] /= (norm if norm > 0 else 1.0) ** self.alpha  # the total's norm: parts still add up
+        return arr
+
+    def _power(self, side: str) -> float:
+        return self.alpha
+
+    def raw_from_train(self, psi: Any) -> np.ndarray:
+        """φ = ψ·‖ψ‖^(α/(1−α)) per block (‖ψ‖ = ‖φ‖^(1−α)); α = 1 keeps the unit-norm ψ, as cosine."""
+        arr = _as_features(psi, self.dim, "train vectors").astype(np.float64)
+        if self.alpha >= 1.0:
+            return arr
+        for sl in _block_slices(self.blocks):
+            norms = np.linalg.norm(arr[:, sl], axis=1, keepdims=True)  # (n, 1)
+            arr[:, sl] *= norms ** (self.alpha / (1.0 - self.alpha))
         return arr
 
     def to_dict(self) -> dict[str, Any]:
@@ -227,6 +277,22 @@ class TrakPreconditioner(Preconditioner):
         arr = _as_features(parts, self.dim, "feature parts").astype(np.float64)
         for sl, inv in zip(_block_slices(self.blocks), self.inverses, strict=True):
             arr[:, sl] = arr[:, sl] @ inv  # (P, d_b): linear, so the parts still add up
+        return arr
+
+    def raw_from_train(self, psi: Any) -> np.ndarray:
+        """φ = (ΦᵀΦ + λI) ψ per block: a solve against each stored inverse (d_b³/3 flops, once per call)."""
+        arr = _as_features(psi, self.dim, "train vectors").astype(np.float64)
+        for sl, inv in zip(_block_slices(self.blocks), self.inverses, strict=True):
+            arr[:, sl] = np.linalg.solve(inv, arr[:, sl].T).T  # inv is symmetric positive definite
+        return arr
+
+    def linearize(self, deltas: Any, total: Any, side: str) -> np.ndarray:
+        """Linear: train changes times each block's inverse, query changes raw."""
+        _check_side(side)
+        arr = _as_features(deltas, self.dim, "feature changes").astype(np.float64)
+        if side == "train":
+            for sl, inv in zip(_block_slices(self.blocks), self.inverses, strict=True):
+                arr[:, sl] = arr[:, sl] @ inv  # (P, d_b)
         return arr
 
     def to_dict(self) -> dict[str, Any]:

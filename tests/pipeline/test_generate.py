@@ -11,7 +11,8 @@ import pytest
 from carv_attrib.config import GenerateConfig
 from carv_attrib.errors import ModelLoadError, UsageError
 from carv_attrib.pipeline.generate import run_generate
-from carv_attrib.pipeline.score import UNTRAINED_SPREAD, Query, untrained_warnings
+from carv_attrib.pipeline.score import UNTRAINED_SPREAD, Query, flatness, untrained_warnings
+from carv_attrib.search.scale import RunScale
 from carv_attrib.video.decode import FramePolicy, decode_clip
 
 
@@ -52,6 +53,24 @@ def test_flat_scores_warn_that_the_transformer_looks_untrained() -> None:
     assert (
         max(r["score"] for r in spread.results) - min(r["score"] for r in spread.results) > UNTRAINED_SPREAD
     )
+
+
+def test_the_untrained_check_weighs_the_clip_spread_against_the_standard_error() -> None:
+    """With standard errors the check reads sd(scores) / median se (`flatness`): the random demos'
+    measured 0.03-0.06 warn, the trained demo's 0.8 does not, whatever the cosines say."""
+
+    def query(sd_scores: float, se: float) -> Query:
+        q = Query(path="q.mp4", prompt="p")
+        base = np.linspace(-1.0, 1.0, 10)
+        scores = 0.5 + sd_scores * base / base.std()
+        q.results = [{"score": float(s), "se": se} for s in scores[::-1]]
+        q.scale = RunScale.from_scores(scores, "exact", len(scores))
+        q.cosines = np.full(10, 0.5)  # would not warn on its own: the se rule decides
+        return q
+
+    assert len(untrained_warnings([query(0.001, 0.032)])) == 1  # the random tiny demo's figures
+    assert untrained_warnings([query(0.04, 0.05)]) == []  # the trained demo's
+    assert flatness(query(0.001, 0.032)) == pytest.approx(0.001 / 0.032, rel=64 * np.finfo(np.float64).eps)
 
 
 def test_the_untrained_check_reads_cosines_not_normalize_scores() -> None:

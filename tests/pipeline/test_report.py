@@ -18,6 +18,7 @@ from carv_attrib.config import ReportConfig
 from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.report import run_report
 from carv_attrib.pipeline.score import ScoreConfig, run_score
+from tests.pipeline.report_fields import as_older
 
 
 class Page(HTMLParser):
@@ -61,6 +62,41 @@ def test_the_page_shows_queries_clips_frames_and_escapes_text(
     img = Image.open(io.BytesIO(base64.b64decode(strips[0].split(",", 1)[1])))
     enc = doc["index"]["encode"]
     assert img.size == (3 * enc["width"], enc["height"])  # 3 frames of the encode's size, side by side
+
+
+def test_the_newer_fields_show_and_stay_text(featurized_run: Path, demo_data: Path, tmp_path: Path) -> None:
+    """se, p_top_k, by_kind, uncertainty and null_prompt (optional fields) injected into a real
+    document: the reading line, whiskers, kind bars and null-prompt table appear for that query only,
+    and a hostile vid in the null-prompt ranking is shown as text."""
+    run = tmp_path / "run"
+    shutil.copytree(featurized_run, run)
+    videos = sorted((demo_data / "videos").glob("*.mp4"))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({str(v): "a circle moving down" for v in videos[:2]}))
+    doc = run_score(ScoreConfig(run=run, queries=[], prompts_file=prompts, top_k=3, workers=0, device="cpu"))
+    for q in doc["queries"]:  # both in the older shape, whether or not this `score` writes the fields
+        as_older(q)
+    q = doc["queries"][0]
+    for i, r in enumerate(q["results"]):
+        r |= {"se": 1e-6, "p_top_k": 1 - i / 3, "explain": {"by_kind": {"self_attention": r["score"]}}}
+    hostile = "<b onmouseover=alert(1)>x</b>"
+    q["null_prompt"] = {"results": [{**q["results"][0], "vid": hostile}], "top_k_overlap": 1 / 3,
+                        "shared": [q["results"][0]["clip_id_str"]]}  # fmt: skip
+    q["uncertainty"] = {"method": "cheap", "formula": "iid", "draws": 8, "level": 0.9, "t": 1.895}
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    html = run_report(ReportConfig(attribution=tmp_path / "a.json", out=tmp_path / "r.html", frames=0))
+    html = html.read_text()
+    page = Page()
+    page.feed(html)
+    classes = [(t, a.get("class")) for t, a in page.tags]
+    assert classes.count(("p", "reading")) == 2  # both queries share caption words
+    assert classes.count(("svg", "forest")) == 2 * 3 and classes.count(("line", "whisker")) == 3 * 3
+    assert classes.count(("svg", "kinds")) == 3 and classes.count(("tr", "null-row")) == 3
+    assert hostile not in html and hostile in "".join(page.text)
+    text = " ".join(page.text)
+    assert "null-prompt ranking keeps 1 of the top 3" in text and "top-k overlap 0.33" in text
+    assert "uncertainty: cheap, iid over 8 draws, level 0.9: the 90% interval is ± 1.9 se" in text
+    assert "P(top-k)" in text
 
 
 def test_not_an_attribution_json_is_refused(tmp_path: Path) -> None:
