@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from carv_attrib import choices
+from carv_attrib.pipeline.score import CONDITIONINGS
 from carv_attrib.search import scale, uncertainty
 
 SCHEMA = Path(__file__).resolve().parents[1] / "carv_attrib" / "schemas" / "attribution.schema.json"
@@ -23,6 +24,8 @@ EXPECTED: dict[str, tuple[str, ...] | None] = {
     "index/preconditioner/kind": choices.PRECONDITIONERS,
     "aggregate/method": tuple(a for a in choices.AGGREGATES if a != "none"),  # none: no aggregate key
     "queries/status": None,
+    "queries/conditioning": CONDITIONINGS,
+    "queries/null_prompt/status": None,
     "queries/scale/method": scale.METHODS,
     "queries/uncertainty/method": uncertainty.SE_METHODS,
     "queries/uncertainty/clip_side": uncertainty.CLIP_SIDES,

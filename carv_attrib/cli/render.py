@@ -180,6 +180,17 @@ def _uncertainty_caption(unc: dict[str, Any] | None, top_k: int | None) -> str |
     )
 
 
+def _null_line(null: dict[str, Any], k: int) -> str:
+    """One line under a query's table: how much of its top-k the empty-text ranking keeps."""
+    if null["status"] != "ok":
+        return f"null prompt: {null.get('error')}"
+    vids = ", ".join(str(r["vid"]) for r in null["results"][:3])
+    overlap = null["top_k_overlap"]
+    share = "" if overlap is None else f" (overlap {overlap:.2f})"
+    n, k_null = len(null["shared"]), len(null["results"])
+    return f"null prompt: {n} of these {k} stay in the empty text's top {k_null}{share}; its top 3: {vids}"
+
+
 def score_tables(doc: dict[str, Any]) -> None:
     """A score document's tables on stdout: one per query (or its error), then the aggregate."""
     for q in doc["queries"]:
@@ -187,12 +198,13 @@ def score_tables(doc: dict[str, Any]) -> None:
             out_console.print(Text(f"{q['path']}: {q['error']}", style="red"))
             continue
         scale = q.get("scale")
+        under = " (the empty text: --null-prompt)" if q.get("conditioning") == "null" else ""
         unc = q.get("uncertainty")
         caption = "\n".join(
             c for c in (_scale_caption(scale), _uncertainty_caption(unc, doc.get("top_k"))) if c
         )
         table = Table(
-            title=Text(f"{q['path']} — “{q['prompt']}”"),
+            title=Text(f"{q['path']} — “{q['prompt']}”{under}"),
             title_justify="left",
             caption=caption or None,
             caption_justify="left",
@@ -219,6 +231,9 @@ def score_tables(doc: dict[str, Any]) -> None:
                 Text(str(r["caption"])),
             )
         out_console.print(table)
+        null = q.get("null_prompt")
+        if null:
+            out_console.print(Text(_null_line(null, len(q["results"]))))
     agg = doc.get("aggregate")
     if agg:
         table = Table(title=f"aggregate ({agg['method']}, {agg['queries']} queries)", title_justify="left")

@@ -34,6 +34,13 @@ class ScoreConfig(StageConfig):
     prompts_file: Path | None = option(
         None, flags=("--prompts",), help="JSON {path: prompt} or CSV path,prompt: one prompt per query."
     )
+    null_prompt: bool = option(
+        False,
+        flags=("--null-prompt",),
+        help='Also rank each query under the empty text "" (classifier-free guidance\'s unconditional '
+        "branch; WanPipeline's default negative prompt): its results, and their top-k overlap with the "
+        "captioned ones; without --prompt/--prompts, the queries are scored with the empty text only.",
+    )
     top_k: int | None = option(10, cli=False, help="Results per query; None: every training clip.")
     aggregate: str = option(
         "none",
@@ -81,11 +88,13 @@ class ScoreConfig(StageConfig):
     )
 
     def validate(self) -> ScoreConfig:
-        """At least one query, the choices, a number of results where --explain or vote needs one, the counts
-        and a positive --decode-timeout; returns self.
+        """At least one query, a bool null_prompt, the choices, a number of results where --explain or vote
+        needs one, the counts and a positive --decode-timeout; returns self.
         """
         if not self.queries:
             raise UsageError("give at least one query video (or a --prompts FILE that lists them)")
+        if not isinstance(self.null_prompt, bool):  # a library caller's "yes" would read as True
+            raise UsageError(f"null_prompt must be True or False, not {self.null_prompt!r}")
         check_choice("--aggregate", self.aggregate, AGGREGATES)
         if self.objective is not None:
             check_choice("--objective", self.objective, OBJECTIVES)

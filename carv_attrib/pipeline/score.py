@@ -9,6 +9,13 @@ clips), output function and projector, preconditioned as the index requires and 
     doc = run_score(ScoreConfig(run="runs/demo", queries=["gen.mp4"], prompt="a red square ..."))
     doc["queries"][0]["results"][0]   # {"rank": 1, "clip_id": ..., "vid": ..., "score": ...}
 
+With `null_prompt=True` (`--null-prompt`) each query is also featurized under the empty text, the
+context of the unconditional branch of classifier-free guidance, and ranked like the captioned one:
+the query's `null_prompt` block holds that ranking and its top-k overlap with the captioned one (a clip
+in both does not owe its rank to the caption alone; read the overlap against chance, k/N, and against
+the other queries' null lists: on the demo run the null ranking hardly depends on the query, README).
+Without a prompt the queries are scored under the empty text alone (`conditioning: "null"`).
+
 The returned document follows `carv_attrib/schemas/attribution.schema.json`.
 """
 
@@ -54,10 +61,26 @@ from carv_attrib.video.failures import ClipFailure, failure_message
 from carv_attrib.video.motion import check_rule
 from carv_attrib.video.pool import DecodePool
 
-__all__ = ["SCHEMA_VERSION", "ScoreConfig", "Query", "run_score", "read_prompts", "provenance", "aggregate"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "NULL_PROMPT",
+    "CONDITIONINGS",
+    "ScoreConfig",
+    "Query",
+    "run_score",
+    "read_prompts",
+    "provenance",
+    "aggregate",
+    "null_embedding",
+    "null_prompt_block",
+]
 
 SCHEMA_VERSION = "1.1"  # 1.1: clip_id_str beside every clip_id
 ClipMeta = dict[int, dict[str, str]]
+# The unconditional branch's text: diffusers' WanPipeline.encode_prompt embeds negative_prompt "" when
+# none is given (`negative_prompt or ""`), through the same _get_t5_prompt_embeds as a caption.
+NULL_PROMPT = ""
+CONDITIONINGS = ("prompt", "null")  # a query's "conditioning": its prompt, or the empty text alone
 
 
 @dataclass
@@ -82,6 +105,8 @@ class Query:
     # where the projector has no per-layer hooks (dense)
     parts: np.ndarray | None = None
     uncertainty: dict[str, Any] | None = None  # how se / p_top_k were obtained (`uncertainty.describe`)
+    conditioning: str = "prompt"  # "prompt": ranked under its caption; "null": under the empty text
+    null: Query | None = None  # --null-prompt: this query again under the empty text (`_null_copies`)
 
     def fail(self, error: str) -> None:
         self.status, self.error = "error", error
@@ -95,6 +120,9 @@ class Query:
             out["scale"] = self.scale.to_json()
         if self.status == "ok" and self.uncertainty is not None:
             out["uncertainty"] = self.uncertainty
+        out["conditioning"] = self.conditioning
+        if self.status == "ok" and self.null is not None:
+            out["null_prompt"] = null_prompt_block(self, self.null)
         return out
 
 
@@ -119,7 +147,10 @@ def resolve_queries(
             )
         return [Path(queries[0])], [prompt]
     if prompts_file is None:
-        raise UsageError("each query needs its prompt: pass --prompt TEXT (one query) or --prompts FILE")
+        raise UsageError(
+            "each query needs its prompt: pass --prompt TEXT (one query) or --prompts FILE "
+            "(or --null-prompt alone to score under the empty text)"
+        )
     path = Path(prompts_file)
     if not path.exists():
         raise UsageError(f"--prompts {path}: no such file")
@@ -643,34 +674,102 @@ def provenance(info: IndexInfo) -> dict[str, Any]:
     }
 
 
+def null_embedding(encoder: ClipEncoder) -> torch.Tensor:
+    """(L, D) float32 embedding of the empty text (NULL_PROMPT), exactly as a caption's
+    (`ClipEncoder.embed`, i.e. WanPipeline._get_t5_prompt_embeds: the tokenizer gives "" its lone
+    end-of-sequence token, so L = 1; the transformer sees it zero-padded to 512 rows, as WanPipeline's
+    negative_prompt_embeds), rounded through the cache dtype like every query's text."""
+    (emb,) = encoder.embed([NULL_PROMPT])
+    return torch.from_numpy(emb.astype(np.float32))
+
+
+def _null_copies(queries: list[Query], emb: torch.Tensor) -> list[Query]:
+    """Each encoded query again under the empty text `emb` (L, D): the same latent and motion map, and
+    the same draws (a query's noise stream is named by its file, `_featurize_queries`), so the two
+    rankings differ only by the text the transformer attends to."""
+    return [
+        Query(
+            path=q.path,
+            prompt=NULL_PROMPT,
+            conditioning="null",
+            latent=q.latent,
+            text_emb=emb,
+            motion=q.motion,
+        )
+        for q in queries
+    ]
+
+
+def null_prompt_block(q: Query, null: Query) -> dict[str, Any]:
+    """A query's "null_prompt" block: the ranking under the empty text (`null.results`, rows as in
+    `results`), `top_k_overlap` = |top-k ∩ null top-k| / k with k the longer of the two lists (top-k,
+    or fewer where the index holds fewer clips; None when both are empty), and the clip ids in both
+    (`shared`, in the captioned ranking's order; `shared_str` in decimal, as `clip_ids`). A null pass
+    that failed (non-finite feature) has status "error", its error, no results and overlap None."""
+    if null.status != "ok":
+        return {
+            "status": "error",
+            "error": null.error,
+            "results": [],
+            "top_k_overlap": None,
+            "shared": [],
+            "shared_str": [],
+        }
+    theirs = {r["clip_id"] for r in null.results}
+    shared = [r["clip_id"] for r in q.results if r["clip_id"] in theirs]
+    k = max(len(q.results), len(null.results))
+    return {
+        "status": "ok",
+        "results": null.results,
+        "top_k_overlap": len(shared) / k if k else None,
+        "shared": shared,
+        "shared_str": [str(c) for c in shared],
+    }
+
+
 def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = None) -> dict[str, Any]:
     """Score `cfg.queries` against RUN's index; returns the attribution document (also written to
     `out` when given, atomically) and records the invocation in RUN/run.json. Raises UsageError /
     ConfigMismatchError (exit 2) for a stale index, another model, or missing prompts; an undecodable
     query becomes status "error" while the others are scored. `progress("start", {"todo"})` then one
-    "clip" event per query encoded and per query featurized."""
+    "clip" event per query encoded and per query featurized (twice: captioned and empty text, under
+    `null_prompt` with prompts)."""
     t0 = time.monotonic()
-    paths, prompts = resolve_queries(list(cfg.queries), cfg.prompt, cfg.prompts_file)
+    if cfg.null_prompt and cfg.prompt is None and cfg.prompts_file is None:  # no caption: the empty text only
+        paths, conditioning = [Path(q) for q in cfg.queries], "null"
+        prompts = [NULL_PROMPT] * len(paths)
+    else:
+        paths, prompts = resolve_queries(list(cfg.queries), cfg.prompt, cfg.prompts_file)
+        conditioning = "prompt"
     cfg.queries = paths
     cfg.validate()
     run = RunDir(cfg.run)
     info = run.index_info()
     _check_index_use(cfg, run, info)
     model = _resolve_model(cfg, run, info)
-    queries = [Query(path=str(p), prompt=t) for p, t in zip(cfg.queries, prompts)]
+    queries = [Query(path=str(p), prompt=t, conditioning=conditioning) for p, t in zip(cfg.queries, prompts)]
+    both = cfg.null_prompt and conditioning == "prompt"  # a second ranking per query, under the empty text
 
     wan = load_wan(model, ENCODER_COMPONENTS, device=cfg.device, dtype=info.encode.dtype)
-    progress("start", {"todo": 2 * len(queries)})
-    _encode_queries(cfg, query_encoder(wan, info), queries, progress)  # as the training clips were
-    del wan
+    progress("start", {"todo": (3 if both else 2) * len(queries)})
+    encoder = query_encoder(wan, info)
+    _encode_queries(cfg, encoder, queries, progress)  # as the training clips were
+    null_emb = null_embedding(encoder) if both else None
+    del wan, encoder
     clips = run.clips()
     ok = [q for q in queries if q.status == "ok"]
     for q in queries:
         if q.status != "ok":
-            progress("clip", {"status": "ok", "skipped": True})  # its failure was counted; no 2nd step
+            for _ in range(2 if both else 1):  # its failure was counted; no featurize step(s)
+                progress("clip", {"status": "ok", "skipped": True})
     if ok:
-        phi, featurizer = _featurize_queries(cfg, info, model, ok, progress)
-        _search(cfg, run, info, ok, phi, clips, featurizer, progress)
+        # The null copies go through the same featurize and search as their parents (one featurizer
+        # load, one index search), then hang off them: q.null.
+        nulls = _null_copies(ok, null_emb) if null_emb is not None else []
+        phi, featurizer = _featurize_queries(cfg, info, model, ok + nulls, progress)
+        _search(cfg, run, info, ok + nulls, phi, clips, featurizer, progress)
+        for q, n in zip(ok, nulls):
+            q.null = n
 
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,

@@ -8,6 +8,7 @@ that layer (LoGra's per-layer view; TRAK/TracIn scores decompose the same way). 
 
     split = layer_split(psi_q, psi_i, layer_slices(info.projector, info.blocks))
     by_block(split)   # {"blocks.0": ..., "blocks.1": ...}: the transformer block of each layer summed
+    by_kind(split)    # {"self_attention": ..., "cross_attention": ..., "feed_forward": ..., "other": ...}
 
 Over timesteps: a clip's feature is the CARV average φ_i = (1/K) Σ_k w_k φ_ik over its K draws
 (`carv_attrib.attrib.gradients`), and each preconditioner is linear once the clip's norm is fixed
@@ -65,12 +66,43 @@ def by_block(split: dict[str, float]) -> dict[str, float]:
     return out
 
 
+# The parts of diffusers' WanTransformerBlock (`diffusers.models.transformers.transformer_wan`), by the
+# module name a Linear has inside it: attn1 attends the video tokens to each other, attn2 attends them
+# to the UMT5 caption tokens (and, in the image-to-video model, through add_k_proj/add_v_proj to the
+# CLIP image tokens), ffn is the per-token MLP. An optional "ckpt<j>/" prefix names the checkpoint.
+KINDS = ("self_attention", "cross_attention", "feed_forward", "other")
+_KIND_OF_PART = {"attn1": "self_attention", "attn2": "cross_attention", "ffn": "feed_forward"}
+_BLOCK_PART = re.compile(r"^(?:ckpt\d+/)?blocks\.\d+\.(attn1|attn2|ffn)\.")
+
+
+def layer_kind(name: str) -> str:
+    """The kind of one projected layer, from its name in diffusers' WanTransformer3DModel:
+    "self_attention" (`blocks.N.attn1.*`: video tokens attending to video tokens: what the clip looks
+    like and how it moves), "cross_attention" (`blocks.N.attn2.*`: video tokens attending to the text
+    embedding: where the caption enters), "feed_forward" (`blocks.N.ffn.*`), or "other" (the time and
+    text embedders, `proj_out`, any layer outside a block)."""
+    m = _BLOCK_PART.match(name)
+    return _KIND_OF_PART[m.group(1)] if m else "other"
+
+
+def by_kind(split: dict[str, float]) -> dict[str, float]:
+    """The layer terms summed per layer kind (`layer_kind`), every kind of KINDS present (0.0 when no
+    layer of that kind was projected), float64 sums: they add up to `sum(split.values())` up to the
+    rounding of regrouping n float64 terms (≤ n·2⁻⁵² of Σ|term|)."""
+    out = dict.fromkeys(KINDS, 0.0)
+    for name, v in split.items():
+        out[layer_kind(name)] += v
+    return out
+
+
 def explain_result(split: dict[str, float], top: int = 5) -> dict[str, Any]:
-    """The JSON of one result's explanation: per-block sums, the `top` layers by |term|, the total."""
+    """The JSON of one result's explanation: per-block and per-kind sums, the `top` layers by |term|,
+    the total."""
     layers = sorted(split.items(), key=lambda kv: -abs(kv[1]))[:top]
     return {
         "total": sum(split.values()),
         "by_block": by_block(split),
+        "by_kind": by_kind(split),
         "top_layers": [{"layer": k, "score": v} for k, v in layers],
     }
 

@@ -16,8 +16,11 @@ from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.models.wan import load_transformer
 from carv_attrib.pipeline.score import ScoreConfig, run_score
 from carv_attrib.search.explain import (
+    KINDS,
     by_block,
+    by_kind,
     explain_result,
+    layer_kind,
     layer_slices,
     layer_split,
     strata_edges,
@@ -63,6 +66,50 @@ def test_layer_terms_add_up_to_the_score_and_group_by_block() -> None:
         layer_slices({"kind": "dense", "dim": 8}, [8])
 
 
+def test_layer_kinds_follow_the_wan_block_parts_with_checkpoint_prefixes() -> None:
+    # The Linear names of diffusers' WanTransformer3DModel (the tiny model's, listed from named_modules)
+    kinds = {
+        "blocks.3.attn1.to_q": "self_attention",
+        "blocks.3.attn1.to_out.0": "self_attention",
+        "blocks.3.attn2.to_k": "cross_attention",
+        "blocks.12.attn2.add_k_proj": "cross_attention",  # image-to-video: the CLIP image tokens
+        "blocks.3.ffn.net.0.proj": "feed_forward",
+        "blocks.3.ffn.net.2": "feed_forward",
+        "ckpt1/blocks.0.attn1.to_v": "self_attention",
+        "ckpt12/blocks.1.attn2.to_out.0": "cross_attention",
+        "ckpt0/blocks.1.ffn.net.2": "feed_forward",
+        "proj_out": "other",
+        "ckpt1/proj_out": "other",
+        "condition_embedder.text_embedder.linear_1": "other",
+        "condition_embedder.time_proj": "other",
+        "blocks.attn1.to_q": "other",  # no block number: not a block's layer
+        "xblocks.0.attn1.to_q": "other",
+    }
+    assert {n: layer_kind(n) for n in kinds} == kinds
+
+
+def test_kind_terms_add_up_to_the_total() -> None:
+    d = 6 + 4 + 4 + 2
+    rng = np.random.default_rng(1)
+    q, x = rng.standard_normal((2, 3 * d)).astype(np.float32)  # three checkpoints' blocks
+    split = layer_split(q, x, layer_slices(SPEC, [d, d, d]))
+    kinds = by_kind(split)
+    assert tuple(kinds) == KINDS
+    # regrouping n float64 terms moves their sum by at most n·eps64·Σ|term|
+    tol = len(split) * float(np.finfo(np.float64).eps) * sum(abs(v) for v in split.values())
+    assert sum(kinds.values()) == pytest.approx(sum(split.values()), rel=0, abs=tol)
+    for kind, want in (("self_attention", "attn1"), ("cross_attention", "attn2"), ("feed_forward", "ffn")):
+        assert kinds[kind] == pytest.approx(
+            sum(v for n, v in split.items() if f".{want}." in n), rel=0, abs=tol
+        )
+    assert kinds["other"] == pytest.approx(
+        sum(v for n, v in split.items() if n.endswith("proj_out")), abs=tol
+    )
+    assert explain_result(split)["by_kind"] == kinds
+    assert by_kind({"blocks.0.ffn.net.2": 1.5}) == {"self_attention": 0.0, "cross_attention": 0.0,
+                                                    "feed_forward": 1.5, "other": 0.0}  # fmt: skip
+
+
 def test_score_explain_splits_every_result(featurized_run: Path, demo_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(featurized_run, run)
@@ -75,6 +122,10 @@ def test_score_explain_splits_every_result(featurized_run: Path, demo_data: Path
         # float32 inner product of unit vectors vs float64 sums of the same products: |Δ| <= D·eps32
         assert e["total"] == pytest.approx(r["score"], rel=0, abs=dim * float(np.finfo(np.float32).eps))
         assert sum(e["by_block"].values()) == pytest.approx(e["total"], rel=0, abs=dim * 2.0**-52)
+        # the tiny model's layers are attn1/attn2/ffn Linears only (the default patterns), so "other" is 0;
+        # cosine index: Σ|terms| <= ‖ψ_q‖‖ψ_i‖ = 1, so regrouping them moves the sum by <= D·eps64
+        assert set(e["by_kind"]) == set(KINDS) and e["by_kind"]["other"] == 0.0
+        assert sum(e["by_kind"].values()) == pytest.approx(e["total"], rel=0, abs=dim * 2.0**-52)
         assert all(k.startswith("blocks.") or "." not in k for k in e["by_block"])
 
 
