@@ -42,7 +42,7 @@ from carv_attrib.pipeline.demo import run_demo
 from carv_attrib.pipeline.score import candidates_for, default_refine_budget
 from carv_attrib.search import uncertainty as unc
 from carv_attrib.search.precondition import fit_preconditioner
-from carv_attrib.search.refine import QUERY, refine, replicate_rule
+from carv_attrib.search.refine import QUERY, refine
 from carv_attrib.search.stability import ranking_agreement
 from carv_attrib.store.latents import iter_cached
 from carv_attrib.store.run import RunDir
@@ -58,6 +58,8 @@ WORLDS: dict[str, dict[str, Any]] = {
     "iid+cosine": {"timesteps": "iid", "precondition": "cosine"},
     "stratified+identity": {"timesteps": "stratified", "precondition": "identity"},
     "stratified-is+trak": {"timesteps": "stratified-is", "precondition": "trak"},
+    # a run 4x larger than the candidates: where refining 2k + 10 clips is cheaper than all N
+    "stratified-is+normalize-96": {"timesteps": "stratified-is", "precondition": "normalize", "clips": 96},
 }
 
 
@@ -86,6 +88,16 @@ class Parts:
             clip = self.clips[c]
             parts, _ = self.fz.draw_parts(clip.clip_id, clip.latent, clip.text_emb, clip.motion)
             self.cache[key] = parts.numpy().astype(np.float64)  # (K, D)
+        return self.cache[key]
+
+    def level(self, rule: DrawRule, c: int, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """(parts (m, D), u (m,)) of level `level` of the rule's nested strata (`carv.nested`)."""
+        key = (rule, c, "level", level)
+        if key not in self.cache:
+            self.fz.use_rule(rule)
+            clip = self.clips[c]
+            parts, u = self.fz.level_parts(clip.clip_id, clip.latent, clip.text_emb, clip.motion, level)
+            self.cache[key] = (parts.numpy().astype(np.float64), u)
         return self.cache[key]
 
     def totals(self, rule: DrawRule) -> np.ndarray:
@@ -165,10 +177,9 @@ def measure_seed(
         cand = order[: candidates_for(TOP_K)]
 
         def parts_of(
-            c: int, r: int, q: int = q, cand: np.ndarray = cand, others: np.ndarray = others
-        ) -> np.ndarray:
-            who = q if c == QUERY else int(others[cand[c]])
-            return parts.get(replicate_rule(rule, r), who)
+            c: int, level: int, q: int = q, cand: np.ndarray = cand, others: np.ndarray = others
+        ) -> tuple[np.ndarray, np.ndarray]:
+            return parts.level(rule, q if c == QUERY else int(others[cand[c]]), level)
 
         out = refine(
             pre, rule, TOP_K, psi_c[cand], parts.get(rule, q), parts_of, default_refine_budget(TOP_K, rule.k)
@@ -195,11 +206,25 @@ def measure_seed(
         rec_u.append(_recall(su_all[q, others], ref_scores[q, others]))
         sp_u.append(_spearman(su_all[q, others], ref_scores[q, others]))
     rows["recall_uniform"], rows["spearman_uniform"] = rec_u, sp_u
+    # uniform 2K and 4K for every clip: what refine's recall would cost without it (N·K' draws)
+    for mult in (2, 4):
+        rule_m = dataclasses.replace(rule, k=rule.k * mult)
+        feats_m = parts.totals(rule_m)
+        pre_m = fit_preconditioner(pre_kind, feats_m, dim=dim, blocks=blocks)
+        sm = (
+            pre_m.prepare_query(feats_m).astype(np.float64)
+            @ pre_m.prepare_train(feats_m).astype(np.float64).T
+        )
+        rows[f"recall_uniform_{mult}k"] = [
+            _recall(sm[q, [c for c in range(n) if c != q]], ref_scores[q, [c for c in range(n) if c != q]])
+            for q in range(n)
+        ]
     summary = {
         k: {"mean": float(np.mean(v)), "se_queries": float(np.std(v, ddof=1) / math.sqrt(len(v)))}
         for k, v in rows.items()
     }
     summary["k_uniform"] = k_uniform
+    summary["draws_index"] = n * rule.k  # the index's own draws, which every setting spends
     summary["settled_share"] = float(np.mean([r["settled"] for r in refine_runs]))
     return summary
 
@@ -244,15 +269,53 @@ def measure_world(name: str, seeds: int) -> dict[str, Any]:
             "se_queries": float(np.mean([p[k]["se_queries"] for p in per_seed])),
         }
     out["k_uniform"] = [p["k_uniform"] for p in per_seed]
+    out["draws_index"] = per_seed[0]["draws_index"]
     out["settled_share"] = float(np.mean([p["settled_share"] for p in per_seed]))
     return out
+
+
+def _pm(cell: dict[str, Any], digits: int = 2) -> str:
+    se = cell["se_seeds"] if cell.get("se_seeds") is not None else cell["se_queries"]
+    return f"{cell['mean']:.{digits}f} ± {se:.{digits}f}"
+
+
+def table(doc: dict[str, Any]) -> str:
+    """README's tables from the JSON: coverage and Brier, then refine against uniform K."""
+    lines = [
+        "| world | score coverage, cheap / exact | gap coverage, cheap / exact | Brier p_top_k / 0-1 top-k |",
+        "|---|---|---|---|",
+    ]
+    for w in doc["worlds"]:
+        lines.append(
+            f"| {w['world']} ({w['clips']} clips) | {_pm(w['cov_cheap'])} / {_pm(w['cov_exact'])} | "
+            f"{_pm(w['gap_cheap'])} / {_pm(w['gap_exact'])} | {_pm(w['brier_p'], 3)} / {_pm(w['brier_01'], 3)} |"
+        )
+    lines += [
+        "",
+        "| world | draws per query: index + refine | recall@5: K / refine / uniform K' (same draws) / 2K / 4K | Spearman: K / refine / uniform K' | settled |",
+        "|---|---|---|---|---|",
+    ]
+    for w in doc["worlds"]:
+        kk = sorted(set(w["k_uniform"]))
+        lines.append(
+            f"| {w['world']} | {w['draws_index']} + {w['draws_refine']['mean']:.0f} (K' = {', '.join(map(str, kk))}) | "
+            f"{_pm(w['recall_k'])} / **{_pm(w['recall_refine'])}** / {_pm(w['recall_uniform'])} / "
+            f"{_pm(w['recall_uniform_2k'])} / {_pm(w['recall_uniform_4k'])} | "
+            f"{_pm(w['spearman_k'], 3)} / {_pm(w['spearman_refine'], 3)} / {_pm(w['spearman_uniform'], 3)} | "
+            f"{w['settled_share']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--table", action="store_true", help="print README's tables from the committed JSON")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(OUT.read_text())))
+        return
     torch.set_num_threads(1)
     names = list(WORLDS)[:2] if args.quick else list(WORLDS)
     seeds = 2 if args.quick else args.seeds

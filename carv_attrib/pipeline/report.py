@@ -437,11 +437,13 @@ def reading(query: dict[str, Any]) -> list[str]:
         out.append(f"{c} of the {top} share a caption word with the prompt"
                    + (f" ({', '.join(words)})" if words else ""))  # fmt: skip
     m = indistinct_top(results)
+    gaps = settled_gaps(results, n)
     if m == 1:
         out.append("rank 1 stands apart from rank 2 beyond their error bars (± se)")
-    elif m is not None:
+    elif m is not None and gaps is None:
         out.append(f"the top {m} cannot be told apart within their error bars (± se)")
-    gaps = settled_gaps(results, n)
+    elif m is not None:  # overlapping bars say little when the same draws move all scores together
+        out.append(f"the top {m}'s error bars (± se) overlap, but shared draws move them together")
     if gaps is not None:
         # the gap's own se, not the two bars: shared draws move neighbours together
         verb = "exceeds its" if gaps[0] == 1 else "exceed their"

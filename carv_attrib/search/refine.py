@@ -114,7 +114,10 @@ class _Levels:
         qp = np.asarray(qp, dtype=np.float64)
         m = qp.shape[0]
         self.q_sum = self.q_sum + qp.sum(axis=0) * m
-        self.xq.append(unc.query_terms(pre.linearize(qp * m, self.phi_q0, "query"), self.psi_c0))
+        # every draw centred on its side's level-0 mean: one offset per side, which variance_basis removes
+        self.xq.append(
+            unc.query_terms(pre.linearize(qp * m - self.phi_q0, self.phi_q0, "query"), self.psi_c0)
+        )
         self.uq.append(np.asarray(uq))
         xc, uc = np.empty((n, m)), np.empty((n, m))
         for c in range(n):
@@ -127,9 +130,10 @@ class _Levels:
         self.count += m
 
     def _clip_terms(self, c: int, parts: np.ndarray) -> np.ndarray:
-        """(m,) ⟨ψ_q0, J_c y_d⟩ of a clip's parts (m, D) = y_d / m (offsets cancel in variance_basis)."""
+        """(m,) ⟨ψ_q0, J_c (y_d − φ_c0)⟩ of a clip's parts (m, D) = y_d / m, centred on its level-0
+        feature like the mirrored level 0 (whose terms average to 0), so that all its draws share one offset."""
         assert self.raw0 is not None
-        y = parts * parts.shape[0]
+        y = parts * parts.shape[0] - self.raw0[c]
         return unc.clip_terms(self.pre.linearize(y, self.raw0[c], "train"), self.psi_q0)
 
     def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -144,7 +144,7 @@ def test_a_step_is_settled_by_its_own_se_gap_though_the_bars_overlap() -> None:
     assert settled_gaps(rs, 2) == (1, 1) and settled_gaps(rs[:2], 3) is None
     assert settled_gaps([row(1, 1.0), row(2, 0.9)], 2) is None  # no se_gap: nothing said
     assert reading({"prompt": "", "results": rs}) == [
-        "the top 3 cannot be told apart within their error bars (± se)",
+        "the top 3's error bars (± se) overlap, but shared draws move them together",
         "1 of the 2 steps between the top 3 exceeds its own se (se_gap)",
     ]
 
