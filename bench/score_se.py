@@ -42,7 +42,7 @@ from carv_attrib.pipeline.demo import run_demo
 from carv_attrib.pipeline.score import candidates_for, default_refine_budget
 from carv_attrib.search import uncertainty as unc
 from carv_attrib.search.precondition import fit_preconditioner
-from carv_attrib.search.refine import QUERY, refine
+from carv_attrib.search.refine import NOT_REFINABLE, QUERY, refine
 from carv_attrib.search.stability import ranking_agreement
 from carv_attrib.store.latents import iter_cached
 from carv_attrib.store.run import RunDir
@@ -181,17 +181,21 @@ def measure_seed(
         ) -> tuple[np.ndarray, np.ndarray]:
             return parts.level(rule, q if c == QUERY else int(others[cand[c]]), level)
 
+        if pre_kind in NOT_REFINABLE:  # score refuses --refine here: nothing to measure
+            continue
         out = refine(
             pre, rule, TOP_K, psi_c[cand], parts.get(rule, q), parts_of, default_refine_budget(TOP_K, rule.k)
         )
-        refined = s.copy()
+        # as score reports them: the candidates by their refined scores, then the rest by K-draw order
+        refined = s - 4.0 * (np.abs(s).max() + np.abs(out.scores).max()) - 1.0
         refined[cand] = out.scores
         rows["recall_refine"].append(_recall(refined, ref))
         rows["spearman_refine"].append(_spearman(refined, ref))
         rows["draws_refine"].append(float(out.draws))
         refine_runs.append({"settled": out.settled, "rounds": out.rounds})
     # uniform K' with the same total draws per query: N·K + mean refine draws = N·K'
-    k_uniform = rule.k + int(round(np.mean(rows["draws_refine"]) / n))
+    spent = np.mean(rows["draws_refine"]) if rows["draws_refine"] else 0.0  # none: --refine refused
+    k_uniform = rule.k + int(round(spent / n))
     if rule.antithetic and k_uniform % 2:
         k_uniform += 1
     rule_u = dataclasses.replace(rule, k=k_uniform)
@@ -219,13 +223,14 @@ def measure_seed(
             _recall(sm[q, [c for c in range(n) if c != q]], ref_scores[q, [c for c in range(n) if c != q]])
             for q in range(n)
         ]
-    summary = {
+    summary: dict[str, Any] = {
         k: {"mean": float(np.mean(v)), "se_queries": float(np.std(v, ddof=1) / math.sqrt(len(v)))}
         for k, v in rows.items()
+        if v  # refine's rows stay empty where score refuses --refine
     }
     summary["k_uniform"] = k_uniform
     summary["draws_index"] = n * rule.k  # the index's own draws, which every setting spends
-    summary["settled_share"] = float(np.mean([r["settled"] for r in refine_runs]))
+    summary["settled_share"] = float(np.mean([r["settled"] for r in refine_runs])) if refine_runs else None
     return summary
 
 
@@ -270,7 +275,8 @@ def measure_world(name: str, seeds: int) -> dict[str, Any]:
         }
     out["k_uniform"] = [p["k_uniform"] for p in per_seed]
     out["draws_index"] = per_seed[0]["draws_index"]
-    out["settled_share"] = float(np.mean([p["settled_share"] for p in per_seed]))
+    shares = [p["settled_share"] for p in per_seed if p["settled_share"] is not None]
+    out["settled_share"] = float(np.mean(shares)) if shares else None
     return out
 
 
@@ -297,6 +303,9 @@ def table(doc: dict[str, Any]) -> str:
     ]
     for w in doc["worlds"]:
         kk = sorted(set(w["k_uniform"]))
+        if "recall_refine" not in w:  # score refuses --refine on this index (search.refine.NOT_REFINABLE)
+            lines.append(f"| {w['world']} | refused: {NOT_REFINABLE[w['preconditioner']]} | | | |")
+            continue
         lines.append(
             f"| {w['world']} | {w['draws_index']} + {w['draws_refine']['mean']:.0f} (K' = {', '.join(map(str, kk))}) | "
             f"{_pm(w['recall_k'])} / **{_pm(w['recall_refine'])}** / {_pm(w['recall_uniform'])} / "
@@ -326,7 +335,7 @@ def main() -> None:
         print(
             json.dumps(
                 {
-                    k: worlds[-1][k]
+                    k: worlds[-1].get(k)
                     for k in (
                         "world",
                         "cov_cheap",

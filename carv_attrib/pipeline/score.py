@@ -36,7 +36,7 @@ from carv_attrib import __version__
 from carv_attrib.attrib.featurizer import Featurizer, load_featurizer
 from carv_attrib.attrib.projection import KronProjector
 from carv_attrib.carv.draws import DrawRule
-from carv_attrib.carv.nested import level_draws
+from carv_attrib.carv.nested import check_extendable, level_draws
 from carv_attrib.choices import OBJECTIVES
 from carv_attrib.config import ScoreConfig
 from carv_attrib.errors import UsageError
@@ -48,7 +48,7 @@ from carv_attrib.search import uncertainty as unc
 from carv_attrib.search.explain import explain_result, layer_slices, layer_split, stratum_split
 from carv_attrib.search.index import load_index, search
 from carv_attrib.search.precondition import load_preconditioner
-from carv_attrib.search.refine import QUERY, refine
+from carv_attrib.search.refine import QUERY, check_refinable, refine
 from carv_attrib.search.rerank import VectorStore, rerank
 from carv_attrib.search.scale import RunScale, run_scales, sample_ids
 from carv_attrib.store.latents import read_latents
@@ -217,6 +217,12 @@ def _check_index_use(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> None:
     if cfg.explain:  # refused before any query is encoded
         try:
             layer_slices(info.projector, info.blocks)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if cfg.refine:  # refused before any query is encoded
+        try:
+            check_refinable(str(info.preconditioner.get("kind")))
+            check_extendable(DrawRule.from_dict(info.draws))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     if cfg.objective is not None and cfg.objective != kind:

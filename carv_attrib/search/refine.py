@@ -43,6 +43,18 @@ QUERY = -1  # `parts_of`'s candidate index for the query
 LO = 0.05  # p_top_k in (LO, 1 − LO): not settled
 MAX_LEVEL = 4  # K·16 draws per clip: twice the K = 128 that plan's stability rule rarely needs
 PartsFn = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+# TRAK's preconditioner is fitted on the index's own K-draw features: a refined feature leaves their
+# span, where (ΦᵀΦ + λI)⁻¹ amplifies it by 1/λ (bench/score_se.py: refined scores 1.2-1.6 against a
+# reference 0.19; recall@5 0.55 against the K-draw 0.98), so refinement would need a refit
+NOT_REFINABLE = {
+    "trak": "its preconditioner is fitted on the index's own K-draw features; a refined feature leaves their span"
+}
+
+
+def check_refinable(preconditioner: str) -> None:
+    """ValueError for a preconditioner kind whose scores refinement cannot extend (`NOT_REFINABLE`)."""
+    if preconditioner in NOT_REFINABLE:
+        raise ValueError(f"--refine with a {preconditioner} index: {NOT_REFINABLE[preconditioner]}")
 
 
 @dataclass
@@ -175,6 +187,7 @@ def refine(
     if budget < 0:
         raise ValueError(f"refine budget {budget}: must be >= 0 draws")
     check_extendable(rule)
+    check_refinable(getattr(pre, "kind", ""))
     u0 = query_u if query_u is not None else level_draws(rule, 0, 0, (1,))[3]
     lv = _Levels(pre, rule, psi_c, query_parts, u0)
     if clip_u is not None:

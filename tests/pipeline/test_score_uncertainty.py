@@ -71,3 +71,17 @@ def test_refine_spends_at_most_its_budget_and_reports_it(featurized_run: Path, d
 def test_refine_options_that_cannot_go_together_are_refused(kw: dict, match: str) -> None:
     with pytest.raises(UsageError, match=match):
         ScoreConfig(run=Path("r"), queries=[Path("q.mp4")], prompt="p", **kw).validate()
+
+
+def test_refine_is_refused_on_a_trak_index(featurized_run: Path, demo_data: Path, tmp_path: Path) -> None:
+    """TRAK's preconditioner is fitted on the index's own features; a refined one leaves their span
+    (bench/score_se.py measured recall 0.55 against 0.98), so score refuses before encoding a query."""
+    import shutil
+
+    from carv_attrib.pipeline.index import IndexConfig, build_run_index
+
+    run = tmp_path / "trak"
+    shutil.copytree(featurized_run, run)
+    build_run_index(IndexConfig(run=run, precondition="trak"))
+    with pytest.raises(UsageError, match="--refine with a trak index"):
+        _query(run, demo_data, top_k=3, refine=True)
