@@ -60,13 +60,18 @@ WORLDS: dict[str, dict[str, Any]] = {
     "stratified-is+trak": {"timesteps": "stratified-is", "precondition": "trak"},
     # a run 4x larger than the candidates: where refining 2k + 10 clips is cheaper than all N
     "stratified-is+normalize-96": {"timesteps": "stratified-is", "precondition": "normalize", "clips": 96},
+    # the same run at score's default k = 10 (2k + 10 = 30 candidates of 96)
+    "stratified-is+normalize-96@10": {"dir": "stratified-is+normalize-96", "top_k": 10},
 }
 
 
 def world_run(name: str) -> RunDir:
+    spec = WORLDS[name]
+    if "dir" in spec:  # another k on a world built under another name
+        return world_run(spec["dir"])
     out = WORK / name
     if not (out / "run" / "index" / "index_info.json").exists():
-        settings = WORLDS[name]
+        settings = {k: v for k, v in spec.items() if k != "top_k"}
         run_demo(
             DemoConfig(
                 out=out, plan_pilot_clips=4 if settings["timesteps"] == "stratified-is" else 0, **settings
@@ -105,15 +110,21 @@ class Parts:
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return ranking_agreement(a[:, None], b[:, None], top_k=TOP_K)[1]
+    return ranking_agreement(a[:, None], b[:, None])[1]
 
 
-def _recall(est: np.ndarray, ref: np.ndarray) -> float:
-    return len(set(np.argsort(-est)[:TOP_K]) & set(np.argsort(-ref)[:TOP_K])) / TOP_K
+def _recall(est: np.ndarray, ref: np.ndarray, k: int) -> float:
+    return len(set(np.argsort(-est)[:k]) & set(np.argsort(-ref)[:k])) / k
 
 
 def measure_seed(
-    parts: Parts, rule0: DrawRule, pre_kind: str, blocks: list[int], seed: int, ref_scores: np.ndarray
+    parts: Parts,
+    rule0: DrawRule,
+    pre_kind: str,
+    blocks: list[int],
+    seed: int,
+    ref_scores: np.ndarray,
+    top_k: int = TOP_K,
 ) -> dict[str, Any]:
     """One estimator seed: coverage, Brier, refine vs uniform, averaged over queries (each clip)."""
     rule = dataclasses.replace(rule0, seed=1000 + seed)
@@ -165,16 +176,16 @@ def measure_seed(
             gap, gap_ref = s[order][:-1] - s[order][1:], ref[order][:-1] - ref[order][1:]
             rows[f"gap_{name}"].append(float(np.mean(np.abs(gap - gap_ref) <= t * gse)))
         in_ref = np.zeros(len(others))
-        in_ref[np.argsort(-ref)[:TOP_K]] = 1.0
+        in_ref[np.argsort(-ref)[:top_k]] = 1.0
         in_est = np.zeros(len(others))
-        in_est[order[:TOP_K]] = 1.0
-        p = unc.p_top_k(s, cheap, None, TOP_K)
+        in_est[order[:top_k]] = 1.0
+        p = unc.p_top_k(s, cheap, None, top_k)
         rows["brier_p"].append(float(np.mean((p - in_ref) ** 2)))
         rows["brier_01"].append(float(np.mean((in_est - in_ref) ** 2)))
-        rows["recall_k"].append(_recall(s, ref))
+        rows["recall_k"].append(_recall(s, ref, top_k))
         rows["spearman_k"].append(_spearman(s, ref))
         # refine over score's candidates (the top 2k + 10 of the K-draw scores)
-        cand = order[: candidates_for(TOP_K)]
+        cand = order[: candidates_for(top_k)]
 
         def parts_of(
             c: int, level: int, q: int = q, cand: np.ndarray = cand, others: np.ndarray = others
@@ -184,12 +195,12 @@ def measure_seed(
         if pre_kind in NOT_REFINABLE:  # score refuses --refine here: nothing to measure
             continue
         out = refine(
-            pre, rule, TOP_K, psi_c[cand], parts.get(rule, q), parts_of, default_refine_budget(TOP_K, rule.k)
+            pre, rule, top_k, psi_c[cand], parts.get(rule, q), parts_of, default_refine_budget(top_k, rule.k)
         )
         # as score reports them: the candidates by their refined scores, then the rest by K-draw order
         refined = s - 4.0 * (np.abs(s).max() + np.abs(out.scores).max()) - 1.0
         refined[cand] = out.scores
-        rows["recall_refine"].append(_recall(refined, ref))
+        rows["recall_refine"].append(_recall(refined, ref, top_k))
         rows["spearman_refine"].append(_spearman(refined, ref))
         rows["draws_refine"].append(float(out.draws))
         refine_runs.append({"settled": out.settled, "rounds": out.rounds})
@@ -207,7 +218,7 @@ def measure_seed(
     rec_u, sp_u = [], []
     for q in range(n):
         others = np.array([c for c in range(n) if c != q])
-        rec_u.append(_recall(su_all[q, others], ref_scores[q, others]))
+        rec_u.append(_recall(su_all[q, others], ref_scores[q, others], top_k))
         sp_u.append(_spearman(su_all[q, others], ref_scores[q, others]))
     rows["recall_uniform"], rows["spearman_uniform"] = rec_u, sp_u
     # uniform 2K and 4K for every clip: what refine's recall would cost without it (N·K' draws)
@@ -220,7 +231,9 @@ def measure_seed(
             @ pre_m.prepare_train(feats_m).astype(np.float64).T
         )
         rows[f"recall_uniform_{mult}k"] = [
-            _recall(sm[q, [c for c in range(n) if c != q]], ref_scores[q, [c for c in range(n) if c != q]])
+            _recall(
+                sm[q, [c for c in range(n) if c != q]], ref_scores[q, [c for c in range(n) if c != q]], top_k
+            )
             for q in range(n)
         ]
     summary: dict[str, Any] = {
@@ -257,10 +270,12 @@ def measure_world(name: str, seeds: int) -> dict[str, Any]:
         pre_ref.prepare_query(feats_ref).astype(np.float64)
         @ pre_ref.prepare_train(feats_ref).astype(np.float64).T
     )
-    per_seed = [measure_seed(parts, rule0, pre_kind, blocks, s, ref_scores) for s in range(seeds)]
+    top_k = int(WORLDS[name].get("top_k", TOP_K))
+    per_seed = [measure_seed(parts, rule0, pre_kind, blocks, s, ref_scores, top_k) for s in range(seeds)]
     keys = [k for k in per_seed[0] if isinstance(per_seed[0][k], dict)]
     out: dict[str, Any] = {
         "world": name,
+        "top_k": top_k,
         "clips": len(clips),
         "rule": rule0.to_dict(include_proposal=False),
         "preconditioner": pre_kind,
@@ -298,7 +313,7 @@ def table(doc: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| world | draws per query: index + refine | recall@5: K / refine / uniform K' (same draws) / 2K / 4K | Spearman: K / refine / uniform K' | settled |",
+        "| world | draws per query: index + refine | recall@k: K / refine / uniform K' (same draws) / 2K / 4K | Spearman: K / refine / uniform K' | settled |",
         "|---|---|---|---|---|",
     ]
     for w in doc["worlds"]:
@@ -307,7 +322,7 @@ def table(doc: dict[str, Any]) -> str:
             lines.append(f"| {w['world']} | refused: {NOT_REFINABLE[w['preconditioner']]} | | | |")
             continue
         lines.append(
-            f"| {w['world']} | {w['draws_index']} + {w['draws_refine']['mean']:.0f} (K' = {', '.join(map(str, kk))}) | "
+            f"| {w['world']}, k = {w.get('top_k', doc['top_k'])} | {w['draws_index']} + {w['draws_refine']['mean']:.0f} (K' = {', '.join(map(str, kk))}) | "
             f"{_pm(w['recall_k'])} / **{_pm(w['recall_refine'])}** / {_pm(w['recall_uniform'])} / "
             f"{_pm(w['recall_uniform_2k'])} / {_pm(w['recall_uniform_4k'])} | "
             f"{_pm(w['spearman_k'], 3)} / {_pm(w['spearman_refine'], 3)} / {_pm(w['spearman_uniform'], 3)} | "
@@ -321,12 +336,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--table", action="store_true", help="print README's tables from the committed JSON")
+    ap.add_argument(
+        "--only", nargs="+", choices=list(WORLDS), help="measure these worlds, merged into the JSON"
+    )
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(OUT.read_text())))
         return
     torch.set_num_threads(1)
-    names = list(WORLDS)[:2] if args.quick else list(WORLDS)
+    names = args.only or (list(WORLDS)[:2] if args.quick else list(WORLDS))
     seeds = 2 if args.quick else args.seeds
     t0 = time.monotonic()
     worlds = []
@@ -347,11 +365,15 @@ def main() -> None:
                 }
             )
         )
+    if args.only and OUT.exists():  # the other worlds as measured before
+        kept = [w for w in json.loads(OUT.read_text())["worlds"] if w["world"] not in names]
+        order = list(WORLDS)
+        worlds = sorted(kept + worlds, key=lambda w: order.index(w["world"]))
     doc = {
         "what": "coverage of score's 90% intervals against K=256, p_top_k Brier, refine vs uniform K at equal draws",
         "command": "python bench/score_se.py" + (" --quick" if args.quick else ""),
         "level": unc.LEVEL,
-        "top_k": TOP_K,
+        "top_k": TOP_K,  # unless a world says its own
         "k_ref": K_REF,
         "worlds": worlds,
         "seconds": round(time.monotonic() - t0, 1),
