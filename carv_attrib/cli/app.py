@@ -24,6 +24,16 @@ from carv_attrib.cli import (
 from carv_attrib.cli.common import state
 from carv_attrib.cli.options import common_options
 
+# "\b": click keeps the paragraph's line breaks instead of rewrapping it
+EPILOG = """\b
+A typical run (README: Usage):
+  carv-attrib encode clips.json --videos DIR -m MODEL -r RUN
+  carv-attrib plan RUN -m MODEL        (optional: a proposal q(σ))
+  carv-attrib featurize RUN -m MODEL   (K draws per encode -> index)
+  carv-attrib score gen.mp4 -r RUN -p "its prompt" -o out.json
+  carv-attrib report out.json -o report.html
+Try it first: carv-attrib demo demo-run"""
+
 app = typer.Typer(
     name="carv-attrib",
     help="Which training clips shaped this generated video? Data attribution for Wan2.1 video diffusion "
@@ -32,6 +42,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help texts are printed literally ([vid], [b]…[/b] in examples)
+    epilog=EPILOG,
 )
 
 
@@ -60,19 +71,20 @@ def main_options(
     state.quiet = quiet
 
 
+# In workflow order: --help lists them so (then the tools)
 COMMANDS = {
     "demo": demo.demo,
     "encode": encode.encode,
+    "plan": plan.plan,
     "featurize": featurize.featurize,
     "index": featurize.index,
     "generate": generate.generate,
     "score": score.score,
-    "curate": curate.curate,
     "report": report.report,
-    "plan": plan.plan,
+    "curate": curate.curate,
     "evaluate": evaluate.evaluate,
-    "frames": frames.frames,
     "status": inspect.status,
+    "frames": frames.frames,
     "env": inspect.env,
     "make-model": make.make_model,
     "make-demo-data": make.make_demo_data,
