@@ -265,7 +265,7 @@ def test_a_kill_between_the_two_renames_restores_the_previous_index(tmp_path: Pa
     run = RunDir(tmp_path)
     (tmp_path / ".index.old").mkdir()
     (tmp_path / ".index.old" / "index.faiss").write_text("old")
-    run._recover_index()
+    run.recover_index()
     assert (run.index_dir / "index.faiss").read_text() == "old" and not (tmp_path / ".index.old").exists()
 
 
