@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from carv_attrib.errors import RunLockedError
+from carv_attrib.errors import RunLockedError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +149,20 @@ def run_lock(
             f"carv-attrib {command} (pid {os.getpid()} on {platform.node()}, "
             f"since {time.strftime('%Y-%m-%dT%H:%M:%S%z')})\n"
         )
+        previous, st = os.pread(fd, 4096, 0), os.fstat(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, line.encode(), 0)
         with _held_guard:
             _held[key] = [fd, 1]
         try:
             yield
+        except UsageError:
+            # refused before any write (exit 2 promises that nothing was changed): the holder line
+            # goes back to what it was, mtime included
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, previous, 0)
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            raise
         finally:
             with _held_guard:
                 del _held[key]
