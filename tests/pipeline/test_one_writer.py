@@ -75,11 +75,13 @@ def test_a_reader_during_a_live_swap_waits_and_the_swap_finishes(run: RunDir, tm
 def test_a_swap_killed_between_its_renames_is_recovered(run: RunDir, tmp_path: Path) -> None:
     Child(tmp_path, "swap", run.root).ready().kill()  # SIGKILL between the two renames
     assert not run.index_dir.exists() and run.index_old.exists() and len(run.index_tmps()) == 1
-    doc = status_doc(run.root)
+    r = CliRunner().invoke(app, ["status", str(run.root), "--format", "human"])
+    assert r.exit_code == 0, r.output
+    assert "index swap interrupted: restored the previous index; 1 temporary index directory" in r.output
+    doc = status_doc(run.root)  # restored: only the dead build's directory is left to say
     assert doc.index is not None and doc.index.fresh and doc.writer is None
     assert doc.index_note == (
-        "index swap interrupted: restored the previous index; 1 temporary index directory of a build "
-        "that died (removed by the next `featurize` or `index`)"
+        "1 temporary index directory of a build that died (removed by the next `featurize` or `index`)"
     )
     assert _kind(run) == "cosine" and not run.index_old.exists()
     build_run_index(IndexConfig(run=run.root, precondition="trak"))
@@ -120,3 +122,31 @@ def test_score_snapshot_refuses_an_index_that_keeps_changing(
     monkeypatch.setattr(score_mod, "load_index", replaced_always)
     with pytest.raises(IndexChangedError, match="was rebuilt while this command was reading it"):
         run.index_snapshot(load_index_dir)
+
+
+def test_a_second_encode_is_refused_before_planning(
+    encoded_run: Path, demo_data: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Two encodes planning at once picked the same shard names (the last committer's clips won):
+    the second now stops at the lock, before it plans, with the run as it was."""
+    from carv_attrib.pipeline.encode import EncodeConfig, run_encode
+    from tests.pipeline.worlds import tree
+
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    child = Child(tmp_path, "hold", run, "shared").ready()  # an encode --shard part, say
+    before = tree(run)
+    cfg = EncodeConfig(
+        manifest=demo_data / "manifest.json",
+        videos=demo_data / "videos",
+        model=str(tiny_model_dir),
+        run=run,
+        frames=5,  # --overwrite with other frames: used to mix 5- and 9-frame latents
+        size="32x32",
+        overwrite=True,
+        device="cpu",
+    )
+    with pytest.raises(RunLockedError, match="is being written by carv-attrib featurize"):
+        run_encode(cfg)
+    assert tree(run) == before
+    child.go()
