@@ -3,7 +3,8 @@ code; no traceback. Every command uses the same table (README, "Exit codes"):
 
     0    done
     1    an unexpected error (a bug: the traceback is printed; please report it)
-    2    usage: a bad option, input or run (mismatched configuration, stale index); nothing was changed
+    2    usage: a bad option, input or run (mismatched configuration, stale index, a run another
+         command is writing); nothing was changed
     3    partly done: the command finished, but some items failed (queries that could not be scored,
          failed clips above --max-failure-rate, a clip `frames` cannot decode)
     130  interrupted (Ctrl-C); rerunning the same command resumes
@@ -32,6 +33,16 @@ class UsageError(CarvError):
 
 class ConfigMismatchError(UsageError):
     """A run directory was built with another configuration than the one asked for. Exit 2."""
+
+
+class RunLockedError(UsageError):
+    """Another command is writing the run (it holds RUN/.lock, `carv_attrib.store.lock`): the message
+    names the holder. Nothing was changed; rerun when it is done, or with --wait. Exit 2."""
+
+
+class IndexChangedError(UsageError):
+    """RUN/index was replaced (a featurize or index rebuilt it) while a reader was loading it, twice
+    in a row: the reader refuses rather than mix two indexes. Nothing was changed. Exit 2."""
 
 
 class ModelLoadError(UsageError):

@@ -10,9 +10,12 @@ from carv_attrib.cli.options import config_parameters, format_param, stage_comma
 from carv_attrib.cli.progress import ClipProgress
 from carv_attrib.config import FeaturizeConfig, IndexConfig
 
-# featurize ends by building the index: it takes `index`'s options too (not its RUN argument). Not given,
-# each keeps the run's current index's choice (or IndexConfig's default when there is no index yet).
-_INDEX_OPTIONS = [p.replace(default=None) for p in config_parameters(IndexConfig) if p.name != "run"]
+# featurize ends by building the index: it takes `index`'s options too (not its RUN argument, nor its
+# --wait: featurize's own covers the whole command). Not given, each keeps the run's current index's
+# choice (or IndexConfig's default when there is no index yet).
+_INDEX_OPTIONS = [
+    p.replace(default=None) for p in config_parameters(IndexConfig) if p.name not in ("run", "wait")
+]
 _INDEX_KEYS = ("count", "dim", "factory", "preconditioner", "nprobe", "live_digest")
 
 

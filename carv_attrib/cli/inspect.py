@@ -74,6 +74,10 @@ def status(
         out_console.print(Text(doc.layout_error), soft_wrap=True)
     if doc.manifest_clips is not None:
         out_console.print(f"manifest: {doc.manifest_clips} clips")
+    if doc.index_note:
+        out_console.print(Text(doc.index_note), soft_wrap=True)
+    if doc.writer:
+        out_console.print(Text(f"being written by {doc.writer}"), soft_wrap=True)
 
 
 @handle_errors

@@ -61,6 +61,7 @@ from carv_attrib.config.options import (
     dry_run_option,
     dtype_option,
     executor_option,
+    lock_held_option,
     model_option,
     option,
     output_fn_option,
@@ -71,6 +72,7 @@ from carv_attrib.config.options import (
     seed_option,
     shard_option,
     timesteps_option,
+    wait_option,
 )
 from carv_attrib.config.plan import PlanConfig
 from carv_attrib.config.score import ScoreConfig
@@ -131,6 +133,8 @@ __all__ = [
     "option",
     "output_fn_option",
     "overwrite_option",
+    "wait_option",
+    "lock_held_option",
     "parse_kron_dims",
     "parse_shard",
     "parse_size",

@@ -15,12 +15,14 @@ from carv_attrib.config.options import (
     dry_run_option,
     dtype_option,
     executor_option,
+    lock_held_option,
     model_option,
     option,
     overwrite_option,
     parts_option,
     ray_address_option,
     shard_option,
+    wait_option,
 )
 from carv_attrib.errors import UsageError
 from carv_attrib.store.manifest import FORMATS as MANIFEST_FORMATS
@@ -91,6 +93,8 @@ class EncodeConfig(StageConfig):
         False, flags=("--allow-absolute-paths",), help="Accept manifest paths outside the videos root."
     )
     overwrite: bool = overwrite_option()
+    wait: bool = wait_option()
+    lock_held: bool = lock_held_option()
 
     @property
     def policy(self) -> Any:

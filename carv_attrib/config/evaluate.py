@@ -16,6 +16,7 @@ from carv_attrib.config.options import (
     option,
     run_argument,
     seed_option,
+    wait_option,
 )
 from carv_attrib.errors import UsageError
 
@@ -54,6 +55,7 @@ class EvaluateConfig(StageConfig):
     )
     gt_draws: int = option(64, help="Fixed draws of each query's ground-truth loss.")
     replicates: int = option(3, help="Projection and estimator seeds per setting (the CI covers them).")
+    wait: bool = wait_option()
     ground_truth: Path | None = option(
         None,
         help="JSON of measured subset outputs instead of retraining: {queries: [vid], subsets: [[vid]], "

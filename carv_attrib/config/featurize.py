@@ -30,6 +30,7 @@ from carv_attrib.config.options import (
     dry_run_option,
     dtype_option,
     executor_option,
+    lock_held_option,
     model_option,
     option,
     output_fn_option,
@@ -40,6 +41,7 @@ from carv_attrib.config.options import (
     seed_option,
     shard_option,
     timesteps_option,
+    wait_option,
 )
 from carv_attrib.errors import UsageError
 
@@ -78,6 +80,7 @@ class IndexConfig(StageConfig):
         help="With --index-factory: dtype of the exact vectors kept for re-ranking "
         f"({choice_help(VECTOR_DTYPES)}).",
     )
+    wait: bool = wait_option()
 
     def validate(self) -> IndexConfig:
         """A known preconditioner and vector dtype, --nprobe >= 1 and --lambda > 0; returns self."""
@@ -154,6 +157,8 @@ class FeaturizeConfig(StageConfig):
     ray_address: str | None = ray_address_option()
     parts: int | None = parts_option()
     overwrite: bool = overwrite_option()
+    wait: bool = wait_option()
+    lock_held: bool = lock_held_option()
 
     def validate(self) -> FeaturizeConfig:
         """Each choice, the counts, the distribution flags, one of --proj-dim / --kron-dims (kron only),

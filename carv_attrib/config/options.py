@@ -148,6 +148,23 @@ def overwrite_option() -> Any:
     return option(False, flags=("--overwrite",), help="Discard a stage made with another configuration.")
 
 
+def wait_option() -> Any:
+    return option(
+        False,
+        flags=("--wait",),
+        help="When another command is writing the run (RUN/.lock), wait for it instead of exiting 2.",
+    )
+
+
+def lock_held_option() -> Any:
+    return option(
+        False,
+        cli=False,
+        help="Library: the caller already holds RUN's writer lock for this call (a Ray part runs "
+        "under its driver's), so the stage takes none.",
+    )
+
+
 def batch_clips_option(default: int = 4) -> Any:
     return option(default, flags=("--batch-clips", "-B"), help="Clips per forward+backward.")
 

@@ -96,7 +96,8 @@ def run_in_parts(
         prepare()
         n = cfg.parts or default_parts(ray)
         parts = [
-            dataclasses.replace(cfg, shard=f"{i}/{n}", executor="local", overwrite=False) for i in range(n)
+            dataclasses.replace(cfg, shard=f"{i}/{n}", executor="local", overwrite=False, lock_held=True)
+            for i in range(n)
         ]
         progress("parts", {"parts": n})
         done = run_parts(

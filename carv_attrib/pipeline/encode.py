@@ -37,6 +37,7 @@ from carv_attrib.models.wan import WanModel, load_wan, vae_tiling_decision
 from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
 from carv_attrib.store.latents import empty_latent_row, latent_schema
 from carv_attrib.store.live import hashes_in_rows, latent_rows, latent_sha, selection
+from carv_attrib.store.lock import run_lock
 from carv_attrib.store.manifest import ClipTable, read_manifest
 from carv_attrib.store.run import EncodeFacts, RunDir
 from carv_attrib.store.shards import ShardStore, fingerprint, now_iso
@@ -332,12 +333,23 @@ def run_encode(
     once the run is recorded, when more than cfg.max_failure_rate of the run's clips failed. A
     `--shard` part is not judged (the commit pass without --shard is). Off by default, so that a
     library caller still gets the summary of a run with failed clips as a return value.
-    Raises UsageError / ConfigMismatchError (exit 2) before any write, as `_encode`.
+    Raises UsageError / ConfigMismatchError (exit 2) before any write, as `_encode`, and
+    RunLockedError (exit 2) while another command writes RUN (unless cfg.wait).
     """
     started = time.monotonic()
-    summary = _encode(cfg, progress)
-    if not summary.dry_run:
-        record(cfg.run, "encode", device=cfg.device, started=started, summary=summary.to_dict())
+    # One writer per run (`store.lock`): two encodes planning at once would pick the same shard names.
+    # --shard parts share it (they write disjoint shards); a dry run writes nothing and takes none.
+    with run_lock(
+        cfg.run,
+        "encode",
+        wait=cfg.wait,
+        shared=cfg.shard is not None,
+        create=True,
+        skip=cfg.dry_run or cfg.lock_held,
+    ):
+        summary = _encode(cfg, progress)
+        if not summary.dry_run:
+            record(cfg.run, "encode", device=cfg.device, started=started, summary=summary.to_dict())
     if check_failures and cfg.shard is None and summary.failure_rate > cfg.max_failure_rate:
         raise PartialRun(
             f"too many failures: {summary.failed}/{summary.total} clips "

@@ -34,6 +34,7 @@ from carv_attrib.lds.study import NAMED_VARIANTS, LdsProblem, score_variants
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity
 from carv_attrib.optional import require_matplotlib
 from carv_attrib.store.latents import CachedClip, iter_cached
+from carv_attrib.store.lock import run_lock
 from carv_attrib.store.manifest import read_text_file
 from carv_attrib.store.run import RunDir
 from carv_attrib.store.shards import fingerprint, now_iso, write_json_atomic
@@ -166,7 +167,8 @@ def _file_problem(run: RunDir, cfg: EvaluateConfig, clips: list[CachedClip]) -> 
 def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Evaluate cfg.variant settings on RUN; writes cfg.out (and cfg.plot) and returns the document.
     Raises UsageError (exit 2) for too few clips, queries or subsets (naming the minimum), unknown
-    settings, or a model that did not encode RUN."""
+    settings, or a model that did not encode RUN; RunLockedError (exit 2) while another command
+    writes RUN (unless cfg.wait)."""
     cfg.validate()
     try:
         make_density(cfg.density)
@@ -178,6 +180,12 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda s: Non
     if cfg.plot is not None:
         require_matplotlib()
     run = RunDir(cfg.run)
+    # evaluate writes its retrainings into RUN/evaluate and reads the latents all along: one writer
+    with run_lock(run.root, "evaluate", wait=cfg.wait):
+        return _evaluate(cfg, run, say)
+
+
+def _evaluate(cfg: EvaluateConfig, run: RunDir, say: Callable[[str], None]) -> dict[str, Any]:
     check_encoder_matches(cfg.model, run.require_latents_record().model)
     clips = list(iter_cached(run))
     problem = _file_problem(run, cfg, clips) if cfg.ground_truth else _retrained_problem(run, cfg, clips, say)

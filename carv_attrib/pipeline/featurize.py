@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from carv_attrib.pipeline.index import build_run_index, index_config_keeping, pr
 from carv_attrib.store.features import feature_row, feature_schema
 from carv_attrib.store.latents import read_latents
 from carv_attrib.store.live import LatentRow, LiveFeatures, LiveLatents, selection
+from carv_attrib.store.lock import run_lock
 from carv_attrib.store.records import IndexInfo, PlanDoc
 from carv_attrib.store.run import RunDir
 from carv_attrib.store.shards import ShardStore, fingerprint, now_iso
@@ -233,8 +235,24 @@ def featurize_and_index(
     None keeps the run's current index's choice (IndexConfig's default when there is no index yet).
     They are validated, and the index is checked to be buildable for the features' dim and clip
     count, before any feature is computed. A `--shard` part and a dry run leave the index alone.
-    Raises UsageError / ConfigMismatchError (exit 2) as `run_featurize` and `build_run_index` do.
+    Raises UsageError / ConfigMismatchError / RunLockedError (exit 2) as `run_featurize` and
+    `build_run_index` do.
     """
+    with _lock(cfg):
+        return _featurize_and_index(cfg, index_options, progress)
+
+
+def _lock(cfg: FeaturizeConfig) -> AbstractContextManager[None]:
+    """RUN's writer lock for a featurize (`store.lock`): shared by --shard parts (disjoint shards),
+    none for a dry run (it writes nothing) or a Ray part (its driver holds it)."""
+    return run_lock(
+        cfg.run, "featurize", wait=cfg.wait, shared=cfg.shard is not None, skip=cfg.dry_run or cfg.lock_held
+    )
+
+
+def _featurize_and_index(
+    cfg: FeaturizeConfig, index_options: dict[str, Any] | None, progress: ProgressFn
+) -> FeaturizeResult:
     started = time.monotonic()
     index_cfg, kept = index_config_keeping(cfg.run, dict(index_options or {}))  # refused before the work
     check = None if cfg.shard is not None else (lambda dim, n: precheck_index(index_cfg, dim, n))
@@ -263,7 +281,17 @@ def run_featurize(
     clips added or changed since, `carv_attrib.store.live`). Everything is checked before the first
     write. Raises UsageError / ConfigMismatchError (exit 2) for a run without latents, a model that
     did not encode it, or a stage made with other options. `index_check(dim, clips)` (the CLI's
-    `pipeline.index.precheck_index`) refuses an index that could not be built, before any work."""
+    `pipeline.index.precheck_index`) refuses an index that could not be built, before any work.
+    RunLockedError (exit 2) while another command writes RUN (unless cfg.wait)."""
+    with _lock(cfg):
+        return _run_featurize(cfg, progress, index_check)
+
+
+def _run_featurize(
+    cfg: FeaturizeConfig,
+    progress: ProgressFn = noop,
+    index_check: Callable[[int, int], None] | None = None,
+) -> FeaturizeSummary:
     t0 = time.monotonic()
     cfg.validate()
     part = parse_shard(cfg.shard)

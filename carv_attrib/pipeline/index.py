@@ -35,6 +35,7 @@ from carv_attrib.search.precondition import Preconditioner, fit_preconditioner
 from carv_attrib.search.rerank import VectorStore
 from carv_attrib.store.features import feature_ids, iter_feature_blocks
 from carv_attrib.store.live import LiveLatents
+from carv_attrib.store.lock import run_lock
 from carv_attrib.store.records import FeaturesRecord, IndexInfo, LatentsRecord
 from carv_attrib.store.run import RunDir
 from carv_attrib.store.shards import now_iso
@@ -70,8 +71,14 @@ def _train_sample(
 def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
     """Fit the preconditioner, build the FAISS index and write RUN/index atomically (a crash leaves
     the previous index). Raises UsageError / ConfigMismatchError (exit 2) for a run without
-    features, features older than the latents, or a bad factory."""
+    features, features older than the latents, or a bad factory; RunLockedError (exit 2) while
+    another command writes RUN (unless cfg.wait). Under `featurize` it runs in that command's lock."""
     cfg.validate()
+    with run_lock(cfg.run, "index", wait=cfg.wait):
+        return _build_run_index(cfg, use_gpu)
+
+
+def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
     run = RunDir(cfg.run)
     frec = run.require_features_record()
     lat = run.latents_record()
@@ -212,6 +219,7 @@ def run_index(cfg: IndexConfig) -> IndexInfo:
     """`carv-attrib index`: rebuild RUN/index (`build_run_index`) without recomputing gradients, and
     record the invocation in RUN/run.json. Raises UsageError / ConfigMismatchError (exit 2)."""
     started = time.monotonic()
-    info = build_run_index(cfg)
-    record(cfg.run, "index", started=started, preconditioner=info.preconditioner)
+    with run_lock(cfg.run, "index", wait=cfg.wait):  # the record too: one writer's whole command
+        info = build_run_index(cfg)
+        record(cfg.run, "index", started=started, preconditioner=info.preconditioner)
     return info

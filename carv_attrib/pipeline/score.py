@@ -308,10 +308,30 @@ def query_stream_id(q: Query) -> int:
     return clip_id_for("query:" + Path(q.path).name)
 
 
+@dataclass
+class LoadedIndex:
+    """What score reads from RUN/index besides index_info.json, loaded with it as one snapshot
+    (`RunDir.index_snapshot`): a `featurize --overwrite` meanwhile cannot mix two indexes."""
+
+    pre: Any
+    index: Any
+    store: VectorStore | None  # the exact vectors of an approximate index (re-ranking)
+
+
+def load_index_dir(directory: Path) -> LoadedIndex:
+    """Preconditioner, FAISS index and (where kept) the exact vectors of an index directory."""
+    return LoadedIndex(
+        pre=load_preconditioner(directory / "preconditioner"),
+        index=load_index(directory / "index.faiss"),
+        store=VectorStore(directory) if (directory / "vectors.meta").exists() else None,
+    )
+
+
 def _search(
     cfg: ScoreConfig,
     run: RunDir,
     info: IndexInfo,
+    loaded: LoadedIndex,
     queries: list[Query],
     phi: np.ndarray,
     clips: ClipMeta,
@@ -326,8 +346,8 @@ def _search(
     searched = [q for q, good in zip(queries, finite) if good]
     if not searched:
         return
-    pre = load_preconditioner(run.preconditioner_dir)
-    index = load_index(run.faiss_path)
+    pre, index = loaded.pre, loaded.index
+    store = loaded.store if info.rerank_vectors else None
     want_all = cfg.top_k is None or cfg.aggregate == "mean"
     nprobe = cfg.nprobe or info.nprobe
     psi = pre.prepare_query(phi[finite])  # (m, D)
@@ -336,7 +356,7 @@ def _search(
     if info.rerank_vectors and cfg.rerank > 0 and not want_all:
         # Approximate index: R·k candidates re-scored exactly from the stored vectors (`attrib.rerank`)
         _, cand = search(index, psi, max(cfg.top_k * cfg.rerank, n_cand), nprobe)
-        scores, ids = rerank(VectorStore(run.index_dir), psi, cand, n_cand)
+        scores, ids = rerank(store, psi, cand, n_cand)
     else:
         scores, ids = search(index, psi, n_cand, nprobe)
     for q, s, i in zip(searched, scores, ids):
@@ -344,17 +364,19 @@ def _search(
         k = len(s) if cfg.top_k is None else cfg.top_k
         q.results = _results(s[:k], i[:k], clips)
     if cfg.refine:
-        _refine(cfg, run, info, index, searched, featurizer, pre, clips, progress)
-    _result_cosines(run, info, index, searched, psi)
+        _refine(cfg, run, info, index, store, searched, featurizer, pre, clips, progress)
+    _result_cosines(run, info, index, store, searched, psi)
     # displayed scores that are exact inner products of the indexed vectors (Flat) or re-ranked from the
     # stored ones are recomputed by the scale from the same vectors: a result is placed by its own
     reranked = bool(info.rerank_vectors and cfg.rerank > 0 and not want_all)
-    _place_results(run, info, index, searched, psi, same_source=info.rerank_vectors is None or reranked)
+    _place_results(
+        run, info, index, store, searched, psi, same_source=info.rerank_vectors is None or reranked
+    )
     exact: ClipTerms = {}
     if cfg.explain:
-        _explain(run, info, index, searched, psi)
+        _explain(run, info, index, store, searched, psi)
         exact = _explain_strata(run, featurizer, pre, searched, psi, progress)
-    _uncertainty(run, info, index, searched, psi, featurizer.rule, pre, cfg.top_k, exact)
+    _uncertainty(run, info, index, store, searched, psi, featurizer.rule, pre, cfg.top_k, exact)
 
 
 def candidates_for(top_k: int) -> int:
@@ -370,6 +392,7 @@ def _uncertainty(
     run: RunDir,
     info: IndexInfo,
     index: Any,
+    store: VectorStore | None,
     queries: list[Query],
     psi: np.ndarray,
     rule: DrawRule,
@@ -382,7 +405,6 @@ def _uncertainty(
     recomputed where `exact` holds it (--explain), mirrored from the query's draws otherwise. None
     where the query has no parts (dense projector) or the vectors cannot be read back (IVF without
     stored vectors)."""
-    store = VectorStore(run.index_dir) if info.rerank_vectors else None
     for j, (q, psi_q) in enumerate(zip(queries, psi)):
         if q.uncertainty is not None:  # --refine filled them
             continue
@@ -441,6 +463,7 @@ def _refine(
     run: RunDir,
     info: IndexInfo,
     index: Any,
+    store: VectorStore | None,
     queries: list[Query],
     featurizer: Featurizer,
     pre: Any,
@@ -454,7 +477,6 @@ def _refine(
     assert cfg.top_k is not None  # ScoreConfig.validate
     rule = featurizer.rule
     budget = cfg.refine_budget if cfg.refine_budget is not None else default_refine_budget(cfg.top_k, rule.k)
-    store = VectorStore(run.index_dir) if info.rerank_vectors else None
     where = {cid: row.where for cid, _, row in run.live_latents().ok()}
     cached: dict[int, Any] = {}
 
@@ -515,10 +537,11 @@ def _indexed_vectors(store: VectorStore | None, index: Any, ids: np.ndarray) -> 
     return store.rows(ids) if store is not None else np.stack([index.reconstruct(int(i)) for i in ids])
 
 
-def _result_cosines(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:
+def _result_cosines(
+    run: RunDir, info: IndexInfo, index: Any, store: VectorStore | None, queries: list[Query], psi: np.ndarray
+) -> None:
     """q.cosines (k,) = ⟨ψ_q, ψ_i⟩ / (‖ψ_q‖ ‖ψ_i‖) of the top results; left None where the index cannot
     give the vectors back (an IVF index without stored vectors)."""
-    store = VectorStore(run.index_dir) if info.rerank_vectors else None
     for q, psi_q in zip(queries, psi):
         ids = np.array([r["clip_id"] for r in q.results[:UNTRAINED_TOP]], dtype=np.int64)
         if len(ids) == 0:
@@ -544,14 +567,19 @@ def _index_ids(store: VectorStore | None, index: Any) -> np.ndarray | None:
 
 
 def _place_results(
-    run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray, same_source: bool = True
+    run: RunDir,
+    info: IndexInfo,
+    index: Any,
+    store: VectorStore | None,
+    queries: list[Query],
+    psi: np.ndarray,
+    same_source: bool = True,
 ) -> None:
     """q.scale (`search.scale.RunScale`) and each result's percentile and z within the query's scores
     over the whole run: from the search itself when it returned every clip (no padding id −1, which
     HNSW leaves), else from the indexed vectors (the stored exact ones where kept) of all clips
     (≤ EXACT_MAX) or a seeded sample; left None where the vectors cannot be read. `same_source`: the
     displayed scores come from those vectors, so a result is placed by its own recomputed score."""
-    store = VectorStore(run.index_dir) if info.rerank_vectors else None
     n_run = int(index.ntotal)
     scales: list[RunScale | None] = [None] * len(queries)
     for j, q in enumerate(queries):
@@ -581,11 +609,12 @@ def _place_results(
             r["percentile"], r["z"] = float(pct[j]), (None if z is None else float(z[j]))
 
 
-def _explain(run: RunDir, info: IndexInfo, index: Any, queries: list[Query], psi: np.ndarray) -> None:
+def _explain(
+    run: RunDir, info: IndexInfo, index: Any, store: VectorStore | None, queries: list[Query], psi: np.ndarray
+) -> None:
     """Each result's score split over layers and blocks (`carv_attrib.search.explain`), from the
     clip's indexed vector (`_indexed_vectors`). A dense projector was refused by `_check_index_use`."""
     slices = layer_slices(info.projector, info.blocks)
-    store = VectorStore(run.index_dir) if info.rerank_vectors else None
     for q, psi_q in zip(queries, psi):
         for r in q.results:
             psi_i = _indexed_vectors(store, index, np.array([r["clip_id"]], dtype=np.int64))[0]
@@ -750,7 +779,8 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = 
     cfg.queries = paths
     cfg.validate()
     run = RunDir(cfg.run)
-    info = run.index_info()
+    # one snapshot, read before anything else: the queries are encoded under this info's settings
+    info, loaded = run.index_snapshot(load_index_dir)
     _check_index_use(cfg, run, info)
     model = _resolve_model(cfg, run, info)
     queries = [Query(path=str(p), prompt=t, conditioning=conditioning) for p, t in zip(cfg.queries, prompts)]
@@ -773,7 +803,7 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = 
         # load, one index search), then hang off them: q.null.
         nulls = _null_copies(ok, null_emb) if null_emb is not None else []
         phi, featurizer = _featurize_queries(cfg, info, model, ok + nulls, progress)
-        _search(cfg, run, info, ok + nulls, phi, clips, featurizer, progress)
+        _search(cfg, run, info, loaded, ok + nulls, phi, clips, featurizer, progress)
         for q, n in zip(ok, nulls):
             q.null = n
 

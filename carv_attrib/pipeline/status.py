@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.store.lock import holder, is_written
 from carv_attrib.store.records import IndexSummary, RunLog, StageRecord
 from carv_attrib.store.run import RunDir
 from carv_attrib.store.shards import ShardStore
@@ -86,6 +87,8 @@ class StatusDoc:
     layout_error: str | None = None  # a run of an older layout: shown, not fatal
     invocations: int | None = None  # entries of run.json, None without one
     last_command: str | None = None
+    writer: str | None = None  # the command holding RUN/.lock now (`store.lock`), None when none
+    index_note: str | None = None  # what status found of an interrupted index swap or dead builds
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"run": self.run}
@@ -98,6 +101,8 @@ class StatusDoc:
         d["index"] = self.index.to_dict() if self.index is not None else None
         if self.invocations is not None:
             d |= {"invocations": self.invocations, "last_command": self.last_command}
+        d |= {"writer": self.writer} if self.writer is not None else {}
+        d |= {"index_note": self.index_note} if self.index_note is not None else {}
         return d
 
 
@@ -137,7 +142,9 @@ def status_doc(run: Path | str | RunDir) -> StatusDoc:
 
     Per stage: every done row (`rows`, `statuses`) and the live view (`carv_attrib.store.live`): the
     current clips, what is still to compute and the superseded rows of removed or changed clips. The
-    index says whether it is `fresh` (built from the live set) and, when not, why.
+    index says whether it is `fresh` (built from the live set) and, when not, why. Status takes no
+    lock: `writer` names a command writing RUN now, and `index_note` what it found of an interrupted
+    index swap (restoring the previous index when no writer is live).
     """
     run = RunDir(run)
     if not run.root.is_dir():
@@ -163,6 +170,7 @@ def status_doc(run: Path | str | RunDir) -> StatusDoc:
             )
     except ConfigMismatchError as exc:  # a run of an older layout: shown, not fatal
         layout_error = str(exc)
+    index_note = _index_leftovers(run)
     index = None
     if run.index_info_path.exists():
         summary = IndexSummary.read(run.index_info_path)
@@ -181,7 +189,26 @@ def status_doc(run: Path | str | RunDir) -> StatusDoc:
         index=index,
         invocations=len(log.invocations) if log is not None else None,
         last_command=log.last_command if log is not None else None,
+        writer=(holder(run.root) or "another command") if is_written(run.root) else None,
+        index_note=index_note,
     )
+
+
+def _index_leftovers(run: RunDir) -> str | None:
+    """Repair an interrupted index swap (`RunDir.recover_index`, only while no writer is live) and say
+    what was found: the restore, a swap in progress, or temporary directories of builds that died
+    (removed by the next featurize or index, under the writer lock)."""
+    note = run.recover_index()
+    if note is None and run.index_swapping():
+        note = "index swap in progress: a writer is replacing the index"
+    tmps = run.index_tmps()
+    if tmps and not is_written(run.root):
+        dead = (
+            f"{len(tmps)} temporary index director{'y' if len(tmps) == 1 else 'ies'} of a build that "
+            "died (removed by the next `featurize` or `index`)"
+        )
+        note = f"{note}; {dead}" if note else dead
+    return note
 
 
 def run_status(run: Path | str | RunDir) -> dict[str, Any]:

@@ -17,15 +17,19 @@ run.require_latents_record().encode       # LatentsRecord of latents/config.json
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.parquet as pq
 
-from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.errors import ConfigMismatchError, IndexChangedError, UsageError
+from carv_attrib.store import lock as _locks
 from carv_attrib.store.live import LiveFeatures, LiveLatents, live_features, live_latents
 from carv_attrib.store.records import (  # re-exported: the records lived here before store/records.py
     INDEX_SCHEMA_VERSION,
@@ -38,6 +42,12 @@ from carv_attrib.store.records import (  # re-exported: the records lived here b
 from carv_attrib.store.shards import ShardStore
 
 __all__ = ["INDEX_SCHEMA_VERSION", "EncodeFacts", "IndexInfo", "RunDir"]
+
+T = TypeVar("T")
+
+
+def _between_renames() -> None:
+    """A hook between the swap's two renames (a no-op): tests stop or kill a build exactly there."""
 
 
 class RunDir:
@@ -138,37 +148,106 @@ class RunDir:
         return {r["clip_id"]: {"vid": r["vid"], "caption": r["caption"], "path": r["path"]} for r in rows}
 
     # -- index ------------------------------------------------------------------------------------
+    @property
+    def index_old(self) -> Path:
+        """Where the swap parks the previous index between its two renames."""
+        return self.root / ".index.old"
+
+    def index_tmps(self) -> list[Path]:
+        """Temporary index directories of builds (`.index.tmp-PID-RANDOM`, and the fixed `.index.tmp`
+        of older versions)."""
+        return sorted(self.root.glob(".index.tmp*")) if self.root.is_dir() else []
+
     @contextmanager
     def index_swap(self) -> Iterator[Path]:
-        """A fresh temporary index directory, swapped in for RUN/index when the block succeeds: a
-        crash mid-build leaves the previous index intact."""
-        self._recover_index()
-        tmp = self.root / ".index.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        yield tmp
-        old = self.root / ".index.old"
-        if self.index_dir.exists():
-            self.index_dir.rename(old)
-        tmp.rename(self.index_dir)
-        if old.exists():
-            shutil.rmtree(old)
+        """A fresh temporary index directory, swapped in for RUN/index when the block succeeds.
 
-    def _recover_index(self) -> None:
-        """Finish a swap that a kill interrupted: RUN/index missing but .index.old present means the
-        kill came between the two renames, so the previous index is restored; a .index.old beside a
-        live RUN/index is the previous one's leftover."""
-        old = self.root / ".index.old"
-        if old.exists() and not self.index_dir.exists():
-            old.rename(self.index_dir)
-        elif old.exists():
-            shutil.rmtree(old)
+        The caller holds the run's writer lock (`store.lock.run_lock`), so the leftovers found here
+        are a dead writer's: an interrupted swap is finished first (`recover_index`), every other
+        build's temporary directory removed. The name is unique per build all the same
+        (`.index.tmp-PID-RANDOM`): a writer that ignored the lock still never shares one. A block
+        that raises removes its directory; a kill leaves it to the next writer. Every point of the
+        swap is recoverable: before the first rename the old index is live; between the two, RUN/index
+        is missing and `.index.old` is restored by the next reader or writer; after the second, the new
+        index is live and `.index.old` a leftover.
+        """
+        self.recover_index()
+        for stale in self.index_tmps():
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.root / f".index.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+            if self.index_dir.exists():
+                self.index_dir.rename(self.index_old)
+            _between_renames()
+            tmp.rename(self.index_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.recover_index()
+            raise
+        shutil.rmtree(self.index_old, ignore_errors=True)
+
+    def recover_index(self) -> str | None:
+        """Finish a swap that a kill interrupted, and say what was done (None: nothing to do).
+
+        RUN/index missing with `.index.old` present means the kill came between the two renames: the
+        previous index is restored. A `.index.old` beside a live RUN/index is the previous one's
+        leftover, removed. Only while no other process holds the writer lock: a live writer's swap
+        is not interrupted, and restoring its old index under it would break its second rename.
+        The temporary directories of dead builds are left to the next writer (`index_swap`).
+        """
+        if not self.index_old.exists() or _locks.is_written(self.root):
+            return None
+        try:
+            if not self.index_dir.exists():
+                self.index_old.rename(self.index_dir)
+                return "index swap interrupted: restored the previous index"
+            shutil.rmtree(self.index_old)
+        except OSError:  # a read-only run, or another reader repaired it first
+            return None
+        return None
+
+    def index_swapping(self) -> bool:
+        """Whether a live writer is between the two renames of its swap right now."""
+        return self.index_old.exists() and not self.index_dir.exists() and _locks.is_written(self.root)
+
+    def index_snapshot(
+        self, load: Callable[[Path], T], check_fresh: bool = True, settle_s: float = 10.0
+    ) -> tuple[IndexInfo, T]:
+        """index_info.json and what `load(RUN/index)` reads from the index directory (preconditioner,
+        FAISS index, vectors) as one consistent snapshot.
+
+        A writer may swap in a new index while a reader is loading: index_info.json is read before
+        and after `load`, and the snapshot is returned only when the two are the same bytes (the
+        file names the features' fingerprint, the choices and the build time, so an equal file is
+        the same build). A change is retried once; a second change raises IndexChangedError. A
+        reader arriving between the swap's two renames waits (up to settle_s) for the new index.
+        Raises UsageError / ConfigMismatchError as `index_info`, IndexChangedError (all exit 2).
+        """
+        for _ in range(2):
+            deadline = time.monotonic() + settle_s
+            while self.index_swapping() and time.monotonic() < deadline:
+                time.sleep(0.01)  # the window is two renames: it closes at once
+            try:
+                before = self.index_info_path.read_bytes()
+                info = self.index_info(check_fresh)
+                loaded = load(self.index_dir)
+                after = self.index_info_path.read_bytes()
+            except FileNotFoundError:  # swapped out under us: the next try reads the new one
+                continue
+            if before == after:
+                return info, loaded
+        raise IndexChangedError(
+            f"{self.root}/index was rebuilt while this command was reading it (a `featurize` or "
+            f"`index` is writing {self.root}: {_locks.holder(self.root) or 'another command'}); rerun "
+            "it when that one is done"
+        )
 
     def index_info(self, check_fresh: bool = True) -> IndexInfo:
         """RUN/index/index_info.json; with check_fresh, refused (exit 2) when the run's latents or
         features changed after the index was built."""
-        self._recover_index()
+        self.recover_index()
         if not self.index_info_path.exists():
             raise UsageError(
                 f"{self.root} has no index; run `carv-attrib featurize` (or `carv-attrib index`) first"

@@ -279,8 +279,19 @@ def now_iso() -> str:
 
 
 def record_invocation(run: Path, entry: dict[str, Any]) -> None:
-    """Append one invocation (argv, versions, device, times) to RUN/run.json."""
+    """Append one invocation (argv, versions, device, times) to RUN/run.json.
+
+    A read-modify-write: readers (score, plan) record beside a writer, so it runs under its own short
+    flock on RUN/.run.json.lock (not the writer lock RUN/.lock, which a writer holds for its whole
+    command); without it two appends at once keep only one of the two entries."""
+    import fcntl
+
     path = Path(run) / "run.json"
-    data = read_json(path) if path.exists() else {"invocations": []}
-    data["invocations"].append(entry)
-    write_json_atomic(path, data)
+    fd = os.open(Path(run) / ".run.json.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        data = read_json(path) if path.exists() else {"invocations": []}
+        data["invocations"].append(entry)
+        write_json_atomic(path, data)
+    finally:
+        os.close(fd)

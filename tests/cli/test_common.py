@@ -169,7 +169,8 @@ def test_record_run_appends_invocations(tmp_path: Path) -> None:
     assert second["device"] is None and second["seconds"] is None
     assert set(first["versions"]) >= {"torch", "pyarrow"} and first["versions"]["pyarrow"]
     assert first["host"] == platform.node() and first["finished_at"]
-    assert sorted(p.name for p in run.iterdir()) == ["run.json"]  # no temporary file left
+    # no temporary file left; .run.json.lock is the appends' lock file (readers record beside writers)
+    assert sorted(p.name for p in run.iterdir()) == [".run.json.lock", "run.json"]
 
     (run / "run.json").write_text(json.dumps({"invocations": [{"command": "older"}], "note": "kept"}))
     record_run(run, "index")

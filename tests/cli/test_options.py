@@ -50,7 +50,8 @@ def _params(cmd: Any) -> dict[str, Any]:
 # not index's RUN argument; demo leaves `workers` to the library).
 STAGES: dict[str, list[tuple[type, tuple[str, ...]]]] = {
     "encode": [(EncodeConfig, ())],
-    "featurize": [(FeaturizeConfig, ()), (IndexConfig, ("run",))],
+    # featurize's own --wait covers its index build: IndexConfig's is `index`'s only
+    "featurize": [(FeaturizeConfig, ()), (IndexConfig, ("run", "wait"))],
     "index": [(IndexConfig, ())],
     "score": [(ScoreConfig, ())],
     "plan": [(PlanConfig, ())],

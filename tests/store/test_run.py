@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -265,7 +266,7 @@ def test_a_kill_between_the_two_renames_restores_the_previous_index(tmp_path: Pa
     run = RunDir(tmp_path)
     (tmp_path / ".index.old").mkdir()
     (tmp_path / ".index.old" / "index.faiss").write_text("old")
-    run._recover_index()
+    run.recover_index()
     assert (run.index_dir / "index.faiss").read_text() == "old" and not (tmp_path / ".index.old").exists()
 
 
@@ -284,3 +285,30 @@ def test_an_index_is_stale_when_the_live_set_of_clips_changed(tmp_path: Path) ->
     SourcedClips(clips, [SourceId(None, None, None)], ["k7"]).write(run.manifest_table)
     with pytest.raises(ConfigMismatchError, match="another set of clips"):
         run.index_info()
+
+
+def test_each_build_has_its_own_temporary_dir_and_leftovers_are_removed(tmp_path: Path) -> None:
+    """Two builds never share a fixed `.index.tmp`; a dead writer's temporary dirs (the fixed name
+    of older versions too) are removed by the next writer; a failed block removes its own."""
+    run = RunDir(tmp_path)
+    (tmp_path / ".index.tmp").mkdir()
+    (tmp_path / ".index.tmp-1-dead").mkdir()
+    with run.index_swap() as a:
+        assert run.index_tmps() == [a] and a.name.startswith(f".index.tmp-{os.getpid()}-")
+        (a / "index.faiss").write_text("a")
+    with pytest.raises(RuntimeError), run.index_swap() as b:
+        assert b != a
+        raise RuntimeError
+    assert run.index_tmps() == [] and _tree(run.index_dir) == {"index.faiss": "a"}
+
+
+def test_a_swap_interrupted_after_its_first_rename_is_restored_by_a_reader(tmp_path: Path) -> None:
+    """The first rename done by hand (RUN/index -> .index.old, the new one still a tmp): the next
+    reader restores the previous index and says so."""
+    run = RunDir(tmp_path)
+    before = _old_index(run)
+    run.index_dir.rename(run.index_old)
+    (tmp_path / ".index.tmp-1-dead").mkdir()
+    assert run.recover_index() == "index swap interrupted: restored the previous index"
+    assert _tree(run.index_dir) == before and not run.index_old.exists()
+    assert run.recover_index() is None  # nothing left to do

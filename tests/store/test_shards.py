@@ -90,3 +90,25 @@ def test_model_source_is_provenance_not_identity(tmp_path: Path) -> None:
     other = {**cfg, "model": {"source": "models/tiny", "components": {"vae": {"files": {"w": "h2"}}}}}
     with pytest.raises(ConfigMismatchError, match=r"model.components.vae.files.w: 'h1' -> 'h2'"):
         store.prepare(other)
+
+
+def test_concurrent_appends_to_run_json_keep_every_entry(tmp_path: Path) -> None:
+    """A reader (score) records beside a writer: the read-modify-write of run.json runs under its own
+    flock (each thread opens its own descriptor, so they exclude each other as processes do)."""
+    import threading
+
+    from carv_attrib.store.shards import record_invocation
+
+    def append(who: str) -> None:
+        for i in range(20):
+            record_invocation(tmp_path, {"command": who, "i": i})
+
+    threads = [threading.Thread(target=append, args=(w,)) for w in ("score", "featurize")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = json.loads((tmp_path / "run.json").read_text())["invocations"]
+    assert sorted((e["command"], e["i"]) for e in got) == sorted(
+        (w, i) for w in ("score", "featurize") for i in range(20)
+    )
