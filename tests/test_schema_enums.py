@@ -50,3 +50,19 @@ def test_every_schema_enum_is_checked() -> None:
 @pytest.mark.parametrize("path", [p for p, names in EXPECTED.items() if names is not None])
 def test_schema_enum_equals_the_choices(path: str) -> None:
     assert tuple(_enums(json.loads(SCHEMA.read_text()))[path]) == EXPECTED[path]
+
+
+def test_failure_kinds_are_listed_in_readme_and_the_decoder_docstring() -> None:
+    """Each per-clip status `FAILURE_KINDS` names is in README's failure list and decode's docstring
+    (or the pool's / VAE's, which set the rest), so a new kind cannot reach users undocumented."""
+    import re
+
+    from carv_attrib.video import decode
+    from carv_attrib.video.failures import FAILURE_KINDS
+
+    readme = (SCHEMA.parents[2] / "README.md").read_text()
+    paragraph = readme[readme.index("becomes a recorded per-clip failure") :].split("\n\n")[0]
+    assert [k for k in re.findall(r"`([a-z_]+)`", paragraph) if k != "status"] == list(FAILURE_KINDS)
+    listed = set(re.findall(r"^- `([a-z_]+)`", decode.__doc__ or "", re.M))
+    listed |= set(re.findall(r"`([a-z_]+)`, `([a-z_]+)`: set by `DecodePool`", decode.__doc__ or "")[0])
+    assert set(FAILURE_KINDS) - listed == {"encode_error"}  # the VAE's, documented in clip_encoder

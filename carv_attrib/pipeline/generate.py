@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import WanPipeline
+from diffusers.utils import logging as dlog
 
 from carv_attrib.config import GenerateConfig
+from carv_attrib.errors import ModelLoadError
 from carv_attrib.lds.synthetic import write_mp4
 from carv_attrib.models.identity import check_pipeline_dir
 from carv_attrib.models.wan import _quiet_hf, resolve_device
@@ -29,9 +31,27 @@ def generate_video(
     model: str, prompt: str, frames: int, height: int, width: int, steps: int, seed: int, device: str
 ) -> Any:
     """uint8 (F, H, W, 3) frames from `WanPipeline.from_pretrained(model)` for `prompt`: no negative
-    prompt, guidance 3.0, a seeded CPU generator (the same seed gives the same video)."""
+    prompt, guidance 3.0, a seeded CPU generator (the same seed gives the same video).
+
+    Raises ModelLoadError (exit 2) when the pipeline does not load: diffusers refuses pickled weights
+    it will not unpickle and custom classes it would have to import (no payload runs), and those
+    refusals are the user's model folder, not a bug, so they get one line like every other command's.
+    """
     _quiet_hf()
-    pipe = WanPipeline.from_pretrained(model).to(device)
+    # diffusers logs its own error line before raising (a .bin instead of safetensors); ours says it
+    dlog.set_verbosity(dlog.CRITICAL)
+    try:
+        pipe = WanPipeline.from_pretrained(model)
+    except Exception as exc:  # OSError, ValueError (custom code), HF hub errors: all mean "cannot load"
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ModelLoadError(
+            f"cannot load the pipeline {model}: {type(exc).__name__}: {first}; give a Wan2.1 diffusers "
+            "pipeline with safetensors weights and diffusers' own classes (e.g. one made by "
+            "`carv-attrib make-model DIR`)"
+        ) from exc
+    finally:
+        dlog.set_verbosity_error()
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
         prompt=prompt,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ _HASH_THREADS = 4  # hashlib releases the GIL: a few threads keep a disk or netw
 @dataclass(frozen=True)
 class SourceId:
     """A video file as found: size (bytes) and mtime (ns) from stat, sha256 of its bytes (64 hex).
-    All None: the file does not exist; sha256 None with a size: it exists but could not be read."""
+    All None: the file does not exist; sha256 None with a size: it exists but could not be read, or is
+    not a regular file (a directory, FIFO, socket or device: those are never opened)."""
 
     size: int | None
     mtime_ns: int | None
@@ -59,6 +61,11 @@ def _identify(path: str, known: dict[tuple[str, int, int], str]) -> SourceId:
         st = os.stat(path)  # follows links: a Hub-cache symlink is identified by its blob
     except OSError:
         return SourceId(None, None, None)
+    if not stat.S_ISREG(st.st_mode):
+        # A FIFO would block open() until a writer comes (for ever: before any decode timeout), a
+        # device may never end, a directory or socket cannot be read: keyed by its stat, never opened.
+        # The decoder names it (`not_a_file`) from the same inode.
+        return SourceId(st.st_size, st.st_mtime_ns, None)
     sha = known.get((path, st.st_size, st.st_mtime_ns))
     if sha is None:
         try:

@@ -38,8 +38,10 @@ displayed frame) and `DecodedClip.start` that frame's own pts (seconds).
 Failure kinds (`ClipFailure.kind`; the message says what is wrong without repeating the kind, so
 "{kind}: {message}" reads well, and never names a CLI flag, so callers add their own advice):
 - `missing`: the file does not exist;
-- `decode_error`: empty file, not a regular file (a directory, FIFO, socket or device), not a container
-  FFmpeg can read, or frames that do not decode;
+- `not_a_file`: the path is a directory, named pipe (FIFO), socket or device, told from its inode
+  alone (`special_file_kind`): it is never opened, because reading a FIFO blocks until a writer comes
+  and a device may never end;
+- `decode_error`: empty file, not a container FFmpeg can read, or frames that do not decode;
 - `no_video`: the container has no video stream (e.g. audio only);
 - `unsupported_codec`: no decoder for the stream's codec in this FFmpeg build (the codec is named);
 - `truncated`: the file ends early (interrupted copy) and its intact prefix is too short for the
@@ -377,7 +379,7 @@ def plan_clip(path: str, policy: FramePolicy) -> tuple[Any, list[int], list[str]
         raise ClipFailure("missing", f"file not found: {path}")
     special = special_file_kind(path)
     if special is not None:  # opened as a video it would fail obscurely (a directory) or block (a FIFO)
-        raise ClipFailure("decode_error", f"not a video file but {special}: {path}")
+        raise ClipFailure("not_a_file", f"not a video file but {special}: {path}")
     if os.path.getsize(path) == 0:
         raise ClipFailure("decode_error", f"file is empty (0 bytes): {path}")
     p = probe_video(path)

@@ -1,13 +1,29 @@
 """Per-clip failures: `ClipFailure` (kind, message, details), recorded in a stage's output and never
 raised to the user, and the advice each command adds to one (`failure_message`).
 
-The kinds are listed in `carv_attrib.video.decode`'s docstring. This module sits below both the
-decoder (`video`) and the container probe (`probe`), which raise them.
+The kinds are `FAILURE_KINDS`, described in `carv_attrib.video.decode`'s docstring (and README,
+"encode"). This module sits below both the decoder (`video`) and the container probe (`probe`),
+which raise them.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+# Every per-clip status besides "ok" a latent row can hold, in the order README lists them: the
+# decoder's and probe's (`decode`), the pool's (`timeout`, `crash`) and the VAE's (`encode_error`).
+FAILURE_KINDS = (
+    "missing",
+    "not_a_file",
+    "decode_error",
+    "no_video",
+    "unsupported_codec",
+    "truncated",
+    "too_short",
+    "timeout",
+    "crash",
+    "encode_error",
+)
 
 
 class ClipFailure(Exception):

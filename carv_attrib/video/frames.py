@@ -11,12 +11,14 @@ Neither function imports torch; both run on the CPU in a fraction of a second fo
 from __future__ import annotations
 
 import math
+import os
 import struct
 import zlib
 from pathlib import Path
 from typing import Any
 
-from carv_attrib.video.decode import ClipFailure, FramePolicy, decode_clip
+from carv_attrib.errors import UsageError
+from carv_attrib.video.decode import ClipFailure, FramePolicy, decode_clip, special_file_kind
 
 
 def inspect_frames(
@@ -39,10 +41,17 @@ def inspect_frames(
     - pixels (only with with_frames=True and status ok): uint8 numpy (F, H, W, 3) RGB, the frames
       the VAE would get.
     `decoder="pyav"` forces PyAV (to compare with the automatic choice).
+
+    Raises UsageError (exit 2) when `path` exists but is not a regular file (a directory, FIFO,
+    socket or device): it is one path the user named, not a clip among many, and probing it would
+    block on a FIFO for ever; the inode alone tells (`special_file_kind`).
     """
     from carv_attrib.video.probe import probe_video
 
     path = str(path)
+    special = special_file_kind(path) if os.path.exists(path) else None
+    if special is not None:
+        raise UsageError(f"{path} is not a video file but {special}; give a video file")
     report: dict[str, Any] = {
         "path": path,
         "policy": policy.to_dict(),

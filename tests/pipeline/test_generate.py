@@ -83,3 +83,62 @@ def test_the_untrained_check_reads_cosines_not_normalize_scores() -> None:
     assert len(untrained_warnings([q])) == 1
     q.cosines = np.array([0.94, 0.92, 0.91, 0.89, 0.88])  # a trained model's spread
     assert untrained_warnings([q]) == []
+
+
+def _pickled_transformer(src: Path, dst: Path) -> Path:
+    """A copy of the tiny pipeline whose transformer weights are a pickle carrying a payload (it would
+    create `dst/PWNED` if unpickled)."""
+    import os
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dst)
+    weights = dst / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = dict(load_file(str(weights)))
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204 - the pickle protocol
+            return (os.system, (f"touch {dst / 'PWNED'}",))
+
+    state["payload"] = Payload()
+    torch.save(state, dst / "transformer" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    return dst
+
+
+def _custom_transformer(src: Path, dst: Path) -> Path:
+    """A copy of the tiny pipeline whose model_index.json names a custom transformer class beside it."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model_index.json").read_text())
+    index["transformer"] = ["my_module", "MyTransformer"]
+    (dst / "model_index.json").write_text(json.dumps(index))
+    (dst / "transformer" / "my_module.py").write_text(
+        f"import pathlib\npathlib.Path({str(dst / 'PWNED')!r}).touch()\nclass MyTransformer: pass\n"
+    )
+    return dst
+
+
+@pytest.mark.parametrize("make", [_pickled_transformer, _custom_transformer], ids=["pickle", "custom-class"])
+def test_generate_refuses_pickles_and_custom_classes_in_one_line(
+    tiny_model_dir: Path, tmp_path: Path, make
+) -> None:
+    """diffusers refuses both without running the payload; the CLI says so in one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from carv_attrib.cli.app import app
+
+    model = make(tiny_model_dir, tmp_path / "model")
+    out = tmp_path / "g.mp4"
+    res = CliRunner().invoke(
+        app, ["generate", "x", "-m", str(model), "-o", str(out), "--frames", "5", "--size", "32x32"]
+    )
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot load the pipeline"), res.output
+    assert "Traceback" not in res.output
+    assert not (model / "PWNED").exists() and not out.exists()

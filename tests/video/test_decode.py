@@ -178,7 +178,7 @@ def test_failures_are_typed(tmp_path: Path, demo_data: Path) -> None:
     assert exc.value.kind == "too_short"
 
 
-def test_special_files_are_named_decode_errors_and_never_block(tmp_path: Path) -> None:
+def test_special_files_are_not_a_file_failures_and_never_block(tmp_path: Path) -> None:
     """A directory or a FIFO among the videos: one clear per-clip failure, from the inode alone (opening
     a FIFO for reading would block until a writer comes)."""
     import os
@@ -190,4 +190,4 @@ def test_special_files_are_named_decode_errors_and_never_block(tmp_path: Path) -
     for path, what in [(folder, "a directory"), (fifo, "a named pipe")]:
         with pytest.raises(ClipFailure) as err:
             decode_clip(str(path), FramePolicy(frames=5, width=32, height=32, fps=8))
-        assert err.value.kind == "decode_error" and f"not a video file but {what}" in err.value.message
+        assert err.value.kind == "not_a_file" and f"not a video file but {what}" in err.value.message
