@@ -470,8 +470,8 @@ def _refine(
     clips: ClipMeta,
     progress: ProgressFn,
 ) -> None:
-    """--refine (`search.refine`): per query, more replicates of the draws for the unsettled candidates,
-    then the candidates re-sorted by their refined scores, the top-k rows rebuilt with their se,
+    """--refine (`search.refine`): per query, the next strata of the draws for the query and all its
+    candidates while some are unsettled, then the candidates re-sorted by their refined scores, the top-k rows rebuilt with their se,
     se_gap and p_top_k, and the query's uncertainty block (method "refined", draws spent). A query
     without per-draw parts (dense) or readable vectors keeps its K-draw result."""
     assert cfg.top_k is not None  # ScoreConfig.validate

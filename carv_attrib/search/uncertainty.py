@@ -21,14 +21,14 @@ the same (σ_k, ε_k). The variance of that mean is estimated the way its draw s
 one z ~ N(0, I_U) shared by all clips of a query is a Gaussian with the estimated variances *and* the
 clips' covariance through the draws they share: `p_top_k` simulates the top-k from it.
 
-Two modes (`SE_METHODS`):
+Modes (`SE_METHODS`):
 * "exact": both sides' per-draw terms (the query's, and the clip's recomputed from its cached latent:
   one K-draw backward per clip, as `--explain` spends anyway);
 * "cheap" (the default): the query's side exactly (one K-draw backward per query, the clips' ψ_i from
-  the index) and the clip's side *mirrored*: taken equal to the query's. Under shared noise the two
-  sides move with the same draws, so the mirror adds them in phase (standard error ×2, an upper
-  bound when the sides are alike); under per-clip noise they are independent (×√2). The coverage of
-  both is measured in README ("Reading a score").
+  the index) and the clip's side *mirrored* (`mirrored_clip_terms`): the clip's draws taken to move
+  like the query's, scaled to the clip's norm and put through the clip's own Jacobian;
+* "refined": `score --refine` (`search.refine`).
+Coverage of each against K = 256 draws is measured by bench/score_se.py (README, "How sure a score is").
 """
 
 from __future__ import annotations
