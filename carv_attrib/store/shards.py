@@ -15,12 +15,10 @@ says so before anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from carv_attrib import __version__
+from carv_attrib.atomic import _HOST, atomic_path  # noqa: F401  (atomic_path: re-exported for the stages)
 from carv_attrib.errors import ConfigMismatchError, UsageError
 
 METADATA_KEY = b"carv_attrib"
@@ -64,22 +63,6 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-_HOST = socket.gethostname().replace(".", "-") or "host"
-
-
 def _is_stale_tmp(path: Path) -> bool:
     """A temporary file of a writer that is gone: written on this host by a pid that no longer runs.
     Another host's (a part on a shared file system) or a live writer's is left alone."""
@@ -99,8 +82,9 @@ def write_json_atomic(path: Path, data: Any, sort_keys: bool = True) -> None:
     """Write JSON atomically; sort_keys=False keeps a document's own field order (user-facing output)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n")
+    text = json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n"
+    with atomic_path(path, need=len(text.encode())) as tmp:
+        tmp.write_text(text)
 
 
 def read_json(path: Path) -> Any:
@@ -241,7 +225,7 @@ class ShardStore:
         meta[METADATA_KEY] = json.dumps(provenance, sort_keys=True, default=str).encode()
         table = table.replace_schema_metadata(meta)
         self.dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.shard_path(index)) as tmp:
+        with atomic_path(self.shard_path(index), need=table.nbytes) as tmp:  # nbytes: before compression
             pq.write_table(table, tmp)
         write_json_atomic(self.done_path(index), stats)
 
