@@ -47,6 +47,12 @@ class IndexChangedError(UsageError):
     in a row: the reader refuses rather than mix two indexes. Nothing was changed. Exit 2."""
 
 
+class DamagedFileError(UsageError):
+    """A run file that cannot be trusted: truncated, its bytes changed (a Parquet page CRC, an index
+    file's sha256 recorded in index_info.json), edited by hand, or missing. The message names the
+    file and the command that repairs it; nothing is scored from it. Exit 2."""
+
+
 class ModelLoadError(UsageError):
     """A model directory or Hub id that cannot be loaded. Exit 2."""
 

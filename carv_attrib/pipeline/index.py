@@ -11,6 +11,7 @@ training sample of an approximate index, and the vectors, one pass each, all ove
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ from carv_attrib.search.index import (
 from carv_attrib.search.precondition import Preconditioner, fit_preconditioner
 from carv_attrib.search.rerank import VectorStore
 from carv_attrib.space import check_space, space_for
+from carv_attrib.store.digests import digest_tree
 from carv_attrib.store.features import feature_ids, iter_feature_blocks
 from carv_attrib.store.live import LiveLatents
 from carv_attrib.store.lock import run_lock
@@ -124,6 +126,8 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
         assert index.ntotal == ids.size, (index.ntotal, ids.size)  # every pass saw the same shards
         save_index(index, tmp / run.faiss_path.name)
         pre.save(tmp / run.preconditioner_dir.name)
+        # the checksums of what was just written, checked each time the index is opened
+        info = dataclasses.replace(info, files=digest_tree(tmp, skip=(run.index_info_path.name,)))
         info.write(tmp / run.index_info_path.name)
     return info
 

@@ -17,6 +17,7 @@ Usage::
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -235,7 +236,7 @@ def _written_bytes(index: Any) -> int | None:
 def load_index(path: str | os.PathLike[str]) -> Any:
     """The CPU index saved at `path`."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"no FAISS index at {path}")
+        raise FileNotFoundError(errno.ENOENT, "no FAISS index", str(path))  # .filename: the path
     return faiss.read_index(str(path))
 
 
