@@ -67,7 +67,8 @@ def _option_names(cmd: Any) -> set[str]:
     return names
 
 
-COMMON = {"verbose_", "quiet_"}  # every command's -v/-q, documented once (README, "Conventions")
+# every command's -v/-q and --config FILE, documented once (README, "Conventions", "Resume without retyping")
+COMMON = {"verbose_", "quiet_", "config_file"}
 
 
 def _options(cmd: Any) -> list[Any]:

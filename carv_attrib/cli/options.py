@@ -126,32 +126,89 @@ def config_parameters(cls: type, skip: Sequence[str] = ()) -> list[inspect.Param
     return params
 
 
+CONFIG_HELP = (
+    "TOML file of options: [COMMAND] tables and top-level keys (e.g. model = ...); a typed flag wins "
+    "over it, it wins over the options RUN/run.json recorded for this command."
+)
+RESUME_NOTE = " Required, except when resuming: the last one RUN/run.json records."
+COMMANDS: set[str] = set()  # every stage command's name, for --config's table names
+
+
+def _config_param() -> inspect.Parameter:
+    return inspect.Parameter(
+        "config_file",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            Path | None, typer.Option("--config", help=CONFIG_HELP, metavar="FILE", show_default=False)
+        ],
+    )
+
+
+def _typed(names: set[str]) -> set[str]:
+    """The parameters the user typed (not left at their defaults): all of them outside a command's
+    context. Typer >= 0.2x runs on its own copy of click (`typer._click`), older ones on click."""
+    try:
+        from typer._click.core import ParameterSource
+        from typer._click.globals import get_current_context
+    except ImportError:  # a Typer that uses click itself
+        from click import get_current_context
+        from click.core import ParameterSource
+
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return set(names)
+    return {n for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)}
+
+
 def stage_command(
     cls: type,
     extra: Sequence[inspect.Parameter] = (),
     skip: Sequence[str] = (),
     defaults: dict[str, Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate `body(cfg, **extras)` into a Typer command taking `cls`'s fields as options.
+    """Decorate `body(cfg, **extras)` into a Typer command taking `cls`'s fields as options, plus
+    `--config FILE`.
 
     skip: fields not exposed (the body's extras may set them); defaults: library defaults that the
-    command overrides.
+    command overrides. Fields not typed take, in order, the --config file's value, then (for a
+    config with a `run`) the value RUN/run.json recorded for this command, then the default
+    (`carv_attrib.config.resume`); a required field other than the run may so be left out.
     """
 
     def decorate(body: Callable[..., Any]) -> Callable[..., Any]:
+        from carv_attrib.config.resume import RESET_EACH_TIME
+
+        name = body.__name__
+        COMMANDS.add(name)
         fields = config_parameters(cls, skip)
         names = {p.name for p in fields}
+        resumable = "run" in names
+        # a required option the run records (the manifest, the model) may be left out when resuming
+        required = {
+            p.name
+            for p in fields
+            if p.default is inspect.Parameter.empty and p.name != "run" and p.name not in RESET_EACH_TIME
+        }
+        if resumable:
+            fields = [p.replace(default=None) if p.name in required else p for p in fields]
+            for p in fields:
+                if p.name in required:
+                    info = typing.get_args(p.annotation)[1]  # a fresh Option/ArgumentInfo per call
+                    info.help = f"{info.help}{RESUME_NOTE}"
         # Positional (argument) fields first, in field order, then options: Typer keeps this order.
-        ordered = sorted(fields, key=lambda p: not _is_argument(p)) + list(extra)
+        ordered = sorted(fields, key=lambda p: not _is_argument(p)) + list(extra) + [_config_param()]
         if defaults:
             ordered = [p.replace(default=defaults[p.name]) if p.name in defaults else p for p in ordered]
 
         @functools.wraps(body)
         def command(**kwargs: Any) -> Any:
+            config_file = kwargs.pop("config_file", None)
             cfg_kwargs = {k: v for k, v in kwargs.items() if k in names}
             for k, v in cfg_kwargs.items():
                 if isinstance(v, tuple):
                     cfg_kwargs[k] = list(v)
+            cfg_kwargs = _resolve(cls, name, cfg_kwargs, _typed(names), config_file, resumable, required)
             cfg = cls(**cfg_kwargs)
             return body(cfg, **{k: v for k, v in kwargs.items() if k not in names})
 
@@ -161,6 +218,55 @@ def stage_command(
         return command
 
     return decorate
+
+
+def _resolve(
+    cls: type,
+    command: str,
+    given: dict[str, Any],
+    typed: set[str],
+    config_file: Path | None,
+    resumable: bool,
+    required: set[str],
+) -> dict[str, Any]:
+    """The config kwargs after --config and RUN/run.json (`config.resume.merge_options`); says on
+    stderr which options came from where; UsageError for a required option found nowhere."""
+    from carv_attrib.cli.common import say
+    from carv_attrib.config.resume import file_options, merge_options, read_config_file, stored_options
+    from carv_attrib.errors import UsageError
+
+    doc = read_config_file(config_file) if config_file is not None else {}
+    from_file = file_options(doc, command, cls, config_file, COMMANDS) if doc else {}
+    run = given.get("run") if "run" in typed or "run" not in from_file else from_file["run"]
+    stored = stored_options(run, command) if resumable else {}
+    merged, source = merge_options(cls, given, typed, from_file, stored)
+    missing = sorted(n for n in required if merged.get(n) is None)
+    if missing:
+        where = f"; {run}/run.json records no `{command}` to take them from" if resumable else ""
+        raise UsageError(
+            f"missing {', '.join(_flag(cls, n) for n in missing)}: give it on the command line or in "
+            f"--config FILE{where}"
+        )
+    for origin in ("--config", "run.json"):
+        taken = [n for n, s in source.items() if s == origin and merged[n] != given.get(n)]
+        if taken:
+            label = str(config_file) if origin == "--config" else f"{run}/run.json"
+            shown = ", ".join(f"{_flag(cls, n)} {_show(merged[n])}" for n in sorted(taken))
+            say(f"options from {label}: {shown}", style="dim")  # silenced by --quiet
+    return merged
+
+
+def _flag(cls: type, name: str) -> str:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.metadata.get("positional"):
+        return name.upper()
+    return (f.metadata.get("flags") or ("--" + name.replace("_", "-"),))[0]
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return str(v)
 
 
 def _is_argument(p: inspect.Parameter) -> bool:

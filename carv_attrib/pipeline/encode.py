@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from carv_attrib import __version__
 from carv_attrib.config import EncodeConfig, parse_shard
+from carv_attrib.config.resume import recorded_options
 from carv_attrib.errors import PartialRun
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodedClip, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity, resolve_source
@@ -349,7 +350,14 @@ def run_encode(
     ):
         summary = _encode(cfg, progress)
         if not summary.dry_run:
-            record(cfg.run, "encode", device=cfg.device, started=started, summary=summary.to_dict())
+            record(
+                cfg.run,
+                "encode",
+                device=cfg.device,
+                started=started,
+                summary=summary.to_dict(),
+                options=recorded_options(cfg),
+            )
     if check_failures and cfg.shard is None and summary.failure_rate > cfg.max_failure_rate:
         raise PartialRun(
             f"too many failures: {summary.failed}/{summary.total} clips "

@@ -36,6 +36,7 @@ from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.objective import TIMESTEP_CONVENTION
 from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.config import FeaturizeConfig, parse_shard
+from carv_attrib.config.resume import recorded_options
 from carv_attrib.errors import UsageError
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity, resolve_source
 from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
@@ -268,7 +269,14 @@ def _featurize_and_index(
             "preconditioner": info.preconditioner["kind"],
             "kept": kept,
         }
-    record(cfg.run, "featurize", device=cfg.device, started=started, summary=summary.to_dict())
+    record(
+        cfg.run,
+        "featurize",
+        device=cfg.device,
+        started=started,
+        summary=summary.to_dict(),
+        options=recorded_options(cfg),
+    )
     return FeaturizeResult(summary, info, kept if info is not None else {})
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from carv_attrib import __version__
 from carv_attrib.config import IndexConfig
+from carv_attrib.config.resume import recorded_options
 from carv_attrib.errors import ConfigMismatchError, UsageError
 from carv_attrib.pipeline._job import record
 from carv_attrib.search.index import (
@@ -244,5 +245,11 @@ def run_index(cfg: IndexConfig) -> IndexInfo:
     started = time.monotonic()
     with run_lock(cfg.run, "index", wait=cfg.wait):  # the record too: one writer's whole command
         info = build_run_index(cfg)
-        record(cfg.run, "index", started=started, preconditioner=info.preconditioner)
+        record(
+            cfg.run,
+            "index",
+            started=started,
+            preconditioner=info.preconditioner,
+            options=recorded_options(cfg),
+        )
     return info

@@ -53,6 +53,7 @@ from carv_attrib.carv.accounting import Costs
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.timesteps import Proposal, density
 from carv_attrib.config import DEFAULT_PRECONDITION, PlanConfig
+from carv_attrib.config.resume import recorded_options
 from carv_attrib.errors import UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder
 from carv_attrib.models.identity import check_encoder_matches
@@ -207,7 +208,13 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = noop) -> dict[str, Any]:
     if cfg.plot is not None:
         plot_plan(plan, Path(cfg.plot))
     record(
-        cfg.run, "plan", device=cfg.device, started=started, out=str(cfg.out), recommended=plan["recommended"]
+        cfg.run,
+        "plan",
+        device=cfg.device,
+        started=started,
+        out=str(cfg.out),
+        recommended=plan["recommended"],
+        options=recorded_options(cfg),
     )
     return plan
 

@@ -39,6 +39,7 @@ from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.nested import check_extendable, level_draws
 from carv_attrib.choices import OBJECTIVES
 from carv_attrib.config import ScoreConfig
+from carv_attrib.config.resume import recorded_options
 from carv_attrib.errors import UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, check_encoder_matches, check_transformers_match
@@ -834,6 +835,7 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = 
         started=t0,
         queries=len(cfg.queries),
         json=str(out) if out else None,
+        options=recorded_options(cfg),
     )
     return doc
 

@@ -148,8 +148,8 @@ def live_latents(manifest_path: Path, store: ShardStore) -> LiveLatents:
     except (pa.ArrowException, OSError) as exc:  # truncated or changed bytes
         raise DamagedFileError(
             f"{manifest_path} is damaged ({str(exc).splitlines()[0]}); remove it and rerun `carv-attrib "
-            f"encode MANIFEST -r {manifest_path.parent.parent} ...` with the manifest and options the run "
-            "was encoded with: it writes the manifest again and encodes no clip already encoded"
+            f"encode -r {manifest_path.parent.parent}` (the manifest and options its run.json recorded): "
+            "it writes the manifest again and encodes no clip already encoded"
         ) from exc
     if clips is None or store.read_config() is None:
         return LiveLatents()

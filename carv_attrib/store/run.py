@@ -144,9 +144,9 @@ class RunDir:
         if not self.manifest_table.exists() and self.latents.done_shards():
             raise DamagedFileError(
                 f"{self.manifest_table} is missing, so the run cannot tell which of its latents are "
-                f"current; rerun `carv-attrib encode MANIFEST -r {self.root} ...` with the manifest and "
-                "options it was encoded with: it writes the run's manifest again and encodes no clip "
-                "that is already encoded"
+                f"current; rerun `carv-attrib encode -r {self.root}` (the manifest and options its "
+                "run.json recorded): it writes the run's manifest again and encodes no clip that is "
+                "already encoded"
             )
 
     def live_features(self, live: LiveLatents | None = None) -> LiveFeatures:

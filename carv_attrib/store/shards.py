@@ -123,8 +123,8 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # How each stage's damaged shard is repaired: its done marker removed, the stage's command redoes
 # that shard's clips and keeps the others.
 _REPAIR = {
-    "latents": "`carv-attrib encode MANIFEST -r {run} ...` with the run's manifest and options",
-    "features": "`carv-attrib featurize {run} -m MODEL ...` with the run's options",
+    "latents": "`carv-attrib encode -r {run}` (the manifest and options RUN/run.json recorded)",
+    "features": "`carv-attrib featurize {run}` (the options RUN/run.json recorded)",
 }
 
 

@@ -16,7 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from carv_attrib.cli.app import app
-from carv_attrib.cli.options import config_parameters, format_param, param, stage_command
+from carv_attrib.cli.options import RESUME_NOTE, config_parameters, format_param, param, stage_command
 from carv_attrib.config import (
     DemoConfig,
     EncodeConfig,
@@ -28,6 +28,7 @@ from carv_attrib.config import (
     option,
     seed_option,
 )
+from carv_attrib.config.resume import RESET_EACH_TIME
 
 runner = CliRunner()
 
@@ -109,8 +110,18 @@ def test_stage_command_params_are_the_config_fields(name: str) -> None:
             expected_names.add(f.name)
             assert f.name in params, f"{name} lacks {f.name}"
             p = params[f.name]
-            assert p.help == f.metadata["help"], (name, f.name)
             default = _field_default(f)
+            if (
+                default is dataclasses.MISSING
+                and f.name != "run"
+                and f.name not in RESET_EACH_TIME
+                and "run" in {g.name for g in dataclasses.fields(cls)}
+            ):
+                # required, but a resume takes it from RUN/run.json (`config.resume`): optional on the CLI
+                assert p.help == f.metadata["help"] + RESUME_NOTE, (name, f.name)
+                default = None
+            else:
+                assert p.help == f.metadata["help"], (name, f.name)
             if name == "featurize" and cls is IndexConfig:
                 default = None  # not given, a rebuild keeps the current index's choice (index_config_keeping)
             if default is dataclasses.MISSING:
@@ -133,7 +144,7 @@ def test_stage_command_params_are_the_config_fields(name: str) -> None:
     # The rest are the CLI-only extras (--format, score's --top-k / --out) and -v/-q, which every
     # command takes after its name (`cli.options.common_options`).
     extras = set(params) - expected_names
-    assert extras <= {"fmt", "top_k", "out", "verbose_", "quiet_"}, (name, extras)
+    assert extras <= {"fmt", "top_k", "out", "verbose_", "quiet_", "config_file"}, (name, extras)
 
 
 def test_library_only_fields_are_not_options() -> None:

@@ -159,7 +159,9 @@ def test_deleted_manifest_is_named_and_the_named_encode_repairs_it(
         run_featurize(
             FeaturizeConfig(run=run.root, model=str(tiny_model_dir), draws=4, device="cpu", batch_clips=3)
         )
-    run_encode(_encode_cfg(run, demo_data, tiny_model_dir))
+    r = CliRunner().invoke(app, ["encode", "-r", str(run.root)])  # the message's repair, as typed
+    assert r.exit_code == 0, r.output
+    assert "options from" in r.stderr and "MANIFEST" in r.stderr
     assert {
         i: _sha(run.latents.shard_path(i)) for i in run.latents.done_shards()
     } == shards  # nothing re-encoded

@@ -19,6 +19,7 @@ from carv_attrib.pipeline.encode import EncodeConfig, run_encode
 from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
 from carv_attrib.pipeline.index import IndexConfig, build_run_index
 from carv_attrib.pipeline.score import ScoreConfig, run_score
+from carv_attrib.store.digests import doc_digest
 from carv_attrib.store.latents import iter_cached
 from carv_attrib.store.run import RunDir
 
@@ -177,6 +178,7 @@ def test_an_index_of_another_flow_rule_is_refused_before_any_query(
     info_path = r / "index" / "index_info.json"
     info = json.loads(info_path.read_text())
     info["objective"]["rule"] = "farneback-v0"
+    info["digest"] = doc_digest(info)  # as that version would have written it, not a hand edit
     info_path.write_text(json.dumps(info))
     query = next((data / "videos").glob("*.mp4"))
     with pytest.raises(UsageError, match="farneback-v0"):
