@@ -14,7 +14,10 @@ context of the unconditional branch of classifier-free guidance, and ranked like
 the query's `null_prompt` block holds that ranking and its top-k overlap with the captioned one (a clip
 in both does not owe its rank to the caption alone; read the overlap against chance, k/N, and against
 the other queries' null lists: on the demo run the null ranking hardly depends on the query, README).
-Without a prompt the queries are scored under the empty text alone (`conditioning: "null"`).
+Without a prompt the queries are scored under the empty text alone (`conditioning: "null"`); an empty or
+blank `--prompt` (or `--prompts` entry) is refused, as `encode` refuses an empty caption, naming
+`--null-prompt`. A prompt past 512 UMT5 tokens is embedded from its first 512, as WanPipeline embeds it;
+the query's `prompt_truncated` ({tokens, limit}) and a warning say so.
 
 The returned document follows `carv_attrib/schemas/attribution.schema.json`.
 """
