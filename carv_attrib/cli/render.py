@@ -41,6 +41,8 @@ def encode(summary: Any, shard: str | None, run: Any) -> None:
         err_console.print(
             Text.assemble("  ", (str(ex["status"]), "red"), f" {ex['vid']}: {ex['error']}"), soft_wrap=True
         )
+    for warning in summary.warnings:  # e.g. captions past 512 UMT5 tokens
+        err_console.print(Text.assemble(("warning", "yellow"), f": {warning}"), soft_wrap=True)
     if shard is not None:
         say(
             f"part {shard} done; once every part is, the same command without --shard commits "

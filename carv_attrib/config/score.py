@@ -88,13 +88,18 @@ class ScoreConfig(StageConfig):
     )
 
     def validate(self) -> ScoreConfig:
-        """At least one query, a bool null_prompt, the choices, a number of results where --explain or vote
+        """At least one query, a bool null_prompt, a --prompt that is not blank, the choices, a number of results where --explain or vote
         needs one, the counts and a positive --decode-timeout; returns self.
         """
         if not self.queries:
             raise UsageError("give at least one query video (or a --prompts FILE that lists them)")
         if not isinstance(self.null_prompt, bool):  # a library caller's "yes" would read as True
             raise UsageError(f"null_prompt must be True or False, not {self.null_prompt!r}")
+        if self.prompt is not None and not self.prompt.strip():  # as encode refuses an empty caption
+            raise UsageError(
+                f"--prompt {self.prompt!r} is empty; to attribute under the empty text (the unconditional "
+                "branch), pass --null-prompt without --prompt"
+            )
         check_choice("--aggregate", self.aggregate, AGGREGATES)
         if self.objective is not None:
             check_choice("--objective", self.objective, OBJECTIVES)

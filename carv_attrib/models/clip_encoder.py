@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from carv_attrib.models.identity import ENCODER_COMPONENTS
-from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan
+from carv_attrib.models.wan import WanModel, encode_prompts, encode_video, load_wan, prompt_token_lengths
 from carv_attrib.store.run import EncodeFacts
 from carv_attrib.video.decode import DecodedClip, FramePolicy, decode_clip, frames_to_tensor
 from carv_attrib.video.motion import decode_with_motion, stored_map
@@ -144,6 +144,11 @@ class ClipEncoder:
     def embed(self, captions: Sequence[str]) -> list[np.ndarray]:
         """(L_i, D) text embeddings in the storage dtype, in one `encode_prompts` call."""
         return [emb.numpy().astype(self.dtype) for emb in encode_prompts(self.wan, list(captions))]
+
+    def token_lengths(self, captions: Sequence[str]) -> list[int]:
+        """Each caption's UMT5 token count before truncation (`prompt_token_lengths`); > 512 means
+        `embed` saw only its first 512 tokens, as WanPipeline would."""
+        return prompt_token_lengths(self.wan.tokenizer, list(captions))
 
     def encode(self, clip: DecodedClip, caption: str) -> EncodedClip | EncodeFailure:
         """`encode_clip`, then, if it encoded, its caption (`embed`)."""

@@ -41,6 +41,17 @@ log = logging.getLogger(__name__)
 # the model input and must match the pipeline's.
 MAX_SEQUENCE_LENGTH = 512
 
+
+def truncation_warning(count: int, what: str = "captions") -> str:
+    """The per-run line for `count` texts longer than MAX_SEQUENCE_LENGTH UMT5 tokens."""
+    are = "exceed" if count != 1 else "exceeds"
+    return (
+        f"{count} {what if count != 1 else what.rstrip('s')} {are} {MAX_SEQUENCE_LENGTH} UMT5 tokens and "
+        f"{'were' if count != 1 else 'was'} truncated as WanPipeline truncates them: the words past "
+        f"token {MAX_SEQUENCE_LENGTH} do not reach the model"
+    )
+
+
 COMPONENT_CLASSES = {
     "vae": ("diffusers", "AutoencoderKLWan"),
     "transformer": ("diffusers", "WanTransformer3DModel"),
@@ -249,6 +260,18 @@ def encode_prompts(wan: WanModel, prompts: Sequence[str], batch_size: int = 16) 
             ).last_hidden_state  # (b, 512, D)
         out.extend(hidden[i, :n].float().cpu().clone() for i, n in enumerate(seq_lens))
     return out
+
+
+def prompt_token_lengths(tokenizer: Any, prompts: Sequence[str]) -> list[int]:
+    """Each prompt's UMT5 token count *before* truncation (after `prompt_clean`, with the closing </s>,
+    as `encode_prompts` tokenizes it): past MAX_SEQUENCE_LENGTH the model sees only the first 512
+    (`encode_prompts` truncates, as WanPipeline does), so the caller can say so."""
+    if not prompts:
+        return []
+    ids = tokenizer(
+        [prompt_clean(p) for p in prompts], add_special_tokens=True, truncation=False, verbose=False
+    )["input_ids"]
+    return [len(x) for x in ids]
 
 
 def pad_context(emb: Any, length: int = MAX_SEQUENCE_LENGTH) -> Any:

@@ -17,6 +17,7 @@ only the clips that are new or changed (`plan_encode`). Decoding runs in worker 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -34,7 +35,13 @@ from carv_attrib.config.resume import recorded_options
 from carv_attrib.errors import PartialRun
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodedClip, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, model_identity, resolve_source
-from carv_attrib.models.wan import WanModel, load_wan, vae_tiling_decision
+from carv_attrib.models.wan import (
+    MAX_SEQUENCE_LENGTH,
+    WanModel,
+    load_wan,
+    truncation_warning,
+    vae_tiling_decision,
+)
 from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
 from carv_attrib.store.latents import empty_latent_row, latent_schema
 from carv_attrib.store.live import hashes_in_rows, latent_rows, latent_sha, selection
@@ -134,6 +141,11 @@ class EncodeSummary:
     dry_run: bool = False
     estimated_s: float | None = None  # dry run: time the encode would take, from a short timing
     examples: list[dict[str, Any]] = field(default_factory=list)  # a few failed clips: vid, status, error
+    # Distinct captions this invocation embedded that are longer than 512 UMT5 tokens (embedded truncated,
+    # as WanPipeline does: the model never sees the rest), and the longest one's untruncated length.
+    truncated_captions: int = 0
+    truncated_tokens_max: int | None = None
+    warnings: list[str] = field(default_factory=list)  # per-run notes, e.g. truncated captions
 
     @property
     def failure_rate(self) -> float:
@@ -194,10 +206,14 @@ class _TextCache:
         self.capacity = capacity
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.encoded = 0
+        self.truncated: dict[str, int] = {}  # sha256 of a caption past 512 tokens -> its token count
 
     def get_many(self, captions: list[str]) -> list[np.ndarray]:
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
         if missing:
+            for cap, n in zip(missing, self.encoder.token_lengths(missing)):
+                if n > MAX_SEQUENCE_LENGTH:  # a digest: an evicted caption embedded again counts once
+                    self.truncated[hashlib.sha256(cap.encode()).hexdigest()] = n
             for cap, emb in zip(missing, self.encoder.embed(missing)):
                 self._cache[cap] = emb
             self.encoded += len(missing)
@@ -427,7 +443,22 @@ def _encode(cfg: EncodeConfig, progress: ProgressFn = noop) -> EncodeSummary:
                 t_wait = time.monotonic()
     if part is None:
         plan.clips.write(run.manifest_table)  # the commit: from here on the new manifest is live
-    return summarize(run, plan, fp, len(plan.todo), len(shards), time.monotonic() - t0)
+    summary = summarize(run, plan, fp, len(plan.todo), len(shards), time.monotonic() - t0)
+    if shards:
+        note_truncation(
+            summary, len(encoder.texts.truncated), max(encoder.texts.truncated.values(), default=0)
+        )
+    return summary
+
+
+def note_truncation(summary: EncodeSummary, count: int, longest: int) -> None:
+    """Record `count` captions past 512 UMT5 tokens (longest: its untruncated token count) in the
+    summary: its counts and a warning line (`truncation_warning`), replacing an earlier one."""
+    summary.truncated_captions = count
+    summary.truncated_tokens_max = longest if count else None
+    summary.warnings = [w for w in summary.warnings if "UMT5 tokens" not in w]
+    if count:
+        summary.warnings.append(truncation_warning(count) + f" (the longest has {longest} tokens)")
 
 
 def _encode_with_ray(
@@ -457,6 +488,13 @@ def _encode_with_ray(
         final.changes["to_encode"] += final.encoded
         final.encoded += sum(p.encoded for p in done)
         final.shards_written += sum(p.shards_written for p in done)
+        # A caption shared by two parts counts in each (the parts do not share their caption caches).
+        parts = [final, *done]
+        note_truncation(
+            final,
+            sum(p.truncated_captions for p in parts),
+            max((p.truncated_tokens_max or 0 for p in parts), default=0),
+        )
 
     final = run_in_parts(_encode, cfg, prepare, lambda s: {"encoded": s.encoded}, merge, progress)
     final.clips_per_s = round(final.encoded / final.seconds, 3) if final.encoded else 0.0

@@ -14,7 +14,10 @@ context of the unconditional branch of classifier-free guidance, and ranked like
 the query's `null_prompt` block holds that ranking and its top-k overlap with the captioned one (a clip
 in both does not owe its rank to the caption alone; read the overlap against chance, k/N, and against
 the other queries' null lists: on the demo run the null ranking hardly depends on the query, README).
-Without a prompt the queries are scored under the empty text alone (`conditioning: "null"`).
+Without a prompt the queries are scored under the empty text alone (`conditioning: "null"`); an empty or
+blank `--prompt` (or `--prompts` entry) is refused, as `encode` refuses an empty caption, naming
+`--null-prompt`. A prompt past 512 UMT5 tokens is embedded from its first 512, as WanPipeline embeds it;
+the query's `prompt_truncated` ({tokens, limit}) and a warning say so.
 
 The returned document follows `carv_attrib/schemas/attribution.schema.json`.
 """
@@ -43,7 +46,7 @@ from carv_attrib.config.resume import recorded_options
 from carv_attrib.errors import UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, check_encoder_matches, check_transformers_match
-from carv_attrib.models.wan import WanModel, load_wan
+from carv_attrib.models.wan import MAX_SEQUENCE_LENGTH, WanModel, load_wan
 from carv_attrib.pipeline._job import ProgressFn, noop, record
 from carv_attrib.search import uncertainty as unc
 from carv_attrib.search.explain import explain_result, layer_slices, layer_split, stratum_split
@@ -108,6 +111,11 @@ class Query:
     uncertainty: dict[str, Any] | None = None  # how se / p_top_k were obtained (`uncertainty.describe`)
     conditioning: str = "prompt"  # "prompt": ranked under its caption; "null": under the empty text
     null: Query | None = None  # --null-prompt: this query again under the empty text (`_null_copies`)
+    prompt_tokens: int | None = None  # the prompt's UMT5 tokens before truncation (> 512: truncated)
+
+    @property
+    def truncated(self) -> bool:
+        return self.prompt_tokens is not None and self.prompt_tokens > MAX_SEQUENCE_LENGTH
 
     def fail(self, error: str) -> None:
         self.status, self.error = "error", error
@@ -122,6 +130,8 @@ class Query:
         if self.status == "ok" and self.uncertainty is not None:
             out["uncertainty"] = self.uncertainty
         out["conditioning"] = self.conditioning
+        if self.truncated:  # embedded from its first 512 tokens, as WanPipeline would generate from it
+            out["prompt_truncated"] = {"tokens": self.prompt_tokens, "limit": MAX_SEQUENCE_LENGTH}
         if self.status == "ok" and self.null is not None:
             out["null_prompt"] = null_prompt_block(self, self.null)
         return out
@@ -156,6 +166,13 @@ def resolve_queries(
     if not path.exists():
         raise UsageError(f"--prompts {path}: no such file")
     mapping = _read_prompt_mapping(path)
+    blank = [k for k, v in mapping.items() if isinstance(v, str) and not v.strip()]
+    if blank:  # as --prompt "" (ScoreConfig.validate) and as encode refuses an empty caption
+        shown = ", ".join(blank[:5]) + (f" and {len(blank) - 5} more" if len(blank) > 5 else "")
+        raise UsageError(
+            f"--prompts {path}: empty prompt for {shown}; to attribute under the empty text (the "
+            "unconditional branch), pass --null-prompt without --prompts"
+        )
     by_path = {(path.parent / k).resolve(): v for k, v in mapping.items()}  # relative to the file
     if not queries:  # the file lists the queries
         if not mapping:
@@ -271,6 +288,8 @@ def _encode_queries(
     ok = [q for q in queries if q.status == "ok"]
     for q, emb in zip(ok, encoder.embed([q.prompt for q in ok])):
         q.text_emb = torch.from_numpy(emb.astype(np.float32))  # (L, D) trimmed
+    for q, n in zip(ok, encoder.token_lengths([q.prompt for q in ok])):
+        q.prompt_tokens = n
 
 
 def _featurize_queries(
@@ -821,7 +840,7 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = 
     scored = [q for q in queries if q.scores is not None]
     if cfg.aggregate != "none" and scored:
         doc["aggregate"] = aggregate(cfg.aggregate, scored, cfg.top_k, clips)
-    doc["warnings"] = untrained_warnings(queries)
+    doc["warnings"] = untrained_warnings(queries) + truncation_warnings(queries)
     if cfg.top_k is not None and cfg.top_k > info.count:  # said, not silently shortened
         doc["warnings"].append(
             f"top-k {cfg.top_k} asks for more clips than the index holds ({info.count}): every clip is returned"
@@ -859,6 +878,18 @@ def flatness(q: Query) -> float | None:
         sd = float(np.std([r["score"] for r in q.results], ddof=1))
     median = float(np.median(se))
     return sd / median if median > 0 else None
+
+
+def truncation_warnings(queries: list[Query]) -> list[str]:
+    """A warning per query whose prompt is longer than 512 UMT5 tokens: it was embedded from its first
+    512 (as WanPipeline embeds it, so as the video was generated from it), the rest ignored."""
+    return [
+        f"{q.path}: the prompt has {q.prompt_tokens} UMT5 tokens, past the text encoder's "
+        f"{MAX_SEQUENCE_LENGTH}; it was truncated as WanPipeline truncates it (the words after token "
+        f"{MAX_SEQUENCE_LENGTH} play no part in the scores)"
+        for q in queries
+        if q.truncated
+    ]
 
 
 def untrained_warnings(queries: list[Query]) -> list[str]:

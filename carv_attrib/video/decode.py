@@ -30,8 +30,15 @@ are decoded with PyAV (sequential decode, FFmpeg's own behaviour):
   malformed frames, or where its frame count or timestamps disagree with the probe.
 A variable frame rate does not need PyAV: decord's frame i is the i-th frame in presentation
 order, the frames are picked from the probe's timestamps (the old constant-rate picking was the
-bug) and checked against decord's own. Nor does a non-square SAR: both paths scale the stored
-picture to `storage_size`, which includes the SAR. `DecodedClip.decoder` records which decoder ran,
+bug) and checked against decord's own. Nor does a non-square SAR: `storage_size` includes it.
+
+One picture whichever decoder runs: both decoders hand over each frame as RGB at its *stored* size
+(FFmpeg's YUV->RGB, which gives identical bytes for the same bitstream through decord and PyAV) and
+every frame is then scaled to `storage_size` by the one function `video/resize.py:resize_frame`
+(Pillow's antialiased bicubic, fixed-point), frame by frame, uint8 in and out; decord's own scaler
+(bilinear) and PyAV's `reformat` scaling (swscale bicubic) are no longer used, so routing a file to
+one decoder or the other (a stream-copied cut goes to PyAV, its uncut source to decord) does not
+change its pixels. Rotation and the centre crop follow the resize. `DecodedClip.decoder` records which decoder ran,
 `DecodedClip.timestamps` the presentation times of the frames taken (seconds after the first
 displayed frame) and `DecodedClip.start` that frame's own pts (seconds).
 
@@ -70,6 +77,7 @@ from typing import Any
 
 from carv_attrib.errors import UsageError
 from carv_attrib.video.failures import ClipFailure
+from carv_attrib.video.resize import resize_frame, resize_stack
 
 
 @dataclass(frozen=True)
@@ -212,6 +220,8 @@ DECORD_CODECS = frozenset({"h264", "hevc", "mpeg4", "vp8", "vp9", "mpeg2video", 
 # FFmpeg demuxer names (VideoProbe.container) whose files decord indexes and seeks right; MPEG-TS and
 # MPEG-PS are not among them (decord returned frame 30 for frame 0 of a 30 fps .ts in the corpus).
 DECORD_CONTAINERS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi"})
+# Frames decord hands over per get_batch: at 1920x1080 that is 8 x 6.2 MB of stored-size RGB at once.
+DECORD_CHUNK = 8
 
 
 def probe(path: str) -> tuple[int, float, int, int]:
@@ -226,13 +236,13 @@ def probe(path: str) -> tuple[int, float, int, int]:
 
 
 def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = None) -> Any:
-    """uint8 (len(indices), h, w, 3) RGB frames by decord's frame index; `size` = (w, h) resizes
-    inside the decoder (ffmpeg's scaler), so full-size frames never cross process boundaries."""
+    """uint8 (len(indices), h, w, 3) RGB frames by decord's frame index (no quirk handling; kept for
+    comparisons and tests); `size` = (w, h) scales them with `resize_frame`, as `decode_clip` does."""
     import decord
 
-    kwargs = {"width": size[0], "height": size[1]} if size else {}
-    vr = decord.VideoReader(path, num_threads=1, **kwargs)
-    return vr.get_batch(indices).asnumpy()
+    vr = decord.VideoReader(path, num_threads=1)
+    frames = vr.get_batch(indices).asnumpy()
+    return resize_stack(frames, size) if size else frames
 
 
 def pyav_reasons(p: Any) -> list[str]:
@@ -273,13 +283,15 @@ def orient(frames: Any, rotation: int) -> Any:
 
 
 def _decode_decord(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> Any:
-    """decord read of display frames `idx`; None when decord's view of the file disagrees with the
-    probe (frame count, or a taken frame's time offset from frame 0 off by more than a quarter of the
-    shortest frame interval) or its output is malformed (decord 0.6 gives (h, w, 4) frames for some
-    target widths, e.g. 48)."""
+    """decord read of display frames `idx` at the stored size, each then scaled to `size` = (w, h)
+    by `resize_frame` (a few frames at a time, so no stack of full-size frames is held); None when
+    decord's view of the file disagrees with the probe (frame count, or a taken frame's time offset
+    from frame 0 off by more than a quarter of the shortest frame interval) or its output is
+    malformed (decord 0.6 gives (h, w, 4) frames for some widths, e.g. 48)."""
     import decord
+    import numpy as np
 
-    vr = decord.VideoReader(path, num_threads=1, width=size[0], height=size[1])
+    vr = decord.VideoReader(path, num_threads=1)  # no width/height: decord's own scaler is bilinear
     if len(vr) != len(p.display_pts):
         return None
     wanted = sorted(set(idx))
@@ -293,16 +305,20 @@ def _decode_decord(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> 
     for i, t in zip(wanted, ts[1:]):
         if abs(float(t - ts[0]) - p.seconds(p.display_pts[i] - p.display_pts[0])) > tol:
             return None
-    frames = vr.get_batch(idx).asnumpy()
-    if frames.shape != (len(idx), size[1], size[0], 3):  # decord 0.6 returns 4 channels at some widths
-        return None
-    return frames
+    out = np.empty((len(idx), size[1], size[0], 3), np.uint8)
+    for start in range(0, len(idx), DECORD_CHUNK):
+        chunk = vr.get_batch(idx[start : start + DECORD_CHUNK]).asnumpy()
+        if chunk.shape[1:] != (p.height, p.width, 3):  # decord 0.6 returns 4 channels at some widths
+            return None
+        resize_stack(chunk, size, out, start)
+    return out
 
 
 def _decode_pyav(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> Any:
-    """Sequential PyAV decode (one thread) of display frames `idx`, scaled to `size` = (w, h) with
-    FFmpeg's bicubic scaler (as decord's scale filter) into RGB. Stops at the first incomplete packet
-    (truncated data): frames shown before it decode from intact packets only."""
+    """Sequential PyAV decode (one thread) of display frames `idx`: each converted to RGB at its
+    stored size (swscale, no scaling) and scaled to `size` = (w, h) by `resize_frame`, as decord's
+    frames are. Stops at the first incomplete packet (truncated data): frames shown before it decode
+    from intact packets only."""
     import av
     import numpy as np
 
@@ -316,9 +332,7 @@ def _decode_pyav(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> An
             n, out[0] = out[0], out[0] + 1
             pts = fr.pts if fr.pts is not None else p.display_pts[min(n, len(p.display_pts) - 1)]
             if pts in want and pts not in got:
-                got[pts] = fr.reformat(
-                    width=size[0], height=size[1], format="rgb24", interpolation="BICUBIC"
-                ).to_ndarray()
+                got[pts] = resize_frame(fr.to_ndarray(format="rgb24"), size)
 
     with av.open(path) as container:
         stream = container.streams.video[0]

@@ -85,3 +85,39 @@ def test_missing_model_directory_is_one_clear_error(tmp_path: Path) -> None:
 def test_unreachable_hub_id_is_one_clear_error() -> None:
     with pytest.raises(ModelLoadError, match=r"Hub id.*not in the local Hugging Face cache"):
         load_wan("no-such-org/no-such-wan-model", ("vae",))
+
+
+def _long_caption(words: int, tail: str) -> str:
+    """`words` words of plain English, then `tail` (what a caption past 512 tokens says last)."""
+    base = "a red square moves slowly over a grey field while the camera pans".split()
+    return " ".join(base[i % len(base)] for i in range(words)) + " " + tail
+
+
+def test_untruncated_lengths_are_measured_and_long_captions_are_cut_as_wan_pipeline(
+    tiny_model_dir: Path, wan
+) -> None:
+    """Two 2,000-word captions differing after word 1,000 get one embedding (the model sees 512 tokens,
+    as WanPipeline feeds it): that is kept, and `prompt_token_lengths` says how long they really are."""
+    from diffusers import WanPipeline
+
+    from carv_attrib.models.wan import MAX_SEQUENCE_LENGTH, prompt_token_lengths, truncation_warning
+
+    a = _long_caption(2000, "and then it turns blue")
+    b = _long_caption(2000, "and then a dog runs in")
+    short = "a red square"
+    lengths = prompt_token_lengths(wan.tokenizer, [a, b, short])
+    assert lengths[0] > 2000 and lengths[1] > 2000  # ~1 token a word, plus </s>
+    assert lengths[2] == len(wan.tokenizer(short)["input_ids"]) < MAX_SEQUENCE_LENGTH
+    ea, eb, es = encode_prompts(wan, [a, b, short])
+    assert ea.shape[0] == eb.shape[0] == MAX_SEQUENCE_LENGTH and es.shape[0] == lengths[2]
+    assert torch.equal(ea, eb)  # what the model sees: the same first 512 tokens
+    pipe = WanPipeline.from_pretrained(str(tiny_model_dir))
+    ref, _ = pipe.encode_prompt([a], do_classifier_free_guidance=False, max_sequence_length=512, device="cpu")
+    # truncated exactly as the pipeline does (batch 3 vs 1: float noise of ~1e-6 in a few entries)
+    torch.testing.assert_close(ea, ref[0], rtol=1e-4, atol=1e-5)
+    assert truncation_warning(2) == (
+        "2 captions exceed 512 UMT5 tokens and were truncated as WanPipeline truncates them: "
+        "the words past token 512 do not reach the model"
+    )
+    assert truncation_warning(1).startswith("1 caption exceeds 512 UMT5 tokens and was truncated")
+    assert prompt_token_lengths(wan.tokenizer, []) == []

@@ -194,3 +194,60 @@ def test_vae_tiling_is_decided_once_recorded_and_followed_by_score(
     cfg.vae_tiling = "off"
     with pytest.raises(ConfigMismatchError, match="vae_tiling"):
         run_encode(cfg)  # never mixed into one run
+
+
+def test_captions_past_512_tokens_are_encoded_truncated_and_counted(
+    tmp_path: Path, tiny_model_dir: Path, demo_data: Path
+) -> None:
+    """Two 2,000-word captions that differ after word 1,000 are embedded as WanPipeline embeds them (their
+    first 512 UMT5 tokens: one embedding), and the run says so: a count, the longest length and a
+    warning in the summary (`--format json`), the same warning on the terminal (`--format human`)."""
+    from typer.testing import CliRunner
+
+    from carv_attrib.cli.app import app
+
+    clips = sorted((demo_data / "videos").glob("*.mp4"))[:3]
+    words = " ".join(["a red square moves over a grey field"] * 125)  # 1,000 words
+    long_a = words + " " + " ".join(["then it turns blue"] * 250)  # 2,000 words
+    long_b = words + " " + " ".join(["then a dog runs in"] * 200)
+    rows = [{"vid": clips[0].stem, "caption": long_a}, {"vid": clips[1].stem, "caption": long_b}]
+    rows.append({"vid": clips[2].stem, "caption": "a short caption"})
+    (tmp_path / "m.json").write_text(json.dumps(rows))
+    common = ["-m", tiny_model_dir, "--videos", demo_data / "videos", "--frames", "9", "--size", "32x32"]
+    common += ["--workers", "0", "--device", "cpu"]
+    r = CliRunner().invoke(
+        app,
+        [
+            str(a)
+            for a in ["encode", tmp_path / "m.json", "-r", tmp_path / "run", *common, "--format", "json"]
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["ok"] == 3 and s["truncated_captions"] == 2 and s["truncated_tokens_max"] > 2000
+    (warning,) = s["warnings"]
+    assert warning.startswith(
+        "2 captions exceed 512 UMT5 tokens and were truncated as WanPipeline truncates them"
+    )
+    by_vid = {r["vid"]: r for r in rows_of(tmp_path / "run")}
+    a, b = by_vid[clips[0].stem], by_vid[clips[1].stem]
+    assert a["text_len"] == b["text_len"] == 512 and a["text_emb"] == b["text_emb"]
+    assert by_vid[clips[2].stem]["text_len"] < 512
+    r = CliRunner().invoke(
+        app,
+        [
+            str(a)
+            for a in ["encode", tmp_path / "m.json", "-r", tmp_path / "run2", *common, "--format", "human"]
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "warning: 2 captions exceed 512 UMT5 tokens" in " ".join(r.stderr.split())
+    r = CliRunner().invoke(  # nothing to encode: no caption embedded, none counted
+        app,
+        [
+            str(a)
+            for a in ["encode", tmp_path / "m.json", "-r", tmp_path / "run", *common, "--format", "json"]
+        ],
+    )
+    again = json.loads(r.stdout)
+    assert again["encoded"] == 0 and again["truncated_captions"] == 0 and again["warnings"] == []

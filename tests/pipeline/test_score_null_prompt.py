@@ -94,15 +94,14 @@ def test_null_prompt_ranking_rides_beside_the_captioned_one(run: Path, demo_data
     assert null["top_k_overlap"] == len(set(mine) & set(theirs)) / 3
     for r in null["results"]:  # the null rows are full result rows: placed and explained like the others
         assert r["percentile"] is not None and set(r["explain"]["by_kind"]) >= {"self_attention", "other"}
-    # the same ranking as scoring the empty text as an explicit prompt, and as --null-prompt alone
+    # the same ranking as --null-prompt alone (an explicit empty --prompt is refused: see
+    # test_blank_prompt_is_refused_naming_null_prompt)
     alone = run_score(ScoreConfig(null_prompt=True, **common))
     jsonschema.validate(alone, schema())
     (qa,) = alone["queries"]
     assert qa["prompt"] == "" and qa["conditioning"] == "null" and "null_prompt" not in qa
-    explicit = run_score(ScoreConfig(prompt="", **common))["queries"][0]
-    assert explicit["conditioning"] == "prompt"
     dim = doc["index"]["dim"]
-    for other in (qa, explicit):
+    for other in (qa,):
         assert [r["clip_id"] for r in other["results"]] == theirs
         # cosine scores of features computed in another batch: float32 rounding, ≤ D·eps32
         for a, b in zip(other["results"], null["results"]):
@@ -149,3 +148,71 @@ def test_null_prompt_block_overlap_and_a_failed_null_pass() -> None:
     entry = q.to_json()
     assert entry["null_prompt"] == failed and entry["conditioning"] == "prompt"
     jsonschema.validate(entry, schema()["properties"]["queries"]["items"] | {"$defs": schema()["$defs"]})
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t\n"])
+def test_blank_prompt_is_refused_naming_null_prompt(
+    run: Path, demo_data: Path, tmp_path: Path, blank: str
+) -> None:
+    """encode refuses an empty caption; score refuses an empty --prompt the same way (exit 2, one line),
+    naming --null-prompt, the explicit way to rank under the empty text. Nothing is loaded or written."""
+    query = demo_data / "videos" / "demo-00001.mp4"
+    before = (run / "run.json").read_bytes() if (run / "run.json").exists() else None
+    with pytest.raises(UsageError, match="--null-prompt"):
+        ScoreConfig(run=run, queries=[query], prompt=blank).validate()
+    r = CliRunner().invoke(
+        app, ["score", str(query), "--run", str(run), "-p", blank, "--device", "cpu", "--workers", "0"]
+    )
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "empty" in lines[0] and "--null-prompt" in lines[0], r.output
+    assert "Traceback" not in r.output
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({str(query): blank}))
+    r = CliRunner().invoke(
+        app,
+        [
+            "score",
+            str(query),
+            "--run",
+            str(run),
+            "--prompts",
+            str(prompts),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+    )
+    assert r.exit_code == 2 and "--null-prompt" in r.output and "empty prompt for" in r.output, r.output
+    after = (run / "run.json").read_bytes() if (run / "run.json").exists() else None
+    assert before == after
+
+
+def test_prompt_past_512_tokens_is_scored_truncated_with_a_warning(run: Path, demo_data: Path) -> None:
+    """A --prompt past the text encoder's 512 tokens is embedded as WanPipeline embeds it (its first
+    512 tokens: two prompts that differ after that score the same), and said: a warning in the
+    document and on the terminal, and `prompt_truncated` in the query's JSON (schema-valid)."""
+    vid = "demo-00002"
+    query = demo_data / "videos" / f"{vid}.mp4"
+    words = (caption(demo_data, vid) + " ") * 400
+    common = dict(run=run, queries=[query], top_k=3, workers=0, device="cpu")
+    a = run_score(ScoreConfig(prompt=words + "and it ends blue", **common))
+    b = run_score(ScoreConfig(prompt=words + "and then a dog runs in", **common))
+    jsonschema.validate(a, schema())
+    (qa,), (qb,) = a["queries"], b["queries"]
+    assert qa["prompt_truncated"]["limit"] == 512 and qa["prompt_truncated"]["tokens"] > 512
+    assert [r["score"] for r in qa["results"]] == [r["score"] for r in qb["results"]]
+    (warning,) = [w for w in a["warnings"] if "UMT5 tokens" in w]
+    assert (
+        f"{qa['prompt_truncated']['tokens']} UMT5 tokens" in warning and "truncated as WanPipeline" in warning
+    )
+    short = run_score(ScoreConfig(prompt=caption(demo_data, vid), **common))
+    assert "prompt_truncated" not in short["queries"][0]
+    assert not [w for w in short["warnings"] if "UMT5" in w]
+    r = CliRunner().invoke(
+        app, ["score", str(query), "--run", str(run), "-p", words, "-k", "2", "--format", "json", "--device",
+              "cpu", "--workers", "0"]
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "warning:" in r.stderr and "truncated as WanPipeline" in " ".join(r.stderr.split())
