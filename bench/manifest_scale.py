@@ -61,7 +61,7 @@ def worker(manifest: str, videos: str, run: str) -> dict[str, Any]:
     t2 = time.perf_counter()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "code": enc.__file__,
+        "module": enc.__file__,
         "hashes_in_dry_run": not stat_only,
         "rows": len(table),
         "load_s": round(t1 - t0, 2),
