@@ -36,8 +36,8 @@ def encode(summary: Any, shard: str | None, run: Any) -> None:
         present = files.get("to_encode_present", todo)
         unhashed = files.get("to_encode_unhashed", 0)
         by_stat = (
-            f", {unhashed} of them only because their size or mtime is not on record (the encode "
-            "hashes those first and skips any whose bytes are unchanged)"
+            f", {unhashed} of them because no hash is on record for their path, size and mtime (new or "
+            "touched files: the encode hashes those first and skips any whose bytes it already encoded)"
             if unhashed and summary.total
             else ""
         )
