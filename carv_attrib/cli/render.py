@@ -20,12 +20,35 @@ def encode(summary: Any, shard: str | None, run: Any) -> None:
     """An `EncodeSummary`: the dry-run estimate, or the counts, failure examples and advice."""
     changes = _changes(summary.changes, "to_encode")
     if summary.dry_run:
+        files = summary.files or {}
+        for kind, what in (("missing", "missing"), ("not_a_file", "not regular files")):
+            if files.get(kind):
+                shown = ", ".join(files[f"{kind}_examples"])
+                more = f" and {files[kind] - len(files[f'{kind}_examples'])} more" if files[kind] > 5 else ""
+                err_console.print(
+                    Text.assemble(
+                        (f"{files[kind]} video files {what}", "red"),
+                        f" (encoded as failed clips): {shown}{more}",
+                    ),
+                    soft_wrap=True,
+                )
+        todo = summary.changes["to_encode"]
+        present = files.get("to_encode_present", todo)
+        unhashed = files.get("to_encode_unhashed", 0)
+        by_stat = (
+            f", {unhashed} of them because no hash is on record for their path, size and mtime (new or "
+            "touched files: the encode hashes those first and skips any whose bytes it already encoded)"
+            if unhashed and summary.total
+            else ""
+        )
         err_console.print(
             Text.assemble(
                 ("dry run", "yellow"),
-                f": would encode {summary.changes['to_encode']} clips ({changes}), about "
-                f"{summary.estimated_s:.0f} s; nothing was written",
-            )
+                f": would encode {todo} clips ({changes}){by_stat}; about {summary.estimated_s:.0f} s "
+                f"for the {present} whose file is present; counted from sizes and mtimes, no file was "
+                "read or hashed; nothing was written",
+            ),
+            soft_wrap=True,
         )
         return
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary.failures.items())) or "none"

@@ -49,7 +49,7 @@ from carv_attrib.store.lock import run_lock
 from carv_attrib.store.manifest import ClipTable, read_manifest
 from carv_attrib.store.run import EncodeFacts, RunDir
 from carv_attrib.store.shards import ShardStore, fingerprint, now_iso
-from carv_attrib.store.sources import SourcedClips
+from carv_attrib.store.sources import FileSurvey, SourcedClips, source_key, survey_files
 from carv_attrib.video.decode import DecodedClip
 from carv_attrib.video.failures import ClipFailure, failure_message
 from carv_attrib.video.motion import MOTION_RULE
@@ -112,6 +112,8 @@ class EncodePlan:
     unchanged: int = 0
     retried: int = 0
     resumed: int = 0
+    unhashed: int = 0  # dry run: clips to encode whose file was only stat-ed (`plan_encode`)
+    survey: FileSurvey | None = None  # dry run: the stat of every file
 
     def counts(self) -> dict[str, int]:
         return {
@@ -140,6 +142,8 @@ class EncodeSummary:
     fingerprint: str
     dry_run: bool = False
     estimated_s: float | None = None  # dry run: time the encode would take, from a short timing
+    # dry run: what stat found (`dry_run_files`): missing / not-a-file counts and examples, no hashing
+    files: dict[str, Any] | None = None
     examples: list[dict[str, Any]] = field(default_factory=list)  # a few failed clips: vid, status, error
     # Distinct captions this invocation embedded that are longer than 512 UMT5 tokens (embedded truncated,
     # as WanPipeline does: the model never sees the rest), and the longest one's untruncated length.
@@ -166,23 +170,46 @@ def part_of(clips: ClipTable, part: tuple[int, int]) -> ClipTable:
 
 
 def plan_encode(
-    run: RunDir, clips: ClipTable, resumes: bool, retry_failed: bool, part: tuple[int, int] | None = None
+    run: RunDir,
+    clips: ClipTable,
+    resumes: bool,
+    retry_failed: bool,
+    part: tuple[int, int] | None = None,
+    hash_files: bool = True,
 ) -> EncodePlan:
     """Identify each clip's file (hashing only files whose stat changed since the committed manifest)
     and compare with the run: what is added, changed, removed, unchanged, and what to encode.
     `resumes`: the latents stage exists with this configuration (else everything is to do); `part`:
-    only the clips of part (I, N) (`--shard`), counted alone."""
+    only the clips of part (I, N) (`--shard`), counted alone. `hash_files=False` (the dry run): files
+    are only stat-ed (`survey_files`); a regular file whose stat is not on record is counted as to
+    encode (added, or changed when the clip was there before) without reading it (`plan.unhashed`)."""
     if part is not None:
         clips = part_of(clips, part)
     previous = SourcedClips.read(run.manifest_table) if resumes else None
     known = previous.known_hashes() if previous else {}
     if resumes:  # and what earlier or interrupted runs and parts recorded in their rows
         known |= hashes_in_rows(run.latents, dict(zip(clips.clip_id, clips.path)))
-    sourced = SourcedClips.identify(clips, known)
+    survey = None
+    if hash_files:
+        sourced = SourcedClips.identify(clips, known)
+        keys: list[str | None] = list(sourced.keys)
+    else:
+        survey = survey_files(clips.path, known)
+        idents = [survey.ident(j) for j in range(len(clips))]
+        keys = [None if i is None else source_key(i, c) for i, c in zip(idents, clips.caption)]
+        sourced = SourcedClips(clips, idents, keys)  # type: ignore[arg-type]  # None: not hashed
+    del known
     rows = latent_rows(run.latents) if resumes else {}
     before = dict(zip(previous.clips.clip_id, previous.keys)) if previous else {}
-    plan = EncodePlan(sourced, [])
-    for j, (cid, key) in enumerate(zip(clips.clip_id, sourced.keys)):
+    del previous
+    plan = EncodePlan(sourced, [], survey=survey)
+    for j, (cid, key) in enumerate(zip(clips.clip_id, keys)):
+        if key is None:  # dry run, stat not on record: counted as to encode, not read
+            plan.unhashed += 1
+            kind = "added" if cid not in before else "changed"
+            setattr(plan, kind, getattr(plan, kind) + 1)
+            plan.todo.append(j)
+            continue
         kind = "added" if cid not in before else "changed" if before[cid] != key else "unchanged"
         setattr(plan, kind, getattr(plan, kind) + 1)
         row = rows.get((cid, key))
@@ -196,6 +223,32 @@ def plan_encode(
     gone = set(before) - set(clips.clip_id)
     plan.removed = len(gone if part is None else {c for c in gone if c % part[1] == part[0]})
     return plan
+
+
+_LISTED = 5  # paths named per kind of absent file in a dry run
+
+
+def dry_run_files(plan: EncodePlan) -> dict[str, Any]:
+    """What a dry run found on disk, from stat alone (`plan.survey`): missing and non-regular files
+    (count and the first few paths), the files present, and how many clips to encode are counted
+    without reading their file."""
+    survey = plan.survey
+    assert survey is not None
+    paths = plan.clips.clips.path
+    todo = np.asarray(plan.todo, np.int64)
+    missing = np.flatnonzero(survey.missing)
+    odd = np.flatnonzero(~survey.missing & ~survey.regular)
+    present_todo = int(np.count_nonzero(survey.regular[todo])) if len(todo) else 0
+    return {
+        "hashed": False,
+        "missing": len(missing),
+        "missing_examples": [paths[j] for j in missing[:_LISTED]],
+        "not_a_file": len(odd),
+        "not_a_file_examples": [paths[j] for j in odd[:_LISTED]],
+        "present": int(np.count_nonzero(survey.regular)),
+        "to_encode_present": present_todo,
+        "to_encode_unhashed": plan.unhashed,
+    }
 
 
 class _TextCache:
@@ -320,14 +373,18 @@ class _ShardEncoder:
 
 def _estimate(cfg: EncodeConfig, plan: EncodePlan, facts: EncodeFacts, wan: WanModel | None) -> float:
     """Seconds the encode of `plan` would take: model load plus a timed encode of up to 2 of its clips
-    (decode + VAE + caption) scaled to all, with the VAE batching of the real run ignored."""
-    if not plan.todo:
+    (decode + VAE + caption) scaled to all whose file is present (a missing file or a special file is
+    a failure row, not a decode), with the VAE batching of the real run ignored."""
+    todo = plan.todo
+    if plan.survey is not None:  # the dry run's stat: only present regular files cost a decode
+        todo = [j for j in todo if plan.survey.regular[j]]
+    if not todo:
         return 0.0
     t0 = time.monotonic()
     wan = wan or load_wan(cfg.model, ENCODER_COMPONENTS, device=cfg.device, dtype=cfg.dtype)
     encoder = ClipEncoder(wan, facts)
     load_s = time.monotonic() - t0
-    sample = plan.todo[:2]
+    sample = todo[:2]
     clips = plan.clips.clips
     t1 = time.monotonic()
     for j in sample:
@@ -337,7 +394,7 @@ def _estimate(cfg: EncodeConfig, plan: EncodePlan, facts: EncodeFacts, wan: WanM
             continue
         encoder.encode(decoded, clips.caption[j])
     per_clip = (time.monotonic() - t1) / len(sample)
-    return round(load_s + per_clip * len(plan.todo), 3)
+    return round(load_s + per_clip * len(todo), 3)
 
 
 def run_encode(
@@ -408,11 +465,14 @@ def _encode(cfg: EncodeConfig, progress: ProgressFn = noop) -> EncodeSummary:
     resumes = store.check(config, overwrite=cfg.overwrite, what="encode")
     if cfg.executor == "ray" and not cfg.dry_run:
         return _encode_with_ray(cfg, run, config, progress)
-    plan = plan_encode(run, table, resumes, cfg.retry_failed, part)
+    # A dry run stats the files and reads none (10^6 rows: seconds, not the hours hashing takes).
+    plan = plan_encode(run, table, resumes, cfg.retry_failed, part, hash_files=not cfg.dry_run)
     progress("plan", plan.counts())
     if cfg.dry_run:
         estimate = _estimate(cfg, plan, facts, wan)
-        return summarize(run, plan, fingerprint(config), 0, 0, time.monotonic() - t0, estimate)
+        summary = summarize(run, plan, fingerprint(config), 0, 0, time.monotonic() - t0, estimate)
+        summary.files = dry_run_files(plan)
+        return summary
 
     run.root.mkdir(parents=True, exist_ok=True)
     fp = store.prepare(config, overwrite=cfg.overwrite, what="encode")

@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from carv_attrib.store.shards import atomic_path
 
 SOURCE_COLUMNS = ("source_size", "source_mtime_ns", "source_sha256", "source_key")
 _HASH_THREADS = 4  # hashlib releases the GIL: a few threads keep a disk or network share busy
+_CHUNK = 256  # paths per task: one future per chunk, not per row
+_IN_FLIGHT = 4  # chunks in flight per thread: memory stays bounded at 10^6 rows
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class SourceId:
         return self.size is None
 
 
+MISSING = SourceId(None, None, None)
+
+
 def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -60,7 +66,7 @@ def _identify(path: str, known: dict[tuple[str, int, int], str]) -> SourceId:
     try:
         st = os.stat(path)  # follows links: a Hub-cache symlink is identified by its blob
     except OSError:
-        return SourceId(None, None, None)
+        return MISSING
     if not stat.S_ISREG(st.st_mode):
         # A FIFO would block open() until a writer comes (for ever: before any decode timeout), a
         # device may never end, a directory or socket cannot be read: keyed by its stat, never opened.
@@ -75,6 +81,26 @@ def _identify(path: str, known: dict[tuple[str, int, int], str]) -> SourceId:
     return SourceId(st.st_size, st.st_mtime_ns, sha)
 
 
+def bounded_map(
+    fn: Callable[[str], Any], items: Iterable[str], threads: int = _HASH_THREADS, chunk: int = _CHUNK
+) -> Iterator[Any]:
+    """fn over items in `threads` threads, results in order, with at most threads × _IN_FLIGHT chunks
+    of `chunk` items submitted at a time (`ThreadPoolExecutor.map` submits every item at once: one
+    future per row, gigabytes at 10^6 rows)."""
+    pending: deque[Future[list[Any]]] = deque()
+    it = iter(items)
+    with ThreadPoolExecutor(threads) as pool:
+        while True:
+            while len(pending) < threads * _IN_FLIGHT:
+                batch = [x for _, x in zip(range(chunk), it)]
+                if not batch:
+                    break
+                pending.append(pool.submit(lambda b: [fn(x) for x in b], batch))
+            if not pending:
+                return
+            yield from pending.popleft().result()
+
+
 def identify_files(
     paths: list[str],
     known: dict[tuple[str, int, int], str] | None = None,
@@ -84,12 +110,63 @@ def identify_files(
     earlier: a file whose stat still matches is not read again."""
     known = known or {}
     out: list[SourceId] = []
-    with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        for i, ident in enumerate(pool.map(lambda p: _identify(p, known), paths, chunksize=64)):
-            out.append(ident)
-            if progress is not None and (i + 1) % 1024 == 0:
-                progress(i + 1)
+    for i, ident in enumerate(bounded_map(lambda p: _identify(p, known), paths)):
+        out.append(ident)
+        if progress is not None and (i + 1) % 1024 == 0:
+            progress(i + 1)
     return out
+
+
+@dataclass
+class FileSurvey:
+    """The stat of each path, no byte read (`encode --dry-run`): size and mtime_ns (-1: missing),
+    whether it is a regular file, and the sha256 where `known` has it for that exact stat."""
+
+    size: Any  # np.ndarray int64
+    mtime_ns: Any  # np.ndarray int64
+    regular: Any  # np.ndarray bool
+    known_sha: dict[int, str]  # position -> sha256 recorded for the same (path, size, mtime_ns)
+
+    @property
+    def missing(self) -> Any:
+        return self.size < 0
+
+    def ident(self, j: int) -> SourceId | None:
+        """The SourceId of position j as hashing would give it, or None when only reading it could
+        tell (a regular file whose stat is not in `known`)."""
+        if self.size[j] < 0:
+            return MISSING
+        size, mtime = int(self.size[j]), int(self.mtime_ns[j])
+        if not self.regular[j]:
+            return SourceId(size, mtime, None)
+        sha = self.known_sha.get(j)
+        return SourceId(size, mtime, sha) if sha is not None else None
+
+
+def _stat(path: str) -> tuple[int, int, bool]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1, False
+    return st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode)
+
+
+def survey_files(paths: list[str], known: dict[tuple[str, int, int], str] | None = None) -> FileSurvey:
+    """Stat every path (in bounded threads) without opening any: see `FileSurvey`."""
+    import numpy as np
+
+    n = len(paths)
+    size = np.empty(n, np.int64)
+    mtime = np.empty(n, np.int64)
+    regular = np.empty(n, bool)
+    known_sha: dict[int, str] = {}
+    for j, (s, m, r) in enumerate(bounded_map(_stat, paths, chunk=4096)):
+        size[j], mtime[j], regular[j] = s, m, r
+        if known and r:
+            sha = known.get((paths[j], s, m))
+            if sha is not None:
+                known_sha[j] = sha
+    return FileSurvey(size, mtime, regular, known_sha)
 
 
 def source_key(ident: SourceId, caption: str) -> str:
