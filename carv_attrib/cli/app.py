@@ -95,3 +95,7 @@ for _name, _command in COMMANDS.items():
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # python -m carv_attrib.cli.app, as the console script
+    main()
