@@ -232,14 +232,20 @@ def _resolve(
     """The config kwargs after --config and RUN/run.json (`config.resume.merge_options`); says on
     stderr which options came from where; UsageError for a required option found nowhere."""
     from carv_attrib.cli.common import say
-    from carv_attrib.config.resume import file_options, merge_options, read_config_file, stored_options
+    from carv_attrib.config.resume import (
+        file_options,
+        merge_options,
+        read_config_file,
+        reset_fields,
+        stored_options,
+    )
     from carv_attrib.errors import UsageError
 
     doc = read_config_file(config_file) if config_file is not None else {}
     from_file = file_options(doc, command, cls, config_file, COMMANDS) if doc else {}
     run = given.get("run") if "run" in typed or "run" not in from_file else from_file["run"]
     stored = stored_options(run, command) if resumable else {}
-    merged, source = merge_options(cls, given, typed, from_file, stored)
+    merged, source = merge_options(cls, given, typed, from_file, stored, reset_fields(command))
     missing = sorted(n for n in required if merged.get(n) is None)
     if missing:
         where = f"; {run}/run.json records no `{command}` to take them from" if resumable else ""

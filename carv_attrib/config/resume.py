@@ -16,7 +16,7 @@ Precedence, per field of a stage config (highest first):
 
 3. the options of the last `carv-attrib COMMAND` recorded in RUN/run.json (`recorded_options`,
    written by the stage itself through `pipeline._job.record`), for the resumable fields: every CLI
-   field but the one-shot ones (RESET_EACH_TIME: --overwrite, --dry-run, the queries, -o ...);
+   field but the one-shot ones (`reset_fields`: --overwrite, --dry-run, -o, ...; score's questions);
 4. the config's default.
 
 A contradiction is not resolved here: a value that differs from what the run was made with still
@@ -44,15 +44,34 @@ RESET_EACH_TIME = frozenset(
         "dry_run",
         "wait",
         "retry_failed",
-        "queries",
-        "prompt",
-        "prompts",
-        "out",
-        "explain",
         "shard",
         "lock_held",
+        "out",
+        "plot",
+        "queries",
+        "prompt",
+        "prompts_file",
     }
 )
+# score: what to ask is typed each time; only how to run it (model, device, dtype, workers, batches,
+# nprobe) carries over. (featurize's --objective, say, is the run's and does carry over.)
+SCORE_ASKS = frozenset(
+    {
+        "null_prompt",
+        "top_k",
+        "aggregate",
+        "explain",
+        "refine",
+        "refine_budget",
+        "rerank",
+        "objective",
+    }
+)
+
+
+def reset_fields(command: str) -> frozenset[str]:
+    """The fields `command` never takes from RUN/run.json."""
+    return RESET_EACH_TIME | (SCORE_ASKS if command == "score" else frozenset())
 
 
 def cli_fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -146,6 +165,7 @@ def merge_options(
     explicit: set[str],
     from_file: dict[str, Any],
     stored: dict[str, Any],
+    reset: frozenset[str] = RESET_EACH_TIME,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The config kwargs after the precedence above, and where each non-default came from
     ({field: "command line" | "--config" | "run.json"}). `given` holds every CLI field (defaults for
@@ -159,7 +179,7 @@ def merge_options(
         elif name in from_file:
             out[name] = _as_field(fields[name], from_file[name])
             source[name] = "--config"
-        elif name in stored and name not in RESET_EACH_TIME:
+        elif name in stored and name not in reset:
             out[name] = _as_field(fields[name], stored[name])
             source[name] = "run.json"
     return out, source

@@ -148,7 +148,7 @@ def test_quiet_leaves_only_data_and_errors(featurized_run: Path, demo_data: Path
     shutil.copytree(featurized_run, run)
     q = demo_data / "videos" / "demo-00001.mp4"
     r = invoke("score", q, "-r", run, "-p", "x", "--device", "cpu", "--format", "json", "-q")
-    assert r.exit_code == 0 and r.stderr == "" and json.loads(r.stdout)["queries"]
+    assert r.exit_code == 0 and r.stderr == "" and json.loads(r.stdout)["queries"], r.output
     r = invoke(
         "score", tmp_path / "gone.mp4", "-r", run, "-p", "x", "--device", "cpu", "-q", "--format", "json"
     )

@@ -96,3 +96,22 @@ def test_read_config_file_errors(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('model = "m"\n[encode]\nframes = 9\n')
     assert read_config_file(good) == {"model": "m", "encode": {"frames": 9}}
+
+
+def test_score_carries_over_how_it_runs_not_what_it_asks() -> None:
+    from carv_attrib.config import ScoreConfig
+    from carv_attrib.config.resume import reset_fields
+
+    stored = {"model": "/m", "device": "cpu", "top_k": 3, "prompts_file": "/p.json", "refine": True}
+    given = {
+        "run": Path("r"),
+        "model": None,
+        "device": "auto",
+        "top_k": 10,
+        "prompts_file": None,
+        "refine": False,
+    }
+    merged, _ = merge_options(ScoreConfig, given, {"run"}, {}, stored, reset_fields("score"))
+    assert (merged["model"], merged["device"]) == ("/m", "cpu")
+    assert (merged["top_k"], merged["prompts_file"], merged["refine"]) == (10, None, False)
+    assert "objective" not in reset_fields("featurize")  # the run's objective does carry over
