@@ -43,6 +43,8 @@ Failure kinds (`ClipFailure.kind`; the message says what is wrong without repeat
   and a device may never end;
 - `decode_error`: empty file, not a container FFmpeg can read, or frames that do not decode;
 - `no_video`: the container has no video stream (e.g. audio only);
+- `still_image`: one picture (PNG, JPEG, WebP, one-frame GIF, ...), whatever the file is named
+  (`probe.still_image_failure`); an animated GIF or APNG is a video;
 - `unsupported_codec`: no decoder for the stream's codec in this FFmpeg build (the codec is named);
 - `truncated`: the file ends early (interrupted copy) and its intact prefix is too short for the
   policy (a long enough intact prefix is decoded normally);

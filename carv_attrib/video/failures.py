@@ -17,6 +17,7 @@ FAILURE_KINDS = (
     "not_a_file",
     "decode_error",
     "no_video",
+    "still_image",
     "unsupported_codec",
     "truncated",
     "too_short",
@@ -50,7 +51,17 @@ TOO_SHORT_ADVICE = {
 }
 
 
+# What a user can do about a picture given as a video: nothing a frame policy offers (--pad-short
+# would only repeat it), so the advice names the fix outside the tool.
+STILL_IMAGE_ADVICE = {
+    "encode": "give a video file instead (--pad-short does not turn a picture into a clip)",
+    "frames": "give a video file instead (--pad-short does not turn a picture into a clip)",
+    "score": "score attributes videos: give the generated video file",
+}
+ADVICE = {"too_short": TOO_SHORT_ADVICE, "still_image": STILL_IMAGE_ADVICE}
+
+
 def failure_message(failure: ClipFailure, command: str) -> str:
     """The failure's message, with advice the given command accepts where there is some."""
-    advice = TOO_SHORT_ADVICE.get(command) if failure.kind == "too_short" else None
+    advice = ADVICE.get(failure.kind, {}).get(command)
     return f"{failure.message}; {advice}" if advice else failure.message
