@@ -72,6 +72,7 @@ from typing import Any
 
 from carv_attrib.errors import UsageError
 from carv_attrib.video.failures import ClipFailure
+from carv_attrib.video.shortness import frames_past_end
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ class DecodedClip:
     start: float = 0.0
     reasons: list[str] = field(default_factory=list)
     motion: Any = None  # (F, H/8, W/8) float32 flow magnitudes when decoded for motion masks
+    padded: int = 0  # frames past the clip's end, repeats of its last frame (pad_short; `shortness`)
 
 
 # Codecs decord (its bundled FFmpeg) indexes and seeks correctly in the common containers; others go
@@ -461,6 +463,7 @@ def decode_clip(path: str, policy: FramePolicy, decoder: str = "auto") -> Decode
         timestamps=[p.seconds(p.display_pts[i] - p.display_pts[0]) for i in idx],
         start=p.seconds(p.display_pts[0]),
         reasons=reasons,
+        padded=frames_past_end(p.display_pts, p.end_pts, p.time_base, policy),
     )
 
 

@@ -43,11 +43,14 @@ class ClipFailure(Exception):
 
 
 # What a user of each command can do about a clip too short for the frame policy.
+# `encode --pad-short` changes no clip already encoded (only would-be too_short ones), so the same run
+# takes it without --overwrite; --retry-failed encodes the clips that failed again.
 TOO_SHORT_ADVICE = {
-    "encode": "pass --pad-short to repeat its last frame, or lower --frames / --fps",
+    "encode": "rerun with --pad-short --retry-failed to repeat its last frame (the encoded clips are "
+    "kept), or lower --frames / --fps",
     "frames": "pass --pad-short to repeat its last frame, or lower --frames / --fps",
-    "score": "use a longer query video; the run fixes the frame policy (re-encode the run with --pad-short "
-    "to accept short clips)",
+    "score": "use a longer query video; the run fixes the frame policy (encode the run again with "
+    "--pad-short --retry-failed to accept short clips)",
 }
 
 
