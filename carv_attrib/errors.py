@@ -7,6 +7,8 @@ code; no traceback. Every command uses the same table (README, "Exit codes"):
          command is writing); nothing was changed
     3    partly done: the command finished, but some items failed (queries that could not be scored,
          failed clips above --max-failure-rate, a clip `frames` cannot decode)
+         or it stopped on a full disk or quota (ENOSPC/EDQUOT): what was committed stays, nothing
+         partly written is kept; free space and rerun the same command
     130  interrupted (Ctrl-C); rerunning the same command resumes
 """
 
@@ -45,8 +47,24 @@ class IndexChangedError(UsageError):
     in a row: the reader refuses rather than mix two indexes. Nothing was changed. Exit 2."""
 
 
+class DamagedFileError(UsageError):
+    """A run file that cannot be trusted: truncated, its bytes changed (a Parquet page CRC, an index
+    file's sha256 recorded in index_info.json), edited by hand, or missing. The message names the
+    file and the command that repairs it; nothing is scored from it. Exit 2."""
+
+
 class ModelLoadError(UsageError):
     """A model directory or Hub id that cannot be loaded. Exit 2."""
+
+
+class DiskFullError(CarvError):
+    """A write of the run (or of `-o`) found the disk or the quota full (`carv_attrib.space`):
+    the message names the path and the space needed. What was committed before stays and nothing
+    partly written is kept, so a rerun after freeing space resumes. Exit 3."""
+
+    exit_code = EXIT_PARTIAL
+    path: str | None = None
+    need: int | None = None
 
 
 class PartialRun(CarvError):

@@ -1,8 +1,8 @@
 """What every command shares: consoles, option definitions, error handling.
 
 Data goes to stdout; progress, logs and messages go to stderr. Expected errors (CarvError) are one
-line plus the fix and exit with their code (2 for usage/config mismatches); unexpected ones keep
-their traceback. A `PartialRun` (a job that finished with too many failures) is its one red line
+line plus the fix and exit with their code (2 for usage/config mismatches, 3 for a full disk or
+quota, which is recognised from the OSError/RuntimeError too); unexpected ones keep their traceback. A `PartialRun` (a job that finished with too many failures) is its one red line
 and exit 3. Ctrl-C exits 130 after a clean stop.
 """
 
@@ -21,6 +21,7 @@ from rich.text import Text
 
 from carv_attrib.config import FORMATS
 from carv_attrib.errors import EXIT_INTERRUPTED, CarvError, PartialRun, UsageError
+from carv_attrib.space import is_no_space, no_space_error
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
@@ -82,6 +83,14 @@ def setup_logging() -> None:
     )
 
 
+def _fail(exc: CarvError) -> None:
+    err_console.quiet = False  # errors are printed under --quiet too
+    if state.verbose:
+        err_console.print_exception()
+    err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), soft_wrap=True)
+    raise typer.Exit(exc.exit_code) from None
+
+
 def handle_errors(fn: F) -> F:
     """Turn expected errors into one stderr line and an exit code."""
 
@@ -94,11 +103,12 @@ def handle_errors(fn: F) -> F:
             say(str(exc), style="bold red", error=True)
             raise typer.Exit(exc.exit_code) from None
         except CarvError as exc:
-            err_console.quiet = False  # errors are printed under --quiet too
-            if state.verbose:
-                err_console.print_exception()
-            err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            _fail(exc)
+        except (OSError, RuntimeError) as exc:
+            # a full disk or quota where no write site said how much it needed: the same one line
+            if not is_no_space(exc):
+                raise
+            _fail(no_space_error(exc, None))
         except KeyboardInterrupt:
             err_console.quiet = False
             err_console.print("[yellow]interrupted[/]; rerun the same command to resume where it stopped")

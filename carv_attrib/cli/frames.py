@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import typer
 from rich.table import Table
 from rich.text import Text
 
+from carv_attrib.atomic import atomic_path
 from carv_attrib.cli.common import check_format, emit, handle_errors, out_console, say
 from carv_attrib.cli.options import format_param, stage_command
 from carv_attrib.config import FramesConfig
@@ -32,7 +35,8 @@ def frames(cfg: FramesConfig, fmt: str | None) -> None:
     if pixels is not None and cfg.png is not None:
         rep["png"] = str(contact_sheet(pixels, cfg.png, scale=cfg.scale))
     if pixels is not None and cfg.npy is not None:
-        np.save(cfg.npy, pixels)
+        with atomic_path(Path(cfg.npy), need=pixels.nbytes) as tmp, open(tmp, "wb") as f:
+            np.save(f, pixels)  # a file object: numpy would add ".npy" to the temporary name
         rep["npy"] = str(cfg.npy)
     if fmt != "human":
         emit(rep, fmt)

@@ -11,6 +11,7 @@ training sample of an approximate index, and the vectors, one pass each, all ove
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from carv_attrib.search.index import (
     add_vectors,
     check_fits,
     check_trainable,
+    index_bytes,
     new_index,
     save_index,
     train_index,
@@ -33,6 +35,8 @@ from carv_attrib.search.index import (
 )
 from carv_attrib.search.precondition import Preconditioner, fit_preconditioner
 from carv_attrib.search.rerank import VectorStore
+from carv_attrib.space import check_space, space_for
+from carv_attrib.store.digests import digest_tree
 from carv_attrib.store.features import feature_ids, iter_feature_blocks
 from carv_attrib.store.live import LiveLatents
 from carv_attrib.store.lock import run_lock
@@ -114,13 +118,32 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
     info = IndexInfo.from_records(
         lat, frec, prov, choices, int(ids.size), live.digest(), now_iso(), __version__
     )
-    with run.index_swap() as tmp:
+    need = _index_disk_bytes(int(ids.size), dim, cfg.index_factory, cfg.vector_dtype if keep else None, pre)
+    # the previous index stays live until the swap: the new one needs its own room beside it
+    check_space(run.root, need, f"the index of {int(ids.size)} clips")
+    with space_for(run.index_dir, need), run.index_swap() as tmp:
         _add_all(run, sel, index, pre, tmp, dim, cfg.vector_dtype if keep else None)
         assert index.ntotal == ids.size, (index.ntotal, ids.size)  # every pass saw the same shards
         save_index(index, tmp / run.faiss_path.name)
         pre.save(tmp / run.preconditioner_dir.name)
+        # the checksums of what was just written, checked each time the index is opened
+        info = dataclasses.replace(info, files=digest_tree(tmp, skip=(run.index_info_path.name,)))
         info.write(tmp / run.index_info_path.name)
     return info
+
+
+def _index_disk_bytes(
+    n: int, dim: int, factory: str | None, vector_dtype: str | None, pre: Preconditioner
+) -> int:
+    """About the bytes RUN/index takes on disk: the FAISS file (`index_bytes`, the memory guide, is
+    also its serialised size), the re-rank vectors (n x dim in their dtype, ids and norms) and the
+    preconditioner's arrays (trak: a float64 block matrix per checkpoint)."""
+    need = index_bytes(n, dim, factory)
+    if vector_dtype is not None:
+        need += n * (dim * np.dtype(vector_dtype).itemsize + 12)
+    if pre.kind == "trak":
+        need += sum(8 * b * b for b in pre.blocks)
+    return need
 
 
 def _live_snapshot(run: RunDir, live: LiveLatents) -> tuple[dict[int, list[int]], np.ndarray]:

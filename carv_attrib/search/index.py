@@ -17,6 +17,7 @@ Usage::
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from carv_attrib.atomic import atomic_path
 from carv_attrib.memory import available_memory  # looked up at call time: tests patch it here
 
 log = logging.getLogger(__name__)
@@ -217,15 +219,24 @@ def save_index(index: Any, path: str | os.PathLike[str]) -> None:
     """Write `index` (a GPU one is converted to the CPU) atomically to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(_to_cpu(index), str(tmp))
-    os.replace(tmp, path)
+    cpu = _to_cpu(index)
+    with atomic_path(path, need=_written_bytes(cpu)) as tmp:  # a full disk leaves no partial file
+        faiss.write_index(cpu, str(tmp))
+
+
+def _written_bytes(index: Any) -> int | None:
+    """About the bytes `faiss.write_index` writes: ntotal x (code size + 8-byte id for IVF)."""
+    try:
+        n, code = int(index.ntotal), int(index.sa_code_size())
+    except (AttributeError, RuntimeError):
+        return None
+    return n * (code + 8)
 
 
 def load_index(path: str | os.PathLike[str]) -> Any:
     """The CPU index saved at `path`."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"no FAISS index at {path}")
+        raise FileNotFoundError(errno.ENOENT, "no FAISS index", str(path))  # .filename: the path
     return faiss.read_index(str(path))
 
 

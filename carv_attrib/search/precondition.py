@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch  # float64 Cholesky; torch is a core dependency, scipy is not
 
+from carv_attrib.atomic import atomic_path
 from carv_attrib.choices import PRECONDITIONERS
 
 DEFAULT_LAMBDA_REL = 1e-2
@@ -94,9 +95,8 @@ def _check_side(side: str) -> None:
 
 def _atomic_write(path: Path, write: Any) -> None:
     """`write(tmp_path)`, then rename: a crash never leaves a file that reads as complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # removed on failure; a full disk is DiskFullError naming `path`
+        write(tmp)
 
 
 class Preconditioner:

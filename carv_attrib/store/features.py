@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from carv_attrib.errors import UsageError
@@ -51,7 +50,7 @@ def iter_feature_blocks(
     run = RunDir(run)
     sel = run.live_features().ok_selection() if sel is None else sel
     for shard, rows in sel.items():
-        t = pq.read_table(run.features.shard_path(shard), columns=["clip_id", "feature"])
+        t = run.features.read_shard(shard, ["clip_id", "feature"])
         if len(rows) != t.num_rows:  # a whole shard (the common case) is used as read: no copy
             t = t.take(pa.array(rows, pa.int64()))
         if t.num_rows == 0:
@@ -69,7 +68,7 @@ def feature_ids(run: RunDir | Path | str, sel: dict[int, list[int]] | None = Non
     run = RunDir(run)
     sel = run.live_features().ok_selection() if sel is None else sel
     parts = [
-        pq.read_table(run.features.shard_path(shard), columns=["clip_id"])
+        run.features.read_shard(shard, ["clip_id"])
         .take(pa.array(rows, pa.int64()))
         .column("clip_id")
         .to_numpy()

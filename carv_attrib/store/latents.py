@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from carv_attrib.store.live import selection
@@ -114,7 +113,7 @@ def read_latents(run: RunDir | Path | str, sel: dict[int, list[int]]) -> Iterato
     at a time, shards in order."""
     store = RunDir(run).latents
     for shard, rows in sel.items():
-        t = pq.read_table(store.shard_path(shard)).take(pa.array(rows, pa.int64()))
+        t = store.read_shard(shard).take(pa.array(rows, pa.int64()))
         for row in t.to_pylist():
             yield row_to_clip(row)
 

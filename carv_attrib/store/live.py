@@ -20,9 +20,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 
-from carv_attrib.errors import ConfigMismatchError
+from carv_attrib.errors import ConfigMismatchError, DamagedFileError
 from carv_attrib.store.shards import ShardStore
 from carv_attrib.store.sources import SourcedClips
 
@@ -39,14 +39,14 @@ def latent_sha(latent: bytes, text_emb: bytes) -> str:
 
 def _key_columns(store: ShardStore, shard: int, columns: list[str]) -> dict[str, list]:
     path = store.shard_path(shard)
-    names = pq.read_schema(path).names
+    names = store.read_shard_schema(shard).names
     absent = [c for c in columns if c not in names]
     if absent:
         raise ConfigMismatchError(
             f"{path} was written by an older carv-attrib (no {', '.join(absent)} column); "
             f"re-encode this run with `--overwrite` (or start a new --run)"
         )
-    return pq.read_table(path, columns=columns).to_pydict()
+    return store.read_shard(shard, columns).to_pydict()
 
 
 @dataclass
@@ -143,7 +143,14 @@ class LiveLatents:
 
 def live_latents(manifest_path: Path, store: ShardStore) -> LiveLatents:
     """The live view of a latents stage under its committed manifest (empty without one)."""
-    clips = SourcedClips.read(manifest_path)
+    try:
+        clips = SourcedClips.read(manifest_path)
+    except (pa.ArrowException, OSError) as exc:  # truncated or changed bytes
+        raise DamagedFileError(
+            f"{manifest_path} is damaged ({str(exc).splitlines()[0]}); remove it and rerun `carv-attrib "
+            f"encode MANIFEST -r {manifest_path.parent.parent} ...` with the manifest and options the run "
+            "was encoded with: it writes the manifest again and encodes no clip already encoded"
+        ) from exc
     if clips is None or store.read_config() is None:
         return LiveLatents()
     rows = latent_rows(store)

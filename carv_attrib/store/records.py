@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from carv_attrib.errors import ConfigMismatchError
+from carv_attrib.errors import ConfigMismatchError, DamagedFileError
+from carv_attrib.store.digests import doc_digest
 from carv_attrib.store.shards import read_json, write_json_atomic
 from carv_attrib.video.decode import FramePolicy
 
@@ -268,6 +269,7 @@ class IndexInfo:
     live_digest: str = ""  # `LiveLatents.digest()` of the clips indexed: another live set makes it stale
     rerank_vectors: str | None = None  # dtype of index/vectors.bin (approximate indexes), None: none
     objective: dict[str, Any] = field(default_factory=lambda: dict(_UNIFORM))  # `objective_spec`
+    files: dict[str, Any] = field(default_factory=dict)  # `store.digests.digest_tree` of RUN/index
     created_at: str = ""
     tool_version: str = ""
     schema_version: int = INDEX_SCHEMA_VERSION
@@ -322,11 +324,42 @@ class IndexInfo:
         return cls(**(kept | {"encode": EncodeFacts.from_dict(d["encode"])}))
 
     def write(self, path: Path) -> None:
-        write_json_atomic(path, self.to_dict())
+        """The document with its own checksum ("digest", `store.digests.doc_digest`)."""
+        d = self.to_dict()
+        write_json_atomic(path, d | {"digest": doc_digest(d)})
+
+    def rebuild_command(self, run: Path | str) -> str:
+        """The `carv-attrib index` line that rebuilds this index with its own choices."""
+        args = [f"carv-attrib index {run}", f"--precondition {self.preconditioner.get('kind', 'identity')}"]
+        if self.factory and self.factory != "Flat":
+            args.append(f"--index-factory {self.factory}")
+            args.append(f"--vector-dtype {self.rerank_vectors or 'none'}")
+            if self.nprobe is not None:
+                args.append(f"--nprobe {self.nprobe}")
+        if self.preconditioner.get("kind") == "trak":
+            args.append(f"--lambda {self.lambda_rel}")
+        return " ".join(args)
 
     @classmethod
     def read(cls, path: Path) -> IndexInfo:
-        d = read_json(path)
+        """index_info.json; DamagedFileError (exit 2) when its content no longer matches its own
+        digest (edited by hand), ConfigMismatchError for another schema version."""
+        try:
+            d = read_json(path)
+        except ValueError as exc:  # json.JSONDecodeError: truncated or garbled
+            raise DamagedFileError(
+                f"{path} is damaged (not JSON: {exc}); rebuild the index: `carv-attrib index {path.parent.parent}` "
+                "with the options it was built with"
+            ) from exc
+        if "digest" in d and d["digest"] != doc_digest(d):
+            try:
+                how = cls.from_dict(d).rebuild_command(path.parent.parent)
+            except (KeyError, TypeError, AttributeError, ValueError):  # edited past reading
+                how = f"carv-attrib index {path.parent.parent} ..."
+            raise DamagedFileError(
+                f"{path} was changed after the index was built (its content no longer matches its "
+                f"digest: edited by hand?); rebuild the index: `{how}`"
+            )
         if d.get("schema_version") != INDEX_SCHEMA_VERSION:
             raise ConfigMismatchError(
                 f"{path} was written by carv-attrib {d.get('tool_version', '?')} (index schema "

@@ -28,8 +28,9 @@ from typing import Any, TypeVar
 
 import pyarrow.parquet as pq
 
-from carv_attrib.errors import ConfigMismatchError, IndexChangedError, UsageError
+from carv_attrib.errors import ConfigMismatchError, DamagedFileError, IndexChangedError, UsageError
 from carv_attrib.store import lock as _locks
+from carv_attrib.store.digests import verify_tree
 from carv_attrib.store.live import LiveFeatures, LiveLatents, live_features, live_latents
 from carv_attrib.store.records import (  # re-exported: the records lived here before store/records.py
     INDEX_SCHEMA_VERSION,
@@ -137,6 +138,17 @@ class RunDir:
         """The current latent row of each committed manifest clip (`carv_attrib.store.live`)."""
         return live_latents(self.manifest_table, self.latents)
 
+    def require_manifest(self) -> None:
+        """DamagedFileError (exit 2) when the run has latents but its committed manifest is gone: which
+        latent rows are current cannot be known, so nothing is featurized or scored from them."""
+        if not self.manifest_table.exists() and self.latents.done_shards():
+            raise DamagedFileError(
+                f"{self.manifest_table} is missing, so the run cannot tell which of its latents are "
+                f"current; rerun `carv-attrib encode MANIFEST -r {self.root} ...` with the manifest and "
+                "options it was encoded with: it writes the run's manifest again and encodes no clip "
+                "that is already encoded"
+            )
+
     def live_features(self, live: LiveLatents | None = None) -> LiveFeatures:
         """Which live ok latents have features, and where (`carv_attrib.store.live`)."""
         return live_features(live or self.live_latents(), self.features)
@@ -229,25 +241,44 @@ class RunDir:
             deadline = time.monotonic() + settle_s
             while self.index_swapping() and time.monotonic() < deadline:
                 time.sleep(0.01)  # the window is two renames: it closes at once
+            before: bytes | None = None
+            repair = ""
             try:
                 before = self.index_info_path.read_bytes()
                 info = self.index_info(check_fresh)
+                repair = f"rebuild the index from the run's features (no gradients): `{info.rebuild_command(self.root)}`"
+                verify_tree(self.index_dir, info.files, repair)  # before FAISS or numpy reads a byte
                 loaded = load(self.index_dir)
                 after = self.index_info_path.read_bytes()
-            except FileNotFoundError:  # swapped out under us: the next try reads the new one
+            except FileNotFoundError as exc:  # swapped out under us: the next try reads the new one
+                if before is None and not _locks.is_written(self.root):
+                    self.index_info(check_fresh)  # no index at all: its own message
+                if repair and not _locks.is_written(self.root) and self._same_info(before):
+                    # no writer and the same build: a file of the index is gone (an index built
+                    # before checksums; a recorded one is found by verify_tree)
+                    raise DamagedFileError(f"{exc.filename or self.index_dir} is missing; {repair}") from exc
                 continue
             if before == after:
                 return info, loaded
         raise IndexChangedError(
             f"{self.root}/index was rebuilt while this command was reading it (a `featurize` or "
-            f"`index` is writing {self.root}: {_locks.holder(self.root) or 'another command'}); rerun "
+            f"`index` is writing {self.root}: "
+            f"{(_locks.holder(self.root) if _locks.is_written(self.root) else '') or 'another command'}); rerun "
             "it when that one is done"
         )
+
+    def _same_info(self, before: bytes | None) -> bool:
+        try:
+            return before is not None and self.index_info_path.read_bytes() == before
+        except FileNotFoundError:
+            return False
 
     def index_info(self, check_fresh: bool = True) -> IndexInfo:
         """RUN/index/index_info.json; with check_fresh, refused (exit 2) when the run's latents or
         features changed after the index was built."""
         self.recover_index()
+        if check_fresh:
+            self.require_manifest()
         if not self.index_info_path.exists():
             raise UsageError(
                 f"{self.root} has no index; run `carv-attrib featurize` (or `carv-attrib index`) first"

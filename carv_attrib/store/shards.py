@@ -15,12 +15,10 @@ says so before anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from carv_attrib import __version__
-from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.atomic import _HOST, atomic_path  # noqa: F401  (atomic_path: re-exported for the stages)
+from carv_attrib.errors import ConfigMismatchError, DamagedFileError, UsageError
 
 METADATA_KEY = b"carv_attrib"
 
@@ -66,6 +65,10 @@ def _without_provenance(x: Any) -> Any:
         return {k: _without_provenance(v) for k, v in x.items() if k not in PROVENANCE_KEYS}
     if isinstance(x, list):
         return [_without_provenance(v) for v in x]
+    if isinstance(x, float) and x.is_integer():
+        # 8 and 8.0 are one value: `--fps 8` (a float from the CLI) and fps=8 (an int from the
+        # library) must not be two configurations (the comparison shown to the user says "equal")
+        return int(x)
     return x
 
 
@@ -74,22 +77,6 @@ def fingerprint(config: dict[str, Any]) -> str:
     changes the numbers."""
     canonical = json.dumps(_identity(config), sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-_HOST = socket.gethostname().replace(".", "-") or "host"
 
 
 def _is_stale_tmp(path: Path) -> bool:
@@ -111,8 +98,9 @@ def write_json_atomic(path: Path, data: Any, sort_keys: bool = True) -> None:
     """Write JSON atomically; sort_keys=False keeps a document's own field order (user-facing output)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n")
+    text = json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n"
+    with atomic_path(path, need=len(text.encode())) as tmp:
+        tmp.write_text(text)
 
 
 def read_json(path: Path) -> Any:
@@ -142,6 +130,39 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         return _identity(json.loads(json.dumps(c, default=str)))
 
     return _diff(as_json(old), as_json(new))
+
+
+# How each stage's damaged shard is repaired: its done marker removed, the stage's command redoes
+# that shard's clips and keeps the others.
+_REPAIR = {
+    "latents": "`carv-attrib encode MANIFEST -r {run} ...` with the run's manifest and options",
+    "features": "`carv-attrib featurize {run} -m MODEL ...` with the run's options",
+}
+
+
+def read_parquet(path: Path, columns: list[str] | None = None, filters: Any = None, repair: str = "") -> Any:
+    """pq.read_table with each page's CRC verified (shards are written with page checksums; files
+    written before have none and read as before). A missing, truncated or changed file is
+    DamagedFileError (exit 2) naming it and `repair`, never a table of wrong numbers."""
+    try:
+        return pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
+    except FileNotFoundError as exc:
+        raise DamagedFileError(f"{path} is missing; {repair}".rstrip("; ")) from exc
+    except (pa.ArrowException, OSError) as exc:  # ArrowInvalid: no footer; OSError: a page's CRC
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DamagedFileError(f"{path} is damaged ({why}); {repair}".rstrip("; ")) from exc
+
+
+def read_parquet_schema(path: Path, repair: str = "") -> Any:
+    """pq.read_schema, a damaged footer being DamagedFileError as in `read_parquet`."""
+    try:
+        return pq.read_schema(path)
+    except FileNotFoundError as exc:
+        raise DamagedFileError(f"{path} is missing; {repair}".rstrip("; ")) from exc
+    except (pa.ArrowException, OSError) as exc:
+        raise DamagedFileError(
+            f"{path} is damaged ({str(exc).splitlines()[0]}); {repair}".rstrip("; ")
+        ) from exc
 
 
 class ShardStore:
@@ -238,6 +259,21 @@ class ShardStore:
     def done_path(self, index: int) -> Path:
         return self.done_dir / f"part-{index:05d}.json"
 
+    def repair(self, index: int) -> str:
+        """What repairs shard `index` when it is damaged: remove it with its marker, rerun the stage."""
+        how = _REPAIR.get(self.stage, f"the {self.stage} stage").format(run=self.root)
+        return (
+            f"remove it and {self.done_path(index)}, then rerun {how}: it redoes that shard's clips "
+            "and keeps the others"
+        )
+
+    def read_shard(self, index: int, columns: list[str] | None = None, filters: Any = None) -> Any:
+        """Shard `index` as an Arrow table, its page CRCs checked (DamagedFileError with the repair)."""
+        return read_parquet(self.shard_path(index), columns, filters, self.repair(index))
+
+    def read_shard_schema(self, index: int) -> Any:
+        return read_parquet_schema(self.shard_path(index), self.repair(index))
+
     def is_done(self, index: int) -> bool:
         return self.done_path(index).exists() and self.shard_path(index).exists()
 
@@ -272,8 +308,8 @@ class ShardStore:
         meta[METADATA_KEY] = json.dumps(provenance, sort_keys=True, default=str).encode()
         table = table.replace_schema_metadata(meta)
         self.dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.shard_path(index)) as tmp:
-            pq.write_table(table, tmp)
+        with atomic_path(self.shard_path(index), need=table.nbytes) as tmp:  # nbytes: before compression
+            pq.write_table(table, tmp, write_page_checksum=True)  # CRC32 per page, checked on read
         write_json_atomic(self.done_path(index), stats)
 
     def read_stats(self) -> list[dict[str, Any]]:
@@ -282,9 +318,7 @@ class ShardStore:
     def read_table(self, columns: list[str] | None = None, filters: Any = None) -> Any:
         """All done shards as one Arrow table (shards without a done marker are ignored)."""
 
-        tables = [
-            pq.read_table(self.shard_path(i), columns=columns, filters=filters) for i in self.done_shards()
-        ]
+        tables = [self.read_shard(i, columns, filters) for i in self.done_shards()]
         if not tables:
             raise UsageError(f"{self.dir} holds no finished shards; run the {self.stage} stage first")
         return pa.concat_tables(tables, promote_options="default")  # shards from before a new column
@@ -295,13 +329,13 @@ class ShardStore:
         """Done shards as tables (or the given ones: a snapshot for several passes over a live stage)."""
 
         for i in self.done_shards() if shards is None else shards:
-            yield pq.read_table(self.shard_path(i), columns=columns, filters=filters)
+            yield self.read_shard(i, columns, filters)
 
     def read_provenance(self) -> dict[str, Any] | None:
         done = self.done_shards()
         if not done:
             return None
-        meta = pq.read_schema(self.shard_path(done[0])).metadata or {}
+        meta = self.read_shard_schema(done[0]).metadata or {}
         return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
 
 

@@ -4,6 +4,7 @@ a function in `handle_errors`, the way every real command is wrapped."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -42,6 +43,11 @@ ERRORS: dict[str, BaseException] = {
     "brackets": UsageError("no such file: data/[draft]/manifest.json (see [/tmp/log])"),
     "interrupt": KeyboardInterrupt(),
     "bug": RuntimeError("an unexpected bug"),
+    # a full disk from a writer that did not say how much it needed (`carv_attrib.space`)
+    "enospc": OSError(errno.ENOSPC, "No space left on device", "/runs/x/run.json"),
+    "faiss-full": RuntimeError(
+        "write error in /runs/x/index/faiss.index: 10 != 16 (No space left on device)"
+    ),
 }
 
 
@@ -204,3 +210,14 @@ def test_record_run_where_run_json_cannot_be_written_does_not_raise(tmp_path: Pa
         record_run(run, "score")
     assert run.read_text() == "x"
     assert "could not append" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["enospc", "faiss-full"])
+def test_full_disk_is_one_line_and_exit_3(quiet_state, kind: str) -> None:
+    r = _invoke(kind)
+    assert r.exit_code == 3, r.output
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no space left on device"), r.stderr
+    assert "rerun the same command" in lines[0] and "Traceback" not in r.output
+    if kind == "enospc":
+        assert "writing /runs/x/run.json" in lines[0]

@@ -12,6 +12,7 @@ import pytest
 from carv_attrib.errors import ConfigMismatchError, UsageError
 from carv_attrib.pipeline.index import IndexConfig, build_run_index
 from carv_attrib.pipeline.score import ScoreConfig, read_prompts, run_score
+from carv_attrib.store.digests import doc_digest
 from carv_attrib.store.features import feature_matrix
 
 
@@ -285,6 +286,7 @@ def test_an_index_of_an_unknown_objective_is_refused_before_any_query(
     info_path = run / "index" / "index_info.json"
     info = json.loads(info_path.read_text())
     info["objective"] = {"kind": "saliency"}
+    info["digest"] = doc_digest(info)  # as a later version would write it, not a hand edit
     info_path.write_text(json.dumps(info))
     with pytest.raises(UsageError, match=r"unknown objective 'saliency'; expected one of uniform, motion"):
         run_score(

@@ -3,11 +3,13 @@ for key (old runs load, new files keep their bytes), and tolerates files missing
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
+from carv_attrib.store.digests import doc_digest
 from carv_attrib.store.records import (
     PLAN_SCHEMA,
     EncodeFacts,
@@ -59,6 +61,8 @@ def test_features_record_and_index_info_of_a_featurized_run(featurized_run: Path
 
     info_d = _stored(run.index_info_path)
     info = IndexInfo.from_dict(info_d)
+    digest = info_d.pop("digest")  # the document's own checksum, written beside the record's fields
+    assert digest == doc_digest(info_d)
     assert info.to_dict() == info_d and info == IndexInfo.read(run.index_info_path)
     # what build_run_index records is what from_records makes of the stored documents
     again = IndexInfo.from_records(
@@ -71,8 +75,9 @@ def test_features_record_and_index_info_of_a_featurized_run(featurized_run: Path
         info.created_at,
         info.tool_version,
     )
-    assert again == info
-    assert IndexSummary.read(run.index_info_path).to_dict() == info_d
+    assert info.files and set(info.files) >= {"index.faiss", "preconditioner/precondition.json"}
+    assert again == dataclasses.replace(info, files={})  # the checksums come from the written files
+    assert IndexSummary.read(run.index_info_path).to_dict() == info_d | {"digest": digest}
 
 
 def test_stage_record_of_a_bare_config(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 
 from carv_attrib.errors import ConfigMismatchError, UsageError
+from carv_attrib.store.digests import doc_digest
 from carv_attrib.store.live import LiveLatents
 from carv_attrib.store.manifest import ClipTable
 from carv_attrib.store.run import INDEX_SCHEMA_VERSION, EncodeFacts, IndexInfo, RunDir
@@ -129,7 +130,9 @@ def test_index_info_round_trip(tmp_path: Path) -> None:
     assert back == info
     assert isinstance(back.encode, EncodeFacts)
     assert back.schema_version == INDEX_SCHEMA_VERSION
-    assert json.loads(path.read_text()) == dataclasses.asdict(info)
+    stored = json.loads(path.read_text())
+    assert stored.pop("digest") == doc_digest(stored)  # the document's own checksum
+    assert stored == dataclasses.asdict(info)
 
 
 def test_index_info_of_a_featurized_run_round_trips(featurized_run: Path, tmp_path: Path) -> None:
