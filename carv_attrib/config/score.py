@@ -18,6 +18,7 @@ from carv_attrib.config.options import (
     option,
 )
 from carv_attrib.errors import UsageError
+from carv_attrib.video.probe import refuse_still_images
 
 
 @dataclass(kw_only=True)
@@ -101,6 +102,7 @@ class ScoreConfig(StageConfig):
                 "each query needs its prompt: pass --prompt TEXT (one query) or --prompts FILE "
                 "(or --null-prompt alone to score under the empty text)"
             )
+        refuse_still_images(self.queries)  # reads 16 bytes of each query; probes only pictures
         return self
 
     def validate(self) -> ScoreConfig:

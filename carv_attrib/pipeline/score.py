@@ -60,7 +60,7 @@ from carv_attrib.store.shards import now_iso, write_json_atomic
 from carv_attrib.video.failures import ClipFailure, failure_message
 from carv_attrib.video.motion import check_rule
 from carv_attrib.video.pool import DecodePool
-from carv_attrib.video.probe import still_image_of
+from carv_attrib.video.probe import refuse_still_images
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -232,16 +232,6 @@ def _check_index_use(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> None:
             f"are featurized like its training clips; featurize the run with --objective {cfg.objective} "
             "(in another run) to score that way"
         )
-
-
-def refuse_still_images(paths: list[Path]) -> None:
-    """UsageError (exit 2), before a model loads, when a query is a picture (`probe.still_image_of`):
-    a PNG named .mp4 would otherwise fail as too_short, or with a --pad-short run be scored as F copies
-    of one frame."""
-    for p in paths:
-        still = still_image_of(str(p))
-        if still is not None:
-            raise UsageError(f"{p}: {failure_message(still, 'score')}")
 
 
 def _resolve_model(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> str:

@@ -255,6 +255,19 @@ def still_image_of(path: str) -> ClipFailure | None:
     return None
 
 
+def refuse_still_images(paths: list[Any], command: str = "score") -> None:
+    """UsageError (exit 2) naming the first of `paths` that is a picture (`still_image_of`), with the
+    command's advice: a query PNG named .mp4 would otherwise fail as too_short after the model loads,
+    or with a --pad-short run be scored as F copies of one frame."""
+    from carv_attrib.errors import UsageError
+    from carv_attrib.video.failures import failure_message
+
+    for p in paths:
+        still = still_image_of(str(p))
+        if still is not None:
+            raise UsageError(f"{p}: {failure_message(still, command)}")
+
+
 def probe_video(path: str) -> VideoProbe:
     """Probe `path` (see the module docstring). Raises ClipFailure no_video / unsupported_codec /
     still_image / decode_error; a truncated file is reported in the result (`truncated`), not raised."""

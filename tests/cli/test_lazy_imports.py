@@ -62,6 +62,19 @@ def test_importing_the_cli_imports_no_model_library() -> None:
 )
 def test_help_and_usage_errors_import_no_model_library(args: list[str], tmp_path: Path) -> None:
     out = run_cli(*args)
+    _check(out, args)
+
+
+def test_a_picture_query_is_refused_before_torch(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "pic.mp4", format="PNG")
+    out = run_cli("score", tmp_path / "pic.mp4", "--run", tmp_path / "nowhere", "-p", "x")
+    assert out["code"] == 2 and "still image" in out["stderr"]
+    _check(out, [])
+
+
+def _check(out: dict, args: list[str]) -> None:
     assert out["code"] in (0, 2), out["stderr"]
     if out["code"] == 2 and "--bogus" not in args:
         lines = out["stderr"].strip().splitlines()
