@@ -22,6 +22,8 @@ from typing import Annotated, Any
 
 import typer
 
+from carv_attrib.cli.common import check_format
+
 # CLI-only parameters shared by several commands --------------------------------------------------
 FORMAT_HELP = "human | json | jsonl (default: human on a terminal, else json)."
 
@@ -210,6 +212,9 @@ def stage_command(
                     cfg_kwargs[k] = list(v)
             cfg_kwargs = _resolve(cls, name, cfg_kwargs, _typed(names), config_file, resumable, required)
             cfg = cls(**cfg_kwargs)
+            if "fmt" in kwargs:  # the body's first check, kept first
+                check_format(kwargs["fmt"])
+            cfg.check_early()  # a usage error before the body imports torch/diffusers (seconds)
             return body(cfg, **{k: v for k, v in kwargs.items() if k not in names})
 
         command.__signature__ = inspect.Signature(ordered)  # type: ignore[attr-defined]

@@ -30,10 +30,11 @@ OUT = param(
 @stage_command(ScoreConfig, extra=[TOP_K, OUT, format_param()])
 def score(cfg: ScoreConfig, top_k: str, out: Path | None, fmt: str | None) -> None:
     """Score QUERY videos against RUN's index: the training clips that shaped each, best first."""
-    from carv_attrib.pipeline.score import run_score
-
     fmt = check_format(fmt)
     cfg.top_k = parse_top_k(top_k)
+    cfg.check_early()  # again with --top-k, before torch loads
+    from carv_attrib.pipeline.score import run_score
+
     with ClipProgress("score", unit="steps") as progress:
         doc = run_score(cfg, progress, out=out)
     if fmt != "human":

@@ -185,5 +185,11 @@ class StageConfig:
         """Each config overrides it to refuse bad values with a UsageError naming the flag; returns self."""
         return self
 
+    def check_early(self) -> Any:
+        """What the CLI checks as soon as the options are parsed, before a command imports its pipeline
+        (torch, diffusers: seconds), so a usage error is said at once; `validate` unless a config
+        completes itself later (`ScoreConfig`). Returns self."""
+        return self.validate()
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from carv_attrib.config.options import (
     option,
 )
 from carv_attrib.errors import UsageError
+from carv_attrib.video.probe import refuse_still_images
 
 
 @dataclass(kw_only=True)
@@ -86,6 +88,22 @@ class ScoreConfig(StageConfig):
         help="With an approximate index: take R·k candidates and re-rank them exactly from the stored "
         "vectors (0: off).",
     )
+
+    def check_early(self) -> ScoreConfig:
+        """`validate` before the queries are read from a --prompts FILE that lists them (a stand-in query
+        then), so the CLI refuses a bad option before the pipeline imports torch; returns self."""
+        stand_in = self.queries or ([Path("(listed in --prompts)")] if self.prompts_file is not None else [])
+        dataclasses.replace(self, queries=stand_in).validate()
+        # the two prompt rules that need no file read (`pipeline.score.resolve_queries` has them all)
+        if self.prompt is not None and self.prompts_file is not None:
+            raise UsageError("give either --prompt or --prompts, not both")
+        if self.prompt is None and self.prompts_file is None and not self.null_prompt:
+            raise UsageError(
+                "each query needs its prompt: pass --prompt TEXT (one query) or --prompts FILE "
+                "(or --null-prompt alone to score under the empty text)"
+            )
+        refuse_still_images(self.queries)  # reads 16 bytes of each query; probes only pictures
+        return self
 
     def validate(self) -> ScoreConfig:
         """At least one query, a bool null_prompt, a --prompt that is not blank, the choices, a number of results where --explain or vote

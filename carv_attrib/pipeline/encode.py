@@ -77,6 +77,8 @@ def latents_identity(cfg: EncodeConfig, model_ident: dict[str, Any], tiled: bool
             "height": policy.height,
             "width": policy.width,
             "fps": policy.fps,
+            # a policy, not an identity: it changes only would-be too_short clips, so it is stored but
+            # left out of the fingerprint (`store.shards.POLICY_KEYS`) and a rerun may change it
             "pad_short": policy.pad_short,
             "dtype": cfg.dtype,
             "latent_dtype": cfg.latent_dtype,
@@ -330,6 +332,7 @@ class _ShardEncoder:
                 decoder=result.decoder,
                 frame_timestamps=result.timestamps,
                 decode_reasons=result.reasons,
+                padded_frames=result.padded,
             )
             self.pending.append((row, result))
 

@@ -64,6 +64,7 @@ from carv_attrib.store.shards import now_iso, write_json_atomic
 from carv_attrib.video.failures import ClipFailure, failure_message
 from carv_attrib.video.motion import check_rule
 from carv_attrib.video.pool import DecodePool
+from carv_attrib.video.probe import refuse_still_images
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -798,6 +799,7 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = 
         conditioning = "prompt"
     cfg.queries = paths
     cfg.validate()
+    refuse_still_images(cfg.queries)
     run = RunDir(cfg.run)
     # one snapshot, read before anything else: the queries are encoded under this info's settings
     info, loaded = run.index_snapshot(load_index_dir)

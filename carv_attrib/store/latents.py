@@ -65,6 +65,9 @@ def latent_schema() -> pa.Schema:
             # unless encoded with --motion-masks (shards written before this column lack it)
             ("motion", pa.binary()),
             ("motion_shape", pa.list_(pa.int32())),
+            # frames past the clip's end, repeats of its last frame (encode --pad-short); 0: none; null
+            # for failed clips (shards written before this column lack it)
+            ("padded_frames", pa.int32()),
         ]
     )
 

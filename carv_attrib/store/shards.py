@@ -48,6 +48,18 @@ R = TypeVar("R", bound=_Record)
 PROVENANCE_KEYS = frozenset({"source"})
 
 
+# Top-level keys of a stage config that set a policy for rows still to be written and change no row
+# already written: encode's pad_short only turns what would be a too_short failure into a padded clip
+# (`carv_attrib.video.shortness`). Left out of the fingerprint, so a rerun that changes one resumes the
+# stage; `prepare` stores the new value and records the change under "policy_changes".
+POLICY_KEYS = frozenset({"pad_short"})
+
+
+def _identity(config: dict[str, Any]) -> Any:
+    """The part of a config that identifies its numbers: provenance and policy keys left out."""
+    return _without_provenance({k: v for k, v in config.items() if k not in POLICY_KEYS})
+
+
 def _without_provenance(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _without_provenance(v) for k, v in x.items() if k not in PROVENANCE_KEYS}
@@ -61,9 +73,9 @@ def _without_provenance(x: Any) -> Any:
 
 
 def fingerprint(config: dict[str, Any]) -> str:
-    """sha256 (16 hex) of the canonical JSON of a config, provenance keys left out: what changes the
-    numbers."""
-    canonical = json.dumps(_without_provenance(config), sort_keys=True, default=str)
+    """sha256 (16 hex) of the canonical JSON of a config, provenance and policy keys left out: what
+    changes the numbers."""
+    canonical = json.dumps(_identity(config), sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -112,10 +124,10 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What differs between two configs as stored (JSON types), provenance keys left out."""
+    """What differs between two configs as stored (JSON types), provenance and policy keys left out."""
 
     def as_json(c: dict[str, Any]) -> Any:  # tuples -> lists, Paths -> str: compare what is stored
-        return _without_provenance(json.loads(json.dumps(c, default=str)))
+        return _identity(json.loads(json.dumps(c, default=str)))
 
     return _diff(as_json(old), as_json(new))
 
@@ -218,8 +230,27 @@ class ShardStore:
             )
             return fp
         # The same configuration: the stage keeps the fingerprint (and provenance) it was created with,
-        # which its shards and any later stage already refer to.
+        # which its shards and any later stage already refer to; a changed policy key is recorded.
+        self._record_policy(existing, config)
         return existing["fingerprint"]
+
+    def _record_policy(self, existing: dict[str, Any], config: dict[str, Any]) -> None:
+        """Store the new value of each `POLICY_KEYS` key that `config` changes, and append the change
+        to config.json's "policy_changes": {key, from, to, first_shard (the shards from there on are
+        written under it), at, tool_version}."""
+        old = existing.get("config", {})
+        changed = [k for k in sorted(POLICY_KEYS) if k in config and old.get(k) != config[k]]
+        if not changed:
+            return
+        first = self.next_shard()
+        changes = list(existing.get("policy_changes", []))
+        for k in changed:
+            changes.append(
+                {"key": k, "from": old.get(k), "to": config[k], "first_shard": first}
+                | {"at": now_iso(), "tool_version": __version__}
+            )
+        doc = existing | {"config": old | {k: config[k] for k in changed}, "policy_changes": changes}
+        write_json_atomic(self.config_path, doc)
 
     # -- shards ---------------------------------------------------------------------------------
     def shard_path(self, index: int) -> Path:

@@ -50,6 +50,8 @@ Failure kinds (`ClipFailure.kind`; the message says what is wrong without repeat
   and a device may never end;
 - `decode_error`: empty file, not a container FFmpeg can read, or frames that do not decode;
 - `no_video`: the container has no video stream (e.g. audio only);
+- `still_image`: one picture (PNG, JPEG, WebP, one-frame GIF, ...), whatever the file is named
+  (`probe.still_image_failure`); an animated GIF or APNG is a video;
 - `unsupported_codec`: no decoder for the stream's codec in this FFmpeg build (the codec is named);
 - `truncated`: the file ends early (interrupted copy) and its intact prefix is too short for the
   policy (a long enough intact prefix is decoded normally);
@@ -78,6 +80,7 @@ from typing import Any
 from carv_attrib.errors import UsageError
 from carv_attrib.video.failures import ClipFailure
 from carv_attrib.video.resize import resize_frame, resize_stack
+from carv_attrib.video.shortness import frames_past_end
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,7 @@ class DecodedClip:
     start: float = 0.0
     reasons: list[str] = field(default_factory=list)
     motion: Any = None  # (F, H/8, W/8) float32 flow magnitudes when decoded for motion masks
+    padded: int = 0  # frames past the clip's end, repeats of its last frame (pad_short; `shortness`)
 
 
 # Codecs decord (its bundled FFmpeg) indexes and seeks correctly in the common containers; others go
@@ -473,6 +477,7 @@ def decode_clip(path: str, policy: FramePolicy, decoder: str = "auto") -> Decode
         timestamps=[p.seconds(p.display_pts[i] - p.display_pts[0]) for i in idx],
         start=p.seconds(p.display_pts[0]),
         reasons=reasons,
+        padded=frames_past_end(p.display_pts, p.end_pts, p.time_base, policy),
     )
 
 

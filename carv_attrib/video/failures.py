@@ -17,6 +17,7 @@ FAILURE_KINDS = (
     "not_a_file",
     "decode_error",
     "no_video",
+    "still_image",
     "unsupported_codec",
     "truncated",
     "too_short",
@@ -42,15 +43,28 @@ class ClipFailure(Exception):
 
 
 # What a user of each command can do about a clip too short for the frame policy.
+# `encode --pad-short` changes no clip already encoded (only would-be too_short ones), so the same run
+# takes it without --overwrite; --retry-failed encodes the clips that failed again.
 TOO_SHORT_ADVICE = {
-    "encode": "pass --pad-short to repeat its last frame, or lower --frames / --fps",
+    "encode": "rerun with --pad-short --retry-failed to repeat its last frame (the encoded clips are "
+    "kept), or lower --frames / --fps",
     "frames": "pass --pad-short to repeat its last frame, or lower --frames / --fps",
-    "score": "use a longer query video; the run fixes the frame policy (re-encode the run with --pad-short "
-    "to accept short clips)",
+    "score": "use a longer query video; the run fixes the frame policy (encode the run again with "
+    "--pad-short --retry-failed to accept short clips)",
 }
+
+
+# What a user can do about a picture given as a video: nothing a frame policy offers (--pad-short
+# would only repeat it), so the advice names the fix outside the tool.
+STILL_IMAGE_ADVICE = {
+    "encode": "give a video file instead (--pad-short does not turn a picture into a clip)",
+    "frames": "give a video file instead (--pad-short does not turn a picture into a clip)",
+    "score": "score attributes videos: give the generated video file",
+}
+ADVICE = {"too_short": TOO_SHORT_ADVICE, "still_image": STILL_IMAGE_ADVICE}
 
 
 def failure_message(failure: ClipFailure, command: str) -> str:
     """The failure's message, with advice the given command accepts where there is some."""
-    advice = TOO_SHORT_ADVICE.get(command) if failure.kind == "too_short" else None
+    advice = ADVICE.get(failure.kind, {}).get(command)
     return f"{failure.message}; {advice}" if advice else failure.message

@@ -21,9 +21,11 @@ the first frame, whose display matrix gives the rotation) and records:
 
 Errors are `ClipFailure`s: `no_video` (no video stream, e.g. audio only), `unsupported_codec` (no
 decoder for the stream's codec in PyAV's FFmpeg build; named by its MP4 sample-entry fourcc when
-there is one), `truncated` (FFmpeg cannot open the file and an MP4 box runs past its end: an
-interrupted copy of a file whose index comes last), `decode_error` (anything else FFmpeg cannot
-open). Sources: FFmpeg's mov demuxer (edit lists -> AV_PKT_FLAG_DISCARD, partial reads ->
+there is one; also an animated WebP, which FFmpeg's webp decoder cannot read), `still_image` (one
+picture read by an FFmpeg image demuxer, `IMAGE_DEMUXERS`: a PNG, JPEG, WebP, BMP, TIFF or one-frame
+GIF/APNG, whatever its file name says; an animated GIF or APNG is a video), `truncated` (FFmpeg
+cannot open the file and an MP4 box runs past its end: an interrupted copy of a file whose index
+comes last), `decode_error` (anything else FFmpeg cannot open). Sources: FFmpeg's mov demuxer (edit lists -> AV_PKT_FLAG_DISCARD, partial reads ->
 AV_PKT_FLAG_CORRUPT), libavutil/display.h (rotation), ISO/IEC 14496-12 (boxes).
 
     p = probe_video("clip.mp4")
@@ -182,9 +184,93 @@ def mp4_video_fourcc(path: str, limit: int = 64 << 20) -> str | None:
     return None
 
 
+# FFmpeg's demuxers for picture formats: img2dec.c's "<format>_pipe" probes (png_pipe, jpeg_pipe,
+# webp_pipe, bmp_pipe, tiff_pipe, ...), image2 itself, and the two that also hold animations (gif,
+# apng) or an animated JPEG XL. yuv4mpegpipe is a raw video format, not one of them.
+IMAGE_DEMUXERS = frozenset({"image2", "image2pipe", "gif", "apng", "jpegxl_anim"})
+
+
+def is_image_demuxer(name: str) -> bool:
+    """Whether FFmpeg demuxer `name` (VideoProbe.container) reads picture files (`IMAGE_DEMUXERS`)."""
+    return name in IMAGE_DEMUXERS or name.endswith("_pipe")
+
+
+def animated_webp(path: str) -> bool:
+    """Whether `path` is an animated WebP: a RIFF/WEBP file whose VP8X chunk sets the animation flag
+    (WebP container spec: 'RIFF' size 'WEBP' 'VP8X' size, then flags, animation = bit 1)."""
+    with open(path, "rb") as f:
+        head = f.read(21)
+    return len(head) == 21 and head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8X" and bool(head[20] & 0x02)
+
+
+def still_image_failure(p: VideoProbe) -> ClipFailure | None:
+    """`still_image` when `p` is one picture read by an image demuxer (`is_image_demuxer`), else None.
+
+    A picture has one frame and no timeline (FFmpeg gives it a nominal 25 fps), so a frame policy
+    could only repeat it; an image file with several frames (an animated GIF or APNG) is a video."""
+    if not is_image_demuxer(p.container) or p.packets - p.discarded > 1:
+        return None
+    return ClipFailure(
+        "still_image",
+        f"a still image ({p.codec}, {p.width}x{p.height}, read by FFmpeg's {p.container} demuxer), not a "
+        "video: one picture, no timeline",
+        {"container": p.container, "codec": p.codec, "width": p.width, "height": p.height},
+    )
+
+
+# Leading bytes of the picture formats FFmpeg's image demuxers read (PNG, JPEG, GIF, WebP, BMP, TIFF,
+# QOI, JPEG XL codestream and container), from each format's specification.
+IMAGE_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"qoif",
+    b"\xff\x0a",
+    b"\x00\x00\x00\x0cJXL ",
+)
+
+
+def looks_like_image(path: str) -> bool:
+    """Whether the regular file `path` starts like a picture file (`IMAGE_SIGNATURES`, or RIFF....WEBP).
+    Reads 16 bytes; a cheap filter before probing (`still_image_of`)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def still_image_of(path: str) -> ClipFailure | None:
+    """The `still_image` failure of a regular file that is a picture, else None (a video, or anything
+    that is not a picture, which decoding judges). Only a file that starts like a picture is probed,
+    so a caller can ask in its own process before a model loads (`score` refuses such a query)."""
+    if not os.path.isfile(path) or not looks_like_image(path):
+        return None
+    try:
+        probe_video(path)
+    except ClipFailure as exc:
+        return exc if exc.kind == "still_image" else None
+    return None
+
+
+def refuse_still_images(paths: list[Any], command: str = "score") -> None:
+    """UsageError (exit 2) naming the first of `paths` that is a picture (`still_image_of`), with the
+    command's advice: a query PNG named .mp4 would otherwise fail as too_short after the model loads,
+    or with a --pad-short run be scored as F copies of one frame."""
+    from carv_attrib.errors import UsageError
+    from carv_attrib.video.failures import failure_message
+
+    for p in paths:
+        still = still_image_of(str(p))
+        if still is not None:
+            raise UsageError(f"{p}: {failure_message(still, command)}")
+
+
 def probe_video(path: str) -> VideoProbe:
     """Probe `path` (see the module docstring). Raises ClipFailure no_video / unsupported_codec /
-    decode_error; a truncated file is reported in the result (`truncated`), not raised."""
+    still_image / decode_error; a truncated file is reported in the result (`truncated`), not raised."""
     import av
 
     try:
@@ -292,7 +378,13 @@ def probe_video(path: str) -> VideoProbe:
             end_pts = pts[-1] + last
         avg = stream.average_rate
         duration = float(container.duration) / 1e6 if container.duration else None
-        return VideoProbe(
+        if container.format.name == "webp_pipe" and animated_webp(path):
+            raise ClipFailure(
+                "unsupported_codec",
+                f"an animated WebP: the webp decoder in PyAV {av.__version__}'s FFmpeg build reads still "
+                "WebP only (convert it to a video, e.g. an MP4)",
+            )
+        result = VideoProbe(
             path=path,
             container=container.format.name,
             codec=codec,
@@ -316,3 +408,7 @@ def probe_video(path: str) -> VideoProbe:
             intact_before=first_bad_dts,
             first_frame_error=first_error,
         )
+        still = still_image_failure(result)
+        if still is not None:
+            raise still
+        return result
