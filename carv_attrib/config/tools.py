@@ -128,6 +128,12 @@ class ReportConfig(StageConfig):
     attribution: Path = option(positional=True, help="Attribution JSON from `score`.")
     out: Path = option(Path("report.html"), flags=("--out", "-o"), help="The HTML page to write.")
     frames: int = option(4, help="Frames shown per clip, evenly spaced over those encode took (0: none).")
+    run: Path | None = option(
+        None,
+        help="The run the JSON was scored against (default: the JSON's `run`); clips' frames are read "
+        "only from its manifest.",
+        show_default="the JSON's run",
+    )
 
     def validate(self) -> ReportConfig:
         """--frames >= 0; returns self."""

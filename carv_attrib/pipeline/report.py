@@ -13,9 +13,18 @@ block gets the null-prompt ranking beside the captioned one. Every newer field i
 JSON renders as before, less what it lacks.
 
 Frames are taken with the run's own frame selection (`carv_attrib.video.decode.decode_clip` with the
-index's recorded frame policy), --frames of them evenly spaced, as one PNG strip per clip inlined as a
-data URI, so the page needs nothing beside it. The page is rendered by Jinja2 with autoescaping:
-captions, paths and errors are shown as text, whatever they contain (`<script>`, `[/INST]`).
+run's recorded frame policy, clamped: at most MAX_FRAMES frames, at most THUMB_SIDE px on a side),
+--frames of them evenly spaced, as one PNG strip per clip inlined as a data URI, so the page needs
+nothing beside it. Each distinct file is decoded once, however many results name it.
+
+The JSON is not trusted: it is validated against the attribution schema (`report_schema`: the
+provenance may be partial, every value present must have the schema's type and range; NaN and
+infinities refused) with one line naming the field. A training clip's frames come only from the
+run's own manifest (the JSON's `run`, or `--run`): a result whose clip id the run does not hold, or
+whose `path` disagrees with the run's record, is never opened ("not in run", counted on the page). A
+query's frames come from its path when that is a regular file (the user's own query video). The page
+is rendered by Jinja2 with autoescaping: captions, paths and errors are shown as text, whatever they
+contain (`<script>`, `[/INST]`).
 
     from carv_attrib.pipeline.report import ReportConfig, run_report
     path = run_report(ReportConfig(attribution="out.json", out="report.html"))
@@ -24,9 +33,13 @@ captions, paths and errors are shown as text, whatever they contain (`<script>`,
 from __future__ import annotations
 
 import base64
+import copy
+import functools
 import io
 import json
+import logging
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -40,12 +53,16 @@ from PIL import Image
 
 from carv_attrib.config import ReportConfig
 from carv_attrib.errors import UsageError
+from carv_attrib.store.run import RunDir
 from carv_attrib.store.shards import atomic_path
 from carv_attrib.video.decode import ClipFailure, FramePolicy, decode_clip
 
 __all__ = ["ReportConfig", "run_report", "frame_strip", "Axis", "column_chart", "hbar_chart", "kind_chart",
            "forest", "query_charts", "null_view", "STOP_WORDS", "content_words", "shared_words",
-           "indistinct_top", "settled_gaps", "null_kept", "cross_share", "reading"]  # fmt: skip
+           "indistinct_top", "settled_gaps", "null_kept", "cross_share", "reading", "report_schema",
+           "check_document", "thumb_policy", "MAX_FRAMES", "THUMB_SIDE"]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 
 def frame_strip(path: str, policy: FramePolicy, n: int) -> str:
@@ -457,46 +474,170 @@ def reading(query: dict[str, Any]) -> list[str]:
     return out
 
 
-def _policy(doc: dict[str, Any]) -> FramePolicy:
-    enc = doc["index"].get("encode", {})
-    return FramePolicy(
-        frames=enc.get("frames", 17), height=enc.get("height", 64), width=enc.get("width", 64),
-        fps=enc.get("fps", 8.0), pad_short=enc.get("pad_short", False),
-    )  # fmt: skip
+MAX_FRAMES = 81  # frames decoded per clip at most (Wan2.1's longest clip): the strip shows --frames of them
+THUMB_SIDE = 256  # px: a thumbnail's longer side at most, whatever size the run encoded at
+NOT_IN_RUN = "not in run"
+
+
+def thumb_policy(enc: Any) -> FramePolicy:
+    """The report's own frame policy from a recorded one (the run's latents record, else the JSON's
+    `index.encode`): the same frame selection (count, fps, pad_short) and aspect, clamped to
+    MAX_FRAMES frames and THUMB_SIDE px, so a clip's decode takes at most 81 x 256 x 256 x 3 bytes
+    (16 MB) whatever the record says. Missing or unusable values take the encode defaults."""
+
+    def get(name: str, default: Any) -> Any:
+        v = enc.get(name, default) if isinstance(enc, dict) else getattr(enc, name, default)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return v if ok else default
+
+    frames = min(max(int(get("frames", 17)), 1), MAX_FRAMES)
+    h, w = max(int(get("height", 64)), 1), max(int(get("width", 64)), 1)
+    scale = min(1.0, THUMB_SIDE / max(h, w))
+    h, w = max(round(h * scale), 1), max(round(w * scale), 1)
+    fps = min(max(float(get("fps", 8.0)), 0.0), 1000.0)
+    pad = enc.get("pad_short", False) if isinstance(enc, dict) else getattr(enc, "pad_short", False)
+    return FramePolicy(frames=frames, height=h, width=w, fps=fps, pad_short=pad is True)
+
+
+@functools.cache
+def report_schema() -> dict[str, Any]:
+    """The attribution schema as the report checks it: the document needs `index` and `queries` only
+    and any `schema_version` (older and hand-made JSONs render, less what they lack), the provenance
+    may be partial; every value present keeps the schema's type and range."""
+    from importlib import resources
+
+    text = resources.files("carv_attrib").joinpath("schemas/attribution.schema.json").read_text("utf-8")
+    schema = copy.deepcopy(json.loads(text))
+    schema["required"] = ["index", "queries"]
+    props = schema["properties"]
+    props["schema_version"] = {"type": "string"}
+    props["index"] = {k: v for k, v in props["index"].items() if k != "required"}
+    return schema
+
+
+def _field(path: Iterable[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(the document)"
+
+
+def check_document(doc: Any, name: str) -> None:
+    """UsageError (one line naming the field) unless `doc` is an attribution document the report can
+    render: the schema (`report_schema`), and every number finite (Python's JSON reader lets NaN and
+    Infinity through)."""
+    import jsonschema
+    from jsonschema.exceptions import best_match
+
+    if not isinstance(doc, dict) or "queries" not in doc or "index" not in doc:
+        raise UsageError(f"{name}: not an attribution JSON from `carv-attrib score`")
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), doc)]
+    while stack:  # iterative: a deep document cannot overflow the stack here
+        path, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UsageError(f"{name}: {_field(path)}: {v} is not a finite number")
+        if isinstance(v, dict):
+            stack += [((*path, k), x) for k, x in reversed(v.items())]
+        elif isinstance(v, list):
+            stack += [((*path, i), x) for i, x in reversed(list(enumerate(v)))]
+    validator = jsonschema.Draft202012Validator(report_schema())
+    err = best_match(validator.iter_errors(doc))
+    if err is not None:
+        msg = err.message if len(err.message) <= 160 else err.message[:157] + "..."
+        raise UsageError(f"{name}: {_field(err.absolute_path)}: {msg}")
+
+
+def _read(cfg: ReportConfig) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(cfg.attribution).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UsageError(f"{cfg.attribution}: not a readable attribution JSON ({first})") from None
+    check_document(doc, str(cfg.attribution))
+    return doc
+
+
+def _run_clips(cfg: ReportConfig, doc: dict[str, Any]) -> tuple[RunDir, dict[int, str], FramePolicy]:
+    """The run whose clips the page may show (--run, else the JSON's `run`), clip_id -> path from its
+    manifest, and the thumbnail policy from its latents record (the JSON's when it has none)."""
+    import pyarrow.parquet as pq
+
+    fix = "give --run RUN, or --frames 0 for a page without frames"
+    named = cfg.run if cfg.run is not None else doc.get("run")
+    if not named:
+        raise UsageError(f"{cfg.attribution} names no run to take the clips' frames from; {fix}")
+    run = RunDir(named)
+    if not run.manifest_table.is_file():
+        raise UsageError(f"{run}: not a run (no {run.manifest_table.name} under manifest/); {fix}")
+    try:
+        table = pq.read_table(run.manifest_table, columns=["clip_id", "path"])
+        clips = dict(zip(table.column("clip_id").to_pylist(), table.column("path").to_pylist()))
+    except Exception as exc:  # a damaged parquet file: pyarrow raises ArrowInvalid, OSError, ...
+        raise UsageError(f"{run.manifest_table}: unreadable ({type(exc).__name__}); {fix}") from None
+    try:
+        rec = run.latents_record()
+        enc = rec.encode if rec is not None and rec.encode is not None else doc["index"].get("encode", {})
+    except Exception:  # an unreadable record: the JSON's policy, clamped all the same
+        enc = doc["index"].get("encode", {})
+    return run, clips, thumb_policy(enc)
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.normpath(a) == os.path.normpath(b)
 
 
 def run_report(cfg: ReportConfig) -> Path:
-    """Render cfg.attribution to cfg.out (atomically). UsageError (exit 2) for a file that is not an
-    attribution JSON; a clip that cannot be decoded shows its failure in place of its frames."""
+    """Render cfg.attribution to cfg.out (atomically). UsageError (exit 2) for a file that is not a
+    valid attribution JSON, and, unless --frames 0, for a JSON whose run (or --run) is not there; a
+    clip that cannot be decoded shows its failure in place of its frames, a result the run does not
+    hold shows "not in run" (never opened)."""
     cfg.validate()
-    try:
-        doc = json.loads(Path(cfg.attribution).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{cfg.attribution}: not a readable attribution JSON ({exc})") from None
-    if not isinstance(doc, dict) or "queries" not in doc or "index" not in doc:
-        raise UsageError(f"{cfg.attribution}: not an attribution JSON from `carv-attrib score`")
-    policy = _policy(doc)
+    doc = _read(cfg)
+    run, clips, policy = _run_clips(cfg, doc) if cfg.frames else (None, {}, thumb_policy({}))
+    decoded: dict[str, tuple[str | None, str | None]] = {}  # one decode per distinct file
 
-    def strip(path: str | None) -> tuple[str | None, str | None]:
-        if cfg.frames == 0 or not path:
+    def strip(path: str) -> tuple[str | None, str | None]:
+        key = os.path.realpath(path)
+        if key not in decoded:
+            try:
+                decoded[key] = frame_strip(path, policy, cfg.frames), None
+            except ClipFailure as exc:
+                decoded[key] = None, f"{exc.kind}: {exc}"
+        return decoded[key]
+
+    outside = 0
+
+    def result_strip(r: dict[str, Any]) -> tuple[str | None, str | None]:
+        nonlocal outside
+        if not cfg.frames:
             return None, None
-        try:
-            return frame_strip(path, policy, cfg.frames), None
-        except ClipFailure as exc:
-            return None, f"{exc.kind}: {exc}"
+        known = clips.get(r["clip_id"])
+        if known is None or (r.get("path") is not None and not _same_path(r["path"], known)):
+            outside += 1  # the JSON names a file the run does not: not opened
+            return None, NOT_IN_RUN
+        return strip(known)
 
     queries = []
     for q in doc["queries"]:
-        q_strip, _ = strip(q.get("path"))
+        # the query is the user's own video: shown when it is a regular file (no FIFO, no directory)
+        path = q.get("path")
+        q_strip = strip(path)[0] if cfg.frames and path and os.path.isfile(path) else None
         rows = q.get("results", [])
         results = []
         for r, charts in zip(rows, query_charts(rows)):
-            s, err = strip(r.get("path"))
+            s, err = result_strip(r)
             results.append({**r, "strip": s, "strip_error": err, **charts})
         queries.append({**q, "strip": q_strip, "results": results, "reading": reading(q),
                         "null": null_view(q), "why": any(r["splits"] or r["kinds"] for r in results),
                         "has_se": any(_finite(r.get("se")) is not None for r in rows),
                         "has_p": any(_finite(r.get("p_top_k")) is not None for r in rows)})  # fmt: skip
+    warnings = list(doc.get("warnings", []))
+    if outside:
+        total = sum(len(q.get("results", [])) for q in doc["queries"])
+        note = (f"{outside} of {total} results name a clip that is not in the run {run} (or a path its "
+                "manifest does not give it): shown without frames, not opened")  # fmt: skip
+        log.warning("%s", note)
+        warnings.append(note)
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("carv_attrib", "templates"),
         autoescape=True,
@@ -509,7 +650,7 @@ def run_report(cfg: ReportConfig) -> Path:
         count=doc["index"].get("count"),
         created_at=doc.get("created_at", ""),
         version=doc.get("tool", {}).get("version", ""),
-        warnings=doc.get("warnings", []),
+        warnings=warnings,
         queries=queries,
         aggregate=doc.get("aggregate"),
         provenance=json.dumps(doc["index"], indent=2, ensure_ascii=False),

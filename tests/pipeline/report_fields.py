@@ -24,7 +24,8 @@ def inject_newer_fields(q: dict) -> None:
     as_older(q)  # the made-up values replace whatever this `score` wrote
     rs = q["results"]
     spread = (rs[0]["score"] - rs[-1]["score"]) or 1e-3
-    q["uncertainty"] = {"method": "cheap", "level": 0.9}
+    q["uncertainty"] = {"method": "cheap", "formula": "iid", "draws": 4, "dof": 3, "level": 0.9, "t": 2.353,
+                        "clip_side": "mirrored"}  # fmt: skip
     for i, r in enumerate(rs):
         r["se"], r["p_top_k"] = spread * 0.6, 1.0 - i / len(rs)
         s = r["score"]

@@ -78,11 +78,26 @@ def test_the_newer_fields_show_and_stay_text(featurized_run: Path, demo_data: Pa
         as_older(q)
     q = doc["queries"][0]
     for i, r in enumerate(q["results"]):
-        r |= {"se": 1e-6, "p_top_k": 1 - i / 3, "explain": {"by_kind": {"self_attention": r["score"]}}}
+        r |= {
+            "se": 1e-6,
+            "p_top_k": 1 - i / 3,
+            "explain": {
+                "total": r["score"],
+                "by_block": {},
+                "top_layers": [],
+                "by_kind": {
+                    "self_attention": r["score"],
+                    "cross_attention": 0.0,
+                    "feed_forward": 0.0,
+                    "other": 0.0,
+                },
+            },
+        }
     hostile = "<b onmouseover=alert(1)>x</b>"
-    q["null_prompt"] = {"results": [{**q["results"][0], "vid": hostile}], "top_k_overlap": 1 / 3,
-                        "shared": [q["results"][0]["clip_id_str"]]}  # fmt: skip
-    q["uncertainty"] = {"method": "cheap", "formula": "iid", "draws": 8, "level": 0.9, "t": 1.895}
+    q["null_prompt"] = {"status": "ok", "results": [{**q["results"][0], "vid": hostile}], "top_k_overlap": 1 / 3,
+                        "shared": [q["results"][0]["clip_id"]]}  # fmt: skip
+    q["uncertainty"] = {"method": "cheap", "formula": "iid", "draws": 8, "dof": 7, "level": 0.9, "t": 1.895,
+                        "clip_side": "mirrored"}  # fmt: skip
     (tmp_path / "a.json").write_text(json.dumps(doc))
     html = run_report(ReportConfig(attribution=tmp_path / "a.json", out=tmp_path / "r.html", frames=0))
     html = html.read_text()

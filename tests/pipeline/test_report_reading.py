@@ -30,7 +30,7 @@ from carv_attrib.pipeline.report import (
 
 def row(rank: int, score: float, caption: str | None = "", se: float | None = None, **extra: Any) -> dict:
     r = {"rank": rank, "clip_id": 100 + rank, "clip_id_str": str(100 + rank), "vid": f"v{rank}",
-         "caption": caption, "score": score, **extra}  # fmt: skip
+         "caption": caption, "path": None, "score": score, **extra}  # fmt: skip
     return r if se is None else {**r, "se": se}
 
 
@@ -153,7 +153,13 @@ def test_a_minimal_document_renders_old_and_new_shapes(tmp_path: Path) -> None:
     """run_report on a hand-made document (no frames): the older shape gets none of the new elements,
     a failed null pass shows its error as text."""
     old = {"path": "q.mp4", "prompt": "a red circle", "status": "ok", "results": [row(1, 0.5, "a red dot")]}
-    failed = {"status": "error", "error": "<i>non-finite</i>", "results": [], "shared": []}
+    failed = {
+        "status": "error",
+        "error": "<i>non-finite</i>",
+        "results": [],
+        "top_k_overlap": None,
+        "shared": [],
+    }
     new = {**old, "results": [row(1, 0.5, "a red dot", se=0.1, p_top_k=0.7)], "null_prompt": failed}
     for name, q in (("old", old), ("new", new)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"index": {}, "queries": [q]}))
