@@ -16,6 +16,30 @@ def _changes(changes: dict[str, int], skip: str) -> str:
     return ", ".join(f"{k} {v}" for k, v in changes.items() if k != skip)
 
 
+def _dry_run_lengths(length: dict[str, Any]) -> None:
+    """The dry run's prediction of too_short and still_image clips, with advice that works at once."""
+    about = "about " if length.get("sampled") else ""
+    if length.get("too_short"):
+        need = f" (they must last more than {length['needs_s']:.2f} s)" if length.get("needs_s") else ""
+        err_console.print(
+            Text.assemble(
+                (f"{about}{length['too_short']} clips are too short", "yellow"),
+                f" for the frame policy{need} and would fail too_short, e.g. "
+                f"{', '.join(length['too_short_examples'])}; add --pad-short to repeat their last frame "
+                "(it changes no clip already encoded), or lower --frames / --fps",
+            ),
+            soft_wrap=True,
+        )
+    if length.get("still_image"):
+        err_console.print(
+            Text.assemble(
+                (f"{about}{length['still_image']} files are still images", "yellow"),
+                f" and would fail still_image, e.g. {', '.join(length['still_image_examples'])}",
+            ),
+            soft_wrap=True,
+        )
+
+
 def encode(summary: Any, shard: str | None, run: Any) -> None:
     """An `EncodeSummary`: the dry-run estimate, or the counts, failure examples and advice."""
     changes = _changes(summary.changes, "to_encode")
@@ -41,15 +65,23 @@ def encode(summary: Any, shard: str | None, run: Any) -> None:
             if unhashed and summary.total
             else ""
         )
+        length = files.get("length") or {}
+        probed = (
+            f"; {length['probed']} of them probed for their length"
+            + (" (an evenly spaced sample)" if length.get("sampled") else "")
+            if length.get("probed")
+            else ""
+        )
         err_console.print(
             Text.assemble(
                 ("dry run", "yellow"),
                 f": would encode {todo} clips ({changes}){by_stat}; about {summary.estimated_s:.0f} s "
                 f"for the {present} whose file is present; counted from sizes and mtimes, no file was "
-                "read or hashed; nothing was written",
+                f"read or hashed{probed}; nothing was written",
             ),
             soft_wrap=True,
         )
+        _dry_run_lengths(length)
         return
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary.failures.items())) or "none"
     err_console.print(

@@ -253,6 +253,49 @@ def dry_run_files(plan: EncodePlan) -> dict[str, Any]:
     }
 
 
+DRY_RUN_PROBES = 200  # files a dry run probes for their length: all of them up to this, else a sample
+
+
+def predict_short(plan: EncodePlan, policy: Any) -> dict[str, Any]:
+    """How many clips to encode would fail `too_short` (or are still images), from a probe of their
+    file (one demux pass, `video.probe.probe_video`; no decode of the clip): every present file to
+    encode up to DRY_RUN_PROBES, else that many evenly spaced, and the count scaled to all of them
+    (`sampled`). `needs_s`: how long a clip must last for the policy (None for fps 0)."""
+    from carv_attrib.video.probe import probe_video
+    from carv_attrib.video.shortness import needed_seconds, predict_too_short
+
+    todo = plan.todo
+    if plan.survey is not None:
+        todo = [j for j in todo if plan.survey.regular[j]]
+    picked = (
+        todo
+        if len(todo) <= DRY_RUN_PROBES
+        else [todo[int(k)] for k in np.linspace(0, len(todo) - 1, DRY_RUN_PROBES)]
+    )
+    paths = plan.clips.clips.path
+    short, still = [], []
+    for j in picked:
+        try:
+            if predict_too_short(probe_video(paths[j]), policy):
+                short.append(paths[j])
+        except ClipFailure as exc:  # unreadable files are the encode's per-clip failures; a picture is named
+            if exc.kind == "still_image":
+                still.append(paths[j])
+    scale = len(todo) / len(picked) if picked else 0.0
+    return {
+        "probed": len(picked),
+        "of": len(todo),
+        "sampled": len(picked) < len(todo),
+        "too_short": round(len(short) * scale),
+        "too_short_probed": len(short),
+        "too_short_examples": short[:_LISTED],
+        "still_image": round(len(still) * scale),
+        "still_image_examples": still[:_LISTED],
+        "needs_s": needed_seconds(policy),
+        "pad_short": bool(policy.pad_short),
+    }
+
+
 class _TextCache:
     """Stored embeddings of distinct captions; bounded, because a real UMT5 row set is ~1 MB."""
 
@@ -474,7 +517,7 @@ def _encode(cfg: EncodeConfig, progress: ProgressFn = noop) -> EncodeSummary:
     if cfg.dry_run:
         estimate = _estimate(cfg, plan, facts, wan)
         summary = summarize(run, plan, fingerprint(config), 0, 0, time.monotonic() - t0, estimate)
-        summary.files = dry_run_files(plan)
+        summary.files = dry_run_files(plan) | {"length": predict_short(plan, cfg.policy)}
         return summary
 
     run.root.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ too; a real configuration change is still refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -88,3 +89,41 @@ def test_pad_short_retry_resumes_without_overwrite(
     with pytest.raises(ConfigMismatchError, match=r"frames: 9 -> 13") as exc:
         run_encode(cfg)
     assert "pad_short:" not in str(exc.value)
+
+
+def test_dry_run_predicts_too_short_and_still_images(
+    tmp_path: Path, tiny_model_dir: Path, demo_data: Path
+) -> None:
+    """The first-hour trap: --dry-run said "would encode 30" and 18 then failed too_short. Now the dry
+    run probes each file's length (no decode) and says how many would fail, with advice that works."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from carv_attrib.cli.app import app
+
+    videos = tmp_path / "v"
+    videos.mkdir()
+    good = sorted((demo_data / "videos").glob("*.mp4"))[:2]
+    for p in good:
+        (videos / p.name).write_bytes(p.read_bytes())
+    for k in range(3):
+        short_clip(videos / f"short{k}.mp4", frames=3 + k)
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(videos / "picture.mp4", format="PNG")
+    vids = [p.stem for p in good] + [f"short{k}" for k in range(3)] + ["picture"]
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps([{"vid": v, "caption": v} for v in vids]))
+    cfg = EncodeConfig(
+        manifest=manifest, videos=videos, model=str(tiny_model_dir), run=tmp_path / "run",
+        frames=9, size="32x32", fps=8, workers=0, device="cpu", dry_run=True,
+    )  # fmt: skip
+    length = run_encode(cfg).files["length"]
+    assert (length["probed"], length["of"], length["sampled"]) == (6, 6, False)
+    assert length["too_short"] == 3 and length["still_image"] == 1 and length["needs_s"] == 1.0
+    padded = run_encode(dataclasses.replace(cfg, pad_short=True)).files["length"]
+    assert padded["too_short"] == 0 and padded["still_image"] == 1
+    args = ["encode", str(manifest), "--videos", str(videos), "-m", str(tiny_model_dir), "-r", str(tmp_path / "run"),
+            "--frames", "9", "--size", "32x32", "--fps", "8", "--workers", "0", "--device", "cpu", "--dry-run"]  # fmt: skip
+    r = CliRunner().invoke(app, args + ["--format", "human"])
+    assert r.exit_code == 0, r.output
+    assert "3 clips are too short" in r.stderr and "add --pad-short" in r.stderr
+    assert "1 files are still images" in r.stderr and "6 of them probed for their length" in r.stderr
