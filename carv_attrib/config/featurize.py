@@ -149,6 +149,11 @@ class FeaturizeConfig(StageConfig):
         "(one Wan2.1-1.3B draw at 17x480x832 holds ~36 GB in float32). Same features.",
     )
     shard_size: int = option(64, help="Clips per feature shard (the unit of resume).")
+    commit_every: float = option(
+        60.0,
+        help="Seconds of work after which a shard is committed even if it holds fewer than --shard-size "
+        "clips (a shard is also committed on Ctrl-C or SIGTERM): an interrupted featurize loses little.",
+    )
     device: str = device_option()
     dtype: str = dtype_option()
     dry_run: bool = dry_run_option()
@@ -174,6 +179,8 @@ class FeaturizeConfig(StageConfig):
         check_min("--draws", self.draws, 1)
         check_min("--batch-clips", self.batch_clips, 1)
         check_min("--shard-size", self.shard_size, 1)
+        if not self.commit_every > 0:
+            raise UsageError(f"--commit-every {self.commit_every}: give a positive number of seconds")
         if self.draws_per_backward is not None:
             check_min("--draws-per-backward", self.draws_per_backward, 1)
         check_distribution(self)

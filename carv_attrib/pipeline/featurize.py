@@ -15,9 +15,10 @@ costs only its new and changed clips, and a killed run resumes from its last fin
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.config import FeaturizeConfig, parse_shard
 from carv_attrib.config.resume import recorded_options
 from carv_attrib.errors import UsageError
+from carv_attrib.interrupt import sigterm_as_interrupt
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity, resolve_source
 from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
 from carv_attrib.pipeline.index import build_run_index, index_config_keeping, precheck_index
@@ -189,18 +191,34 @@ def _featurize_rows(
     progress: ProgressFn,
 ) -> list[dict[str, Any]]:
     """The feature rows of the latent rows `todo` ((clip_id, vid, row)), B clips per backward."""
+    return [
+        row
+        for batch in _feature_batches(featurizer, run, todo, batch_clips, n_ckpt, progress)
+        for row in batch
+    ]
+
+
+def _feature_batches(
+    featurizer: Featurizer,
+    run: RunDir,
+    todo: list[tuple[int, str, LatentRow]],
+    batch_clips: int,
+    n_ckpt: int,
+    progress: ProgressFn,
+) -> Iterator[list[dict[str, Any]]]:
+    """The feature rows of `todo`, one list per backward of B clips (latents streamed: one latent
+    shard in memory at a time, clips in shard order)."""
     sha = {cid: row.latent_sha for cid, _, row in todo}
-    clips = list(read_latents(run, selection([row.where for _, _, row in todo])))
-    rows: list[dict[str, Any]] = []
-    for start in range(0, len(clips), batch_clips):
-        chunk = clips[start : start + batch_clips]
+    clips = read_latents(run, selection([row.where for _, _, row in todo]))
+    while chunk := list(itertools.islice(clips, batch_clips)):
         feats, losses, draws = featurizer.features(
             [(c.clip_id, c.latent, c.text_emb, c.motion) for c in chunk]
         )
+        rows = []
         for c, f, ell, (sigma, w) in zip(chunk, feats, losses, draws):
             rows.append(feature_row(c.clip_id, c.vid, sha[c.clip_id], f, ell, sigma, w, n_ckpt))
             progress("clip", {"status": rows[-1]["status"], "vid": c.vid})
-    return rows
+        yield rows
 
 
 def _changes(live: LiveLatents, feats: LiveFeatures) -> dict[str, int]:
@@ -349,22 +367,58 @@ def _run_featurize(
     chunks = [todo[s : s + cfg.shard_size] for s in range(0, len(todo), cfg.shard_size)]
     progress("start", {"total": len(live), "todo": len(todo), "shards": len(chunks), "skipped": 0})
     schema = feature_schema(featurizer.dim, len(checkpoints) * cfg.draws)
-    names = store.part_shards(len(chunks), part)
-    for ci, chunk in enumerate(chunks):
-        t_shard = time.monotonic()
-        rows = _featurize_rows(featurizer, run, chunk, cfg.batch_clips, len(checkpoints), progress)
+    written = _write_features(featurizer, run, store, todo, cfg, part, schema, provenance, progress)
+    feats = run.live_features(live)
+    return _summary(run, live, feats, featurizer, rule, fp, changes, len(todo), written, t0)
+
+
+def _write_features(
+    featurizer: Featurizer,
+    run: RunDir,
+    store: ShardStore,
+    todo: list[tuple[int, str, LatentRow]],
+    cfg: FeaturizeConfig,
+    part: tuple[int, int] | None,
+    schema: pa.Schema,
+    provenance: dict[str, Any],
+    progress: ProgressFn,
+) -> int:
+    """Compute `todo` B clips at a time and commit a shard every --shard-size clips, every
+    --commit-every seconds of work and when interrupted (Ctrl-C, SIGTERM): a rerun then loses at most
+    the batch in flight. Returns the number of shards written."""
+    n_ckpt = len(provenance["checkpoint_paths"])
+    rows: list[dict[str, Any]] = []
+    t_shard = time.monotonic()
+    written = 0
+
+    def commit() -> None:
+        nonlocal rows, t_shard, written
+        if not rows:
+            return
+        name = store.part_shards(1, part)[0]  # after every done shard, ≡ I mod N: parts never collide
         stats = {
-            "shard": names[ci],
+            "shard": name,
             "clips": len(rows),
             "ok": sum(r["status"] == "ok" for r in rows),
             "nonfinite": sum(r["status"] != "ok" for r in rows),
             "wall_s": round(time.monotonic() - t_shard, 4),
             "finished_at": now_iso(),
         }
-        store.write_shard(names[ci], pa.Table.from_pylist(rows, schema=schema), stats, provenance)
+        store.write_shard(name, pa.Table.from_pylist(rows, schema=schema), stats, provenance)
         progress("shard", stats)
-    feats = run.live_features(live)
-    return _summary(run, live, feats, featurizer, rule, fp, changes, len(todo), len(chunks), t0)
+        rows, t_shard, written = [], time.monotonic(), written + 1
+
+    try:
+        with sigterm_as_interrupt():
+            for batch in _feature_batches(featurizer, run, todo, cfg.batch_clips, n_ckpt, progress):
+                rows.extend(batch)
+                if len(rows) >= cfg.shard_size or time.monotonic() - t_shard >= cfg.commit_every:
+                    commit()
+            commit()
+    except KeyboardInterrupt:
+        commit()  # the finished clips are kept; the batch in flight is recomputed by the rerun
+        raise
+    return written
 
 
 def _featurize_with_ray(
