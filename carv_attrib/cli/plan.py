@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from carv_attrib.cli import render
-from carv_attrib.cli.common import check_format, emit, handle_errors
+from carv_attrib.cli.common import check_format, emit, handle_errors, say
 from carv_attrib.cli.options import format_param, stage_command
 from carv_attrib.cli.progress import ClipProgress
 from carv_attrib.config import PlanConfig
@@ -17,6 +19,17 @@ def plan(cfg: PlanConfig, fmt: str) -> None:
     from carv_attrib.pipeline.plan import run_plan
 
     fmt = check_format(fmt)
-    with ClipProgress("plan", unit="steps") as progress:
+    with ClipProgress("plan", unit="steps") as bar:
+
+        def progress(event: str, info: dict[str, Any]) -> None:
+            if event == "cost":  # before the pilot starts: its size and time, and how to trim it
+                say(render.plan_cost(info, cfg.dry_run))
+            else:
+                bar(event, info)
+
         doc = run_plan(cfg, progress)
+    if doc.get("dry_run"):
+        if fmt != "human":
+            emit(doc, fmt)
+        return
     emit(doc, fmt) if fmt != "human" else render.plan(doc, cfg.draws, cfg.k_max)

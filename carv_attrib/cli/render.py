@@ -158,6 +158,34 @@ def index(info: Any) -> None:
 _FLAG_ORDER = ("timesteps", "draws", "antithetic", "output_fn", "plan", "density")
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def plan_cost(est: dict[str, Any], dry_run: bool) -> str:
+    """The line `plan` prints before its pilot: how many draws, about how long, what trims it."""
+    d = est["draws"]
+    span = (
+        _duration(est["seconds_min"])
+        if round(est["seconds_min"]) == round(est["seconds_max"])
+        else f"{_duration(est['seconds_min'])} to {_duration(est['seconds_max'])}"
+    )
+    reencode = (
+        f" + a re-encode of the pilot clips ({_duration(est['reencode_s'])})" if est["reencode_s"] else ""
+    )
+    head = "would take" if dry_run else "will take"
+    return (
+        f"plan: pilot of {est['pilot_clips']} clips, ranking of {est['rank_clips']}: {head} about {span} "
+        f"({d['total_min']:,} to {d['total_max']:,} draws at {est['seconds_per_draw']:.3g} s/draw, timed on "
+        f"{est['timed_clips']} clips here{reencode}; the ranking stops at the first stable K). "
+        "Smaller: --replicates, --rank-clips, --k-max, --pilot-clips."
+    )
+
+
 def plan(doc: dict[str, Any], draws: int, k_max: int) -> None:
     """A plan document: the costs line and ECM table on stdout, the recommended options on stderr.
     draws / k_max: the pilot's --draws and --k-max (named in the title and the advice)."""

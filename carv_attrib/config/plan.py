@@ -65,6 +65,11 @@ class PlanConfig(StageConfig):
     seed: int = seed_option()
     device: str = device_option()
     dtype: str = dtype_option()
+    dry_run: bool = option(
+        False,
+        flags=("--dry-run",),
+        help="Time one batch, print the pilot's size and estimated time, then stop (nothing written).",
+    )
 
     def validate(self) -> PlanConfig:
         """The choices, the pilot's minimum sizes, --mix in (0, 1] and --k-max >= 1; returns self."""

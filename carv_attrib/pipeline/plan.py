@@ -102,6 +102,54 @@ def encode_cost(run: RunDir) -> float:
     return wall / clips
 
 
+def encode_cost_or_none(run: RunDir) -> float | None:
+    try:
+        return encode_cost(run)
+    except UsageError:
+        return None
+
+
+def pilot_draw_counts(cfg: PlanConfig, pilot: int, ranked: int) -> dict[str, int]:
+    """Per-clip (σ, ε) draws the pilot differentiates, by step: the proposal's bins (pilot × bins ×
+    draws_per_bin), the scheme variances (schemes × replicates × pilot × K) and the ranking (ranked
+    clips × 2 seeds × Σ K over 1, 2, 4, … up to the first stable K: at least K = 1, at most --k-max)."""
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= cfg.k_max] or [cfg.k_max]
+    fixed = pilot * cfg.bins * cfg.draws_per_bin + len(PILOT_SCHEMES) * cfg.replicates * pilot * cfg.draws
+    return {
+        "proposal": pilot * cfg.bins * cfg.draws_per_bin,
+        "variances": len(PILOT_SCHEMES) * cfg.replicates * pilot * cfg.draws,
+        "ranking_min": ranked * 2 * ks[0],
+        "ranking_max": ranked * 2 * sum(ks),
+        "total_min": fixed + ranked * 2 * ks[0],
+        "total_max": fixed + ranked * 2 * sum(ks),
+    }
+
+
+def pilot_estimate(
+    featurizer: Any, clips: list[CachedClip], ranked: int, cfg: PlanConfig, c_enc: float | None
+) -> dict[str, Any]:
+    """The pilot's size and time, from one timed featurize batch of up to --batch-clips pilot clips at
+    K = --draws (seconds per clip-draw), times `pilot_draw_counts`, plus the timed re-encode of the
+    pilot clips (twice each, at the encode stage's recorded seconds per clip when known). A range:
+    the ranking stops at the first K at which two seeds agree, which is not known in advance."""
+    batch = clips[: max(1, min(cfg.batch_clips, len(clips)))]
+    t0 = time.monotonic()
+    featurizer.features([(c.clip_id, c.latent, c.text_emb, c.motion) for c in batch])
+    per_draw = (time.monotonic() - t0) / (len(batch) * cfg.draws)
+    counts = pilot_draw_counts(cfg, len(clips), ranked)
+    reencode = 2 * len(clips) * c_enc if c_enc is not None else 0.0
+    return {
+        "pilot_clips": len(clips),
+        "rank_clips": ranked,
+        "draws": counts,
+        "seconds_per_draw": per_draw,
+        "timed_clips": len(batch),
+        "reencode_s": reencode,
+        "seconds_min": reencode + per_draw * counts["total_min"],
+        "seconds_max": reencode + per_draw * counts["total_max"],
+    }
+
+
 def _pilot_clips(run: RunDir, n: int) -> list[CachedClip]:
     clips = []
     for c in iter_cached(run):
@@ -133,12 +181,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = noop) -> dict[str, Any]:
     check_encoder_matches(cfg.model, lat.model)
     check_objective_inputs(cfg.objective, lat.config, run)
     clips = _pilot_clips(run, cfg.pilot_clips)
-    progress("start", {"todo": 2 + len(PILOT_SCHEMES) + 4})  # + the ranking pilot's K = 1, 2, 4, 8 (usually)
-    c_enc = reencode_cost(run, cfg.model, [c.clip_id for c in clips], lat, cfg.device)
-    progress("clip", {"status": "ok", "step": "c_enc"})
-    c_enc_source = "timed re-encode of the pilot clips"
-    if c_enc is None:
-        c_enc, c_enc_source = encode_cost(run), "encode stage stats"
+    rank_clips = _pilot_clips(run, cfg.rank_clips)
     base_rule = DrawRule(seed=cfg.seed, scheme="iid", k=cfg.draws, density=p.spec, noise="per-clip")
     featurizer = load_featurizer(
         cfg.model,
@@ -150,6 +193,16 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = noop) -> dict[str, Any]:
         new_projector=lambda t: build_projector("kron", t, cfg.layers, cfg.seed, cfg.proj_dim, "gaussian"),
         objective=objective_spec(cfg.objective),
     )
+    estimate = pilot_estimate(featurizer, clips, len(rank_clips), cfg, encode_cost_or_none(run))
+    progress("cost", estimate)  # before the pilot: the user can stop it and trim its size
+    if cfg.dry_run:
+        return {"schema": PLAN_SCHEMA, "dry_run": True, "run": str(run), "estimate": estimate}
+    progress("start", {"todo": 2 + len(PILOT_SCHEMES) + 4})  # + the ranking pilot's K = 1, 2, 4, 8 (usually)
+    c_enc = reencode_cost(run, cfg.model, [c.clip_id for c in clips], lat, cfg.device)
+    progress("clip", {"status": "ok", "step": "c_enc"})
+    c_enc_source = "timed re-encode of the pilot clips"
+    if c_enc is None:
+        c_enc, c_enc_source = encode_cost(run), "encode stage stats"
     t0 = time.monotonic()
     settings = PilotSettings.from_config(cfg)
     proposal, bins = fit_proposal(featurizer, clips, settings, p)
@@ -167,7 +220,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = noop) -> dict[str, Any]:
         proposal=proposal if scheme == "stratified-is" else None,
     )  # fmt: skip
     ranking = ranking_draws(
-        featurizer, _pilot_clips(run, cfg.rank_clips), rank_rule, DEFAULT_PRECONDITION, cfg.k_max,
+        featurizer, rank_clips, rank_rule, DEFAULT_PRECONDITION, cfg.k_max,
         cfg.batch_clips, step,
     )  # fmt: skip
     plan = {

@@ -156,3 +156,66 @@ def test_ranking_rule_recommends_the_first_k_where_two_seeds_agree() -> None:
     assert verdicts[-1] and not any(verdicts[:-1]), "stops at the first stable K"
     capped = ranking_draws(_NoisyFeaturizer(n), clips, rule, "identity", k_max=2)
     assert not capped["stable"] and capped["draws"] == 2
+
+
+def test_plan_states_its_cost_first_and_counts_its_draws_right(
+    encoded_run: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The "cost" event comes before any pilot step, and the draws it announces are the draws the
+    pilot differentiates (counted at the two places draws happen), within its stated range."""
+    import carv_attrib.attrib.pilot as pilot
+    from carv_attrib.attrib.featurizer import Featurizer
+
+    counted = {"draws": 0}
+    real_features, real_per_draw = Featurizer.features, pilot.per_draw_features
+
+    def features(self, clips, *a, **k):  # type: ignore[no-untyped-def]
+        counted["draws"] += len(clips) * self.rule.k  # K per clip, antithetic pairs included
+        return real_features(self, clips, *a, **k)
+
+    def per_draw(transformer, projector, latent, context, sigma, *a, **k):  # type: ignore[no-untyped-def]
+        counted["draws"] += sigma.numel()
+        return real_per_draw(transformer, projector, latent, context, sigma, *a, **k)
+
+    monkeypatch.setattr(Featurizer, "features", features)
+    monkeypatch.setattr(pilot, "per_draw_features", per_draw)
+    events: list[tuple[str, dict]] = []
+    cfg = PlanConfig(
+        run=encoded_run, model=str(tiny_model_dir), out=tmp_path / "plan.json", pilot_clips=3, bins=4,
+        draws=2, replicates=2, rank_clips=6, k_max=4, device="cpu",
+    )  # fmt: skip
+    dry = run_plan(PlanConfig(**{**cfg.__dict__, "dry_run": True}), lambda e, i: events.append((e, i)))
+    assert dry["dry_run"] and [e for e, _ in events] == ["cost"] and not (tmp_path / "plan.json").exists()
+    est = dry["estimate"]
+    assert est["draws"]["proposal"] == 3 * 4 * 2 and est["draws"]["variances"] == 5 * 2 * 3 * 2
+    assert est["rank_clips"] == 6 and est["draws"]["total_max"] == 24 + 60 + 6 * 2 * (1 + 2 + 4)
+    assert 0 < est["seconds_min"] <= est["seconds_max"]
+
+    events.clear()
+    counted["draws"] = 0
+    run_plan(cfg, lambda e, i: events.append((e, i)))
+    assert events[0][0] == "cost" and events[1][0] == "start"
+    pilot_draws = counted["draws"] - events[0][1]["timed_clips"] * cfg.draws  # less the timed batch
+    d = events[0][1]["draws"]
+    assert d["total_min"] <= pilot_draws <= d["total_max"]
+
+
+def test_cli_plan_dry_run_prints_the_cost_and_writes_nothing(
+    encoded_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from carv_attrib.cli.app import app
+
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    res = CliRunner().invoke(
+        app, ["plan", str(run), "-m", str(tiny_model_dir), "--dry-run", "--pilot-clips", "2", "--device", "cpu",
+              "-o", str(tmp_path / "plan.json")],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "plan: pilot of 2 clips" in res.output and "would take about" in res.output
+    assert "--replicates" in res.output
+    assert not (tmp_path / "plan.json").exists()
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
