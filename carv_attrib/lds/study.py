@@ -224,9 +224,21 @@ def score_variants(
     gt_values, positions = problem.gt_values, problem.positions
     cache: dict[Any, Any] = {}
     out = {}
-    for v in variants:
+    for n, v in enumerate(variants, 1):
         t0 = time.monotonic()
-        scores = [variant_scores(problem, v, r, cache) for r in range(v.replicates)]
+        say(
+            f"{v.name} (setting {n}/{len(variants)}): {v.replicates} replicate{'s' if v.replicates > 1 else ''}"
+        )
+        scores = []
+        for r in range(v.replicates):  # a line per replicate: a setting can take minutes
+            scores.append(variant_scores(problem, v, r, cache))
+            if v.replicates > 1:
+                done = time.monotonic() - t0
+                left = done / (r + 1) * (v.replicates - r - 1)
+                say(
+                    f"{v.name} (setting {n}/{len(variants)}): replicate {r + 1}/{v.replicates} in {done:.0f} s"
+                    + (f", about {left:.0f} s left for this setting" if left else "")
+                )
         sums = [subset_sums(s, positions) for s in scores]
         centred = [query_centered(x) for x in sums]
         gt_c = query_centered(gt_values)

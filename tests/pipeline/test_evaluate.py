@@ -98,6 +98,8 @@ def test_retraining_writes_json_and_plot(tmp_path: Path, tiny_model_dir: Path, d
     doc = json.loads((tmp_path / "e.json").read_text())
     assert doc["protocol"] | {"subsets": 8, "queries": 2, "train_clips": 8} == doc["protocol"]
     assert set(doc["settings"]) == {"default", "exact-crn-8"} and (tmp_path / "e.png").stat().st_size > 0
+    # never silent for minutes: a line per training, per setting and per replicate (issue 24)
+    assert "setting 1/2" in r.stderr and "replicate 2/2 in" in r.stderr and "trainings" in r.stderr
     ci = doc["settings"]["default"]["lds"]["ci95"]
     assert ci[0] <= doc["settings"]["default"]["lds"]["mean"] <= ci[1]
 
