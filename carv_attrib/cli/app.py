@@ -8,6 +8,7 @@ import typer
 
 from carv_attrib import __version__
 from carv_attrib.cli import (
+    cost,
     curate,
     demo,
     encode,
@@ -29,6 +30,7 @@ EPILOG = """\b
 A typical run (README: Usage):
   carv-attrib encode clips.json --videos DIR -m MODEL -r RUN
   carv-attrib plan RUN -m MODEL        (optional: a proposal q(σ))
+  carv-attrib cost RUN --clips 1000000 (optional: size the whole job)
   carv-attrib featurize RUN -m MODEL   (K draws per encode -> index)
   carv-attrib score gen.mp4 -r RUN -p "its prompt" -o out.json
   carv-attrib report out.json -o report.html
@@ -76,6 +78,7 @@ COMMANDS = {
     "demo": demo.demo,
     "encode": encode.encode,
     "plan": plan.plan,
+    "cost": cost.cost,
     "featurize": featurize.featurize,
     "index": featurize.index,
     "generate": generate.generate,

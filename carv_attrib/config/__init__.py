@@ -74,6 +74,7 @@ from carv_attrib.config.options import (
     timesteps_option,
     wait_option,
 )
+from carv_attrib.config.cost import CostConfig
 from carv_attrib.config.plan import PlanConfig
 from carv_attrib.config.score import ScoreConfig
 from carv_attrib.config.tools import (
@@ -114,6 +115,7 @@ __all__ = [
     "PRECONDITIONERS",
     "PROJECTORS",
     "PlanConfig",
+    "CostConfig",
     "ReportConfig",
     "SCHEMES",
     "ScoreConfig",

@@ -24,7 +24,7 @@ def test_commands_are_listed_in_workflow_order() -> None:
 def test_the_typical_run_uses_existing_commands_and_options() -> None:
     runner = CliRunner()
     lines = [ln.strip() for ln in EPILOG.splitlines() if ln.strip().startswith("carv-attrib ")]
-    assert len(lines) == 5
+    assert len(lines) >= 5  # encode, plan, featurize, score, report (+ the optional stages)
     for line in lines:
         command = line.split()[1]
         assert command in COMMANDS, line
