@@ -310,7 +310,8 @@ def read_webdataset(source: str | Path, opts: ManifestOptions | None = None) -> 
         shard_abs = os.path.abspath(shard)
         members, problem = _tar_members(shard)
         if problem:
-            log.warning("%s: its clips past that point fail as truncated or missing", problem)
+            log.warning("%s: a clip the end cuts into fails as truncated", problem)
+        last = members[-1].name if members and problem else None
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         for ti in members:
             m = _KEY.match(ti.name)
@@ -318,6 +319,12 @@ def read_webdataset(source: str | Path, opts: ManifestOptions | None = None) -> 
                 continue  # no extension: not part of a sample
             groups.setdefault(m[1], {}).setdefault(m[2].lower(), ti)
         for key, group in groups.items():
+            caption = _caption_of(shard, group, opts.caption_column)
+            if caption is None and any(ti.name == last for ti in group.values()):
+                log.warning(
+                    "%s: its last sample %r lost its caption to the cut and is left out", problem, key
+                )
+                continue
             video = next((ext for ext in group if ext in VIDEO_EXTS), None)
             if video is None:  # e.g. a .jpg only: the decoder says what it is (still_image, decode_error)
                 video = next((ext for ext in group if ext not in _META_EXTS), None)
@@ -327,7 +334,7 @@ def read_webdataset(source: str | Path, opts: ManifestOptions | None = None) -> 
                 ti = group[video]
                 paths.append(member_path("tar", shard_abs, ti.offset_data, ti.size, ti.name))
             vids.append(key)
-            captions.append(_caption_of(shard, group, opts.caption_column))
+            captions.append(caption)
             labels.append(f"key {key!r} in {shard}")
     where = str(source)
     try:
