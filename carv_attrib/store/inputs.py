@@ -277,19 +277,18 @@ def _tar_members(path: Path) -> tuple[list[tarfile.TarInfo], str | None]:
     return members, problem
 
 
-def _read_member(path: Path, ti: tarfile.TarInfo) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(ti.offset_data)
-        return f.read(ti.size)
+def _read_member(f: Any, ti: tarfile.TarInfo) -> bytes:
+    f.seek(ti.offset_data)
+    return f.read(ti.size)
 
 
-def _caption_of(path: Path, group: dict[str, tarfile.TarInfo], field: str) -> str | None:
+def _caption_of(f: Any, group: dict[str, tarfile.TarInfo], field: str) -> str | None:
     """The caption of one sample: its `.txt`, else the `field` (or a common caption name) of its `.json`."""
     if "txt" in group:
-        return _read_member(path, group["txt"]).decode("utf-8-sig", "replace")
+        return _read_member(f, group["txt"]).decode("utf-8-sig", "replace")
     if "json" in group:
         try:
-            doc = json.loads(_read_member(path, group["json"]).decode("utf-8-sig"))
+            doc = json.loads(_read_member(f, group["json"]).decode("utf-8-sig"))
         except (ValueError, UnicodeDecodeError):
             return None
         if isinstance(doc, dict):
@@ -314,28 +313,29 @@ def read_webdataset(source: str | Path, opts: ManifestOptions | None = None) -> 
         last = members[-1].name if members and problem else None
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         for ti in members:
-            m = _KEY.match(ti.name)
+            m = _KEY.match(ti.name[2:] if ti.name.startswith("./") else ti.name)  # `tar -cf s.tar .`
             if m is None:
                 continue  # no extension: not part of a sample
             groups.setdefault(m[1], {}).setdefault(m[2].lower(), ti)
-        for key, group in groups.items():
-            caption = _caption_of(shard, group, opts.caption_column)
-            if caption is None and any(ti.name == last for ti in group.values()):
-                log.warning(
-                    "%s: its last sample %r lost its caption to the cut and is left out", problem, key
-                )
-                continue
-            video = next((ext for ext in group if ext in VIDEO_EXTS), None)
-            if video is None:  # e.g. a .jpg only: the decoder says what it is (still_image, decode_error)
-                video = next((ext for ext in group if ext not in _META_EXTS), None)
-            if video is None:
-                paths.append(member_path("tar", shard_abs, None, None, f"{key}.mp4"))
-            else:
-                ti = group[video]
-                paths.append(member_path("tar", shard_abs, ti.offset_data, ti.size, ti.name))
-            vids.append(key)
-            captions.append(caption)
-            labels.append(f"key {key!r} in {shard}")
+        with open(shard, "rb") as f:  # captions are read from the one open shard
+            for key, group in groups.items():
+                caption = _caption_of(f, group, opts.caption_column)
+                if caption is None and any(ti.name == last for ti in group.values()):
+                    log.warning(
+                        "%s: its last sample %r lost its caption to the cut and is left out", problem, key
+                    )
+                    continue
+                video = next((ext for ext in group if ext in VIDEO_EXTS), None)
+                if video is None:  # e.g. a .jpg only: the decoder says what it is (still_image, decode_error)
+                    video = next((ext for ext in group if ext not in _META_EXTS), None)
+                if video is None:
+                    paths.append(member_path("tar", shard_abs, None, None, f"{key}.mp4"))
+                else:
+                    ti = group[video]
+                    paths.append(member_path("tar", shard_abs, ti.offset_data, ti.size, ti.name))
+                vids.append(key)
+                captions.append(caption)
+                labels.append(f"key {key!r} in {shard}")
     where = str(source)
     try:
         return build_table(vids, captions, paths, where, labels)

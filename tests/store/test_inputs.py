@@ -91,7 +91,7 @@ def test_webdataset_keys_captions_and_json_fields(tmp_path: Path) -> None:
         add_bytes(tf, "part/000.seg.mp4", VIDEO)  # key = up to the first dot of the base name
         add_bytes(tf, "part/000.json", json.dumps({"text": " from json "}).encode())
         add_bytes(tf, "README", b"no extension: not a sample")
-        add_bytes(tf, "001.webm", VIDEO)
+        add_bytes(tf, "./001.webm", VIDEO)  # as `tar -cf s.tar .` names members
         add_bytes(tf, "001.json", json.dumps({"alt": "named field", "caption": "other"}).encode())
     t = read_clips(tmp_path / "s.tar", opts=ManifestOptions(caption_column="alt"))
     assert t.vid == ["part/000", "001"] and t.caption == ["from json", "named field"]
