@@ -61,6 +61,9 @@ def test_every_shipped_form_encodes_to_the_same_bits(
     got = {}
     for name, (source, videos) in forms.items():
         workers = 1 if name == "webdataset" else 0  # members travel to decode workers as their path string
+        dry = encode(source, tiny_model_dir, tmp_path / "runs" / name, videos, dry_run=True)
+        assert dry.changes["to_encode"] == 5 and dry.files["present"] == 5, (name, dry.files)
+        assert dry.files["length"]["probed"] == 5 and dry.files["length"]["too_short"] == 0, name
         s = encode(source, tiny_model_dir, tmp_path / "runs" / name, videos, workers=workers)
         assert (s.total, s.ok, s.failed) == (5, 5, 0), (name, s.failures, s.examples)
         got[name] = (rows(tmp_path / "runs" / name), committed(tmp_path / "runs" / name))

@@ -147,6 +147,16 @@ def test_hf_dataset_forms_and_columns(tmp_path: Path, clips: list) -> None:
                 assert f.read() == p.read_bytes(), form
     import datasets
 
+    if hasattr(datasets, "Video"):  # datasets >= 4: a Video feature embeds the files' bytes on save
+        ds = datasets.Dataset.from_dict(
+            {"video": [str(p) for _, _, p in clips], "caption": [c for _, c, _ in clips]}
+        )
+        ds.cast_column("video", datasets.Video()).save_to_disk(str(tmp_path / "feature"))
+        t = read_clips(tmp_path / "feature")
+        assert t.clip_id == want_ids and all(parse_member(p).scheme == "arrow" for p in t.path)
+        with open_source(t.path[2]) as f:
+            assert f.read() == clips[2][2].read_bytes()
+
     rel = tmp_path / "rel"
     datasets.Dataset.from_dict({"file": ["a.mp4"], "desc": ["d"], "vid": ["x"]}).save_to_disk(str(rel))
     t = read_hf_dataset(rel, tmp_path / "videos", ManifestOptions(caption_column="desc"))
