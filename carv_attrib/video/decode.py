@@ -42,6 +42,10 @@ change its pixels. Rotation and the centre crop follow the resize. `DecodedClip.
 `DecodedClip.timestamps` the presentation times of the frames taken (seconds after the first
 displayed frame) and `DecodedClip.start` that frame's own pts (seconds).
 
+A clip may be a member of a WebDataset tar or a value of an Arrow file (`video.member`: its path names
+the byte range): the probe and both decoders read that range in place, so its frames are the loose
+file's.
+
 Failure kinds (`ClipFailure.kind`; the message says what is wrong without repeating the kind, so
 "{kind}: {message}" reads well, and never names a CLI flag, so callers add their own advice):
 - `missing`: the file does not exist;
@@ -410,6 +414,8 @@ def plan_clip(path: str, policy: FramePolicy) -> tuple[Any, list[int], list[str]
     from carv_attrib.video.probe import probe_video
 
     member = parse_member(path)  # a clip inside a tar shard or an Arrow file (`video.member`)
+    if member is not None and member.offset is None:  # a tar sample with a caption and no video
+        raise ClipFailure("missing", f"the sample has no video member: {describe(path)}")
     if not source_exists(path):
         raise ClipFailure("missing", f"file not found: {describe(path)}")
     special = special_file_kind(path if member is None else member.container)

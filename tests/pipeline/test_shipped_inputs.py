@@ -139,7 +139,7 @@ def test_bad_members_are_recorded_failures_and_the_rest_encodes(
         "novideo": "missing",
         "cut": "truncated",
     }
-    assert "novideo.mp4 in" in r["novideo"]["error"] and "00001.tar" in r["novideo"]["error"]
+    assert "no video member: novideo.mp4 in" in r["novideo"]["error"] and "00001.tar" in r["novideo"]["error"]
     assert r["whole"]["status"] == "ok" and r["whole"]["latent"] == r[clips[0][0]]["latent"]
 
 
