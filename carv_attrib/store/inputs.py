@@ -147,8 +147,8 @@ def detect_input(source: str | Path, opts: ManifestOptions | None = None) -> str
         if any(_video_ext(n) for n in names):
             return "folder"
         raise UsageError(
-            f"{path} is a folder with no manifest, .tar shards, Hugging Face dataset (dataset_info.json) "
-            f"or videos ({', '.join('.' + e for e in VIDEO_EXTS[:5])}, ...) in it"
+            f"{path} is a folder holding no .tar shards, Hugging Face dataset (dataset_info.json) or videos "
+            f"({', '.join('.' + e for e in VIDEO_EXTS[:5])}, ...): give a manifest file, or one of those"
         )
     if text.lower().endswith(".tar") or (not path.exists() and is_pattern(text)):
         return "webdataset"
@@ -171,10 +171,16 @@ def read_clips(
 
 
 def build_table(
-    vids: list[str], captions: list[Any], paths: list[str], where: str, labels: list[str]
+    vids: list[str],
+    captions: list[Any],
+    paths: list[str],
+    where: str,
+    labels: list[str],
+    caption_hint: str = "",
 ) -> ClipTable:
     """A clip table from parallel lists, checked as a manifest is (empty ids and captions, duplicate
-    ids, all named at once by `labels`, e.g. "key x in s.tar"); UsageError naming `where`."""
+    ids, all named at once by `labels`, e.g. "key x in s.tar"; `caption_hint` says where a caption
+    comes from); UsageError naming `where`."""
 
     def listing(bad: list[int]) -> str:
         more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
@@ -189,7 +195,7 @@ def build_table(
         problems.append(f"no id for {listing(empty_id)}")
     no_caption = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
     if no_caption:
-        problems.append(f"no caption for {listing(no_caption)}")
+        problems.append(f"no caption for {listing(no_caption)}{caption_hint}")
     if len(set(vids)) != len(vids):
         seen: dict[str, int] = {}
         dups = []
@@ -336,15 +342,8 @@ def read_webdataset(source: str | Path, opts: ManifestOptions | None = None) -> 
                 vids.append(key)
                 captions.append(caption)
                 labels.append(f"key {key!r} in {shard}")
-    where = str(source)
-    try:
-        return build_table(vids, captions, paths, where, labels)
-    except UsageError as exc:
-        if "no caption" in str(exc):
-            raise UsageError(
-                f"{exc} (a sample's caption is its {{key}}.txt or the 'caption' of its {{key}}.json)"
-            ) from None
-        raise
+    hint = " (a sample's caption is its {key}.txt or the 'caption' of its {key}.json)"
+    return build_table(vids, captions, paths, str(source), labels, hint)
 
 
 # -- a folder of videos with .txt sidecars ---------------------------------------------------------
@@ -373,14 +372,8 @@ def read_folder(source: str | Path) -> ClipTable:
         captions.append(caption)
         paths.append(os.path.join(root, n))
         labels.append(n)
-    try:
-        return build_table(vids, captions, paths, root, labels)
-    except UsageError as exc:
-        if "no caption" in str(exc):
-            raise UsageError(
-                f"{exc} (each video needs a .txt caption of the same name beside it, a.mp4 + a.txt)"
-            ) from None
-        raise
+    hint = " (each video needs a .txt caption of the same name beside it, a.mp4 + a.txt)"
+    return build_table(vids, captions, paths, root, labels, hint)
 
 
 # -- a saved Hugging Face dataset ------------------------------------------------------------------

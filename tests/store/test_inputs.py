@@ -68,7 +68,7 @@ def test_kinds_are_told_apart(tmp_path: Path, clips: list) -> None:
     assert detect_input(tmp_path / "m.json") == "manifest"
     assert detect_input(tmp_path / "wds", ManifestOptions(fmt="csv")) == "manifest"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="no manifest, .tar shards, Hugging Face dataset"):
+    with pytest.raises(UsageError, match="holding no .tar shards, Hugging Face dataset.*give a manifest file"):
         detect_input(tmp_path / "empty")
 
 
