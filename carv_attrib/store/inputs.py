@@ -427,7 +427,7 @@ def _pick(
     )
 
 
-def _binary_ranges(chunk: Any, base: int, raw: Any) -> list[tuple[int, int] | None]:
+def _binary_ranges(chunk: Any, base: int, raw: Any, where: str) -> list[tuple[int, int] | None]:
     """(file offset, size) of each value of a binary Arrow array memory-mapped from one file (`base`:
     the map's address), None for nulls; UsageError when the values are not stored in place."""
     import numpy as np
@@ -450,7 +450,9 @@ def _binary_ranges(chunk: Any, base: int, raw: Any) -> list[tuple[int, int] | No
         o, n = out[first]  # type: ignore[misc]
         k = min(n, 64)
         if not (0 <= o and o + n <= raw.size) or raw[o : o + k].to_pybytes() != chunk[first].as_py()[:k]:
-            raise UsageError("the dataset's video bytes are not stored uncompressed in its Arrow files")
+            raise UsageError(
+                f"{where}: the video bytes are not stored uncompressed, so not readable in place"
+            )
     return out
 
 
@@ -508,13 +510,13 @@ def read_hf_dataset(
             if pa.types.is_string(kind) or pa.types.is_large_string(kind):
                 file_paths = chunk.to_pylist()
             elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-                ranges = _binary_ranges(chunk, base, raw)
+                ranges = _binary_ranges(chunk, base, raw, arrow)
             elif pa.types.is_struct(kind) and ("bytes" in kind.names or "path" in kind.names):
                 valid = chunk.is_valid().to_numpy(zero_copy_only=False)  # a null row: no video
                 if "bytes" in kind.names:
                     ranges = [
                         r if ok else None
-                        for r, ok in zip(_binary_ranges(chunk.field("bytes"), base, raw), valid)
+                        for r, ok in zip(_binary_ranges(chunk.field("bytes"), base, raw, arrow), valid)
                     ]
                 if "path" in kind.names:
                     file_paths = [p if ok else None for p, ok in zip(chunk.field("path").to_pylist(), valid)]
