@@ -150,7 +150,7 @@ def detect_input(source: str | Path, opts: ManifestOptions | None = None) -> str
             f"{path} is a folder holding no .tar shards, Hugging Face dataset (dataset_info.json) or videos "
             f"({', '.join('.' + e for e in VIDEO_EXTS[:5])}, ...): give a manifest file, or one of those"
         )
-    if text.lower().endswith(".tar") or (not path.exists() and is_pattern(text)):
+    if text.lower().endswith((".tar", ".tar.gz", ".tgz")) or (not path.exists() and is_pattern(text)):
         return "webdataset"
     return "manifest"
 

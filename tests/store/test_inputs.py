@@ -68,7 +68,9 @@ def test_kinds_are_told_apart(tmp_path: Path, clips: list) -> None:
     assert detect_input(tmp_path / "m.json") == "manifest"
     assert detect_input(tmp_path / "wds", ManifestOptions(fmt="csv")) == "manifest"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="holding no .tar shards, Hugging Face dataset.*give a manifest file"):
+    with pytest.raises(
+        UsageError, match="holding no .tar shards, Hugging Face dataset.*give a manifest file"
+    ):
         detect_input(tmp_path / "empty")
 
 
@@ -114,6 +116,8 @@ def test_webdataset_input_problems_are_usage_errors(tmp_path: Path, clips: list)
     gz.write_bytes(gzip.compress((tmp_path / "wds" / "00000.tar").read_bytes()))
     with pytest.raises(UsageError, match="is a compressed tar"):
         read_clips(gz)
+    with pytest.raises(UsageError, match="is a compressed tar.*decompress it"):
+        read_clips(gz.rename(tmp_path / "c.tar.gz"))
     (tmp_path / "empty.tar").write_bytes(b"")
     with pytest.raises(UsageError, match="is not a readable tar file"):
         read_clips(tmp_path / "empty.tar")
