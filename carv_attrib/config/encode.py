@@ -34,11 +34,18 @@ from carv_attrib.video.decode import FramePolicy
 class EncodeConfig(StageConfig):
     """`encode`: decode every clip once, VAE-encode it once, embed each caption once."""
 
-    manifest: Path = option(positional=True, help="Manifest: VidGen JSON, JSONL, CSV or Parquet.")
+    manifest: Path = option(
+        positional=True,
+        help="Manifest (VidGen JSON, JSONL, CSV, Parquet), or the dataset itself: WebDataset .tar shards (a "
+        "file, a folder or a pattern like 'shards/{00000..00009}.tar'), a saved Hugging Face dataset folder, "
+        "or a folder of videos with .txt caption sidecars.",
+    )
     model: str = model_option()
     run: Path = option(flags=("--run", "-r"), help="Run directory to create or resume.")
     videos: Path | None = option(
-        None, help="Videos root: manifest paths are relative to it (VIDEOS/<id>.mp4 by default)."
+        None,
+        help="Videos root: manifest paths are relative to it (VIDEOS/<id>.mp4 by default); not needed for tar "
+        "shards, a dataset folder or a sidecar folder.",
     )
     frames: int = option(17, help="Frames per clip, 1 + 4k (Wan2.1 trains at 81).")
     size: str = option(
@@ -84,7 +91,9 @@ class EncodeConfig(StageConfig):
     id_column: str = option("vid", help="Manifest column of the clip id.")
     caption_column: str = option("caption", help="Manifest column of the caption.")
     path_column: str | None = option(
-        None, help="Manifest column of the video path (default: 'path' when present)."
+        None,
+        help="Manifest column of the video path (default: 'path' when present); of a Hugging Face dataset, "
+        "its video column (a path, bytes or {bytes, path}; default: video, path, file, mp4, ...).",
     )
     manifest_format: str | None = option(
         None, help=f"{choice_help(MANIFEST_FORMATS)} (default: by extension)."

@@ -43,10 +43,11 @@ from carv_attrib.models.wan import (
     vae_tiling_decision,
 )
 from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
+from carv_attrib.store.inputs import read_clips
 from carv_attrib.store.latents import empty_latent_row, latent_schema
 from carv_attrib.store.live import hashes_in_rows, latent_rows, latent_sha, selection
 from carv_attrib.store.lock import run_lock
-from carv_attrib.store.manifest import ClipTable, read_manifest
+from carv_attrib.store.manifest import ClipTable
 from carv_attrib.store.run import EncodeFacts, RunDir
 from carv_attrib.store.shards import ShardStore, fingerprint, now_iso
 from carv_attrib.store.sources import FileSurvey, SourcedClips, source_key, survey_files
@@ -499,7 +500,7 @@ def _encode(cfg: EncodeConfig, progress: ProgressFn = noop) -> EncodeSummary:
     cfg.validate()
     part = parse_shard(cfg.shard)
     run = RunDir(cfg.run)
-    table = read_manifest(cfg.manifest, cfg.videos, cfg.manifest_options)
+    table = read_clips(cfg.manifest, cfg.videos, cfg.manifest_options)  # a manifest, tars, a dataset, ...
     ident, wan = _identify_model(cfg)
     policy = cfg.policy
     tiled = vae_tiling_decision(
@@ -577,7 +578,7 @@ def _encode_with_ray(
     cfg = dataclasses.replace(
         cfg,
         manifest=Path(cfg.manifest).resolve(),
-        videos=Path(cfg.videos).resolve(),
+        videos=Path(cfg.videos).resolve() if cfg.videos is not None else None,
         run=Path(cfg.run).resolve(),
         model=resolve_source(cfg.model),
         vae_tiling="on" if config.get("vae_tiling") else "off",

@@ -6,6 +6,10 @@ changed file, a re-cut video or an edited caption is a new key, so `encode` redo
 A missing file has the key of "missing" plus its caption; once the file is back the key changes and the
 clip is encoded again without being asked.
 
+A clip inside a WebDataset tar shard or a saved Hugging Face dataset (`store.inputs`) is a byte range
+of that file (`video.member`): its key hashes exactly those bytes, so it equals the loose file's, and
+its stat is the container's (a rewritten shard is re-hashed).
+
 Hashing reads every byte, so the file's (path, size, mtime_ns) is recorded beside its hash and a
 later run re-hashes only files whose stat changed (git's index does the same). The frame policy and
 the model are not in the key: they are the latents stage's configuration, fingerprinted once per run
@@ -18,7 +22,6 @@ written last by `encode`, so a killed or refused encode leaves the previous mani
 from __future__ import annotations
 
 import hashlib
-import os
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +35,7 @@ import pyarrow.parquet as pq
 
 from carv_attrib.store.manifest import ClipTable
 from carv_attrib.store.shards import atomic_path
+from carv_attrib.video.member import open_source, source_stat
 
 SOURCE_COLUMNS = ("source_size", "source_mtime_ns", "source_sha256", "source_key")
 _HASH_THREADS = 4  # hashlib releases the GIL: a few threads keep a disk or network share busy
@@ -58,13 +62,15 @@ MISSING = SourceId(None, None, None)
 
 
 def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
+    """sha256 of a file's bytes, or of a tar / Arrow member's bytes (`video.member`): the same clip
+    loose and inside a shard hashes the same."""
+    with open_source(str(path)) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _identify(path: str, known: dict[tuple[str, int, int], str]) -> SourceId:
     try:
-        st = os.stat(path)  # follows links: a Hub-cache symlink is identified by its blob
+        st = source_stat(path)  # follows links (a Hub-cache symlink is its blob); a member: its tar's
     except OSError:
         return MISSING
     if not stat.S_ISREG(st.st_mode):
@@ -145,7 +151,7 @@ class FileSurvey:
 
 def _stat(path: str) -> tuple[int, int, bool]:
     try:
-        st = os.stat(path)
+        st = source_stat(path)
     except OSError:
         return -1, -1, False
     return st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode)

@@ -42,6 +42,10 @@ change its pixels. Rotation and the centre crop follow the resize. `DecodedClip.
 `DecodedClip.timestamps` the presentation times of the frames taken (seconds after the first
 displayed frame) and `DecodedClip.start` that frame's own pts (seconds).
 
+A clip may be a member of a WebDataset tar or a value of an Arrow file (`video.member`: its path names
+the byte range): the probe and both decoders read that range in place, so its frames are the loose
+file's.
+
 Failure kinds (`ClipFailure.kind`; the message says what is wrong without repeating the kind, so
 "{kind}: {message}" reads well, and never names a CLI flag, so callers add their own advice):
 - `missing`: the file does not exist;
@@ -79,6 +83,14 @@ from typing import Any
 
 from carv_attrib.errors import UsageError
 from carv_attrib.video.failures import ClipFailure
+from carv_attrib.video.member import (
+    av_input,
+    close_input,
+    describe,
+    parse_member,
+    source_bytes_available,
+    source_exists,
+)
 from carv_attrib.video.resize import resize_frame, resize_stack
 from carv_attrib.video.shortness import frames_past_end
 
@@ -295,7 +307,11 @@ def _decode_decord(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> 
     import decord
     import numpy as np
 
-    vr = decord.VideoReader(path, num_threads=1)  # no width/height: decord's own scaler is bilinear
+    src = av_input(path)  # a tar or Arrow member: a file object, which decord reads into memory
+    try:
+        vr = decord.VideoReader(src, num_threads=1)  # no width/height: decord's own scaler is bilinear
+    finally:
+        close_input(src)
     if len(vr) != len(p.display_pts):
         return None
     wanted = sorted(set(idx))
@@ -338,26 +354,30 @@ def _decode_pyav(path: str, p: Any, idx: list[int], size: tuple[int, int]) -> An
             if pts in want and pts not in got:
                 got[pts] = resize_frame(fr.to_ndarray(format="rgb24"), size)
 
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        cc = stream.codec_context
-        cc.thread_count = 1  # frame threads would make error concealment order-dependent
-        for pkt in container.demux(stream):
-            if pkt.size and pkt.is_corrupt:
-                break  # a partial packet: decode no further, flush what came before
-            try:
-                take(cc.decode(pkt if pkt.size else None))
-            except av.error.FFmpegError as exc:
-                errors.append(f"pts {pkt.pts}: {str(exc).splitlines()[0][:200]}")
-                if pkt.size == 0:
+    src = av_input(path)  # a tar or Arrow member: a file object over its bytes
+    try:
+        with av.open(src) as container:
+            stream = container.streams.video[0]
+            cc = stream.codec_context
+            cc.thread_count = 1  # frame threads would make error concealment order-dependent
+            for pkt in container.demux(stream):
+                if pkt.size and pkt.is_corrupt:
+                    break  # a partial packet: decode no further, flush what came before
+                try:
+                    take(cc.decode(pkt if pkt.size else None))
+                except av.error.FFmpegError as exc:
+                    errors.append(f"pts {pkt.pts}: {str(exc).splitlines()[0][:200]}")
+                    if pkt.size == 0:
+                        break
+                if len(got) == len(want):
                     break
-            if len(got) == len(want):
-                break
-        if len(got) < len(want):
-            try:
-                take(cc.decode(None))
-            except av.error.FFmpegError as exc:
-                errors.append(f"flush: {str(exc).splitlines()[0][:200]}")
+            if len(got) < len(want):
+                try:
+                    take(cc.decode(None))
+                except av.error.FFmpegError as exc:
+                    errors.append(f"flush: {str(exc).splitlines()[0][:200]}")
+    finally:
+        close_input(src)
     missing = sorted(want - set(got))
     if missing:
         first = missing[0]
@@ -393,13 +413,16 @@ def plan_clip(path: str, policy: FramePolicy) -> tuple[Any, list[int], list[str]
     if that is too short the failure is `truncated`, naming what the probe saw."""
     from carv_attrib.video.probe import probe_video
 
-    if not os.path.exists(path):
-        raise ClipFailure("missing", f"file not found: {path}")
-    special = special_file_kind(path)
+    member = parse_member(path)  # a clip inside a tar shard or an Arrow file (`video.member`)
+    if member is not None and member.offset is None:  # a tar sample with a caption and no video
+        raise ClipFailure("missing", f"the sample has no video member: {describe(path)}")
+    if not source_exists(path):
+        raise ClipFailure("missing", f"file not found: {describe(path)}")
+    special = special_file_kind(path if member is None else member.container)
     if special is not None:  # opened as a video it would fail obscurely (a directory) or block (a FIFO)
-        raise ClipFailure("not_a_file", f"not a video file but {special}: {path}")
-    if os.path.getsize(path) == 0:
-        raise ClipFailure("decode_error", f"file is empty (0 bytes): {path}")
+        raise ClipFailure("not_a_file", f"not a video file but {special}: {describe(path)}")
+    if source_bytes_available(path) == 0:
+        raise ClipFailure("decode_error", f"file is empty (0 bytes): {describe(path)}")
     p = probe_video(path)
     reasons = pyav_reasons(p)
     if p.truncated:

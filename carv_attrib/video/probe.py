@@ -42,6 +42,7 @@ from fractions import Fraction
 from typing import Any
 
 from carv_attrib.video.failures import ClipFailure
+from carv_attrib.video.member import av_input, close_input, open_source, source_bytes_available
 
 
 @dataclass
@@ -154,8 +155,8 @@ def _top_boxes(f: Any, size: int) -> Iterator[tuple[int, int, bytes]]:
 def mp4_box_overrun(path: str) -> str | None:
     """If `path` is ISO-BMFF (MP4/MOV) and a top-level box runs past the end of the file, say so.
     Reads only the box headers (`_top_boxes`)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    size = source_bytes_available(path)
+    with open_source(path) as f:
         for off, box, kind in _top_boxes(f, size):
             if off == 0 and kind not in _MP4_TOP:
                 return None
@@ -170,8 +171,8 @@ def mp4_video_fourcc(path: str, limit: int = 64 << 20) -> str | None:
     name a codec FFmpeg has no decoder for. Reads the top-level box headers and the moov box (up to
     `limit` bytes); None when not found. Layout per ISO/IEC 14496-12 (hdlr handler_type "vide", then
     that track's stsd: version/flags, entry_count, first entry's size and type)."""
-    with open(path, "rb") as f:
-        for off, box, kind in _top_boxes(f, os.path.getsize(path)):
+    with open_source(path) as f:
+        for off, box, kind in _top_boxes(f, source_bytes_available(path)):
             if kind == b"moov":
                 f.seek(off)
                 moov = f.read(min(box, limit))
@@ -198,7 +199,7 @@ def is_image_demuxer(name: str) -> bool:
 def animated_webp(path: str) -> bool:
     """Whether `path` is an animated WebP: a RIFF/WEBP file whose VP8X chunk sets the animation flag
     (WebP container spec: 'RIFF' size 'WEBP' 'VP8X' size, then flags, animation = bit 1)."""
-    with open(path, "rb") as f:
+    with open_source(path) as f:
         head = f.read(21)
     return len(head) == 21 and head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8X" and bool(head[20] & 0x02)
 
@@ -270,11 +271,20 @@ def refuse_still_images(paths: list[Any], command: str = "score") -> None:
 
 def probe_video(path: str) -> VideoProbe:
     """Probe `path` (see the module docstring). Raises ClipFailure no_video / unsupported_codec /
-    still_image / decode_error; a truncated file is reported in the result (`truncated`), not raised."""
+    still_image / decode_error; a truncated file is reported in the result (`truncated`), not raised.
+    `path` may name a member of a tar or Arrow file (`video.member`): its bytes are read in place."""
+    src = av_input(path)
+    try:
+        return _probe(path, src)
+    finally:
+        close_input(src)
+
+
+def _probe(path: str, src: Any) -> VideoProbe:
     import av
 
     try:
-        container = av.open(path)
+        container = av.open(src)
     except Exception as exc:  # av.error.InvalidDataError & co.: not a container FFmpeg can read
         overrun = mp4_box_overrun(path)
         if overrun:  # e.g. an interrupted copy of an MP4 whose index (moov) comes after the data
@@ -302,7 +312,7 @@ def probe_video(path: str) -> VideoProbe:
         if raw_sar is not None and raw_sar.numerator > 0 and raw_sar.denominator > 0:
             sar = Fraction(raw_sar.numerator, raw_sar.denominator)
         tb = Fraction(stream.time_base.numerator, stream.time_base.denominator)
-        size = os.path.getsize(path)
+        size = source_bytes_available(path)
         truncation = ""
         try:
             entries = stream.index_entries  # MP4: the whole sample table; Matroska: cues only

@@ -119,3 +119,32 @@ def test_env_json() -> None:
     r = invoke("env", "--format", "json")
     assert r.exit_code == 0
     assert json.loads(r.stdout)["packages"]["torch"].startswith("2.")
+
+
+def test_encode_takes_tar_shards_and_dataset_folders_without_videos(
+    tmp_path: Path, tiny_model_dir: Path, demo_data: Path
+) -> None:
+    import tarfile
+
+    from tests.store.shipped import add_bytes, demo_clips, write_shards, write_sidecars
+
+    clips = demo_clips(demo_data, 3)
+    pattern = write_shards(clips, tmp_path / "shards", shards=2)
+    opts = ["-m", tiny_model_dir, "--frames", "9", "--size", "32x32", "--workers", "0", "--device", "cpu"]
+    r = invoke("encode", pattern, *opts, "-r", tmp_path / "run", "--dry-run", "--format", "json")
+    assert r.exit_code == 0, r.output
+    dry = json.loads(r.stdout)
+    assert dry["dry_run"] and dry["changes"]["added"] == 3 and dry["files"]["present"] == 3
+    assert not (tmp_path / "run").exists()
+    r = invoke("encode", pattern, *opts, "-r", tmp_path / "run", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ok"] == 3
+    r = invoke(
+        "encode", write_sidecars(clips, tmp_path / "side"), *opts, "-r", tmp_path / "run2", "--format", "json"
+    )
+    assert r.exit_code == 0 and json.loads(r.stdout)["ok"] == 3, r.output
+    with tarfile.open(tmp_path / "bad.tar", "w") as tf:
+        add_bytes(tf, "k.mp4", clips[0][2].read_bytes())  # no caption
+    r = invoke("encode", tmp_path / "bad.tar", *opts, "-r", tmp_path / "run3")
+    assert r.exit_code == 2 and "no caption for key 'k'" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
