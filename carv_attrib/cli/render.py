@@ -186,6 +186,28 @@ def plan_cost(est: dict[str, Any], dry_run: bool) -> str:
     )
 
 
+def _plan_columns(ks: list[str], doc: dict[str, Any], draws: int, width: int) -> list[str]:
+    """The K columns of plan's ECM table that fit `width` characters beside the scheme, var/iid and
+    limit columns, chosen in order of interest (the recommended K, 1, the pilot's K, the largest,
+    then the rest) and shown in numeric order. Each column is as wide as its widest cell + 3
+    (padding and border)."""
+    rows = list(doc["schemes"].values())
+
+    def col(k: str) -> int:
+        return max(len(f"K={k}"), *(len(f"{r['ecm'][k]:.2f}") for r in rows)) + 3
+
+    used = 1 + max(map(len, doc["schemes"])) + 3 + len("var/iid") + 3
+    used += max(len("limit"), *(len(f"{r['ecm_limit']:.1f}") for r in rows)) + 3
+    rec = str(doc.get("recommended", {}).get("draws", ""))
+    chosen: list[str] = []
+    for k in dict.fromkeys([k for k in (rec, "1", str(draws), ks[-1]) if k in ks] + ks):
+        if used + col(k) > width and len(chosen) >= 2:
+            break
+        chosen.append(k)
+        used += col(k)
+    return sorted(chosen, key=int)
+
+
 def plan(doc: dict[str, Any], draws: int, k_max: int) -> None:
     """A plan document: the costs line and ECM table on stdout, the recommended options on stderr.
     draws / k_max: the pilot's --draws and --k-max (named in the title and the advice)."""
@@ -194,13 +216,20 @@ def plan(doc: dict[str, Any], draws: int, k_max: int) -> None:
         f"c_enc {c['c_enc']:.4g} s/clip ({c['c_enc_source']}), c_draw {c['c_draw']:.4g} s/draw, "
         f"ratio {c['c_enc_over_c_draw']:.3g}; σ_b² = 0 (mode latents)"
     )
-    ks = list(next(iter(doc["schemes"].values()))["ecm"])
+    # numeric order (a plan.json read back has its keys sorted as text: "1", "16", "2", ...)
+    all_ks = sorted(next(iter(doc["schemes"].values()))["ecm"], key=int)
+    ks = _plan_columns(all_ks, doc, draws, out_console.width)
+    names = list(doc["schemes"])
     table = Table(title=f"ECM against fresh-encode iid K=1 (within-encode variance measured at K={draws})")
-    table.add_column("scheme")
-    table.add_column("var/draw vs iid", justify="right")
+    table.add_column("scheme", no_wrap=True, min_width=max(map(len, names)))  # never "stra…"
+    table.add_column("var/iid", justify="right", no_wrap=True)
     for k in ks:
-        table.add_column(f"K={k}", justify="right")
-    table.add_column("limit", justify="right")
+        table.add_column(f"K={k}", justify="right", no_wrap=True)
+    table.add_column("limit", justify="right", no_wrap=True)
+    if len(ks) < len(all_ks):
+        table.caption = (
+            f"K={', '.join(k for k in all_ks if k not in ks)} left out at this width (--format json has all)"
+        )
     for name, row in doc["schemes"].items():
         table.add_row(
             name,
