@@ -92,6 +92,7 @@ def prepare(cfg: BenchModel, log=print) -> BenchModel:
                 batch_clips=cfg.batch_clips,
                 lr=cfg.lr,
                 seed=cfg.seed,
+                out=cfg.model / "transformer",  # the benchmark's own model: trained in place
             )
         )
         marker.write_text(

@@ -60,7 +60,9 @@ def _world(work: Path, w: int, n_train: int, n_query: int, train_steps: int) -> 
     )  # fmt: skip
     trained = root / ".trained"
     if train_steps and not trained.exists():
-        losses = train_transformer(TrainConfig(run=run, model=str(model), steps=train_steps, seed=w))
+        losses = train_transformer(
+            TrainConfig(run=run, model=str(model), steps=train_steps, seed=w, out=model / "transformer")
+        )
         trained.write_text(f"{losses[0]:.4f} -> {losses[-1]:.4f}\n")
     specs = {s.vid: s for s in clip_specs(n_train, seed=w)}
     qspecs = clip_specs(n_query, seed=w + QUERY_SEED_OFFSET)

@@ -6,7 +6,11 @@ the tiny/small model the demo data. The loss is the project's own objective
 objective whose gradients carv-attrib later attributes.
 
     from carv_attrib.models.train import TrainConfig, train_transformer
-    losses = train_transformer(TrainConfig(run="runs/demo", model="models/tiny-wan", steps=300))
+    losses = train_transformer(TrainConfig(run="runs/demo", model="models/tiny-wan", steps=300, out="ft/"))
+
+The pieces (`make_optimizer`, `draw_minibatch`, `minibatch_backward`, `optimizer_step`) are what
+`carv_attrib.pipeline.finetune` (`carv-attrib finetune`: checkpoints, resume, LoRA) steps with, so the
+command and these library trainings optimise the same loss the same way.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     run: Path | str  # latent cache to train on
     model: str  # pipeline dir whose transformer is trained
-    out: Path | str | None = None  # where to save the transformer (default: MODEL/transformer)
+    # where to save the transformer (a diffusers transformer directory); required: MODEL is never
+    # written unless a caller names MODEL/transformer itself (the demo's and benchmarks' own models)
+    out: Path | str | None = None
     steps: int = 300
     batch_clips: int = 8
     draws: int = 2  # (σ, ε) draws per clip per step
@@ -85,48 +91,26 @@ def train_on_clips(
     v̂ = exp_avg_sq / (1 − β₂^t) per parameter name (same shapes as the parameters): what an
     optimizer-aware preconditioner divides gradients by (`carv_attrib.lds.reference`).
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
-
     p = make_density(density)
     gen = torch.Generator().manual_seed(seed)
-    device = next(transformer.parameters()).device
-    contexts = [pad_context(c.text_emb) for c in clips]  # (1, 512, D) each
+    contexts = [pad_context(c.text_emb) for c in clips]  # (1, 512, D) each, padded once
     transformer.train()
     for prm in transformer.parameters():
         prm.requires_grad_(True)
-    if optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
-    else:  # SGD with momentum: the same schedule, a learning rate of its own scale
-        opt = torch.optim.SGD(transformer.parameters(), lr=lr, momentum=0.9)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))  # short warm-up
+    params = [prm for prm in transformer.parameters() if prm.requires_grad]
+    opt, sched = make_optimizer(params, optimizer, lr)
     losses = []
     for step in range(steps):
+        opt.zero_grad(set_to_none=True)
         if full_batch:
-            opt.zero_grad(set_to_none=True)
             total = _full_batch_loss(transformer, clips, contexts, step, draws, p, seed)
             total.backward()
-            torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(total.detach()))
-            if on_step is not None:
-                on_step(step, losses[-1])
-            continue
-        idx = torch.randint(len(clips), (min(batch_clips, len(clips)),), generator=gen).tolist()
-        opt.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        for i in idx:
-            z = clips[i].latent
-            sigma = p.icdf(torch.rand(draws, generator=gen, dtype=torch.float64))  # (K,) σ ~ p
-            eps = torch.randn((draws, *z.shape), generator=gen)  # (K, C, T, h, w)
-            obj, _ = clip_objective(transformer, z, contexts[i], sigma, eps, torch.ones(draws))
-            total = total + obj / len(idx)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(total.detach()))
+            loss = float(total.detach())
+        else:
+            batch = draw_minibatch(clips, batch_clips, draws, p, gen)
+            loss = minibatch_backward(transformer, clips, contexts, batch)
+        optimizer_step(params, opt, sched)
+        losses.append(loss)
         if on_step is not None:
             on_step(step, losses[-1])
     transformer.eval()
@@ -140,7 +124,123 @@ def train_on_clips(
     return losses
 
 
+WARMUP_STEPS = 20  # linear learning-rate warm-up over the first steps, then constant
 FULL_BATCH_CHUNK = 16  # clips per forward in full-batch training
+CLIPS_PER_FORWARD = 8  # minibatch training: clips of one latent shape sharing a forward (and backward)
+
+
+def warmup(step: int) -> float:
+    """The learning-rate factor at `step`: (step + 1) / WARMUP_STEPS, at most 1. It does not depend on
+    the total number of steps, so N steps then M more are the N + M steps of one run."""
+    return min(1.0, (step + 1) / WARMUP_STEPS)
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], optimizer: str = "adamw", lr: float = 2e-3
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no weight decay) or SGD with momentum 0.9 over `params`, with the `warmup` schedule."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    else:  # SGD with momentum: the same schedule, a learning rate of its own scale
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+
+
+def optimizer_step(
+    params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR
+) -> None:
+    """Clip the gradient norm to 1, step the optimizer and the schedule."""
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
+Draw = tuple[int, torch.Tensor, torch.Tensor]  # (clip index, σ (K,) float64, ε (K, C, T, h, w))
+
+
+def draw_minibatch(
+    clips: list[Any], batch_clips: int, draws: int, p: Any, gen: torch.Generator
+) -> list[Draw]:
+    """One minibatch step's draws from `gen`: `batch_clips` clips with replacement, then per clip in
+    turn K σ ~ p and K ε. All the step's randomness comes from `gen`, so saving its state between
+    steps (`carv_attrib.pipeline.finetune`'s checkpoints) resumes the same sequence."""
+    idx = torch.randint(len(clips), (min(batch_clips, len(clips)),), generator=gen).tolist()
+    out = []
+    for i in idx:
+        z = clips[i].latent
+        sigma = p.icdf(torch.rand(draws, generator=gen, dtype=torch.float64))  # (K,) σ ~ p
+        eps = torch.randn((draws, *z.shape), generator=gen)  # (K, C, T, h, w)
+        out.append((i, sigma, eps))
+    return out
+
+
+def minibatch_backward(
+    transformer: Any,
+    clips: list[Any],
+    contexts: list[torch.Tensor],
+    batch: list[Draw],
+    clips_per_forward: int = CLIPS_PER_FORWARD,
+) -> float:
+    """Backpropagate the minibatch loss (1/n) Σ_i mean_k ℓ(σ_ik, ε_ik) (`clip_objective`'s "loss"
+    with unit weights) and return its value. Clips of one latent shape share a forward and its
+    backward, `clips_per_forward` at a time (the gradients accumulate: the memory of one chunk, the
+    gradient of the whole)."""
+    groups: dict[tuple[int, ...], list[Draw]] = {}
+    for item in batch:
+        groups.setdefault(tuple(clips[item[0]].latent.shape), []).append(item)
+    total = 0.0
+    for items in groups.values():
+        for start in range(0, len(items), clips_per_forward):
+            chunk = items[start : start + clips_per_forward]
+            if len(chunk) == 1:  # one clip: its context passed once and broadcast over the draws
+                i, sigma, eps = chunk[0]
+                obj, _ = clip_objective(
+                    transformer, clips[i].latent, contexts[i], sigma, eps, torch.ones(len(sigma))
+                )
+                part = obj / len(batch)
+                part.backward()
+                total += float(part.detach())
+                continue
+            part = _shared_forward_loss(
+                transformer,
+                [clips[i].latent for i, _, _ in chunk],
+                [contexts[i] for i, _, _ in chunk],
+                [sigma.float() for _, sigma, _ in chunk],
+                [eps for _, _, eps in chunk],
+                denom=chunk[0][1].shape[0] * len(batch),
+            )
+            part.backward()
+            total += float(part.detach())
+    return total
+
+
+def _shared_forward_loss(
+    transformer: Any,
+    zs: list[torch.Tensor],
+    contexts: list[torch.Tensor],
+    sigmas: list[torch.Tensor],
+    epss: list[torch.Tensor],
+    denom: float,
+) -> torch.Tensor:
+    """Σ over the clips and their K draws of ℓ = mean((v − (ε − z))²), divided by `denom`, from ONE
+    forward: clips of one latent shape z (C, T, h, w), contexts (1, 512, D), σ (K,) float32 and
+    ε (K, C, T, h, w) each (the flow-matching objective of `clip_objective`, batched over clips)."""
+    device = next(transformer.parameters()).device
+    xs, ts, ctx, targets = [], [], [], []
+    for z, c, sigma, eps in zip(zs, contexts, sigmas, epss):
+        k = sigma.shape[0]
+        s = sigma.view(k, 1, 1, 1, 1)
+        xs.append((1 - s) * z[None] + s * eps)
+        targets.append(eps - z[None])
+        ts.append(sigma * TIMESTEP_SCALE)
+        ctx.append(c.expand(k, -1, -1))
+    v = transformer(
+        hidden_states=torch.cat(xs).to(device), timestep=torch.cat(ts).to(device),
+        encoder_hidden_states=torch.cat(ctx).to(device), return_dict=False,
+    )[0]  # (n·K, C, T, h, w)  # fmt: skip
+    return (v - torch.cat(targets).to(device)).pow(2).flatten(1).mean(1).sum() / denom
 
 
 def _full_batch_loss(
@@ -152,32 +252,29 @@ def _full_batch_loss(
     total = None
     for start in range(0, len(clips), FULL_BATCH_CHUNK):
         chunk = range(start, min(start + FULL_BATCH_CHUNK, len(clips)))
-        zs, xs, ts, ctx, targets = [], [], [], [], []
+        zs, sigmas, epss = [], [], []
         for i in chunk:
             z = clips[i].latent  # (C, T, h, w)
             stream = clip_stream(clips[i].clip_id)
-            sigma = p.icdf(uniforms(seed, stream, ks)).float()  # (K,)
-            eps = noise(seed, stream, ks, tuple(z.shape))  # (K, C, T, h, w)
-            s = sigma.view(draws, 1, 1, 1, 1)
-            xs.append((1 - s) * z[None] + s * eps)
-            targets.append(eps - z[None])
-            ts.append(sigma * TIMESTEP_SCALE)
-            ctx.append(contexts[i].expand(draws, -1, -1))
-            zs.append(z.shape)
-        if len(set(zs)) != 1:  # mixed latent shapes: one clip per forward
+            sigmas.append(p.icdf(uniforms(seed, stream, ks)).float())  # (K,)
+            epss.append(noise(seed, stream, ks, tuple(z.shape)))  # (K, C, T, h, w)
+            zs.append(z)
+        if len({z.shape for z in zs}) != 1:  # mixed latent shapes: one clip per forward
             raise ValueError("full-batch training needs clips of one latent shape")
-        v = transformer(
-            hidden_states=torch.cat(xs), timestep=torch.cat(ts), encoder_hidden_states=torch.cat(ctx),
-            return_dict=False,
-        )[0]  # (n·K, C, T, h, w)  # fmt: skip
-        part = (v - torch.cat(targets)).pow(2).flatten(1).mean(1).sum() / (draws * len(clips))
+        part = _shared_forward_loss(
+            transformer, zs, [contexts[i] for i in chunk], sigmas, epss, denom=draws * len(clips)
+        )
         total = part if total is None else total + part
     assert total is not None
     return total
 
 
 def train_transformer(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train MODEL's transformer on RUN's cached clips and save it (diffusers layout)."""
+    """Train MODEL's transformer on RUN's cached clips and save it to `cfg.out` (diffusers layout).
+    ValueError when `cfg.out` is None (it used to default to MODEL/transformer, overwriting the base
+    model; `carv-attrib finetune` / `carv_attrib.pipeline.finetune` is the user-facing stage)."""
+    if cfg.out is None:
+        raise ValueError("TrainConfig.out: name the directory to save the trained transformer in")
 
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
@@ -197,6 +294,5 @@ def train_transformer(cfg: TrainConfig, on_step: Callable[[int, float], None] | 
         losses[0],
         losses[-1],
     )
-    out = Path(cfg.out) if cfg.out is not None else Path(cfg.model) / "transformer"
-    transformer.save_pretrained(str(out))
+    transformer.save_pretrained(str(cfg.out))
     return losses

@@ -96,7 +96,14 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
             f"training the transformer on the demo latents for {cfg.train_steps} steps (random weights attribute nothing)"
         )
         losses = train_transformer(
-            TrainConfig(run=run, model=str(model), steps=cfg.train_steps, seed=cfg.seed, device=cfg.device)
+            TrainConfig(
+                run=run,
+                model=str(model),
+                steps=cfg.train_steps,
+                seed=cfg.seed,
+                device=cfg.device,
+                out=model / "transformer",  # the demo's own model: trained in place
+            )
         )
         trained.write_text(f"{losses[0]:.4f} -> {losses[-1]:.4f}\n")
     done()
