@@ -14,6 +14,7 @@ from carv_attrib.cli import (
     encode,
     evaluate,
     featurize,
+    finetune,
     frames,
     generate,
     inspect,
@@ -29,9 +30,11 @@ from carv_attrib.cli.options import common_options
 EPILOG = """\b
 A typical run (README: Usage):
   carv-attrib encode clips.json --videos DIR -m MODEL -r RUN
+  carv-attrib finetune RUN -m MODEL -o FT   (optional: adapt MODEL first)
   carv-attrib plan RUN -m MODEL        (optional: a proposal q(σ))
   carv-attrib cost RUN --clips 1000000 (optional: size the whole job)
-  carv-attrib featurize RUN -m MODEL   (K draws per encode -> index)
+  carv-attrib featurize RUN -m MODEL   (K draws per encode -> index;
+                                        --checkpoint FT after finetune)
   carv-attrib score gen.mp4 -r RUN -p "its prompt" -o out.json
   carv-attrib report out.json -o report.html
 Try it first: carv-attrib demo demo-run"""
@@ -77,6 +80,7 @@ def main_options(
 COMMANDS = {
     "demo": demo.demo,
     "encode": encode.encode,
+    "finetune": finetune.finetune,
     "plan": plan.plan,
     "cost": cost.cost,
     "featurize": featurize.featurize,

@@ -168,6 +168,7 @@ def stage_command(
     extra: Sequence[inspect.Parameter] = (),
     skip: Sequence[str] = (),
     defaults: dict[str, Any] | None = None,
+    run_json: bool = True,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate `body(cfg, **extras)` into a Typer command taking `cls`'s fields as options, plus
     `--config FILE`.
@@ -176,6 +177,8 @@ def stage_command(
     command overrides. Fields not typed take, in order, the --config file's value, then (for a
     config with a `run`) the value RUN/run.json recorded for this command, then the default
     (`carv_attrib.config.resume`); a required field other than the run may so be left out.
+    run_json=False: a command that reads RUN but records nothing there (finetune) takes no options
+    from RUN/run.json.
     """
 
     def decorate(body: Callable[..., Any]) -> Callable[..., Any]:
@@ -185,7 +188,7 @@ def stage_command(
         COMMANDS.add(name)
         fields = config_parameters(cls, skip)
         names = {p.name for p in fields}
-        resumable = "run" in names
+        resumable = "run" in names and run_json
         # a required option the run records (the manifest, the model) may be left out when resuming
         required = {
             p.name

@@ -108,7 +108,7 @@ class ClipProgress:
             )
         elif event == "explain" and self.task is not None:  # more steps: `score --explain`'s clips
             self.progress.update(self.task, total=self.progress.tasks[self.task].total + info["todo"])
-        elif event == "clip" and self.task is not None:
+        elif event in ("clip", "step") and self.task is not None:  # "step": finetune's optimizer steps
             self.done += 1
             if info["status"] != "ok":
                 self.failures += 1

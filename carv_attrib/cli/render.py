@@ -155,6 +155,35 @@ def index(info: Any) -> None:
     )
 
 
+def finetune(summary: Any) -> None:
+    """A `FinetuneSummary`: what was trained, the loss, where it went and how to use it."""
+    if summary.already_done:
+        head, what = (
+            ("up to date", "green"),
+            f" {summary.out} already holds the {summary.steps}-step finetune; ",
+        )
+    else:
+        rate = f", {summary.steps_per_s:.3f} steps/s" if summary.steps_per_s else ""
+        resumed = f" (resumed at step {summary.resumed_from})" if summary.resumed_from else ""
+        head = ("fine-tuned", "green")
+        what = (
+            f" {summary.trained_steps} steps{resumed} on {summary.clips} clips in {summary.seconds:.1f} s{rate}; "
+            f"{summary.trainable_params} trainable parameters; "
+        )
+    loss = (
+        f"loss {summary.loss_first:.4f} -> {summary.loss_last:.4f} (mean of the last 10 steps)"
+        if summary.loss_first is not None and summary.loss_last is not None
+        else "no loss recorded"
+    )
+    err_console.print(Text.assemble(head, what, loss), soft_wrap=True)
+    if summary.kind == "lora":
+        say(f"{summary.out}: a diffusers LoRA adapter (WanPipeline.load_lora_weights({summary.out!r}))")
+    else:
+        say(
+            f"{summary.out}: the fine-tuned transformer; attribute with it: carv-attrib featurize RUN -m MODEL --checkpoint {summary.out}"
+        )
+
+
 _FLAG_ORDER = ("timesteps", "draws", "antithetic", "output_fn", "plan", "density")
 
 

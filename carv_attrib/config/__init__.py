@@ -13,7 +13,7 @@ This module is torch-free: the CLI imports it to build `--help`.
     from carv_attrib.config import FeaturizeConfig
     cfg = FeaturizeConfig(run="runs/demo", model="models/tiny-wan", draws=8).validate()
 
-The package holds one module per stage (`encode`, `featurize` with `index`, `score`, `plan`,
+The package holds one module per stage (`encode`, `finetune`, `featurize` with `index`, `score`, `plan`,
 `evaluate`), `tools` for the commands around them, `options` for what they share and `checks` for
 validation; every public name is re-exported here.
 """
@@ -47,6 +47,7 @@ from carv_attrib.config.checks import (
 from carv_attrib.config.encode import EncodeConfig
 from carv_attrib.config.evaluate import MIN_EVAL_QUERIES, MIN_EVAL_SUBSETS, MIN_EVAL_TRAIN, EvaluateConfig
 from carv_attrib.config.featurize import FeaturizeConfig, IndexConfig
+from carv_attrib.config.finetune import FinetuneConfig
 from carv_attrib.config.options import (
     DEFAULT_KRON_DIMS,
     DEFAULT_LAYERS,
@@ -100,7 +101,7 @@ __all__ = [
     "EvaluateConfig",
     "FORMATS",
     "FeaturizeConfig",
-    "FeaturizeConfig",
+    "FinetuneConfig",
     "FramesConfig",
     "GenerateConfig",
     "IndexConfig",

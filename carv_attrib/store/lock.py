@@ -14,7 +14,9 @@ command, start time); the kernel releases a flock when its holder dies, so a kil
 leaves the run locked and its line is only stale text.
 
 Readers (score, status, report) never take it: `is_written` tells them whether a writer is live, so
-they repair an interrupted index swap only when nobody is in the middle of one (`RunDir`).
+they repair an interrupted index swap only when nobody is in the middle of one (`RunDir`). A reader
+that needs one consistent snapshot of many files (finetune reads every live latent) takes it shared
+for the reading only (`read_lock`): no writer is in the middle meanwhile, and it writes nothing.
 """
 
 from __future__ import annotations
@@ -180,3 +182,34 @@ def _remove_if_only_the_lock(root: Path) -> None:
             root.rmdir()
     except OSError:
         pass  # another process wrote into it meanwhile: it is a run now
+
+
+@contextmanager
+def read_lock(run: Path | str, command: str, *, wait: bool = False) -> Iterator[None]:
+    """Hold RUN's lock shared for the block, as a reader: while a writer (encode, featurize, ...) holds
+    it, RunLockedError (exit 2), or with `wait` block until it is done. Nothing is written (the holder
+    line stays the last writer's). A run without a lock file, or one this process already holds,
+    takes none (the stage refuses a missing run with its own message)."""
+    if holds(run):
+        yield
+        return
+    try:
+        fd = os.open(lock_path(run), os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = holder(run) or "another command"
+            if not wait:
+                raise RunLockedError(
+                    f"{run} is being written by {who}; `{command}` reads it when no writer is in the "
+                    f"middle: wait for it to finish, or pass --wait (the lock is {lock_path(run)})"
+                ) from None
+            log.warning("waiting for %s to finish writing %s", who, run)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the flock

@@ -13,6 +13,8 @@ from carv_attrib.cli.app import COMMANDS, EPILOG, app
 def test_commands_are_listed_in_workflow_order() -> None:
     order = list(COMMANDS)
     for before, after in (
+        ("encode", "finetune"),
+        ("finetune", "featurize"),
         ("encode", "plan"),
         ("plan", "featurize"),
         ("featurize", "score"),
@@ -24,7 +26,7 @@ def test_commands_are_listed_in_workflow_order() -> None:
 def test_the_typical_run_uses_existing_commands_and_options() -> None:
     runner = CliRunner()
     lines = [ln.strip() for ln in EPILOG.splitlines() if ln.strip().startswith("carv-attrib ")]
-    assert len(lines) >= 5  # encode, plan, featurize, score, report (+ the optional stages)
+    assert len(lines) >= 7  # encode, plan, featurize, score, report (+ the optional stages: finetune, cost)
     for line in lines:
         command = line.split()[1]
         assert command in COMMANDS, line

@@ -1,0 +1,463 @@
+"""`finetune`: adapt a Wan2.1 transformer to a run's clips, from the latent cache, resumably.
+
+    from carv_attrib.pipeline.finetune import FinetuneConfig, run_finetune
+    summary = run_finetune(FinetuneConfig(run="runs/demo", model="models/wan", out="ft/", steps=500))
+    summary = run_finetune(FinetuneConfig(run="runs/demo", model="models/wan", out="lora/", lora=16))
+
+The clips are RUN's live ok latents and text embeddings (`store.latents`), read once, under RUN's
+lock taken shared (`store.lock.read_lock`: no encode is in the middle of changing the run while they
+are read; finetune writes nothing in RUN), never re-decoded. The loss is the flow-matching objective
+of `carv.objective.clip_objective` ("loss", unit weights) with σ ~ p(σ) = --density, minimised with
+the steps of `models.train` (AdamW or SGD, 20-step warm-up, gradient norm clipped to 1).
+
+OUT holds:
+- without --lora: the fine-tuned transformer (`save_pretrained`: config.json + safetensors), usable
+  as `featurize --checkpoint OUT` or `WanTransformer3DModel.from_pretrained(OUT)`;
+- with --lora RANK: a diffusers LoRA directory (`models.lora.save_lora`), loadable with
+  `WanPipeline.load_lora_weights(OUT)`;
+- carv_finetune.json: the settings (objective, density, optimizer, lr, steps, batch, seed, the run's
+  latents fingerprint and live digest, the base model's identity), their fingerprint, the losses;
+- checkpoints/step-NNNNNNNN.pt: the latest resumable state (trainable weights, optimizer, schedule,
+  the sampling generator's and torch's RNG states, the step, the losses), written atomically every
+  --checkpoint-every steps, on Ctrl-C and at the end.
+
+A rerun with the same settings continues from the latest checkpoint (or says it is done); --steps may
+grow (the schedule does not depend on the total). All of a step's randomness comes from one
+generator whose state is checkpointed with the weights, so an interrupted and resumed fine-tune
+gives bitwise the weights of an uninterrupted one (same device and thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carv_attrib import __version__
+from carv_attrib.atomic import atomic_path
+from carv_attrib.carv.objective import TIMESTEP_CONVENTION
+from carv_attrib.carv.timesteps import density as make_density
+from carv_attrib.config.finetune import FinetuneConfig, check_out_outside_model
+from carv_attrib.errors import UsageError
+from carv_attrib.models.identity import check_encoder_matches, model_identity, resolve_source
+from carv_attrib.models.lora import DEFAULT_TARGETS, LORA_META, LORA_WEIGHTS, add_lora, save_lora
+from carv_attrib.models.train import (
+    WARMUP_STEPS,
+    draw_minibatch,
+    make_optimizer,
+    minibatch_backward,
+    optimizer_step,
+)
+from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
+from carv_attrib.pipeline._job import ProgressFn, noop
+from carv_attrib.store.latents import CachedClip, read_latents
+from carv_attrib.store.live import selection
+from carv_attrib.store.lock import read_lock
+from carv_attrib.store.run import RunDir
+from carv_attrib.store.shards import now_iso
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FinetuneConfig", "FinetuneSummary", "run_finetune", "read_record"]
+
+RECORD = "carv_finetune.json"
+CHECKPOINTS = "checkpoints"
+TRANSFORMER_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+OBJECTIVE = (
+    "flow matching (carv.objective.clip_objective, output 'loss', unit weights): "
+    "mean((v(x_σ, t, c) − (ε − z))²), x_σ = (1−σ)·z + σ·ε, " + TIMESTEP_CONVENTION
+)
+SAMPLING = (
+    "per step: batch_clips clips drawn with replacement, then draws σ ~ density and draws ε per clip, "
+    "all from one torch.Generator seeded by seed (its state checkpointed)"
+)
+
+
+@dataclass
+class FinetuneSummary:
+    out: str
+    run: str
+    kind: str  # "transformer" (every weight) | "lora"
+    steps: int  # steps of the model now in OUT
+    trained_steps: int  # steps this invocation ran
+    resumed_from: int  # the checkpoint's step it started from (0: from the base model)
+    clips: int
+    trainable_params: int
+    loss_first: float | None  # the first step's loss (of the whole fine-tune)
+    loss_last: float | None  # mean of the last 10 steps' losses
+    seconds: float
+    steps_per_s: float | None  # of this invocation's steps (model load and saves excluded)
+    fingerprint: str  # of the settings (`carv_finetune.json`)
+    already_done: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_record(out: Path | str) -> dict[str, Any] | None:
+    """OUT/carv_finetune.json, or None when absent or unreadable."""
+    try:
+        doc = json.loads((Path(out) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and "fingerprint" in doc else None
+
+
+def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSummary:
+    """Fine-tune MODEL's transformer (or a LoRA adapter on it) on RUN's cached clips into OUT.
+
+    Everything is checked before OUT is written: UsageError (exit 2) for OUT inside MODEL, a run
+    without latents, a MODEL that did not encode RUN, an OUT that holds something else (unless
+    --overwrite) or a finetune past --steps; RunLockedError (exit 2) while a writer holds RUN (unless
+    --wait). Progress: "start" {todo, steps, done}, then "step" {status, step, loss} per step.
+    A KeyboardInterrupt writes a checkpoint of the last finished step, then propagates.
+    """
+    t0 = time.monotonic()
+    cfg.validate()
+    out = Path(cfg.out)
+    clips, latents = _read_clips(cfg)
+    lora_cfg = (
+        {
+            "rank": int(cfg.lora),
+            "alpha": float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora),
+            "targets": list(DEFAULT_TARGETS),
+        }
+        if cfg.lora is not None
+        else None
+    )
+    try:
+        p = make_density(cfg.density)
+    except ValueError as exc:
+        raise UsageError(f"--density {cfg.density}: {exc}") from None
+    base = model_identity(cfg.model, ("transformer",))
+    settings = {
+        "objective": OBJECTIVE,
+        "density": p.spec,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "schedule": f"linear warm-up over {WARMUP_STEPS} steps, then constant; gradient norm clipped to 1",
+        "batch_clips": cfg.batch_clips,
+        "draws": cfg.draws,
+        "seed": cfg.seed,
+        "sampling": SAMPLING,
+        "kind": "lora" if lora_cfg else "transformer",
+        "lora": lora_cfg,
+        "base_model": {"fingerprint": base["fingerprint"], "components": base["components"]},
+        "latents": latents,
+        "clip_ids": sorted(int(i) for i in cfg.clip_ids) if cfg.clip_ids is not None else None,
+    }
+    fp = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    prev = _check_out(cfg, out, settings, fp)
+    ckpt = _latest_checkpoint(out) if prev is not None else None
+    start = ckpt[0] if ckpt is not None else 0
+    if start > cfg.steps:
+        raise UsageError(
+            f"-o {out} holds a finetune of {start} steps, more than --steps {cfg.steps}: pass --steps {start} "
+            "or more to continue it, or --overwrite to start over"
+        )
+    if prev is not None and prev.get("status") == "done" and prev.get("steps") == cfg.steps == start:
+        return _summary(cfg, prev, clips, 0, start, time.monotonic() - t0, None, already_done=True)
+
+    # -- from here on OUT is written ----------------------------------------------------------------
+    if prev is None and out.exists() and cfg.overwrite:
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "fingerprint": fp,
+        "settings": settings,
+        "status": "training",
+        "steps": start,
+        "run": str(Path(cfg.run).resolve()),
+        "model": resolve_source(cfg.model),
+        "tool_version": __version__,
+        "created_at": (prev or {}).get("created_at") or now_iso(),
+    }
+    _write_record(out, record | {"losses": (prev or {}).get("losses", [])[:start]})
+
+    device = resolve_device(cfg.device)
+    transformer = load_transformer(cfg.model, None, device=device)
+    if lora_cfg is not None:
+        add_lora(transformer, lora_cfg["rank"], lora_cfg["alpha"], lora_cfg["targets"], seed=cfg.seed)
+    else:
+        for prm in transformer.parameters():
+            prm.requires_grad_(True)
+    named = [(n, prm) for n, prm in transformer.named_parameters() if prm.requires_grad]
+    params = [prm for _, prm in named]
+    opt, sched = make_optimizer(params, cfg.optimizer, cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    if ckpt is not None:
+        losses = _load_checkpoint(ckpt[1], named, opt, sched, gen, device)
+    contexts = [pad_context(c.text_emb) for c in clips]  # (1, 512, D) each, padded once
+
+    transformer.train()
+    done, saved = start, start
+    rng = _rng_state(gen)
+    progress("start", {"todo": cfg.steps - start, "steps": cfg.steps, "done": start})
+    t_train = time.monotonic()
+    try:
+        while done < cfg.steps:
+            opt.zero_grad(set_to_none=True)
+            batch = draw_minibatch(clips, cfg.batch_clips, cfg.draws, p, gen)
+            loss = minibatch_backward(transformer, clips, contexts, batch, cfg.clips_per_forward)
+            with _sigint_deferred():  # the update is whole or not at all: a checkpoint never holds half
+                optimizer_step(params, opt, sched)
+                done += 1
+                losses.append(loss)
+                rng = _rng_state(gen)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                _save_checkpoint(out, done, named, opt, sched, rng, losses, fp)
+                saved = done
+            progress("step", {"status": "ok", "step": done, "loss": loss})
+    except KeyboardInterrupt:
+        if done > saved:
+            _save_checkpoint(out, done, named, opt, sched, rng, losses, fp)
+        _write_record(out, record | {"steps": done, "losses": losses})
+        log.warning(
+            "finetune interrupted at step %d of %d; checkpoint in %s", done, cfg.steps, out / CHECKPOINTS
+        )
+        raise
+    train_s = time.monotonic() - t_train
+    transformer.eval()
+
+    meta = {
+        "base_model": base["source"],
+        "base_fingerprint": base["fingerprint"],
+        "finetune_fingerprint": fp,
+        "steps": done,
+        "run": record["run"],
+    }
+    if lora_cfg is not None:
+        save_lora(transformer, out, meta=meta)
+    else:
+        _save_transformer(transformer, out)
+    trained = done - start
+    record |= {
+        "status": "done",
+        "steps": done,
+        "losses": losses,
+        "finished_at": now_iso(),
+        "trainable_params": sum(prm.numel() for prm in params),
+        "clips": len(clips),
+    }
+    _write_record(out, record)
+    rate = trained / train_s if trained and train_s > 0 else None
+    log.info("finetune: %d steps in %.1f s (%.3f steps/s), loss %s", trained, train_s, rate or 0, losses[-1:])
+    return _summary(cfg, record, clips, trained, start, time.monotonic() - t0, rate)
+
+
+# -- the run: one snapshot of its clips ------------------------------------------------------------
+def _read_clips(cfg: FinetuneConfig) -> tuple[list[CachedClip], dict[str, Any]]:
+    """RUN's live ok clips (those of cfg.clip_ids when given) and what identifies them: the latents
+    stage fingerprint, the live digest and the clip count. Read under RUN's shared lock."""
+    with read_lock(cfg.run, "finetune", wait=cfg.wait):
+        run = RunDir(cfg.run)
+        lat = run.require_latents_record()
+        run.require_manifest()
+        live = run.live_latents()
+        if live.pending:
+            raise UsageError(
+                f"{len(live.pending)} clips of {run}'s manifest have no latents (e.g. {live.pending[0]}): "
+                "an encode was interrupted; rerun the same `carv-attrib encode` first"
+            )
+        check_encoder_matches(cfg.model, lat.model)
+        ok = live.ok()
+        if cfg.clip_ids is not None:
+            keep = {int(i) for i in cfg.clip_ids}
+            ok = [row for row in ok if row[0] in keep]
+        if not ok:
+            raise UsageError(f"{run} has no encoded clips to fine-tune on")
+        clips = list(read_latents(run, selection([row.where for _, _, row in ok])))
+        digest = live.digest()
+    return clips, {"fingerprint": lat.fingerprint, "live_digest": digest, "clips": len(clips)}
+
+
+# -- OUT -----------------------------------------------------------------------------------------
+def _check_out(cfg: FinetuneConfig, out: Path, settings: dict[str, Any], fp: str) -> dict[str, Any] | None:
+    """The record of a resumable finetune in OUT (same settings), None for a fresh start; UsageError
+    for an OUT that is a file, or non-empty with something else (unless --overwrite)."""
+    check_out_outside_model(out, cfg.model)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out} is a file; finetune writes a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    prev = read_record(out)
+    if prev is not None and prev["fingerprint"] == fp:
+        return prev
+    if cfg.overwrite:
+        return None
+    if prev is not None:
+        before = prev.get("settings", {})
+        diffs = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        what = f"a finetune with other settings ({', '.join(diffs) or 'its fingerprint'} differ)"
+    else:
+        what = "files that are not a finetune's"
+    raise UsageError(
+        f"-o {out} already holds {what}; rerun with the same settings to resume it, pass --overwrite to "
+        "start over there, or choose another -o"
+    )
+
+
+def _clear(out: Path) -> None:
+    """--overwrite: remove what a finetune writes in OUT (its record, checkpoints, transformer or
+    adapter files); anything else there is left."""
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    for name in (RECORD, LORA_WEIGHTS, LORA_META, *TRANSFORMER_FILES):
+        (out / name).unlink(missing_ok=True)
+
+
+def _write_record(out: Path, record: dict[str, Any]) -> None:
+    with atomic_path(out / RECORD) as tmp:
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def _save_transformer(transformer: Any, out: Path) -> None:
+    """save_pretrained into a temporary sibling, then each file renamed into OUT (a killed save
+    leaves the previous weights)."""
+    tmp = out / f".save.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        transformer.save_pretrained(str(tmp))
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def _checkpoint_path(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step-{step:08d}.pt"
+
+
+def _latest_checkpoint(out: Path) -> tuple[int, Path] | None:
+    found = []
+    for f in (out / CHECKPOINTS).glob("step-*.pt"):
+        try:
+            found.append((int(f.stem.split("-")[1]), f))
+        except (IndexError, ValueError):
+            continue
+    return max(found) if found else None
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"generator": gen.get_state(), "torch": torch.get_rng_state()}
+
+
+def _save_checkpoint(
+    out: Path,
+    step: int,
+    named: list[tuple[str, torch.nn.Parameter]],
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    rng: dict[str, torch.Tensor],
+    losses: list[float],
+    fp: str,
+) -> None:
+    """OUT/checkpoints/step-N.pt, written atomically; the older ones are removed after it."""
+    path = _checkpoint_path(out, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "fingerprint": fp,
+        "weights": {n: prm.detach().to("cpu").clone() for n, prm in named},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": rng,
+        "losses": list(losses),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    for f in path.parent.glob("step-*.pt"):
+        if f != path:
+            f.unlink(missing_ok=True)
+
+
+def _load_checkpoint(
+    path: Path,
+    named: list[tuple[str, torch.nn.Parameter]],
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    gen: torch.Generator,
+    device: str,
+) -> list[float]:
+    """Restore the trainable weights, optimizer, schedule and RNG states of a checkpoint; its losses."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file: the atomic write makes this a hand edit or a bad disk
+        raise UsageError(
+            f"{path} cannot be read ({type(exc).__name__}); remove it to resume from the base model, or "
+            "pass --overwrite"
+        ) from None
+    weights = state["weights"]
+    if sorted(weights) != sorted(n for n, _ in named):
+        raise UsageError(
+            f"{path} does not hold this model's trainable weights; pass --overwrite to start over"
+        )
+    with torch.no_grad():
+        for n, prm in named:
+            prm.copy_(weights[n].to(device))
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["rng"]["generator"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return [float(x) for x in state["losses"]]
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until its end, where it is raised as
+    KeyboardInterrupt: the optimizer update is never interrupted half-way. Outside the main thread
+    (no signal handlers there) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _summary(
+    cfg: FinetuneConfig,
+    record: dict[str, Any],
+    clips: list[CachedClip],
+    trained: int,
+    start: int,
+    seconds: float,
+    rate: float | None,
+    already_done: bool = False,
+) -> FinetuneSummary:
+    losses = record.get("losses") or []
+    return FinetuneSummary(
+        out=str(cfg.out),
+        run=str(cfg.run),
+        kind=record["settings"]["kind"],
+        steps=int(record["steps"]),
+        trained_steps=trained,
+        resumed_from=start if not already_done else int(record["steps"]),
+        clips=len(clips),
+        trainable_params=int(record.get("trainable_params", 0)),
+        loss_first=float(losses[0]) if losses else None,
+        loss_last=float(sum(losses[-10:]) / len(losses[-10:])) if losses else None,
+        seconds=round(seconds, 3),
+        steps_per_s=round(rate, 4) if rate else None,
+        fingerprint=record["fingerprint"],
+        already_done=already_done,
+    )
