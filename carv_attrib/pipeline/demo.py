@@ -1,11 +1,12 @@
-"""The end-to-end demo: tiny Wan2.1 model, synthetic clips, encode, train, plan, featurize, generate, score.
+"""The end-to-end demo: tiny Wan2.1 model, synthetic clips, encode, finetune, plan, featurize, generate, score.
 
     from carv_attrib.pipeline.demo import DemoConfig, run_demo
     result = run_demo(DemoConfig(out="demo-run"))
     result.doc["queries"][0]["results"][:3]
 
-Layout of DIR: model/ (the pipeline), data/ (videos + manifest.json), run/ (latents, features,
-index), plan.json (+ plan.png) from the `plan` pilot, generated.mp4 (a video the trained tiny pipeline generated for a demo caption) and
+Layout of DIR: model/ (the pipeline, its transformer the fine-tuned one), finetune/ (`finetune`'s
+OUT: the trained transformer, its record and last checkpoint), data/ (videos + manifest.json), run/
+(latents, features, index), plan.json (+ plan.png) from the `plan` pilot, generated.mp4 (a video the trained tiny pipeline generated for a demo caption) and
 attribution.json (its attribution). Each stage resumes: a second `carv-attrib demo DIR` reuses
 what exists.
 """
@@ -14,18 +15,27 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carv_attrib.config import DemoConfig, EncodeConfig, FeaturizeConfig, PlanConfig, ScoreConfig
+from carv_attrib.atomic import atomic_path
+from carv_attrib.config import (
+    DemoConfig,
+    EncodeConfig,
+    FeaturizeConfig,
+    FinetuneConfig,
+    PlanConfig,
+    ScoreConfig,
+)
 from carv_attrib.lds.synthetic import make_demo_data, write_mp4
 from carv_attrib.models.tiny import make_model
-from carv_attrib.models.train import TrainConfig, train_transformer
 from carv_attrib.pipeline.encode import run_encode
 from carv_attrib.pipeline.featurize import featurize_and_index
+from carv_attrib.pipeline.finetune import TRANSFORMER_FILES, read_record, run_finetune
 from carv_attrib.pipeline.generate import generate_video
 from carv_attrib.pipeline.plan import run_plan
 from carv_attrib.pipeline.score import run_score
@@ -48,6 +58,37 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+DEMO_LR = 2e-3  # the tiny presets' learning rate (finetune's default, 1e-4, is for Wan2.1 itself)
+
+
+def _train(cfg: DemoConfig, run: Path, model: Path, ft: Path) -> list[float]:
+    """`finetune` MODEL's transformer on RUN into FT, then make it the demo pipeline's own transformer
+    (the demo's model is the trained one: its README walkthrough and `generate` use MODEL as is).
+    A finished FT is installed without training again (its base fingerprint was the untrained model's)."""
+    rec = read_record(ft)
+    if not (rec and rec.get("status") == "done" and rec.get("steps") == cfg.train_steps):
+        run_finetune(
+            FinetuneConfig(
+                run=run,
+                model=str(model),
+                out=ft,
+                steps=cfg.train_steps,
+                lr=DEMO_LR,
+                batch_clips=8,
+                draws=2,
+                seed=cfg.seed,
+                device=cfg.device,
+                checkpoint_every=max(cfg.train_steps, 1),
+            )
+        )
+        rec = read_record(ft)
+    assert rec is not None
+    for name in TRANSFORMER_FILES:
+        with atomic_path(model / "transformer" / name) as tmp:
+            shutil.copyfile(ft / name, tmp)
+    return [float(x) for x in rec["losses"]]
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> DemoResult:
@@ -93,18 +134,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
     trained = out / ".trained"
     if cfg.train_steps > 0 and not trained.exists():
         say(
-            f"training the transformer on the demo latents for {cfg.train_steps} steps (random weights attribute nothing)"
+            f"finetune: the transformer on the demo latents for {cfg.train_steps} steps (random weights attribute nothing)"
         )
-        losses = train_transformer(
-            TrainConfig(
-                run=run,
-                model=str(model),
-                steps=cfg.train_steps,
-                seed=cfg.seed,
-                device=cfg.device,
-                out=model / "transformer",  # the demo's own model: trained in place
-            )
-        )
+        losses = _train(cfg, run, model, out / "finetune")
         trained.write_text(f"{losses[0]:.4f} -> {losses[-1]:.4f}\n")
     done()
     done = stage("plan")

@@ -187,6 +187,51 @@ def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSu
     }
     _write_record(out, record | {"losses": (prev or {}).get("losses", [])[:start]})
 
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        torch.manual_seed(cfg.seed)  # (only dropout-like layers would draw from it; checkpointed too)
+        transformer, params, losses, done, train_s = _train(
+            cfg, out, clips, p, lora_cfg, ckpt, record, progress
+        )
+
+    meta = {
+        "base_model": base["source"],
+        "base_fingerprint": base["fingerprint"],
+        "finetune_fingerprint": fp,
+        "steps": done,
+        "run": record["run"],
+    }
+    if lora_cfg is not None:
+        save_lora(transformer, out, meta=meta)
+    else:
+        _save_transformer(transformer, out)
+    trained = done - start
+    record |= {
+        "status": "done",
+        "steps": done,
+        "losses": losses,
+        "finished_at": now_iso(),
+        "trainable_params": sum(prm.numel() for prm in params),
+        "clips": len(clips),
+    }
+    _write_record(out, record)
+    rate = trained / train_s if trained and train_s > 0 else None
+    log.info("finetune: %d steps in %.1f s (%.3f steps/s), loss %s", trained, train_s, rate or 0, losses[-1:])
+    return _summary(cfg, record, clips, trained, start, time.monotonic() - t0, rate)
+
+
+def _train(
+    cfg: FinetuneConfig,
+    out: Path,
+    clips: list[CachedClip],
+    p: Any,
+    lora_cfg: dict[str, Any] | None,
+    ckpt: tuple[int, Path] | None,
+    record: dict[str, Any],
+    progress: ProgressFn,
+) -> tuple[Any, list[torch.nn.Parameter], list[float], int, float]:
+    """Load the model (and a fresh adapter), restore the checkpoint, step to cfg.steps, checkpointing;
+    (transformer, trainable params, losses of every step, steps done, seconds of stepping)."""
+    start, fp = ckpt[0] if ckpt is not None else 0, record["fingerprint"]
     device = resolve_device(cfg.device)
     transformer = load_transformer(cfg.model, None, device=device)
     if lora_cfg is not None:
@@ -232,31 +277,7 @@ def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSu
         raise
     train_s = time.monotonic() - t_train
     transformer.eval()
-
-    meta = {
-        "base_model": base["source"],
-        "base_fingerprint": base["fingerprint"],
-        "finetune_fingerprint": fp,
-        "steps": done,
-        "run": record["run"],
-    }
-    if lora_cfg is not None:
-        save_lora(transformer, out, meta=meta)
-    else:
-        _save_transformer(transformer, out)
-    trained = done - start
-    record |= {
-        "status": "done",
-        "steps": done,
-        "losses": losses,
-        "finished_at": now_iso(),
-        "trainable_params": sum(prm.numel() for prm in params),
-        "clips": len(clips),
-    }
-    _write_record(out, record)
-    rate = trained / train_s if trained and train_s > 0 else None
-    log.info("finetune: %d steps in %.1f s (%.3f steps/s), loss %s", trained, train_s, rate or 0, losses[-1:])
-    return _summary(cfg, record, clips, trained, start, time.monotonic() - t0, rate)
+    return transformer, params, losses, done, train_s
 
 
 # -- the run: one snapshot of its clips ------------------------------------------------------------

@@ -156,6 +156,11 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert doc["queries"][0]["status"] == "ok" and len(doc["queries"][0]["results"]) == 3
     assert (tmp_path / "demo" / "generated.mp4").stat().st_size > 0
     assert "rank" in r.stdout
+    # trained by `finetune` into DIR/finetune, then installed as the demo pipeline's transformer
+    ft = tmp_path / "demo" / "finetune"
+    assert json.loads((ft / "carv_finetune.json").read_text())["status"] == "done"
+    weights = "diffusion_pytorch_model.safetensors"
+    assert (ft / weights).read_bytes() == (tmp_path / "demo" / "model" / "transformer" / weights).read_bytes()
 
 
 def test_featurize_rebuild_keeps_the_index_choices(

@@ -60,6 +60,7 @@ def test_an_unknown_format_is_refused_the_same_way(command: str, tmp_path: Path)
 def _dummy_args(command: str, tmp: Path) -> list[object]:
     return {
         "encode": [tmp / "m.json", "--videos", tmp, "-m", tmp, "-r", tmp / "run"],
+        "finetune": [tmp, "-m", tmp / "model", "-o", tmp / "ft"],
         "featurize": [tmp, "-m", tmp],
         "index": [tmp],
         "score": [tmp / "q.mp4", "-r", tmp],
