@@ -179,7 +179,7 @@ def draw_minibatch(
 def minibatch_backward(
     transformer: Any,
     clips: list[Any],
-    contexts: list[torch.Tensor],
+    contexts: Sequence[torch.Tensor],  # (1, 512, D) per clip (a list, or padded on demand)
     batch: list[Draw],
     clips_per_forward: int = CLIPS_PER_FORWARD,
 ) -> float:

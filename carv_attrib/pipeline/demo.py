@@ -134,7 +134,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = lambda s: None) -> De
     trained = out / ".trained"
     if cfg.train_steps > 0 and not trained.exists():
         say(
-            f"finetune: the transformer on the demo latents for {cfg.train_steps} steps (random weights attribute nothing)"
+            f"finetune: training the transformer on the demo latents for {cfg.train_steps} steps (random weights attribute nothing)"
         )
         losses = _train(cfg, run, model, out / "finetune")
         trained.write_text(f"{losses[0]:.4f} -> {losses[-1]:.4f}\n")

@@ -128,7 +128,7 @@ def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSu
     t0 = time.monotonic()
     cfg.validate()
     out = Path(cfg.out)
-    clips, latents = _read_clips(cfg)
+    rows, latents = _live_rows(cfg)
     lora_cfg = (
         {
             "rank": int(cfg.lora),
@@ -169,7 +169,8 @@ def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSu
             "or more to continue it, or --overwrite to start over"
         )
     if prev is not None and prev.get("status") == "done" and prev.get("steps") == cfg.steps == start:
-        return _summary(cfg, prev, clips, 0, start, time.monotonic() - t0, None, already_done=True)
+        return _summary(cfg, prev, len(rows), 0, start, time.monotonic() - t0, None, already_done=True)
+    clips = _read_clips(cfg, rows, latents["live_digest"])
 
     # -- from here on OUT is written ----------------------------------------------------------------
     if prev is None and out.exists() and cfg.overwrite:
@@ -216,7 +217,7 @@ def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSu
     _write_record(out, record)
     rate = trained / train_s if trained and train_s > 0 else None
     log.info("finetune: %d steps in %.1f s (%.3f steps/s), loss %s", trained, train_s, rate or 0, losses[-1:])
-    return _summary(cfg, record, clips, trained, start, time.monotonic() - t0, rate)
+    return _summary(cfg, record, len(clips), trained, start, time.monotonic() - t0, rate)
 
 
 def _train(
@@ -246,7 +247,7 @@ def _train(
     losses: list[float] = []
     if ckpt is not None:
         losses = _load_checkpoint(ckpt[1], named, opt, sched, gen, device)
-    contexts = [pad_context(c.text_emb) for c in clips]  # (1, 512, D) each, padded once
+    contexts = _Padded(clips)
 
     transformer.train()
     done, saved = start, start
@@ -281,9 +282,10 @@ def _train(
 
 
 # -- the run: one snapshot of its clips ------------------------------------------------------------
-def _read_clips(cfg: FinetuneConfig) -> tuple[list[CachedClip], dict[str, Any]]:
-    """RUN's live ok clips (those of cfg.clip_ids when given) and what identifies them: the latents
-    stage fingerprint, the live digest and the clip count. Read under RUN's shared lock."""
+def _live_rows(cfg: FinetuneConfig) -> tuple[list[Any], dict[str, Any]]:
+    """RUN's live ok latent rows ((clip_id, vid, row), those of cfg.clip_ids when given) and what
+    identifies them: the latents stage fingerprint, the live digest and the clip count. Read under
+    RUN's shared lock; nothing is read of the latents themselves."""
     with read_lock(cfg.run, "finetune", wait=cfg.wait):
         run = RunDir(cfg.run)
         lat = run.require_latents_record()
@@ -301,9 +303,35 @@ def _read_clips(cfg: FinetuneConfig) -> tuple[list[CachedClip], dict[str, Any]]:
             ok = [row for row in ok if row[0] in keep]
         if not ok:
             raise UsageError(f"{run} has no encoded clips to fine-tune on")
-        clips = list(read_latents(run, selection([row.where for _, _, row in ok])))
         digest = live.digest()
-    return clips, {"fingerprint": lat.fingerprint, "live_digest": digest, "clips": len(clips)}
+    return ok, {"fingerprint": lat.fingerprint, "live_digest": digest, "clips": len(ok)}
+
+
+def _read_clips(cfg: FinetuneConfig, rows: list[Any], digest: str) -> list[CachedClip]:
+    """The latents and text embeddings of `rows`, read once (held in memory for the fine-tune), under
+    RUN's shared lock, from the live set `digest` names (an encode that changed it since is refused)."""
+    with read_lock(cfg.run, "finetune", wait=cfg.wait):
+        run = RunDir(cfg.run)
+        if run.live_latents().digest() != digest:
+            raise UsageError(
+                f"{run} changed while finetune was starting (an encode?); rerun the same command"
+            )
+        return list(read_latents(run, selection([row.where for _, _, row in rows])))
+
+
+class _Padded:
+    """clip i's text embedding zero-padded to (1, 512, D) on demand, as the pipeline feeds it: a step
+    pads its B clips (microseconds) instead of the run holding 512 x D floats per clip (8 MiB each for
+    Wan2.1's D = 4096)."""
+
+    def __init__(self, clips: list[CachedClip]):
+        self.clips = clips
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return pad_context(self.clips[i].text_emb)
+
+    def __len__(self) -> int:
+        return len(self.clips)
 
 
 # -- OUT -----------------------------------------------------------------------------------------
@@ -458,7 +486,7 @@ def _sigint_deferred() -> Iterator[None]:
 def _summary(
     cfg: FinetuneConfig,
     record: dict[str, Any],
-    clips: list[CachedClip],
+    clips: int,
     trained: int,
     start: int,
     seconds: float,
@@ -473,7 +501,7 @@ def _summary(
         steps=int(record["steps"]),
         trained_steps=trained,
         resumed_from=start if not already_done else int(record["steps"]),
-        clips=len(clips),
+        clips=clips,
         trainable_params=int(record.get("trainable_params", 0)),
         loss_first=float(losses[0]) if losses else None,
         loss_last=float(sum(losses[-10:]) / len(losses[-10:])) if losses else None,

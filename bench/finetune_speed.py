@@ -1,0 +1,64 @@
+"""Steps/s of `carv-attrib finetune` on the tiny and small presets, one forward per clip (the old
+`train_on_clips` loop: `--clips-per-forward 1`, `clip_objective` per clip) against clips of one latent
+shape sharing a forward (`--clips-per-forward 8`, the default), on the demo's clips (24 clips, 17
+frames, 64x64) at the demo's settings (batch 8, 2 draws, lr 2e-3).
+
+    .venv/bin/python bench/finetune_speed.py --work bench/_work/finetune --size tiny --steps 30
+    .venv/bin/python bench/finetune_speed.py --work bench/_work/finetune --size small --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--clips-per-forward", type=int, nargs="+", default=[1, 8])
+    args = ap.parse_args()
+
+    from carv_attrib.config import EncodeConfig, FinetuneConfig
+    from carv_attrib.lds.synthetic import make_demo_data
+    from carv_attrib.models.tiny import make_model
+    from carv_attrib.pipeline.encode import run_encode
+    from carv_attrib.pipeline.finetune import read_record, run_finetune
+
+    w = args.work / args.size
+    model, data, run = w / "model", w / "data", w / "run"
+    if not (model / "model_index.json").exists():
+        make_model(str(model), args.size, seed=0)
+    if not (data / "manifest.json").exists():
+        make_demo_data(data, clips=24, seed=0)
+    run_encode(
+        EncodeConfig(
+            manifest=data / "manifest.json", videos=data / "videos", model=str(model), run=run, frames=17,
+            size="64x64", fps=8, workers=0, device="cpu", shard_size=8,
+        )
+    )  # fmt: skip
+    results = {}
+    for cpf in args.clips_per_forward:
+        out = w / f"ft-cpf{cpf}"
+        shutil.rmtree(out, ignore_errors=True)
+        s = run_finetune(
+            FinetuneConfig(
+                run=run, model=str(model), out=out, steps=args.steps, lr=2e-3, batch_clips=8, draws=2,
+                device="cpu", clips_per_forward=cpf, checkpoint_every=args.steps,
+            )
+        )  # fmt: skip
+        losses = read_record(out)["losses"]  # type: ignore[index]
+        results[cpf] = {
+            "steps_per_s": s.steps_per_s,
+            "s_per_step": 1 / s.steps_per_s,
+            "loss_last": losses[-1],
+        }
+        print(json.dumps({"size": args.size, "clips_per_forward": cpf, **results[cpf]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
