@@ -21,7 +21,12 @@ def main() -> None:
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--clips-per-forward", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from carv_attrib.config import EncodeConfig, FinetuneConfig
     from carv_attrib.lds.synthetic import make_demo_data
@@ -57,7 +62,17 @@ def main() -> None:
             "s_per_step": 1 / s.steps_per_s,
             "loss_last": losses[-1],
         }
-        print(json.dumps({"size": args.size, "clips_per_forward": cpf, **results[cpf]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "size": args.size,
+                    "threads": torch.get_num_threads(),
+                    "clips_per_forward": cpf,
+                    **results[cpf],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
