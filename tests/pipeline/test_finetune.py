@@ -224,3 +224,18 @@ def test_a_run_being_written_is_refused(encoded_run: Path, tiny_model_dir: Path,
     fd = os.open(lock_path(encoded_run), os.O_RDONLY)  # released: a writer could take it now
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(fd)
+
+
+def test_a_ctrl_c_inside_the_update_waits_for_its_end() -> None:
+    import os
+    import signal
+
+    from carv_attrib.pipeline.finetune import _sigint_deferred
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with _sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the signal")  # the block runs to its end
+    assert reached == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
