@@ -113,3 +113,32 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes(
     assert (whole / "diffusion_pytorch_model.safetensors").read_bytes() == (
         out / "diffusion_pytorch_model.safetensors"
     ).read_bytes()
+
+
+def test_featurize_attributes_the_finetuned_transformer(
+    encoded_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    out = tmp_path / "ft"
+    assert invoke(*_args(encoded_run, tiny_model_dir, out)).exit_code == 0
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    r = invoke(
+        "featurize",
+        run,
+        "-m",
+        tiny_model_dir,
+        "--checkpoint",
+        out,
+        "-K",
+        2,
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ok"] == 8
+    info = json.loads((run / "index" / "index_info.json").read_text())
+    assert str(out.resolve()) in json.dumps(info)  # the index records the fine-tuned checkpoint
