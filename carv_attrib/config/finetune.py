@@ -62,7 +62,7 @@ class FinetuneConfig(StageConfig):
     checkpoint_every: int = option(
         100,
         metavar="N",
-        help="Steps between resumable checkpoints in OUT/checkpoints (also written on Ctrl-C and at the end).",
+        help="Steps between resumable checkpoints in OUT/checkpoints (also written on Ctrl-C or SIGTERM and at the end).",
     )
     clips_per_forward: int = option(
         8, help="Clips sharing one forward and backward (fewer hold fewer activations; the same gradient)."

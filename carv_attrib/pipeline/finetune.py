@@ -19,7 +19,7 @@ OUT holds:
   latents fingerprint and live digest, the base model's identity), their fingerprint, the losses;
 - checkpoints/step-NNNNNNNN.pt: the latest resumable state (trainable weights, optimizer, schedule,
   the sampling generator's and torch's RNG states, the step, the losses), written atomically every
-  --checkpoint-every steps, on Ctrl-C and at the end.
+  --checkpoint-every steps, on Ctrl-C or SIGTERM (a batch scheduler's stop) and at the end.
 
 A rerun with the same settings continues from the latest checkpoint (or says it is done); --steps may
 grow (the schedule does not depend on the total). All of a step's randomness comes from one
@@ -52,6 +52,7 @@ from carv_attrib.carv.objective import TIMESTEP_CONVENTION
 from carv_attrib.carv.timesteps import density as make_density
 from carv_attrib.config.finetune import FinetuneConfig, check_out_outside_model
 from carv_attrib.errors import UsageError
+from carv_attrib.interrupt import sigterm_as_interrupt
 from carv_attrib.models.identity import check_encoder_matches, model_identity, resolve_source
 from carv_attrib.models.lora import DEFAULT_TARGETS, LORA_META, LORA_WEIGHTS, add_lora, save_lora
 from carv_attrib.models.train import (
@@ -188,7 +189,8 @@ def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSu
     }
     _write_record(out, record | {"losses": (prev or {}).get("losses", [])[:start]})
 
-    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+    with sigterm_as_interrupt(), torch.random.fork_rng(devices=[]):  # SIGTERM checkpoints as Ctrl-C does;
+        # the caller's global RNG is left as it was
         torch.manual_seed(cfg.seed)  # (only dropout-like layers would draw from it; checkpointed too)
         transformer, params, losses, done, train_s = _train(
             cfg, out, clips, p, lora_cfg, ckpt, record, progress
@@ -465,22 +467,28 @@ def _load_checkpoint(
     return [float(x) for x in state["losses"]]
 
 
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
 def _sigint_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until its end, where it is raised as
-    KeyboardInterrupt: the optimizer update is never interrupted half-way. Outside the main thread
-    (no signal handlers there) it does nothing."""
+    """Hold a Ctrl-C (SIGINT) or SIGTERM that arrives inside the block until its end, where it is
+    raised as KeyboardInterrupt: the optimizer update is never interrupted half-way. Outside the main
+    thread (no signal handlers there) it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in DEFERRED_SIGNALS
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     if caught:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(f"signal {caught[0]}")
 
 
 def _summary(

@@ -232,10 +232,30 @@ def test_a_ctrl_c_inside_the_update_waits_for_its_end() -> None:
 
     from carv_attrib.pipeline.finetune import _sigint_deferred
 
-    reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with _sigint_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            reached.append("after the signal")  # the block runs to its end
-    assert reached == ["after the signal"]
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        reached = []
+        with pytest.raises(KeyboardInterrupt):
+            with _sigint_deferred():
+                os.kill(os.getpid(), sig)
+                reached.append("after the signal")  # the block runs to its end
+        assert reached == ["after the signal"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_sigterm_checkpoints_like_ctrl_c(encoded_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    def term_at_2(event: str, info: dict) -> None:  # a batch scheduler stopping the job
+        if event == "step" and info["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = _cfg(encoded_run, tiny_model_dir, tmp_path / "ft", steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(cfg, term_at_2)
+    assert [p.name for p in (tmp_path / "ft" / CHECKPOINTS).iterdir()] == ["step-00000002.pt"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert run_finetune(cfg).resumed_from == 2
+    run_finetune(_cfg(encoded_run, tiny_model_dir, tmp_path / "whole", steps=4))
+    assert _same(_weights(tmp_path / "ft"), _weights(tmp_path / "whole"))
