@@ -61,6 +61,7 @@ def _dummy_args(command: str, tmp: Path) -> list[object]:
     return {
         "encode": [tmp / "m.json", "--videos", tmp, "-m", tmp, "-r", tmp / "run"],
         "finetune": [tmp, "-m", tmp / "model", "-o", tmp / "ft"],
+        "cost": [tmp, "--clips", "10"],
         "featurize": [tmp, "-m", tmp],
         "index": [tmp],
         "score": [tmp / "q.mp4", "-r", tmp],
