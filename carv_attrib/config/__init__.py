@@ -44,6 +44,7 @@ from carv_attrib.config.checks import (
     parse_size,
     parse_top_k,
 )
+from carv_attrib.config.cost import CostConfig
 from carv_attrib.config.encode import EncodeConfig
 from carv_attrib.config.evaluate import MIN_EVAL_QUERIES, MIN_EVAL_SUBSETS, MIN_EVAL_TRAIN, EvaluateConfig
 from carv_attrib.config.featurize import FeaturizeConfig, IndexConfig
@@ -75,7 +76,6 @@ from carv_attrib.config.options import (
     timesteps_option,
     wait_option,
 )
-from carv_attrib.config.cost import CostConfig
 from carv_attrib.config.plan import PlanConfig
 from carv_attrib.config.score import ScoreConfig
 from carv_attrib.config.tools import (
