@@ -62,10 +62,19 @@ print(json.dumps({"fit_s": fit_s, "prepare_s": prep_s, "rss_features": base, "rs
 """
 
 
-def run_case(n: int, d: int, form: str) -> dict[str, Any]:
+def estimates(n: int, d: int, form: str) -> dict[str, float]:
+    """`trak_bytes` (what the index preflight uses) for one case, in MiB."""
     from carv_attrib.search.precondition import trak_bytes
 
-    est = trak_bytes(n, [d], form)
+    est = trak_bytes(n, [d], form, shard=SHARD)
+    return {
+        "estimated_fit_peak_mib": round(est["fit_peak"] / 2**20, 1),
+        "estimated_peak_mib": round(est["peak"] / 2**20, 1),
+        "estimated_stored_mib": round(est["stored"] / 2**20, 1),
+    }
+
+
+def run_case(n: int, d: int, form: str) -> dict[str, Any]:
     t = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", CASE, str(n), str(d), form, str(SHARD)],
@@ -87,8 +96,7 @@ def run_case(n: int, d: int, form: str) -> dict[str, Any]:
         "features_mib": round(n * d * 4 / 2**20, 1),
         "peak_growth_mib": round(grown / 2**20, 1),
         "stored_mib": round(m["stored_bytes"] / 2**20, 1),
-        "estimated_fit_peak_mib": round(est["fit_peak"] / 2**20, 1),
-        "estimated_stored_mib": round(est["stored"] / 2**20, 1),
+        **estimates(n, d, form),
         "ranks": m["ranks"],
         "wall_s": round(time.perf_counter() - t, 1),
         "load_avg": load_avg(),
@@ -105,9 +113,8 @@ def by_arithmetic(n: int, d: int, ref: dict[str, Any] | None) -> dict[str, Any]:
         "form": "dense",
         "how": "arithmetic",
         "features_mib": round(n * d * 4 / 2**20, 1),
-        "estimated_fit_peak_mib": round(est["fit_peak"] / 2**20, 1),
         "stored_mib": round(est["stored"] / 2**20, 1),
-        "estimated_stored_mib": round(est["stored"] / 2**20, 1),
+        **estimates(n, d, "dense"),
     }
     if ref is not None:  # the D³ law from the largest measured dense case at this N
         k = (d / ref["D"]) ** 3
@@ -125,8 +132,16 @@ def main() -> None:
     ap.add_argument("--clips", type=int, nargs="+", default=[256, 2_048])
     ap.add_argument("--dense-max-gib", type=float, default=4.0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trak_memory.json")
+    ap.add_argument("--reestimate", action="store_true", help="recompute only the estimates in --out")
     args = ap.parse_args()
     from carv_attrib.search.precondition import trak_bytes
+
+    if args.reestimate:
+        doc = json.loads(args.out.read_text())
+        for row in doc["rows"]:
+            row.update(estimates(row["N"], row["D"], row["form"]))
+        write_json(args.out, doc)
+        return
 
     rows: list[dict[str, Any]] = []
     for n in args.clips:

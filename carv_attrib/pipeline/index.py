@@ -151,12 +151,13 @@ def _index_disk_bytes(
 
 def _preconditioner_memory(cfg: IndexConfig, n: int, dim: int, blocks: list[int] | None) -> dict[str, Any]:
     """`check_fits`'s extra for the trak preconditioner of n clips: fitting it (`trak_bytes`'s
-    fit_peak) comes before the index fills, its stored arrays stay beside the index while it fills,
-    so the extra is max(fit_peak − the index, stored). Blocks unknown (before featurize): one block."""
+    fit_peak) comes before the index fills, its stored arrays and a shard being prepared
+    (prepare_peak) stay beside the index while it fills, so the extra is
+    max(fit_peak − the index, prepare_peak). Blocks unknown (before featurize): one block."""
     if cfg.precondition != "trak":
         return {}
     t = trak_bytes(n, blocks or [dim])
-    extra = max(t["fit_peak"] - index_bytes(n, dim, cfg.index_factory), t["stored"])
+    extra = max(t["fit_peak"] - index_bytes(n, dim, cfg.index_factory), t["prepare_peak"])
     return {
         "extra": extra,
         "extra_what": f" and the trak preconditioner ({'/'.join(sorted(set(t['forms'])))})",

@@ -267,13 +267,16 @@ def trak_form(n: int, d_b: int, form: str = "auto") -> str:
     return "factored" if n < d_b and d_b > DENSE_MAX_DIM else "dense"
 
 
-def trak_bytes(n: int, blocks: Sequence[int], form: str = "auto") -> dict[str, Any]:
-    """Memory of fitting a TRAK preconditioner on n clips and bytes it stores, per `trak_form`:
-    dense block: Gram + its shifted copy + Cholesky factor at the peak (3·8·d²), 8·d² stored;
-    factored block: the float64 features (8·n·d, turned into the factor in place) + kernel,
+def trak_bytes(n: int, blocks: Sequence[int], form: str = "auto", shard: int = 64) -> dict[str, Any]:
+    """Memory of fitting a TRAK preconditioner on n clips, of preparing them, and bytes it stores, per
+    `trak_form`: dense block: Gram + its shifted copy + Cholesky factor at the peak (3·8·d²), 8·d²
+    stored; factored block: the float64 features (8·n·d, turned into the factor in place) + kernel,
     eigenvectors and LAPACK's eigh workspace (≈ 3·8·n²) + one column chunk, 8·n·d + 8·n stored
-    (rank r ≤ n: less for duplicate clips). Blocks are fitted one after another, the stored arrays
-    of the finished ones kept: fit_peak = Σ stored before + the largest single-block peak."""
+    (rank r ≤ n: less for duplicate clips). Blocks are fitted one after another, the stored arrays of
+    the finished ones kept: fit_peak = Σ stored before + the largest single-block peak, + a `shard`
+    of rows in flight (its float64 copy and slice, 2·8·shard·D). prepare_peak: the stored arrays +
+    a shard through `prepare_train` (float64 copy, two float64 temporaries, float32 out ≈ 3.5·8·shard·D).
+    peak = max(fit_peak, prepare_peak)."""
     forms = [trak_form(n, int(d), form) for d in blocks]
     stored, peak, done = [], 0, 0
     for d, f in zip(blocks, forms, strict=True):
@@ -286,7 +289,16 @@ def trak_bytes(n: int, blocks: Sequence[int], form: str = "auto") -> dict[str, A
         peak = max(peak, done + fit)
         done += keep
         stored.append(keep)
-    return {"forms": forms, "fit_peak": int(peak), "stored": int(sum(stored))}
+    rows = min(int(shard), int(n)) * sum(int(d) for d in blocks)
+    fit_peak = peak + 2 * 8 * rows
+    prepare_peak = sum(stored) + 28 * rows
+    return {
+        "forms": forms,
+        "fit_peak": int(fit_peak),
+        "prepare_peak": int(prepare_peak),
+        "peak": int(max(fit_peak, prepare_peak)),
+        "stored": int(sum(stored)),
+    }
 
 
 class _DenseInverse:
