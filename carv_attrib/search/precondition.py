@@ -550,7 +550,8 @@ class GramAccumulator:
                 gram += arr[:, sl].T @ arr[:, sl]
                 continue
             store = self._rows[b]
-            assert store is not None
+            if store is None:
+                raise ValueError("rows added after finalize: this accumulator's rows became the factor")
             store.add(arr[:, sl])
             if self.form == "auto" and self.n >= self.blocks[b]:  # dense from now on
                 rows = store.rows()
@@ -570,7 +571,10 @@ class GramAccumulator:
         for b, (gram, store) in enumerate(zip(self._grams, self._rows, strict=True)):
             d_b = self.blocks[b]
             if gram is None:
-                assert store is not None
+                if store is None:
+                    raise ValueError(
+                        "this accumulator's factored blocks were already finalized (their rows became the factor)"
+                    )
                 rows = store.rows()
                 lam = float(lambda_rel) * float(np.einsum("ij,ij->", rows, rows)) / min(self.n, d_b)
                 if not lam > 0:

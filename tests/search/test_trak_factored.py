@@ -216,3 +216,13 @@ def test_memory_estimate_picks_the_smaller_form() -> None:
     two = trak_bytes(100, [3000, 10])
     assert two["forms"] == ["factored", "dense"]
     assert two["fit_peak"] >= 8 * 100 * 3000 and two["stored"] == 8 * 100 * 3000 + 800 + 800
+
+
+def test_a_factored_accumulator_is_finalized_once() -> None:
+    acc = GramAccumulator(40, capacity=5, form="factored")
+    acc.update(_features(5, 40))
+    acc.finalize(0.1)
+    with pytest.raises(ValueError, match="already finalized"):
+        acc.finalize(0.1)
+    with pytest.raises(ValueError, match="after finalize"):
+        acc.update(_features(2, 40))
