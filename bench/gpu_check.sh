@@ -17,16 +17,16 @@ OUT_DIR=${OUT:-bench/results}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
 "$PY" -c "import carv_attrib" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader || true
-# faiss-gpu beside the installed faiss-cpu, in its own directory, if pip can reach an index (60 s at most)
+# faiss-gpu beside the installed faiss-cpu, in its own directory, if pip can reach an index (30 s at most)
 if ! "$PY" -c "import faiss, sys; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)" 2>/dev/null; then
-  if timeout 60 "$PY" -m pip install -q --retries 0 --timeout 10 --target /tmp/faiss_gpu faiss-gpu-cu12 2>/dev/null \
+  if timeout 30 "$PY" -m pip install -q --retries 0 --timeout 10 --target /tmp/faiss_gpu faiss-gpu-cu12 2>/dev/null \
     && PYTHONPATH="/tmp/faiss_gpu:$PYTHONPATH" "$PY" -c "import faiss, sys; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)"; then
     export PYTHONPATH="/tmp/faiss_gpu:$PYTHONPATH"
   else
     echo "faiss-gpu not installable here: the faiss case runs on faiss-cpu (labelled in the JSON)"
   fi
 fi
-timeout 470 "$PY" bench/gpu_check.py --device cuda --budget-s 420 --out "$OUT_DIR/gpu_check.json"
+timeout 440 "$PY" bench/gpu_check.py --device cuda --budget-s 360 --out "$OUT_DIR/gpu_check.json"
 if [ "${REAL_SHAPES:-0}" = 1 ]; then
   timeout 460 "$PY" bench/real_shapes.py --device cuda --repeats 3 \
     --latents 16x5x60x104,16x21x60x104 --clip 17x480x832 --out "$OUT_DIR/real_shapes_gpu.json"
