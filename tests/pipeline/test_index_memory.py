@@ -175,3 +175,38 @@ def test_the_trak_preconditioner_counts_in_the_memory_preflight(
     monkeypatch.setattr(ai, "available_memory", lambda: trak["fit_peak"] + flat)
     info = build_run_index(IndexConfig(run=tmp_path / "run", precondition="trak"))
     assert info.preconditioner["forms"] == ["dense"]
+
+
+def test_a_factored_trak_index_holds_the_dense_ones_vectors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same run indexed with the factored form (blocks above a lowered DENSE_MAX_DIM) and the dense
+    one: the indexed vectors agree to float32 rounding, index_info records the form, and the index
+    directory loads back (score's `load_index_dir`) with the factored preconditioner."""
+    import carv_attrib.search.precondition as P
+    from carv_attrib.pipeline.score import load_index_dir
+
+    make_run(tmp_path / "run", 40, 64)
+    run = RunDir(tmp_path / "run")
+
+    def vectors() -> np.ndarray:
+        index = load_index_dir(run.index_dir).index
+        ids = np.arange(1, 41, dtype=np.int64) * 7919
+        return np.stack([index.reconstruct(int(i)) for i in ids])
+
+    dense = build_run_index(IndexConfig(run=tmp_path / "run", precondition="trak"))
+    assert dense.preconditioner["forms"] == ["dense"]
+    v_dense = vectors()
+    monkeypatch.setattr(P, "DENSE_MAX_DIM", 16)
+    fact = build_run_index(IndexConfig(run=tmp_path / "run", precondition="trak"))
+    assert fact.preconditioner["forms"] == ["factored"] and fact.preconditioner["ranks"] == [40]
+    assert load_index_dir(run.index_dir).pre.forms == ["factored"]
+    v_fact = vectors()
+    # two float32 roundings of ψ, plus the float64 gap of the two forms (≤ 8·max(n, d)·eps·κ·‖φ‖/λ)
+    pre = load_index_dir(run.index_dir).pre
+    lam = pre.lambdas[0]
+    kappa = (float(pre.factors[0].s.max()) + lam) / lam
+    phi_norm = float(np.linalg.norm(pre.raw_from_train(v_fact), axis=1).max())
+    atol = 2 * float(np.finfo(np.float32).eps) * np.abs(v_dense).max()
+    atol += 8 * 64 * float(np.finfo(np.float64).eps) * kappa * phi_norm / lam
+    np.testing.assert_allclose(v_fact, v_dense, rtol=0, atol=atol)
