@@ -34,7 +34,7 @@ from carv_attrib.search.index import (
     train_index,
     train_sample_rows,
 )
-from carv_attrib.search.precondition import Preconditioner, fit_preconditioner
+from carv_attrib.search.precondition import Preconditioner, fit_preconditioner, trak_bytes
 from carv_attrib.search.rerank import VectorStore
 from carv_attrib.space import check_space, space_for
 from carv_attrib.store.digests import digest_tree
@@ -96,13 +96,16 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
     try:
         index = new_index(dim, cfg.index_factory, use_gpu)  # a bad factory is refused before any pass
         check_trainable(index, int(ids.size), cfg.index_factory)
-        check_fits(int(ids.size), dim, cfg.index_factory)
+        check_fits(
+            int(ids.size), dim, cfg.index_factory, **_preconditioner_memory(cfg, int(ids.size), dim, blocks)
+        )
         pre = fit_preconditioner(
             cfg.precondition,
             (f for _, f in iter_feature_blocks(run, sel)) if cfg.precondition == "trak" else None,
             dim=dim,
             blocks=blocks,
             lambda_rel=cfg.lambda_rel,
+            num_rows=int(ids.size),  # trak: its form chosen up front, the rows in one buffer
         )
         if not index.is_trained:
             train_index(index, _train_sample(run, sel, ids.size, dim, pre), cfg.index_factory)
@@ -138,13 +141,27 @@ def _index_disk_bytes(
 ) -> int:
     """About the bytes RUN/index takes on disk: the FAISS file (`index_bytes`, the memory guide, is
     also its serialised size), the re-rank vectors (n x dim in their dtype, ids and norms) and the
-    preconditioner's arrays (trak: a float64 block matrix per checkpoint)."""
+    preconditioner's arrays (trak: per checkpoint a dense float64 d_b² inverse or its n·d_b factor,
+    `TrakPreconditioner.nbytes`)."""
     need = index_bytes(n, dim, factory)
     if vector_dtype is not None:
         need += n * (dim * np.dtype(vector_dtype).itemsize + 12)
-    if pre.kind == "trak":
-        need += sum(8 * b * b for b in pre.blocks)
-    return need
+    return need + int(getattr(pre, "nbytes", 0))
+
+
+def _preconditioner_memory(cfg: IndexConfig, n: int, dim: int, blocks: list[int] | None) -> dict[str, Any]:
+    """`check_fits`'s extra for the trak preconditioner of n clips: fitting it (`trak_bytes`'s
+    fit_peak) comes before the index fills, its stored arrays and a shard being prepared
+    (prepare_peak) stay beside the index while it fills, so the extra is
+    max(fit_peak − the index, prepare_peak). Blocks unknown (before featurize): one block."""
+    if cfg.precondition != "trak":
+        return {}
+    t = trak_bytes(n, blocks or [dim])
+    extra = max(t["fit_peak"] - index_bytes(n, dim, cfg.index_factory), t["prepare_peak"])
+    return {
+        "extra": extra,
+        "extra_what": f" and the trak preconditioner ({'/'.join(sorted(set(t['forms'])))})",
+    }
 
 
 def _live_snapshot(run: RunDir, live: LiveLatents) -> tuple[dict[int, list[int]], np.ndarray]:
@@ -191,13 +208,14 @@ def _add_all(
         raise UsageError(str(exc)) from exc
 
 
-def precheck_index(cfg: IndexConfig, dim: int, n: int) -> None:
+def precheck_index(cfg: IndexConfig, dim: int, n: int, blocks: list[int] | None = None) -> None:
     """What `build_run_index` would refuse about the index itself, checked before `featurize`
     computes anything: a factory FAISS cannot build for dim, that n vectors cannot train, or an index
-    that would not fit in the memory available. UsageError (exit 2)."""
+    (with a trak preconditioner over `blocks`, one block of dim when not given) that would not fit in
+    the memory available. UsageError (exit 2)."""
     try:
         check_trainable(new_index(dim, cfg.index_factory, use_gpu=False), n, cfg.index_factory)
-        check_fits(n, dim, cfg.index_factory)
+        check_fits(n, dim, cfg.index_factory, **_preconditioner_memory(cfg, n, dim, blocks))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -69,13 +69,17 @@ def index_bytes(n: int, d: int, factory: str | None) -> int:
     return int(n * (per + 16) + fixed)
 
 
-def check_fits(n: int, d: int, factory: str | None, available: int | None = None) -> None:
-    """Refuse (ValueError) an index that would not fit in the memory available now, before any work."""
-    need = index_bytes(n, d, factory)
+def check_fits(
+    n: int, d: int, factory: str | None, available: int | None = None, extra: int = 0, extra_what: str = ""
+) -> None:
+    """Refuse (ValueError) an index that would not fit in the memory available now, before any work.
+    `extra`: bytes needed beside it (the trak preconditioner, `search.precondition.trak_bytes`),
+    named by `extra_what` in the message."""
+    need = index_bytes(n, d, factory) + int(extra)
     available = available_memory() if available is None else available
     if available is not None and need > available:
         raise ValueError(
-            f"an index of {n} vectors of dimension {d} with {factory or 'Flat'} needs about "
+            f"an index of {n} vectors of dimension {d} with {factory or 'Flat'}{extra_what} needs about "
             f"{need / 2**30:.1f} GiB but {available / 2**30:.1f} GiB are available; use a compressed "
             "factory (e.g. IVF4096,SQ8: d bytes per vector) or a smaller feature (--kron-dims)"
         )

@@ -10,7 +10,10 @@ Score of query q against train clip i (FAISS inner product):
               λ = lambda_rel · tr(ΦᵀΦ)/min(n, d): lambda_rel times the mean *non-zero*
               eigenvalue (ΦᵀΦ has rank ≤ min(n, d); with n < d, tr/d would make λ a tiny
               fraction of every eigenvalue actually present), so one value fits any feature scale
-              and any n; both lambda_rel and the absolute λ are stored.
+              and any n; both lambda_rel and the absolute λ are stored. A block of d_b dims over
+              n < d_b clips (d_b > DENSE_MAX_DIM) keeps its inverse factored, from the n×n kernel
+              ΦΦᵀ (Woodbury, `_FactoredInverse`: 8·n·d_b bytes, not 8·d_b², 44 GiB at the real
+              Wan2.1-1.3B D = 76,800); the others dense (`trak_form`, recorded as `forms`).
 * `cosine`:   unit-normalise both sides (ReTrac / D-TRAK style, against the timestep norm bias).
 * `normalize`: ψ_i = φ_i / ‖φ_i‖^α (α = 0.5), queries unit-normalised: score = cos(φ_q, φ_i)·‖φ_i‖^(1−α),
               the geometric middle between grad-dot (α = 0) and cosine (α = 1). It keeps part of a
@@ -24,8 +27,8 @@ Several checkpoints: the feature is the concatenation of one block per checkpoin
 block, one λ per block), `cosine` normalises each block separately, and every score is the sum
 over checkpoints of the per-checkpoint scores (TRAK ensemble / TracIn sum).
 
-Features are numpy arrays or torch tensors (n, d); outputs are float32 numpy. The Gram and its
-inverse are float64. Rows with NaN/Inf are refused: filter failed clips first.
+Features are numpy arrays or torch tensors (n, d); outputs are float32 numpy. The Gram (or
+kernel) and the inverse (or its factor) are float64. Rows with NaN/Inf are refused: filter failed clips first.
 
 Usage::
 
@@ -247,55 +250,216 @@ class NormalizePreconditioner(CosinePreconditioner):
         return {**super().to_dict(), "alpha": self.alpha}
 
 
+TRAK_FORMS = ("dense", "factored")
+DENSE_MAX_DIM = 2048  # blocks up to this size stay dense (≤ 32 MiB) whatever n is
+FACTOR_CHUNK_BYTES = 64 << 20  # float64 column chunk of the in-place Uᵀ Φ product
+_EPS = float(np.finfo(np.float64).eps)
+
+
+def trak_form(n: int, d_b: int, form: str = "auto") -> str:
+    """The form a TRAK block of d_b dims over n clips is kept in: "factored" when n < d_b and
+    d_b > DENSE_MAX_DIM (the n×n Woodbury form, 8·n·d_b bytes instead of 8·d_b²), else "dense";
+    `form` "dense"/"factored" forces one."""
+    if form not in ("auto", *TRAK_FORMS):
+        raise ValueError(f"trak form {form!r}: expected auto, dense or factored")
+    if form != "auto":
+        return form
+    return "factored" if n < d_b and d_b > DENSE_MAX_DIM else "dense"
+
+
+def trak_bytes(n: int, blocks: Sequence[int], form: str = "auto", shard: int = 64) -> dict[str, Any]:
+    """Memory of fitting a TRAK preconditioner on n clips, of preparing them, and bytes it stores, per
+    `trak_form`: dense block: Gram + its shifted copy + Cholesky factor at the peak (3·8·d²), 8·d²
+    stored; factored block: the float64 features (8·n·d, turned into the factor in place) + kernel,
+    eigenvectors and LAPACK's eigh workspace (≈ 3·8·n²) + one column chunk, 8·n·d + 8·n stored
+    (rank r ≤ n: less for duplicate clips). Blocks are fitted one after another, the stored arrays of
+    the finished ones kept: fit_peak = Σ stored before + the largest single-block peak, + a `shard`
+    of rows in flight (its float64 copy and slice, 2·8·shard·D). prepare_peak: the stored arrays +
+    a shard through `prepare_train` (float64 copy, two float64 temporaries, float32 out ≈ 3.5·8·shard·D).
+    peak = max(fit_peak, prepare_peak)."""
+    forms = [trak_form(n, int(d), form) for d in blocks]
+    stored, peak, done = [], 0, 0
+    for d, f in zip(blocks, forms, strict=True):
+        d = int(d)
+        if f == "dense":
+            fit, keep = 3 * 8 * d * d, 8 * d * d
+        else:
+            fit = 8 * n * d + 3 * 8 * n * n + min(FACTOR_CHUNK_BYTES, 8 * n * d)
+            keep = 8 * n * d + 8 * n
+        peak = max(peak, done + fit)
+        done += keep
+        stored.append(keep)
+    rows = min(int(shard), int(n)) * sum(int(d) for d in blocks)
+    fit_peak = peak + 2 * 8 * rows
+    prepare_peak = sum(stored) + 28 * rows
+    return {
+        "forms": forms,
+        "fit_peak": int(fit_peak),
+        "prepare_peak": int(prepare_peak),
+        "peak": int(max(fit_peak, prepare_peak)),
+        "stored": int(sum(stored)),
+    }
+
+
+class _DenseInverse:
+    """(ΦᵀΦ + λI)⁻¹ of one block as a dense (d, d) float64 matrix."""
+
+    form = "dense"
+
+    def __init__(self, inv: np.ndarray) -> None:
+        self.inv = np.asarray(inv, dtype=np.float64)
+        self.dim = int(self.inv.shape[0])
+        self.rank = self.dim
+        self._gram: np.ndarray | None = None
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.inv  # (n, d); inv is symmetric
+
+    def apply_gram(self, x: np.ndarray) -> np.ndarray:
+        """x (ΦᵀΦ + λI): the stored inverse inverted back once (d³ flops) and kept."""
+        if self._gram is None:
+            self._gram = np.linalg.inv(self.inv)
+        return x @ self._gram
+
+    def dense(self) -> np.ndarray:
+        return self.inv
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.inv.nbytes)
+
+    def save(self, d: Path, b: int) -> None:
+        _atomic_write(d / f"trak_inverse_{b}.npy", lambda p: _save_npy(p, self.inv))
+
+
+class _FactoredInverse:
+    """(ΦᵀΦ + λI)⁻¹ of one block kept as the eigendecomposition of its kernel: ΦΦᵀ = U diag(s) Uᵀ
+    (n×n), W = ΦᵀU = V diag(√s) with V the orthonormal eigenvectors of ΦᵀΦ, stored as
+    `wt` = Wᵀ (r, d) float64 with its eigenvalues `s` (r,). Then ΦᵀΦ = W Wᵀ and (Woodbury)
+
+        (ΦᵀΦ + λI)⁻¹ x = x/λ + V diag(1/(s+λ) − 1/λ) Vᵀx = x/λ − W diag(1/(λ(s+λ))) Wᵀx,
+
+    which never divides by a small s (numerically zero eigenvalues, dropped, move it by ≤ s/λ)."""
+
+    form = "factored"
+
+    def __init__(self, wt: np.ndarray, s: np.ndarray, lam: float) -> None:
+        if not lam > 0:
+            raise ValueError("the factored TRAK form needs λ > 0")
+        self.wt = wt if wt.dtype == np.float64 else np.asarray(wt, dtype=np.float64)  # (r, d)
+        self.s = np.asarray(s, dtype=np.float64)  # (r,)
+        if self.wt.ndim != 2 or self.s.shape != (self.wt.shape[0],):
+            raise ValueError(f"trak factor {self.wt.shape} and eigenvalues {self.s.shape} do not match")
+        self.lam = float(lam)
+        self.coef = 1.0 / (self.lam * (self.s + self.lam))  # (r,)
+        self.dim = int(self.wt.shape[1])
+        self.rank = int(self.wt.shape[0])
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return x / self.lam - ((x @ self.wt.T) * self.coef) @ self.wt  # (n, d); O(n·d·r)
+
+    def apply_gram(self, x: np.ndarray) -> np.ndarray:
+        return self.lam * x + (x @ self.wt.T) @ self.wt  # x (W Wᵀ + λI)
+
+    def dense(self) -> np.ndarray:
+        """The (d, d) inverse (8·d² bytes: for small blocks and tests)."""
+        out = -(self.wt.T * self.coef) @ self.wt
+        out[np.diag_indices(self.dim)] += 1.0 / self.lam
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.wt.nbytes + self.s.nbytes)
+
+    def save(self, d: Path, b: int) -> None:
+        _atomic_write(d / f"trak_factor_{b}.npy", lambda p: _save_npy(p, self.wt))
+        _atomic_write(d / f"trak_eigvals_{b}.npy", lambda p: _save_npy(p, self.s))
+
+    @classmethod
+    def fit(cls, rows: np.ndarray, lam: float) -> _FactoredInverse:
+        """From the block's float64 features `rows` (n, d), overwritten by the factor (no second
+        n×d copy): kernel K = ΦΦᵀ, eigh, then Wᵀ = UᵀΦ one column chunk at a time."""
+        n, d = rows.shape
+        s, u = np.linalg.eigh(rows @ rows.T)  # ascending; (n,), (n, n)
+        s, u = np.clip(s[::-1], 0.0, None), u[:, ::-1]
+        keep = s > (s[0] * n * _EPS if s.size else 0.0)  # numerical zeros: ≤ n·eps·s_max
+        s, u = s[keep], np.ascontiguousarray(u[:, keep])
+        r = int(s.size)
+        step = max(1, FACTOR_CHUNK_BYTES // (8 * n))
+        for c in range(0, d, step):
+            block = u.T @ rows[:, c : c + step]  # (r, step): reads every row of the chunk first
+            rows[:r, c : c + step] = block
+        wt = rows[:r] if r == n else rows[:r].copy()  # rank-deficient: the spare rows freed
+        return cls(wt, s, lam)
+
+
+def _block_inverse(arr: np.ndarray | _DenseInverse | _FactoredInverse) -> _DenseInverse | _FactoredInverse:
+    return arr if isinstance(arr, (_DenseInverse, _FactoredInverse)) else _DenseInverse(arr)
+
+
 class TrakPreconditioner(Preconditioner):
-    """ψ_i = (ΦᵀΦ + λI)⁻¹ φ_i per checkpoint block; queries raw. Build with `GramAccumulator`."""
+    """ψ_i = (ΦᵀΦ + λI)⁻¹ φ_i per checkpoint block; queries raw. Build with `GramAccumulator`.
+
+    Each block's inverse is kept dense (d_b, d_b) or factored (the n×n Woodbury form, `trak_form`);
+    `forms` says which. Every method is the same linear map in either form."""
 
     kind = "trak"
 
     def __init__(
         self,
-        inverses: Sequence[np.ndarray],
+        inverses: Sequence[np.ndarray | _DenseInverse | _FactoredInverse],
         lambda_rel: float,
         lambdas: Sequence[float],
         num_train: int,
     ) -> None:
-        blocks = [int(inv.shape[0]) for inv in inverses]
+        self.factors = [_block_inverse(inv) for inv in inverses]
+        blocks = [f.dim for f in self.factors]
         super().__init__(sum(blocks), blocks)
-        self.inverses = [np.asarray(inv, dtype=np.float64) for inv in inverses]  # (d_b, d_b) each
         self.lambda_rel = float(lambda_rel)
         self.lambdas = [float(x) for x in lambdas]
         self.num_train = int(num_train)
 
+    @property
+    def forms(self) -> list[str]:
+        return [f.form for f in self.factors]
+
+    @property
+    def inverses(self) -> list[np.ndarray]:
+        """The dense (d_b, d_b) inverse per block (a factored one materialised: 8·d_b² bytes)."""
+        return [f.dense() for f in self.factors]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays kept (and saved)."""
+        return sum(f.nbytes for f in self.factors)
+
+    def _map(self, arr: np.ndarray, how: str) -> np.ndarray:
+        for sl, f in zip(_block_slices(self.blocks), self.factors, strict=True):
+            arr[:, sl] = getattr(f, how)(arr[:, sl])
+        return arr
+
     def prepare_train(self, feats: Any) -> np.ndarray:
         arr = _as_features(feats, self.dim, "train features").astype(np.float64)
         out = np.empty(arr.shape, dtype=np.float32)
-        for sl, inv in zip(_block_slices(self.blocks), self.inverses, strict=True):
-            out[:, sl] = arr[:, sl] @ inv  # (n, d_b); inv is symmetric
+        for sl, f in zip(_block_slices(self.blocks), self.factors, strict=True):
+            out[:, sl] = f.apply(arr[:, sl])  # (n, d_b)
         return out
 
     def prepare_train_parts(self, parts: Any, total: Any) -> np.ndarray:
         arr = _as_features(parts, self.dim, "feature parts").astype(np.float64)
-        for sl, inv in zip(_block_slices(self.blocks), self.inverses, strict=True):
-            arr[:, sl] = arr[:, sl] @ inv  # (P, d_b): linear, so the parts still add up
-        return arr
+        return self._map(arr, "apply")  # (P, d): linear, so the parts still add up
 
     def raw_from_train(self, psi: Any) -> np.ndarray:
-        """φ = (ΦᵀΦ + λI) ψ per block: each stored inverse inverted back once (d_b³ flops) and kept."""
+        """φ = (ΦᵀΦ + λI) ψ per block (dense: the stored inverse inverted back once and kept;
+        factored: λψ + W Wᵀψ)."""
         arr = _as_features(psi, self.dim, "train vectors").astype(np.float64)
-        if getattr(self, "_grams", None) is None:  # ΦᵀΦ + λI per block, inverted back once and kept
-            self._grams = [np.linalg.inv(inv) for inv in self.inverses]
-        for sl, gram in zip(_block_slices(self.blocks), self._grams, strict=True):
-            arr[:, sl] = arr[:, sl] @ gram  # (n, d_b); symmetric
-        return arr
+        return self._map(arr, "apply_gram")
 
     def linearize(self, deltas: Any, total: Any, side: str) -> np.ndarray:
         """Linear: train changes times each block's inverse, query changes raw."""
         _check_side(side)
         arr = _as_features(deltas, self.dim, "feature changes").astype(np.float64)
-        if side == "train":
-            for sl, inv in zip(_block_slices(self.blocks), self.inverses, strict=True):
-                arr[:, sl] = arr[:, sl] @ inv  # (P, d_b)
-        return arr
+        return self._map(arr, "apply") if side == "train" else arr
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -303,13 +467,15 @@ class TrakPreconditioner(Preconditioner):
             "lambda_rel": self.lambda_rel,
             "lambdas": self.lambdas,
             "num_train": self.num_train,
+            "forms": self.forms,
+            "ranks": [f.rank for f in self.factors],
         }
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        for b, inv in enumerate(self.inverses):
-            _atomic_write(d / f"trak_inverse_{b}.npy", lambda p, inv=inv: _save_npy(p, inv))
+        for b, f in enumerate(self.factors):
+            f.save(d, b)
         super().save(d)  # the JSON last: its presence means the arrays are complete
 
 
@@ -318,59 +484,152 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr)
 
 
-class GramAccumulator:
-    """Streams feature blocks into the per-checkpoint Grams ΦᵀΦ (float64), then inverts them."""
+class _RowStore:
+    """A block's float64 train rows, in one preallocated (capacity, d) buffer when the row count is
+    known (no copy at the end), else in chunks joined once."""
 
-    def __init__(self, dim: int, blocks: Sequence[int] | None = None) -> None:
+    def __init__(self, d: int, capacity: int | None) -> None:
+        self.buf = np.empty((capacity or 0, d), dtype=np.float64)
+        self.n = 0
+        self.extra: list[np.ndarray] = []
+
+    def add(self, x: np.ndarray) -> None:
+        k = min(len(x), len(self.buf) - self.n)
+        self.buf[self.n : self.n + k] = x[:k]
+        self.n += k
+        if k < len(x):
+            self.extra.append(np.array(x[k:], dtype=np.float64))
+
+    def rows(self) -> np.ndarray:
+        if self.extra:
+            self.buf = np.concatenate([self.buf[: self.n], *self.extra])
+            self.n, self.extra = len(self.buf), []
+        return self.buf[: self.n]
+
+
+class GramAccumulator:
+    """Streams feature blocks into what each checkpoint block's TRAK inverse needs, then inverts.
+
+    A dense block accumulates its Gram ΦᵀΦ (float64, d_b²); a block that may end factored
+    (`trak_form`) keeps its rows instead (float64, n·d_b) and, in "auto", turns them into the Gram
+    once it holds d_b of them (then dense wins): it never holds more than min(n, d_b)·d_b floats.
+    `capacity`: the row count when known (the index build knows it), so the form is chosen up front
+    and the rows land in one buffer that the factor later overwrites."""
+
+    def __init__(
+        self, dim: int, blocks: Sequence[int] | None = None, capacity: int | None = None, form: str = "auto"
+    ) -> None:
         self.dim = int(dim)
         self.blocks = _check_blocks(self.dim, blocks)
-        self.grams = [np.zeros((b, b), dtype=np.float64) for b in self.blocks]
+        trak_form(1, 1, form)  # validates `form`
+        self.form = form
+        self._grams: list[np.ndarray | None] = []
+        self._rows: list[_RowStore | None] = []
+        for d_b in self.blocks:
+            rows = form == "factored" or (
+                form == "auto" and d_b > DENSE_MAX_DIM and (capacity is None or capacity < d_b)
+            )
+            self._rows.append(_RowStore(d_b, capacity) if rows else None)
+            self._grams.append(None if rows else np.zeros((d_b, d_b), dtype=np.float64))
         self.n = 0
 
+    @property
+    def grams(self) -> list[np.ndarray]:
+        """ΦᵀΦ per block (computed from the rows where rows are kept: 8·d_b² bytes)."""
+        return [
+            g if g is not None else r.rows().T @ r.rows()
+            for g, r in zip(self._grams, self._rows, strict=True)
+        ]
+
     def update(self, feats: Any) -> None:
-        """Add a block of train features (n_b, d): Gram_b += Φ_bᵀ Φ_b for every checkpoint block."""
+        """Add a block of train features (n_b, d): Gram_b += Φ_bᵀ Φ_b, or the rows kept."""
         arr = _as_features(feats, self.dim, "train features").astype(np.float64)
-        for sl, gram in zip(_block_slices(self.blocks), self.grams, strict=True):
-            gram += arr[:, sl].T @ arr[:, sl]
         self.n += arr.shape[0]
+        for b, sl in enumerate(_block_slices(self.blocks)):
+            if (gram := self._grams[b]) is not None:
+                gram += arr[:, sl].T @ arr[:, sl]
+                continue
+            store = self._rows[b]
+            if store is None:
+                raise ValueError("rows added after finalize: this accumulator's rows became the factor")
+            store.add(arr[:, sl])
+            if self.form == "auto" and self.n >= self.blocks[b]:  # dense from now on
+                rows = store.rows()
+                self._grams[b], self._rows[b] = rows.T @ rows, None
 
     def finalize(self, lambda_rel: float = DEFAULT_LAMBDA_REL) -> TrakPreconditioner:
         """(Gram_b + λ_b I)⁻¹ per block, λ_b = lambda_rel · tr(Gram_b)/min(n, d_b) (the mean non-zero
-        eigenvalue), via Cholesky."""
+        eigenvalue): dense via Cholesky, factored via the eigendecomposition of the n×n kernel
+        (`_FactoredInverse`; it consumes the rows kept, so finalize a factored accumulator once)."""
 
         if self.n == 0:
             raise ValueError("no train features were added to the Gram accumulator")
         if lambda_rel < 0:
             raise ValueError(f"lambda_rel must be >= 0, got {lambda_rel}")
-        inverses, lambdas = [], []
-        for b, gram in enumerate(self.grams):
-            d_b = gram.shape[0]
+        factors: list[_DenseInverse | _FactoredInverse] = []
+        lambdas = []
+        for b, (gram, store) in enumerate(zip(self._grams, self._rows, strict=True)):
+            d_b = self.blocks[b]
+            if gram is None:
+                if store is None:
+                    raise ValueError(
+                        "this accumulator's factored blocks were already finalized (their rows became the factor)"
+                    )
+                rows = store.rows()
+                lam = float(lambda_rel) * float(np.einsum("ij,ij->", rows, rows)) / min(self.n, d_b)
+                if not lam > 0:
+                    raise ValueError(
+                        f"Gram of checkpoint block {b} (d={d_b}, n={self.n}) is singular with "
+                        f"lambda_rel={lambda_rel}; use lambda_rel > 0"
+                    )
+                self._rows[b] = None  # its buffer becomes the factor
+                factors.append(_FactoredInverse.fit(rows, lam))
+                lambdas.append(lam)
+                continue
             lam = float(lambda_rel) * float(np.trace(gram)) / min(self.n, d_b)
-            a = torch.from_numpy(gram + lam * np.eye(d_b))
+            a = torch.from_numpy(gram.copy())
+            a.diagonal().add_(lam)
             chol, info = torch.linalg.cholesky_ex(a)
+            del a
             if int(info) != 0:
                 raise ValueError(
                     f"Gram of checkpoint block {b} (d={d_b}, n={self.n}) is singular with "
                     f"lambda_rel={lambda_rel}; use lambda_rel > 0, or fewer feature dims than clips"
                 )
-            inverses.append(torch.cholesky_inverse(chol).numpy())
+            factors.append(_DenseInverse(torch.cholesky_inverse(chol).numpy()))
             lambdas.append(lam)
-        return TrakPreconditioner(inverses, lambda_rel, lambdas, self.n)
+        return TrakPreconditioner(factors, lambda_rel, lambdas, self.n)
 
 
-def _fit_trak(feats: Any, dim: int, blocks: Sequence[int] | None, lambda_rel: float) -> Preconditioner:
+def _fit_trak(
+    feats: Any,
+    dim: int,
+    blocks: Sequence[int] | None,
+    lambda_rel: float,
+    num_rows: int | None = None,
+    form: str = "auto",
+) -> Preconditioner:
     if feats is None:
         raise ValueError("the trak preconditioner needs the train features")
-    acc = GramAccumulator(dim, blocks)
     is_one_array = hasattr(feats, "shape") and len(feats.shape) == 2
+    acc = GramAccumulator(dim, blocks, capacity=int(feats.shape[0]) if is_one_array else num_rows, form=form)
     for block in [feats] if is_one_array else feats:
         acc.update(block)
     return acc.finalize(lambda_rel)
 
 
 def _load_trak(meta: dict[str, Any], d: Path) -> Preconditioner:
-    inverses = [np.load(d / f"trak_inverse_{b}.npy") for b in range(len(meta["blocks"]))]
-    pre = TrakPreconditioner(inverses, meta["lambda_rel"], meta["lambdas"], meta["num_train"])
+    forms = meta.get("forms") or ["dense"] * len(meta["blocks"])  # indexes before the factored form
+    factors: list[_DenseInverse | _FactoredInverse] = []
+    for b, form in enumerate(forms):
+        if form == "dense":
+            factors.append(_DenseInverse(np.load(d / f"trak_inverse_{b}.npy")))
+        elif form == "factored":
+            wt = np.load(d / f"trak_factor_{b}.npy", mmap_mode="r")  # read pages as they are used
+            factors.append(_FactoredInverse(wt, np.load(d / f"trak_eigvals_{b}.npy"), meta["lambdas"][b]))
+        else:
+            raise ValueError(f"{d}: unknown trak form {form!r} of block {b}; expected one of {TRAK_FORMS}")
+    pre = TrakPreconditioner(factors, meta["lambda_rel"], meta["lambdas"], meta["num_train"])
     if pre.blocks != meta["blocks"]:
         raise ValueError(f"{d}: inverse shapes {pre.blocks} do not match the blocks {meta['blocks']}")
     return pre
@@ -412,14 +671,19 @@ def fit_preconditioner(
     dim: int,
     blocks: Sequence[int] | None = None,
     lambda_rel: float = DEFAULT_LAMBDA_REL,
+    num_rows: int | None = None,
+    form: str = "auto",
 ) -> Preconditioner:
     """The preconditioner `kind` for train features `feats`: one (n, d) array or an iterable of them.
 
-    `identity`, `cosine` and `normalize` need no data; `trak` streams `feats` into a `GramAccumulator`.
+    `identity`, `cosine` and `normalize` need no data; `trak` streams `feats` into a `GramAccumulator`
+    (`num_rows`: the row count of an iterable when known; `form`: auto, dense or factored, `trak_form`).
     ValueError for a kind outside `PRECONDITIONER_KINDS`.
     """
     if kind not in PRECONDITIONER_KINDS:
         raise ValueError(f"unknown preconditioner {kind!r}; expected one of {', '.join(PRECONDITIONERS)}")
+    if kind == "trak":
+        return _fit_trak(feats, dim, blocks, lambda_rel, num_rows=num_rows, form=form)
     return PRECONDITIONER_KINDS[kind].fit(feats, dim, blocks, lambda_rel)
 
 

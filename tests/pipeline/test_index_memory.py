@@ -125,3 +125,88 @@ def test_index_size_estimates_match_faiss(tmp_path: Path) -> None:
         ai.add_vectors(index, np.arange(len(x)), x)
         real = len(faiss.serialize_index(index))
         assert abs(ai.index_bytes(len(x), 64, factory) - real) <= 0.1 * real, (factory, real)
+
+
+TRAK_BUILD = """
+import json, resource, sys
+from carv_attrib.pipeline.index import IndexConfig, build_run_index
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+info = build_run_index(IndexConfig(run=sys.argv[1], precondition="trak"))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"before": before, "after": after, "count": info.count, "pre": info.preconditioner}))
+"""
+
+
+def test_trak_above_the_clip_count_is_factored_and_never_holds_a_dense_inverse(tmp_path: Path) -> None:
+    """256 clips x 20,480 dims: the dense inverse alone is 3.2 GiB (three such at its fit); the
+    factored form holds the float64 features (40 MiB, turned into the factor in place) and 256x256
+    matrices. The Flat index (20 MiB) and a shard in flight come on top."""
+    n, d = 256, 20_480
+    feature_bytes = make_run(tmp_path / "run", n, d)
+    out = subprocess.run(
+        [sys.executable, "-c", TRAK_BUILD, str(tmp_path / "run")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["count"] == n and m["pre"]["forms"] == ["factored"] and m["pre"]["ranks"] == [n]
+    grown = m["after"] - m["before"]
+    assert grown < 8 * feature_bytes, f"peak memory grew {grown / 2**20:.0f} MiB"  # dense: > 6 GiB
+    files = sorted(p.name for p in (tmp_path / "run" / "index" / "preconditioner").iterdir())
+    assert files == ["precondition.json", "trak_eigvals_0.npy", "trak_factor_0.npy"]
+
+
+def test_the_trak_preconditioner_counts_in_the_memory_preflight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import carv_attrib.search.index as ai
+    from carv_attrib.pipeline.index import precheck_index
+    from carv_attrib.search.precondition import trak_bytes
+
+    make_run(tmp_path / "run", 300, 256)  # dense: 300 clips >= 256 dims
+    flat = ai.index_bytes(300, 256, None)
+    trak = trak_bytes(300, [256])
+    assert trak["forms"] == ["dense"] and trak["fit_peak"] > flat
+    monkeypatch.setattr(ai, "available_memory", lambda: flat + trak["stored"] // 2)  # the index alone fits
+    with pytest.raises(UsageError, match=r"with Flat and the trak preconditioner \(dense\) needs about"):
+        build_run_index(IndexConfig(run=tmp_path / "run", precondition="trak"))
+    with pytest.raises(UsageError, match="trak preconditioner"):
+        precheck_index(IndexConfig(run=tmp_path / "run", precondition="trak"), 256, 300)
+    assert build_run_index(IndexConfig(run=tmp_path / "run")).count == 300  # identity: fits
+    monkeypatch.setattr(ai, "available_memory", lambda: trak["fit_peak"] + flat)
+    info = build_run_index(IndexConfig(run=tmp_path / "run", precondition="trak"))
+    assert info.preconditioner["forms"] == ["dense"]
+
+
+def test_a_factored_trak_index_holds_the_dense_ones_vectors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same run indexed with the factored form (blocks above a lowered DENSE_MAX_DIM) and the dense
+    one: the indexed vectors agree to float32 rounding, index_info records the form, and the index
+    directory loads back (score's `load_index_dir`) with the factored preconditioner."""
+    import carv_attrib.search.precondition as P
+    from carv_attrib.pipeline.score import load_index_dir
+
+    make_run(tmp_path / "run", 40, 64)
+    run = RunDir(tmp_path / "run")
+
+    def vectors() -> np.ndarray:
+        index = load_index_dir(run.index_dir).index
+        ids = np.arange(1, 41, dtype=np.int64) * 7919
+        return np.stack([index.reconstruct(int(i)) for i in ids])
+
+    dense = build_run_index(IndexConfig(run=tmp_path / "run", precondition="trak"))
+    assert dense.preconditioner["forms"] == ["dense"]
+    v_dense = vectors()
+    monkeypatch.setattr(P, "DENSE_MAX_DIM", 16)
+    fact = build_run_index(IndexConfig(run=tmp_path / "run", precondition="trak"))
+    assert fact.preconditioner["forms"] == ["factored"] and fact.preconditioner["ranks"] == [40]
+    assert load_index_dir(run.index_dir).pre.forms == ["factored"]
+    v_fact = vectors()
+    # two float32 roundings of ψ, plus the float64 gap of the two forms (≤ 8·max(n, d)·eps·κ·‖φ‖/λ)
+    pre = load_index_dir(run.index_dir).pre
+    lam = pre.lambdas[0]
+    kappa = (float(pre.factors[0].s.max()) + lam) / lam
+    phi_norm = float(np.linalg.norm(pre.raw_from_train(v_fact), axis=1).max())
+    atol = 2 * float(np.finfo(np.float32).eps) * np.abs(v_dense).max()
+    atol += 8 * 64 * float(np.finfo(np.float64).eps) * kappa * phi_norm / lam
+    np.testing.assert_allclose(v_fact, v_dense, rtol=0, atol=atol)
