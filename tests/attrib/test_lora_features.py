@@ -25,6 +25,7 @@ from carv_attrib.attrib.gradients import ClipDraws, kron_features
 from carv_attrib.attrib.projection import (
     LORA_EXACT_MAX_DIM,
     LORA_PATTERNS,
+    DenseProjector,
     KronProjector,
     kron_matrix,
     lora_projection,
@@ -144,6 +145,25 @@ def test_projected_lora_feature_keeps_the_rank_side_exact(adapted: nn.Module) ->
     again = KronProjector.from_spec(adapted, spec)
     assert again.spec() == spec
     torch.testing.assert_close(kron_features(adapted, again, batch)[0], feats, rtol=0, atol=0)
+
+
+def test_dense_lora_projector_projects_the_same_gradient(adapted: nn.Module) -> None:
+    """--projector dense --lora: the reference path (parameter gradients of A and B only, times one JL
+    matrix) gives the exact LoRA gradient times that matrix, and leaves requires_grad as it was."""
+    proj = build_projector("dense", adapted, lora=True, proj_dim=64)
+    assert isinstance(proj, DenseProjector) and proj.dim == 64
+    assert proj.spec()["layers"] == [
+        {"name": n, "out": m.out_features, "in_aug": m.in_features} for n, m in lora_layers(adapted)
+    ]
+    before = [p.requires_grad for p in adapted.parameters()]
+    batch = _clips(2, K, seed=7)
+    feats, _ = proj.batch_features(adapted, batch)
+    assert [p.requires_grad for p in adapted.parameters()] == before
+    ref = (_autograd_lora_grads(adapted, batch).double() @ proj.matrix().double()).float()
+    # one contraction over the p gradient entries differs: tolerance C·eps·sqrt(p)
+    p = proj.grad_dim
+    err = float((feats.double() - ref.double()).norm() / ref.double().norm())
+    assert err <= C * EPS32 * math.sqrt(max(p, _n(lora_layers(adapted), K))), err
 
 
 def test_lora_projection_rules(adapted: nn.Module) -> None:

@@ -174,3 +174,27 @@ def test_a_run_without_lora_records_none(featurized_run: Path) -> None:
     assert "lora" not in config and "lora" not in config["projector"]
     assert not any("exact_in" in e or "exact_out" in e for e in config["projector"]["layers"])
     assert RunDir(featurized_run).index_info().lora is None
+
+
+def test_featurize_lora_through_the_cli(
+    lora_run: tuple[Path, Path], encoded_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`featurize RUN -m MODEL --lora DIR`: the option the typed config defines, the same features as
+    the library call (same adapter, same draws), and `status` names the adapter."""
+    ref_run, adapter = lora_run
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    runner = CliRunner()
+    r = runner.invoke(
+        app, ["featurize", str(run), "-m", str(tiny_model_dir), "--lora", str(adapter), "-K", str(K),
+              "--device", "cpu", "--precondition", "cosine", "--format", "json"]
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["dim"] == _lora_param_count(tiny_model_dir)
+    ids, feats = feature_matrix(run)
+    ref_ids, ref = feature_matrix(ref_run)
+    assert ids.tolist() == ref_ids.tolist()
+    torch.testing.assert_close(torch.from_numpy(feats), torch.from_numpy(ref), rtol=1e-5, atol=1e-7)
+    r = runner.invoke(app, ["status", str(run), "--format", "human"])
+    assert r.exit_code == 0, r.output
+    assert f"LoRA rank {RANK}" in " ".join(r.stdout.split()), r.output
