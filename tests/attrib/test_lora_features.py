@@ -192,3 +192,27 @@ def test_without_lora_the_projector_is_unchanged(adapted: nn.Module) -> None:
     assert spec == legacy.spec()
     with pytest.raises(UsageError, match="no LoRA adapter"):
         build_projector("kron", base, lora=True)
+
+
+def test_exact_sides_on_layers_with_bias_give_flat_grad() -> None:
+    """`exact` on ordinary Linears (bias included, the merged model's layers in bench/lora_lds.py):
+    the feature is flat_grad's [∇W | ∇b], row-major, and the spec round-trips."""
+    from carv_attrib.attrib.gradients import dense_features
+
+    base = tiny_wan()
+    layers = select_linear_layers(base)
+    exact = {n: (True, True) for n, _ in layers}
+    proj = KronProjector(base, layers, exact=exact, patterns=["blocks.*"])
+    assert proj.exact and proj.dim == proj.grad_dim
+    assert any(m.bias is not None for _, m in layers)
+
+    class _Identity:
+        def project(self, g: torch.Tensor) -> torch.Tensor:
+            return g.float()
+
+    batch = _clips(2, K, seed=8)
+    feats, _ = kron_features(base, proj, batch)
+    ref, _ = dense_features(base, layers, _Identity(), batch)
+    _assert_blocks(proj, feats, ref, _n(layers, K))
+    again = KronProjector.from_spec(base, proj.spec())
+    assert again.exact and again.spec() == proj.spec()
