@@ -19,6 +19,10 @@ Two projectors map that gradient to a feature vector:
   the (out × in) gradient is never formed and parameter gradients stay switched off.
 * `DenseProjector` (the reference): the flattened gradient of all selected [W|b] times one
   (p × dim) matrix generated chunk by chunk. Needs real parameter gradients (`flat_grad`).
+* Exact sides: a `KronProjector` layer whose out or in side is marked exact uses the identity there
+  (k = that side's size, no matrix is generated); with both sides exact its block is [∇W|b] itself,
+  row-major, as `flat_grad` lays it out. LoRA adapters use it (`lora_projection`): an adapter's A/B
+  gradient is kept exact when small, and each layer's rank side always is.
 
 Every projection matrix is a function of (seed, layer name, role) alone (a SHA-256 of them seeds a
 CPU `torch.Generator`), so every machine and every run builds the same matrices. Entries have
