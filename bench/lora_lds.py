@@ -330,8 +330,8 @@ def _ci(s: dict[str, Any]) -> str:
 
 def table(doc: dict[str, Any]) -> str:
     lines = [
-        "| world | D (lora = merged-kron) | merged-exact D | precond. | (a) lora | (b) merged-kron | (a) − (b), paired | (c) merged-exact | random floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| world | D: lora / merged-kron / merged-exact | precond. | (a) lora | (b) merged-kron | (a) − (b), paired | (c) merged-exact | random floor |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, v in doc["worlds"].items():
         if "study" not in v:
@@ -340,7 +340,7 @@ def table(doc: dict[str, Any]) -> str:
         for kind in PRECONDITIONERS:
             m = st["methods"]
             lines.append(
-                f"| {name} | {st['dims']['lora']} | {st['dims']['merged-exact']} | {kind} | {_ci(m[f'lora/{kind}'])} | "
+                f"| {name} | {st['dims']['lora']} / {st['dims']['merged-kron']} / {st['dims']['merged-exact']} | {kind} | {_ci(m[f'lora/{kind}'])} | "
                 f"{_ci(m[f'merged-kron/{kind}'])} | {_ci(st['paired'][f'lora-minus-merged-kron/{kind}'])} | "
                 f"{_ci(m[f'merged-exact/{kind}'])} | {st['random_floor']['mean']:+.3f} ± {st['random_floor']['sd']:.3f} |"
             )
@@ -348,7 +348,7 @@ def table(doc: dict[str, Any]) -> str:
     for kind in PRECONDITIONERS:
         if f"lora/{kind}" in p:
             lines.append(
-                f"| **pooled ({p['worlds']} worlds)** | | | {kind} | {_ci(p[f'lora/{kind}'])} | {_ci(p[f'merged-kron/{kind}'])} | "
+                f"| **pooled ({p['worlds']} worlds)** | | {kind} | {_ci(p[f'lora/{kind}'])} | {_ci(p[f'merged-kron/{kind}'])} | "
                 f"{_ci(p[f'lora-minus-merged-kron/{kind}'])} | {_ci(p[f'merged-exact/{kind}'])} | |"
             )
     return "\n".join(lines)
