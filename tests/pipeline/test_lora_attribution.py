@@ -132,6 +132,13 @@ def test_score_takes_the_adapter_from_the_index(lora_run: tuple[Path, Path], dem
     top = doc["queries"][0]["results"][0]
     assert top["vid"] == vid and top["score"] == pytest.approx(1.0, abs=1e-4)  # itself, cosine 1
     assert doc["index"]["lora"]["weights_sha256"] == RunDir(run).index_info().lora["weights_sha256"]
+    # --explain splits a score over the adapter's layers (the spec's per-layer blocks)
+    explained = run_score(
+        ScoreConfig(run=run, queries=[demo_data / "videos" / f"{vid}.mp4"], prompt=caps[vid], top_k=2,
+                    device="cpu", workers=0, explain=True)
+    )  # fmt: skip
+    ex = explained["queries"][0]["results"][0]["explain"]
+    assert all(".lora_" in layer["layer"] for layer in ex["top_layers"]), ex["top_layers"]
     # the same adapter named explicitly scores the same
     again = run_score(
         ScoreConfig(run=run, queries=[demo_data / "videos" / f"{vid}.mp4"], prompt=caps[vid], top_k=3,
