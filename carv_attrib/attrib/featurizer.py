@@ -24,6 +24,7 @@ from torch import nn
 
 from carv_attrib.attrib.gradients import ClipDraws, per_draw_features
 from carv_attrib.attrib.projection import (
+    LORA_PATTERNS,
     PROJECTOR_CLASSES,
     DenseProjector,
     KronProjector,
@@ -95,17 +96,29 @@ def build_projector(
     proj_dim: int | None = None,
     matrix: str = "gaussian",
     kron_dims: tuple[int, int] | None = None,
+    lora: bool = False,
 ) -> KronProjector | DenseProjector:
-    """A new projector over the Linear layers of `transformer` matching `layers` (globs).
+    """A new projector over the Linear layers of `transformer` matching `layers` (globs), or with
+    `lora` over its adapter's lora_A / lora_B Linears (`models.lora.lora_layers`; `layers` unused).
 
     kron: (k_out, k_in) = `kron_dims` per layer (default DEFAULT_K_OUT×DEFAULT_K_IN = 16×16), or a total `proj_dim` split over
-    layers (`shapes_for_total_dim`); dense: one (p, proj_dim) JL matrix (default 1280).
+    layers (`shapes_for_total_dim`); with `lora`, the adapter's exact gradient when small, else its
+    rank sides exact and wide sides projected (`projection.lora_projection`); dense: one (p, proj_dim)
+    JL matrix (default 1280).
     """
     cls = PROJECTOR_CLASSES.get(kind)
     if cls is None:
         raise UsageError(f"--projector {kind}: choose {' or '.join(PROJECTOR_CLASSES)}")
+    if lora:
+        from carv_attrib.models.lora import lora_layers
+
+        selected = lora_layers(transformer)
+        if not selected:
+            raise UsageError("--lora: the transformer carries no LoRA adapter (no lora_A / lora_B Linear)")
+        layers = LORA_PATTERNS
     try:
-        selected = select_linear_layers(transformer, list(layers))
+        if not lora:
+            selected = select_linear_layers(transformer, list(layers))
         return cls.build(
             transformer,
             selected,
@@ -114,6 +127,7 @@ def build_projector(
             matrix=matrix,
             proj_dim=proj_dim,
             kron_dims=kron_dims,
+            lora=lora,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -242,13 +256,20 @@ def load_featurizer(
     projector_specs: Sequence[dict[str, Any]] | None = None,
     new_projector: Callable[[nn.Module], Projector] | None = None,
     objective: Objective | dict[str, Any] | None = None,
+    lora: str | None = None,
 ) -> Featurizer:
-    """Load one transformer per checkpoint (None: MODEL's own) and give each a projector: rebuilt
-    from recorded `projector_specs` (score), or made by `new_projector` (featurize, plan)."""
+    """Load one transformer per checkpoint (None: MODEL's own), with the LoRA adapter at `lora` on
+    each when given (`models.lora.load_lora`), and give each a projector: rebuilt from recorded
+    `projector_specs` (score), or made by `new_projector` (featurize, plan)."""
     if (projector_specs is None) == (new_projector is None):
         raise ValueError("pass exactly one of projector_specs and new_projector")
     device = resolve_device(device)
     transformers = [load_transformer(model, ck, device=device, dtype=dtype) for ck in checkpoints]
+    if lora is not None:
+        from carv_attrib.models.lora import load_lora
+
+        for t in transformers:
+            load_lora(t, lora)
     if projector_specs is not None:
         projectors: list[Projector] = [
             projector_from_spec(t, s) for t, s in zip(transformers, projector_specs)

@@ -19,6 +19,10 @@ Two projectors map that gradient to a feature vector:
   the (out × in) gradient is never formed and parameter gradients stay switched off.
 * `DenseProjector` (the reference): the flattened gradient of all selected [W|b] times one
   (p × dim) matrix generated chunk by chunk. Needs real parameter gradients (`flat_grad`).
+* Exact sides: a `KronProjector` layer whose out or in side is marked exact uses the identity there
+  (k = that side's size, no matrix is generated); with both sides exact its block is [∇W|b] itself,
+  row-major, as `flat_grad` lays it out. LoRA adapters use it (`lora_projection`): an adapter's A/B
+  gradient is kept exact when small, and each layer's rank side always is.
 
 Every projection matrix is a function of (seed, layer name, role) alone (a SHA-256 of them seeds a
 CPU `torch.Generator`), so every machine and every run builds the same matrices. Entries have
@@ -69,6 +73,14 @@ DEFAULT_PATTERNS: tuple[str, ...] = ("blocks.*",)
 DEFAULT_K_IN = 16
 DEFAULT_K_OUT = 16
 DEFAULT_DENSE_DIM = 1280  # the dense reference projector's default total dimension
+# A LoRA adapter's gradient (Σ r·(in + out) over its adapted layers) up to this size is kept exact
+# (identity projection, 256 KiB per clip in float32); above it, each lora_A / lora_B Linear keeps its
+# rank side exact and projects its wide side (`lora_projection`). Wan2.1-1.3B's attention LoRA at rank
+# 4 is 2.9 M numbers: projected, 16 per rank row and column (D = 240 layers x 128 = 30,720).
+LORA_EXACT_MAX_DIM = 1 << 16
+# What a LoRA projector spec records as its "patterns": the globs that select exactly the adapter's
+# Linear modules (`carv_attrib.models.lora.lora_layers`).
+LORA_PATTERNS = ("*.lora_A.default", "*.lora_B.default")
 DENSE_CHUNK_ROWS = 65536
 RNG_RULE = "torch.Generator(cpu).manual_seed(sha256('seed|name|role')[:8] & (2**63-1))"
 
@@ -194,14 +206,19 @@ class _Layer:
     in_aug: int
     k_out: int
     k_in: int
-    p_in: torch.Tensor  # (in_aug, k_in), CPU
-    p_out: torch.Tensor  # (out, k_out), CPU
-    on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    p_in: torch.Tensor | None  # (in_aug, k_in), CPU; None: the identity (k_in = in_aug, exact side)
+    p_out: torch.Tensor | None  # (out, k_out), CPU; None: the identity (k_out = out, exact side)
+    on_device: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=dict
+    )
 
-    def matrices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_in, P_out) on `device`, copied once per device."""
+    def matrices(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(P_in, P_out) on `device` (None for an exact side), copied once per device."""
         if device not in self.on_device:
-            self.on_device[device] = (self.p_in.to(device), self.p_out.to(device))
+            self.on_device[device] = (
+                None if self.p_in is None else self.p_in.to(device),
+                None if self.p_out is None else self.p_out.to(device),
+            )
         return self.on_device[device]
 
 
@@ -256,6 +273,8 @@ class KronProjector:
         kind: str = "gaussian",
         shapes: Mapping[str, tuple[int, int]] | None = None,
         patterns: Sequence[str] | None = None,
+        exact: Mapping[str, tuple[bool, bool]] | None = None,
+        lora: bool = False,
     ) -> None:
         if not layers:
             raise ValueError("KronProjector needs at least one layer; see select_linear_layers")
@@ -265,7 +284,12 @@ class KronProjector:
         unknown = set(shapes) - {n for n, _ in layers}
         if unknown:
             raise ValueError(f"shapes given for layers that are not selected: {sorted(unknown)}")
+        exact = dict(exact or {})
+        unknown = set(exact) - {n for n, _ in layers}
+        if unknown:
+            raise ValueError(f"exact sides given for layers that are not selected: {sorted(unknown)}")
         self.model = model
+        self.lora = bool(lora)
         self.seed = int(seed)
         self.kind = kind
         self.patterns = list(patterns) if patterns is not None else None
@@ -273,9 +297,23 @@ class KronProjector:
         for name, module in layers:
             out, in_aug = augmented_shape(module)
             ko, ki = shapes.get(name, (k_out, k_in))
+            ex_out, ex_in = exact.get(name, (False, False))
+            ko, ki = (out if ex_out else ko), (in_aug if ex_in else ki)
             if ko < 1 or ki < 1:
                 raise ValueError(f"layer {name}: k_out and k_in must be >= 1, got ({ko}, {ki})")
-            p_in, p_out = layer_matrices(self.seed, name, in_aug, out, ki, ko, kind)
+            # layer_matrices' two matrices, the exact sides' left out (never generated)
+            p_in = (
+                None
+                if ex_in
+                else _random_matrix(
+                    _stable_seed(self.seed, name, "in"), in_aug, ki, kind, 1.0 / math.sqrt(ki)
+                )
+            )
+            p_out = (
+                None
+                if ex_out
+                else _random_matrix(_stable_seed(self.seed, name, "out"), out, ko, kind, 1.0 / math.sqrt(ko))
+            )
             self._layers.append(_Layer(name, module, out, in_aug, ko, ki, p_in, p_out))
         self._slot: int | torch.Tensor | None = None
         self._acc: list[torch.Tensor] | None = None  # per layer (num_slots, k_out, k_in)
@@ -302,23 +340,46 @@ class KronProjector:
         return sum(ly.out * ly.in_aug for ly in self._layers)
 
     def matrices(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """[(name, P_in (in_aug, k_in), P_out (out, k_out))] in feature order (CPU tensors)."""
-        return [(ly.name, ly.p_in, ly.p_out) for ly in self._layers]
+        """[(name, P_in (in_aug, k_in), P_out (out, k_out))] in feature order (CPU tensors); an exact
+        side as its identity matrix."""
+        return [
+            (
+                ly.name,
+                torch.eye(ly.in_aug) if ly.p_in is None else ly.p_in,
+                torch.eye(ly.out) if ly.p_out is None else ly.p_out,
+            )
+            for ly in self._layers
+        ]
+
+    @property
+    def exact(self) -> bool:
+        """Every side of every layer exact: the features are the gradient itself (D = grad_dim)."""
+        return all(ly.p_in is None and ly.p_out is None for ly in self._layers)
 
     def spec(self) -> dict[str, Any]:
-        """JSON-able description; `from_spec` rebuilds the same projector from it."""
-        return {
+        """JSON-able description; `from_spec` rebuilds the same projector from it. An exact side is
+        recorded as "exact_out" / "exact_in": true on its layer, a LoRA projector as "lora": true (both
+        absent otherwise, so the specs of earlier runs are unchanged)."""
+        layers = []
+        for ly in self._layers:
+            entry: dict[str, Any] = {
+                "name": ly.name, "out": ly.out, "in_aug": ly.in_aug, "k_out": ly.k_out, "k_in": ly.k_in
+            }  # fmt: skip
+            if ly.p_out is None:
+                entry["exact_out"] = True
+            if ly.p_in is None:
+                entry["exact_in"] = True
+            layers.append(entry)
+        spec = {
             "kind": "kron",
             "seed": self.seed,
             "matrix": self.kind,
             "patterns": self.patterns,
             "rng": RNG_RULE,
             "dim": self.dim,
-            "layers": [
-                {"name": ly.name, "out": ly.out, "in_aug": ly.in_aug, "k_out": ly.k_out, "k_in": ly.k_in}
-                for ly in self._layers
-            ],
+            "layers": layers,
         }
+        return spec | ({"lora": True} if self.lora else {})
 
     @classmethod
     def build(
@@ -331,12 +392,20 @@ class KronProjector:
         matrix: str = "gaussian",
         proj_dim: int | None = None,
         kron_dims: tuple[int, int] | None = None,
+        lora: bool = False,
     ) -> KronProjector:
         """A new projector from featurize's options: (k_out, k_in) = `kron_dims` per layer (default
         DEFAULT_K_OUT×DEFAULT_K_IN), or a total `proj_dim` split over `layers` (`shapes_for_total_dim`).
-        ValueError for both at once."""
+        `lora`: `layers` are an adapter's lora_A / lora_B Linears, projected by `lora_projection`
+        (exact when small). ValueError for both at once."""
         if proj_dim and kron_dims:
             raise ValueError("give --proj-dim (a total) or --kron-dims (per layer), not both")
+        if lora:
+            shapes, exact = lora_projection(layers, proj_dim, kron_dims)
+            return cls(
+                model, layers, seed=seed, kind=matrix, shapes=shapes, exact=exact, patterns=list(patterns),
+                lora=True,
+            )  # fmt: skip
         shapes = shapes_for_total_dim(layers, proj_dim) if proj_dim else None
         k_out, k_in = kron_dims or (DEFAULT_K_OUT, DEFAULT_K_IN)
         return cls(
@@ -357,6 +426,11 @@ class KronProjector:
             raise ValueError(f"not a kron projector spec: kind={spec.get('kind')!r}")
         layers = _layers_from_spec(model, spec["layers"])
         shapes = {e["name"]: (e["k_out"], e["k_in"]) for e in spec["layers"]}
+        exact = {
+            e["name"]: (bool(e.get("exact_out")), bool(e.get("exact_in")))
+            for e in spec["layers"]
+            if e.get("exact_out") or e.get("exact_in")
+        }
         return cls(
             model,
             layers,
@@ -364,6 +438,8 @@ class KronProjector:
             kind=spec["matrix"],
             shapes=shapes,
             patterns=spec.get("patterns"),
+            exact=exact,
+            lora=bool(spec.get("lora")),
         )
 
     # -- capture -----------------------------------------------------------------------------
@@ -474,10 +550,17 @@ class KronProjector:
             p_in, _ = layer.matrices(x.device)
             with torch.no_grad():
                 x3 = x.reshape(rows, -1, x.shape[-1]).float()  # (N, T, in)
-                # [x; 1] P_in = x P_in[:in] + P_in[in]: the bias row without building [x; 1]
-                xt = x3 @ p_in[: x3.shape[-1]]  # (N, T, k_in)
-                if layer.in_aug > x3.shape[-1]:
-                    xt += p_in[-1]
+                if p_in is None:  # an exact side: x̃ = [x; 1] itself
+                    xt = (
+                        x3
+                        if layer.in_aug == x3.shape[-1]
+                        else torch.cat([x3, torch.ones_like(x3[..., :1])], -1)
+                    )
+                else:
+                    # [x; 1] P_in = x P_in[:in] + P_in[in]: the bias row without building [x; 1]
+                    xt = x3 @ p_in[: x3.shape[-1]]  # (N, T, k_in)
+                    if layer.in_aug > x3.shape[-1]:
+                        xt += p_in[-1]
             if not output.requires_grad:
                 # No parameter requires grad, so the first selected layer's output is a fresh
                 # leaf: nothing upstream of it feeds a selected layer's gradient.
@@ -500,7 +583,9 @@ class KronProjector:
             _, p_out = layer.matrices(grad.device)
             acc = acc_list[idx]  # (S, k_out, k_in)
             with torch.no_grad():
-                dt = grad.reshape(rows, -1, layer.out).float() @ p_out  # (N, T, k_out)
+                dt = grad.reshape(rows, -1, layer.out).float()  # (N, T, out)
+                if p_out is not None:
+                    dt = dt @ p_out  # (N, T, k_out)
                 if isinstance(slot, int):
                     # Σ_{rows, tokens} (P_outᵀ δ)(x̃)ᵀ as one matmul: (k_out, N·T) @ (N·T, k_in)
                     acc[slot] += dt.reshape(-1, layer.k_out).T @ xt.reshape(-1, layer.k_in)
@@ -509,6 +594,46 @@ class KronProjector:
                     acc.index_add_(0, slot.to(acc.device), phi.to(acc.device))
 
         return grad_hook
+
+
+def lora_projection(
+    layers: Sequence[tuple[str, nn.Linear]],
+    proj_dim: int | None = None,
+    kron_dims: tuple[int, int] | None = None,
+) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[bool, bool]]]:
+    """(shapes, exact) for a KronProjector over a LoRA adapter's Linears (lora_A (r, in), lora_B
+    (out, r)): "projected or exact when small".
+
+    The whole gradient p = Σ r·(in + out) is kept exact (identity on both sides, D = p) when p fits:
+    p ≤ `proj_dim` when one is given, else p ≤ LORA_EXACT_MAX_DIM with neither option. Otherwise each
+    layer keeps its rank side exact (r numbers, already small) and projects its wide side (in of A,
+    out of B) to k: `kron_dims` (k_in for A, k_out for B), or proj_dim // Σ r (so D ≤ proj_dim), or
+    DEFAULT_K_IN; a wide side no larger than k stays exact too."""
+    p = sum(out * in_aug for out, in_aug in (augmented_shape(m) for _, m in layers))
+    fits = p <= proj_dim if proj_dim else (kron_dims is None and p <= LORA_EXACT_MAX_DIM)
+    if fits:
+        return {}, {name: (True, True) for name, _ in layers}
+    ranks = [(name, ".lora_A." in f".{name}.", m) for name, m in layers]
+    rank_total = sum((m.out_features if is_a else m.in_features) for _, is_a, m in ranks)
+    if proj_dim:
+        k_a = k_b = max(1, proj_dim // rank_total)
+    elif kron_dims:
+        k_b, k_a = kron_dims
+    else:
+        k_a = k_b = DEFAULT_K_IN
+    shapes: dict[str, tuple[int, int]] = {}
+    exact: dict[str, tuple[bool, bool]] = {}
+    for name, is_a, m in ranks:
+        out, in_aug = augmented_shape(m)
+        if is_a:  # (r, in): rows are the rank side
+            shapes[name] = (out, min(k_a, in_aug))
+            exact[name] = (True, k_a >= in_aug)
+        else:  # (out, r): columns are the rank side
+            shapes[name] = (min(k_b, out), in_aug)
+            exact[name] = (k_b >= out, True)
+    log.info("LoRA gradient of %d numbers over %d layers: projected to %d", p, len(layers),
+             sum(a * b for a, b in shapes.values()))  # fmt: skip
+    return shapes, exact
 
 
 def kron_matrix(proj: KronProjector) -> torch.Tensor:
@@ -583,6 +708,7 @@ class DenseProjector:
         matrix: str = "gaussian",
         proj_dim: int | None = None,
         kron_dims: tuple[int, int] | None = None,
+        lora: bool = False,  # the layers are an adapter's: nothing changes for a dense matrix
     ) -> DenseProjector:
         """A new projector from featurize's options: one (p, `proj_dim`) JL matrix (default
         DEFAULT_DENSE_DIM). ValueError for `kron_dims`, which only kron takes."""

@@ -65,7 +65,12 @@ def status(
             sm.fingerprint or "-",
             "-",
             str(sm.count if sm.count is not None else "-"),
-            f"{sm.preconditioner_kind or '?'}, dim {sm.dim if sm.dim is not None else '?'}, {fresh}",
+            f"{sm.preconditioner_kind or '?'}, dim {sm.dim if sm.dim is not None else '?'}, {fresh}"
+            + (
+                f"; LoRA rank {sm.lora.get('rank', '?')} {str(sm.lora.get('weights_sha256', ''))[:12]}"
+                if sm.lora
+                else ""
+            ),
         )
     else:
         table.add_row("index", "-", "-", "-", "not built")

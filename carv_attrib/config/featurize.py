@@ -135,6 +135,12 @@ class FeaturizeConfig(StageConfig):
         default_factory=lambda: list(DEFAULT_LAYERS),
         help="Glob on Linear module names (repeatable).",
     )
+    lora: Path | None = option(
+        None,
+        metavar="DIR",
+        help="A LoRA adapter (diffusers format) trained on MODEL: load it and attribute through its A and B "
+        "parameters only (exact gradient when small, else each layer's wide side projected); replaces --layers.",
+    )
     matrix: str = option("gaussian", help=f"Projection entries: {choice_help(MATRIX_KINDS)}.")
     seed: int = seed_option()
     noise: str = option(
@@ -195,6 +201,10 @@ class FeaturizeConfig(StageConfig):
             raise UsageError(f"--plan gives a proposal for --timesteps stratified-is, not {self.timesteps}")
         if not self.layers:
             raise UsageError("--layers: give at least one glob")
+        if self.lora is not None and list(self.layers) != list(DEFAULT_LAYERS):
+            raise UsageError(
+                "--lora attributes through the adapter's A and B layers: give --lora or --layers, not both"
+            )
         return self
 
     @property

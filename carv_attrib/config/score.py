@@ -51,6 +51,12 @@ class ScoreConfig(StageConfig):
     model: str | None = model_option(
         None, help="Wan2.1 model (default: the one recorded in RUN; checked against the index either way)."
     )
+    lora: Path | None = option(
+        None,
+        metavar="DIR",
+        help="The LoRA adapter the index was featurized with (default: the one recorded in RUN; another "
+        "adapter is refused).",
+    )
     device: str = device_option()
     dtype: str | None = dtype_option(
         None, help="Transformer compute dtype (default: the one featurize used)."

@@ -173,3 +173,11 @@ def merge_lora(transformer: Any) -> Any:
     for prm in transformer.parameters():
         prm.requires_grad_(False)
     return transformer
+
+
+def lora_config(transformer: Any) -> dict[str, Any]:
+    """The loaded adapter's rank, alpha and target modules (its peft `LoraConfig`), as plain JSON."""
+    cfg = transformer.peft_config[ADAPTER]
+    targets = cfg.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, frozenset)) else targets
+    return {"rank": int(cfg.r), "alpha": float(cfg.lora_alpha), "targets": targets}

@@ -141,31 +141,54 @@ def draw_rule(cfg: FeaturizeConfig) -> DrawRule:
     )
 
 
+# What of an adapter's record identifies the features (its path is provenance: the shards' metadata
+# and index_info.json keep it for score).
+LORA_IDENTITY_KEYS = ("weights_sha256", "rank", "alpha", "targets")
+
+
+def lora_record(featurizer: Featurizer, lora: str | None) -> dict[str, Any] | None:
+    """The adapter the features go through: `lora_identity` (weights sha256, path, carv_lora.json's
+    base and training settings) with its rank, alpha and targets; None without --lora."""
+    if lora is None:
+        return None
+    from carv_attrib.models.lora import lora_config, lora_identity
+
+    return lora_identity(lora) | lora_config(featurizer.transformers[0])
+
+
 def _features_identity(
     cfg: FeaturizeConfig,
     latents_fp: str,
     ckpt_ids: list[dict[str, Any]],
     rule: DrawRule,
     proj_spec: dict[str, Any],
+    lora: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What changes the stored features: the fingerprinted stage config (the objective only when it
-    is not uniform, so that runs from before --objective keep their fingerprint)."""
+    is not uniform, and the LoRA adapter only with --lora, so that earlier runs keep their
+    fingerprint)."""
     objective = objective_spec(cfg.objective)
-    return {
-        "latents": latents_fp,
-        "transformers": [c["fingerprint"] for c in ckpt_ids],
-        "draws": rule.to_dict(),
-        "output_fn": cfg.output_fn,
-        "timestep": TIMESTEP_CONVENTION,
-        "projector": {k: v for k, v in proj_spec.items() if k != "rng"},
-        "dtype": cfg.dtype,
-        "context": "UMT5 embedding zero-padded to 512 tokens, batch 1 broadcast over draws",
-    } | ({"objective": objective} if objective["kind"] != "uniform" else {})
+    adapter = {"lora": {k: lora.get(k) for k in LORA_IDENTITY_KEYS}} if lora is not None else {}
+    return (
+        {
+            "latents": latents_fp,
+            "transformers": [c["fingerprint"] for c in ckpt_ids],
+            "draws": rule.to_dict(),
+            "output_fn": cfg.output_fn,
+            "timestep": TIMESTEP_CONVENTION,
+            "projector": {k: v for k, v in proj_spec.items() if k != "rng"},
+            "dtype": cfg.dtype,
+            "context": "UMT5 embedding zero-padded to 512 tokens, batch 1 broadcast over draws",
+        }
+        | ({"objective": objective} if objective["kind"] != "uniform" else {})
+        | adapter
+    )
 
 
 def _load(cfg: FeaturizeConfig, rule: DrawRule) -> tuple[Featurizer, list[str | None]]:
     # Absolute paths: index_info.json records them for `score`, which may run from anywhere.
     checkpoints: list[str | None] = [str(Path(c).resolve()) for c in cfg.checkpoints] or [None]
+    lora = None if cfg.lora is None else str(Path(cfg.lora).resolve())
     featurizer = load_featurizer(
         cfg.model,
         checkpoints,
@@ -174,9 +197,17 @@ def _load(cfg: FeaturizeConfig, rule: DrawRule) -> tuple[Featurizer, list[str | 
         cfg.device,
         cfg.dtype,
         new_projector=lambda t: build_projector(
-            cfg.projector, t, cfg.layers, cfg.seed, cfg.proj_dim, cfg.matrix, cfg.kron_shape
+            cfg.projector,
+            t,
+            cfg.layers,
+            cfg.seed,
+            cfg.proj_dim,
+            cfg.matrix,
+            cfg.kron_shape,
+            lora=lora is not None,
         ),
         objective=objective_spec(cfg.objective),
+        lora=lora,
     )
     featurizer.draws_per_backward = cfg.draws_per_backward  # memory only: not in the fingerprint
     return featurizer, checkpoints
@@ -334,7 +365,8 @@ def _run_featurize(
     rule = draw_rule(cfg)
     featurizer, checkpoints = _load(cfg, rule)
     ckpt_ids = [checkpoint_identity(cfg.model, ck) for ck in checkpoints]
-    config = _features_identity(cfg, lat.fingerprint, ckpt_ids, rule, featurizer.projectors[0].spec())
+    lora = lora_record(featurizer, None if cfg.lora is None else str(Path(cfg.lora).resolve()))
+    config = _features_identity(cfg, lat.fingerprint, ckpt_ids, rule, featurizer.projectors[0].spec(), lora)
     store = run.features
     resumes = store.check(config, overwrite=cfg.overwrite, what="featurize")
     if index_check is not None:
@@ -362,7 +394,7 @@ def _run_featurize(
         "checkpoint_paths": checkpoints,
         "checkpoint_fingerprints": [c["fingerprint"] for c in ckpt_ids],
         "blocks": featurizer.blocks,
-    }
+    } | ({"lora": lora} if lora is not None else {})
     todo = feats.missing
     chunks = [todo[s : s + cfg.shard_size] for s in range(0, len(todo), cfg.shard_size)]
     progress("start", {"total": len(live), "todo": len(todo), "shards": len(chunks), "skipped": 0})
@@ -436,6 +468,7 @@ def _featurize_with_ray(
         run=Path(cfg.run).resolve(),
         model=resolve_source(cfg.model),
         plan=None if cfg.plan is None else Path(cfg.plan).resolve(),
+        lora=None if cfg.lora is None else Path(cfg.lora).resolve(),
         checkpoints=[str(Path(c).resolve()) if Path(c).exists() else c for c in cfg.checkpoints],
     )
 

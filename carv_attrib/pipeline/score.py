@@ -43,7 +43,7 @@ from carv_attrib.carv.nested import check_extendable, level_draws
 from carv_attrib.choices import OBJECTIVES
 from carv_attrib.config import ScoreConfig
 from carv_attrib.config.resume import recorded_options
-from carv_attrib.errors import UsageError
+from carv_attrib.errors import ConfigMismatchError, ModelLoadError, UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import MAX_SEQUENCE_LENGTH, WanModel, load_wan
@@ -262,6 +262,38 @@ def _resolve_model(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> str:
     return model
 
 
+def resolve_lora(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> str | None:
+    """The LoRA adapter to featurize the queries through: --lora, else the one the index records
+    (None when the index was featurized without one). Refused (exit 2, before any query is encoded)
+    when --lora is given to an index without an adapter, when the recorded adapter is gone, or when
+    its weights are not the index's (sha256 of pytorch_lora_weights.safetensors)."""
+    from carv_attrib.models.lora import LORA_WEIGHTS, file_sha256, is_lora_dir
+
+    if info.lora is None:
+        if cfg.lora is not None:
+            raise ConfigMismatchError(
+                f"--lora {cfg.lora}: {run}'s index was featurized without a LoRA adapter; score without "
+                "--lora, or featurize with it (in another run)"
+            )
+        return None
+    want = str(info.lora.get("weights_sha256", ""))
+    path = Path(cfg.lora) if cfg.lora is not None else Path(str(info.lora.get("path")))
+    if not is_lora_dir(path):
+        if cfg.lora is not None:
+            raise UsageError(f"--lora {cfg.lora}: not a LoRA directory (expected {LORA_WEIGHTS})")
+        raise ModelLoadError(
+            f"LoRA adapter {path}, recorded when the index was built, no longer exists; restore it there "
+            f"or pass --lora DIR (the adapter with weights sha256 {want[:12]}...)"
+        )
+    got = file_sha256(path / LORA_WEIGHTS)
+    if got != want:
+        raise ConfigMismatchError(
+            f"--lora {path} is not the adapter {run}'s index was built with (weights sha256 {got[:12]}... "
+            f"not {want[:12]}...); score with that adapter, or featurize again with --lora {path}"
+        )
+    return str(path.resolve())
+
+
 def query_encoder(wan: WanModel, info: IndexInfo) -> ClipEncoder:
     """The index's training-clip encoder (`info.encode`), with motion maps only when the index's
     objective weights by them."""
@@ -294,7 +326,12 @@ def _encode_queries(
 
 
 def _featurize_queries(
-    cfg: ScoreConfig, info: IndexInfo, model: str, queries: list[Query], progress: ProgressFn = noop
+    cfg: ScoreConfig,
+    info: IndexInfo,
+    model: str,
+    queries: list[Query],
+    progress: ProgressFn = noop,
+    lora: str | None = None,
 ) -> tuple[np.ndarray, Featurizer]:
     """(m, D) float32 features of the ok queries, with the index's transformers, draws and projector,
     and the featurizer (`--explain` reuses it for the top clips' per-stratum parts)."""
@@ -307,6 +344,7 @@ def _featurize_queries(
         cfg.dtype or info.feature_dtype,
         projector_specs=[info.projector] * len(info.checkpoint_paths),
         objective=info.objective,
+        lora=lora,
     )
     phis = []
     per_layer = all(isinstance(p, KronProjector) for p in featurizer.projectors)
@@ -722,6 +760,7 @@ def provenance(info: IndexInfo) -> dict[str, Any]:
             "timestep": info.timestep,
         },
         "projector": {k: info.projector.get(k) for k in ("kind", "seed", "matrix", "dim", "patterns")},
+        "lora": info.lora,
         "preconditioner": info.preconditioner,
         "factory": info.factory,
         "nprobe": info.nprobe,
@@ -805,6 +844,7 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = 
     info, loaded = run.index_snapshot(load_index_dir)
     _check_index_use(cfg, run, info)
     model = _resolve_model(cfg, run, info)
+    lora = resolve_lora(cfg, run, info)
     queries = [Query(path=str(p), prompt=t, conditioning=conditioning) for p, t in zip(cfg.queries, prompts)]
     both = cfg.null_prompt and conditioning == "prompt"  # a second ranking per query, under the empty text
 
@@ -824,7 +864,7 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = 
         # The null copies go through the same featurize and search as their parents (one featurizer
         # load, one index search), then hang off them: q.null.
         nulls = _null_copies(ok, null_emb) if null_emb is not None else []
-        phi, featurizer = _featurize_queries(cfg, info, model, ok + nulls, progress)
+        phi, featurizer = _featurize_queries(cfg, info, model, ok + nulls, progress, lora)
         _search(cfg, run, info, loaded, ok + nulls, phi, clips, featurizer, progress)
         for q, n in zip(ok, nulls):
             q.null = n

@@ -210,6 +210,9 @@ class FeaturesRecord(StageRecord):
     projector: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
     objective: dict[str, Any] = field(default_factory=lambda: dict(_UNIFORM))
+    lora: dict[str, Any] | None = (
+        None  # the adapter's identity (`pipeline.featurize.lora_record`), None: none
+    )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeaturesRecord:
@@ -225,6 +228,7 @@ class FeaturesRecord(StageRecord):
             projector=c.get("projector", {}),
             dtype=c.get("dtype", "float32"),
             objective=c.get("objective", dict(_UNIFORM)),
+            lora=c.get("lora"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,6 +273,9 @@ class IndexInfo:
     live_digest: str = ""  # `LiveLatents.digest()` of the clips indexed: another live set makes it stale
     rerank_vectors: str | None = None  # dtype of index/vectors.bin (approximate indexes), None: none
     objective: dict[str, Any] = field(default_factory=lambda: dict(_UNIFORM))  # `objective_spec`
+    # the LoRA adapter the features were taken through (`models.lora.lora_identity` with rank, alpha,
+    # targets and its absolute path), None: the full transformer's layers
+    lora: dict[str, Any] | None = None
     files: dict[str, Any] = field(default_factory=dict)  # `store.digests.digest_tree` of RUN/index
     created_at: str = ""
     tool_version: str = ""
@@ -306,6 +313,7 @@ class IndexInfo:
             transformers=feats.transformers,
             checkpoints=provenance.get("checkpoints") or [],
             checkpoint_paths=provenance.get("checkpoint_paths") or [None] * len(feats.transformers),
+            lora=provenance.get("lora") if feats.lora is not None else None,
             model_source=lat.model.source if lat.model is not None else None,
             encode=lat.encode,  # type: ignore[arg-type]
             live_digest=live_digest,
@@ -428,6 +436,7 @@ class IndexSummary:
     dim: int | None
     preconditioner_kind: str | None
     document: dict[str, Any]
+    lora: dict[str, Any] | None = None  # IndexInfo.lora: the adapter the features went through
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IndexSummary:
@@ -437,6 +446,7 @@ class IndexSummary:
             dim=d.get("dim"),
             preconditioner_kind=(d.get("preconditioner") or {}).get("kind"),
             document=d,
+            lora=d.get("lora") if isinstance(d.get("lora"), dict) else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
