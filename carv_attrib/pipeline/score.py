@@ -253,13 +253,28 @@ def _check_index_use(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> None:
 
 
 def _resolve_model(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> str:
-    """The model to score with (--model, else the recorded one), refused unless it is the index's."""
-    model = cfg.model or info.model_source
-    if model is None:
+    """The model to score with, refused unless it is the index's: --model, else the model the last
+    featurize recorded in RUN/run.json (a fine-tuned pipeline that shares the encoder of the one that
+    encoded RUN), else the encoder's own."""
+    if cfg.model is not None:
+        candidates = [cfg.model]
+    else:
+        from carv_attrib.config.resume import stored_options
+
+        featurized = stored_options(run.root, "featurize").get("model")
+        candidates = list(dict.fromkeys(m for m in (featurized, info.model_source) if m is not None))
+    if not candidates:
         raise UsageError(f"{run} does not record its model; pass --model")
-    check_encoder_matches(model, info.encode.components, info.model_source)
-    check_transformers_match(model, info.checkpoint_paths, info.transformers)
-    return model
+    first: Exception | None = None
+    for model in candidates:
+        try:
+            check_encoder_matches(model, info.encode.components, info.model_source)
+            check_transformers_match(model, info.checkpoint_paths, info.transformers)
+            return model
+        except (ConfigMismatchError, ModelLoadError, UsageError) as exc:
+            first = first or exc  # the most likely model's reason is the one to show
+    assert first is not None
+    raise first
 
 
 def resolve_lora(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> str | None:
