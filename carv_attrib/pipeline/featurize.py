@@ -213,22 +213,6 @@ def _load(cfg: FeaturizeConfig, rule: DrawRule) -> tuple[Featurizer, list[str | 
     return featurizer, checkpoints
 
 
-def _featurize_rows(
-    featurizer: Featurizer,
-    run: RunDir,
-    todo: list[tuple[int, str, LatentRow]],
-    batch_clips: int,
-    n_ckpt: int,
-    progress: ProgressFn,
-) -> list[dict[str, Any]]:
-    """The feature rows of the latent rows `todo` ((clip_id, vid, row)), B clips per backward."""
-    return [
-        row
-        for batch in _feature_batches(featurizer, run, todo, batch_clips, n_ckpt, progress)
-        for row in batch
-    ]
-
-
 def _feature_batches(
     featurizer: Featurizer,
     run: RunDir,
@@ -271,7 +255,8 @@ def _estimate(featurizer: Featurizer, run: RunDir, feats: LiveFeatures, cfg: Fea
         return 0.0
     sample = feats.missing[: cfg.batch_clips]
     t = time.monotonic()
-    _featurize_rows(featurizer, run, sample, cfg.batch_clips, len(featurizer.blocks), noop)
+    for _ in _feature_batches(featurizer, run, sample, cfg.batch_clips, len(featurizer.blocks), noop):
+        pass
     return round((time.monotonic() - t) / len(sample) * len(feats.missing), 3)
 
 
