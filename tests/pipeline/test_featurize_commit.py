@@ -88,8 +88,8 @@ FEATURIZE = textwrap.dedent(
     real = f._feature_batches
     def slow(*a, **k):  # a batch every ~0.5 s: time for the parent to send SIGTERM mid-run
         for batch in real(*a, **k):
-            print("batch", flush=True)
             yield batch
+            print("batch", flush=True)  # after the yield: the stage holds this batch's rows
             import time; time.sleep(0.5)
     f._feature_batches = slow
     try:
