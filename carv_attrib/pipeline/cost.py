@@ -59,12 +59,29 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return doc
 
 
+def _gpu_check_timings(doc: dict[str, Any]) -> dict[str, Any]:
+    """encode_s_per_clip and featurize_s_per_draw from bench/gpu_check.py's JSON: its bfloat16 cases
+    when they ran, else float32 (featurize seconds per clip at its K, divided by K)."""
+    cases, k = doc.get("cases", {}), doc.get("config", {}).get("draws_k")
+    for dtype in ("bfloat16", "float32"):
+        enc, feat = cases.get(f"encode:{dtype}", {}), cases.get(f"featurize:{dtype}", {})
+        out = {
+            "encode_s_per_clip": enc.get("seconds_per_clip"),
+            "featurize_s_per_draw": feat["featurize_s_per_clip"] / k
+            if feat.get("featurize_s_per_clip") and k
+            else None,
+        }
+        if any(v is not None for v in out.values()):
+            return out
+    return {}
+
+
 def _timings(cfg: CostConfig, run: RunDir, run_k: int | None) -> dict[str, Any]:
     """c_enc and c_draw with their sources, in the order --timings > --plan > the run's stage stats."""
     out: dict[str, Any] = {"c_enc_s": None, "c_draw_s": None, "c_enc_source": None, "c_draw_source": None}
     if cfg.timings is not None:
         doc = _read_json(cfg.timings, "--timings")
-        summary = doc.get("summary", doc)
+        summary = _gpu_check_timings(doc) if doc.get("benchmark") == "gpu_check" else doc.get("summary", doc)
         for key, src in (("encode_s_per_clip", "c_enc"), ("featurize_s_per_draw", "c_draw")):
             value = summary.get(key)
             if value is not None:

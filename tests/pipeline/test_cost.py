@@ -86,3 +86,16 @@ def test_cli(featurized_run: Path, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "--clips" in r.stderr
     r = CliRunner().invoke(app, ["cost", str(tmp_path), "--clips", "5"])
     assert r.exit_code == 2 and "no latent cache" in r.stderr
+
+
+def test_the_gpu_check_json_is_a_timings_file(featurized_run: Path) -> None:
+    """bench/gpu_check.py's JSON (here its committed CPU dry run) is read as --timings: its bfloat16
+    encode seconds per clip and featurize seconds per clip at its K, divided by K."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "results" / "gpu_check_cpu_dryrun.json"
+    check = json.loads(path.read_text())
+    doc = run_cost(CostConfig(run=featurized_run, clips=3600, timings=path))
+    k = check["config"]["draws_k"]
+    assert doc["timings"]["c_enc_s"] == check["cases"]["encode:bfloat16"]["seconds_per_clip"]
+    assert doc["timings"]["c_draw_s"] == pytest.approx(
+        check["cases"]["featurize:bfloat16"]["featurize_s_per_clip"] / k
+    )
