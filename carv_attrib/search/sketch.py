@@ -247,3 +247,27 @@ def stored_features(run: Any, ids: Any) -> np.ndarray:
     if not want:
         return np.zeros((0, 0), dtype=np.float32)
     return np.stack([got[i] for i in want])
+
+
+def sketch_for(index_dim: int | None, dim: int, kind: str = DEFAULT_SKETCH) -> Sketch | None:
+    """The sketch `--index-dim index_dim` asks of D = dim features: None for None or 0 (no
+    compression); ValueError for index_dim >= dim (nothing to compress)."""
+    if not index_dim:
+        return None
+    return Sketch(SketchSpec(kind, int(dim), int(index_dim)))
+
+
+def indexed_dim(index_dim: int | None, dim: int) -> int:
+    """The dim of the indexed vectors: index_dim when it compresses, else dim."""
+    return int(index_dim) if index_dim else int(dim)
+
+
+def index_preconditioner(record: dict[str, Any] | None, pre: Any, index_d: int) -> Any:
+    """What `score` prepares queries with: the saved preconditioner `pre`, followed by the sketch
+    the index recorded (`Sketch.record()`, re-created and checked: `sketch_from_record`); ValueError
+    when the sketch, the preconditioner and the FAISS index (d = index_d) do not fit together."""
+    if not record:
+        if int(index_d) != int(pre.dim):
+            raise ValueError(f"the FAISS index holds d = {index_d}, its preconditioner gives D = {pre.dim}")
+        return pre
+    return SketchedPreconditioner(pre, sketch_from_record(record, pre.dim, index_d))
