@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -45,7 +47,13 @@ def _score(run: Path, demo_data: Path, vid: str, **kw) -> dict:
         device="cpu",
         **kw,
     )
-    return run_score(cfg)["queries"][0]
+    doc = run_score(cfg)
+    jsonschema.validate(
+        doc,
+        json.loads(resources.files("carv_attrib").joinpath("schemas/attribution.schema.json").read_text()),
+    )
+    assert doc["index"]["index_dim"] == doc["index"]["sketch"]["out_dim"] < doc["index"]["dim"]
+    return doc["queries"][0]
 
 
 def test_the_index_holds_the_sketched_preconditioned_features(sketched_run: Path) -> None:
