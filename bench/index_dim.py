@@ -192,6 +192,31 @@ def recommend(doc: dict) -> dict:
     return out
 
 
+def table(doc: dict) -> str:
+    """The README's markdown table: LDS (CI) without compression, and its change (paired CI) per D'."""
+    lines = []
+    for wname, w in doc["worlds"].items():
+        for key, row in w["rows"].items():
+            if row["sketch"] is not None:
+                continue
+            base = key.rsplit("|", 1)[0]
+            cells = [f"{wname}", row["features"].split("/")[1], str(row["dim"]), row["precondition"],
+                     f"{row['lds']['mean']:.3f} [{row['lds']['ci95'][0]:.3f}, {row['lds']['ci95'][1]:.3f}]"]  # fmt: skip
+            for kind in KINDS:
+                for d2 in INDEX_DIMS:
+                    r = w["rows"].get(f"{base}|{kind}-{d2}")
+                    if r is None:
+                        cells.append("")
+                        continue
+                    d = r["diff_vs_none"]
+                    cells.append(f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+            lines.append("| " + " | ".join(cells) + " |")
+    head = ["world", "kron", "D", "precondition", "LDS, no sketch"] + [
+        f"{kind} {d2 // 1024}k" for kind in KINDS for d2 in INDEX_DIMS
+    ]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines])
+
+
 def main(names: list[str]) -> None:
     from _util import load_avg, machine_info
 
@@ -219,8 +244,15 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    import torch
+
+    # one thread: the 2 cores are shared, and two threads under contention ran the lite
+    # pretraining ~50x slower than the suite's 16 s
+    torch.set_num_threads(1)
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     if "--build" in sys.argv:
         build(args)
+    elif "--table" in sys.argv:
+        print(table(json.loads(OUT.read_text())))
     else:
         main(args)
