@@ -91,6 +91,11 @@ def _spearman_mean(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.nanmean(_spearman_columns(a, b, axis=0)))
 
 
+def _self_top1(train: np.ndarray, query: np.ndarray) -> float:
+    """The fraction of training clips that, as queries, rank themselves first."""
+    return float(np.mean(np.argmax(query @ train.T, axis=1) == np.arange(len(train))))
+
+
 def measure(spec: WorldSpec) -> dict:
     from carv_attrib.lds.gradspace import FeatureSpec, features
     from carv_attrib.lds.metric import LdsBootstrap, interval, lds_from_sums, subset_sums
@@ -115,6 +120,7 @@ def measure(spec: WorldSpec) -> dict:
         for kind in PRECONDITIONERS:
             pre = fit_preconditioner(kind, dim=dim)
             psi = [(pre.prepare_train(F[:n]), pre.prepare_query(F[n:])) for F in feats]
+            selfq = [pre.prepare_query(F[:n]).astype(np.float64) for F in feats]  # training clips as queries
             base_scores = [t.astype(np.float64) @ q.astype(np.float64).T for t, q in psi]  # (n, Q) each
             base_sums = [subset_sums(s, pos) for s in base_scores]
             paired = [base_sums[r] for r in range(REPLICATES) for _ in range(SKETCH_SEEDS)]
@@ -123,6 +129,7 @@ def measure(spec: WorldSpec) -> dict:
             rows[f"{key0}|none"] = {
                 "features": f"blocks/kron-{k_out}x{k_in}", "dim": dim, "precondition": kind,
                 "sketch": None, "index_dim": dim,
+                "self_top1": round(float(np.mean([_self_top1(t.astype(np.float64), q) for (t, _), q in zip(psi, selfq)])), 4),
                 "lds": {"mean": round(float(np.mean([lds(s) for s in base_sums])), 4),
                         "ci95": [round(x, 4) for x in interval(base_samples)],
                         "replicates": [round(lds(s), 4) for s in base_sums]},
@@ -132,13 +139,14 @@ def measure(spec: WorldSpec) -> dict:
                     if d2 >= dim:
                         continue
                     t0 = time.monotonic()
-                    sums, fid, err = [], [], []
+                    sums, fid, err, top1 = [], [], [], []
                     for r, (t, q) in enumerate(psi):
                         for s in range(SKETCH_SEEDS):
                             sk = Sketch(SketchSpec(sk_kind, dim, d2, seed=1000 * r + s))
                             st, sq = sk.apply(t, np.float64), sk.apply(q, np.float64)
                             sc = st @ sq.T
                             sums.append(subset_sums(sc, pos))
+                            top1.append(_self_top1(st, sk.apply(selfq[r], np.float64)))
                             fid.append(_spearman_mean(sc, base_scores[r]))
                             scale = np.linalg.norm(t, axis=1)[:, None] * np.linalg.norm(q, axis=1)[None, :]
                             err.append(float(np.sqrt(np.mean(((sc - base_scores[r]) / scale) ** 2))))
@@ -153,6 +161,7 @@ def measure(spec: WorldSpec) -> dict:
                         "diff_vs_none": {"mean": round(float(np.mean(per)) - rows[f"{key0}|none"]["lds"]["mean"], 4),
                                          "ci95": [round(x, 4) for x in interval(diff)]},
                         "score_spearman_vs_none": round(float(np.mean(fid)), 4),
+                        "self_top1": round(float(np.mean(top1)), 4),
                         "rel_score_error_rms": round(float(np.mean(err)), 5),
                         "expected_rel_error": round(1 / np.sqrt(d2), 5),
                         "seconds": round(time.monotonic() - t0, 2),
@@ -217,6 +226,28 @@ def table(doc: dict) -> str:
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines])
 
 
+def throughput() -> dict:
+    """Seconds to sketch 256 float32 vectors of Wan2.1-1.3B's default D = 76,800 (the index build's
+    extra cost per shard), best of 3, per kind and D'."""
+    from carv_attrib.search.sketch import Sketch, SketchSpec
+
+    x = np.random.default_rng(0).standard_normal((256, 76800)).astype(np.float32)
+    out = {}
+    for kind in KINDS:
+        for d2 in INDEX_DIMS:
+            sk = Sketch(SketchSpec(kind, 76800, d2))
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                sk.apply(x)
+                times.append(time.perf_counter() - t0)
+            out[f"{kind}-{d2}"] = {
+                "s_per_256": round(min(times), 3),
+                "ms_per_clip": round(1000 * min(times) / 256, 2),
+            }
+    return out
+
+
 def main(names: list[str]) -> None:
     from _util import load_avg, machine_info
 
@@ -237,6 +268,7 @@ def main(names: list[str]) -> None:
         "ci": "bootstrap over subsets and queries (1000), replicates resampled; diff paired",
     }  # fmt: skip
     doc["recommendation"] = recommend(doc)
+    doc["throughput_d76800"] = throughput()
     doc["machine"], doc["load_avg"] = machine_info(), load_avg()
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(doc, indent=1) + "\n")
