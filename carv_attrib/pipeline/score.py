@@ -55,12 +55,8 @@ from carv_attrib.search.precondition import load_preconditioner
 from carv_attrib.search.refine import QUERY, check_refinable, refine
 from carv_attrib.search.rerank import VectorStore, rerank
 from carv_attrib.search.scale import RunScale, run_scales, sample_ids
-from carv_attrib.search.sketch import (
-    SketchedPreconditioner,
-    index_preconditioner,
-    stored_features,
-    unsketched,
-)
+from carv_attrib.search.sketch import SketchedPreconditioner, index_preconditioner, unsketched
+from carv_attrib.store.features import stored_features
 from carv_attrib.store.latents import read_latents
 from carv_attrib.store.live import selection
 from carv_attrib.store.manifest import clip_id_for, read_text_file

@@ -21,7 +21,7 @@ re-created from its spec (kind, D, D', seed) by `score`, which refuses a sketch 
 `SketchedPreconditioner` composes a preconditioner with a sketch: every linear method
 (prepare_*, prepare_train_parts, linearize) is S after the preconditioner's own; the inverse
 `raw_from_train` is not available (S loses information), so callers that need a clip's raw feature
-read it from RUN/features (`stored_features`). `score --explain` splits the *uncompressed* score
+read it from RUN/features (`store.features.stored_features`). `score --explain` splits the *uncompressed* score
 ⟨ψ_q, ψ_i⟩ from the stored per-layer features (`unsketched`), exactly, and reports how far the
 sketched score that ranked the clip lies from it.
 
@@ -218,35 +218,6 @@ class SketchedPreconditioner:
 def unsketched(pre: Any) -> Any:
     """The preconditioner under a sketch (itself when there is none)."""
     return pre.base if isinstance(pre, SketchedPreconditioner) else pre
-
-
-def stored_features(run: Any, ids: Any) -> np.ndarray:
-    """(len(ids), D) float32 the live stored features (RUN/features) of clip ids, in that order:
-    the clip_id column of every live shard is read, the feature column only of shards holding one.
-    KeyError for an id with no live feature."""
-    import pyarrow as pa
-
-    from carv_attrib.store.features import iter_feature_blocks
-    from carv_attrib.store.run import RunDir
-
-    run = RunDir(run)
-    want = [int(i) for i in np.asarray(ids).reshape(-1)]
-    wanted = set(want)
-    sub: dict[int, list[int]] = {}
-    for shard, rows in run.live_features().ok_selection().items():
-        cids = run.features.read_shard(shard, ["clip_id"]).take(pa.array(rows, pa.int64()))
-        hit = [r for r, c in zip(rows, cids.column("clip_id").to_pylist()) if int(c) in wanted]
-        if hit:
-            sub[shard] = hit
-    got: dict[int, np.ndarray] = {}
-    for cids, feats in iter_feature_blocks(run, sub):
-        got.update(zip((int(c) for c in cids), feats))
-    missing = [i for i in want if i not in got]
-    if missing:
-        raise KeyError(f"clips {missing[:10]} have no live feature in {run}/features")
-    if not want:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.stack([got[i] for i in want])
 
 
 def sketch_for(index_dim: int | None, dim: int, kind: str = DEFAULT_SKETCH) -> Sketch | None:
