@@ -26,13 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from carv_attrib.lds.world import World, WorldSpec, build_world
+from carv_attrib.lds.world import WORLD_SUITE, World, WorldSpec, build_world
 
 WORK = Path(__file__).resolve().parent / "_work" / "index_dim"
 OUT = Path(__file__).resolve().parent / "results" / "index_dim.json"
 
 _SMALL = dict(n_train=48, n_query=12, subsets=16, train_seeds=1)
+_SUITE_KEPT = {w.name: w for w in WORLD_SUITE}["ft-shift-short"]  # the suite's own world (32 subsets x 3 seeds)
 WORLDS = (
+    _SUITE_KEPT,
     WorldSpec(name="idx-ft-shift-short", seed=12, steps=40, density="shift:3", **_SMALL),
     WorldSpec(name="idx-ft-logitnormal-short", seed=11, steps=40, density="logit-normal:0,1", **_SMALL),
     WorldSpec(
