@@ -1,14 +1,15 @@
 """LDS against the index dimension D' (`carv-attrib index --index-dim`): is a compressed index as good?
 
-Worlds: reduced members of the LDS suite (`carv_attrib.lds.world`), same kinds and seeds but
+Worlds: the suite's ft-shift-short itself (32 subsets x 3 training seeds) and reduced members of the LDS suite (`carv_attrib.lds.world`), same kinds and seeds but
 16 subsets and 1 training seed each (the full suite's 32 x 2-3 trainings did not fit this bench's
 CPU budget; idx-ft-logitnormal-short trains 40 steps where the suite's logit-normal world trains 300), built under bench/_work/index_dim/NAME. Per world, the exact gradients of the training
 and query clips are computed once per replicate r (`lds.reference.exact_gradients`, K = 8
 stratified draws of the world's density, seed r), kron features of the transformer blocks' Linear
 layers are derived from them (`lds.gradspace.features`, projection seed r; equal to the tool's
 KronProjector features for the same draws), preconditioned as the index would
-(`search.precondition`), and then sketched to D' (`search.sketch`, sketch seed r) or, for
-comparison, projected on the top-D' principal directions of the training vectors (PCA, in memory).
+(`search.precondition`), and then sketched to D' (`search.sketch`, SKETCH_SEEDS sketch seeds per
+replicate). No PCA: with n_train = 48-64 < D' it keeps every training vector exactly, so these
+worlds cannot measure it (see `search.sketch`).
 
 LDS (`lds.metric`): mean over replicates, CI over subsets and queries (bootstrap) and replicates;
 the difference to the uncompressed index of the same replicate is a paired bootstrap.
