@@ -140,6 +140,8 @@ def run_cost(cfg: CostConfig) -> dict[str, Any]:
     k = cfg.draws or run_k
     dim = cfg.dim or (info.dim if info is not None else run_dim)
     factory = cfg.index_factory or (info.factory if info is not None else "Flat")
+    # an index built with --index-dim holds D' dims, whatever D the features have
+    index_dim = info.sketch["out_dim"] if info is not None and info.sketch and dim else dim
     t = _timings(cfg, run, run_k)
     n = cfg.clips
     missing = []
@@ -159,7 +161,7 @@ def run_cost(cfg: CostConfig) -> dict[str, Any]:
         from carv_attrib.search.index import index_bytes
 
         for f in dict.fromkeys((factory, *COMPARE_FACTORIES)):
-            index_options[f] = index_bytes(n, dim, f)
+            index_options[f] = index_bytes(n, index_dim, f)
     else:
         missing.append("the feature dimension: featurize the run, or pass --dim")
     return {
@@ -169,6 +171,7 @@ def run_cost(cfg: CostConfig) -> dict[str, Any]:
         "clips": n,
         "draws": k,
         "dim": dim,
+        "index_dim": index_dim,
         "factory": factory,
         "devices": cfg.devices,
         "timings": t,

@@ -36,6 +36,7 @@ from carv_attrib.search.index import (
 )
 from carv_attrib.search.precondition import Preconditioner, fit_preconditioner, trak_bytes
 from carv_attrib.search.rerank import VectorStore
+from carv_attrib.search.sketch import SketchedPreconditioner, indexed_dim, sketch_for
 from carv_attrib.space import check_space, space_for
 from carv_attrib.store.digests import digest_tree
 from carv_attrib.store.features import feature_ids, iter_feature_blocks
@@ -94,10 +95,15 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
     blocks = frec.blocks(prov)  # one per checkpoint
     dim = sum(blocks)
     try:
-        index = new_index(dim, cfg.index_factory, use_gpu)  # a bad factory is refused before any pass
+        sketch = sketch_for(cfg.index_dim, dim)  # --index-dim: D -> D' after the preconditioner
+        dim_out = indexed_dim(cfg.index_dim, dim)
+        index = new_index(dim_out, cfg.index_factory, use_gpu)  # a bad factory is refused before any pass
         check_trainable(index, int(ids.size), cfg.index_factory)
         check_fits(
-            int(ids.size), dim, cfg.index_factory, **_preconditioner_memory(cfg, int(ids.size), dim, blocks)
+            int(ids.size),
+            dim_out,
+            cfg.index_factory,
+            **_preconditioner_memory(cfg, int(ids.size), dim, blocks),
         )
         pre = fit_preconditioner(
             cfg.precondition,
@@ -107,8 +113,10 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
             lambda_rel=cfg.lambda_rel,
             num_rows=int(ids.size),  # trak: its form chosen up front, the rows in one buffer
         )
+        if sketch is not None:
+            pre = SketchedPreconditioner(pre, sketch)
         if not index.is_trained:
-            train_index(index, _train_sample(run, sel, ids.size, dim, pre), cfg.index_factory)
+            train_index(index, _train_sample(run, sel, ids.size, dim_out, pre), cfg.index_factory)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     keep = cfg.index_factory is not None and cfg.vector_dtype != "none"
@@ -118,15 +126,18 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
         "lambda_rel": cfg.lambda_rel,
         "nprobe": cfg.nprobe,
         "rerank_vectors": cfg.vector_dtype if keep else None,
+        "sketch": sketch.record() if sketch is not None else None,
     }
     info = IndexInfo.from_records(
         lat, frec, prov, choices, int(ids.size), live.digest(), now_iso(), __version__
     )
-    need = _index_disk_bytes(int(ids.size), dim, cfg.index_factory, cfg.vector_dtype if keep else None, pre)
+    need = _index_disk_bytes(
+        int(ids.size), dim_out, cfg.index_factory, cfg.vector_dtype if keep else None, pre
+    )
     # the previous index stays live until the swap: the new one needs its own room beside it
     check_space(run.root, need, f"the index of {int(ids.size)} clips")
     with space_for(run.index_dir, need), run.index_swap() as tmp:
-        _add_all(run, sel, index, pre, tmp, dim, cfg.vector_dtype if keep else None)
+        _add_all(run, sel, index, pre, tmp, dim_out, cfg.vector_dtype if keep else None)
         assert index.ntotal == ids.size, (index.ntotal, ids.size)  # every pass saw the same shards
         save_index(index, tmp / run.faiss_path.name)
         pre.save(tmp / run.preconditioner_dir.name)
@@ -212,10 +223,12 @@ def precheck_index(cfg: IndexConfig, dim: int, n: int, blocks: list[int] | None 
     """What `build_run_index` would refuse about the index itself, checked before `featurize`
     computes anything: a factory FAISS cannot build for dim, that n vectors cannot train, or an index
     (with a trak preconditioner over `blocks`, one block of dim when not given) that would not fit in
-    the memory available. UsageError (exit 2)."""
+    the memory available, or an --index-dim not below dim. UsageError (exit 2)."""
     try:
-        check_trainable(new_index(dim, cfg.index_factory, use_gpu=False), n, cfg.index_factory)
-        check_fits(n, dim, cfg.index_factory, **_preconditioner_memory(cfg, n, dim, blocks))
+        sketch_for(cfg.index_dim, dim)
+        dim_out = indexed_dim(cfg.index_dim, dim)  # the FAISS index's; the preconditioner fits at dim
+        check_trainable(new_index(dim_out, cfg.index_factory, use_gpu=False), n, cfg.index_factory)
+        check_fits(n, dim_out, cfg.index_factory, **_preconditioner_memory(cfg, n, dim, blocks))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -226,6 +239,7 @@ INDEX_FLAGS = {
     "index_factory": "--index-factory",
     "nprobe": "--nprobe",
     "vector_dtype": "--vector-dtype",
+    "index_dim": "--index-dim",
 }
 
 
@@ -244,6 +258,7 @@ def index_config_keeping(run: Path | str, given: dict[str, Any]) -> tuple[IndexC
             "lambda_rel": info.lambda_rel,
             "index_factory": None if info.factory == "Flat" else info.factory,
             "nprobe": info.nprobe,
+            "index_dim": info.sketch["out_dim"] if info.sketch else None,
         }
         if info.factory != "Flat":  # a Flat index keeps no vectors: nothing to carry over
             previous["vector_dtype"] = info.rerank_vectors or "none"

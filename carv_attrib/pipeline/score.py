@@ -55,6 +55,8 @@ from carv_attrib.search.precondition import load_preconditioner
 from carv_attrib.search.refine import QUERY, check_refinable, refine
 from carv_attrib.search.rerank import VectorStore, rerank
 from carv_attrib.search.scale import RunScale, run_scales, sample_ids
+from carv_attrib.search.sketch import SketchedPreconditioner, index_preconditioner, unsketched
+from carv_attrib.store.features import stored_features
 from carv_attrib.store.latents import read_latents
 from carv_attrib.store.live import selection
 from carv_attrib.store.manifest import clip_id_for, read_text_file
@@ -238,6 +240,11 @@ def _check_index_use(cfg: ScoreConfig, run: RunDir, info: IndexInfo) -> None:
             layer_slices(info.projector, info.blocks)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    if cfg.refine and info.sketch:  # refine recovers raw features from the indexed vectors: S loses them
+        raise UsageError(
+            f"--refine with an index built with --index-dim {info.sketch['out_dim']}: not supported; "
+            f"rebuild without it (`carv-attrib index {run} --index-dim 0`) to refine"
+        )
     if cfg.refine:  # refused before any query is encoded
         try:
             check_refinable(str(info.preconditioner.get("kind")))
@@ -448,8 +455,10 @@ def _search(
     )
     exact: ClipTerms = {}
     if cfg.explain:
-        _explain(run, info, index, store, searched, psi)
-        exact = _explain_strata(run, featurizer, pre, searched, psi, progress)
+        # a sketched index: explained from the stored per-layer features, uncompressed (exact splits)
+        psi_x = psi if unsketched(pre) is pre else unsketched(pre).prepare_query(phi[finite])
+        _explain(run, info, index, store, searched, psi_x, pre)
+        exact = _explain_strata(run, featurizer, pre, searched, psi, progress, psi_x)
     _uncertainty(run, info, index, store, searched, psi, featurizer.rule, pre, cfg.top_k, exact)
 
 
@@ -496,7 +505,9 @@ def _uncertainty(
             continue
         dq, phi_q = unc.centred_draws(q.parts)  # (K, D), (D,)
         xq = unc.query_terms(pre.linearize(dq, phi_q, "query"), psi_c)  # (n, K)
-        xi = unc.mirrored_clip_terms(pre, dq, phi_q, psi_c, psi_q)  # (n, K)
+        # a sketched index cannot invert ψ: the clips' raw features come from RUN/features
+        pre_c = pre.with_raw(stored_features(run, ids)) if isinstance(pre, SketchedPreconditioner) else pre
+        xi = unc.mirrored_clip_terms(pre_c, dq, phi_q, psi_c, psi_q)  # (n, K)
         recomputed = 0
         for c, cid in enumerate(ids.tolist()):
             terms = exact.get((j, int(cid)))
@@ -684,30 +695,59 @@ def _place_results(
 
 
 def _explain(
-    run: RunDir, info: IndexInfo, index: Any, store: VectorStore | None, queries: list[Query], psi: np.ndarray
+    run: RunDir,
+    info: IndexInfo,
+    index: Any,
+    store: VectorStore | None,
+    queries: list[Query],
+    psi: np.ndarray,
+    pre: Any = None,
 ) -> None:
     """Each result's score split over layers and blocks (`carv_attrib.search.explain`), from the
-    clip's indexed vector (`_indexed_vectors`). A dense projector was refused by `_check_index_use`."""
+    clip's indexed vector (`_indexed_vectors`). A dense projector was refused by `_check_index_use`.
+    A sketched index (--index-dim) mixes the layers: the split is then of the uncompressed score
+    ⟨ψ_q, ψ_i⟩, from the clip's stored feature (RUN/features) preconditioned as the index was and
+    `psi` the unsketched queries; "uncompressed_score" is its total and "sketch_error" = score − it."""
     slices = layer_slices(info.projector, info.blocks)
+    base = unsketched(pre)
+    full = base is not pre and pre is not None
+    ids = sorted({int(r["clip_id"]) for q in queries for r in q.results})
+    rows = dict(zip(ids, base.prepare_train(stored_features(run, ids)))) if full and ids else {}
     for q, psi_q in zip(queries, psi):
         for r in q.results:
-            psi_i = _indexed_vectors(store, index, np.array([r["clip_id"]], dtype=np.int64))[0]
+            if full:
+                psi_i = rows[int(r["clip_id"])]
+            else:
+                psi_i = _indexed_vectors(store, index, np.array([r["clip_id"]], dtype=np.int64))[0]
             r["explain"] = explain_result(layer_split(psi_q, psi_i, slices))
+            if full:
+                total = r["explain"]["total"]
+                r["explain"] |= {"uncompressed_score": total, "sketch_error": r["score"] - total}
 
 
 def _explain_strata(
-    run: RunDir, featurizer: Featurizer, pre: Any, queries: list[Query], psi: np.ndarray, progress: ProgressFn
-) -> None:
+    run: RunDir,
+    featurizer: Featurizer,
+    pre: Any,
+    queries: list[Query],
+    psi: np.ndarray,
+    progress: ProgressFn,
+    psi_x: np.ndarray | None = None,
+) -> ClipTerms:
     """Each result's score split over timestep strata (`explain.stratum_split`): the result clips'
     per-draw parts recomputed from their cached latents with the index's draws (one K-draw backward
     per distinct clip, streamed: one clip's (K, D) parts in memory at a time), preconditioned as the
     index was; returns each (query, clip)'s exact per-draw standard-error terms. `by_stratum_total` is their sum, the score recomputed; `by_stratum_residual` = score −
     total is the rounding between the two computations (float32: ~1e-7 relative; bf16 features
-    ~1e-4; an approximate index adds its own)."""
-    hits: dict[int, list[tuple[int, np.ndarray, dict[str, Any]]]] = defaultdict(list)
-    for j, (q, psi_q) in enumerate(zip(queries, psi)):
+    ~1e-4; an approximate index adds its own). A sketched index: the strata split the uncompressed
+    score (`psi_x` the unsketched queries, the parts preconditioned unsketched), the residual is to
+    "uncompressed_score", and the standard-error terms stay those of the sketched score."""
+    base = unsketched(pre)
+    psi_x = psi if psi_x is None else psi_x
+    hits: dict[int, list[tuple[int, np.ndarray, np.ndarray, dict[str, Any]]]] = defaultdict(list)
+    for j, (q, psi_q, psi_xq) in enumerate(zip(queries, psi, psi_x)):
         for r in q.results:
-            hits[r["clip_id"]].append((j, psi_q, r))
+            hits[r["clip_id"]].append((j, psi_q, psi_xq, r))
     terms: ClipTerms = {}
     live = {cid: row.where for cid, _, row in run.live_latents().ok() if cid in hits}
     progress("explain", {"todo": len(live)})
@@ -716,15 +756,16 @@ def _explain_strata(
             clip.clip_id, clip.latent, clip.text_emb, clip.motion
         )  # (K, D), (K,)
         raw64 = raw.numpy().astype(np.float64)
-        psi_parts = pre.prepare_train_parts(raw64, raw64.sum(axis=0))  # (K, D)
+        psi_parts = base.prepare_train_parts(raw64, raw64.sum(axis=0))  # (K, D)
         di, phi_i = unc.centred_draws(raw64)
         dpsi_i = pre.linearize(di, phi_i, "train")  # (K, D): the exact standard error's clip side
-        for j, psi_q, r in hits[clip.clip_id]:
+        for j, psi_q, psi_xq, r in hits[clip.clip_id]:
             terms[(j, clip.clip_id)] = unc.clip_terms(dpsi_i, psi_q)
-            strata = stratum_split(psi_q, psi_parts, sigma.numpy(), featurizer.rule)
+            strata = stratum_split(psi_xq, psi_parts, sigma.numpy(), featurizer.rule)
             total = sum(x["score"] for x in strata)
+            score = r.get("explain", {}).get("uncompressed_score", r["score"])
             r.setdefault("explain", {}).update(
-                by_stratum=strata, by_stratum_total=total, by_stratum_residual=r["score"] - total
+                by_stratum=strata, by_stratum_total=total, by_stratum_residual=score - total
             )
         progress("clip", {"status": "ok"})
     return terms
@@ -781,6 +822,8 @@ def provenance(info: IndexInfo) -> dict[str, Any]:
         "nprobe": info.nprobe,
         "count": info.count,
         "dim": info.dim,
+        "index_dim": info.sketch["out_dim"] if info.sketch else info.dim,
+        "sketch": info.sketch,
     }
 
 
@@ -858,6 +901,10 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = 
     # one snapshot, read before anything else: the queries are encoded under this info's settings
     info, loaded = run.index_snapshot(load_index_dir)
     _check_index_use(cfg, run, info)
+    try:  # --index-dim: queries go through the index's own sketch, re-created from its record
+        loaded.pre = index_preconditioner(info.sketch, loaded.pre, int(loaded.index.d))
+    except ValueError as exc:
+        raise ConfigMismatchError(f"{run}/index: {exc}; rebuild it: `{info.rebuild_command(run)}`") from None
     model = _resolve_model(cfg, run, info)
     lora = resolve_lora(cfg, run, info)
     queries = [Query(path=str(p), prompt=t, conditioning=conditioning) for p, t in zip(cfg.queries, prompts)]

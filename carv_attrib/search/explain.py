@@ -16,6 +16,13 @@ Over timesteps: a clip's feature is the CARV average φ_i = (1/K) Σ_k w_k φ_ik
 draw, i.e. per stratum of the stratified schemes (draw k lies in stratum [k/K, (k+1)/K) of the
 proposal's CDF). `stratum_split` sums the terms per stratum and labels each with its σ interval.
 Under iid draws the bands are the density's K equal-mass intervals, each holding 0, 1 or more draws.
+
+An index built with `--index-dim D'` (`search.sketch`) ranks by ⟨Sψ_q, Sψ_i⟩, and S mixes the layers, so
+no split of the sketched score is per layer. `score --explain` then splits the *uncompressed* score
+⟨ψ_q, ψ_i⟩ instead: ψ_i from the clip's stored per-layer feature (RUN/features) preconditioned as the
+index was, ψ_q the query's unsketched vector. Both splits stay exact (they add up to
+"uncompressed_score", by_stratum_residual is measured against it), and "sketch_error" = score −
+uncompressed_score says how far the sketch moved the score that ranked the clip.
 """
 
 from __future__ import annotations

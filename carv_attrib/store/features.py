@@ -111,3 +111,27 @@ def feature_row(
         "sigmas": sigma.tolist(),
         "weights": weights.tolist(),
     }
+
+
+def stored_features(run: RunDir | Path | str, ids: Any) -> np.ndarray:
+    """(len(ids), D) float32 the live stored features (RUN/features) of clip ids, in that order:
+    the clip_id column of every live shard is read, the feature column only of shards holding one.
+    KeyError for an id with no live feature."""
+    run = RunDir(run)
+    want = [int(i) for i in np.asarray(ids).reshape(-1)]
+    wanted = set(want)
+    sub: dict[int, list[int]] = {}
+    for shard, rows in run.live_features().ok_selection().items():
+        cids = run.features.read_shard(shard, ["clip_id"]).take(pa.array(rows, pa.int64()))
+        hit = [r for r, c in zip(rows, cids.column("clip_id").to_pylist()) if int(c) in wanted]
+        if hit:
+            sub[shard] = hit
+    got: dict[int, np.ndarray] = {}
+    for cids, feats in iter_feature_blocks(run, sub):
+        got.update(zip((int(c) for c in cids), feats))
+    missing = [i for i in want if i not in got]
+    if missing:
+        raise KeyError(f"clips {missing[:10]} have no live feature in {run}/features")
+    if not want:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.stack([got[i] for i in want])

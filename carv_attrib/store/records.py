@@ -277,6 +277,8 @@ class IndexInfo:
     # targets and its absolute path), None: the full transformer's layers
     lora: dict[str, Any] | None = None
     files: dict[str, Any] = field(default_factory=dict)  # `store.digests.digest_tree` of RUN/index
+    # `search.sketch.Sketch.record()` of --index-dim (kind, dim, out_dim, seed, check); None: no sketch
+    sketch: dict[str, Any] | None = None
     created_at: str = ""
     tool_version: str = ""
     schema_version: int = INDEX_SCHEMA_VERSION
@@ -346,6 +348,8 @@ class IndexInfo:
                 args.append(f"--nprobe {self.nprobe}")
         if self.preconditioner.get("kind") == "trak":
             args.append(f"--lambda {self.lambda_rel}")
+        if self.sketch:
+            args.append(f"--index-dim {self.sketch['out_dim']}")
         return " ".join(args)
 
     @classmethod
