@@ -10,7 +10,7 @@ import pytest
 
 from carv_attrib import choices
 from carv_attrib.pipeline.score import CONDITIONINGS
-from carv_attrib.search import scale, uncertainty
+from carv_attrib.search import scale, sketch, uncertainty
 
 SCHEMA = Path(__file__).resolve().parents[1] / "carv_attrib" / "schemas" / "attribution.schema.json"
 
@@ -22,6 +22,7 @@ EXPECTED: dict[str, tuple[str, ...] | None] = {
     "index/estimator/objective/kind": choices.OBJECTIVES,
     "index/projector/kind": choices.PROJECTORS,
     "index/preconditioner/kind": choices.PRECONDITIONERS,
+    "index/sketch/kind": sketch.SKETCH_KINDS,
     "aggregate/method": tuple(a for a in choices.AGGREGATES if a != "none"),  # none: no aggregate key
     "queries/status": None,
     "queries/conditioning": CONDITIONINGS,
