@@ -62,6 +62,12 @@ class PlanConfig(StageConfig):
     layers: list[str] = option(
         default_factory=lambda: list(DEFAULT_LAYERS), help="Glob on Linear module names (repeatable)."
     )
+    lora: Path | None = option(
+        None,
+        metavar="DIR",
+        help="A LoRA adapter trained on MODEL: pilot the adapter's A/B gradients, as `featurize --lora` "
+        "computes them (the proposal and K then fit that feature); replaces --layers.",
+    )
     seed: int = seed_option()
     device: str = device_option()
     dtype: str = dtype_option()
@@ -76,6 +82,8 @@ class PlanConfig(StageConfig):
         check_choice("--objective", self.objective, OBJECTIVES)
         check_choice("--output-fn", self.output_fn, OUTPUT_FNS)
         check_choice("--dtype", self.dtype, DTYPES)
+        if self.lora is not None and list(self.layers) != list(DEFAULT_LAYERS):
+            raise UsageError("--lora pilots the adapter's A and B layers: give --lora or --layers, not both")
         if (
             self.pilot_clips < 2
             or self.rank_clips < 3

@@ -57,6 +57,7 @@ from carv_attrib.config.resume import recorded_options
 from carv_attrib.errors import UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder
 from carv_attrib.models.identity import check_encoder_matches
+from carv_attrib.models.lora import lora_identity
 from carv_attrib.optional import require_matplotlib
 from carv_attrib.pipeline._job import ProgressFn, noop, record
 from carv_attrib.store.latents import CachedClip, iter_cached
@@ -190,8 +191,11 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = noop) -> dict[str, Any]:
         cfg.output_fn,
         cfg.device,
         cfg.dtype,
-        new_projector=lambda t: build_projector("kron", t, cfg.layers, cfg.seed, cfg.proj_dim, "gaussian"),
+        new_projector=lambda t: build_projector(
+            "kron", t, cfg.layers, cfg.seed, cfg.proj_dim, "gaussian", lora=cfg.lora is not None
+        ),
         objective=objective_spec(cfg.objective),
+        lora=None if cfg.lora is None else str(cfg.lora),
     )
     estimate = pilot_estimate(featurizer, clips, len(rank_clips), cfg, encode_cost_or_none(run))
     progress("cost", estimate)  # before the pilot: the user can stop it and trim its size
@@ -233,6 +237,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = noop) -> dict[str, Any]:
         "density": p.spec,
         "output_fn": cfg.output_fn,
         "objective": cfg.objective,
+        "lora": None if cfg.lora is None else lora_identity(cfg.lora),
         "pilot": {
             "clips": len(clips),
             "bins": cfg.bins,

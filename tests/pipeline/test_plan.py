@@ -219,3 +219,26 @@ def test_cli_plan_dry_run_prints_the_cost_and_writes_nothing(
     assert "--replicates" in res.output
     assert not (tmp_path / "plan.json").exists()
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_plan_pilots_a_lora_adapter_and_featurize_takes_the_plan(
+    encoded_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from tests.pipeline.test_lora_attribution import make_adapter
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=1)
+    cfg = PlanConfig(
+        run=encoded_run, model=str(tiny_model_dir), out=tmp_path / "plan.json", pilot_clips=2, bins=2, draws=2,
+        replicates=2, rank_clips=4, k_max=2, device="cpu", lora=adapter,
+    )  # fmt: skip
+    doc = run_plan(cfg)
+    assert doc["projector"]["lora"] is True and len(doc["lora"]["weights_sha256"]) == 64
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run, run)
+    s = run_featurize(
+        FeaturizeConfig(run=run, model=str(tiny_model_dir), device="cpu", lora=adapter, timesteps="stratified-is",
+                        draws=2, plan=tmp_path / "plan.json", batch_clips=4)
+    )  # fmt: skip
+    assert s.computed == 8
+    with pytest.raises(UsageError, match="--lora or --layers"):
+        PlanConfig(run=encoded_run, model="m", lora=adapter, layers=["blocks.0.*"]).validate()
