@@ -80,6 +80,11 @@ PILOT_SCHEMES = (
 PILOT_SEED_OFFSET = 7_919  # pilot draws never coincide with featurize's (seed, stream, k) draws
 
 
+def k_ladder(k_max: int) -> list[int]:
+    """The K the ECM table lists and the ranking pilot tries, in order: 1, 2, 4, … ≤ k_max (up to 256)."""
+    return [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= k_max] or [k_max]
+
+
 def scheme_name(scheme: str, antithetic: bool) -> str:
     return scheme + ("+antithetic" if antithetic else "")
 
@@ -205,7 +210,7 @@ def scheme_variances(
 def ecm_table(variances: dict[str, dict[str, float]], costs: Costs, k_max: int) -> dict[str, Any]:
     """Per scheme: variances per draw and the ECM at each K, both of the stored (attribution) feature."""
     base = VarianceComponents(between=0.0, within=variances["iid"]["stored"])
-    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= k_max]
+    ks = k_ladder(k_max)
     table = {}
     for name, v in variances.items():
         var = v["stored"]
@@ -246,7 +251,7 @@ def ranking_draws(
 
     n = len(clips)
     top_k = max(1, min(STABLE["top_k"], (n - 1) // 3))
-    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= k_max] or [k_max]
+    ks = k_ladder(k_max)
     curve = []
     for k in ks:
         scores = []

@@ -31,15 +31,6 @@ from carv_attrib.store.run import RunDir
 COMPARE_FACTORIES = ("Flat", "IVF4096,SQ8", "IVF4096,PQ64x4fs")
 
 
-def _stage_timing(run: RunDir, stage: str) -> tuple[float, int] | None:
-    """(wall seconds per clip, clips timed) of a stage's finished shards; None without timings."""
-    store = run.latents if stage == "latents" else run.features
-    stats = store.read_stats()
-    clips = sum(int(s.get("clips", 0)) for s in stats)
-    wall = sum(float(s.get("wall_s", 0.0)) for s in stats)
-    return (wall / clips, clips) if clips and wall > 0 else None
-
-
 def _bytes_per_clip(run: RunDir, stage: str) -> float | None:
     store = run.latents if stage == "latents" else run.features
     files = sorted(store.dir.glob("part-*.parquet"))
@@ -106,9 +97,9 @@ def _timings(cfg: CostConfig, run: RunDir, run_k: int | None) -> dict[str, Any]:
             )
         if out["c_draw_s"] is None:
             out["c_draw_s"], out["c_draw_source"] = float(costs["c_draw"]), f"plan {cfg.plan}: median s/draw"
-    if out["c_enc_s"] is None and (enc := _stage_timing(run, "latents")) is not None:
+    if out["c_enc_s"] is None and (enc := run.latents.seconds_per_clip()) is not None:
         out["c_enc_s"], out["c_enc_source"] = enc[0], f"encode shard stats of {run} ({enc[1]} clips)"
-    if out["c_draw_s"] is None and run_k and (feat := _stage_timing(run, "features")) is not None:
+    if out["c_draw_s"] is None and run_k and (feat := run.features.seconds_per_clip()) is not None:
         out["c_draw_s"] = feat[0] / run_k
         out["c_draw_source"] = f"featurize shard stats of {run} ({feat[1]} clips at K={run_k}) / K"
     return out

@@ -44,6 +44,7 @@ from carv_attrib.attrib.pilot import (  # noqa: F401  (NOISE_SHARE, PILOT_SCHEME
     PilotSettings,
     ecm_table,
     fit_proposal,
+    k_ladder,
     ranking_draws,
     recommend,
     scheme_name,
@@ -95,35 +96,25 @@ def reencode_cost(
 
 def encode_cost(run: RunDir) -> float:
     """Seconds per clip of the encode stage (decode wait + VAE + text), from its shard stats."""
-    stats = run.latents.read_stats()
-    clips = sum(s["clips"] for s in stats)
-    wall = sum(s.get("wall_s", 0.0) for s in stats)
-    if not clips or not wall:
+    timing = run.latents.seconds_per_clip()
+    if timing is None:
         raise UsageError(f"{run}: the encode stats hold no timings; re-run encode to measure c_enc")
-    return wall / clips
-
-
-def encode_cost_or_none(run: RunDir) -> float | None:
-    try:
-        return encode_cost(run)
-    except UsageError:
-        return None
+    return timing[0]
 
 
 def pilot_draw_counts(cfg: PlanConfig, pilot: int, ranked: int) -> dict[str, int]:
     """Per-clip (σ, ε) draws the pilot differentiates, by step: the proposal's bins (pilot × bins ×
     draws_per_bin), the scheme variances (schemes × replicates × pilot × K) and the ranking (ranked
     clips × 2 seeds × Σ K over 1, 2, 4, … up to the first stable K: at least K = 1, at most --k-max)."""
-    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= cfg.k_max] or [cfg.k_max]
-    fixed = pilot * cfg.bins * cfg.draws_per_bin + len(PILOT_SCHEMES) * cfg.replicates * pilot * cfg.draws
-    return {
+    ks = k_ladder(cfg.k_max)
+    d = {
         "proposal": pilot * cfg.bins * cfg.draws_per_bin,
         "variances": len(PILOT_SCHEMES) * cfg.replicates * pilot * cfg.draws,
         "ranking_min": ranked * 2 * ks[0],
         "ranking_max": ranked * 2 * sum(ks),
-        "total_min": fixed + ranked * 2 * ks[0],
-        "total_max": fixed + ranked * 2 * sum(ks),
     }
+    fixed = d["proposal"] + d["variances"]
+    return d | {"total_min": fixed + d["ranking_min"], "total_max": fixed + d["ranking_max"]}
 
 
 def pilot_estimate(
@@ -197,7 +188,8 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn = noop) -> dict[str, Any]:
         objective=objective_spec(cfg.objective),
         lora=None if cfg.lora is None else str(cfg.lora),
     )
-    estimate = pilot_estimate(featurizer, clips, len(rank_clips), cfg, encode_cost_or_none(run))
+    timing = run.latents.seconds_per_clip()  # (s/clip, clips) of the encode stage, None if untimed
+    estimate = pilot_estimate(featurizer, clips, len(rank_clips), cfg, timing[0] if timing else None)
     progress("cost", estimate)  # before the pilot: the user can stop it and trim its size
     if cfg.dry_run:
         return {"schema": PLAN_SCHEMA, "dry_run": True, "run": str(run), "estimate": estimate}

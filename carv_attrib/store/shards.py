@@ -315,6 +315,13 @@ class ShardStore:
     def read_stats(self) -> list[dict[str, Any]]:
         return [read_json(self.done_path(i)) for i in self.done_shards()]
 
+    def seconds_per_clip(self) -> tuple[float, int] | None:
+        """(wall seconds per clip, clips timed) over the finished shards' stats; None without timings."""
+        stats = self.read_stats()
+        clips = sum(int(s.get("clips", 0)) for s in stats)
+        wall = sum(float(s.get("wall_s", 0.0)) for s in stats)
+        return (wall / clips, clips) if clips and wall > 0 else None
+
     def read_table(self, columns: list[str] | None = None, filters: Any = None) -> Any:
         """All done shards as one Arrow table (shards without a done marker are ignored)."""
 
