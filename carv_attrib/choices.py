@@ -15,6 +15,7 @@ PROJECTORS = ("kron", "dense")  # attrib.projection / attrib.featurizer.build_pr
 MATRIX_KINDS = ("gaussian", "rademacher")  # attrib.projection's random matrices
 PRECONDITIONERS = ("identity", "trak", "cosine", "normalize")  # search.precondition
 DTYPES = ("float32", "bfloat16", "float16")  # models.wan: the model's compute dtype
+SKETCH_KINDS = ("srht", "countsketch")  # search.sketch: index --sketch, the D -> D' compression
 
 # Choices of the CLI alone (no library dispatch), defined here too so that config holds no list of names.
 LATENT_DTYPES = ("float32", "float16")  # encode --latent-dtype: storage dtype of the cache

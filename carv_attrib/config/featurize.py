@@ -14,6 +14,7 @@ from carv_attrib.choices import (
     PRECONDITIONERS,
     PROJECTORS,
     SCHEMES,
+    SKETCH_KINDS,
     VECTOR_DTYPES,
 )
 from carv_attrib.config.checks import check_choice, check_distribution, check_min, parse_kron_dims
@@ -86,6 +87,14 @@ class IndexConfig(StageConfig):
         help="Compress the indexed vectors to DIM dims by a seeded SRHT sketch after the preconditioner "
         "(unbiased inner products; 0 or unset: none; 16384 lost < 0.01 LDS on the bench worlds).",
     )
+    sketch: str = option(
+        "srht",
+        help=f"With --index-dim: the sketch ({choice_help(SKETCH_KINDS)}; SRHT had the smaller score "
+        "error on the bench worlds).",
+    )
+    sketch_seed: int = option(
+        0, metavar="SEED", help="With --index-dim: the sketch's seed (recorded in the index)."
+    )
     wait: bool = wait_option()
 
     def validate(self) -> IndexConfig:
@@ -93,8 +102,10 @@ class IndexConfig(StageConfig):
         (below the feature dim: checked when the index is built); returns self."""
         check_choice("--precondition", self.precondition, PRECONDITIONERS)
         check_choice("--vector-dtype", self.vector_dtype, VECTOR_DTYPES)
+        check_choice("--sketch", self.sketch, SKETCH_KINDS)
         if self.index_dim is not None:
             check_min("--index-dim", self.index_dim, 0)
+        check_min("--sketch-seed", self.sketch_seed, 0)
         if self.nprobe is not None:
             check_min("--nprobe", self.nprobe, 1)
         if self.lambda_rel <= 0:

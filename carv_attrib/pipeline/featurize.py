@@ -290,7 +290,9 @@ def _featurize_and_index(
 ) -> FeaturizeResult:
     started = time.monotonic()
     index_cfg, kept = index_config_keeping(cfg.run, dict(index_options or {}))  # refused before the work
-    check = None if cfg.shard is not None else (lambda dim, n: precheck_index(index_cfg, dim, n))
+    check = (
+        None if cfg.shard is not None else (lambda dim, n, blocks: precheck_index(index_cfg, dim, n, blocks))
+    )
     summary = run_featurize(cfg, progress, index_check=check)
     if summary.dry_run:
         return FeaturizeResult(summary)
@@ -317,12 +319,12 @@ def _featurize_and_index(
 def run_featurize(
     cfg: FeaturizeConfig,
     progress: ProgressFn = noop,
-    index_check: Callable[[int, int], None] | None = None,
+    index_check: Callable[[int, int, list[int]], None] | None = None,
 ) -> FeaturizeSummary:
     """Compute the features RUN/features lacks: one per live ok latent (all the first time; then the
     clips added or changed since, `carv_attrib.store.live`). Everything is checked before the first
     write. Raises UsageError / ConfigMismatchError (exit 2) for a run without latents, a model that
-    did not encode it, or a stage made with other options. `index_check(dim, clips)` (the CLI's
+    did not encode it, or a stage made with other options. `index_check(dim, clips, blocks)` (the CLI's
     `pipeline.index.precheck_index`) refuses an index that could not be built, before any work.
     RunLockedError (exit 2) while another command writes RUN (unless cfg.wait)."""
     with _lock(cfg):
@@ -332,7 +334,7 @@ def run_featurize(
 def _run_featurize(
     cfg: FeaturizeConfig,
     progress: ProgressFn = noop,
-    index_check: Callable[[int, int], None] | None = None,
+    index_check: Callable[[int, int, list[int]], None] | None = None,
 ) -> FeaturizeSummary:
     t0 = time.monotonic()
     cfg.validate()
@@ -355,7 +357,7 @@ def _run_featurize(
     store = run.features
     resumes = store.check(config, overwrite=cfg.overwrite, what="featurize")
     if index_check is not None:
-        index_check(featurizer.dim, len(live.ok()))
+        index_check(featurizer.dim, len(live.ok()), featurizer.blocks)  # per checkpoint: trak's blocks
     if cfg.executor == "ray" and not cfg.dry_run:
         del featurizer  # the parts load their own; the driver's final pass loads it again
         before = run.live_features(live) if resumes else LiveFeatures({}, live.ok(), set(), 0)

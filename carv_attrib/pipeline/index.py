@@ -95,7 +95,9 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
     blocks = frec.blocks(prov)  # one per checkpoint
     dim = sum(blocks)
     try:
-        sketch = sketch_for(cfg.index_dim, dim)  # --index-dim: D -> D' after the preconditioner
+        sketch = sketch_for(
+            cfg.index_dim, dim, cfg.sketch, cfg.sketch_seed
+        )  # --index-dim: D -> D' after the preconditioner
         dim_out = indexed_dim(cfg.index_dim, dim)
         index = new_index(dim_out, cfg.index_factory, use_gpu)  # a bad factory is refused before any pass
         check_trainable(index, int(ids.size), cfg.index_factory)
@@ -225,7 +227,7 @@ def precheck_index(cfg: IndexConfig, dim: int, n: int, blocks: list[int] | None 
     (with a trak preconditioner over `blocks`, one block of dim when not given) that would not fit in
     the memory available, or an --index-dim not below dim. UsageError (exit 2)."""
     try:
-        sketch_for(cfg.index_dim, dim)
+        sketch_for(cfg.index_dim, dim, cfg.sketch, cfg.sketch_seed)
         dim_out = indexed_dim(cfg.index_dim, dim)  # the FAISS index's; the preconditioner fits at dim
         check_trainable(new_index(dim_out, cfg.index_factory, use_gpu=False), n, cfg.index_factory)
         check_fits(n, dim_out, cfg.index_factory, **_preconditioner_memory(cfg, n, dim, blocks))
@@ -240,6 +242,8 @@ INDEX_FLAGS = {
     "nprobe": "--nprobe",
     "vector_dtype": "--vector-dtype",
     "index_dim": "--index-dim",
+    "sketch": "--sketch",
+    "sketch_seed": "--sketch-seed",
 }
 
 
@@ -260,6 +264,9 @@ def index_config_keeping(run: Path | str, given: dict[str, Any]) -> tuple[IndexC
             "nprobe": info.nprobe,
             "index_dim": info.sketch["out_dim"] if info.sketch else None,
         }
+        if info.sketch:
+            previous["sketch"] = info.sketch["kind"]
+            previous["sketch_seed"] = int(info.sketch.get("seed", 0))
         if info.factory != "Flat":  # a Flat index keeps no vectors: nothing to carry over
             previous["vector_dtype"] = info.rerank_vectors or "none"
     cfg = IndexConfig(run=run, **{**previous, **explicit}).validate()

@@ -43,7 +43,10 @@ from typing import Any
 
 import numpy as np
 
-SKETCH_KINDS = ("srht", "countsketch")
+from carv_attrib.choices import SKETCH_KINDS
+
+__all__ = ["SKETCH_KINDS", "Sketch", "SketchSpec", "sketch_for"]
+
 DEFAULT_SKETCH = "srht"
 DEFAULT_SKETCH_SEED = 0
 SKETCH_FILE = "sketch.json"
@@ -227,12 +230,15 @@ def unsketched(pre: Any) -> Any:
     return pre.base if isinstance(pre, SketchedPreconditioner) else pre
 
 
-def sketch_for(index_dim: int | None, dim: int, kind: str = DEFAULT_SKETCH) -> Sketch | None:
-    """The sketch `--index-dim index_dim` asks of D = dim features: None for None or 0 (no
-    compression); ValueError for index_dim >= dim (nothing to compress)."""
+def sketch_for(
+    index_dim: int | None, dim: int, kind: str = DEFAULT_SKETCH, seed: int = DEFAULT_SKETCH_SEED
+) -> Sketch | None:
+    """The sketch `--index-dim index_dim --sketch kind --sketch-seed seed` asks of D = dim features:
+    None for None or 0 (no compression); ValueError for index_dim >= dim (nothing to compress) or an
+    unknown kind."""
     if not index_dim:
         return None
-    return Sketch(SketchSpec(kind, int(dim), int(index_dim)))
+    return Sketch(SketchSpec(kind, int(dim), int(index_dim), int(seed)))
 
 
 def indexed_dim(index_dim: int | None, dim: int) -> int:

@@ -29,7 +29,13 @@ from carv_attrib.store.digests import doc_digest
 from carv_attrib.store.shards import read_json, write_json_atomic
 from carv_attrib.video.decode import FramePolicy
 
-INDEX_SCHEMA_VERSION = 3  # 3: live_digest replaces feature_shards (content-addressed runs)
+INDEX_SCHEMA_VERSION = (
+    4  # 3: live_digest replaces feature_shards (content-addressed runs); 4: sketch, trak forms
+)
+# Index schemas this version reads. 4 added fields that change what `score` must do (the --index-dim
+# sketch, a factored TRAK preconditioner): a reader that ignored them would score wrongly, so older
+# tools (which accept exactly 3) refuse a 4; a 3 has neither, and reads here as it is.
+READABLE_INDEX_SCHEMAS = (3, 4)
 # The stage configs carried no version before these records: version 1 is implicit,
 # and `to_dict` writes the key only for a later version, so today's bytes stay as they are.
 STAGE_SCHEMA_VERSION = 1
@@ -350,6 +356,10 @@ class IndexInfo:
             args.append(f"--lambda {self.lambda_rel}")
         if self.sketch:
             args.append(f"--index-dim {self.sketch['out_dim']}")
+            if self.sketch.get("kind", "srht") != "srht":
+                args.append(f"--sketch {self.sketch['kind']}")
+            if self.sketch.get("seed", 0):
+                args.append(f"--sketch-seed {self.sketch['seed']}")
         return " ".join(args)
 
     @classmethod
@@ -372,7 +382,7 @@ class IndexInfo:
                 f"{path} was changed after the index was built (its content no longer matches its "
                 f"digest: edited by hand?); rebuild the index: `{how}`"
             )
-        if d.get("schema_version") != INDEX_SCHEMA_VERSION:
+        if d.get("schema_version") not in READABLE_INDEX_SCHEMAS:
             raise ConfigMismatchError(
                 f"{path} was written by carv-attrib {d.get('tool_version', '?')} (index schema "
                 f"{d.get('schema_version')}, this version reads {INDEX_SCHEMA_VERSION}); rebuild it with "

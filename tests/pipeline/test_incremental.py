@@ -145,7 +145,7 @@ def test_featurize_refuses_an_index_it_could_not_build_before_computing(world: W
     world.encode(run)
     cfg = IndexConfig(run=run, index_factory="IVF1024,Flat")
     with pytest.raises(UsageError, match="cannot train it"):
-        world.featurize(run, index_check=lambda dim, n: precheck_index(cfg, dim, n))
+        world.featurize(run, index_check=lambda dim, n, blocks: precheck_index(cfg, dim, n, blocks))
     assert RunDir(run).features.read_config() is None, "nothing computed or written"
 
 

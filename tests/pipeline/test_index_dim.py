@@ -185,3 +185,26 @@ def test_an_approximate_sketched_index_reranks_from_sketched_vectors(
     by_id = dict(zip(ids.tolist(), brute.tolist()))
     for r in q["results"]:  # re-ranked from the float16 sketched vectors
         assert r["score"] == pytest.approx(by_id[r["clip_id"]], abs=2e-3)
+
+
+def test_sketch_kind_and_seed_are_options_recorded_and_kept(
+    sketched_run: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    """`--sketch countsketch --sketch-seed 3`: the index records them, a rebuild keeps them, the rebuild
+    line names them, and score re-creates that sketch (its queries' vectors are the recorded sketch's)."""
+    run = tmp_path / "run"
+    shutil.copytree(sketched_run, run)
+    d2 = RunDir(run).index_info().sketch["out_dim"]
+    args = ["index", str(run), "--index-dim", str(d2), "--sketch", "countsketch", "--sketch-seed", "3"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    info = RunDir(run).index_info()
+    assert (info.sketch["kind"], info.sketch["seed"], info.sketch["out_dim"]) == ("countsketch", 3, d2)
+    assert "--sketch countsketch --sketch-seed 3" in info.rebuild_command(run)
+    cfg, kept = index_config_keeping(run, {})
+    assert (cfg.sketch, cfg.sketch_seed) == ("countsketch", 3)
+    assert kept["--sketch"] == "countsketch" and kept["--sketch-seed"] == 3
+    q = _score(run, demo_data, "demo-00000")
+    assert q["status"] == "ok"
+    r = CliRunner().invoke(app, ["index", str(run), "--index-dim", str(d2), "--sketch", "nope"])
+    assert r.exit_code == 2 and "--sketch" in r.output

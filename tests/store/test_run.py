@@ -141,7 +141,7 @@ def test_index_info_of_a_featurized_run_round_trips(featurized_run: Path, tmp_pa
     assert IndexInfo.read(tmp_path / "i.json") == info
 
 
-@pytest.mark.parametrize("version", [INDEX_SCHEMA_VERSION - 1, INDEX_SCHEMA_VERSION + 1, None])
+@pytest.mark.parametrize("version", [2, INDEX_SCHEMA_VERSION + 1, None])
 def test_another_schema_version_is_refused(tmp_path: Path, version: int | None) -> None:
     run = RunDir(tmp_path / "run")
     d = make_info().to_dict()
@@ -315,3 +315,12 @@ def test_a_swap_interrupted_after_its_first_rename_is_restored_by_a_reader(tmp_p
     assert run.recover_index() == "index swap interrupted: restored the previous index"
     assert _tree(run.index_dir) == before and not run.index_old.exists()
     assert run.recover_index() is None  # nothing left to do
+
+
+def test_a_schema_3_index_still_reads(tmp_path: Path) -> None:
+    """Schema 4 only added fields (sketch, trak forms) that a schema-3 index does not use."""
+    d = make_info().to_dict() | {"schema_version": 3}
+    d.pop("sketch", None)
+    (tmp_path / "i.json").write_text(json.dumps(d))
+    back = IndexInfo.read(tmp_path / "i.json")
+    assert back.schema_version == 3 and back.sketch is None
