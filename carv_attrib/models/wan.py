@@ -20,14 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import diffusers
-import diffusers.utils.logging as dlog
 import torch
-import transformers
-import transformers.utils.logging as tlog
-from diffusers import WanTransformer3DModel
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-from safetensors.torch import load_file
 
 from carv_attrib.choices import DTYPES
 from carv_attrib.errors import ModelLoadError, UsageError
@@ -99,6 +92,9 @@ def _quiet_hf() -> None:
     # Loading bars from transformers/diffusers would interleave with our own progress on stderr.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
         tlog.disable_progress_bar()
         dlog.disable_progress_bar()
         tlog.set_verbosity_error()
@@ -122,6 +118,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _load_one(source: str, name: str, dtype: Any) -> Any:
     lib, cls_name = COMPONENT_CLASSES[name]
+    import diffusers  # imported here, not at module level: commands that never load a model stay light
+    import transformers
+
     cls = getattr(diffusers if lib == "diffusers" else transformers, cls_name)
     kwargs: dict[str, Any] = {"subfolder": name}
     if name != "tokenizer":
@@ -240,6 +239,8 @@ def encode_prompts(wan: WanModel, prompts: Sequence[str], batch_size: int = 16) 
     Steps of `WanPipeline._get_t5_prompt_embeds`: prompt_clean (ftfy if installed, html unescape,
     whitespace collapse) → tokenize padded to 512 with mask → UMT5 → keep the first seq_len rows.
     """
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
     out: list[Any] = []
     param = next(wan.text_encoder.parameters())
     for start in range(0, len(prompts), batch_size):
@@ -268,6 +269,8 @@ def prompt_token_lengths(tokenizer: Any, prompts: Sequence[str]) -> list[int]:
     (`encode_prompts` truncates, as WanPipeline does), so the caller can say so."""
     if not prompts:
         return []
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
     ids = tokenizer(
         [prompt_clean(p) for p in prompts], add_special_tokens=True, truncation=False, verbose=False
     )["input_ids"]
@@ -293,6 +296,9 @@ def load_transformer(
     A checkpoint is a diffusers transformer directory (config.json + weights), a pipeline directory
     (with transformer/), or a .safetensors file of transformer weights loaded into MODEL's config.
     """
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
     _quiet_hf()
     tdtype = torch_dtype(dtype)
     if checkpoint is None:
