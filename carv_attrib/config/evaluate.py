@@ -25,7 +25,8 @@ MIN_EVAL_TRAIN, MIN_EVAL_QUERIES, MIN_EVAL_SUBSETS = 8, 2, 8
 
 @dataclass(kw_only=True)
 class EvaluateConfig(StageConfig):
-    """`evaluate`: LDS of featurize settings on RUN, by retraining MODEL on random halves of its clips."""
+    """`evaluate`: LDS of featurize settings on RUN, by retraining MODEL (or, with `lora`, the LoRA
+    adapter DIR's recipe trains on MODEL) on random halves of its clips."""
 
     run: Path = run_argument("Run directory with a latent cache (from encode).")
     model: str = model_option(help="Wan2.1 model whose transformer is the shared init of every retraining.")

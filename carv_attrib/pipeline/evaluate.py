@@ -47,8 +47,9 @@ from carv_attrib.lds.retrain import LoraTrainJob, TrainJob, run_trainings, subse
 from carv_attrib.lds.study import NAMED_VARIANTS, LdsProblem, score_variants
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity, model_identity
 from carv_attrib.models.lora import file_sha256, is_lora_dir
+from carv_attrib.models.train import FINETUNE_RECORD as RECORD
+from carv_attrib.models.train import read_finetune_record as read_record
 from carv_attrib.optional import require_matplotlib
-from carv_attrib.pipeline.finetune import RECORD, read_record
 from carv_attrib.store.latents import CachedClip, iter_cached
 from carv_attrib.store.lock import run_lock
 from carv_attrib.store.manifest import read_text_file
