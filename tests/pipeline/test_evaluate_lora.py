@@ -172,3 +172,19 @@ def test_cli_lora(lora_world: tuple[Path, Path], tiny_model_dir: Path, tmp_path:
     assert r.exit_code == 2 and f"no {RECORD}" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (
         r.stderr
     )
+
+
+def test_train_seeds_vary_the_minibatch_seed_only(
+    lora_world: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    run, lora = lora_world
+    doc = run_evaluate(
+        _cfg(run, tiny_model_dir, lora, tmp_path / "e.json", train_seeds=2, variant=["default"])
+    )
+    models = Path(doc["adapter"]["full_adapter"]["path"]).parent
+    meta = json.loads((models / "subset-000-s1" / "carv_lora.json").read_text())["retrained"]
+    assert (meta["seed"], meta["sample_seed"]) == (3, 1003) and doc["protocol"]["train_seeds"] == 2
+    a, b = (load_file(str(models / m / LORA_WEIGHTS)) for m in ("subset-000", "subset-000-s1"))
+    assert any(not (a[k] == b[k]).all() for k in a)  # other minibatches: another adapter
