@@ -246,10 +246,13 @@ def _lora_problem(
         dtype=np.float64,
     )
     full = models / "full"
+    dir_ids = ((read_record(lora) or {}).get("settings") or {}).get("clip_ids")  # None: every clip of RUN
     adapter = {
         "path": str(lora.resolve()),
         "weights_sha256": file_sha256(lora / "pytorch_lora_weights.safetensors"),
         **recipe,
+        # DIR is not what is attributed: whether its own training saw the held-out queries
+        "saw_queries": dir_ids is None or bool({c.clip_id for c in query} & {int(i) for i in dir_ids}),
         "full_adapter": {
             "path": str(full),
             "weights_sha256": file_sha256(full / "pytorch_lora_weights.safetensors"),

@@ -65,7 +65,7 @@ def test_lora_lds_records_the_adapter_and_resumes(
     ad = doc["adapter"]
     assert ad["weights_sha256"] == file_sha256(lora / LORA_WEIGHTS) and ad["path"] == str(lora.resolve())
     assert (ad["rank"], ad["alpha"], ad["targets"]) == (2, 2.0, rec["settings"]["lora"]["targets"])
-    assert ad["finetune_fingerprint"] == rec["fingerprint"]
+    assert ad["finetune_fingerprint"] == rec["fingerprint"] and ad["saw_queries"] is True
     # the attributed adapter is DIR's recipe retrained on the 8 training clips, not DIR (queries held out)
     full = Path(ad["full_adapter"]["path"])
     assert (
