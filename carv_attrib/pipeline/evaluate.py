@@ -14,8 +14,9 @@ With `lora` (a directory `carv-attrib finetune RUN -m MODEL --lora RANK` wrote),
 evaluated: MODEL's transformer is the frozen base, and every model is a fresh adapter trained with
 DIR's recipe as its carv_finetune.json records it (rank, alpha, targets, steps, lr, optimizer,
 batch, draws, density, seed: the same initialisation A, B = 0, and the same minibatch generator
-seed; `lds.retrain.train_lora`). DIR itself is not attributed: it was trained on all of RUN's clips,
-the held-out queries included, so its training set is not the one the subsets are halves of. The
+seed; `lds.retrain.train_lora`). DIR itself is not attributed: finetune trains on every clip of
+RUN, the held-out queries included (the document's `saw_queries` says whether DIR did), so its
+training set is not the one the subsets are halves of. The
 faithful *full model* is DIR's recipe retrained on the training clips only, and the subset adapters
 are the same recipe on each half; the settings attribute through the full adapter's A/B gradients
 as `featurize --lora` computes them (exact when small). `--train-seeds` > 1 varies the minibatch
@@ -254,7 +255,7 @@ def _lora_problem(
         # DIR is not what is attributed: whether its own training saw the held-out queries
         "saw_queries": dir_ids is None or bool({c.clip_id for c in query} & {int(i) for i in dir_ids}),
         "full_adapter": {
-            "path": str(full),
+            "path": str(full.resolve()),
             "weights_sha256": file_sha256(full / "pytorch_lora_weights.safetensors"),
             "train_clips": len(train),
             "note": "the adapter attributed: DIR's recipe retrained on the training clips (queries held out)",
