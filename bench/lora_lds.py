@@ -22,6 +22,11 @@ Features at the full adapter, K draws per clip (the tool's default estimator), t
 LDS (Spearman over subsets, per query) with the tool's default preconditioner (normalize) and TRAK;
 CIs over queries and replicates (and over subsets), the paired difference (a) − (b), pooled over worlds.
 
+For a user's own adapter, `carv-attrib evaluate RUN -m MODEL --lora DIR` runs the same protocol in
+the library (`lds.retrain.LoraTrainJob`, `lds.study` with `LdsProblem.lora`), retraining with the
+minibatch recipe `finetune --lora` recorded; this bench keeps its full-batch recipe (lower-noise
+ground truth) and the merged-model comparisons, which are research questions, not a command.
+
     nice /work/main/.venv/bin/python bench/lora_lds.py            # all worlds; resumes from bench/_work
     nice /work/main/.venv/bin/python bench/lora_lds.py --table    # the README table from the JSON
 """

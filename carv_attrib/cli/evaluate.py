@@ -15,7 +15,8 @@ from carv_attrib.config import EvaluateConfig
 def evaluate(cfg: EvaluateConfig, fmt: str | None) -> None:
     """How faithful are the attributions on RUN? Hold out queries, retrain MODEL on random halves of
     the other clips, and score each --variant setting by LDS with a 95 % CI over subsets, queries and
-    seeds (JSON to --out)."""
+    seeds (JSON to --out). With --lora DIR, LoRA attribution: the adapter is retrained with DIR's
+    finetune recipe on each half, MODEL frozen, and attributed through its A/B gradients."""
     from carv_attrib.pipeline.evaluate import run_evaluate
 
     fmt = check_format(fmt)

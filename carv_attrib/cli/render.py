@@ -4,6 +4,7 @@ errors) is printed literally, never as rich markup."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
@@ -390,8 +391,15 @@ def score_tables(doc: dict[str, Any]) -> None:
 def evaluate(doc: dict[str, Any]) -> None:
     """An evaluate document: one LDS row per featurize setting, with the random-scores floor."""
     p, floor = doc["protocol"], doc["random_floor"]
+    ad = doc.get("adapter")
+    through = (
+        f" through LoRA {Path(ad['path']).name} (rank {ad['rank']}, {ad['weights_sha256'][:12]}; retrained "
+        f"on the training clips)"
+        if ad
+        else ""
+    )
     table = Table(
-        title=f"LDS on {p['train_clips']} clips, {p['queries']} queries, {p['subsets']} subsets "
+        title=f"LDS on {p['train_clips']} clips, {p['queries']} queries, {p['subsets']} subsets{through} "
         f"(random scores {floor['mean']:.3f} ± {floor['sd']:.3f})",
         title_justify="left",
     )

@@ -25,7 +25,8 @@ MIN_EVAL_TRAIN, MIN_EVAL_QUERIES, MIN_EVAL_SUBSETS = 8, 2, 8
 
 @dataclass(kw_only=True)
 class EvaluateConfig(StageConfig):
-    """`evaluate`: LDS of featurize settings on RUN, by retraining MODEL on random halves of its clips."""
+    """`evaluate`: LDS of featurize settings on RUN, by retraining MODEL (or, with `lora`, the LoRA
+    adapter DIR's recipe trains on MODEL) on random halves of its clips."""
 
     run: Path = run_argument("Run directory with a latent cache (from encode).")
     model: str = model_option(help="Wan2.1 model whose transformer is the shared init of every retraining.")
@@ -61,6 +62,14 @@ class EvaluateConfig(StageConfig):
         help="JSON of measured subset outputs instead of retraining: {queries: [vid], subsets: [[vid]], "
         "gt_values: [[M x Q]]} (−loss, larger = helped).",
     )
+    lora: Path | None = option(
+        None,
+        metavar="DIR",
+        help="Evaluate LoRA attribution: DIR is an adapter `finetune --lora` trained on RUN and MODEL "
+        "(its carv_finetune.json gives the recipe); the full adapter and each subset adapter are retrained "
+        "with that recipe on the training clips, MODEL frozen, and the settings attribute through the "
+        "adapter's A/B gradients. --steps/--lr/--optimizer/--density come from DIR.",
+    )
     out: Path = option(Path("evaluation.json"), flags=("--out", "-o"), help="The evaluation JSON to write.")
     plot: Path | None = option(None, help="PNG: LDS with its 95 % CI per setting.")
     seed: int = seed_option()
@@ -68,8 +77,8 @@ class EvaluateConfig(StageConfig):
     workers: int = option(2, help="Processes for the retrainings (one torch thread each, on the CPU).")
 
     def validate(self) -> EvaluateConfig:
-        """Enough queries and subsets for an LDS, positive counts, a known optimizer, --lr > 0 and at least
-        one --variant; returns self.
+        """Enough queries and subsets for an LDS, positive counts, a known optimizer, --lr > 0, at least
+        one --variant, and --lora with neither --ground-truth nor --full-batch; returns self.
         """
         check_min("--queries", self.queries, MIN_EVAL_QUERIES)
         check_min("--subsets", self.subsets, MIN_EVAL_SUBSETS)
@@ -82,4 +91,12 @@ class EvaluateConfig(StageConfig):
             raise UsageError(f"--lr {self.lr}: must be > 0")
         if not self.variant:
             raise UsageError("--variant: give at least one setting")
+        if self.lora is not None and self.ground_truth is not None:
+            raise UsageError(
+                "--lora retrains adapters for its ground truth: give --lora or --ground-truth, not both"
+            )
+        if self.lora is not None and self.full_batch:
+            raise UsageError(
+                "--full-batch: with --lora the retrainings follow the adapter's finetune recipe (minibatches)"
+            )
         return self

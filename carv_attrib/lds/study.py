@@ -67,7 +67,9 @@ class LdsProblem:
     outputs gt_values (M, Q) = −loss of each subset model; `density` the model's training p(σ) (the
     reference's and, by default, the product variants'); `proposal` the plan's q for stratified-is
     product variants (None: q = p); `adam_moments`: Adam's v̂ of the model's training
-    ({param name: tensor}) when known."""
+    ({param name: tensor}) when known; `lora`: a LoRA adapter directory on the model: product
+    variants then attribute through its A/B gradients as `featurize --lora` does (exact when small,
+    `attrib.projection.lora_projection`; `layers` unused), and exact variants are refused."""
 
     name: str
     model: str
@@ -80,6 +82,7 @@ class LdsProblem:
     device: str = "cpu"  # where the settings' featurizers run (`auto`, `cuda`, ...)
     density: str = "uniform"
     proposal: Proposal | None = None
+    lora: str | None = None
 
 
 _FEATURIZE = {f.name: f.default for f in dataclasses.fields(FeaturizeConfig)}
@@ -145,15 +148,22 @@ class Variant:
 # -- features ------------------------------------------------------------------------------------
 def product_features(problem: LdsProblem, v: Variant, seed: int, clips: Sequence[CachedClip]) -> np.ndarray:
     """(n, D) float64 features of `clips` through the tool's featurizer (projection and draws seeded by
-    `seed`; the problem's proposal under stratified-is)."""
+    `seed`; the problem's proposal under stratified-is; through the problem's LoRA adapter when it has
+    one, with featurize --lora's default projection unless the variant names its kron dims)."""
     rule = build_draw_rule(
         seed=seed, scheme=v.timesteps, k=v.draws, density=v.density or problem.density, noise=v.noise,
         proposal=problem.proposal if v.timesteps == "stratified-is" else None,
     )  # fmt: skip
     dims = None if v.proj_dim else parse_kron_dims(v.kron_dims)
+    lora = problem.lora is not None
+    if lora and v.kron_dims == DEFAULT_KRON_DIMS:
+        dims = None  # featurize --lora without --kron-dims: the adapter's gradient exact when small
     fz = load_featurizer(
         problem.model, [problem.checkpoint], rule, v.output_fn, problem.device, "float32",
-        new_projector=lambda t: build_projector(v.projector, t, v.layers, seed, v.proj_dim, "gaussian", dims),
+        new_projector=lambda t: build_projector(
+            v.projector, t, v.layers, seed, v.proj_dim, "gaussian", dims, lora=lora
+        ),
+        lora=problem.lora,
     )  # fmt: skip
     out = []
     for i in range(0, len(clips), 8):
@@ -208,10 +218,26 @@ def variant_scores(problem: LdsProblem, v: Variant, seed: int, cache: dict[Any, 
         ft = product_features(problem, v, seed, train)
         fq = product_features(problem, v, seed, query)
         return score_matrix(ft, fq, v.precondition, v.lambda_rel)
+    if problem.lora is not None:
+        raise ValueError(
+            f"{v.name}: the exact reference differentiates every parameter, not a LoRA adapter's"
+        )
     K = _exact_gram(problem, v, seed, cache)
     kind = "identity" if v.precondition == "adam" else v.precondition
     alpha = DEFAULT_NORMALIZE_ALPHA if kind == "normalize" else 1.0  # attrib.precondition's α
     return scores_from_gram(K, len(train), kind, lambda_rel=v.lambda_rel, alpha=alpha)
+
+
+def _row(problem: LdsProblem, v: Variant) -> dict[str, Any]:
+    """The variant's fields; through a LoRA adapter, "parameters": "lora" in place of `layers`, and
+    kron_dims None where featurize --lora's default projection was used."""
+    d = v.to_dict()
+    if problem.lora is not None:
+        d.pop("layers", None)
+        d["parameters"] = "lora"
+        if d.get("kron_dims") == DEFAULT_KRON_DIMS:
+            d["kron_dims"] = None
+    return d
 
 
 def score_variants(
@@ -243,7 +269,7 @@ def score_variants(
         centred = [query_centered(x) for x in sums]
         gt_c = query_centered(gt_values)
         out[v.name] = {
-            **v.to_dict(),
+            **_row(problem, v),
             "density": v.density or problem.density,
             "lds": lds_summary(
                 [lds_per_query(s, gt_values, positions) for s in scores], sums=sums, gt_values=gt_values

@@ -15,6 +15,7 @@ command and these library trainings optimise the same loss the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -122,6 +123,20 @@ def train_on_clips(
                 t = float(st["step"])
                 second_moments[name] = (st["exp_avg_sq"] / (1 - beta2**t)).detach().cpu().clone()
     return losses
+
+
+# What `carv-attrib finetune` writes in OUT beside the weights: its settings, fingerprint, status and
+# losses (`carv_attrib.pipeline.finetune`); evaluate --lora reads a recipe from it.
+FINETUNE_RECORD = "carv_finetune.json"
+
+
+def read_finetune_record(out: Path | str) -> dict[str, Any] | None:
+    """OUT/carv_finetune.json, or None when absent or unreadable."""
+    try:
+        doc = json.loads((Path(out) / FINETUNE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and "fingerprint" in doc else None
 
 
 WARMUP_STEPS = 20  # linear learning-rate warm-up over the first steps, then constant

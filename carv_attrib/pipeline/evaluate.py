@@ -10,9 +10,24 @@ projection and estimator seeds, and scored by LDS with a bootstrap CI over queri
 of random scores is the noise floor. With `ground_truth`, no model is trained: the file gives the
 subsets and their measured outputs, and MODEL's own transformer is attributed.
 
-    doc = run_evaluate(EvaluateConfig(run="runs/demo", model="models/tiny-wan", subsets=16))
+With `lora` (a directory `carv-attrib finetune RUN -m MODEL --lora RANK` wrote), LoRA attribution is
+evaluated: MODEL's transformer is the frozen base, and every model is a fresh adapter trained with
+DIR's recipe as its carv_finetune.json records it (rank, alpha, targets, steps, lr, optimizer,
+batch, draws, density, seed: the same initialisation A, B = 0, and the same minibatch generator
+seed; `lds.retrain.train_lora`). DIR itself is not attributed: finetune trains on every clip of
+RUN, the held-out queries included (the document's `saw_queries` says whether DIR did), so its
+training set is not the one the subsets are halves of. The
+faithful *full model* is DIR's recipe retrained on the training clips only, and the subset adapters
+are the same recipe on each half; the settings attribute through the full adapter's A/B gradients
+as `featurize --lora` computes them (exact when small). `--train-seeds` > 1 varies the minibatch
+seed only (the initialisation stays DIR's). The document records DIR (its weights' sha256, rank,
+alpha, targets, as the index records an adapter) and the retrained full adapter.
 
-Retrained models are cached under RUN/evaluate/<protocol fingerprint>/, so a rerun resumes.
+    doc = run_evaluate(EvaluateConfig(run="runs/demo", model="models/tiny-wan", subsets=16))
+    doc = run_evaluate(EvaluateConfig(run="runs/demo", model="models/tiny-wan", lora="lora/"))
+
+Retrained models (or adapters) are cached under RUN/evaluate/<protocol fingerprint>/, so a rerun
+resumes.
 """
 
 from __future__ import annotations
@@ -29,9 +44,12 @@ from carv_attrib.carv.timesteps import density as make_density
 from carv_attrib.config import MIN_EVAL_SUBSETS, MIN_EVAL_TRAIN, EvaluateConfig
 from carv_attrib.errors import UsageError
 from carv_attrib.lds.metric import random_floor
-from carv_attrib.lds.retrain import TrainJob, run_trainings, subset_model
+from carv_attrib.lds.retrain import LoraTrainJob, TrainJob, run_trainings, subset_model
 from carv_attrib.lds.study import NAMED_VARIANTS, LdsProblem, score_variants
-from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity
+from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity, model_identity
+from carv_attrib.models.lora import file_sha256, is_lora_dir
+from carv_attrib.models.train import FINETUNE_RECORD as RECORD
+from carv_attrib.models.train import read_finetune_record as read_record
 from carv_attrib.optional import require_matplotlib
 from carv_attrib.store.latents import CachedClip, iter_cached
 from carv_attrib.store.lock import run_lock
@@ -54,13 +72,17 @@ def _split(clips: list[CachedClip], cfg: EvaluateConfig) -> tuple[list[CachedCli
     return [c for i, c in enumerate(clips) if i not in held], [c for i, c in enumerate(clips) if i in held]
 
 
+def _positions(cfg: EvaluateConfig, n_train: int) -> np.ndarray:
+    """(subsets, n_train // 2) sorted positions into the training clips: the seeded random halves."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    return np.stack([np.sort(rng.choice(n_train, n_train // 2, replace=False)) for _ in range(cfg.subsets)])
+
+
 def _retrained_problem(
     run: RunDir, cfg: EvaluateConfig, clips: list[CachedClip], say: Callable[[str], None]
 ) -> LdsProblem:
     train, query = _split(clips, cfg)
-    rng = np.random.default_rng(cfg.seed + 1)
-    half = len(train) // 2
-    positions = np.stack([np.sort(rng.choice(len(train), half, replace=False)) for _ in range(cfg.subsets)])
+    positions = _positions(cfg, len(train))
     protocol = {
         "latents": run.require_latents_record().fingerprint,  # run_evaluate checked it exists
         # the weights, not the path: new weights at the same path retrain, another path to them resumes
@@ -110,6 +132,140 @@ def _retrained_problem(
         query=query, positions=positions, gt_values=gt, adam_moments=str(adam) if adam.exists() else None,
         density=cfg.density,
     )  # fmt: skip
+
+
+# evaluate's options that --lora takes from the adapter's record instead (a value other than the
+# default that disagrees with the record is refused)
+LORA_RECIPE_OPTIONS = ("steps", "lr", "optimizer", "density")
+
+
+def lora_recipe(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
+    """DIR's finetune recipe, from DIR/carv_finetune.json: {rank, alpha, targets, steps, lr,
+    optimizer, batch_clips, draws, density, seed, finetune_fingerprint}. UsageError (exit 2, one line)
+    when DIR is not a LoRA directory, has no finetune record (adapters trained elsewhere), holds a
+    full-transformer or unfinished finetune, was trained on another base model or another run
+    (latents fingerprint), or when --steps/--lr/--optimizer/--density disagree with it."""
+    lora = Path(cfg.lora)  # type: ignore[arg-type]
+    if not is_lora_dir(lora):
+        raise UsageError(
+            f"--lora {lora}: not a LoRA directory (no pytorch_lora_weights.safetensors); train one with "
+            f"`carv-attrib finetune {cfg.run} -m {cfg.model} -o DIR --lora RANK`"
+        )
+    rec = read_record(lora)
+    if rec is None:
+        raise UsageError(
+            f"--lora {lora}: no {RECORD} (the record `carv-attrib finetune --lora` writes): evaluate retrains "
+            "the adapter with its recipe, so it needs an adapter finetune trained"
+        )
+    st = rec.get("settings") or {}
+    if st.get("kind") != "lora" or not isinstance(st.get("lora"), dict):
+        raise UsageError(f"--lora {lora}: its {RECORD} is a full-transformer finetune, not a LoRA adapter's")
+    if rec.get("status") != "done":
+        raise UsageError(
+            f"--lora {lora}: its finetune is unfinished (status {rec.get('status')!r}); rerun that finetune first"
+        )
+    base = model_identity(cfg.model, ("transformer",))["fingerprint"]
+    if (st.get("base_model") or {}).get("fingerprint") != base:
+        raise UsageError(
+            f"--lora {lora}: trained on another base model ({rec.get('model')}), not -m {cfg.model}'s transformer"
+        )
+    latents = run.require_latents_record().fingerprint
+    if (st.get("latents") or {}).get("fingerprint") != latents:
+        raise UsageError(
+            f"--lora {lora}: trained on another run ({rec.get('run')}, latents "
+            f"{(st.get('latents') or {}).get('fingerprint')}), not {cfg.run} (latents {latents})"
+        )
+    recipe = {
+        "rank": int(st["lora"]["rank"]),
+        "alpha": float(st["lora"]["alpha"]),
+        "targets": list(st["lora"]["targets"]),
+        "steps": int(rec["steps"]),
+        **{k: st[k] for k in ("lr", "optimizer", "batch_clips", "draws", "density", "seed")},
+        "finetune_fingerprint": rec["fingerprint"],
+    }
+    defaults = {f.name: f.default for f in dataclasses.fields(EvaluateConfig)}
+    for k in LORA_RECIPE_OPTIONS:
+        given = getattr(cfg, k)
+        same = make_density(given).spec == recipe[k] if k == "density" else given == recipe[k]
+        if given != defaults[k] and not same:
+            flag = "--" + k.replace("_", "-")
+            raise UsageError(
+                f"{flag} {given}: with --lora the retrainings follow {lora}'s recipe ({k} {recipe[k]}); drop {flag}"
+            )
+    return recipe
+
+
+def _lora_problem(
+    run: RunDir, cfg: EvaluateConfig, clips: list[CachedClip], say: Callable[[str], None]
+) -> tuple[LdsProblem, dict[str, Any]]:
+    """The LoRA problem (see the module docstring) and the document's "adapter" record."""
+    lora = Path(cfg.lora)  # type: ignore[arg-type]
+    recipe = lora_recipe(cfg, run)
+    train, query = _split(clips, cfg)
+    positions = _positions(cfg, len(train))
+    protocol = {
+        "kind": "lora",
+        "latents": run.require_latents_record().fingerprint,
+        "model": checkpoint_identity(cfg.model, None)["fingerprint"],
+        "recipe": {k: v for k, v in recipe.items() if k != "finetune_fingerprint"},
+        "queries": [c.clip_id for c in query],
+        "positions": positions.tolist(),
+        **{k: getattr(cfg, k) for k in ("gt_draws", "seed", "train_seeds")},
+    }
+    work = run.root / "evaluate" / fingerprint(protocol)
+    write_json_atomic(work / "protocol.json", protocol)
+    ids = [c.clip_id for c in train]
+    base = dict(
+        model=cfg.model, run=str(run.root), query_ids=[c.clip_id for c in query], gt_draws=cfg.gt_draws,
+        **{k: recipe[k] for k in ("rank", "alpha", "targets", "steps", "batch_clips", "draws", "lr", "optimizer",
+                                  "density", "seed")},
+        meta={"base_fingerprint": protocol["model"], "recipe_of": str(lora.resolve())},
+    )  # fmt: skip
+    models = work / "models"
+    jobs = [LoraTrainJob(name="full", out=str(models / "full"), train_ids=ids, **base)]
+    jobs += [
+        LoraTrainJob(
+            name=subset_model(m, s),
+            out=str(models / subset_model(m, s)),
+            train_ids=[ids[i] for i in p],
+            sample_seed=recipe["seed"] + 1000 * s,
+            **base,
+        )  # fmt: skip
+        for m, p in enumerate(positions)
+        for s in range(cfg.train_seeds)
+    ]
+    say(
+        f"retraining {lora}'s recipe (rank {recipe['rank']}, {recipe['steps']} steps): the full adapter on "
+        f"{len(train)} training clips and {cfg.subsets * cfg.train_seeds} subset adapters -> {work}"
+    )
+    results = run_trainings(jobs, cfg.workers, say)
+    gt = -np.asarray(
+        [
+            np.mean([results[subset_model(m, s)]["query_loss"] for s in range(cfg.train_seeds)], axis=0)
+            for m in range(cfg.subsets)
+        ],
+        dtype=np.float64,
+    )
+    full = models / "full"
+    dir_ids = ((read_record(lora) or {}).get("settings") or {}).get("clip_ids")  # None: every clip of RUN
+    adapter = {
+        "path": str(lora.resolve()),
+        "weights_sha256": file_sha256(lora / "pytorch_lora_weights.safetensors"),
+        **recipe,
+        # DIR is not what is attributed: whether its own training saw the held-out queries
+        "saw_queries": dir_ids is None or bool({c.clip_id for c in query} & {int(i) for i in dir_ids}),
+        "full_adapter": {
+            "path": str(full.resolve()),
+            "weights_sha256": file_sha256(full / "pytorch_lora_weights.safetensors"),
+            "train_clips": len(train),
+            "note": "the adapter attributed: DIR's recipe retrained on the training clips (queries held out)",
+        },
+    }
+    problem = LdsProblem(
+        name=str(run), model=cfg.model, checkpoint=None, train=train, query=query, positions=positions,
+        gt_values=gt, density=recipe["density"], lora=str(full),
+    )  # fmt: skip
+    return problem, adapter
 
 
 def _file_problem(run: RunDir, cfg: EvaluateConfig, clips: list[CachedClip]) -> LdsProblem:
@@ -164,11 +320,16 @@ def _file_problem(run: RunDir, cfg: EvaluateConfig, clips: list[CachedClip]) -> 
     )
 
 
+# product settings that choose the base model's layers: meaningless through an adapter
+LORA_REFUSED_VARIANTS = ("all-linear",)
+
+
 def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Evaluate cfg.variant settings on RUN; writes cfg.out (and cfg.plot) and returns the document.
     Raises UsageError (exit 2) for too few clips, queries or subsets (naming the minimum), unknown
     settings, or a model that did not encode RUN; RunLockedError (exit 2) while another command
-    writes RUN (unless cfg.wait)."""
+    writes RUN (unless cfg.wait); with cfg.lora, UsageError for an adapter `lora_recipe` refuses or
+    a setting that is not a LoRA one (exact-*, all-linear)."""
     cfg.validate()
     try:
         make_density(cfg.density)
@@ -177,6 +338,13 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda s: Non
     unknown = [v for v in cfg.variant if v not in NAMED_VARIANTS]
     if unknown:
         raise UsageError(f"--variant {', '.join(unknown)}: choose from {', '.join(NAMED_VARIANTS)}")
+    if cfg.lora is not None:
+        exact = [v for v in cfg.variant if NAMED_VARIANTS[v].kind == "exact" or v in LORA_REFUSED_VARIANTS]
+        if exact:
+            raise UsageError(
+                f"--variant {', '.join(exact)}: not a LoRA setting (the exact reference and all-linear "
+                "differentiate the base model's weights); --lora attributes through the adapter's A/B gradients"
+            )
     if cfg.plot is not None:
         require_matplotlib()
     run = RunDir(cfg.run)
@@ -188,7 +356,13 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda s: Non
 def _evaluate(cfg: EvaluateConfig, run: RunDir, say: Callable[[str], None]) -> dict[str, Any]:
     check_encoder_matches(cfg.model, run.require_latents_record().model)
     clips = list(iter_cached(run))
-    problem = _file_problem(run, cfg, clips) if cfg.ground_truth else _retrained_problem(run, cfg, clips, say)
+    adapter = None
+    if cfg.lora is not None:
+        problem, adapter = _lora_problem(run, cfg, clips, say)
+    elif cfg.ground_truth:
+        problem = _file_problem(run, cfg, clips)
+    else:
+        problem = _retrained_problem(run, cfg, clips, say)
     problem.device = cfg.device
     variants = [NAMED_VARIANTS[v] for v in cfg.variant]
     variants = [v if v.kind == "exact" else _with_replicates(v, cfg.replicates) for v in variants]
@@ -199,29 +373,8 @@ def _evaluate(cfg: EvaluateConfig, run: RunDir, say: Callable[[str], None]) -> d
         "created_at": now_iso(),
         "run": str(run),
         "model": cfg.model,
-        "protocol": {
-            "train_clips": len(problem.train),
-            "queries": len(problem.query),
-            "subsets": len(problem.positions),
-            "ground_truth": str(cfg.ground_truth) if cfg.ground_truth else "retrained",
-            **(
-                {}
-                if cfg.ground_truth
-                else {
-                    k: getattr(cfg, k)
-                    for k in (
-                        "steps",
-                        "lr",
-                        "optimizer",
-                        "full_batch",
-                        "train_seeds",
-                        "density",
-                        "gt_draws",
-                        "seed",
-                    )
-                }
-            ),
-        },
+        "protocol": _protocol_doc(cfg, problem, adapter),
+        **({"adapter": adapter} if adapter is not None else {}),
         "random_floor": random_floor(problem.gt_values, problem.positions, len(problem.train)),
         "settings": rows,
     }
@@ -229,6 +382,29 @@ def _evaluate(cfg: EvaluateConfig, run: RunDir, say: Callable[[str], None]) -> d
     if cfg.plot is not None:
         plot_evaluation(doc, Path(cfg.plot))
     return doc
+
+
+def _protocol_doc(cfg: EvaluateConfig, problem: LdsProblem, adapter: dict[str, Any] | None) -> dict[str, Any]:
+    """The document's protocol: counts, where the ground truth came from, and the retrainings' recipe
+    (evaluate's options, or with --lora DIR's: its training seed as `train_seed`, `seed` the split's)."""
+    out: dict[str, Any] = {
+        "train_clips": len(problem.train),
+        "queries": len(problem.query),
+        "subsets": len(problem.positions),
+        "ground_truth": str(cfg.ground_truth) if cfg.ground_truth else "retrained",
+    }
+    if adapter is not None:
+        return out | {
+            "ground_truth": "retrained LoRA adapters (DIR's recipe, base frozen)",
+            **{k: adapter[k] for k in ("rank", "alpha", "targets", "steps", "lr", "optimizer", "batch_clips",
+                                       "draws", "density")},
+            "train_seed": adapter["seed"],
+            **{k: getattr(cfg, k) for k in ("train_seeds", "gt_draws", "seed")},
+        }  # fmt: skip
+    if cfg.ground_truth:
+        return out
+    keys = ("steps", "lr", "optimizer", "full_batch", "train_seeds", "density", "gt_draws", "seed")
+    return out | {k: getattr(cfg, k) for k in keys}
 
 
 def _with_replicates(v: Any, r: int) -> Any:

@@ -56,11 +56,13 @@ from carv_attrib.interrupt import sigterm_as_interrupt
 from carv_attrib.models.identity import check_encoder_matches, model_identity, resolve_source
 from carv_attrib.models.lora import DEFAULT_TARGETS, LORA_META, LORA_WEIGHTS, add_lora, save_lora
 from carv_attrib.models.train import (
+    FINETUNE_RECORD,
     WARMUP_STEPS,
     draw_minibatch,
     make_optimizer,
     minibatch_backward,
     optimizer_step,
+    read_finetune_record,
 )
 from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
 from carv_attrib.pipeline._job import ProgressFn, noop
@@ -74,7 +76,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FinetuneConfig", "FinetuneSummary", "run_finetune", "read_record"]
 
-RECORD = "carv_finetune.json"
+RECORD = FINETUNE_RECORD
 CHECKPOINTS = "checkpoints"
 TRANSFORMER_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 OBJECTIVE = (
@@ -108,13 +110,7 @@ class FinetuneSummary:
         return dataclasses.asdict(self)
 
 
-def read_record(out: Path | str) -> dict[str, Any] | None:
-    """OUT/carv_finetune.json, or None when absent or unreadable."""
-    try:
-        doc = json.loads((Path(out) / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) and "fingerprint" in doc else None
+read_record = read_finetune_record  # OUT/carv_finetune.json, or None when absent or unreadable
 
 
 def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSummary:
