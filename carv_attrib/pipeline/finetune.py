@@ -147,7 +147,10 @@ def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSu
     Everything is checked before OUT is written: UsageError (exit 2) for OUT inside MODEL, a run
     without latents, a MODEL that did not encode RUN, an OUT that holds something else (unless
     --overwrite) or a finetune past --steps; RunLockedError (exit 2) while a writer holds RUN (unless
-    --wait). Progress: "start" {todo, steps, done}, then "step" {status, step, loss} per step.
+    --wait). While training, UsageError when a streamed read finds RUN's latents changed since the
+    start (the last checkpoint is kept, for the run as it was; on the changed run a rerun is refused
+    as other settings unless --overwrite). Progress: "start" {todo, steps, done}, then "step"
+    {status, step, loss} per step.
     A KeyboardInterrupt writes a checkpoint of the last finished step, then propagates.
     """
     t0 = time.monotonic()
@@ -364,6 +367,9 @@ def _open_cache(cfg: FinetuneConfig, rows: list[Any], digest: str) -> _LatentCac
     return cache
 
 
+_CHANGED = (
+    "the last checkpoint is kept for the run as it was; rerun with --overwrite to fine-tune the run as it is"
+)
 _CLIP_COLUMNS = [
     "clip_id",
     "vid",
@@ -474,14 +480,13 @@ class _LatentCache:
         except (OSError, IndexError, pa.ArrowException) as exc:
             raise UsageError(
                 f"{path} cannot be read any more ({type(exc).__name__}): {self.run} changed during the "
-                "finetune (an encode --overwrite?); rerun the same command to resume from the last checkpoint"
+                f"finetune (an encode --overwrite?); {_CHANGED}"
             ) from None
         for i, r in zip(items, rows):
             if r["clip_id"] != self.ids[i] or r["latent_sha"] != self.sha[i]:
                 raise UsageError(
                     f"{path} row {self.where[i][1]} is no longer clip {self.ids[i]}'s latent: {self.run} "
-                    "changed during the finetune (an encode?); rerun the same command to resume from the "
-                    "last checkpoint"
+                    f"changed during the finetune (an encode?); {_CHANGED}"
                 )
         return rows
 
