@@ -28,6 +28,8 @@ def curate(cfg: CurateConfig, fmt: str | None) -> None:
     else:
         shards = f" in {summary.shards} shards" if summary.shards is not None else ""
         wrote = f"{summary.written} clips ({summary.kind}{shards}, {summary.files} files)"
+    if summary.exclude:
+        wrote += " (all but the selected)"
     say(
         f"curated {summary.queries} queries over {summary.clips} clips by {summary.method}: "
         f"{summary.selected} selected, {wrote} -> {summary.out}"

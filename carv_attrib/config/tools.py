@@ -111,6 +111,12 @@ class CurateConfig(StageConfig):
         None, help="Keep the bottom P % (the least supportive: harmful candidates)."
     )
     threshold: float | None = option(None, help="Keep clips whose aggregate is at least this (mean, vote).")
+    exclude: bool = option(
+        False,
+        flags=("--exclude",),
+        help="Write every clip of the training data but the selected ones (e.g. --bottom 10 --exclude: the "
+        "data without its 10 % least supportive clips).",
+    )
     id_column: str = option("vid", help="Manifest column of the clip id (of a dataset: when it has one).")
     caption_column: str = option("caption", help="Caption column of a Hugging Face dataset, as encode's.")
     path_column: str | None = option(

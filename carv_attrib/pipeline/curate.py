@@ -15,7 +15,9 @@ Per clip, over the Q scored queries (k_q results each):
   vote      the number of queries with the clip in their top-k (Motive, arXiv 2601.08828, §4).
 `--top P` keeps the P % most influential clips, `--bottom P` the P % least (candidates for removal;
 meaningful with `score --top-k all`), `--threshold X` those with mean or vote ≥ X. Ties are broken by
-clip id, so the subset is stable.
+clip id, so the subset is stable. `--exclude` writes the complement instead: every clip of the
+training data but the selected ones (`--bottom 10 --exclude`: the data without its 10 % least
+supportive clips), clips that no query returned included.
 
     from carv_attrib.pipeline.curate import CurateConfig, run_curate
     summary = run_curate(CurateConfig(attributions=["a.json"], manifest="train.json", out="keep.json", top=10))
@@ -59,7 +61,7 @@ class CurateSummary:
     queries: int
     clips: int  # clips seen in any query's results
     selected: int
-    written: int  # manifest rows / clips written (selected clips found in the training data)
+    written: int  # manifest rows / clips written (the selected, or with exclude the other, clips found)
     method: str
     out: str
     csv: str | None
@@ -68,6 +70,7 @@ class CurateSummary:
     files: int | None = None  # files under OUT (a folder subset); None for a manifest
     bytes: int | None = None  # their total size, bytes
     shards: int | None = None  # tar shards written (webdataset)
+    exclude: bool = False  # the subset is every clip but the selected ones
 
 
 def _load(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
@@ -158,14 +161,15 @@ def run_curate(cfg: CurateConfig) -> CurateSummary:
     else:
         value = (lambda a: a.mean) if cfg.method == "mean" else (lambda a: a.votes)
         selected = [a for a in ranked if value(a) >= cfg.threshold]
-    extra: dict[str, Any] = {"kind": kind}
+    extra: dict[str, Any] = {"kind": kind, "exclude": cfg.exclude}
     if kind == "manifest":
         chosen = {nfc(str(a.vid)) for a in selected if a.vid is not None}
-        subset = [r for r in rows if nfc(str(r[cfg.id_column])) in chosen]
+        subset = [r for r in rows if (nfc(str(r[cfg.id_column])) in chosen) != cfg.exclude]
         write_rows(cfg.out, subset, fmt)
         written = len(subset)
     else:  # the clip ids encode gave the clips of this input (store.inputs: clip_id_for(id))
-        w = write_subset(cfg.manifest, kind, {a.clip_id for a in selected}, cfg.out, opts, cfg.overwrite)
+        chosen_ids = {a.clip_id for a in selected}
+        w = write_subset(cfg.manifest, kind, chosen_ids, cfg.out, opts, cfg.overwrite, cfg.exclude)
         written = w.clips
         extra.update(files=w.files, bytes=w.bytes, shards=w.shards)
     if cfg.csv is not None:

@@ -1,7 +1,7 @@
 """Subsets of training data in the form it ships (`carv_attrib.store.inputs`), for `curate`.
 
-`write_subset(SOURCE, kind, keep, OUT)` writes the clips whose clip ids are in `keep` as the same kind
-of input SOURCE is, so that a trainer that reads SOURCE reads OUT unchanged, and `encode` (the input
+`write_subset(SOURCE, kind, keep, OUT)` writes the clips whose clip ids are in `keep` (or, with
+`exclude`, all the others) as the same kind of input SOURCE is, so that a trainer that reads SOURCE reads OUT unchanged, and `encode` (the input
 readers) reads exactly the kept clips from it:
 
 - WebDataset shards: OUT is a folder holding one tar per input shard, under the shard's own base name
@@ -27,7 +27,7 @@ import copy
 import os
 import shutil
 import tarfile
-from collections.abc import Set
+from collections.abc import Container, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +86,16 @@ def check_subset_target(source: str | Path, kind: str, out: str | Path, overwrit
             raise UsageError(f"-o {out} already exists and is not empty; pass --overwrite to replace it")
 
 
+class _AllBut:
+    """The clip ids not in `ids` (write_subset's `exclude`)."""
+
+    def __init__(self, ids: Set[int]):
+        self.ids = ids
+
+    def __contains__(self, cid: object) -> bool:
+        return cid not in self.ids
+
+
 def write_subset(
     source: str | Path,
     kind: str,
@@ -93,9 +103,11 @@ def write_subset(
     out: str | Path,
     opts: ManifestOptions | None = None,
     overwrite: bool = False,
+    exclude: bool = False,
 ) -> SubsetWritten:
-    """Write the clips of SOURCE (an input of `kind`, one of DIR_KINDS) whose clip ids are in `keep` to
-    the folder OUT, in SOURCE's own form (see the module docstring). UsageError (exit 2) for a target
+    """Write the clips of SOURCE (an input of `kind`, one of DIR_KINDS) whose clip ids are in `keep`
+    (`exclude`: those that are not) to the folder OUT, in SOURCE's own form (see the module
+    docstring). UsageError (exit 2) for a target
     `check_subset_target` refuses, an unreadable input or a kept member the input's end cuts into;
     DiskFullError (exit 3) for a full disk. Nothing is left at OUT unless the whole subset was written."""
     if kind not in DIR_KINDS:
@@ -103,14 +115,15 @@ def write_subset(
     opts = opts or ManifestOptions()
     out = Path(out)
     check_subset_target(source, kind, out, overwrite)
+    wanted: Container[int] = _AllBut(keep) if exclude else keep
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         if kind == "webdataset":
-            written = _webdataset(source, keep, tmp)
+            written = _webdataset(source, wanted, tmp)
         elif kind == "hf-dataset":
-            written = _hf_dataset(Path(source), keep, tmp, opts)
+            written = _hf_dataset(Path(source), wanted, tmp, opts)
         else:
-            written = _folder(Path(source), keep, tmp)
+            written = _folder(Path(source), wanted, tmp)
         files = [p for p in tmp.rglob("*") if p.is_file()]
         written.files = len(files)
         written.bytes = sum(p.stat().st_size for p in files)
@@ -120,7 +133,7 @@ def write_subset(
 # -- WebDataset ------------------------------------------------------------------------------------
 
 
-def _webdataset(source: str | Path, keep: Set[int], tmp: Path) -> SubsetWritten:
+def _webdataset(source: str | Path, keep: Container[int], tmp: Path) -> SubsetWritten:
     shards = shard_paths(source)
     names: dict[str, Path] = {}
     for shard in shards:
@@ -151,7 +164,7 @@ def _webdataset(source: str | Path, keep: Set[int], tmp: Path) -> SubsetWritten:
 # -- a saved Hugging Face dataset ------------------------------------------------------------------
 
 
-def _hf_dataset(source: Path, keep: Set[int], tmp: Path, opts: ManifestOptions) -> SubsetWritten:
+def _hf_dataset(source: Path, keep: Container[int], tmp: Path, opts: ManifestOptions) -> SubsetWritten:
     table = read_hf_dataset(source, None, opts)  # rows in the dataset's order
     rows = [i for i, cid in enumerate(table.clip_id) if cid in keep]
     ds = _load_hf(source)
@@ -173,7 +186,7 @@ def _hf_dataset(source: Path, keep: Set[int], tmp: Path, opts: ManifestOptions) 
 # -- a folder of videos with .txt sidecars ---------------------------------------------------------
 
 
-def _folder(source: Path, keep: Set[int], tmp: Path) -> SubsetWritten:
+def _folder(source: Path, keep: Container[int], tmp: Path) -> SubsetWritten:
     table = read_folder(source)
     kept = {v for v, cid in zip(table.vid, table.clip_id) if cid in keep}
     for name in sorted(os.listdir(source)):

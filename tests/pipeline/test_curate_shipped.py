@@ -223,3 +223,21 @@ def test_the_cli_names_the_subset_and_refuses_in_one_line(tmp_path: Path, clips)
     assert "already exists and is not empty; pass --overwrite" in r.output and "Traceback" not in r.output
     r = invoke("-o", tmp_path / "keep", "--top", "50", "--format", "json", "--overwrite")
     assert r.exit_code == 0 and json.loads(r.stdout)["kind"] == "folder", r.output
+
+
+def test_exclude_writes_every_clip_but_the_selected(tmp_path: Path, clips) -> None:
+    vids = [v for v, _, _ in clips]
+    att = attribution(tmp_path / "a.json", [vids[0], vids[1], vids[2], vids[3]])  # 4, 5: never returned
+    pattern = write_shards(clips, tmp_path / "shards", shards=2)
+    s = curate(pattern, tmp_path / "clean", att, bottom=50, exclude=True)  # drop vids 2, 3
+    assert s.exclude and s.selected == 2 and s.written == 4
+    assert sorted(read_clips(tmp_path / "clean").vid) == sorted([vids[0], vids[1], vids[4], vids[5]])
+    folder = write_sidecars(clips, tmp_path / "folder")
+    curate(folder, tmp_path / "clean-folder", att, bottom=50, exclude=True)
+    assert sorted(read_clips(tmp_path / "clean-folder").vid) == sorted([vids[0], vids[1], vids[4], vids[5]])
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"vid": v, "caption": c}) + "\n" for v, c, _ in clips))
+    m = curate(manifest, tmp_path / "clean.jsonl", att, bottom=50, exclude=True)
+    assert m.written == 4
+    got = [json.loads(x)["vid"] for x in (tmp_path / "clean.jsonl").read_text().splitlines()]
+    assert got == [vids[0], vids[1], vids[4], vids[5]]
