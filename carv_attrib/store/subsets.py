@@ -12,7 +12,7 @@ readers) reads exactly the kept clips from it:
   beside the tars (video2dataset's `_stats.json`, `.parquet`) describe the whole shard and are not
   copied;
 - a saved Hugging Face dataset: `Dataset.select(kept rows)` saved with `save_to_disk` to OUT (every
-  column, rows in their order). Videos the rows name by a path inside the dataset folder (relative
+  column, rows in their order; a DatasetDict of one split gives that split, as a Dataset). Videos the rows name by a path inside the dataset folder (relative
   paths resolve against it) are linked into OUT at the same relative path, so OUT reads on its own;
 - a folder of videos with `.txt` sidecars: OUT is a new folder holding, per kept clip, every file of
   its stem (`a.mp4`, `a.txt`, `a.json`, ...): videos hard-linked (copied across file systems),
@@ -167,8 +167,16 @@ def _webdataset(source: str | Path, keep: Container[int], tmp: Path) -> SubsetWr
 def _hf_dataset(source: Path, keep: Container[int], tmp: Path, opts: ManifestOptions) -> SubsetWritten:
     table = read_hf_dataset(source, None, opts)  # rows in the dataset's order
     rows = [i for i, cid in enumerate(table.clip_id) if cid in keep]
+    import datasets
+
     ds = _load_hf(source)
-    ds.select(rows).save_to_disk(str(tmp))
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # the command prints its own summary
+    try:
+        ds.select(rows).save_to_disk(str(tmp))
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
     root = source.resolve()
     for i in rows:
         path = table.path[i]

@@ -241,3 +241,15 @@ def test_exclude_writes_every_clip_but_the_selected(tmp_path: Path, clips) -> No
     assert m.written == 4
     got = [json.loads(x)["vid"] for x in (tmp_path / "clean.jsonl").read_text().splitlines()]
     assert got == [vids[0], vids[1], vids[4], vids[5]]
+
+
+def test_a_dataset_dict_of_one_split_gives_that_split(tmp_path: Path, clips) -> None:
+    import datasets
+
+    data = {"vid": [v for v, _, _ in clips], "mp4": [p.read_bytes() for _, _, p in clips]}
+    data["caption"] = [c for _, c, _ in clips]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(data)}).save_to_disk(str(tmp_path / "dd"))
+    vids = [v for v, _, _ in clips]
+    att = attribution(tmp_path / "a.json", [vids[3], vids[0]])
+    assert curate(tmp_path / "dd", tmp_path / "keep", att, top=50).written == 1
+    assert read_clips(tmp_path / "keep").vid == [vids[3]]
