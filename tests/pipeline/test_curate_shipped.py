@@ -182,24 +182,30 @@ def test_a_failed_write_leaves_no_partial_subset(tmp_path: Path, clips, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "shards"]
 
 
-def test_the_curated_shards_encode_to_exactly_the_selected_clips(
-    tmp_path: Path, clips, tiny_model_dir: Path
+@pytest.mark.parametrize("form", ["webdataset", "hf-bytes", "folder"])
+def test_the_curated_subset_encodes_to_exactly_the_selected_clips(
+    tmp_path: Path, clips, tiny_model_dir: Path, form: str
 ) -> None:
     from carv_attrib.pipeline.encode import EncodeConfig, run_encode
     from carv_attrib.store.shards import ShardStore
 
-    pattern = write_shards(clips, tmp_path / "shards", shards=2)
+    if form == "webdataset":
+        source = write_shards(clips, tmp_path / "in", shards=2)
+        subset = source.replace(str(tmp_path / "in"), str(tmp_path / "keep"))
+    elif form == "hf-bytes":
+        source, subset = str(write_hf(clips, tmp_path / "in", "bytes")), str(tmp_path / "keep")
+    else:
+        source, subset = str(write_sidecars(clips, tmp_path / "in")), str(tmp_path / "keep")
     vids = [v for v, _, _ in clips]
     att = attribution(tmp_path / "a.json", [vids[5], vids[0], vids[2], vids[1]])
-    curate(pattern, tmp_path / "keep", att, bottom=50)  # the bottom half of the ranking: 2, 1
+    curate(source, tmp_path / "keep", att, bottom=50)  # the bottom half of the ranking: 2, 1
     s = run_encode(
         EncodeConfig(
-            manifest=pattern.replace(str(tmp_path / "shards"), str(tmp_path / "keep")),
-            model=str(tiny_model_dir), run=tmp_path / "run", frames=9, size="32x32", fps=8, device="cpu",
-            workers=0,
+            manifest=subset, model=str(tiny_model_dir), run=tmp_path / "run", frames=9, size="32x32", fps=8,
+            device="cpu", workers=0,
         )
     )  # fmt: skip
-    assert (s.total, s.ok) == (2, 2)
+    assert (s.total, s.ok) == (2, 2), form
     table = ShardStore(tmp_path / "run", "latents").read_table().to_pylist()
     assert sorted(r["clip_id"] for r in table) == sorted(clip_id_for(v) for v in (vids[2], vids[1]))
 
