@@ -77,7 +77,7 @@ def check_subset_target(source: str | Path, kind: str, out: str | Path, overwrit
     OUT that is a file, or a non-empty OUT folder without `overwrite`."""
     out = Path(out)
     for p in _inputs_of(source, kind):
-        if _overlaps(out, p if kind == "webdataset" else Path(p)):
+        if _overlaps(out, p):
             raise UsageError(f"-o {out} overlaps the input {p}: write the subset to a new folder")
     if out.exists() or out.is_symlink():
         if not out.is_dir():
