@@ -16,7 +16,8 @@ readers) reads exactly the kept clips from it:
   paths resolve against it) are linked into OUT at the same relative path, so OUT reads on its own;
 - a folder of videos with `.txt` sidecars: OUT is a new folder holding, per kept clip, every file of
   its stem (`a.mp4`, `a.txt`, `a.json`, ...): videos hard-linked (copied across file systems),
-  sidecars copied, so editing a caption in OUT never changes the input.
+  sidecars copied, so editing a caption in OUT never changes the input (a linked video shares the
+  input's bytes: a tool that rewrites it in place would change both).
 
 OUT is written whole or not at all (`atomic.atomic_dir`); the input is only read.
 """
