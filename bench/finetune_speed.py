@@ -1,10 +1,14 @@
 """Steps/s of `carv-attrib finetune` on the tiny and small presets, one forward per clip (the old
 `train_on_clips` loop: `--clips-per-forward 1`, `clip_objective` per clip) against clips of one latent
 shape sharing a forward (`--clips-per-forward 8`, the default), on the demo's clips (24 clips, 17
-frames, 64x64) at the demo's settings (batch 8, 2 draws, lr 2e-3).
+frames, 64x64) at the demo's settings (batch 8, 2 draws, lr 2e-3). `--cache-mb` and `--dtype` take
+several values too (each combination is run): the streamed latent cache (0: every step reads its clips
+from the shards) and bf16 mixed precision, with the shard reads and the peak bytes of clips held.
 
     .venv/bin/python bench/finetune_speed.py --work bench/_work/finetune --size tiny --steps 30
     .venv/bin/python bench/finetune_speed.py --work bench/_work/finetune --size small --steps 4
+    .venv/bin/python bench/finetune_speed.py --work bench/_work/finetune --size tiny --steps 30 \
+        --clips-per-forward 8 --cache-mb 2048 0 --dtype float32 bfloat16
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ def main() -> None:
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--clips-per-forward", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--cache-mb", type=float, nargs="+", default=[2048.0])
+    ap.add_argument("--dtype", nargs="+", default=["float32"])
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
     import torch
@@ -46,33 +52,32 @@ def main() -> None:
             size="64x64", fps=8, workers=0, device="cpu", shard_size=8,
         )
     )  # fmt: skip
-    results = {}
     for cpf in args.clips_per_forward:
-        out = w / f"ft-cpf{cpf}"
-        shutil.rmtree(out, ignore_errors=True)
-        s = run_finetune(
-            FinetuneConfig(
-                run=run, model=str(model), out=out, steps=args.steps, lr=2e-3, batch_clips=8, draws=2,
-                device="cpu", clips_per_forward=cpf, checkpoint_every=args.steps,
-            )
-        )  # fmt: skip
-        losses = read_record(out)["losses"]  # type: ignore[index]
-        results[cpf] = {
-            "steps_per_s": s.steps_per_s,
-            "s_per_step": 1 / s.steps_per_s,
-            "loss_last": losses[-1],
-        }
-        print(
-            json.dumps(
-                {
+        for cache_mb in args.cache_mb:
+            for dtype in args.dtype:
+                out = w / f"ft-cpf{cpf}-cache{cache_mb:g}-{dtype}"
+                shutil.rmtree(out, ignore_errors=True)
+                s = run_finetune(
+                    FinetuneConfig(
+                        run=run, model=str(model), out=out, steps=args.steps, lr=2e-3, batch_clips=8, draws=2,
+                        device="cpu", clips_per_forward=cpf, checkpoint_every=args.steps, cache_mb=cache_mb,
+                        dtype=dtype,
+                    )
+                )  # fmt: skip
+                losses = read_record(out)["losses"]  # type: ignore[index]
+                row = {
                     "size": args.size,
                     "threads": torch.get_num_threads(),
                     "clips_per_forward": cpf,
-                    **results[cpf],
+                    "cache_mb": cache_mb,
+                    "dtype": dtype,
+                    "steps_per_s": s.steps_per_s,
+                    "s_per_step": 1 / s.steps_per_s,
+                    "loss_last": losses[-1],
+                    "shard_reads": s.shard_reads,
+                    "cache_peak_mib": round(s.cache_peak_bytes / 2**20, 3),
                 }
-            ),
-            flush=True,
-        )
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

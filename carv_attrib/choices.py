@@ -28,3 +28,4 @@ CURATE_METHODS = ("mean", "rank-sum", "vote")  # curate --method
 PRESETS = ("tiny", "small", "medium")  # demo --preset: the model's size
 DECODERS = ("auto", "pyav")  # frames --decoder
 OPTIMIZERS = ("adamw", "sgd")  # evaluate --optimizer, train_on_clips
+TRAIN_DTYPES = ("float32", "bfloat16")  # finetune --dtype: fp32, or bf16 autocast over fp32 master weights

@@ -37,3 +37,23 @@ def test_other_errors_pass_through_and_clean_up(tmp_path: Path) -> None:
         tmp.write_text("x")
         raise KeyError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_lands_whole_or_not_at_all(tmp_path: Path) -> None:
+    from carv_attrib.atomic import atomic_dir
+
+    target = tmp_path / "subset"
+    with atomic_dir(target) as tmp:
+        assert tmp.is_dir() and tmp.name.startswith(".subset.") and tmp.name.endswith(".tmp")
+        (tmp / "a.tar").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["subset"]
+    assert (target / "a.tar").read_text() == "new"
+    with pytest.raises(KeyError), atomic_dir(target) as tmp:
+        (tmp / "b.tar").write_text("half")
+        raise KeyError("boom")
+    assert sorted(p.name for p in target.iterdir()) == ["a.tar"]  # the old folder, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["subset"]
+    with atomic_dir(target) as tmp:  # a folder already there is replaced
+        (tmp / "c.tar").write_text("newer")
+    assert sorted(p.name for p in target.iterdir()) == ["c.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["subset"]

@@ -1,4 +1,5 @@
-"""`carv-attrib curate ATTRIBUTION.json... --manifest M -o SUBSET (--top P | --bottom P | --threshold X)`."""
+"""`carv-attrib curate ATTRIBUTION.json... --manifest M -o SUBSET (--top P | --bottom P | --threshold X)`;
+M is a manifest, WebDataset shards, a saved Hugging Face dataset or a sidecar folder, and SUBSET the same kind."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from carv_attrib.config import CurateConfig
 @stage_command(CurateConfig, extra=[format_param()])
 def curate(cfg: CurateConfig, fmt: str | None) -> None:
     """Aggregate many queries' attributions per training clip (mean, rank-sum or vote) and write the
-    top / bottom / thresholded subset of MANIFEST in its own format, plus the aggregate as CSV."""
+    top / bottom / thresholded subset of the training data in its own form (a manifest, WebDataset
+    shards, a saved Hugging Face dataset, a sidecar folder), plus the aggregate as CSV."""
     from carv_attrib.pipeline.curate import run_curate
 
     fmt = check_format(fmt)
@@ -21,9 +23,16 @@ def curate(cfg: CurateConfig, fmt: str | None) -> None:
     if fmt != "human":
         emit(dataclasses.asdict(summary), fmt, summary.per_query)
         return
+    if summary.kind == "manifest":
+        wrote = f"{summary.written} manifest rows"
+    else:
+        shards = f" in {summary.shards} shards" if summary.shards is not None else ""
+        wrote = f"{summary.written} clips ({summary.kind}{shards}, {summary.files} files)"
+    if summary.exclude:
+        wrote += " (all but the selected)"
     say(
         f"curated {summary.queries} queries over {summary.clips} clips by {summary.method}: "
-        f"{summary.selected} selected, {summary.written} manifest rows -> {summary.out}"
+        f"{summary.selected} selected, {wrote} -> {summary.out}"
         + (f"; aggregate -> {summary.csv}" if summary.csv else "")
     )
     for q in summary.per_query:

@@ -167,8 +167,13 @@ def finetune(summary: Any) -> None:
         rate = f", {summary.steps_per_s:.3f} steps/s" if summary.steps_per_s else ""
         resumed = f" (resumed at step {summary.resumed_from})" if summary.resumed_from else ""
         head = ("fine-tuned", "green")
+        mixed = (
+            f" in {summary.dtype} mixed precision"
+            if getattr(summary, "dtype", "float32") != "float32"
+            else ""
+        )
         what = (
-            f" {summary.trained_steps} steps{resumed} on {summary.clips} clips in {summary.seconds:.1f} s{rate}; "
+            f" {summary.trained_steps} steps{resumed} on {summary.clips} clips{mixed} in {summary.seconds:.1f} s{rate}; "
             f"{summary.trainable_params} trainable parameters; "
         )
     loss = (

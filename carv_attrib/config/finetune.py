@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from carv_attrib.choices import OPTIMIZERS
+from carv_attrib.choices import OPTIMIZERS, TRAIN_DTYPES
 from carv_attrib.config.checks import check_choice, check_min
 from carv_attrib.config.options import (
     StageConfig,
@@ -67,6 +67,17 @@ class FinetuneConfig(StageConfig):
     clips_per_forward: int = option(
         8, help="Clips sharing one forward and backward (fewer hold fewer activations; the same gradient)."
     )
+    dtype: str = option(
+        "float32",
+        help=f"{choice_help(TRAIN_DTYPES)}: bfloat16 runs the forward (and its backward) under bf16 autocast "
+        "with float32 master weights, optimizer state and loss (recorded in carv_finetune.json).",
+    )
+    cache_mb: float = option(
+        2048.0,
+        metavar="MiB",
+        help="Decoded clips (float32 latents + text embeddings) kept in memory between steps, least "
+        "recently used evicted; the rest are read from RUN's latent shards as steps draw them (0: none kept).",
+    )
     device: str = device_option()
     overwrite: bool = option(
         False,
@@ -79,14 +90,17 @@ class FinetuneConfig(StageConfig):
     )
 
     def validate(self) -> FinetuneConfig:
-        """The counts, a positive --lr, a known optimizer, --lora-alpha only with --lora, and OUT outside
-        a local MODEL; returns self."""
+        """The counts, a positive --lr, a known optimizer and dtype, --cache-mb >= 0, --lora-alpha only
+        with --lora, and OUT outside a local MODEL; returns self."""
         check_min("--steps", self.steps, 1)
         check_min("--batch-clips", self.batch_clips, 1)
         check_min("--draws", self.draws, 1)
         check_min("--checkpoint-every", self.checkpoint_every, 1)
         check_min("--clips-per-forward", self.clips_per_forward, 1)
         check_choice("--optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("--dtype", self.dtype, TRAIN_DTYPES)
+        if not self.cache_mb >= 0:
+            raise UsageError(f"--cache-mb {self.cache_mb}: must be >= 0")
         if not self.lr > 0:
             raise UsageError(f"--lr {self.lr}: must be > 0")
         if self.lora is not None:

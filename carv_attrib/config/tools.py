@@ -73,11 +73,25 @@ class DemoConfig(StageConfig):
 # -- curate ----------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class CurateConfig(StageConfig):
-    """`curate`: many attribution JSONs -> a per-clip aggregate and a subset manifest."""
+    """`curate`: many attribution JSONs -> a per-clip aggregate and a subset of the training data, in
+    the form it ships (a manifest, WebDataset shards, a saved Hugging Face dataset, a sidecar folder)."""
 
     attributions: list[Path] = option(positional=True, help="Attribution JSONs from `score` (one index).")
-    manifest: Path = option(help="The training manifest to take the subset from (its own format is kept).")
-    out: Path = option(flags=("--out", "-o"), help="The subset manifest to write.")
+    manifest: Path = option(
+        help="The training data to take the subset from, as `encode` took it: a manifest (its own format is "
+        "kept), WebDataset .tar shards (a file, a folder or a pattern like 'shards/{00000..00009}.tar'), a "
+        "saved Hugging Face dataset folder, or a folder of videos with .txt sidecars."
+    )
+    out: Path = option(
+        flags=("--out", "-o"),
+        help="The subset to write: a manifest file for a manifest; a new folder of the input's kind for "
+        "shards (one tar per input shard, same names), a dataset (save_to_disk) or a sidecar folder.",
+    )
+    overwrite: bool = option(
+        False,
+        flags=("--overwrite",),
+        help="Replace a non-empty -o folder (a subset manifest file is always replaced).",
+    )
     csv: Path | None = option(None, help="Also write the per-clip aggregate as CSV.")
     method: str = option(
         "mean",
@@ -97,7 +111,17 @@ class CurateConfig(StageConfig):
         None, help="Keep the bottom P % (the least supportive: harmful candidates)."
     )
     threshold: float | None = option(None, help="Keep clips whose aggregate is at least this (mean, vote).")
-    id_column: str = option("vid", help="Manifest column of the clip id.")
+    exclude: bool = option(
+        False,
+        flags=("--exclude",),
+        help="Write every clip of the training data but the selected ones (e.g. --bottom 10 --exclude: the "
+        "data without its 10 % least supportive clips).",
+    )
+    id_column: str = option("vid", help="Manifest column of the clip id (of a dataset: when it has one).")
+    caption_column: str = option("caption", help="Caption column of a Hugging Face dataset, as encode's.")
+    path_column: str | None = option(
+        None, help="Video column of a Hugging Face dataset, as encode's (default: video, path, file, ...)."
+    )
     manifest_format: str | None = option(
         None, help=f"{choice_help(MANIFEST_FORMATS)} (default: by extension)."
     )

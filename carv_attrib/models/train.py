@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,33 @@ def make_optimizer(
     else:  # SGD with momentum: the same schedule, a learning rate of its own scale
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+
+
+class MixedPrecision(torch.nn.Module):
+    """`module` called under `torch.autocast(dtype)`, its first output cast back to float32.
+
+    Mixed precision with fp32 master weights: the module's parameters stay float32 (the optimizer
+    updates them and keeps its state in float32); autocast runs the matmuls (linear, attention,
+    convolution) of the forward in `dtype` (bfloat16: float32's range, so no loss scaling) and its
+    backward follows the same casts. The model output v (K, C, T, h, w) comes back float32, so the
+    loss is reduced and backpropagated from float32. Same call signature as the module. (RMSNorm
+    then meets bf16 inputs with fp32 weights and takes torch's unfused kernel; its warning is muted.)
+    """
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.module = module
+        self.dtype = dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        device_type = next(self.module.parameters()).device.type
+        with warnings.catch_warnings(), torch.autocast(device_type=device_type, dtype=self.dtype):
+            # RMSNorm of a bf16 input with fp32 weights takes the unfused kernel: expected, said once here
+            warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+            out = self.module(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0].float(), *out[1:])
+        return out.float()
 
 
 def optimizer_step(

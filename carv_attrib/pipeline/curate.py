@@ -1,7 +1,12 @@
 """`curate`: turn many queries' attributions into a data decision.
 
 From one or more attribution JSONs (`score` over a prompt suite, all against one index), aggregate per
-training clip and write a subset of the training manifest in its own format, plus the aggregate as CSV.
+training clip and write the chosen subset of the training data in the form it ships, plus the aggregate
+as CSV. The training data is what `encode` read (`store.inputs.detect_input`): a manifest file gives a
+subset manifest in its own format (every column kept); WebDataset tar shards, a saved Hugging Face
+dataset or a folder of videos with `.txt` sidecars give a folder of the same kind holding only the kept
+clips (`store.subsets.write_subset`: tars with the kept samples' members byte-copied under the input
+shard names, `Dataset.select` + `save_to_disk`, linked videos and copied sidecars).
 
 Per clip, over the Q scored queries (k_q results each):
   mean      mean score over queries; a clip absent from a query's top-k counts that query's k-th
@@ -10,10 +15,14 @@ Per clip, over the Q scored queries (k_q results each):
   vote      the number of queries with the clip in their top-k (Motive, arXiv 2601.08828, §4).
 `--top P` keeps the P % most influential clips, `--bottom P` the P % least (candidates for removal;
 meaningful with `score --top-k all`), `--threshold X` those with mean or vote ≥ X. Ties are broken by
-clip id, so the subset is stable.
+clip id, so the subset is stable. `--exclude` writes the complement instead: every clip of the
+training data but the selected ones (`--bottom 10 --exclude`: the data without its 10 % least
+supportive clips), clips that no query returned included.
 
     from carv_attrib.pipeline.curate import CurateConfig, run_curate
     summary = run_curate(CurateConfig(attributions=["a.json"], manifest="train.json", out="keep.json", top=10))
+    summary = run_curate(CurateConfig(attributions=["a.json"], manifest="shards/{00000..00009}.tar",
+                                      out="keep-shards", top=10))  # keep-shards/00000.tar ... 00009.tar
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ from typing import Any
 
 from carv_attrib.config import CurateConfig
 from carv_attrib.errors import UsageError
-from carv_attrib.store.manifest import nfc, read_rows, write_rows
+from carv_attrib.store.inputs import detect_input
+from carv_attrib.store.manifest import ManifestOptions, nfc, read_rows, write_rows
 from carv_attrib.store.shards import atomic_path
+from carv_attrib.store.subsets import check_subset_target, write_subset
 
 __all__ = ["CurateConfig", "CurateSummary", "aggregate_clips", "run_curate"]
 
@@ -50,11 +61,16 @@ class CurateSummary:
     queries: int
     clips: int  # clips seen in any query's results
     selected: int
-    written: int  # manifest rows written (selected clips found in the manifest)
+    written: int  # manifest rows / clips written (the selected, or with exclude the other, clips found)
     method: str
     out: str
     csv: str | None
     per_query: list[dict[str, Any]] = field(default_factory=list)  # path, selected clips in its top-k
+    kind: str = "manifest"  # the input's kind (store.inputs.INPUT_KINDS), so the subset's
+    files: int | None = None  # files under OUT (a folder subset); None for a manifest
+    bytes: int | None = None  # their total size, bytes
+    shards: int | None = None  # tar shards written (webdataset)
+    exclude: bool = False  # the subset is every clip but the selected ones
 
 
 def _load(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
@@ -116,13 +132,26 @@ def _ranked(clips: dict[int, ClipAggregate], method: str) -> list[ClipAggregate]
 
 
 def run_curate(cfg: CurateConfig) -> CurateSummary:
-    """Aggregate, select, and write the subset manifest (and the CSV). UsageError (exit 2) for
-    unreadable inputs, attributions of different indexes, or a manifest without the selected ids."""
+    """Aggregate, select, and write the subset (and the CSV). UsageError (exit 2) for unreadable
+    inputs, attributions of different indexes, a manifest without the id column, or a folder OUT that
+    overlaps the input or is not empty (without --overwrite); refused before anything is written, and
+    a folder subset is written whole or not at all."""
     cfg.validate()
     docs = _load(list(cfg.attributions))
-    rows, fmt = read_rows(cfg.manifest, cfg.manifest_format)
-    if rows and cfg.id_column not in rows[0]:
-        raise UsageError(f"manifest {cfg.manifest}: no column {cfg.id_column!r} (--id-column)")
+    opts = ManifestOptions(
+        id_column=cfg.id_column,
+        caption_column=cfg.caption_column,
+        path_column=cfg.path_column,
+        fmt=cfg.manifest_format,
+    )
+    kind = detect_input(cfg.manifest, opts)
+    rows: list[dict[str, Any]] = []
+    if kind == "manifest":
+        rows, fmt = read_rows(cfg.manifest, cfg.manifest_format)
+        if rows and cfg.id_column not in rows[0]:
+            raise UsageError(f"manifest {cfg.manifest}: no column {cfg.id_column!r} (--id-column)")
+    else:
+        check_subset_target(cfg.manifest, kind, cfg.out, cfg.overwrite)
     clips, queries = aggregate_clips([d for _, d in docs])
     ranked = _ranked(clips, cfg.method)
     if cfg.top is not None:
@@ -132,9 +161,17 @@ def run_curate(cfg: CurateConfig) -> CurateSummary:
     else:
         value = (lambda a: a.mean) if cfg.method == "mean" else (lambda a: a.votes)
         selected = [a for a in ranked if value(a) >= cfg.threshold]
-    chosen = {nfc(str(a.vid)) for a in selected if a.vid is not None}
-    subset = [r for r in rows if nfc(str(r[cfg.id_column])) in chosen]
-    write_rows(cfg.out, subset, fmt)
+    extra: dict[str, Any] = {"kind": kind, "exclude": cfg.exclude}
+    if kind == "manifest":
+        chosen = {nfc(str(a.vid)) for a in selected if a.vid is not None}
+        subset = [r for r in rows if (nfc(str(r[cfg.id_column])) in chosen) != cfg.exclude]
+        write_rows(cfg.out, subset, fmt)
+        written = len(subset)
+    else:  # the clip ids encode gave the clips of this input (store.inputs: clip_id_for(id))
+        chosen_ids = {a.clip_id for a in selected}
+        w = write_subset(cfg.manifest, kind, chosen_ids, cfg.out, opts, cfg.overwrite, cfg.exclude)
+        written = w.clips
+        extra.update(files=w.files, bytes=w.bytes, shards=w.shards)
     if cfg.csv is not None:
         _write_csv(Path(cfg.csv), ranked, {a.clip_id for a in selected})
     chosen_ids = {a.clip_id for a in selected}
@@ -152,11 +189,12 @@ def run_curate(cfg: CurateConfig) -> CurateSummary:
         queries=len(queries),
         clips=len(clips),
         selected=len(selected),
-        written=len(subset),
+        written=written,
         method=cfg.method,
         out=str(cfg.out),
         csv=None if cfg.csv is None else str(cfg.csv),
         per_query=per_query,
+        **extra,
     )
 
 

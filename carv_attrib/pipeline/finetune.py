@@ -4,11 +4,25 @@
     summary = run_finetune(FinetuneConfig(run="runs/demo", model="models/wan", out="ft/", steps=500))
     summary = run_finetune(FinetuneConfig(run="runs/demo", model="models/wan", out="lora/", lora=16))
 
-The clips are RUN's live ok latents and text embeddings (`store.latents`), read once, under RUN's
-lock taken shared (`store.lock.read_lock`: no encode is in the middle of changing the run while they
-are read; finetune writes nothing in RUN), never re-decoded. The loss is the flow-matching objective
-of `carv.objective.clip_objective` ("loss", unit weights) with σ ~ p(σ) = --density, minimised with
-the steps of `models.train` (AdamW or SGD, 20-step warm-up, gradient norm clipped to 1).
+The clips are RUN's live ok latents and text embeddings (`store.latents`), never re-decoded;
+finetune writes nothing in RUN. Which clips, and their shapes, are read once under RUN's lock taken
+shared (`store.lock.read_lock`: no encode is in the middle of changing the run meanwhile), and as much
+of the cache as --cache-mb holds is read then too. The rest is streamed (`_LatentCache`): each step
+reads the clips it drew that are not held, shard by shard (only the latent and text columns, only
+their rows kept), and checks each row is the one that was live at the start (clip id and
+latent_sha; a run changed since is a UsageError, the last checkpoint kept). The bits a step trains on
+are the same whichever way a clip arrived, so --cache-mb changes memory and reads, never the weights.
+
+Memory: the decoded clips held (float32: 4 bytes x (C·T·h·w + L·D) each) stay under
+max(--cache-mb, one step's drawn clips (at most --batch-clips)), least recently used evicted;
+reading a shard briefly holds its latent and text columns.
+The model, its gradients and the optimizer state come on top (unchanged by the cache).
+
+The loss is the flow-matching objective of `carv.objective.clip_objective` ("loss", unit weights)
+with σ ~ p(σ) = --density, minimised with the steps of `models.train` (AdamW or SGD, 20-step warm-up,
+gradient norm clipped to 1). --dtype bfloat16 runs the forward (and so its backward) under bf16
+autocast (`models.train.MixedPrecision`) with float32 master weights, optimizer state, gradient
+clipping and loss; --dtype float32 (the default) is plain float32, bitwise what it always was.
 
 OUT holds:
 - without --lora: the fine-tuned transformer (`save_pretrained`: config.json + safetensors), usable
@@ -33,12 +47,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +74,7 @@ from carv_attrib.models.lora import DEFAULT_TARGETS, LORA_META, LORA_WEIGHTS, ad
 from carv_attrib.models.train import (
     FINETUNE_RECORD,
     WARMUP_STEPS,
+    MixedPrecision,
     draw_minibatch,
     make_optimizer,
     minibatch_backward,
@@ -66,8 +83,7 @@ from carv_attrib.models.train import (
 )
 from carv_attrib.models.wan import load_transformer, pad_context, resolve_device
 from carv_attrib.pipeline._job import ProgressFn, noop
-from carv_attrib.store.latents import CachedClip, read_latents
-from carv_attrib.store.live import selection
+from carv_attrib.store.latents import CachedClip, row_to_clip
 from carv_attrib.store.lock import read_lock
 from carv_attrib.store.run import RunDir
 from carv_attrib.store.shards import now_iso
@@ -83,6 +99,11 @@ OBJECTIVE = (
     "flow matching (carv.objective.clip_objective, output 'loss', unit weights): "
     "mean((v(x_σ, t, c) − (ε − z))²), x_σ = (1−σ)·z + σ·ε, " + TIMESTEP_CONVENTION
 )
+PRECISION = {
+    "float32": "float32 throughout",
+    "bfloat16": "bfloat16 autocast of the forward and its backward (torch.autocast); float32 master "
+    "weights, optimizer state, gradient clipping and loss",
+}
 SAMPLING = (
     "per step: batch_clips clips drawn with replacement, then draws σ ~ density and draws ε per clip, "
     "all from one torch.Generator seeded by seed (its state checkpointed)"
@@ -105,6 +126,9 @@ class FinetuneSummary:
     steps_per_s: float | None  # of this invocation's steps (model load and saves excluded)
     fingerprint: str  # of the settings (`carv_finetune.json`)
     already_done: bool = False
+    dtype: str = "float32"
+    shard_reads: int = 0  # latent shard reads of this invocation (the start's included)
+    cache_peak_bytes: int = 0  # most bytes of decoded clips held at once
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,7 +143,10 @@ def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSu
     Everything is checked before OUT is written: UsageError (exit 2) for OUT inside MODEL, a run
     without latents, a MODEL that did not encode RUN, an OUT that holds something else (unless
     --overwrite) or a finetune past --steps; RunLockedError (exit 2) while a writer holds RUN (unless
-    --wait). Progress: "start" {todo, steps, done}, then "step" {status, step, loss} per step.
+    --wait). While training, UsageError when a streamed read finds RUN's latents changed since the
+    start (the last checkpoint is kept, for the run as it was; on the changed run a rerun is refused
+    as other settings unless --overwrite). Progress: "start" {todo, steps, done}, then "step"
+    {status, step, loss} per step.
     A KeyboardInterrupt writes a checkpoint of the last finished step, then propagates.
     """
     t0 = time.monotonic()
@@ -156,7 +183,9 @@ def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSu
         "latents": latents,
         "clip_ids": sorted(int(i) for i in cfg.clip_ids) if cfg.clip_ids is not None else None,
     }
-    fp = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    fp = _fingerprint(settings, cfg.dtype)
+    settings["dtype"] = cfg.dtype
+    settings["precision"] = PRECISION[cfg.dtype]
     prev = _check_out(cfg, out, settings, fp)
     ckpt = _latest_checkpoint(out) if prev is not None else None
     start = ckpt[0] if ckpt is not None else 0
@@ -167,7 +196,7 @@ def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSu
         )
     if prev is not None and prev.get("status") == "done" and prev.get("steps") == cfg.steps == start:
         return _summary(cfg, prev, len(rows), 0, start, time.monotonic() - t0, None, already_done=True)
-    clips = _read_clips(cfg, rows, latents["live_digest"])
+    clips = _open_cache(cfg, rows, latents["live_digest"])
 
     # -- from here on OUT is written ----------------------------------------------------------------
     if prev is None and out.exists() and cfg.overwrite:
@@ -214,14 +243,26 @@ def run_finetune(cfg: FinetuneConfig, progress: ProgressFn = noop) -> FinetuneSu
     }
     _write_record(out, record)
     rate = trained / train_s if trained and train_s > 0 else None
-    log.info("finetune: %d steps in %.1f s (%.3f steps/s), loss %s", trained, train_s, rate or 0, losses[-1:])
-    return _summary(cfg, record, len(clips), trained, start, time.monotonic() - t0, rate)
+    log.info(
+        "finetune: %d steps in %.1f s (%.3f steps/s), loss %s; %d shard reads, at most %.1f MiB of clips held",
+        trained, train_s, rate or 0, losses[-1:], clips.reads, clips.peak_bytes / 2**20,
+    )  # fmt: skip
+    summary = _summary(cfg, record, len(clips), trained, start, time.monotonic() - t0, rate)
+    summary.shard_reads, summary.cache_peak_bytes = clips.reads, clips.peak_bytes
+    return summary
+
+
+def _fingerprint(settings: dict[str, Any], dtype: str) -> str:
+    """The settings' fingerprint; float32 (the default) adds nothing to it, so a finetune of a version
+    without --dtype resumes under the same fingerprint."""
+    extra = {} if dtype == "float32" else {"dtype": dtype}
+    return hashlib.sha256(json.dumps(settings | extra, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _train(
     cfg: FinetuneConfig,
     out: Path,
-    clips: list[CachedClip],
+    clips: _LatentCache,
     p: Any,
     lora_cfg: dict[str, Any] | None,
     ckpt: tuple[int, Path] | None,
@@ -245,7 +286,8 @@ def _train(
     losses: list[float] = []
     if ckpt is not None:
         losses = _load_checkpoint(ckpt[1], named, opt, sched, gen, device)
-    contexts = _Padded(clips)
+    model = transformer if cfg.dtype == "float32" else MixedPrecision(transformer, getattr(torch, cfg.dtype))
+    shapes = clips.shapes()
 
     transformer.train()
     done, saved = start, start
@@ -255,8 +297,10 @@ def _train(
     try:
         while done < cfg.steps:
             opt.zero_grad(set_to_none=True)
-            batch = draw_minibatch(clips, cfg.batch_clips, cfg.draws, p, gen)
-            loss = minibatch_backward(transformer, clips, contexts, batch, cfg.clips_per_forward)
+            batch = draw_minibatch(shapes, cfg.batch_clips, cfg.draws, p, gen)  # shapes: no clip read
+            held = clips.fetch(i for i, _, _ in batch)  # {index: clip}, the missing read shard by shard
+            loss = minibatch_backward(model, held, _Padded(held), batch, cfg.clips_per_forward)
+            del held
             with _sigint_deferred():  # the update is whole or not at all: a checkpoint never holds half
                 optimizer_step(params, opt, sched)
                 done += 1
@@ -305,16 +349,142 @@ def _live_rows(cfg: FinetuneConfig) -> tuple[list[Any], dict[str, Any]]:
     return ok, {"fingerprint": lat.fingerprint, "live_digest": digest, "clips": len(ok)}
 
 
-def _read_clips(cfg: FinetuneConfig, rows: list[Any], digest: str) -> list[CachedClip]:
-    """The latents and text embeddings of `rows`, read once (held in memory for the fine-tune), under
-    RUN's shared lock, from the live set `digest` names (an encode that changed it since is refused)."""
+def _open_cache(cfg: FinetuneConfig, rows: list[Any], digest: str) -> _LatentCache:
+    """The streamed clips of `rows`: their shapes, and as many clips as --cache-mb holds, read under
+    RUN's shared lock from the live set `digest` names (an encode that changed it since is refused)."""
     with read_lock(cfg.run, "finetune", wait=cfg.wait):
         run = RunDir(cfg.run)
         if run.live_latents().digest() != digest:
             raise UsageError(
                 f"{run} changed while finetune was starting (an encode?); rerun the same command"
             )
-        return list(read_latents(run, selection([row.where for _, _, row in rows])))
+        cache = _LatentCache(run, rows, int(cfg.cache_mb * 2**20))
+        cache.warm()
+    return cache
+
+
+_CHANGED = (
+    "the last checkpoint is kept for the run as it was; rerun with --overwrite to fine-tune the run as it is"
+)
+_CLIP_COLUMNS = [
+    "clip_id",
+    "vid",
+    "latent",
+    "latent_shape",
+    "latent_dtype",
+    "text_emb",
+    "text_len",
+    "text_dim",
+]
+_SHAPE_COLUMNS = ["clip_id", "latent_shape", "text_len", "text_dim", "latent_sha"]
+
+
+class _Shape:
+    """What `draw_minibatch` reads of a clip: its latent's shape (a tensor on the meta device, no data)."""
+
+    __slots__ = ("latent",)
+
+    def __init__(self, shape: list[int]):
+        self.latent = torch.empty(shape, device="meta")
+
+
+class _LatentCache:
+    """The fine-tune's clips by index (the order of `rows`: (clip_id, vid, LatentRow)), read from RUN's
+    latent shards on demand.
+
+    `fetch(indices)` returns {index: CachedClip} for one step: the clips held are reused, the others
+    read shard by shard (one read per shard: its latent and text columns, only the rows wanted), each
+    row checked against the live row the fine-tune started from (clip id, latent_sha; UsageError when
+    RUN changed since). Decoded clips are held up to `budget` bytes (float32 latent + text embedding),
+    least recently used evicted before a read makes room; a step whose own clips exceed the budget
+    holds just those. So at most max(budget, one step's clips) bytes are held. `reads` counts shard
+    reads, `peak_bytes` the most bytes of clips held at once."""
+
+    def __init__(self, run: RunDir, rows: list[Any], budget: int):
+        self.run = run
+        self.ids = [int(cid) for cid, _, _ in rows]
+        self.where = [tuple(row.where) for _, _, row in rows]
+        self.sha = [row.latent_sha for _, _, row in rows]
+        self.budget = budget
+        self.held: OrderedDict[int, CachedClip] = OrderedDict()
+        self.bytes = 0
+        self.reads = 0
+        self.peak_bytes = 0
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for i, (shard, _) in enumerate(self.where):
+            by_shard[shard].append(i)
+        shape: dict[int, list[int]] = {}
+        size: dict[int, int] = {}
+        for shard, items in sorted(by_shard.items()):
+            for i, r in zip(items, self._read(shard, items, _SHAPE_COLUMNS)):
+                shape[i] = list(r["latent_shape"])
+                size[i] = 4 * (math.prod(shape[i]) + r["text_len"] * r["text_dim"])  # float32 bytes
+        self._shapes = [_Shape(shape[i]) for i in range(len(rows))]
+        self.sizes = [size[i] for i in range(len(rows))]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def shapes(self) -> list[_Shape]:
+        """Per clip, an object whose `.latent` has the clip's latent shape (C, T, h, w) and no data."""
+        return self._shapes
+
+    def warm(self) -> None:
+        """Read clips in storage order while they fit the budget (a run that fits is read once, here)."""
+        todo, total = [], 0
+        for i in sorted(range(len(self)), key=lambda i: self.where[i]):
+            if total + self.sizes[i] > self.budget:
+                break
+            todo.append(i)
+            total += self.sizes[i]
+        if todo:
+            self.fetch(todo)
+
+    def fetch(self, indices: Iterable[int]) -> dict[int, CachedClip]:
+        """{index: clip} of `indices` (a step's draws; a repeated index is one clip)."""
+        out: dict[int, CachedClip] = {}
+        missing: dict[int, list[int]] = defaultdict(list)
+        for i in sorted(set(indices)):
+            if i in self.held:
+                self.held.move_to_end(i)
+                out[i] = self.held[i]
+            else:
+                missing[self.where[i][0]].append(i)
+        incoming = sum(self.sizes[i] for items in missing.values() for i in items)
+        for i in list(self.held):  # room first, least recently used first; this step's clips stay
+            if self.bytes + incoming <= self.budget:
+                break
+            if i not in out:
+                del self.held[i]
+                self.bytes -= self.sizes[i]
+        for shard, items in sorted(missing.items()):
+            for i, r in zip(items, self._read(shard, items, [*_CLIP_COLUMNS, "latent_sha"])):
+                out[i] = self.held[i] = row_to_clip(r)
+                self.bytes += self.sizes[i]
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        return out
+
+    def _read(self, shard: int, items: list[int], columns: list[str]) -> list[dict[str, Any]]:
+        """Rows `items` of latent shard `shard`, `columns` only, checked to be the rows live at the start."""
+        import pyarrow as pa
+
+        self.reads += 1
+        path = self.run.latents.shard_path(shard)
+        try:
+            table = self.run.latents.read_shard(shard, columns)
+            rows = table.take(pa.array([self.where[i][1] for i in items], pa.int64())).to_pylist()
+        except (OSError, IndexError, pa.ArrowException) as exc:
+            raise UsageError(
+                f"{path} cannot be read any more ({type(exc).__name__}): {self.run} changed during the "
+                f"finetune (an encode --overwrite?); {_CHANGED}"
+            ) from None
+        for i, r in zip(items, rows):
+            if r["clip_id"] != self.ids[i] or r["latent_sha"] != self.sha[i]:
+                raise UsageError(
+                    f"{path} row {self.where[i][1]} is no longer clip {self.ids[i]}'s latent: {self.run} "
+                    f"changed during the finetune (an encode?); {_CHANGED}"
+                )
+        return rows
 
 
 class _Padded:
@@ -322,7 +492,7 @@ class _Padded:
     pads its B clips (microseconds) instead of the run holding 512 x D floats per clip (8 MiB each for
     Wan2.1's D = 4096)."""
 
-    def __init__(self, clips: list[CachedClip]):
+    def __init__(self, clips: dict[int, CachedClip]):
         self.clips = clips
 
     def __getitem__(self, i: int) -> torch.Tensor:
@@ -513,4 +683,5 @@ def _summary(
         steps_per_s=round(rate, 4) if rate else None,
         fingerprint=record["fingerprint"],
         already_done=already_done,
+        dtype=record["settings"].get("dtype", "float32"),
     )

@@ -253,7 +253,7 @@ def shard_paths(source: str | Path) -> list[Path]:
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset's base_plus_ext: key, extension
 
 
-def _tar_members(path: Path) -> tuple[list[tarfile.TarInfo], str | None]:
+def tar_members(path: Path) -> tuple[list[tarfile.TarInfo], str | None]:
     """The regular-file members of an uncompressed tar, read from its headers only, and what cut the
     listing short (a truncated or corrupt tar: the members before it are kept, and a member its end
     cuts into reads as a truncated file). UsageError when it is no tar at all."""
@@ -281,6 +281,18 @@ def _tar_members(path: Path) -> tuple[list[tarfile.TarInfo], str | None]:
     if cut and problem is None:
         problem = f"{path} ends inside member {cut[0]}"
     return members, problem
+
+
+def group_samples(members: list[tarfile.TarInfo]) -> dict[str, list[tuple[str, tarfile.TarInfo]]]:
+    """WebDataset samples of a tar's members: key -> [(extension lowercased, member), ...], keys and
+    members in tar order. The key is the name up to the first dot of its base name (`./` stripped, as
+    `tar -cf s.tar .` writes it); a member without an extension belongs to no sample."""
+    groups: dict[str, list[tuple[str, tarfile.TarInfo]]] = {}
+    for ti in members:
+        m = _KEY.match(ti.name[2:] if ti.name.startswith("./") else ti.name)
+        if m is not None:
+            groups.setdefault(m[1], []).append((m[2].lower(), ti))
+    return groups
 
 
 def _read_member(f: Any, ti: tarfile.TarInfo) -> bytes:
@@ -313,16 +325,14 @@ def read_webdataset(source: str | Path, opts: ManifestOptions | None = None) -> 
     labels: list[str] = []
     for shard in shard_paths(source):
         shard_abs = os.path.abspath(shard)
-        members, problem = _tar_members(shard)
+        members, problem = tar_members(shard)
         if problem:
             log.warning("%s: a clip the end cuts into fails as truncated", problem)
         last = members[-1].name if members and problem else None
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-        for ti in members:
-            m = _KEY.match(ti.name[2:] if ti.name.startswith("./") else ti.name)  # `tar -cf s.tar .`
-            if m is None:
-                continue  # no extension: not part of a sample
-            groups.setdefault(m[1], {}).setdefault(m[2].lower(), ti)
+        for key, group in group_samples(members).items():
+            for ext, ti in group:
+                groups.setdefault(key, {}).setdefault(ext, ti)  # a repeated extension keeps its first
         with open(shard, "rb") as f:  # captions are read from the one open shard
             for key, group in groups.items():
                 caption = _caption_of(f, group, opts.caption_column)
