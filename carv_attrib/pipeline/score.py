@@ -48,9 +48,10 @@ from carv_attrib.models.clip_encoder import ClipEncoder, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import MAX_SEQUENCE_LENGTH, WanModel, load_wan
 from carv_attrib.pipeline._job import ProgressFn, noop, record
+from carv_attrib.pipeline.index_parts import SHARDS_DIR
 from carv_attrib.search import uncertainty as unc
 from carv_attrib.search.explain import explain_result, layer_slices, layer_split, stratum_split
-from carv_attrib.search.index import load_index, search
+from carv_attrib.search.index import index_ids, load_index, load_sharded, search
 from carv_attrib.search.precondition import load_preconditioner
 from carv_attrib.search.refine import QUERY, check_refinable, refine
 from carv_attrib.search.rerank import VectorStore, rerank
@@ -403,7 +404,11 @@ def load_index_dir(directory: Path) -> LoadedIndex:
     """Preconditioner, FAISS index and (where kept) the exact vectors of an index directory."""
     return LoadedIndex(
         pre=load_preconditioner(directory / "preconditioner"),
-        index=load_index(directory / "index.faiss"),
+        index=(
+            load_sharded(sorted((directory / SHARDS_DIR).glob("*.faiss")))  # --index-shards: fanned out
+            if (directory / SHARDS_DIR).is_dir()
+            else load_index(directory / "index.faiss")
+        ),
         store=VectorStore(directory) if (directory / "vectors.meta").exists() else None,
     )
 
@@ -644,11 +649,7 @@ def _index_ids(store: VectorStore | None, index: Any) -> np.ndarray | None:
     """(N,) int64 ids of every indexed clip: the vector store's, else the IndexIDMap2's; None if neither."""
     if store is not None:
         return np.asarray(store.ids, dtype=np.int64)
-    if hasattr(index, "id_map"):
-        import faiss
-
-        return faiss.vector_to_array(index.id_map).astype(np.int64)
-    return None
+    return index_ids(index)
 
 
 def _place_results(

@@ -287,10 +287,13 @@ def search(
     k None means every indexed vector; k is clipped to `index.ntotal`. For an IVF index `nprobe`
     lists are probed (None: `default_nprobe`); with `fill`, a query that gets fewer than k hits is
     searched again with twice the lists, up to all of them, so k ≤ N always returns k results.
-    Without `fill`, missing slots have id -1. (A GPU index caps k at 2048, a faiss limit; indexes
-    from `load_index` are on the CPU.)
+    Without `fill`, missing slots have id -1. A `ShardedIndex` is searched shard by shard in threads
+    and merged (ties by clip id), the widening decided on the merged result. (A GPU index caps k at
+    2048, a faiss limit; indexes from `load_index` are on the CPU.)
     """
     q = _as_vectors(queries, index.d, "queries")
+    if isinstance(index, ShardedIndex):  # fanned out over the shards, merged (`ShardedIndex`)
+        return _search_sharded(index, q, k, nprobe, fill)
     nlist = ivf_lists(index)
     if nlist is not None:
         set_nprobe(index, nprobe or default_nprobe(nlist))
@@ -310,3 +313,161 @@ def search(
         s2, i2 = index.search(q[short], k)
         scores[short], ids[short] = s2, i2
     return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+
+
+# -- parts, merging and shards (`carv-attrib index --executor ray`, `--index-shards`) --------------
+
+
+def serialize(index: Any) -> bytes:
+    """The bytes `faiss.write_index` would write for `index` (a GPU index is converted first): what a
+    Ray part returns, what the byte-identity tests compare, what a pyarrow output stream receives."""
+    return faiss.serialize_index(_to_cpu(index)).tobytes()
+
+
+def deserialize(data: bytes) -> Any:
+    """The CPU index of `serialize`'s bytes (a copy: the trained empty index a part fills)."""
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def _is_ivf(index: Any) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return True
+
+
+def check_mergeable(index: Any, factory: str | None, what: str) -> None:
+    """Refuse (ValueError) a factory whose parts cannot be merged into the index one build would make,
+    or whose shards would not search like it: HNSW (a graph: FAISS cannot merge it, and a graph per
+    shard finds other neighbours) and the fast-scan codes (`...x4fs`: merged lists are repacked, so the
+    bytes differ). Flat, the flat codes (PQ, SQ, RQ) and IVF over them (with OPQ/PCA) merge append-only.
+    `what` names the option asking, e.g. "--executor ray"."""
+    kinds = [type(faiss.downcast_index(index.index if hasattr(index, "index") else index)).__name__]
+    if _is_ivf(index):
+        kinds.append(type(faiss.downcast_index(faiss.extract_index_ivf(index))).__name__)
+    if hnsw_of(index) is not None or any("HNSW" in k or "FastScan" in k for k in kinds):
+        raise ValueError(
+            f"{what}: --index-factory {factory} cannot be split into parts (HNSW graphs and fast-scan "
+            "codes do not merge append-only); use Flat, IVF<n>,Flat|SQ8|PQ<m> or build it locally"
+        )
+
+
+def merge_into(dst: Any, src: Any) -> None:
+    """Append `src`'s vectors to `dst` (two `IndexIDMap2` of the same trained empty index, e.g.
+    `deserialize` of one `serialize`), as if they had been added to `dst` after its own: IVF lists
+    append in order with the inner ids shifted by dst.ntotal, flat codes concatenate, the clip ids
+    follow. `src` is emptied. So parts filled from consecutive blocks and merged in order give the
+    bytes of one sequential build (`serialize`). (FAISS's own `IndexIDMap2.merge_from` does not
+    shift IVF ids, hence this.)"""
+    di, si = faiss.downcast_index(dst.index), faiss.downcast_index(src.index)
+    ids = np.concatenate([faiss.vector_to_array(dst.id_map), faiss.vector_to_array(src.id_map)])
+    di.merge_from(si, int(dst.ntotal) if _is_ivf(di) else 0)
+    faiss.copy_array_to_vector(ids.astype(np.int64), dst.id_map)
+    dst.ntotal = di.ntotal
+    src.ntotal = 0
+    src.id_map.clear()
+    dst.construct_rev_map()
+
+
+def index_ids(index: Any) -> np.ndarray | None:
+    """(N,) int64 clip ids of an `IndexIDMap2` or `ShardedIndex`, in storage order; None otherwise."""
+    if isinstance(index, ShardedIndex):
+        return np.concatenate([faiss.vector_to_array(s.id_map) for s in index.shards]).astype(np.int64)
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    return None
+
+
+class ShardedIndex:
+    """S FAISS shards over disjoint clips, all copies of one trained empty index (same IVF quantizer),
+    searched as one: `search` fans a query out to every shard (threads; FAISS releases the GIL) and
+    merges the top-k by score, ties by clip id. With the same nprobe every shard probes the lists the
+    whole index would, so the results equal one index's (`check_mergeable` factories only).
+
+    shards: list of `IndexIDMap2`; d, ntotal and reconstruct(clip_id) as a FAISS index has them."""
+
+    def __init__(self, shards: list[Any]):
+        if not shards:
+            raise ValueError("a sharded index needs at least one shard")
+        dims = {int(s.d) for s in shards}
+        if len(dims) != 1:
+            raise ValueError(f"index shards of different dimensions {sorted(dims)}")
+        self.shards = shards
+        self.d = dims.pop()
+        self._owner: dict[int, int] | None = None
+
+    @property
+    def ntotal(self) -> int:
+        return int(sum(s.ntotal for s in self.shards))
+
+    def reconstruct(self, key: int) -> np.ndarray:
+        """(d,) float32 vector of clip `key`; RuntimeError where FAISS cannot reconstruct, KeyError
+        for an id in no shard."""
+        if self._owner is None:
+            self._owner = {
+                int(c): j for j, s in enumerate(self.shards) for c in faiss.vector_to_array(s.id_map)
+            }
+        if int(key) not in self._owner:
+            raise KeyError(f"clip id {key} is in no index shard")
+        return self.shards[self._owner[int(key)]].reconstruct(int(key))
+
+
+def load_sharded(paths: list[str | os.PathLike[str]]) -> ShardedIndex:
+    """The `ShardedIndex` of the shard files `paths`, in order."""
+    return ShardedIndex([load_index(p) for p in paths])
+
+
+def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard results (each (m, k_s) float32 scores, int64 ids, -1 = empty slot) into the
+    best k per query: (m, k) float32, (m, k) int64, by score descending, ties by clip id ascending;
+    empty slots last (score -inf, id -1)."""
+    s = np.concatenate(scores, axis=1).astype(np.float32, copy=False)
+    i = np.concatenate(ids, axis=1).astype(np.int64, copy=False)
+    key_s = np.where(i >= 0, s, -np.inf)
+    key_i = np.where(i >= 0, i, np.iinfo(np.int64).max)
+    out_s = np.full((s.shape[0], k), -np.inf, dtype=np.float32)
+    out_i = np.full((s.shape[0], k), -1, dtype=np.int64)
+    for r in range(s.shape[0]):
+        order = np.lexsort((key_i[r], -key_s[r].astype(np.float64)))[:k]
+        out_s[r, : order.size], out_i[r, : order.size] = s[r, order], i[r, order]
+    return out_s, out_i
+
+
+def _fan_out(index: ShardedIndex, q: np.ndarray, k: int, nprobe: int | None, threads: int | None):
+    """One search of every shard at this nprobe (no widening), merged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(shard: Any) -> tuple[np.ndarray, np.ndarray]:
+        if nprobe is not None:
+            set_nprobe(shard, nprobe)
+        return shard.search(q, k)
+
+    workers = max(1, min(len(index.shards), threads or os.cpu_count() or 1))
+    if workers == 1:
+        got = [one(s) for s in index.shards]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            got = list(pool.map(one, index.shards))
+    return merge_topk([g[0] for g in got], [g[1] for g in got], k)
+
+
+def _search_sharded(
+    index: ShardedIndex, q: np.ndarray, k: int | None, nprobe: int | None, fill: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """`search` over shards: the same nprobe (and the same widening, decided on the merged result)
+    as one index of all the shards' vectors."""
+    nlist = ivf_lists(index.shards[0])
+    k = index.ntotal if k is None else min(int(k), index.ntotal)
+    if k < 0:
+        raise ValueError(f"k must be >= 0 or None, got {k}")
+    if k == 0:
+        return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+    probe = (nprobe or default_nprobe(nlist)) if nlist is not None else None
+    scores, ids = _fan_out(index, q, k, probe, None)
+    while fill and nlist is not None and probe < nlist and (ids < 0).any():
+        probe = min(nlist, 2 * probe)
+        short = np.flatnonzero((ids < 0).any(axis=1))
+        s2, i2 = _fan_out(index, q[short], k, probe, None)
+        scores[short], ids[short] = s2, i2
+    return scores, ids

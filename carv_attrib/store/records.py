@@ -279,6 +279,10 @@ class IndexInfo:
     files: dict[str, Any] = field(default_factory=dict)  # `store.digests.digest_tree` of RUN/index
     # `search.sketch.Sketch.record()` of --index-dim (kind, dim, out_dim, seed, check); None: no sketch
     sketch: dict[str, Any] | None = None
+    # --index-shards: the FAISS files the index is kept as (1: index.faiss; S: shards/NNNNN.faiss)
+    shards: int = 1
+    # how it was built: {"executor": "local" | "ray", "parts": the parts filled and merged (1: one pass)}
+    build: dict[str, Any] = field(default_factory=lambda: {"executor": "local", "parts": 1})
     created_at: str = ""
     tool_version: str = ""
     schema_version: int = INDEX_SCHEMA_VERSION
@@ -350,6 +354,8 @@ class IndexInfo:
             args.append(f"--lambda {self.lambda_rel}")
         if self.sketch:
             args.append(f"--index-dim {self.sketch['out_dim']}")
+        if self.shards > 1:
+            args.append(f"--index-shards {self.shards}")
         return " ".join(args)
 
     @classmethod

@@ -1,0 +1,228 @@
+"""`carv-attrib index --executor ray` and `--index-shards S` (`carv_attrib.pipeline.index_parts`):
+the index filled in parts by Ray tasks and merged is byte for byte the local build (the FAISS file,
+the re-ranking vectors, the preconditioner); an index kept as shards searches like the one index (ids
+and scores), fanned out; a `file://` URI addresses the run. On a generated run of 600 clips in 6
+feature shards (16 dims), and the tiny featurized run for `score`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carv_attrib.errors import UsageError
+from carv_attrib.pipeline.index import IndexConfig, build_run_index, run_index
+from carv_attrib.pipeline.index_parts import split_groups
+from carv_attrib.search.index import (
+    ShardedIndex,
+    load_index,
+    load_sharded,
+    merge_topk,
+    search,
+    serialize,
+)
+from carv_attrib.store.features import feature_matrix
+from carv_attrib.store.uri import local_run, read_bytes, split_uri, write_bytes
+from tests.pipeline.test_index_memory import make_run
+
+N, D, SHARD = 600, 16, 100
+INDEX_FILES = ("index.faiss", "vectors.bin", "vector_ids.npy", "vector_norms.npy", "vectors.meta")
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("parts") / "run"
+    make_run(root, N, D, shard=SHARD)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def fresh(src: Path, tmp_path: Path, name: str) -> Path:
+    run = tmp_path / name
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("index", ".index*"))
+    return run
+
+
+def index_bytes_of(run: Path) -> dict[str, bytes]:
+    d = run / "index"
+    out = {n: (d / n).read_bytes() for n in INDEX_FILES if (d / n).exists()}
+    for p in sorted((d / "preconditioner").rglob("*")):
+        if p.is_file():
+            out[f"preconditioner/{p.name}"] = p.read_bytes()
+    for p in sorted((d / "shards").glob("*.faiss")):
+        out[f"shards/{p.name}"] = p.read_bytes()
+    return out
+
+
+def test_split_groups_are_contiguous_balanced_and_never_empty() -> None:
+    sel = {s: list(range(10)) for s in range(10)}
+    for n in (1, 2, 3, 4, 10, 12):
+        groups = split_groups(sel, n)
+        assert len(groups) == min(n, 10) and all(groups)
+        assert [s for g in groups for s in g] == list(range(10)), "the local build's order"
+    assert [list(g) for g in split_groups({0: [0] * 100, 1: [0], 2: [0]}, 3)] == [[0], [1], [2]]
+
+
+@pytest.mark.parametrize(
+    "factory,precondition",
+    [(None, "cosine"), ("IVF4,Flat", "cosine"), ("IVF4,SQ8", "trak")],
+)
+def test_ray_parts_merge_into_the_local_build_byte_for_byte(
+    synthetic_run: Path, tmp_path: Path, ray_cluster, factory: str | None, precondition: str
+) -> None:
+    local = fresh(synthetic_run, tmp_path, "local")
+    build_run_index(IndexConfig(run=local, index_factory=factory, precondition=precondition))
+    want = index_bytes_of(local)
+    assert "index.faiss" in want and (factory is None or "vectors.bin" in want)
+    for parts in (2, 3):
+        by_ray = fresh(synthetic_run, tmp_path, f"ray{parts}")
+        info = build_run_index(
+            IndexConfig(
+                run=by_ray, index_factory=factory, precondition=precondition, executor="ray", parts=parts
+            )
+        )
+        assert info.build == {"executor": "ray", "parts": parts} and info.shards == 1
+        assert index_bytes_of(by_ray) == want, f"{parts} parts"
+        assert not list((by_ray / "index").rglob("part-*")), "the part files are removed"
+
+
+def shard_and_single(synthetic_run: Path, tmp_path: Path, factory: str | None, s: int):
+    single = fresh(synthetic_run, tmp_path, "single")
+    build_run_index(IndexConfig(run=single, index_factory=factory, precondition="identity"))
+    sharded = fresh(synthetic_run, tmp_path, "sharded")
+    info = build_run_index(
+        IndexConfig(run=sharded, index_factory=factory, precondition="identity", index_shards=s)
+    )
+    paths = sorted((sharded / "index" / "shards").glob("*.faiss"))
+    assert info.shards == s and len(paths) == s and not (sharded / "index" / "index.faiss").exists()
+    return single, sharded, load_index(single / "index" / "index.faiss"), load_sharded(paths)
+
+
+@pytest.mark.parametrize("factory", [None, "IVF4,Flat", "IVF4,SQ8"])
+def test_fanned_out_shards_search_like_the_one_index(
+    synthetic_run: Path, tmp_path: Path, factory: str | None
+) -> None:
+    single, sharded, one, shards = shard_and_single(synthetic_run, tmp_path, factory, 3)
+    assert isinstance(shards, ShardedIndex) and shards.ntotal == one.ntotal == N
+    assert sorted(int(s.ntotal) for s in shards.shards) == [200, 200, 200]
+    _, feats = feature_matrix(single)
+    q = np.random.default_rng(1).standard_normal((7, D)).astype(np.float32)  # < 20: no BLAS batching
+    for k, nprobe in ((10, 1), (10, 2), (50, 4), (None, None), (400, 1)):  # (400, 1): widened
+        s1, i1 = search(one, q, k, nprobe)
+        s2, i2 = search(shards, q, k, nprobe)
+        np.testing.assert_array_equal(i2, i1, err_msg=f"k={k} nprobe={nprobe}")
+        np.testing.assert_array_equal(s2, s1, err_msg=f"k={k} nprobe={nprobe}")
+    s1, i1 = search(one, q, 400, 1, fill=False)  # unwidened: the same short lists, -1 padded
+    s2, i2 = search(shards, q, 400, 1, fill=False)
+    np.testing.assert_array_equal(i2, i1)
+    np.testing.assert_array_equal(np.where(i1 >= 0, s2, 0), np.where(i1 >= 0, s1, 0))
+    if factory is None:  # exact: the vectors come back from the shard holding them
+        ids, _ = feature_matrix(single)
+        np.testing.assert_array_equal(shards.reconstruct(int(ids[450])), one.reconstruct(int(ids[450])))
+    # the re-ranking vectors are one store over all shards, the same bytes
+    a, b = index_bytes_of(single), index_bytes_of(sharded)
+    assert {k: v for k, v in a.items() if k != "index.faiss"} == {
+        k: v for k, v in b.items() if not k.startswith("shards/")
+    }
+
+
+def test_ray_built_shards_are_the_local_shards(synthetic_run: Path, tmp_path: Path, ray_cluster) -> None:
+    local = fresh(synthetic_run, tmp_path, "local")
+    build_run_index(IndexConfig(run=local, index_factory="IVF4,Flat", index_shards=2))
+    by_ray = fresh(synthetic_run, tmp_path, "ray")
+    info = build_run_index(IndexConfig(run=by_ray, index_factory="IVF4,Flat", index_shards=2, executor="ray"))
+    assert info.build == {"executor": "ray", "parts": 2}
+    assert index_bytes_of(by_ray) == index_bytes_of(local)
+
+
+def test_merge_topk_breaks_ties_by_clip_id() -> None:
+    s, i = merge_topk(
+        [np.array([[3.0, 1.0, 0.0]], np.float32), np.array([[3.0, 2.0, -1.0]], np.float32)],
+        [np.array([[9, 4, -1]]), np.array([[2, 7, -1]])],
+        4,
+    )
+    assert i.tolist() == [[2, 9, 7, 4]] and s.tolist() == [[3.0, 3.0, 2.0, 1.0]]
+
+
+def test_file_uri_run_builds_the_same_index(synthetic_run: Path, tmp_path: Path) -> None:
+    by_path = fresh(synthetic_run, tmp_path, "path")
+    build_run_index(IndexConfig(run=by_path, index_factory="IVF4,Flat", index_shards=2))
+    by_uri = fresh(synthetic_run, tmp_path, "uri")
+    uri = by_uri.resolve().as_uri()  # file:///...
+    assert uri.startswith("file:///")
+    info = run_index(IndexConfig(run=uri, index_factory="IVF4,Flat", index_shards=2))
+    assert info.count == N and index_bytes_of(by_uri) == index_bytes_of(by_path)
+    assert json.loads((by_uri / "run.json").read_text())  # the invocation recorded in the run
+    assert local_run(Path(uri)) == by_uri.resolve(), "file:/abs, as pathlib leaves a URI, is understood"
+    fs, path = split_uri(uri)
+    write_bytes(fs, f"{path}/x/y.bin", b"abc")
+    assert read_bytes(fs, f"{path}/x/y.bin") == b"abc" and not (by_uri / "x" / "y.bin.tmp").exists()
+    with pytest.raises(UsageError, match="s3:// run directory is not supported"):
+        build_run_index(IndexConfig(run="s3://bucket/run"))
+
+
+def test_what_cannot_be_split_is_refused_before_any_pass(synthetic_run: Path, tmp_path: Path) -> None:
+    run = fresh(synthetic_run, tmp_path, "run")
+    for kw, msg in (
+        ({"index_factory": "HNSW8", "index_shards": 2}, "cannot be split into parts"),
+        ({"index_factory": "IVF4,PQ4x4fs", "index_shards": 2}, "cannot be split into parts"),
+        ({"index_shards": 7}, "the run has 6 feature shards"),
+        ({"index_shards": 0}, "--index-shards"),
+        ({"parts": 2}, "give it with --executor ray"),
+        ({"parts": 2, "executor": "ray", "index_shards": 3}, "each index shard is one part"),
+        ({"executor": "spark"}, "--executor spark"),
+    ):
+        with pytest.raises(UsageError, match=msg):
+            build_run_index(IndexConfig(run=run, **kw))
+    assert not (run / "index").exists()
+
+
+def test_ray_not_installed_is_one_line(synthetic_run: Path, tmp_path: Path, monkeypatch) -> None:
+    run = fresh(synthetic_run, tmp_path, "run")
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(UsageError, match=r"--executor ray needs Ray: pip install"):
+        build_run_index(IndexConfig(run=run, executor="ray", parts=2))
+    assert not (run / "index").exists()
+
+
+def test_score_over_index_shards_equals_score_over_one_index(
+    encoded_run: Path, tiny_model_dir: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
+    from carv_attrib.pipeline.score import ScoreConfig, run_score
+
+    featurized = tmp_path / "featurized"  # 3 feature shards of at most 3 clips
+    shutil.copytree(encoded_run, featurized)
+    run_featurize(
+        FeaturizeConfig(
+            run=featurized, model=str(tiny_model_dir), draws=4, device="cpu", batch_clips=3, shard_size=3
+        )
+    )
+    vid = "demo-00004"
+    caption = {r["vid"]: r["caption"] for r in json.loads((demo_data / "manifest.json").read_text())}[vid]
+    docs = {}
+    for s in (1, 3):
+        run = tmp_path / f"s{s}"
+        shutil.copytree(featurized, run)
+        build_run_index(
+            IndexConfig(run=run, precondition="cosine", index_factory="IVF2,Flat", index_shards=s)
+        )
+        doc = run_score(
+            ScoreConfig(
+                run=run, queries=[demo_data / "videos" / f"{vid}.mp4"], prompt=caption, top_k=3, device="cpu"
+            )
+        )
+        docs[s] = [(r["clip_id"], r["score"], r["percentile"]) for r in doc["queries"][0]["results"]]
+    assert docs[3] == docs[1] and docs[1][0][1] == pytest.approx(1.0, abs=1e-4)
+    assert serialize(load_index(tmp_path / "s1" / "index" / "index.faiss"))  # a plain file beside
