@@ -373,7 +373,7 @@ def merge_into(dst: Any, src: Any) -> None:
 def index_ids(index: Any) -> np.ndarray | None:
     """(N,) int64 clip ids of an `IndexIDMap2` or `ShardedIndex`, in storage order; None otherwise."""
     if isinstance(index, ShardedIndex):
-        return np.concatenate([faiss.vector_to_array(s.id_map) for s in index.shards]).astype(np.int64)
+        return index.id_array()
     if hasattr(index, "id_map"):
         return faiss.vector_to_array(index.id_map).astype(np.int64)
     return None
@@ -401,16 +401,47 @@ class ShardedIndex:
     def ntotal(self) -> int:
         return int(sum(s.ntotal for s in self.shards))
 
+    @property
+    def nlist(self) -> int | None:
+        """The IVF lists of every shard (None: not IVF)."""
+        return ivf_lists(self.shards[0])
+
+    def id_maps(self) -> list[np.ndarray]:
+        """Each shard's (n_s,) int64 clip ids, in shard order."""
+        return [faiss.vector_to_array(s.id_map).astype(np.int64) for s in self.shards]
+
+    def id_array(self) -> np.ndarray:
+        """(N,) int64 clip ids, shard after shard."""
+        return np.concatenate(self.id_maps())
+
+    def search_round(self, q: np.ndarray, k: int, nprobe: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every shard's (scores (m, k) float32, ids (m, k) int64) for queries q (m, d) at this nprobe,
+        in shard order, no widening (`search` decides that on the merged result). Threads: one per
+        shard up to the CPUs."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(shard: Any) -> tuple[np.ndarray, np.ndarray]:
+            if nprobe is not None:
+                set_nprobe(shard, nprobe)
+            return shard.search(q, k)
+
+        workers = max(1, min(len(self.shards), os.cpu_count() or 1))
+        if workers == 1:
+            return [one(s) for s in self.shards]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(one, self.shards))
+
     def reconstruct(self, key: int) -> np.ndarray:
         """(d,) float32 vector of clip `key`; RuntimeError where FAISS cannot reconstruct, KeyError
         for an id in no shard."""
         if self._owner is None:
-            self._owner = {
-                int(c): j for j, s in enumerate(self.shards) for c in faiss.vector_to_array(s.id_map)
-            }
+            self._owner = {int(c): j for j, ids in enumerate(self.id_maps()) for c in ids}
         if int(key) not in self._owner:
             raise KeyError(f"clip id {key} is in no index shard")
-        return self.shards[self._owner[int(key)]].reconstruct(int(key))
+        return self._reconstruct_in(self._owner[int(key)], int(key))
+
+    def _reconstruct_in(self, shard: int, key: int) -> np.ndarray:
+        return self.shards[shard].reconstruct(key)
 
 
 def load_sharded(paths: list[str | os.PathLike[str]]) -> ShardedIndex:
@@ -434,21 +465,8 @@ def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple
     return out_s, out_i
 
 
-def _fan_out(index: ShardedIndex, q: np.ndarray, k: int, nprobe: int | None, threads: int | None):
-    """One search of every shard at this nprobe (no widening), merged."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(shard: Any) -> tuple[np.ndarray, np.ndarray]:
-        if nprobe is not None:
-            set_nprobe(shard, nprobe)
-        return shard.search(q, k)
-
-    workers = max(1, min(len(index.shards), threads or os.cpu_count() or 1))
-    if workers == 1:
-        got = [one(s) for s in index.shards]
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            got = list(pool.map(one, index.shards))
+def _merged_round(index: ShardedIndex, q: np.ndarray, k: int, nprobe: int | None):
+    got = index.search_round(q, k, nprobe)
     return merge_topk([g[0] for g in got], [g[1] for g in got], k)
 
 
@@ -457,17 +475,90 @@ def _search_sharded(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`search` over shards: the same nprobe (and the same widening, decided on the merged result)
     as one index of all the shards' vectors."""
-    nlist = ivf_lists(index.shards[0])
+    nlist = index.nlist
     k = index.ntotal if k is None else min(int(k), index.ntotal)
     if k < 0:
         raise ValueError(f"k must be >= 0 or None, got {k}")
     if k == 0:
         return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
     probe = (nprobe or default_nprobe(nlist)) if nlist is not None else None
-    scores, ids = _fan_out(index, q, k, probe, None)
+    scores, ids = _merged_round(index, q, k, probe)
     while fill and nlist is not None and probe < nlist and (ids < 0).any():
         probe = min(nlist, 2 * probe)
         short = np.flatnonzero((ids < 0).any(axis=1))
-        s2, i2 = _fan_out(index, q[short], k, probe, None)
+        s2, i2 = _merged_round(index, q[short], k, probe)
         scores[short], ids[short] = s2, i2
     return scores, ids
+
+
+class _ShardServer:
+    """A Ray actor's state: one index shard, loaded once from a path every node can read."""
+
+    def __init__(self, path: str):
+        self.index = load_index(path)
+
+    def info(self) -> tuple[int, int, int | None, np.ndarray]:
+        return int(self.index.d), int(self.index.ntotal), ivf_lists(self.index), index_ids(self.index)
+
+    def search(self, q: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        if nprobe is not None:
+            set_nprobe(self.index, nprobe)
+        return self.index.search(q, k)
+
+    def reconstruct(self, key: int) -> np.ndarray:
+        return self.index.reconstruct(key)
+
+
+class RayShardedIndex(ShardedIndex):
+    """A `ShardedIndex` whose shards are held by Ray actors (one per shard, reserving its file's size
+    of memory and no CPU, spread over the nodes, loading its file from shared storage), for shards that together outgrow one host's memory: `search` sends
+    each round to every actor and merges here, as `ShardedIndex` does with threads (the same
+    results). `ray`: a connected Ray (`carv_attrib.pipeline.ray_exec.ray_session`); `close()` (or
+    the session's end) frees the actors."""
+
+    def __init__(self, paths: list[str | os.PathLike[str]], ray: Any):
+        self.ray = ray
+        actor = ray.remote(_ShardServer)
+        # placed by memory (the shard's file size, what it holds), not CPUs: S actors fit on a few
+        # CPUs, and SPREAD puts them on different nodes where the cluster has them
+        self.actors = [
+            actor.options(
+                num_cpus=0, memory=max(1, Path(p).stat().st_size), scheduling_strategy="SPREAD"
+            ).remote(str(Path(p).resolve()))
+            for p in paths
+        ]
+        if not self.actors:
+            raise ValueError("a sharded index needs at least one shard")
+        infos = ray.get([a.info.remote() for a in self.actors])
+        dims = {d for d, _, _, _ in infos}
+        if len(dims) != 1:
+            raise ValueError(f"index shards of different dimensions {sorted(dims)}")
+        self.shards = []
+        self.d = dims.pop()
+        self._ntotal = sum(n for _, n, _, _ in infos)
+        self._nlist = infos[0][2]
+        self._ids = [np.asarray(i, dtype=np.int64) for _, _, _, i in infos]
+        self._owner = None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._ntotal)
+
+    @property
+    def nlist(self) -> int | None:
+        return self._nlist
+
+    def id_maps(self) -> list[np.ndarray]:
+        return self._ids
+
+    def search_round(self, q: np.ndarray, k: int, nprobe: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        q_ref = self.ray.put(q)
+        return self.ray.get([a.search.remote(q_ref, k, nprobe) for a in self.actors])
+
+    def _reconstruct_in(self, shard: int, key: int) -> np.ndarray:
+        return self.ray.get(self.actors[shard].reconstruct.remote(key))
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors = []

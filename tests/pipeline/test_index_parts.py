@@ -18,12 +18,13 @@ from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.index import IndexConfig, build_run_index, run_index
 from carv_attrib.pipeline.index_parts import split_groups
 from carv_attrib.search.index import (
+    RayShardedIndex,
     ShardedIndex,
+    index_ids,
     load_index,
     load_sharded,
     merge_topk,
     search,
-    serialize,
 )
 from carv_attrib.store.features import feature_matrix
 from carv_attrib.store.uri import local_run, read_bytes, split_uri, write_bytes
@@ -196,8 +197,31 @@ def test_ray_not_installed_is_one_line(synthetic_run: Path, tmp_path: Path, monk
     assert not (run / "index").exists()
 
 
+def test_ray_actors_search_like_the_threads(synthetic_run: Path, tmp_path: Path, ray_cluster) -> None:
+    for factory in (None, "IVF4,Flat"):
+        _, sharded, one, shards = shard_and_single(synthetic_run, tmp_path / str(factory), factory, 3)
+        actors = RayShardedIndex(sorted((sharded / "index" / "shards").glob("*.faiss")), ray_cluster)
+        try:
+            assert actors.ntotal == N and actors.d == D and actors.nlist == shards.nlist
+            np.testing.assert_array_equal(index_ids(actors), index_ids(shards))
+            q = np.random.default_rng(2).standard_normal((5, D)).astype(np.float32)
+            for k, nprobe in ((10, 1), (None, None), (400, 1)):
+                s1, i1 = search(one, q, k, nprobe)
+                s2, i2 = search(actors, q, k, nprobe)
+                np.testing.assert_array_equal(i2, i1)
+                np.testing.assert_array_equal(s2, s1)
+            cid = int(index_ids(one)[123])
+            if factory is None:
+                np.testing.assert_array_equal(actors.reconstruct(cid), one.reconstruct(cid))
+            else:
+                with pytest.raises(RuntimeError):  # IVF without a direct map: as FAISS itself
+                    actors.reconstruct(cid)
+        finally:
+            actors.close()
+
+
 def test_score_over_index_shards_equals_score_over_one_index(
-    encoded_run: Path, tiny_model_dir: Path, demo_data: Path, tmp_path: Path
+    encoded_run: Path, tiny_model_dir: Path, demo_data: Path, tmp_path: Path, ray_cluster
 ) -> None:
     from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
     from carv_attrib.pipeline.score import ScoreConfig, run_score
@@ -212,17 +236,28 @@ def test_score_over_index_shards_equals_score_over_one_index(
     vid = "demo-00004"
     caption = {r["vid"]: r["caption"] for r in json.loads((demo_data / "manifest.json").read_text())}[vid]
     docs = {}
+
+    def score(run: Path, **kw) -> list:
+        doc = run_score(
+            ScoreConfig(
+                run=run,
+                queries=[demo_data / "videos" / f"{vid}.mp4"],
+                prompt=caption,
+                top_k=3,
+                device="cpu",
+                **kw,
+            )
+        )
+        return [(r["clip_id"], r["score"], r["percentile"]) for r in doc["queries"][0]["results"]]
+
     for s in (1, 3):
         run = tmp_path / f"s{s}"
         shutil.copytree(featurized, run)
         build_run_index(
             IndexConfig(run=run, precondition="cosine", index_factory="IVF2,Flat", index_shards=s)
         )
-        doc = run_score(
-            ScoreConfig(
-                run=run, queries=[demo_data / "videos" / f"{vid}.mp4"], prompt=caption, top_k=3, device="cpu"
-            )
-        )
-        docs[s] = [(r["clip_id"], r["score"], r["percentile"]) for r in doc["queries"][0]["results"]]
+        docs[s] = score(run)
     assert docs[3] == docs[1] and docs[1][0][1] == pytest.approx(1.0, abs=1e-4)
-    assert serialize(load_index(tmp_path / "s1" / "index" / "index.faiss"))  # a plain file beside
+    assert score(tmp_path / "s3", executor="ray") == docs[1], "one Ray actor per shard: the same results"
+    with pytest.raises(UsageError, match="searches an index kept as shards"):
+        score(tmp_path / "s1", executor="ray")
