@@ -25,7 +25,7 @@ compared with; shards give the same "more than one host's memory" without that.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,8 +108,10 @@ def part_blocks(run_uri: str, shards: list[tuple[int, list[int]]]) -> Iterator[t
             yield block
 
 
-def fill_part(job: PartJob) -> int:
-    """Run one part (`PartJob`); returns the vectors it added. Raises ValueError for bad vectors."""
+def fill_part(job: PartJob, progress: Callable[[str, dict[str, Any]], None] | None = None) -> int:
+    """Run one part (`PartJob`); returns the vectors it added. `progress("shard", {"part", "rows"})`
+    after each feature shard added. Raises ValueError for bad vectors. Idempotent: a part run again
+    (Ray retrying a dead worker) rewrites its files whole."""
     index = deserialize(_resolve(job.empty))
     pre = _resolve(job.pre)
 
@@ -118,6 +120,8 @@ def fill_part(job: PartJob) -> int:
             psi = pre.prepare_train(feats_s)  # (n_s, D) preconditioned, as the local build's
             add_vectors(index, ids_s, psi)
             yield ids_s, psi
+            if progress is not None:
+                progress("shard", {"part": job.part, "rows": len(ids_s)})
 
     if job.vector_dir is not None:
         Path(job.vector_dir).mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import pytest
 from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.index import IndexConfig, build_run_index, run_index
 from carv_attrib.pipeline.index_parts import split_groups
+from carv_attrib.pipeline.ray_exec import DIE_ONCE_ENV
 from carv_attrib.search.index import (
     RayShardedIndex,
     ShardedIndex,
@@ -136,6 +137,49 @@ def test_fanned_out_shards_search_like_the_one_index(
     assert {k: v for k, v in a.items() if k != "index.faiss"} == {
         k: v for k, v in b.items() if not k.startswith("shards/")
     }
+
+
+def test_a_part_whose_worker_dies_is_retried_into_the_same_bytes(
+    synthetic_run: Path, tmp_path: Path, ray_cluster, monkeypatch
+) -> None:
+    local = fresh(synthetic_run, tmp_path, "local")
+    build_run_index(IndexConfig(run=local, index_factory="IVF4,Flat"))
+    marker = tmp_path / "died"
+    monkeypatch.setenv(DIE_ONCE_ENV, str(marker))  # the first part to add a shard dies (os._exit), once
+    by_ray = fresh(synthetic_run, tmp_path, "ray")
+    build_run_index(IndexConfig(run=by_ray, index_factory="IVF4,Flat", executor="ray", parts=2))
+    assert marker.exists(), "a worker died and Ray retried its part"
+    assert index_bytes_of(by_ray) == index_bytes_of(local)
+
+
+def test_index_through_the_cli(synthetic_run: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from carv_attrib.cli.app import app
+
+    run = fresh(synthetic_run, tmp_path, "run")
+    invoke = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    r = invoke(
+        "index",
+        run.resolve().as_uri(),
+        "--index-factory",
+        "IVF4,Flat",
+        "--index-shards",
+        "3",
+        "--format",
+        "json",
+    )
+    assert r.exit_code == 0, r.output
+    info = json.loads((run / "index" / "index_info.json").read_text())
+    assert info["shards"] == 3 and info["build"] == {"executor": "local", "parts": 3}
+    for args, msg in (
+        (("--index-factory", "HNSW8", "--index-shards", "2"), "cannot be split into parts"),
+        (("--index-shards", "9"), "the run has 6 feature shards"),
+        (("--parts", "2"), "give it with --executor ray"),
+    ):
+        r = invoke("index", run, *args)
+        last = r.output.strip().splitlines()[-1]  # after the "options from run.json" note of a resume
+        assert r.exit_code == 2 and last.startswith("error: ") and msg in last, r.output
 
 
 def test_ray_built_shards_are_the_local_shards(synthetic_run: Path, tmp_path: Path, ray_cluster) -> None:
