@@ -20,7 +20,7 @@ _INDEX_OPTIONS = [
     for p in config_parameters(IndexConfig)
     if p.name not in ("run", "wait", "executor", "ray_address", "parts")
 ]
-_INDEX_KEYS = ("count", "dim", "factory", "preconditioner", "nprobe", "live_digest")
+_INDEX_KEYS = ("count", "dim", "factory", "preconditioner", "nprobe", "live_digest", "shards", "build")
 
 
 @handle_errors

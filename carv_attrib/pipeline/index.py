@@ -90,9 +90,15 @@ def _train_sample(
 
 def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
     """Fit the preconditioner, build the FAISS index and write RUN/index atomically (a crash leaves
-    the previous index). Raises UsageError / ConfigMismatchError (exit 2) for a run without
-    features, features older than the latents, or a bad factory; RunLockedError (exit 2) while
-    another command writes RUN (unless cfg.wait). Under `featurize` it runs in that command's lock."""
+    the previous index). cfg.run: a path or a `file://` URI (`store.uri`). cfg.executor "ray": the
+    trained empty index is filled in cfg.parts Ray tasks and merged in order, the bytes of the local
+    build; cfg.index_shards S > 1: kept as S files, RUN/index/shards/NNNNN.faiss
+    (`pipeline.index_parts`). Raises UsageError / ConfigMismatchError (exit 2) for a run without
+    features, features older than the latents, a bad factory, a factory that cannot be split (HNSW,
+    fast-scan) or more shards than feature shards, Ray missing or unreachable, or a non-file URI;
+    RunLockedError (exit 2) while another command writes RUN (unless cfg.wait). Under `featurize` it
+    runs in that command's lock. Byte identity holds for CPU builds (the parts add on the CPU; a
+    local build on a GPU may assign IVF lists differently)."""
     cfg = dataclasses.replace(cfg.validate(), run=local_run(cfg.run))  # a file:// URI: its path
     with run_lock(cfg.run, "index", wait=cfg.wait):
         return _build_run_index(cfg, use_gpu)
