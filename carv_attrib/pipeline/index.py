@@ -121,7 +121,7 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
         check_trainable(index, int(ids.size), cfg.index_factory)
         plan = _parts_plan(cfg, sel, index)  # None: the local sequential build; refused before any pass
         check_fits(
-            int(ids.size),
+            _largest_part(plan, int(ids.size), cfg.index_shards),  # held here at once
             dim_out,
             cfg.index_factory,
             **_preconditioner_memory(cfg, int(ids.size), dim, blocks),
@@ -199,11 +199,19 @@ def _parts_plan(cfg: IndexConfig, sel: dict[int, list[int]], index: Any) -> list
 
 
 def _default_parts(cfg: IndexConfig, n_feat: int) -> int:
-    """--parts unset: the Ray cluster's CPUs (connected later, in `_add_in_parts`; the env's
-    RAY_ADDRESS cluster or this machine's CPUs for a local one), at most one per feature shard."""
+    """--parts unset: this machine's CPUs (`os.cpu_count`), at most one per feature shard (on a
+    cluster, give --parts)."""
     import os
 
     return max(1, min(n_feat, os.cpu_count() or 1))
+
+
+def _largest_part(plan: list[dict[int, list[int]]] | None, n: int, shards: int) -> int:
+    """The vectors one index in memory holds at most: all n, unless the index is kept as shards
+    (never merged: each part, here or in a Ray task, is written and dropped), then the largest one."""
+    if plan is None or shards == 1:
+        return n
+    return max(sum(len(rows) for rows in group.values()) for group in plan)
 
 
 def _add_in_parts(

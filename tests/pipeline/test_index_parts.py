@@ -99,6 +99,20 @@ def test_ray_parts_merge_into_the_local_build_byte_for_byte(
         assert not list((by_ray / "index").rglob("part-*")), "the part files are removed"
 
 
+def test_ray_parts_of_a_sketched_index_are_the_local_bytes(
+    synthetic_run: Path, tmp_path: Path, ray_cluster
+) -> None:
+    """--index-dim: the SRHT-sketched preconditioner travels to the parts (pickled once, in Ray's
+    object store) and sketches every block as the local build does."""
+    kw = {"index_factory": "IVF4,SQ8", "precondition": "normalize", "index_dim": 8}
+    local = fresh(synthetic_run, tmp_path, "local")
+    build_run_index(IndexConfig(run=local, **kw))
+    by_ray = fresh(synthetic_run, tmp_path, "ray")
+    info = build_run_index(IndexConfig(run=by_ray, executor="ray", parts=2, **kw))
+    assert info.sketch is not None and info.dim == D
+    assert index_bytes_of(by_ray) == index_bytes_of(local)
+
+
 def shard_and_single(synthetic_run: Path, tmp_path: Path, factory: str | None, s: int):
     single = fresh(synthetic_run, tmp_path, "single")
     build_run_index(IndexConfig(run=single, index_factory=factory, precondition="identity"))
@@ -231,6 +245,20 @@ def test_what_cannot_be_split_is_refused_before_any_pass(synthetic_run: Path, tm
         with pytest.raises(UsageError, match=msg):
             build_run_index(IndexConfig(run=run, **kw))
     assert not (run / "index").exists()
+
+
+def test_an_index_kept_as_shards_needs_one_shards_memory(
+    synthetic_run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import carv_attrib.search.index as ai
+
+    run = fresh(synthetic_run, tmp_path, "run")
+    whole = ai.index_bytes(N, D, None)
+    monkeypatch.setattr(ai, "available_memory", lambda: whole // 2)
+    with pytest.raises(UsageError, match="GiB are available"):
+        build_run_index(IndexConfig(run=run, precondition="identity"))
+    info = build_run_index(IndexConfig(run=run, precondition="identity", index_shards=3))  # 200 each
+    assert info.count == N and info.shards == 3
 
 
 def test_ray_not_installed_is_one_line(synthetic_run: Path, tmp_path: Path, monkeypatch) -> None:
