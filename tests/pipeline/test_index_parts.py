@@ -205,6 +205,21 @@ def test_ray_built_shards_are_the_local_shards(synthetic_run: Path, tmp_path: Pa
     assert index_bytes_of(by_ray) == index_bytes_of(local)
 
 
+def test_a_missing_or_changed_shard_is_refused_when_loaded(synthetic_run: Path, tmp_path: Path) -> None:
+    from carv_attrib.errors import DamagedFileError
+    from carv_attrib.pipeline.score import load_index_dir
+    from carv_attrib.store.run import RunDir
+
+    run = fresh(synthetic_run, tmp_path, "run")
+    build_run_index(IndexConfig(run=run, index_factory="IVF4,Flat", index_shards=3))
+    info, loaded = RunDir(run).index_snapshot(load_index_dir)
+    assert isinstance(loaded.index, ShardedIndex) and loaded.index.ntotal == N and info.shards == 3
+    shard = run / "index" / "shards" / "00001.faiss"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(DamagedFileError, match="00001.faiss"):
+        RunDir(run).index_snapshot(load_index_dir)
+
+
 def test_merge_topk_breaks_ties_by_clip_id() -> None:
     s, i = merge_topk(
         [np.array([[3.0, 1.0, 0.0]], np.float32), np.array([[3.0, 2.0, -1.0]], np.float32)],
