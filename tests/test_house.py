@@ -21,7 +21,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "carv_attrib"
 
 # pipeline/ modules every stage may use; any other pipeline/ module is a stage. A composer runs other
 # stages by name: `demo` all of them, `featurize` ends by building the index (`featurize_and_index`).
-PIPELINE_SHARED = {"carv_attrib.pipeline._job", "carv_attrib.pipeline.ray_exec"}
+PIPELINE_SHARED = {
+    "carv_attrib.pipeline._job",
+    "carv_attrib.pipeline.ray_exec",
+    "carv_attrib.pipeline.index_parts",
+}
 PIPELINE_COMPOSERS = {
     "carv_attrib.pipeline.demo": None,  # None: any stage
     "carv_attrib.pipeline.featurize": {"carv_attrib.pipeline.index"},

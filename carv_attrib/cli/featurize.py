@@ -13,10 +13,14 @@ from carv_attrib.config import FeaturizeConfig, IndexConfig
 # featurize ends by building the index: it takes `index`'s options too (not its RUN argument, nor its
 # --wait: featurize's own covers the whole command). Not given, each keeps the run's current index's
 # choice (or IndexConfig's default when there is no index yet).
+# Nor index's --executor / --ray-address / --parts: featurize's own are its gradients' (its index is
+# built by the driver, locally).
 _INDEX_OPTIONS = [
-    p.replace(default=None) for p in config_parameters(IndexConfig) if p.name not in ("run", "wait")
+    p.replace(default=None)
+    for p in config_parameters(IndexConfig)
+    if p.name not in ("run", "wait", "executor", "ray_address", "parts")
 ]
-_INDEX_KEYS = ("count", "dim", "factory", "preconditioner", "nprobe", "live_digest")
+_INDEX_KEYS = ("count", "dim", "factory", "preconditioner", "nprobe", "live_digest", "shards", "build")
 
 
 @handle_errors

@@ -152,6 +152,8 @@ def index(info: Any) -> None:
         Text.assemble(
             ("indexed", "green"),
             f" {info.count} clips, dim {info.dim}, {info.preconditioner['kind']}, {info.factory}",
+            f", {info.shards} shards" if info.shards > 1 else "",
+            f" ({info.build['parts']} Ray parts)" if info.build.get("executor") == "ray" else "",
         )
     )
 

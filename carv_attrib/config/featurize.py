@@ -7,6 +7,7 @@ from pathlib import Path
 
 from carv_attrib.choices import (
     DTYPES,
+    EXECUTORS,
     MATRIX_KINDS,
     NOISE_MODES,
     OBJECTIVES,
@@ -95,6 +96,23 @@ class IndexConfig(StageConfig):
     sketch_seed: int = option(
         0, metavar="SEED", help="With --index-dim: the sketch's seed (recorded in the index)."
     )
+    index_shards: int = option(
+        1,
+        metavar="S",
+        help="Keep the index as S FAISS files over disjoint feature shards, one trained quantizer; score "
+        "searches them all and merges the top-k (Flat, IVF, PQ/SQ codes; not HNSW or fast-scan).",
+    )
+    executor: str = option(
+        "local",
+        help=f"{choice_help(EXECUTORS)}: fill the trained index in parts as Ray tasks, merged in order into "
+        "the bytes of a local build (pip install 'carv-attrib[ray]').",
+    )
+    ray_address: str | None = ray_address_option()
+    parts: int | None = option(
+        None,
+        help="With --executor ray: number of parts (default: this machine's CPUs, at most one per "
+        "feature shard; --index-shards S: S).",
+    )
     wait: bool = wait_option()
 
     def validate(self) -> IndexConfig:
@@ -110,6 +128,17 @@ class IndexConfig(StageConfig):
             check_min("--nprobe", self.nprobe, 1)
         if self.lambda_rel <= 0:
             raise UsageError(f"--lambda {self.lambda_rel}: must be > 0")
+        check_min("--index-shards", self.index_shards, 1)
+        check_choice("--executor", self.executor, EXECUTORS)
+        if self.parts is not None:
+            check_min("--parts", self.parts, 1)
+            if self.executor != "ray":
+                raise UsageError("--parts is the number of Ray tasks: give it with --executor ray")
+            if self.index_shards > 1 and self.parts != self.index_shards:
+                raise UsageError(
+                    f"--parts {self.parts} with --index-shards {self.index_shards}: each index shard is "
+                    "one part; drop --parts"
+                )
         return self
 
 

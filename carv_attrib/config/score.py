@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from carv_attrib.choices import AGGREGATES, DTYPES, OBJECTIVES
+from carv_attrib.choices import AGGREGATES, DTYPES, EXECUTORS, OBJECTIVES
 from carv_attrib.config.checks import check_choice, check_min
 from carv_attrib.config.options import (
     StageConfig,
@@ -16,6 +16,7 @@ from carv_attrib.config.options import (
     dtype_option,
     model_option,
     option,
+    ray_address_option,
 )
 from carv_attrib.errors import UsageError
 from carv_attrib.video.probe import refuse_still_images
@@ -65,6 +66,12 @@ class ScoreConfig(StageConfig):
     decode_timeout: float = option(120.0, help="Seconds per query before its decoder is killed.")
     batch_clips: int = batch_clips_option()
     nprobe: int | None = option(None, help="IVF lists probed per query (default: the index's).")
+    executor: str = option(
+        "local",
+        help=f"{choice_help(EXECUTORS)}: an index kept as shards (index --index-shards) is searched shard by "
+        "shard and merged, by threads here or by one Ray actor per shard (the same results).",
+    )
+    ray_address: str | None = ray_address_option()
     objective: str | None = option(
         None,
         help=f"{choice_help(OBJECTIVES)}: the objective the index was built with (default: the index's; another "
@@ -152,6 +159,7 @@ class ScoreConfig(StageConfig):
         check_min("--batch-clips", self.batch_clips, 1)
         if self.nprobe is not None:
             check_min("--nprobe", self.nprobe, 1)
+        check_choice("--executor", self.executor, EXECUTORS)
         if self.decode_timeout <= 0:
             raise UsageError(f"--decode-timeout {self.decode_timeout}: must be > 0 seconds")
         return self

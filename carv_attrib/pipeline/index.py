@@ -12,6 +12,7 @@ training sample of an approximate index, and the vectors, one pass each, all ove
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +25,25 @@ from carv_attrib.config import IndexConfig
 from carv_attrib.config.resume import recorded_options
 from carv_attrib.errors import ConfigMismatchError, UsageError
 from carv_attrib.pipeline._job import record
+from carv_attrib.pipeline.index_parts import (
+    PARTS_DIR,
+    SHARDS_DIR,
+    PartJob,
+    fill_part,
+    join_vectors,
+    merge_parts,
+    shard_name,
+    split_groups,
+)
 from carv_attrib.search.index import (
     add_vectors,
     check_fits,
+    check_mergeable,
     check_trainable,
     index_bytes,
     new_index,
     save_index,
+    serialize,
     train_index,
     train_sample_rows,
 )
@@ -45,6 +58,7 @@ from carv_attrib.store.lock import run_lock
 from carv_attrib.store.records import FeaturesRecord, IndexInfo, LatentsRecord
 from carv_attrib.store.run import RunDir
 from carv_attrib.store.shards import now_iso
+from carv_attrib.store.uri import local_run, run_uri
 
 __all__ = ["IndexConfig", "build_run_index"]
 
@@ -76,10 +90,16 @@ def _train_sample(
 
 def build_run_index(cfg: IndexConfig, use_gpu: bool | None = None) -> IndexInfo:
     """Fit the preconditioner, build the FAISS index and write RUN/index atomically (a crash leaves
-    the previous index). Raises UsageError / ConfigMismatchError (exit 2) for a run without
-    features, features older than the latents, or a bad factory; RunLockedError (exit 2) while
-    another command writes RUN (unless cfg.wait). Under `featurize` it runs in that command's lock."""
-    cfg.validate()
+    the previous index). cfg.run: a path or a `file://` URI (`store.uri`). cfg.executor "ray": the
+    trained empty index is filled in cfg.parts Ray tasks and merged in order, the bytes of the local
+    build; cfg.index_shards S > 1: kept as S files, RUN/index/shards/NNNNN.faiss
+    (`pipeline.index_parts`). Raises UsageError / ConfigMismatchError (exit 2) for a run without
+    features, features older than the latents, a bad factory, a factory that cannot be split (HNSW,
+    fast-scan) or more shards than feature shards, Ray missing or unreachable, or a non-file URI;
+    RunLockedError (exit 2) while another command writes RUN (unless cfg.wait). Under `featurize` it
+    runs in that command's lock. Byte identity holds for CPU builds (the parts add on the CPU; a
+    local build on a GPU may assign IVF lists differently)."""
+    cfg = dataclasses.replace(cfg.validate(), run=local_run(cfg.run))  # a file:// URI: its path
     with run_lock(cfg.run, "index", wait=cfg.wait):
         return _build_run_index(cfg, use_gpu)
 
@@ -101,8 +121,9 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
         dim_out = indexed_dim(cfg.index_dim, dim)
         index = new_index(dim_out, cfg.index_factory, use_gpu)  # a bad factory is refused before any pass
         check_trainable(index, int(ids.size), cfg.index_factory)
+        plan = _parts_plan(cfg, sel, index)  # None: the local sequential build; refused before any pass
         check_fits(
-            int(ids.size),
+            _largest_part(plan, int(ids.size), cfg.index_shards),  # held here at once
             dim_out,
             cfg.index_factory,
             **_preconditioner_memory(cfg, int(ids.size), dim, blocks),
@@ -129,6 +150,8 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
         "nprobe": cfg.nprobe,
         "rerank_vectors": cfg.vector_dtype if keep else None,
         "sketch": sketch.record() if sketch is not None else None,
+        "shards": cfg.index_shards,
+        "build": {"executor": cfg.executor, "parts": 1 if plan is None else len(plan)},
     }
     info = IndexInfo.from_records(
         lat, frec, prov, choices, int(ids.size), live.digest(), now_iso(), __version__
@@ -136,17 +159,116 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
     need = _index_disk_bytes(
         int(ids.size), dim_out, cfg.index_factory, cfg.vector_dtype if keep else None, pre
     )
+    if plan is not None and cfg.index_shards == 1:  # the part files beside the merged index
+        need += index_bytes(int(ids.size), dim_out, cfg.index_factory)
     # the previous index stays live until the swap: the new one needs its own room beside it
     check_space(run.root, need, f"the index of {int(ids.size)} clips")
+    vector_dtype = cfg.vector_dtype if keep else None
     with space_for(run.index_dir, need), run.index_swap() as tmp:
-        _add_all(run, sel, index, pre, tmp, dim_out, cfg.vector_dtype if keep else None)
-        assert index.ntotal == ids.size, (index.ntotal, ids.size)  # every pass saw the same shards
-        save_index(index, tmp / run.faiss_path.name)
+        if plan is None:  # one local sequential pass: the reference build
+            _add_all(run, sel, index, pre, tmp, dim_out, vector_dtype)
+            assert index.ntotal == ids.size, (index.ntotal, ids.size)  # every pass saw the same shards
+            save_index(index, tmp / run.faiss_path.name)
+        else:
+            _add_in_parts(cfg, run, plan, index, pre, tmp, dim_out, vector_dtype, int(ids.size))
         pre.save(tmp / run.preconditioner_dir.name)
         # the checksums of what was just written, checked each time the index is opened
         info = dataclasses.replace(info, files=digest_tree(tmp, skip=(run.index_info_path.name,)))
         info.write(tmp / run.index_info_path.name)
     return info
+
+
+def _parts_plan(cfg: IndexConfig, sel: dict[int, list[int]], index: Any) -> list[dict[int, list[int]]] | None:
+    """The groups of feature shards the parts fill (`index_parts.split_groups`), None for the local
+    sequential build (--executor local, one shard). UsageError (exit 2) for a factory that cannot be
+    split (`check_mergeable`), or more --index-shards than the run has feature shards."""
+    if cfg.executor == "local" and cfg.index_shards == 1:
+        return None
+    what = "--executor ray" if cfg.index_shards == 1 else f"--index-shards {cfg.index_shards}"
+    try:
+        check_mergeable(index, cfg.index_factory, what)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    n_feat = sum(1 for rows in sel.values() if rows)
+    if cfg.index_shards > n_feat:
+        raise UsageError(
+            f"--index-shards {cfg.index_shards}: the run has {n_feat} feature shards and an index shard "
+            "holds whole ones; give at most that many"
+        )
+    if cfg.index_shards > 1:
+        return split_groups(sel, cfg.index_shards)
+    return split_groups(sel, cfg.parts or _default_parts(cfg, n_feat))
+
+
+def _default_parts(cfg: IndexConfig, n_feat: int) -> int:
+    """--parts unset: this machine's CPUs (`os.cpu_count`), at most one per feature shard (on a
+    cluster, give --parts)."""
+    import os
+
+    return max(1, min(n_feat, os.cpu_count() or 1))
+
+
+def _largest_part(plan: list[dict[int, list[int]]] | None, n: int, shards: int) -> int:
+    """The vectors one index in memory holds at most: all n, unless the index is kept as shards
+    (never merged: each part, here or in a Ray task, is written and dropped), then the largest one."""
+    if plan is None or shards == 1:
+        return n
+    return max(sum(len(rows) for rows in group.values()) for group in plan)
+
+
+def _add_in_parts(
+    cfg: IndexConfig,
+    run: RunDir,
+    plan: list[dict[int, list[int]]],
+    index: Any,
+    pre: Preconditioner,
+    tmp: Path,
+    dim: int,
+    vector_dtype: str | None,
+    n: int,
+) -> None:
+    """Fill copies of the trained empty `index` with the groups of `plan` (Ray tasks with --executor
+    ray, else one after another here), then merge them in order into tmp/index.faiss, or keep them as
+    tmp/shards/NNNNN.faiss (--index-shards); the parts' exact vectors are joined into tmp."""
+    tmp = tmp.resolve()
+    empty = serialize(index)
+    sharded = cfg.index_shards > 1
+    out = tmp / (SHARDS_DIR if sharded else PARTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        PartJob(
+            part=i,
+            run_uri=run_uri(run.root),
+            shards=list(group.items()),
+            empty=empty,
+            pre=pre,
+            index_out=str(out / (shard_name(i) if sharded else f"part-{i:05d}.faiss")),
+            dim=dim,
+            vector_dir=None if vector_dtype is None else str(tmp / PARTS_DIR / f"vectors-{i:05d}"),
+            vector_dtype=vector_dtype,
+        )
+        for i, group in enumerate(plan)
+    ]
+    try:
+        if cfg.executor == "ray":
+            from carv_attrib.pipeline.ray_exec import ray_session, run_parts
+
+            with ray_session(cfg.ray_address) as ray:
+                shared_empty, shared_pre = ray.put(empty), ray.put(pre)  # one copy for all the parts
+                for j in jobs:
+                    j.empty, j.pre = shared_empty, shared_pre
+                counts = run_parts(fill_part, jobs, ray)
+        else:
+            counts = [fill_part(j) for j in jobs]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    assert sum(counts) == n, (counts, n)  # every part saw its shards whole
+    if not sharded:
+        merged = merge_parts(empty, [Path(j.index_out) for j in jobs])
+        save_index(merged, tmp / run.faiss_path.name)
+    if vector_dtype is not None:
+        join_vectors(tmp, jobs, dim, vector_dtype)
+    shutil.rmtree(tmp / PARTS_DIR, ignore_errors=True)
 
 
 def _index_disk_bytes(
@@ -244,6 +366,7 @@ INDEX_FLAGS = {
     "index_dim": "--index-dim",
     "sketch": "--sketch",
     "sketch_seed": "--sketch-seed",
+    "index_shards": "--index-shards",
 }
 
 
@@ -263,6 +386,7 @@ def index_config_keeping(run: Path | str, given: dict[str, Any]) -> tuple[IndexC
             "index_factory": None if info.factory == "Flat" else info.factory,
             "nprobe": info.nprobe,
             "index_dim": info.sketch["out_dim"] if info.sketch else None,
+            "index_shards": info.shards,
         }
         if info.sketch:
             previous["sketch"] = info.sketch["kind"]
@@ -283,6 +407,7 @@ def run_index(cfg: IndexConfig) -> IndexInfo:
     """`carv-attrib index`: rebuild RUN/index (`build_run_index`) without recomputing gradients, and
     record the invocation in RUN/run.json. Raises UsageError / ConfigMismatchError (exit 2)."""
     started = time.monotonic()
+    cfg = dataclasses.replace(cfg.validate(), run=local_run(cfg.run))
     with run_lock(cfg.run, "index", wait=cfg.wait):  # the record too: one writer's whole command
         info = build_run_index(cfg)
         record(

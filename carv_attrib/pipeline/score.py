@@ -28,6 +28,7 @@ import csv
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,17 +41,19 @@ from carv_attrib.attrib.featurizer import Featurizer, load_featurizer
 from carv_attrib.attrib.projection import KronProjector
 from carv_attrib.carv.draws import DrawRule
 from carv_attrib.carv.nested import check_extendable, level_draws
-from carv_attrib.choices import OBJECTIVES
+from carv_attrib.choices import EXECUTORS, OBJECTIVES
 from carv_attrib.config import ScoreConfig
+from carv_attrib.config.checks import check_choice
 from carv_attrib.config.resume import recorded_options
 from carv_attrib.errors import ConfigMismatchError, ModelLoadError, UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import MAX_SEQUENCE_LENGTH, WanModel, load_wan
 from carv_attrib.pipeline._job import ProgressFn, noop, record
+from carv_attrib.pipeline.index_parts import SHARDS_DIR
 from carv_attrib.search import uncertainty as unc
 from carv_attrib.search.explain import explain_result, layer_slices, layer_split, stratum_split
-from carv_attrib.search.index import load_index, search
+from carv_attrib.search.index import RayShardedIndex, index_ids, load_index, load_sharded, search
 from carv_attrib.search.precondition import load_preconditioner
 from carv_attrib.search.refine import QUERY, check_refinable, refine
 from carv_attrib.search.rerank import VectorStore, rerank
@@ -399,11 +402,26 @@ class LoadedIndex:
     store: VectorStore | None  # the exact vectors of an approximate index (re-ranking)
 
 
-def load_index_dir(directory: Path) -> LoadedIndex:
-    """Preconditioner, FAISS index and (where kept) the exact vectors of an index directory."""
+def load_index_dir(directory: Path, ray: Any = None) -> LoadedIndex:
+    """Preconditioner, FAISS index and (where kept) the exact vectors of an index directory. An
+    index kept as shards (`index --index-shards`) loads as a `ShardedIndex` (searched by threads),
+    or with `ray` (a connected Ray) as a `RayShardedIndex` (one actor per shard); with `ray` an
+    index of one file is UsageError (exit 2)."""
+    shards = sorted((directory / SHARDS_DIR).glob("*.faiss")) if (directory / SHARDS_DIR).is_dir() else []
+    if ray is not None and not shards:
+        raise UsageError(
+            "score --executor ray searches an index kept as shards by Ray actors, but this one is a single "
+            "file; rebuild it with `carv-attrib index RUN --index-shards S` or score without --executor ray"
+        )
+    if ray is not None:
+        index: Any = RayShardedIndex(shards, ray)
+    elif shards:
+        index = load_sharded(shards)
+    else:
+        index = load_index(directory / "index.faiss")
     return LoadedIndex(
         pre=load_preconditioner(directory / "preconditioner"),
-        index=load_index(directory / "index.faiss"),
+        index=index,
         store=VectorStore(directory) if (directory / "vectors.meta").exists() else None,
     )
 
@@ -644,11 +662,7 @@ def _index_ids(store: VectorStore | None, index: Any) -> np.ndarray | None:
     """(N,) int64 ids of every indexed clip: the vector store's, else the IndexIDMap2's; None if neither."""
     if store is not None:
         return np.asarray(store.ids, dtype=np.int64)
-    if hasattr(index, "id_map"):
-        import faiss
-
-        return faiss.vector_to_array(index.id_map).astype(np.int64)
-    return None
+    return index_ids(index)
 
 
 def _place_results(
@@ -886,7 +900,30 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = 
     ConfigMismatchError (exit 2) for a stale index, another model, or missing prompts; an undecodable
     query becomes status "error" while the others are scored. `progress("start", {"todo"})` then one
     "clip" event per query encoded and per query featurized (twice: captioned and empty text, under
-    `null_prompt` with prompts)."""
+    `null_prompt` with prompts). An index kept as shards is searched shard by shard and merged
+    (threads; `cfg.executor == "ray"`: one Ray actor per shard, UsageError when Ray is missing)."""
+    check_choice("--executor", cfg.executor, EXECUTORS)  # before a Ray session starts
+    if cfg.executor != "ray":
+        return _run_score(cfg, progress, out, load_index_dir)
+    from carv_attrib.pipeline.ray_exec import ray_session
+
+    with ray_session(cfg.ray_address) as ray:
+        loaded: list[LoadedIndex] = []
+
+        def load(directory: Path) -> LoadedIndex:
+            loaded.append(load_index_dir(directory, ray=ray))
+            return loaded[-1]
+
+        try:
+            return _run_score(cfg, progress, out, load)
+        finally:
+            for li in loaded:
+                li.index.close()
+
+
+def _run_score(
+    cfg: ScoreConfig, progress: ProgressFn, out: Path | None, loader: Callable[[Path], LoadedIndex]
+) -> dict[str, Any]:
     t0 = time.monotonic()
     if cfg.null_prompt and cfg.prompt is None and cfg.prompts_file is None:  # no caption: the empty text only
         paths, conditioning = [Path(q) for q in cfg.queries], "null"
@@ -899,7 +936,7 @@ def run_score(cfg: ScoreConfig, progress: ProgressFn = noop, out: Path | None = 
     refuse_still_images(cfg.queries)
     run = RunDir(cfg.run)
     # one snapshot, read before anything else: the queries are encoded under this info's settings
-    info, loaded = run.index_snapshot(load_index_dir)
+    info, loaded = run.index_snapshot(loader)
     _check_index_use(cfg, run, info)
     try:  # --index-dim: queries go through the index's own sketch, re-created from its record
         loaded.pre = index_preconditioner(info.sketch, loaded.pre, int(loaded.index.d))

@@ -287,10 +287,13 @@ def search(
     k None means every indexed vector; k is clipped to `index.ntotal`. For an IVF index `nprobe`
     lists are probed (None: `default_nprobe`); with `fill`, a query that gets fewer than k hits is
     searched again with twice the lists, up to all of them, so k ≤ N always returns k results.
-    Without `fill`, missing slots have id -1. (A GPU index caps k at 2048, a faiss limit; indexes
-    from `load_index` are on the CPU.)
+    Without `fill`, missing slots have id -1. A `ShardedIndex` is searched shard by shard in threads
+    and merged (ties by clip id), the widening decided on the merged result. (A GPU index caps k at
+    2048, a faiss limit; indexes from `load_index` are on the CPU.)
     """
     q = _as_vectors(queries, index.d, "queries")
+    if isinstance(index, ShardedIndex):  # fanned out over the shards, merged (`ShardedIndex`)
+        return _search_sharded(index, q, k, nprobe, fill)
     nlist = ivf_lists(index)
     if nlist is not None:
         set_nprobe(index, nprobe or default_nprobe(nlist))
@@ -310,3 +313,252 @@ def search(
         s2, i2 = index.search(q[short], k)
         scores[short], ids[short] = s2, i2
     return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+
+
+# -- parts, merging and shards (`carv-attrib index --executor ray`, `--index-shards`) --------------
+
+
+def serialize(index: Any) -> bytes:
+    """The bytes `faiss.write_index` would write for `index` (a GPU index is converted first): what a
+    Ray part returns, what the byte-identity tests compare, what a pyarrow output stream receives."""
+    return faiss.serialize_index(_to_cpu(index)).tobytes()
+
+
+def deserialize(data: bytes) -> Any:
+    """The CPU index of `serialize`'s bytes (a copy: the trained empty index a part fills)."""
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def _is_ivf(index: Any) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return True
+
+
+def check_mergeable(index: Any, factory: str | None, what: str) -> None:
+    """Refuse (ValueError) a factory whose parts cannot be merged into the index one build would make,
+    or whose shards would not search like it: HNSW (a graph: FAISS cannot merge it, and a graph per
+    shard finds other neighbours) and the fast-scan codes (`...x4fs`: merged lists are repacked, so the
+    bytes differ). Flat, the flat codes (PQ, SQ, RQ) and IVF over them (with OPQ/PCA) merge append-only.
+    `what` names the option asking, e.g. "--executor ray"."""
+    kinds = [type(faiss.downcast_index(index.index if hasattr(index, "index") else index)).__name__]
+    if _is_ivf(index):
+        kinds.append(type(faiss.downcast_index(faiss.extract_index_ivf(index))).__name__)
+    if hnsw_of(index) is not None or any("HNSW" in k or "FastScan" in k for k in kinds):
+        raise ValueError(
+            f"{what}: --index-factory {factory} cannot be split into parts (HNSW graphs and fast-scan "
+            "codes do not merge append-only); use Flat, IVF<n>,Flat|SQ8|PQ<m> or build it locally"
+        )
+
+
+def merge_into(dst: Any, src: Any) -> None:
+    """Append `src`'s vectors to `dst` (two `IndexIDMap2` of the same trained empty index, e.g.
+    `deserialize` of one `serialize`), as if they had been added to `dst` after its own: IVF lists
+    append in order with the inner ids shifted by dst.ntotal, flat codes concatenate, the clip ids
+    follow. `src` is emptied. So parts filled from consecutive blocks and merged in order give the
+    bytes of one sequential build (`serialize`). (FAISS's own `IndexIDMap2.merge_from` does not
+    shift IVF ids, hence this.)"""
+    di, si = faiss.downcast_index(dst.index), faiss.downcast_index(src.index)
+    ids = np.concatenate([faiss.vector_to_array(dst.id_map), faiss.vector_to_array(src.id_map)])
+    di.merge_from(si, int(dst.ntotal) if _is_ivf(di) else 0)
+    faiss.copy_array_to_vector(ids.astype(np.int64), dst.id_map)
+    dst.ntotal = di.ntotal
+    src.ntotal = 0
+    src.id_map.clear()
+    dst.construct_rev_map()
+
+
+def index_ids(index: Any) -> np.ndarray | None:
+    """(N,) int64 clip ids of an `IndexIDMap2` or `ShardedIndex`, in storage order; None otherwise."""
+    if isinstance(index, ShardedIndex):
+        return index.id_array()
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    return None
+
+
+class ShardedIndex:
+    """S FAISS shards over disjoint clips, all copies of one trained empty index (same IVF quantizer),
+    searched as one: `search` fans a query out to every shard (threads; FAISS releases the GIL) and
+    merges the top-k by score, ties by clip id. With the same nprobe every shard probes the lists the
+    whole index would, so the results equal one index's (`check_mergeable` factories only).
+
+    shards: list of `IndexIDMap2`; d, ntotal and reconstruct(clip_id) as a FAISS index has them."""
+
+    def __init__(self, shards: list[Any]):
+        if not shards:
+            raise ValueError("a sharded index needs at least one shard")
+        dims = {int(s.d) for s in shards}
+        if len(dims) != 1:
+            raise ValueError(f"index shards of different dimensions {sorted(dims)}")
+        self.shards = shards
+        self.d = dims.pop()
+        self._owner: dict[int, int] | None = None
+
+    @property
+    def ntotal(self) -> int:
+        return int(sum(s.ntotal for s in self.shards))
+
+    @property
+    def nlist(self) -> int | None:
+        """The IVF lists of every shard (None: not IVF)."""
+        return ivf_lists(self.shards[0])
+
+    def id_maps(self) -> list[np.ndarray]:
+        """Each shard's (n_s,) int64 clip ids, in shard order."""
+        return [faiss.vector_to_array(s.id_map).astype(np.int64) for s in self.shards]
+
+    def id_array(self) -> np.ndarray:
+        """(N,) int64 clip ids, shard after shard."""
+        return np.concatenate(self.id_maps())
+
+    def search_round(self, q: np.ndarray, k: int, nprobe: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every shard's (scores (m, k) float32, ids (m, k) int64) for queries q (m, d) at this nprobe,
+        in shard order, no widening (`search` decides that on the merged result). Threads: one per
+        shard up to the CPUs."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(shard: Any) -> tuple[np.ndarray, np.ndarray]:
+            if nprobe is not None:
+                set_nprobe(shard, nprobe)
+            return shard.search(q, k)
+
+        workers = max(1, min(len(self.shards), os.cpu_count() or 1))
+        if workers == 1:
+            return [one(s) for s in self.shards]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(one, self.shards))
+
+    def reconstruct(self, key: int) -> np.ndarray:
+        """(d,) float32 vector of clip `key`; RuntimeError where FAISS cannot reconstruct, KeyError
+        for an id in no shard."""
+        if self._owner is None:
+            self._owner = {int(c): j for j, ids in enumerate(self.id_maps()) for c in ids}
+        if int(key) not in self._owner:
+            raise KeyError(f"clip id {key} is in no index shard")
+        return self._reconstruct_in(self._owner[int(key)], int(key))
+
+    def _reconstruct_in(self, shard: int, key: int) -> np.ndarray:
+        return self.shards[shard].reconstruct(key)
+
+
+def load_sharded(paths: list[str | os.PathLike[str]]) -> ShardedIndex:
+    """The `ShardedIndex` of the shard files `paths`, in order."""
+    return ShardedIndex([load_index(p) for p in paths])
+
+
+def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard results (each (m, k_s) float32 scores, int64 ids, -1 = empty slot) into the
+    best k per query: (m, k) float32, (m, k) int64, by score descending, ties by clip id ascending;
+    empty slots last (score -inf, id -1)."""
+    s = np.concatenate(scores, axis=1).astype(np.float32, copy=False)
+    i = np.concatenate(ids, axis=1).astype(np.int64, copy=False)
+    key_s = np.where(i >= 0, s, -np.inf)
+    key_i = np.where(i >= 0, i, np.iinfo(np.int64).max)
+    out_s = np.full((s.shape[0], k), -np.inf, dtype=np.float32)
+    out_i = np.full((s.shape[0], k), -1, dtype=np.int64)
+    for r in range(s.shape[0]):
+        order = np.lexsort((key_i[r], -key_s[r].astype(np.float64)))[:k]
+        out_s[r, : order.size], out_i[r, : order.size] = s[r, order], i[r, order]
+    return out_s, out_i
+
+
+def _merged_round(index: ShardedIndex, q: np.ndarray, k: int, nprobe: int | None):
+    got = index.search_round(q, k, nprobe)
+    return merge_topk([g[0] for g in got], [g[1] for g in got], k)
+
+
+def _search_sharded(
+    index: ShardedIndex, q: np.ndarray, k: int | None, nprobe: int | None, fill: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """`search` over shards: the same nprobe (and the same widening, decided on the merged result)
+    as one index of all the shards' vectors."""
+    nlist = index.nlist
+    k = index.ntotal if k is None else min(int(k), index.ntotal)
+    if k < 0:
+        raise ValueError(f"k must be >= 0 or None, got {k}")
+    if k == 0:
+        return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+    probe = (nprobe or default_nprobe(nlist)) if nlist is not None else None
+    scores, ids = _merged_round(index, q, k, probe)
+    while fill and nlist is not None and probe < nlist and (ids < 0).any():
+        probe = min(nlist, 2 * probe)
+        short = np.flatnonzero((ids < 0).any(axis=1))
+        s2, i2 = _merged_round(index, q[short], k, probe)
+        scores[short], ids[short] = s2, i2
+    return scores, ids
+
+
+class _ShardServer:
+    """A Ray actor's state: one index shard, loaded once from a path every node can read."""
+
+    def __init__(self, path: str):
+        self.index = load_index(path)
+
+    def info(self) -> tuple[int, int, int | None, np.ndarray]:
+        return int(self.index.d), int(self.index.ntotal), ivf_lists(self.index), index_ids(self.index)
+
+    def search(self, q: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        if nprobe is not None:
+            set_nprobe(self.index, nprobe)
+        return self.index.search(q, k)
+
+    def reconstruct(self, key: int) -> np.ndarray:
+        return self.index.reconstruct(key)
+
+
+class RayShardedIndex(ShardedIndex):
+    """A `ShardedIndex` whose shards are held by Ray actors (one per shard, reserving its file's size
+    of memory and no CPU, spread over the nodes, loading its file from shared storage), for shards that together outgrow one host's memory: `search` sends
+    each round to every actor and merges here, as `ShardedIndex` does with threads (the same
+    results). `ray`: a connected Ray (`carv_attrib.pipeline.ray_exec.ray_session`); `close()` (or
+    the session's end) frees the actors."""
+
+    def __init__(self, paths: list[str | os.PathLike[str]], ray: Any):
+        self.ray = ray
+        actor = ray.remote(_ShardServer)
+        # placed by memory (the shard's file size, what it holds), not CPUs: S actors fit on a few
+        # CPUs, and SPREAD puts them on different nodes where the cluster has them
+        self.actors = [
+            actor.options(
+                num_cpus=0, memory=max(1, Path(p).stat().st_size), scheduling_strategy="SPREAD"
+            ).remote(str(Path(p).resolve()))
+            for p in paths
+        ]
+        if not self.actors:
+            raise ValueError("a sharded index needs at least one shard")
+        infos = ray.get([a.info.remote() for a in self.actors])
+        dims = {d for d, _, _, _ in infos}
+        if len(dims) != 1:
+            raise ValueError(f"index shards of different dimensions {sorted(dims)}")
+        self.shards = []
+        self.d = dims.pop()
+        self._ntotal = sum(n for _, n, _, _ in infos)
+        self._nlist = infos[0][2]
+        self._ids = [np.asarray(i, dtype=np.int64) for _, _, _, i in infos]
+        self._owner = None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._ntotal)
+
+    @property
+    def nlist(self) -> int | None:
+        return self._nlist
+
+    def id_maps(self) -> list[np.ndarray]:
+        return self._ids
+
+    def search_round(self, q: np.ndarray, k: int, nprobe: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        q_ref = self.ray.put(q)
+        return self.ray.get([a.search.remote(q_ref, k, nprobe) for a in self.actors])
+
+    def _reconstruct_in(self, shard: int, key: int) -> np.ndarray:
+        return self.ray.get(self.actors[shard].reconstruct.remote(key))
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors = []

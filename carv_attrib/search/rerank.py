@@ -61,6 +61,24 @@ class VectorStore:
         (d / "vectors.meta").write_text(f"{dtype} {dim}\n")
         return int(sum(len(x) for x in ids))
 
+    @staticmethod
+    def concat(directory: Path | str, parts: list[Path], dim: int, dtype: str) -> int:
+        """Join the stores `VectorStore.write` wrote in `parts` (directories, in order) into one in
+        `directory`, byte for byte what one `write` of all their blocks in that order writes (the
+        Ray parts of `carv-attrib index`); returns n. The parts' files are left to the caller."""
+        d = Path(directory)
+        with open(d / "vectors.bin", "wb") as out:
+            for p in parts:
+                with open(Path(p) / "vectors.bin", "rb") as f:
+                    while chunk := f.read(64 << 20):
+                        out.write(chunk)
+        ids = [np.load(Path(p) / "vector_ids.npy", allow_pickle=False) for p in parts]
+        norms = [np.load(Path(p) / "vector_norms.npy", allow_pickle=False) for p in parts]
+        np.save(d / "vector_ids.npy", np.concatenate(ids) if ids else np.zeros(0, np.int64))
+        np.save(d / "vector_norms.npy", np.concatenate(norms) if norms else np.zeros(0, np.float32))
+        (d / "vectors.meta").write_text(f"{dtype} {dim}\n")
+        return int(sum(len(x) for x in ids))
+
     def rows(self, clip_ids: np.ndarray) -> np.ndarray:
         """(m, d) float32 vectors of `clip_ids` (m,) int64; KeyError for an id not stored."""
         pos = np.searchsorted(self._sorted, clip_ids)

@@ -50,17 +50,25 @@ def iter_feature_blocks(
     run = RunDir(run)
     sel = run.live_features().ok_selection() if sel is None else sel
     for shard, rows in sel.items():
-        t = run.features.read_shard(shard, ["clip_id", "feature"])
-        if len(rows) != t.num_rows:  # a whole shard (the common case) is used as read: no copy
-            t = t.take(pa.array(rows, pa.int64()))
-        if t.num_rows == 0:
-            continue
-        col = t.column("feature")
-        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-        d = col.type.list_size
-        feats = np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, d)
-        yield t.column("clip_id").to_numpy(), feats
-        del t, col, feats  # one shard in memory at a time
+        block = feature_block(run.features.read_shard(shard, ["clip_id", "feature"]), rows)
+        if block is not None:
+            yield block
+        del block  # one shard in memory at a time
+
+
+def feature_block(t: pa.Table, rows: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(clip ids (n,) int64, features (n, D) float32) of a feature shard's table (columns clip_id,
+    feature) at `rows`; None when no row is taken. `iter_feature_blocks` and the index's Ray parts
+    (which read the shard through a pyarrow filesystem) make their blocks with it: the same bytes."""
+    if len(rows) != t.num_rows:  # a whole shard (the common case) is used as read: no copy
+        t = t.take(pa.array(rows, pa.int64()))
+    if t.num_rows == 0:
+        return None
+    col = t.column("feature")
+    col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    d = col.type.list_size
+    feats = np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, d)
+    return t.column("clip_id").to_numpy(), feats
 
 
 def feature_ids(run: RunDir | Path | str, sel: dict[int, list[int]] | None = None) -> np.ndarray:

@@ -285,6 +285,10 @@ class IndexInfo:
     files: dict[str, Any] = field(default_factory=dict)  # `store.digests.digest_tree` of RUN/index
     # `search.sketch.Sketch.record()` of --index-dim (kind, dim, out_dim, seed, check); None: no sketch
     sketch: dict[str, Any] | None = None
+    # --index-shards: the FAISS files the index is kept as (1: index.faiss; S: shards/NNNNN.faiss)
+    shards: int = 1
+    # how it was built: {"executor": "local" | "ray", "parts": the parts filled and merged (1: one pass)}
+    build: dict[str, Any] = field(default_factory=lambda: {"executor": "local", "parts": 1})
     created_at: str = ""
     tool_version: str = ""
     schema_version: int = INDEX_SCHEMA_VERSION
@@ -360,6 +364,8 @@ class IndexInfo:
                 args.append(f"--sketch {self.sketch['kind']}")
             if self.sketch.get("seed", 0):
                 args.append(f"--sketch-seed {self.sketch['seed']}")
+        if self.shards > 1:
+            args.append(f"--index-shards {self.shards}")
         return " ".join(args)
 
     @classmethod

@@ -140,12 +140,21 @@ _REPAIR = {
 }
 
 
-def read_parquet(path: Path, columns: list[str] | None = None, filters: Any = None, repair: str = "") -> Any:
+def read_parquet(
+    path: Path | str,
+    columns: list[str] | None = None,
+    filters: Any = None,
+    repair: str = "",
+    filesystem: Any = None,
+) -> Any:
     """pq.read_table with each page's CRC verified (shards are written with page checksums; files
-    written before have none and read as before). A missing, truncated or changed file is
+    written before have none and read as before); `filesystem`: a `pyarrow.fs.FileSystem` that
+    `path` is on (`carv_attrib.store.uri`), default the local one. A missing, truncated or changed file is
     DamagedFileError (exit 2) naming it and `repair`, never a table of wrong numbers."""
     try:
-        return pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
+        return pq.read_table(
+            path, columns=columns, filters=filters, page_checksum_verification=True, filesystem=filesystem
+        )
     except FileNotFoundError as exc:
         raise DamagedFileError(f"{path} is missing; {repair}".rstrip("; ")) from exc
     except (pa.ArrowException, OSError) as exc:  # ArrowInvalid: no footer; OSError: a page's CRC

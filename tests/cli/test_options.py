@@ -52,7 +52,11 @@ def _params(cmd: Any) -> dict[str, Any]:
 STAGES: dict[str, list[tuple[type, tuple[str, ...]]]] = {
     "encode": [(EncodeConfig, ())],
     # featurize's own --wait covers its index build: IndexConfig's is `index`'s only
-    "featurize": [(FeaturizeConfig, ()), (IndexConfig, ("run", "wait"))],
+    # and its --executor / --ray-address / --parts are its gradients' (its index is built locally)
+    "featurize": [
+        (FeaturizeConfig, ()),
+        (IndexConfig, ("run", "wait", "executor", "ray_address", "parts")),
+    ],
     "index": [(IndexConfig, ())],
     "score": [(ScoreConfig, ())],
     "plan": [(PlanConfig, ())],

@@ -28,8 +28,8 @@ LAT_CONFIG = {
 }  # fmt: skip
 
 
-def make_run(root: Path, n: int, d: int) -> int:
-    """A run of n clips with random d-dim features, written shard by shard; returns feature bytes."""
+def make_run(root: Path, n: int, d: int, shard: int = SHARD) -> int:
+    """A run of n clips with random d-dim features, written `shard` rows a shard; returns feature bytes."""
     run = RunDir(root)
     ids = np.arange(1, n + 1, dtype=np.int64) * 7919
     keys = [f"k{i}" for i in range(n)]
@@ -42,8 +42,8 @@ def make_run(root: Path, n: int, d: int) -> int:
     }  # fmt: skip
     run.features.prepare(feat_cfg)
     rng = np.random.default_rng(0)
-    for s, lo in enumerate(range(0, n, SHARD)):
-        hi = min(n, lo + SHARD)
+    for s, lo in enumerate(range(0, n, shard)):
+        hi = min(n, lo + shard)
         sha = [f"l{i}" for i in range(lo, hi)]
         lat = pa.table(
             {

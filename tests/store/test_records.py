@@ -195,11 +195,15 @@ def test_features_record_missing_optional_keys() -> None:
 
 def test_index_info_missing_optional_keys_and_unknown_keys(featurized_run: Path) -> None:
     d = _stored(RunDir(featurized_run).index_info_path)
-    optional = ("nprobe", "live_digest", "rerank_vectors", "objective", "created_at", "tool_version", "extra")
+    optional = (
+        "nprobe", "live_digest", "rerank_vectors", "objective", "created_at", "tool_version", "extra",
+        "shards", "build",
+    )  # fmt: skip
     old = {k: v for k, v in d.items() if k not in optional} | {"unknown": 1}  # unknown keys: ignored
     old["encode"] = {k: v for k, v in d["encode"].items() if k not in ("vae_tiling", "motion_masks")}
     info = IndexInfo.from_dict(old)
     assert info.objective == {"kind": "uniform"} and info.nprobe is None and info.extra == {}
+    assert info.shards == 1 and info.build == {"executor": "local", "parts": 1}  # before --index-shards
     assert info.encode.vae_tiling is False and info.encode.motion_masks is None
     assert "unknown" not in info.to_dict()
 
