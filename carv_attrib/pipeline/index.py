@@ -115,9 +115,8 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
     blocks = frec.blocks(prov)  # one per checkpoint
     dim = sum(blocks)
     try:
-        sketch = sketch_for(
-            cfg.index_dim, dim, cfg.sketch, cfg.sketch_seed
-        )  # --index-dim: D -> D' after the preconditioner
+        # --index-dim: D -> D' after the preconditioner
+        sketch = sketch_for(cfg.index_dim, dim, cfg.sketch, cfg.sketch_seed)
         dim_out = indexed_dim(cfg.index_dim, dim)
         index = new_index(dim_out, cfg.index_factory, use_gpu)  # a bad factory is refused before any pass
         check_trainable(index, int(ids.size), cfg.index_factory)
