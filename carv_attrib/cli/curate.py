@@ -35,5 +35,10 @@ def curate(cfg: CurateConfig, fmt: str | None) -> None:
         f"{summary.selected} selected, {wrote} -> {summary.out}"
         + (f"; aggregate -> {summary.csv}" if summary.csv else "")
     )
+    if summary.not_in_input:
+        say(
+            f"warning: {summary.not_in_input} of the {summary.selected} selected clips are not in "
+            f"{cfg.manifest}: the subset lacks them"
+        )
     for q in summary.per_query:
         say(f"  {q['path']}: {q['selected_in_top_k']} of its top {q['k']} selected")

@@ -124,6 +124,10 @@ class IndexConfig(StageConfig):
         if self.index_dim is not None:
             check_min("--index-dim", self.index_dim, 0)
         check_min("--sketch-seed", self.sketch_seed, 0)
+        if not self.index_dim and (self.sketch != "srht" or self.sketch_seed != 0):
+            raise UsageError(
+                "--sketch / --sketch-seed choose the --index-dim sketch: give --index-dim DIM too"
+            )
         if self.nprobe is not None:
             check_min("--nprobe", self.nprobe, 1)
         if self.lambda_rel <= 0:

@@ -36,7 +36,7 @@ from typing import Any
 
 from carv_attrib.config import CurateConfig
 from carv_attrib.errors import UsageError
-from carv_attrib.store.inputs import detect_input
+from carv_attrib.store.inputs import detect_input, read_clips
 from carv_attrib.store.manifest import ManifestOptions, nfc, read_rows, write_rows
 from carv_attrib.store.shards import atomic_path
 from carv_attrib.store.subsets import check_subset_target, write_subset
@@ -70,6 +70,7 @@ class CurateSummary:
     files: int | None = None  # files under OUT (a folder subset); None for a manifest
     bytes: int | None = None  # their total size, bytes
     shards: int | None = None  # tar shards written (webdataset)
+    not_in_input: int = 0  # selected clips MANIFEST does not hold (all of them is refused)
     exclude: bool = False  # the subset is every clip but the selected ones
 
 
@@ -162,6 +163,22 @@ def run_curate(cfg: CurateConfig) -> CurateSummary:
         value = (lambda a: a.mean) if cfg.method == "mean" else (lambda a: a.votes)
         selected = [a for a in ranked if value(a) >= cfg.threshold]
     extra: dict[str, Any] = {"kind": kind, "exclude": cfg.exclude}
+    # The selection comes from the attributions, the subset from MANIFEST: a MANIFEST that is not the
+    # one the run was encoded from (or read with another --id-column) would match nothing, and the
+    # subset would silently be empty (or, with --exclude, everything). Checked before any write.
+    if kind == "manifest":
+        held = {nfc(str(r.get(cfg.id_column))) for r in rows}
+        missing = sum(1 for a in selected if a.vid is None or nfc(str(a.vid)) not in held)
+    else:
+        held_ids = set(read_clips(cfg.manifest, None, opts).clip_id)
+        missing = sum(1 for a in selected if a.clip_id not in held_ids)
+    if selected and missing == len(selected):
+        raise UsageError(
+            f"none of the {len(selected)} selected clips is in {cfg.manifest} (matched by "
+            f"{'--id-column ' + repr(cfg.id_column) if kind == 'manifest' else 'clip id'}): give the input "
+            "the run was encoded from, read with the same --id-column"
+        )
+    extra["not_in_input"] = missing
     if kind == "manifest":
         chosen = {nfc(str(a.vid)) for a in selected if a.vid is not None}
         subset = [r for r in rows if (nfc(str(r[cfg.id_column])) in chosen) != cfg.exclude]

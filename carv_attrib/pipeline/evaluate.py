@@ -175,6 +175,12 @@ def lora_recipe(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
             f"--lora {lora}: trained on another run ({rec.get('run')}, latents "
             f"{(st.get('latents') or {}).get('fingerprint')}), not {cfg.run} (latents {latents})"
         )
+    if st.get("dtype", "float32") != "float32":
+        # the retrainings run in float32 (lds.retrain.train_lora): another precision is not DIR's recipe
+        raise UsageError(
+            f"--lora {lora}: trained with --dtype {st['dtype']}; evaluate --lora retrains in float32 only, "
+            "so its subsets would not follow that recipe: evaluate an adapter fine-tuned with --dtype float32"
+        )
     recipe = {
         "rank": int(st["lora"]["rank"]),
         "alpha": float(st["lora"]["alpha"]),

@@ -346,12 +346,24 @@ def precheck_index(cfg: IndexConfig, dim: int, n: int, blocks: list[int] | None 
     """What `build_run_index` would refuse about the index itself, checked before `featurize`
     computes anything: a factory FAISS cannot build for dim, that n vectors cannot train, or an index
     (with a trak preconditioner over `blocks`, one block of dim when not given) that would not fit in
-    the memory available, or an --index-dim not below dim. UsageError (exit 2)."""
+    the memory available, or an --index-dim not below dim, or a factory that --executor ray /
+    --index-shards cannot split (`check_mergeable`). With --index-shards S only one shard is held at
+    a time, so memory is sized at ceil(n / S) clips (the build checks the real largest shard).
+    UsageError (exit 2)."""
     try:
         sketch_for(cfg.index_dim, dim, cfg.sketch, cfg.sketch_seed)
         dim_out = indexed_dim(cfg.index_dim, dim)  # the FAISS index's; the preconditioner fits at dim
-        check_trainable(new_index(dim_out, cfg.index_factory, use_gpu=False), n, cfg.index_factory)
-        check_fits(n, dim_out, cfg.index_factory, **_preconditioner_memory(cfg, n, dim, blocks))
+        index = new_index(dim_out, cfg.index_factory, use_gpu=False)
+        check_trainable(index, n, cfg.index_factory)
+        if cfg.executor != "local" or cfg.index_shards > 1:
+            what = (
+                "--executor ray"
+                if cfg.index_shards == 1
+                else f"--index-shards {cfg.index_shards} (kept from the current index unless given)"
+            )
+            check_mergeable(index, cfg.index_factory, what)
+        held = -(-n // max(1, cfg.index_shards))
+        check_fits(held, dim_out, cfg.index_factory, **_preconditioner_memory(cfg, n, dim, blocks))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -387,7 +399,7 @@ def index_config_keeping(run: Path | str, given: dict[str, Any]) -> tuple[IndexC
             "index_dim": info.sketch["out_dim"] if info.sketch else None,
             "index_shards": info.shards,
         }
-        if info.sketch:
+        if info.sketch and explicit.get("index_dim", 1):  # --index-dim 0 drops the sketch, kind and seed too
             previous["sketch"] = info.sketch["kind"]
             previous["sketch_seed"] = int(info.sketch.get("seed", 0))
         if info.factory != "Flat":  # a Flat index keeps no vectors: nothing to carry over

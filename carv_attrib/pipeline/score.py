@@ -45,12 +45,12 @@ from carv_attrib.choices import EXECUTORS, OBJECTIVES
 from carv_attrib.config import ScoreConfig
 from carv_attrib.config.checks import check_choice
 from carv_attrib.config.resume import recorded_options
-from carv_attrib.errors import ConfigMismatchError, ModelLoadError, UsageError
+from carv_attrib.errors import ConfigMismatchError, DamagedFileError, ModelLoadError, UsageError
 from carv_attrib.models.clip_encoder import ClipEncoder, EncodeFailure
 from carv_attrib.models.identity import ENCODER_COMPONENTS, check_encoder_matches, check_transformers_match
 from carv_attrib.models.wan import MAX_SEQUENCE_LENGTH, WanModel, load_wan
 from carv_attrib.pipeline._job import ProgressFn, noop, record
-from carv_attrib.pipeline.index_parts import SHARDS_DIR
+from carv_attrib.pipeline.index_parts import SHARDS_DIR, shard_name
 from carv_attrib.search import uncertainty as unc
 from carv_attrib.search.explain import explain_result, layer_slices, layer_split, stratum_split
 from carv_attrib.search.index import RayShardedIndex, index_ids, load_index, load_sharded, search
@@ -402,12 +402,33 @@ class LoadedIndex:
     store: VectorStore | None  # the exact vectors of an approximate index (re-ranking)
 
 
+def _recorded_shards(directory: Path) -> list[Path]:
+    """The shard files index_info.json records (`shards`), in order; [] for a one-file index.
+    DamagedFileError (exit 2) when shards/ holds other .faiss files than those (a stray or missing
+    shard would be searched, or lost, silently)."""
+    found = sorted((directory / SHARDS_DIR).glob("*.faiss")) if (directory / SHARDS_DIR).is_dir() else []
+    info_path = directory / "index_info.json"
+    info = IndexInfo.read(info_path) if info_path.exists() else None
+    n = info.shards if info is not None else len(found)
+    want = [directory / SHARDS_DIR / shard_name(i) for i in range(n)] if n > 1 else []
+    if [p.name for p in found] != [p.name for p in want]:
+        extra = sorted({p.name for p in found} - {p.name for p in want})
+        missing = sorted({p.name for p in want} - {p.name for p in found})
+        how = info.rebuild_command(directory.parent) if info is not None else "carv-attrib index RUN"
+        raise DamagedFileError(
+            f"{directory / SHARDS_DIR}: index_info.json records {n} shard(s) but the folder differs "
+            f"(extra: {', '.join(extra) or 'none'}; missing: {', '.join(missing) or 'none'}); rebuild the "
+            f"index: `{how}`"
+        )
+    return want
+
+
 def load_index_dir(directory: Path, ray: Any = None) -> LoadedIndex:
     """Preconditioner, FAISS index and (where kept) the exact vectors of an index directory. An
     index kept as shards (`index --index-shards`) loads as a `ShardedIndex` (searched by threads),
     or with `ray` (a connected Ray) as a `RayShardedIndex` (one actor per shard); with `ray` an
     index of one file is UsageError (exit 2)."""
-    shards = sorted((directory / SHARDS_DIR).glob("*.faiss")) if (directory / SHARDS_DIR).is_dir() else []
+    shards = _recorded_shards(directory)
     if ray is not None and not shards:
         raise UsageError(
             "score --executor ray searches an index kept as shards by Ray actors, but this one is a single "

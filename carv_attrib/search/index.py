@@ -343,13 +343,18 @@ def check_mergeable(index: Any, factory: str | None, what: str) -> None:
     shard finds other neighbours) and the fast-scan codes (`...x4fs`: merged lists are repacked, so the
     bytes differ). Flat, the flat codes (PQ, SQ, RQ) and IVF over them (with OPQ/PCA) merge append-only.
     `what` names the option asking, e.g. "--executor ray"."""
-    kinds = [type(faiss.downcast_index(index.index if hasattr(index, "index") else index)).__name__]
-    if _is_ivf(index):
-        kinds.append(type(faiss.downcast_index(faiss.extract_index_ivf(index))).__name__)
-    if hnsw_of(index) is not None or any("HNSW" in k or "FastScan" in k for k in kinds):
+    # An allow-list, not a deny-list: anything not known to merge append-only (refine stages, NSG and
+    # HNSW graphs, fast-scan packing, ...) is refused before any part runs.
+    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
+    if isinstance(inner, faiss.IndexPreTransform):  # OPQ / PCA: the transform is shared, trained once
+        inner = faiss.downcast_index(inner.index)
+    flat_codes = isinstance(inner, faiss.IndexFlatCodes)  # Flat, PQ, SQ, RQ: codes concatenate
+    ivf = isinstance(inner, faiss.IndexIVF) and not isinstance(inner, faiss.IndexIVFFastScan)
+    if not (flat_codes or ivf):
         raise ValueError(
-            f"{what}: --index-factory {factory} cannot be split into parts (HNSW graphs and fast-scan "
-            "codes do not merge append-only); use Flat, IVF<n>,Flat|SQ8|PQ<m> or build it locally"
+            f"{what}: --index-factory {factory} ({type(inner).__name__}) cannot be split into parts: only "
+            "flat codes (Flat, PQ, SQ, RQ) and IVF over them (with OPQ/PCA) merge append-only, not HNSW or "
+            "NSG graphs, refine stages or fast-scan codes; use Flat, IVF<n>,Flat|SQ8|PQ<m> or build it locally"
         )
 
 
@@ -452,7 +457,8 @@ def load_sharded(paths: list[str | os.PathLike[str]]) -> ShardedIndex:
 def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-shard results (each (m, k_s) float32 scores, int64 ids, -1 = empty slot) into the
     best k per query: (m, k) float32, (m, k) int64, by score descending, ties by clip id ascending;
-    empty slots last (score -inf, id -1)."""
+    empty slots last (score -inf, id -1). Equal to one index's search up to exactly tied scores
+    (duplicate clips): FAISS orders those by storage position, and each shard cuts a tie at k_s."""
     s = np.concatenate(scores, axis=1).astype(np.float32, copy=False)
     i = np.concatenate(ids, axis=1).astype(np.int64, copy=False)
     key_s = np.where(i >= 0, s, -np.inf)

@@ -32,9 +32,10 @@ from carv_attrib.video.decode import FramePolicy
 INDEX_SCHEMA_VERSION = (
     4  # 3: live_digest replaces feature_shards (content-addressed runs); 4: sketch, trak forms
 )
-# Index schemas this version reads. 4 added fields that change what `score` must do (the --index-dim
-# sketch, a factored TRAK preconditioner): a reader that ignored them would score wrongly, so older
-# tools (which accept exactly 3) refuse a 4; a 3 has neither, and reads here as it is.
+# Index schemas this version reads. Schema 4 marks the fields that change what `score` must do (the
+# --index-dim sketch, a factored TRAK preconditioner, --index-shards): a tool that predates them would
+# score wrongly, and tools that accept exactly 3 refuse a 4. A schema-3 file (including the last 3s,
+# which already carried sketch and trak forms) reads here as it is: every field has its reader.
 READABLE_INDEX_SCHEMAS = (3, 4)
 # The stage configs carried no version before these records: version 1 is implicit,
 # and `to_dict` writes the key only for a later version, so today's bytes stay as they are.
@@ -391,7 +392,7 @@ class IndexInfo:
         if d.get("schema_version") not in READABLE_INDEX_SCHEMAS:
             raise ConfigMismatchError(
                 f"{path} was written by carv-attrib {d.get('tool_version', '?')} (index schema "
-                f"{d.get('schema_version')}, this version reads {INDEX_SCHEMA_VERSION}); rebuild it with "
+                f"{d.get('schema_version')}, this version reads {' and '.join(map(str, READABLE_INDEX_SCHEMAS))}); rebuild it with "
                 f"`carv-attrib index {path.parent.parent}`"
             )
         return cls.from_dict(d)

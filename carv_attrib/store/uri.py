@@ -43,7 +43,14 @@ def local_run(run: str | os.PathLike[str]) -> Path:
             "atomic swap need a POSIX filesystem); mount the storage (NFS, Lustre, s3fs, gcsfuse) and "
             "give the mounted path or a file:// URI"
         )
-    return Path("/" + text[len(m.group(0)) :].lstrip("/"))
+    from urllib.parse import unquote, urlparse
+
+    u = urlparse(text)
+    if u.netloc not in ("", "localhost"):  # file://HOST/path names another machine's file
+        raise UsageError(
+            f"RUN {text}: a file:// URI of host {u.netloc!r}; give file:///path (this machine) or a mounted path"
+        )
+    return Path(unquote(u.path) or "/")  # as_uri() percent-encodes: file:///a%20b is /a b
 
 
 def run_uri(run: str | os.PathLike[str]) -> str:

@@ -113,3 +113,22 @@ def test_bottom_threshold_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="exactly one of"):
         curate(top=10, bottom=10)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_manifest_that_holds_none_of_the_selection_is_refused(tmp_path: Path) -> None:
+    """Another input (or another --id-column) would give an empty subset, or with --exclude all of
+    it, silently: refused before anything is written; a partial match is counted in the summary."""
+    (tmp_path / "a.json").write_text(json.dumps(_doc("f", QUERIES)))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"vid": f"z{i}", "caption": "c"} for i in range(5)]))
+    for exclude in (False, True):
+        with pytest.raises(UsageError, match="none of the 5 selected clips is in"):
+            run_curate(CurateConfig(attributions=[tmp_path / "a.json"], manifest=other,
+                                    out=tmp_path / "o.json", top=100, exclude=exclude))  # fmt: skip
+    assert not (tmp_path / "o.json").exists()
+    some = tmp_path / "some.json"
+    some.write_text(json.dumps([{"vid": v, "caption": "c"} for v in ("a", "b", "q")]))
+    s = run_curate(
+        CurateConfig(attributions=[tmp_path / "a.json"], manifest=some, out=tmp_path / "o.json", top=100)
+    )
+    assert (s.selected, s.written, s.not_in_input) == (5, 2, 3)

@@ -118,6 +118,7 @@ def test_dir_without_a_finetune_record_is_refused(
         (lambda r: r["settings"]["latents"].update(fingerprint="0" * 16), "another run"),
         (lambda r: r["settings"].update(kind="transformer"), "full-transformer finetune"),
         (lambda r: r.update(status="training"), "unfinished"),
+        (lambda r: r["settings"].update(dtype="bfloat16"), "retrains in float32 only"),
     ],
 )
 def test_adapter_of_another_run_or_base_is_refused(

@@ -204,7 +204,16 @@ def test_sketch_kind_and_seed_are_options_recorded_and_kept(
     cfg, kept = index_config_keeping(run, {})
     assert (cfg.sketch, cfg.sketch_seed) == ("countsketch", 3)
     assert kept["--sketch"] == "countsketch" and kept["--sketch-seed"] == 3
-    q = _score(run, demo_data, "demo-00000")
-    assert q["status"] == "ok"
+    vid = "demo-00000"
+    doc = run_score(ScoreConfig(run=run, queries=[demo_data / "videos" / f"{vid}.mp4"],
+                                prompt=_caption(demo_data, vid), device="cpu"))  # fmt: skip
+    assert doc["queries"][0]["status"] == "ok"
+    assert (doc["index"]["sketch"]["kind"], doc["index"]["sketch"]["seed"]) == ("countsketch", 3)
     r = CliRunner().invoke(app, ["index", str(run), "--index-dim", str(d2), "--sketch", "nope"])
     assert r.exit_code == 2 and "--sketch" in r.output
+    r = CliRunner().invoke(app, ["index", str(run), "--sketch", "countsketch"])  # kept --index-dim: fine
+    assert r.exit_code == 0, r.output
+    with pytest.raises(UsageError, match="give --index-dim DIM too"):
+        IndexConfig(run=run, sketch="countsketch").validate()
+    cfg, _ = index_config_keeping(run, {"index_dim": 0})  # dropping the sketch drops its kind and seed
+    assert (cfg.index_dim, cfg.sketch, cfg.sketch_seed) == (0, "srht", 0)

@@ -348,3 +348,8 @@ def test_score_over_index_shards_equals_score_over_one_index(
     assert score(tmp_path / "s3", executor="ray") == docs[1], "one Ray actor per shard: the same results"
     with pytest.raises(UsageError, match="searches an index kept as shards"):
         score(tmp_path / "s1", executor="ray")
+    # a stray shard file (hand-copied) is refused, not searched: the shards are the recorded ones
+    stray = tmp_path / "s3" / "index" / "shards"
+    shutil.copy(stray / "00000.faiss", stray / "00007.faiss")
+    with pytest.raises(UsageError, match=r"records 3 shard\(s\) but the folder differs \(extra: 00007.faiss"):
+        score(tmp_path / "s3")
