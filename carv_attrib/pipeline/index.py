@@ -121,11 +121,9 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
         index = new_index(dim_out, cfg.index_factory, use_gpu)  # a bad factory is refused before any pass
         check_trainable(index, int(ids.size), cfg.index_factory)
         plan = _parts_plan(cfg, sel, index)  # None: the local sequential build; refused before any pass
+        held = _largest_part(plan, int(ids.size), cfg.index_shards)  # held here at once
         check_fits(
-            _largest_part(plan, int(ids.size), cfg.index_shards),  # held here at once
-            dim_out,
-            cfg.index_factory,
-            **_preconditioner_memory(cfg, int(ids.size), dim, blocks),
+            held, dim_out, cfg.index_factory, **_preconditioner_memory(cfg, int(ids.size), dim, blocks, held)
         )
         pre = fit_preconditioner(
             cfg.precondition,
@@ -160,6 +158,8 @@ def _build_run_index(cfg: IndexConfig, use_gpu: bool | None) -> IndexInfo:
     )
     if plan is not None and cfg.index_shards == 1:  # the part files beside the merged index
         need += index_bytes(int(ids.size), dim_out, cfg.index_factory)
+    if plan is not None and keep:  # the parts' re-rank vectors beside their joined copy
+        need += int(ids.size) * (dim_out * np.dtype(cfg.vector_dtype).itemsize + 12)
     # the previous index stays live until the swap: the new one needs its own room beside it
     check_space(run.root, need, f"the index of {int(ids.size)} clips")
     vector_dtype = cfg.vector_dtype if keep else None
@@ -256,7 +256,7 @@ def _add_in_parts(
                 shared_empty, shared_pre = ray.put(empty), ray.put(pre)  # one copy for all the parts
                 for j in jobs:
                     j.empty, j.pre = shared_empty, shared_pre
-                counts = run_parts(fill_part, jobs, ray)
+                counts = run_parts(fill_part, jobs, ray, use_gpu=False)  # CPU work: adds to FAISS codes
         else:
             counts = [fill_part(j) for j in jobs]
     except ValueError as exc:
@@ -283,15 +283,20 @@ def _index_disk_bytes(
     return need + int(getattr(pre, "nbytes", 0))
 
 
-def _preconditioner_memory(cfg: IndexConfig, n: int, dim: int, blocks: list[int] | None) -> dict[str, Any]:
+def _preconditioner_memory(
+    cfg: IndexConfig, n: int, dim: int, blocks: list[int] | None, held: int | None = None
+) -> dict[str, Any]:
     """`check_fits`'s extra for the trak preconditioner of n clips: fitting it (`trak_bytes`'s
     fit_peak) comes before the index fills, its stored arrays and a shard being prepared
     (prepare_peak) stay beside the index while it fills, so the extra is
-    max(fit_peak − the index, prepare_peak). Blocks unknown (before featurize): one block."""
+    max(fit_peak − the index held, prepare_peak), the index held being the `held` clips of the
+    largest part or shard (n: the whole index). Blocks unknown (before featurize): one block."""
     if cfg.precondition != "trak":
         return {}
     t = trak_bytes(n, blocks or [dim])
-    extra = max(t["fit_peak"] - index_bytes(n, dim, cfg.index_factory), t["prepare_peak"])
+    extra = max(
+        t["fit_peak"] - index_bytes(n if held is None else held, dim, cfg.index_factory), t["prepare_peak"]
+    )
     return {
         "extra": extra,
         "extra_what": f" and the trak preconditioner ({'/'.join(sorted(set(t['forms'])))})",
@@ -363,7 +368,7 @@ def precheck_index(cfg: IndexConfig, dim: int, n: int, blocks: list[int] | None 
             )
             check_mergeable(index, cfg.index_factory, what)
         held = -(-n // max(1, cfg.index_shards))
-        check_fits(held, dim_out, cfg.index_factory, **_preconditioner_memory(cfg, n, dim, blocks))
+        check_fits(held, dim_out, cfg.index_factory, **_preconditioner_memory(cfg, n, dim, blocks, held))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -105,11 +105,14 @@ def run_parts(
     configs: Sequence[Any],
     ray: Any,
     on_done: Callable[[int, Any], None] | None = None,
+    use_gpu: bool = True,
 ) -> list[Any]:
-    """fn(config) for each config as a Ray task (1 CPU, and 1 GPU each when the cluster has GPUs),
-    retried up to MAX_RETRIES times when its worker dies; results in config order. An error raised
-    by fn (a UsageError, say) is re-raised here as itself."""
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    """fn(config) for each config as a Ray task (1 CPU, and with `use_gpu` 1 GPU each when the
+    cluster has GPUs: encode and featurize parts; CPU work such as filling index parts passes False,
+    so it is not limited to, or kept waiting for, the cluster's GPUs), retried up to MAX_RETRIES times
+    when its worker dies; results in config order. An error raised by fn (a UsageError, say) is
+    re-raised here as itself, and the parts still pending are cancelled."""
+    gpus = 1 if use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=MAX_RETRIES)(_run_part)
     if os.environ.get(DIE_ONCE_ENV):  # a test's: workers started before it was set must see it
         task = task.options(runtime_env={"env_vars": {DIE_ONCE_ENV: os.environ[DIE_ONCE_ENV]}})
@@ -123,6 +126,8 @@ def run_parts(
         try:
             results[i] = ray.get(done[0])
         except ray.exceptions.RayTaskError as exc:  # a part's own error: raised as itself, one line
+            for r in pending:  # the others would go on writing files the failed command abandons
+                ray.cancel(r)
             cause = getattr(exc, "cause", None)
             if isinstance(cause, Exception):
                 raise cause from None
