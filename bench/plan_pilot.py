@@ -1,0 +1,234 @@
+"""Is a cheaper `plan` pilot as good as the default one? Cost and recommendation of `run_plan` under the
+default PlanConfig and cheaper candidates, on several worlds and seeds.
+
+Worlds (built under bench/_work/plan_pilot/NAME, resumed): a tiny Wan2.1 pipeline (`models.tiny`) or the
+`small` one, synthetic demo clips (`lds.synthetic.make_demo_data`) encoded at 9 frames 32x32, the
+transformer trained from its random init for a few flow-matching steps on those latents
+(`models.train.train_on_clips`, σ ~ the world's density), then `run_plan` on the encoded run with
+the world's --density / --output-fn. Each (world, setting, seed) is one `run_plan` call on CPU,
+--seed = the seed (projection, pilot draws and ranking seeds all follow it).
+
+Recorded per call: the recommendation (scheme, antithetic, K, capped), the ranking curve, wall
+seconds, and the draws differentiated (`pilot_draw_counts`: proposal + variances + the ranking up to
+the K it stopped at). The criterion (per world, the worst world decides): a setting is acceptable when
+its recommendation equals the default's, over every ordered pair of *different* seeds (setting at seed
+i, default at seed j ≠ i), at least as often as the default equals itself over those pairs
+(self-consistency). Agreement is also split by component (scheme+antithetic, K) to show which part
+moves. Wall times are on a shared 2-core machine (load averages recorded per call); draws are the
+machine-independent cost.
+
+    nice .venv/bin/python bench/plan_pilot.py                      # every world, setting and seed; resumes
+    nice .venv/bin/python bench/plan_pilot.py --worlds tiny-uniform --settings default k32
+    nice .venv/bin/python bench/plan_pilot.py --report             # only recompute the summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _util import load_avg, machine_info, write_json
+
+from carv_attrib.config import EncodeConfig, PlanConfig
+from carv_attrib.lds.retrain import save_transformer
+from carv_attrib.lds.synthetic import make_demo_data
+from carv_attrib.models.tiny import make_model
+from carv_attrib.models.train import train_on_clips
+from carv_attrib.models.wan import load_transformer
+from carv_attrib.pipeline.encode import run_encode
+from carv_attrib.pipeline.plan import pilot_draw_counts, run_plan
+from carv_attrib.store.latents import iter_cached
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work" / "plan_pilot"
+OUT = HERE / "results" / "plan_pilot.json"
+
+WORLDS: dict[str, dict[str, Any]] = {
+    # the demo's kind: tiny preset, uniform σ, the loss
+    "tiny-uniform": {"preset": "tiny", "clips": 32, "density": "uniform", "output_fn": "loss", "train_steps": 60},
+    # another model seed and data, a shifted training density
+    "tiny-shift": {"preset": "tiny", "clips": 32, "density": "shift:3", "output_fn": "loss", "train_steps": 60,
+                   "seed": 5},
+    # the larger preset, logit-normal σ, the squared-norm output
+    "small-logitnormal-sqnorm": {"preset": "small", "clips": 32, "density": "logit-normal:0,1",
+                                 "output_fn": "sqnorm", "train_steps": 30, "seed": 9},
+}  # fmt: skip
+
+SETTINGS: dict[str, dict[str, int]] = {
+    "default": {},
+    "k32": {"k_max": 32},
+    "rep4": {"replicates": 4},
+    "dpb1": {"draws_per_bin": 1},
+    "rank24": {"rank_clips": 24},
+    "cheap": {"k_max": 32, "replicates": 4, "draws_per_bin": 1, "rank_clips": 24},
+}
+SEEDS = (0, 1, 2)
+
+
+def build_world(name: str) -> tuple[Path, Path]:
+    """(run, model) of a world, built once."""
+    w = WORLDS[name]
+    root = WORK / name
+    model, data, run = root / "model", root / "data", root / "run"
+    seed = w.get("seed", 0)
+    if not (model / "model_index.json").exists():
+        make_model(str(model), w["preset"], seed=seed)
+    if not (data / "manifest.json").exists():
+        make_demo_data(data, clips=w["clips"], seed=seed)
+    if not (run / "latents" / "config.json").exists():
+        run_encode(
+            EncodeConfig(
+                manifest=data / "manifest.json", videos=data / "videos", model=str(model), run=run,
+                frames=9, size="32x32", fps=8, workers=0, device="cpu", shard_size=w["clips"],
+            )
+        )  # fmt: skip
+    marker = root / "trained.json"
+    if not marker.exists():
+        t = load_transformer(str(model))
+        t.train()
+        losses = train_on_clips(
+            t, list(iter_cached(run)), w["train_steps"], 8, 2, 2e-3, density=w["density"], seed=seed
+        )
+        t.eval()
+        save_transformer(t, model / "transformer")
+        marker.write_text(json.dumps({"loss_first_last": [losses[0], losses[-1]]}) + "\n")
+    return run, model
+
+
+def one_plan(name: str, setting: str, seed: int) -> dict[str, Any]:
+    run, model = build_world(name)
+    w = WORLDS[name]
+    out = WORK / name / "plans" / f"{setting}-s{seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = PlanConfig(
+        run=run, model=str(model), out=out, density=w["density"], output_fn=w["output_fn"], seed=seed,
+        device="cpu", **SETTINGS[setting],
+    )  # fmt: skip
+    before = load_avg()
+    t0 = time.monotonic()
+    plan = run_plan(cfg)
+    wall = time.monotonic() - t0
+    r = plan["recommended"]
+    counts = pilot_draw_counts(cfg, plan["pilot"]["clips"], plan["pilot"]["rank_clips"])
+    tried = [c["draws"] for c in r["ranking"]["curve"]]
+    ranking = plan["pilot"]["rank_clips"] * 2 * sum(tried)
+    return {
+        "world": name,
+        "setting": setting,
+        "seed": seed,
+        "options": SETTINGS[setting],
+        "recommendation": {k: r[k] for k in ("scheme", "antithetic", "draws", "capped")},
+        "ranking_curve": r["ranking"]["curve"],
+        "draws_differentiated": counts["proposal"] + counts["variances"] + ranking,
+        "draws_by_step": {
+            "proposal": counts["proposal"],
+            "variances": counts["variances"],
+            "ranking": ranking,
+        },
+        "wall_s": round(wall, 2),
+        "pilot_s": plan["pilot"]["seconds"],
+        "load_avg_before": before,
+        "load_avg_after": load_avg(),
+    }
+
+
+def _key(rec: dict[str, Any], part: str) -> tuple:
+    if part == "scheme":
+        return (rec["scheme"], rec["antithetic"])
+    if part == "k":
+        return (rec["draws"], rec["capped"])
+    return (rec["scheme"], rec["antithetic"], rec["draws"], rec["capped"])
+
+
+def agreement(a: dict[int, dict], b: dict[int, dict], part: str) -> dict[str, Any]:
+    """Share of ordered pairs of different seeds (i in a, j in b, i != j) whose recommendations match."""
+    pairs = [(i, j) for i, j in itertools.product(sorted(a), sorted(b)) if i != j]
+    hits = sum(_key(a[i], part) == _key(b[j], part) for i, j in pairs)
+    return {"agree": hits, "pairs": len(pairs), "rate": hits / len(pairs) if pairs else None}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in rows:
+        by.setdefault((r["world"], r["setting"]), {})[r["seed"]] = r
+    worlds = sorted({w for w, _ in by})
+    out: dict[str, Any] = {"per_world": {}, "verdict": {}}
+    for w in worlds:
+        default = by.get((w, "default"))
+        if not default or len(default) < 2:
+            continue
+        drec = {s: r["recommendation"] for s, r in default.items()}
+        dcost = sum(r["draws_differentiated"] for r in default.values()) / len(default)
+        dwall = sum(r["wall_s"] for r in default.values()) / len(default)
+        table = {}
+        for (w2, setting), runs in sorted(by.items()):
+            if w2 != w:
+                continue
+            rec = {s: r["recommendation"] for s, r in runs.items()}
+            table[setting] = {
+                "seeds": sorted(runs),
+                "recommendations": {str(s): rec[s] for s in sorted(rec)},
+                "draws_mean": sum(r["draws_differentiated"] for r in runs.values()) / len(runs),
+                "draws_vs_default": sum(r["draws_differentiated"] for r in runs.values()) / len(runs) / dcost,
+                "wall_s_mean": round(sum(r["wall_s"] for r in runs.values()) / len(runs), 2),
+                "wall_vs_default": sum(r["wall_s"] for r in runs.values()) / len(runs) / dwall,
+                "agreement_with_default": {p: agreement(rec, drec, p) for p in ("all", "scheme", "k")},
+            }
+        out["per_world"][w] = table
+    settings = sorted({s for _, s in by if s != "default"})
+    for s in settings:
+        ok, margins = True, {}
+        for w, table in out["per_world"].items():
+            if s not in table:
+                ok = False
+                margins[w] = None
+                continue
+            self_rate = table["default"]["agreement_with_default"]["all"]["rate"]
+            rate = table[s]["agreement_with_default"]["all"]["rate"]
+            margins[w] = {"setting": rate, "default_self": self_rate}
+            ok = ok and rate is not None and self_rate is not None and rate >= self_rate
+        out["verdict"][s] = {"acceptable_on_every_world": ok, "rates": margins}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worlds", nargs="*", default=list(WORLDS))
+    ap.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    ap.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
+    ap.add_argument("--report", action="store_true", help="only recompute the summary")
+    args = ap.parse_args()
+    doc = json.loads(OUT.read_text()) if OUT.exists() else {"runs": []}
+    done = {(r["world"], r["setting"], r["seed"]) for r in doc["runs"]}
+    if not args.report:
+        for name in args.worlds:
+            for seed in args.seeds:
+                for setting in args.settings:
+                    if (name, setting, seed) in done:
+                        continue
+                    row = one_plan(name, setting, seed)
+                    print(
+                        f"[{time.strftime('%H:%M:%S')}] {name} {setting} seed {seed}: {row['recommendation']} "
+                        f"{row['draws_differentiated']} draws, {row['wall_s']} s",
+                        flush=True,
+                    )
+                    doc["runs"].append(row)
+                    doc["worlds"] = WORLDS
+                    doc["settings"] = SETTINGS
+                    doc["machine"] = machine_info() | {"omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+                    doc["summary"] = summarize(doc["runs"])
+                    write_json(OUT, doc)
+    doc["summary"] = summarize(doc["runs"])
+    write_json(OUT, doc)
+    print(json.dumps(doc["summary"]["verdict"], indent=1))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
