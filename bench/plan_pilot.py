@@ -19,7 +19,7 @@ machine-independent cost.
 
     nice .venv/bin/python bench/plan_pilot.py                      # every world, setting and seed; resumes
     nice .venv/bin/python bench/plan_pilot.py --worlds tiny-uniform --settings default k32
-    nice .venv/bin/python bench/plan_pilot.py --report             # only recompute the summary
+    nice .venv/bin/python bench/plan_pilot.py --report [--markdown]  # only the summary (the README table)
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ SETTINGS: dict[str, dict[str, int]] = {
     "default": {},
     "k32": {"k_max": 32},
     "rep4": {"replicates": 4},
+    "rep3": {"replicates": 3},
     "dpb1": {"draws_per_bin": 1},
     "rank24": {"rank_clips": 24},
     "cheap": {"k_max": 32, "replicates": 4, "draws_per_bin": 1, "rank_clips": 24},
@@ -197,12 +198,47 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def markdown(doc: dict[str, Any]) -> str:
+    """The README table: per setting, draws and wall time against the default and the agreement rate
+    with the default's other seeds, per world (self-consistency on the default's row)."""
+    per = doc["summary"]["per_world"]
+    worlds = [w for w in doc["worlds"] if w in per]
+    head = (
+        "| setting | " + " | ".join(f"{w}: draws (× default), agree" for w in worlds) + " | worst world ok |"
+    )
+    lines = [head, "|---|" + "---|" * len(worlds) + "---|"]
+    for setting, opts in doc["settings"].items():
+        cells = []
+        for w in worlds:
+            row = per[w].get(setting)
+            if row is None:
+                cells.append("")
+                continue
+            a = row["agreement_with_default"]["all"]
+            cells.append(
+                f"{row['draws_mean']:,.0f} ({row['draws_vs_default']:.2f}), {a['agree']}/{a['pairs']}"
+            )
+        name = setting + (" (" + ", ".join(f"{k} {v}" for k, v in opts.items()) + ")" if opts else "")
+        ok = doc["summary"]["verdict"].get(setting, {}).get("acceptable_on_every_world")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {'' if ok is None else ('yes' if ok else 'no')} |"
+        )
+    ks = "; ".join(
+        f"{w}: " + ", ".join(
+            f"{r['draws']}{'*' if r['capped'] else ''}" for r in per[w]["default"]["recommendations"].values()
+        )
+        for w in worlds
+    )  # fmt: skip
+    return "\n".join(lines) + f"\n\ndefault K by seed (* capped): {ks}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worlds", nargs="*", default=list(WORLDS))
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS))
     ap.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
     ap.add_argument("--report", action="store_true", help="only recompute the summary")
+    ap.add_argument("--markdown", action="store_true", help="with --report: print the README table")
     args = ap.parse_args()
     doc = json.loads(OUT.read_text()) if OUT.exists() else {"runs": []}
     done = {(r["world"], r["setting"], r["seed"]) for r in doc["runs"]}
@@ -226,7 +262,7 @@ def main() -> None:
                     write_json(OUT, doc)
     doc["summary"] = summarize(doc["runs"])
     write_json(OUT, doc)
-    print(json.dumps(doc["summary"]["verdict"], indent=1))
+    print(markdown(doc) if args.markdown else json.dumps(doc["summary"]["verdict"], indent=1))
 
 
 if __name__ == "__main__":
