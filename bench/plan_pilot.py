@@ -126,6 +126,7 @@ def one_plan(name: str, setting: str, seed: int) -> dict[str, Any]:
         "options": SETTINGS[setting],
         "recommendation": {k: r[k] for k in ("scheme", "antithetic", "draws", "capped")},
         "ranking_curve": r["ranking"]["curve"],
+        "variance_ratio_vs_iid": scheme_ratios(plan),
         "draws_differentiated": counts["proposal"] + counts["variances"] + ranking,
         "draws_by_step": {
             "proposal": counts["proposal"],
@@ -137,6 +138,17 @@ def one_plan(name: str, setting: str, seed: int) -> dict[str, Any]:
         "load_avg_before": before,
         "load_avg_after": load_avg(),
     }
+
+
+def scheme_ratios(plan: dict[str, Any]) -> dict[str, float]:
+    """Each scheme's stored-feature variance per draw relative to iid (what picks the scheme)."""
+    return {k: v["variance_ratio_vs_iid"] for k, v in plan["schemes"].items()}
+
+
+def scheme_margin(ratios: dict[str, float]) -> float:
+    """Second-lowest over lowest variance: how far the chosen scheme is ahead of the next."""
+    a, b = sorted(ratios.values())[:2]
+    return b / a
 
 
 def _key(rec: dict[str, Any], part: str) -> tuple:
@@ -180,6 +192,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "wall_s_mean": round(sum(r["wall_s"] for r in runs.values()) / len(runs), 2),
                 "wall_vs_default": sum(r["wall_s"] for r in runs.values()) / len(runs) / dwall,
                 "agreement_with_default": {p: agreement(rec, drec, p) for p in ("all", "scheme", "k")},
+                "scheme_margin_min": min(scheme_margin(r["variance_ratio_vs_iid"]) for r in runs.values()),
             }
         out["per_world"][w] = table
     settings = sorted({s for _, s in by if s != "default"})
@@ -241,6 +254,10 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="with --report: print the README table")
     args = ap.parse_args()
     doc = json.loads(OUT.read_text()) if OUT.exists() else {"runs": []}
+    for r in doc["runs"]:  # rows from before the ratios were recorded: read them from the plan written
+        if "variance_ratio_vs_iid" not in r:
+            path = WORK / r["world"] / "plans" / f"{r['setting']}-s{r['seed']}.json"
+            r["variance_ratio_vs_iid"] = scheme_ratios(json.loads(path.read_text()))
     done = {(r["world"], r["setting"], r["seed"]) for r in doc["runs"]}
     if not args.report:
         for name in args.worlds:
