@@ -17,7 +17,10 @@ default equals itself over the same pairs (self-consistency). Agreement is also 
 moves. Wall times are on a shared 2-core machine (load averages recorded per call); draws are the
 machine-independent cost.
 
-    nice .venv/bin/python bench/plan_pilot.py                      # every world, setting and seed; resumes
+    nice .venv/bin/python bench/plan_pilot.py                      # every world and setting, seeds 0-2; resumes
+    # the committed results also hold (the README table's):
+    nice .venv/bin/python bench/plan_pilot.py --worlds tiny-uniform tiny-shift --seeds 3 4
+    nice .venv/bin/python bench/plan_pilot.py --worlds small-logitnormal-sqnorm --seeds 3 4 --settings default rep4
     nice .venv/bin/python bench/plan_pilot.py --worlds tiny-uniform --settings default k32
     nice .venv/bin/python bench/plan_pilot.py --report [--markdown]  # only the summary (the README table)
 """
