@@ -64,7 +64,7 @@ WORLDS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 SETTINGS: dict[str, dict[str, int]] = {
-    "default": {},
+    "default": {"replicates": 6},  # PlanConfig's defaults when this was measured (rep4 is today's)
     "k32": {"k_max": 32},
     "rep4": {"replicates": 4},
     "rep3": {"replicates": 3},
