@@ -107,6 +107,32 @@ def exact_topk(syn: Synthetic, n: int, queries: np.ndarray, k: int) -> np.ndarra
     return best_i
 
 
+def query_stats(index: Any, store: VectorStore | None, queries: np.ndarray, truth: np.ndarray, k: int,
+                rerank_r: int) -> dict[str, Any]:  # fmt: skip
+    """Median query ms and recall@k of `queries` (m, d) searched one at a time, raw and (with a
+    vector store) re-ranked from R·k candidates, against `truth` (m, k) exact ids."""
+    lat_raw, lat_rr, hits_raw, hits_rr = [], [], [], []
+    for qi, q in enumerate(queries):
+        t = time.monotonic()
+        _, ids = search(index, q[None], k)
+        lat_raw.append(time.monotonic() - t)
+        hits_raw.append(len(set(ids[0].tolist()) & set(truth[qi].tolist())))
+        if store is not None:
+            t = time.monotonic()
+            _, cand = search(index, q[None], k * rerank_r)
+            _, ids2 = rerank(store, q[None], cand, k)
+            lat_rr.append(time.monotonic() - t)
+            hits_rr.append(len(set(ids2[0].tolist()) & set(truth[qi].tolist())))
+    out = {
+        "query_ms_median": round(1e3 * statistics.median(lat_raw), 3),
+        f"recall@{k}": round(sum(hits_raw) / (k * len(queries)), 4),
+    }
+    if lat_rr:
+        out[f"query_ms_median_rerank{rerank_r}"] = round(1e3 * statistics.median(lat_rr), 3)
+        out[f"recall@{k}_rerank{rerank_r}"] = round(sum(hits_rr) / (k * len(queries)), 4)
+    return out
+
+
 def run_factory(syn: Synthetic, n: int, factory: str | None, queries: np.ndarray, truth: np.ndarray,
                 k: int, rerank_r: int, tmp: Path) -> dict[str, Any]:  # fmt: skip
     t0 = time.monotonic()
@@ -138,18 +164,6 @@ def run_factory(syn: Synthetic, n: int, factory: str | None, queries: np.ndarray
     vec_bytes = (store_dir / "vectors.bin").stat().st_size if keep else 0
     store = VectorStore(store_dir) if keep else None
 
-    lat_raw, lat_rr, hits_raw, hits_rr = [], [], [], []
-    for qi, q in enumerate(queries):
-        t = time.monotonic()
-        _, ids = search(index, q[None], k)
-        lat_raw.append(time.monotonic() - t)
-        hits_raw.append(len(set(ids[0].tolist()) & set(truth[qi].tolist())))
-        if store is not None:
-            t = time.monotonic()
-            _, cand = search(index, q[None], k * rerank_r)
-            _, ids2 = rerank(store, q[None], cand, k)
-            lat_rr.append(time.monotonic() - t)
-            hits_rr.append(len(set(ids2[0].tolist()) & set(truth[qi].tolist())))
     out = {
         "factory": factory or "Flat",
         "n": n,
@@ -157,12 +171,8 @@ def run_factory(syn: Synthetic, n: int, factory: str | None, queries: np.ndarray
         "build_s": round(build_s, 2),
         "index_bytes": index_bytes,
         "rerank_vector_bytes": vec_bytes,
-        "query_ms_median": round(1e3 * statistics.median(lat_raw), 3),
-        f"recall@{k}": round(sum(hits_raw) / (k * len(queries)), 4),
+        **query_stats(index, store, queries, truth, k, rerank_r),
     }
-    if store is not None:
-        out[f"query_ms_median_rerank{rerank_r}"] = round(1e3 * statistics.median(lat_rr), 3)
-        out[f"recall@{k}_rerank{rerank_r}"] = round(sum(hits_rr) / (k * len(queries)), 4)
     return out
 
 

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,17 +44,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import load_avg, write_json  # noqa: E402
+from index_scale import query_stats  # noqa: E402
 
 from carv_attrib.search.index import (  # noqa: E402
     MIN_POINTS_PER_LIST,
     add_vectors,
     index_bytes,
     new_index,
-    search,
     train_index,
     train_sample_rows,
 )
-from carv_attrib.search.rerank import VectorStore, rerank  # noqa: E402
+from carv_attrib.search.rerank import VectorStore  # noqa: E402
 
 BLOCK = 256  # one layer's 16x16 kron feature
 CHUNK_BYTES = 256 << 20  # float32 bytes of one generated / read chunk
@@ -204,18 +203,7 @@ def run_case(rows: RowFile, n: int, factory: str, queries: np.ndarray, truth: np
     ser_bytes = len(faiss.serialize_index(index))
     vec_bytes = (store_dir / "vectors.bin").stat().st_size if keep else 0
     store = VectorStore(store_dir) if keep else None
-    lat_raw, lat_rr, hits_raw, hits_rr = [], [], [], []
-    for qi, q in enumerate(queries):
-        t = time.monotonic()
-        _, ids = search(index, q[None], k)
-        lat_raw.append(time.monotonic() - t)
-        hits_raw.append(len(set(ids[0].tolist()) & set(truth[qi].tolist())))
-        if store is not None:
-            t = time.monotonic()
-            _, cand = search(index, q[None], k * rerank_r)
-            _, ids2 = rerank(store, q[None], cand, k)
-            lat_rr.append(time.monotonic() - t)
-            hits_rr.append(len(set(ids2[0].tolist()) & set(truth[qi].tolist())))
+    stats = query_stats(index, store, queries, truth, k, rerank_r)
     index = store = None  # free the index before the next case
     shutil.rmtree(store_dir, ignore_errors=True)
     out: dict[str, Any] = {
@@ -229,13 +217,9 @@ def run_case(rows: RowFile, n: int, factory: str, queries: np.ndarray, truth: np
         "index_bytes": ser_bytes,
         "index_bytes_formula": index_bytes(n, rows.dim, None if factory == "Flat" else factory),
         "rerank_vector_bytes": vec_bytes,
-        "query_ms_median": round(1e3 * statistics.median(lat_raw), 3),
-        f"recall@{k}": round(sum(hits_raw) / (k * len(queries)), 4),
+        **stats,
         "load_avg": load_avg(),
     }
-    if lat_rr:
-        out[f"query_ms_median_rerank{rerank_r}"] = round(1e3 * statistics.median(lat_rr), 3)
-        out[f"recall@{k}_rerank{rerank_r}"] = round(sum(hits_rr) / (k * len(queries)), 4)
     return out
 
 
