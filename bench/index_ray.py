@@ -162,7 +162,15 @@ def main() -> None:
         args.out,
         {
             "benchmark": "index_ray",
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            # paths relative to the checkout, so the JSON does not name this machine's directories
+            "config": {
+                k: (
+                    str(v.resolve().relative_to(ROOT) if v.resolve().is_relative_to(ROOT) else v)
+                    if isinstance(v, Path)
+                    else v
+                )
+                for k, v in vars(args).items()
+            },
             "feature_bytes": feature_bytes,
             "generate_s": round(gen_s, 2),
             "ray_start_s": round(ray_start_s, 2),
