@@ -658,7 +658,11 @@ MAX_SE = 10_000  # results given an se (top-k all on a large run): the candidate
 def _indexed_vectors(store: VectorStore | None, index: Any, ids: np.ndarray) -> np.ndarray:
     """(len(ids), D) the clips' indexed ψ: the exact ones kept for re-ranking, else the index's own
     (exact for Flat); faiss raises RuntimeError where the index cannot reconstruct (IVF, no store)."""
-    return store.rows(ids) if store is not None else np.stack([index.reconstruct(int(i)) for i in ids])
+    if store is not None:
+        return store.rows(ids)
+    if hasattr(index, "reconstruct_batch"):  # index shards: one request per shard, not per vector
+        return index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
+    return np.stack([index.reconstruct(int(i)) for i in ids])
 
 
 def _result_cosines(

@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 
 from carv_attrib.atomic import atomic_path
+from carv_attrib.errors import UsageError
 from carv_attrib.memory import available_memory  # looked up at call time: tests patch it here
 
 log = logging.getLogger(__name__)
@@ -439,20 +440,41 @@ class ShardedIndex:
     def reconstruct(self, key: int) -> np.ndarray:
         """(d,) float32 vector of clip `key`; RuntimeError where FAISS cannot reconstruct, KeyError
         for an id in no shard."""
-        if self._owner is None:  # sorted ids + their shard: 12 bytes a clip (a dict would take ~100)
-            maps = self.id_maps()
-            ids = np.concatenate(maps)  # (N,) int64
-            owner = np.repeat(np.arange(len(maps), dtype=np.int32), [len(m) for m in maps])  # (N,)
-            order = np.argsort(ids, kind="stable")
-            self._owner = (ids[order], owner[order])
-        sorted_ids, owners = self._owner
+        sorted_ids, owners = self._owner_table()
         pos = int(np.searchsorted(sorted_ids, int(key)))
         if pos >= sorted_ids.size or int(sorted_ids[pos]) != int(key):
             raise KeyError(f"clip id {key} is in no index shard")
         return self._reconstruct_in(int(owners[pos]), int(key))
 
+    def _owner_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted clip ids (N,) int64, the shard of each (N,) int32): 12 bytes a clip (a dict: ~100)."""
+        if self._owner is None:
+            maps = self.id_maps()
+            ids = np.concatenate(maps)  # (N,) int64
+            owner = np.repeat(np.arange(len(maps), dtype=np.int32), [len(m) for m in maps])  # (N,)
+            order = np.argsort(ids, kind="stable")
+            self._owner = (ids[order], owner[order])
+        return self._owner
+
     def _reconstruct_in(self, shard: int, key: int) -> np.ndarray:
         return self.shards[shard].reconstruct(key)
+
+    def reconstruct_batch(self, keys: np.ndarray) -> np.ndarray:
+        """(m, d) float32 vectors of clip ids `keys` (m,) int64, one request per shard that holds any
+        (a Ray actor is asked once, not once per vector); errors as `reconstruct`."""
+        sorted_ids, owners = self._owner_table()
+        keys = np.asarray(keys, dtype=np.int64)
+        pos = np.clip(np.searchsorted(sorted_ids, keys), 0, max(0, sorted_ids.size - 1))
+        if keys.size and not np.array_equal(sorted_ids[pos], keys):
+            raise KeyError("some clip ids are in no index shard")
+        out = np.empty((keys.size, self.d), dtype=np.float32)
+        for shard in np.unique(owners[pos]) if keys.size else []:
+            rows = np.flatnonzero(owners[pos] == shard)
+            out[rows] = self._reconstruct_many_in(int(shard), keys[rows])
+        return out
+
+    def _reconstruct_many_in(self, shard: int, keys: np.ndarray) -> np.ndarray:
+        return np.stack([self.shards[shard].reconstruct(int(k)) for k in keys])
 
 
 def load_sharded(paths: list[str | os.PathLike[str]]) -> ShardedIndex:
@@ -520,6 +542,12 @@ class _ShardServer:
     def reconstruct(self, key: int) -> np.ndarray:
         return self.index.reconstruct(key)
 
+    def reconstruct_many(self, keys: np.ndarray) -> np.ndarray:
+        return np.stack([self.index.reconstruct(int(k)) for k in keys])
+
+
+SHARD_ACTOR_TIMEOUT_S = 600  # loading a shard from shared storage: minutes at most; longer means unplaceable
+
 
 class RayShardedIndex(ShardedIndex):
     """A `ShardedIndex` whose shards are held by Ray actors (one per shard, reserving its file's size
@@ -541,7 +569,16 @@ class RayShardedIndex(ShardedIndex):
         ]
         if not self.actors:
             raise ValueError("a sharded index needs at least one shard")
-        infos = ray.get([a.info.remote() for a in self.actors])
+        try:  # an actor no node has the memory for would wait for one forever
+            infos = ray.get([a.info.remote() for a in self.actors], timeout=SHARD_ACTOR_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            need = max(Path(p).stat().st_size for p in paths)
+            raise UsageError(
+                f"the {len(paths)} index shard actors did not all start within {SHARD_ACTOR_TIMEOUT_S} s: "
+                f"each reserves its shard's size in memory (up to {need / 2**30:.1f} GiB) and the cluster may "
+                "have no node with that much free; add nodes or memory, or rebuild with more --index-shards"
+            ) from None
         dims = {d for d, _, _, _ in infos}
         if len(dims) != 1:
             raise ValueError(f"index shards of different dimensions {sorted(dims)}")
@@ -569,6 +606,9 @@ class RayShardedIndex(ShardedIndex):
 
     def _reconstruct_in(self, shard: int, key: int) -> np.ndarray:
         return self.ray.get(self.actors[shard].reconstruct.remote(key))
+
+    def _reconstruct_many_in(self, shard: int, keys: np.ndarray) -> np.ndarray:
+        return self.ray.get(self.actors[shard].reconstruct_many.remote(keys))
 
     def close(self) -> None:
         for a in self.actors:

@@ -146,6 +146,11 @@ def test_fanned_out_shards_search_like_the_one_index(
     if factory is None:  # exact: the vectors come back from the shard holding them
         ids, _ = feature_matrix(single)
         np.testing.assert_array_equal(shards.reconstruct(int(ids[450])), one.reconstruct(int(ids[450])))
+        pick = ids[[450, 3, 599, 201, 3]]  # across shards, out of order, a repeat: one request per shard
+        want = np.stack([one.reconstruct(int(i)) for i in pick])
+        np.testing.assert_array_equal(shards.reconstruct_batch(pick), want)
+        with pytest.raises(KeyError):
+            shards.reconstruct_batch(np.array([int(ids.max()) + 1]))
     # the re-ranking vectors are one store over all shards, the same bytes
     a, b = index_bytes_of(single), index_bytes_of(sharded)
     assert {k: v for k, v in a.items() if k != "index.faiss"} == {
@@ -300,6 +305,10 @@ def test_ray_actors_search_like_the_threads(synthetic_run: Path, tmp_path: Path,
             cid = int(index_ids(one)[123])
             if factory is None:
                 np.testing.assert_array_equal(actors.reconstruct(cid), one.reconstruct(cid))
+                pick = index_ids(one)[[5, 123, 480]]
+                np.testing.assert_array_equal(
+                    actors.reconstruct_batch(pick), np.stack([one.reconstruct(int(i)) for i in pick])
+                )
             else:
                 with pytest.raises(RuntimeError):  # IVF without a direct map: as FAISS itself
                     actors.reconstruct(cid)
