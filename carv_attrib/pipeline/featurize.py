@@ -99,7 +99,9 @@ class FeaturizeResult:
     kept: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def read_plan_proposal(path: Path, output_fn: str, objective: str = "uniform") -> Proposal:
+def read_plan_proposal(
+    path: Path, output_fn: str, objective: str = "uniform", lora: str | Path | None = None
+) -> Proposal:
     """The fitted proposal q of a plan.json, refused (exit 2) when it is missing or was fitted for
     another output function or objective (q is fitted to one output's gradient norms; another's
     would stay unbiased under it but could lose the variance reduction the plan promised)."""
@@ -120,14 +122,43 @@ def read_plan_proposal(path: Path, output_fn: str, objective: str = "uniform") -
             f"--plan {path} was fitted for --objective {plan_obj}, not {objective}; featurize with "
             f"--objective {plan_obj}, or run `carv-attrib plan ... --objective {objective}`"
         )
+    _check_plan_lora(path, plan.rest.get("lora"), lora)
     return Proposal.from_json(plan.proposal)
+
+
+def _check_plan_lora(path: Path, planned: dict[str, Any] | None, lora: str | Path | None) -> None:
+    """A plan's proposal is fitted to the gradients it piloted: the full model's layers, or one
+    adapter's A/B parameters (`plan --lora`, recorded by weights sha256). Featurizing the other kind
+    with it stays unbiased but can lose the variance reduction: refused, naming the plan to make."""
+    from carv_attrib.models.lora import lora_identity  # peft stays unimported without --lora
+
+    want = None if lora is None else lora_identity(lora)["weights_sha256"]
+    have = (planned or {}).get("weights_sha256")
+    if want == have:
+        return
+    if have is None:
+        raise UsageError(
+            f"--plan {path} was fitted on the model's own layers, not on the adapter --lora {lora}; run "
+            f"`carv-attrib plan RUN -m MODEL --lora {lora}` and featurize with that plan"
+        )
+    if want is None:
+        raise UsageError(
+            f"--plan {path} was fitted on a LoRA adapter's gradients ({planned.get('path')}); featurize "
+            "with that --lora, or make a plan without --lora for the model's own layers"
+        )
+    raise UsageError(
+        f"--plan {path} was fitted on another LoRA adapter ({planned.get('path')}, weights "
+        f"{str(have)[:12]}), not --lora {lora} ({want[:12]}); run `carv-attrib plan RUN -m MODEL --lora {lora}`"
+    )
 
 
 def draw_rule(cfg: FeaturizeConfig) -> DrawRule:
     """The DrawRule of a featurize config. p(σ) is --density when given, else the plan's density
     (with --plan), else uniform; an explicit --density that contradicts the plan is refused."""
     proposal = (
-        read_plan_proposal(Path(cfg.plan), cfg.output_fn, cfg.objective) if cfg.plan is not None else None
+        read_plan_proposal(Path(cfg.plan), cfg.output_fn, cfg.objective, cfg.lora)
+        if cfg.plan is not None
+        else None
     )
     density = cfg.density or (proposal.density if proposal is not None else "uniform")
     return build_draw_rule(

@@ -11,6 +11,7 @@ from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.errors import UsageError
 from carv_attrib.pipeline.featurize import FeaturizeConfig, run_featurize
 from carv_attrib.pipeline.plan import PlanConfig, run_plan
+from carv_attrib.store.records import PlanDoc
 from carv_attrib.store.shards import ShardStore
 
 
@@ -242,3 +243,19 @@ def test_plan_pilots_a_lora_adapter_and_featurize_takes_the_plan(
     assert s.computed == 8
     with pytest.raises(UsageError, match="--lora or --layers"):
         PlanConfig(run=encoded_run, model="m", lora=adapter, layers=["blocks.0.*"]).validate()
+    # a plan is for the gradients it piloted: the adapter's plan is refused without it or with another
+    # adapter, and a plan of the model's own layers is refused for --lora (before any work)
+    other = make_adapter(tiny_model_dir, tmp_path / "other", seed=2)
+    for lora, text in (
+        (None, "fitted on a LoRA adapter's gradients"),
+        (other, "fitted on another LoRA adapter"),
+    ):
+        with pytest.raises(UsageError, match=text):
+            run_featurize(FeaturizeConfig(run=run, model=str(tiny_model_dir), device="cpu", lora=lora,
+                                          timesteps="stratified-is", plan=tmp_path / "plan.json", overwrite=True))  # fmt: skip
+    full_plan = PlanDoc.read(tmp_path / "plan.json")
+    full = tmp_path / "full-plan.json"
+    full.write_text(json.dumps(full_plan.to_dict() | {"lora": None}))
+    with pytest.raises(UsageError, match="fitted on the model's own layers, not on the adapter"):
+        run_featurize(FeaturizeConfig(run=run, model=str(tiny_model_dir), device="cpu", lora=adapter,
+                                      timesteps="stratified-is", plan=full, overwrite=True))  # fmt: skip
