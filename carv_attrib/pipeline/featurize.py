@@ -38,7 +38,7 @@ from carv_attrib.carv.objective import TIMESTEP_CONVENTION
 from carv_attrib.carv.timesteps import Proposal
 from carv_attrib.config import FeaturizeConfig, parse_shard
 from carv_attrib.config.resume import recorded_options
-from carv_attrib.errors import UsageError
+from carv_attrib.errors import ConfigMismatchError, UsageError
 from carv_attrib.interrupt import sigterm_as_interrupt
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity, resolve_source
 from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
@@ -386,7 +386,19 @@ def _run_featurize(
     lora = lora_record(featurizer, None if cfg.lora is None else str(Path(cfg.lora).resolve()))
     config = _features_identity(cfg, lat.fingerprint, ckpt_ids, rule, featurizer.projectors[0].spec(), lora)
     store = run.features
-    resumes = store.check(config, overwrite=cfg.overwrite, what="featurize")
+    try:
+        resumes = store.check(config, overwrite=cfg.overwrite, what="featurize")
+    except ConfigMismatchError as exc:
+        before = ((store.read_config() or {}).get("config") or {}).get("lora")
+        if (before is None) == (lora is None):
+            raise
+        # features through an adapter and through the model's layers are two indexes of one run's
+        # latents: keep both by copying the run (the latents come along, nothing is re-encoded)
+        raise ConfigMismatchError(
+            f"{exc}. To keep this run's index and add one {'through the adapter' if lora else 'of the model'}"
+            f", copy the run (`cp -r {run.root} {run.root}-{'lora' if lora else 'full'}`: its latents are "
+            "reused, nothing is re-encoded) and featurize the copy with --overwrite"
+        ) from None
     if index_check is not None:
         index_check(featurizer.dim, len(live.ok()), featurizer.blocks)  # per checkpoint: trak's blocks
     if cfg.executor == "ray" and not cfg.dry_run:

@@ -107,20 +107,35 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def _short(v: Any, width: int = 60) -> str:
+    """A config value for a one-line message: long lists and dicts by their size (a projector's
+    per-layer list would be kilobytes), other long values cut."""
+    text = repr(v)
+    if len(text) <= width:
+        return text
+    if isinstance(v, list):
+        return f"[{len(v)} items]"
+    if isinstance(v, dict):
+        return f"{{{len(v)} keys}}"
+    return text[: width - 1] + "…"
+
+
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Human-readable differences between two JSON-like configs."""
+    """Human-readable differences between two JSON-like configs (long values abridged: `_short`)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for key in sorted(set(old) | set(new)):
             name = f"{prefix}.{key}" if prefix else str(key)
             if key not in old:
-                out.append(f"{name}: (absent) -> {new[key]!r}")
+                out.append(f"{name}: (absent) -> {_short(new[key])}")
             elif key not in new:
-                out.append(f"{name}: {old[key]!r} -> (absent)")
+                out.append(f"{name}: {_short(old[key])} -> (absent)")
             else:
                 out.extend(_diff(old[key], new[key], name))
         return out
-    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+    if isinstance(old, list) and isinstance(new, list) and len(old) != len(new) and old != new:
+        return [f"{prefix}: {len(old)} items -> {len(new)} items"]
+    return [] if old == new else [f"{prefix}: {_short(old)} -> {_short(new)}"]
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -205,3 +205,18 @@ def test_featurize_lora_through_the_cli(
     r = runner.invoke(app, ["status", str(run), "--format", "human"])
     assert r.exit_code == 0, r.output
     assert f"LoRA rank {RANK}" in " ".join(r.stdout.split()), r.output
+
+
+def test_lora_features_on_a_featurized_run_say_how_to_keep_both(
+    featurized_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A run featurized through the model's layers refuses --lora features (another configuration),
+    in a line of bounded length that says how to keep both indexes: copy the run, its latents reused."""
+    run = tmp_path / "run"
+    shutil.copytree(featurized_run, run)
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=1)
+    with pytest.raises(ConfigMismatchError) as exc:
+        run_featurize(FeaturizeConfig(run=run, model=str(tiny_model_dir), device="cpu", lora=adapter))
+    msg = str(exc.value)
+    assert f"cp -r {run} {run}-lora" in msg and "--overwrite" in msg
+    assert len(msg) < 2000, len(msg)  # the per-layer projector lists are abridged, not dumped
