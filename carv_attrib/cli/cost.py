@@ -20,9 +20,9 @@ def _hours(h: float | None) -> str:
 
 def _render(doc: dict[str, Any]) -> None:
     c, s, t, dev = doc["compute"], doc["storage"], doc["timings"], doc["measured_on"]
-    table = Table(
-        title=f"{doc['clips']:,} clips, K={doc['draws']}, D={doc['dim']}, {doc['devices']} device(s)"
-    )
+    sketched = doc.get("index_dim") and doc["index_dim"] != doc["dim"]  # --index-dim: the index holds D'
+    dims = f"D={doc['dim']}" + (f", indexed at D'={doc['index_dim']}" if sketched else "")
+    table = Table(title=f"{doc['clips']:,} clips, K={doc['draws']}, {dims}, {doc['devices']} device(s)")
     table.add_column("what")
     table.add_column("size", justify="right")
     table.add_column("from")

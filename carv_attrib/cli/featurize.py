@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from carv_attrib.cli import render
-from carv_attrib.cli.common import check_format, emit, handle_errors
+from carv_attrib.cli.common import check_format, emit, handle_errors, say
 from carv_attrib.cli.options import config_parameters, format_param, stage_command
 from carv_attrib.cli.progress import ClipProgress
 from carv_attrib.config import FeaturizeConfig, IndexConfig
@@ -20,7 +20,17 @@ _INDEX_OPTIONS = [
     for p in config_parameters(IndexConfig)
     if p.name not in ("run", "wait", "executor", "ray_address", "parts")
 ]
-_INDEX_KEYS = ("count", "dim", "factory", "preconditioner", "nprobe", "live_digest", "shards", "build")
+_INDEX_KEYS = (
+    "count",
+    "dim",
+    "sketch",
+    "factory",
+    "preconditioner",
+    "nprobe",
+    "live_digest",
+    "shards",
+    "build",
+)
 
 
 @handle_errors
@@ -47,3 +57,10 @@ def index(cfg: IndexConfig, fmt: str) -> None:
     info = run_index(cfg)
     d = dataclasses.asdict(info)
     emit({k: d[k] for k in _INDEX_KEYS}, fmt) if fmt != "human" else render.index(info)
+    built = int((info.build or {}).get("parts", 1))
+    if cfg.parts is not None and built < cfg.parts:  # a part fills whole feature shards
+        say(
+            f"note: --parts {cfg.parts}: the run has feature shards for {built} parts (a part holds whole "
+            f"ones); smaller shards: `carv-attrib featurize {cfg.run} --shard-size N --overwrite`",
+            style="yellow",
+        )

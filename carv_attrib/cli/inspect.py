@@ -65,7 +65,14 @@ def status(
             sm.fingerprint or "-",
             "-",
             str(sm.count if sm.count is not None else "-"),
-            f"{sm.preconditioner_kind or '?'}, dim {sm.dim if sm.dim is not None else '?'}, {fresh}"
+            f"{sm.preconditioner_kind or '?'}, dim {sm.dim if sm.dim is not None else '?'}"
+            + (
+                f" -> {sk['out_dim']} indexed ({sk.get('kind', '?')})"
+                if (sk := sm.document.get("sketch"))
+                else ""
+            )
+            + (f", {sh} shards" if (sh := sm.document.get("shards") or 1) > 1 else "")
+            + f", {fresh}"
             + (
                 f"; LoRA rank {sm.lora.get('rank', '?')} {str(sm.lora.get('weights_sha256', ''))[:12]}"
                 if sm.lora

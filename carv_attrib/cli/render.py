@@ -151,7 +151,11 @@ def index(info: Any) -> None:
     err_console.print(
         Text.assemble(
             ("indexed", "green"),
-            f" {info.count} clips, dim {info.dim}, {info.preconditioner['kind']}, {info.factory}",
+            f" {info.count} clips, dim {info.dim}",
+            f" -> {info.sketch['out_dim']} ({info.sketch['kind']} sketch, seed {info.sketch.get('seed', 0)})"
+            if info.sketch
+            else "",
+            f", {info.preconditioner['kind']}, {info.factory}",
             f", {info.shards} shards" if info.shards > 1 else "",
             f" ({info.build['parts']} Ray parts)" if info.build.get("executor") == "ray" else "",
         )

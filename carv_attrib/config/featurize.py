@@ -86,7 +86,8 @@ class IndexConfig(StageConfig):
         None,
         metavar="DIM",
         help="Compress the indexed vectors to DIM dims by a seeded SRHT sketch after the preconditioner "
-        "(unbiased inner products; 0 or unset: none; 16384 lost < 0.01 LDS on the bench worlds).",
+        "(unbiased inner products; 0: none; unset: the current index's choice, none for a new index; 16384 "
+        "lost < 0.01 LDS on the bench worlds).",
     )
     sketch: str = option(
         "srht",

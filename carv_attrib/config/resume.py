@@ -54,7 +54,7 @@ RESET_EACH_TIME = frozenset(
     }
 )
 # score: what to ask is typed each time; only how to run it (model, device, dtype, workers, batches,
-# nprobe) carries over. (featurize's --objective, say, is the run's and does carry over.)
+# nprobe, executor) carries over. (featurize's --objective, say, is the run's and does carry over.)
 SCORE_ASKS = frozenset(
     {
         "null_prompt",

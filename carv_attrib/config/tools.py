@@ -106,7 +106,11 @@ class CurateConfig(StageConfig):
         )
         + ".",
     )
-    top: float | None = option(None, help="Keep the top P % of the clips by the method.")
+    top: float | None = option(
+        None,
+        help="Keep the top P % of the clips by the method, P % of the clips the queries returned (their "
+        "top-k), not of the whole training set.",
+    )
     bottom: float | None = option(
         None, help="Keep the bottom P % (the least supportive: harmful candidates)."
     )

@@ -518,8 +518,11 @@ def _check_out(cfg: FinetuneConfig, out: Path, settings: dict[str, Any], fp: str
         return None
     if prev is not None:
         before = prev.get("settings", {})
-        diffs = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        what = f"a finetune with other settings ({', '.join(diffs) or 'its fingerprint'} differ)"
+        from carv_attrib.store.shards import config_differences  # the abridged "key: old -> new" lines
+
+        diffs = config_differences(before, settings)
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        what = f"a finetune with other settings ({shown or 'its fingerprint differs'})"
     else:
         what = "files that are not a finetune's"
     raise UsageError(

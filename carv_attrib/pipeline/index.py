@@ -192,11 +192,12 @@ def _parts_plan(cfg: IndexConfig, sel: dict[int, list[int]], index: Any) -> list
     if cfg.index_shards > n_feat:
         raise UsageError(
             f"--index-shards {cfg.index_shards}: the run has {n_feat} feature shards and an index shard "
-            "holds whole ones; give at most that many"
+            f"holds whole ones; give at most that many, or write smaller feature shards first: "
+            f"`carv-attrib featurize {cfg.run} --shard-size N --overwrite` (recomputes the features)"
         )
     if cfg.index_shards > 1:
         return split_groups(sel, cfg.index_shards)
-    return split_groups(sel, cfg.parts or _default_parts(cfg, n_feat))
+    return split_groups(sel, cfg.parts or _default_parts(cfg, n_feat))  # at most one part per feature shard
 
 
 def _default_parts(cfg: IndexConfig, n_feat: int) -> int:

@@ -190,7 +190,7 @@ def test_a_foreign_or_other_settings_out_is_refused_unless_overwrite(
     out = tmp_path / "ft"
     run_finetune(_cfg(encoded_run, tiny_model_dir, out, steps=2))
     record = (out / RECORD).read_text()
-    with pytest.raises(UsageError, match=r"other settings \(lr, seed differ\)"):
+    with pytest.raises(UsageError, match=r"other settings \(lr: [0-9.e-]+ -> 0\.001; seed: 0 -> 1\)"):
         run_finetune(_cfg(encoded_run, tiny_model_dir, out, steps=2, lr=1e-3, seed=1))
     assert (out / RECORD).read_text() == record
     s = run_finetune(_cfg(encoded_run, tiny_model_dir, out, steps=2, lr=1e-3, overwrite=True))
