@@ -39,6 +39,7 @@ from carv_attrib.models.wan import (
     MAX_SEQUENCE_LENGTH,
     WanModel,
     load_wan,
+    resolve_device,
     truncation_warning,
     vae_tiling_decision,
 )
@@ -473,7 +474,7 @@ def run_encode(
             record(
                 cfg.run,
                 "encode",
-                device=cfg.device,
+                device=resolve_device(cfg.device),  # the device it ran on, not "auto"
                 started=started,
                 summary=summary.to_dict(),
                 options=recorded_options(cfg),

@@ -41,6 +41,7 @@ from carv_attrib.config.resume import recorded_options
 from carv_attrib.errors import ConfigMismatchError, UsageError
 from carv_attrib.interrupt import sigterm_as_interrupt
 from carv_attrib.models.identity import check_encoder_matches, checkpoint_identity, resolve_source
+from carv_attrib.models.wan import resolve_device
 from carv_attrib.pipeline._job import ProgressFn, noop, record, run_in_parts
 from carv_attrib.pipeline.index import build_run_index, index_config_keeping, precheck_index
 from carv_attrib.store.features import feature_row, feature_schema
@@ -339,7 +340,7 @@ def _featurize_and_index(
     record(
         cfg.run,
         "featurize",
-        device=cfg.device,
+        device=resolve_device(cfg.device),  # the device it ran on, not "auto"
         started=started,
         summary=summary.to_dict(),
         options=recorded_options(cfg),
