@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import load_avg, machine_info, write_json  # noqa: E402
 
-from carv_attrib.search.index import add_vectors, new_index, search, train_index  # noqa: E402
-from carv_attrib.search.rerank import VectorStore, rerank  # noqa: E402
+from carv_attrib.search.index import new_index, search, train_index  # noqa: E402
+from carv_attrib.search.rerank import VectorStore, fill_index, rerank  # noqa: E402
 
 CHUNK = 50_000
 
@@ -149,16 +149,7 @@ def run_factory(syn: Synthetic, n: int, factory: str | None, queries: np.ndarray
     store_dir = tmp / (factory or "flat").replace(",", "_")
     store_dir.mkdir(parents=True, exist_ok=True)
 
-    def added():
-        for ids, x in syn.blocks(n):
-            add_vectors(index, ids, x)
-            yield ids, x
-
-    if keep:
-        VectorStore.write(store_dir, added(), syn.dim, "float16")
-    else:
-        for _ in added():
-            pass
+    fill_index(index, syn.blocks(n), syn.dim, store_dir if keep else None)
     build_s = time.monotonic() - t0
     index_bytes = len(faiss.serialize_index(index))
     vec_bytes = (store_dir / "vectors.bin").stat().st_size if keep else 0

@@ -48,13 +48,12 @@ from index_scale import query_stats  # noqa: E402
 
 from carv_attrib.search.index import (  # noqa: E402
     MIN_POINTS_PER_LIST,
-    add_vectors,
     index_bytes,
     new_index,
     train_index,
     train_sample_rows,
 )
-from carv_attrib.search.rerank import VectorStore  # noqa: E402
+from carv_attrib.search.rerank import VectorStore, fill_index  # noqa: E402
 
 BLOCK = 256  # one layer's 16x16 kron feature
 CHUNK_BYTES = 256 << 20  # float32 bytes of one generated / read chunk
@@ -188,16 +187,7 @@ def run_case(rows: RowFile, n: int, factory: str, queries: np.ndarray, truth: np
     store_dir = tmp / factory.replace(",", "_")
     store_dir.mkdir(parents=True, exist_ok=True)
 
-    def added():
-        for ids, x in rows.blocks(n):
-            add_vectors(index, ids, x)
-            yield ids, x
-
-    if keep:
-        VectorStore.write(store_dir, added(), rows.dim, "float16")
-    else:
-        for _ in added():
-            pass
+    fill_index(index, rows.blocks(n), rows.dim, store_dir if keep else None)
     build_s = time.monotonic() - t0
     peak_mib = (_rss_kib("VmHWM") - base_kib) / 1024
     ser_bytes = len(faiss.serialize_index(index))

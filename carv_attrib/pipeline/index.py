@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,6 @@ from carv_attrib.pipeline.index_parts import (
     split_groups,
 )
 from carv_attrib.search.index import (
-    add_vectors,
     check_fits,
     check_mergeable,
     check_trainable,
@@ -48,7 +46,7 @@ from carv_attrib.search.index import (
     train_sample_rows,
 )
 from carv_attrib.search.precondition import Preconditioner, fit_preconditioner, trak_bytes
-from carv_attrib.search.rerank import VectorStore
+from carv_attrib.search.rerank import fill_index
 from carv_attrib.search.sketch import SketchedPreconditioner, indexed_dim, sketch_for
 from carv_attrib.space import check_space, space_for
 from carv_attrib.store.digests import digest_tree
@@ -331,19 +329,10 @@ def _add_all(
 ) -> None:
     """One streamed pass adding the preconditioned vectors to `index`, writing their exact copies
     (`VectorStore`, into `out`) when vector_dtype is given."""
-
-    def added() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for ids_s, feats_s in iter_feature_blocks(run, sel):
-            psi = pre.prepare_train(feats_s)  # (n_s, D) preconditioned
-            add_vectors(index, ids_s, psi)
-            yield ids_s, psi
-
+    # (ids (n_s,), ψ (n_s, D) preconditioned), shard by shard
+    psi = ((ids_s, pre.prepare_train(feats_s)) for ids_s, feats_s in iter_feature_blocks(run, sel))
     try:
-        if vector_dtype is not None:
-            VectorStore.write(out, added(), dim, vector_dtype)
-        else:
-            for _ in added():
-                pass
+        fill_index(index, psi, dim, out if vector_dtype is not None else None, vector_dtype or "float16")
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 

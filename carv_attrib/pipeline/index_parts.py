@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from carv_attrib.search.index import add_vectors, deserialize, load_index, merge_into, serialize
-from carv_attrib.search.rerank import VectorStore
+from carv_attrib.search.index import deserialize, load_index, merge_into, serialize
+from carv_attrib.search.rerank import VectorStore, fill_index
 from carv_attrib.store.features import feature_block
 from carv_attrib.store.run import RunDir
 from carv_attrib.store.shards import read_parquet
@@ -115,20 +115,15 @@ def fill_part(job: PartJob, progress: Callable[[str, dict[str, Any]], None] | No
     index = deserialize(_resolve(job.empty))
     pre = _resolve(job.pre)
 
-    def added() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def preconditioned() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for ids_s, feats_s in part_blocks(job.run_uri, job.shards):
-            psi = pre.prepare_train(feats_s)  # (n_s, D) preconditioned, as the local build's
-            add_vectors(index, ids_s, psi)
-            yield ids_s, psi
-            if progress is not None:
+            yield ids_s, pre.prepare_train(feats_s)  # (n_s, D) preconditioned, as the local build's
+            if progress is not None:  # the block was added by now
                 progress("shard", {"part": job.part, "rows": len(ids_s)})
 
     if job.vector_dir is not None:
         Path(job.vector_dir).mkdir(parents=True, exist_ok=True)
-        VectorStore.write(job.vector_dir, added(), job.dim, job.vector_dtype or "float16")
-    else:
-        for _ in added():
-            pass
+    fill_index(index, preconditioned(), job.dim, job.vector_dir, job.vector_dtype or "float16")
     fs, _ = split_uri(job.run_uri)
     write_bytes(fs, job.index_out, serialize(index))
     return int(index.ntotal)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -107,3 +108,27 @@ def rerank(
         top = np.argsort(-s, kind="stable")[:kk]
         out_s[r, : top.size], out_i[r, : top.size] = s[top], cand[top]
     return out_s, out_i
+
+
+def fill_index(
+    index: Any,
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+    dim: int,
+    store_dir: Path | str | None = None,
+    dtype: str = "float16",
+) -> None:
+    """Add every block (ids (n_s,) int64, vectors (n_s, dim) float32) to the FAISS `index` in one
+    streamed pass; with `store_dir`, keep the exact vectors there too (`VectorStore.write`, `dtype`).
+    ValueError for bad vectors (`search.index.add_vectors`)."""
+    from carv_attrib.search.index import add_vectors
+
+    def added() -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        for ids, vecs in blocks:
+            add_vectors(index, ids, vecs)
+            yield ids, vecs
+
+    if store_dir is not None:
+        VectorStore.write(store_dir, added(), dim, dtype)
+    else:
+        for _ in added():
+            pass

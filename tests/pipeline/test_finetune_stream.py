@@ -15,22 +15,13 @@ from carv_attrib.config import FinetuneConfig
 from carv_attrib.errors import UsageError
 from carv_attrib.models.train import MixedPrecision
 from carv_attrib.pipeline.finetune import read_record, run_finetune
-
-WEIGHTS = "diffusion_pytorch_model.safetensors"
+from tests.pipeline.test_finetune import WEIGHTS
+from tests.pipeline.test_finetune import _cfg as finetune_cfg
 
 
 def _cfg(run: Path, model: Path, out: Path, **kw: object) -> FinetuneConfig:
-    base: dict[str, object] = dict(
-        run=run,
-        model=str(model),
-        out=out,
-        steps=5,
-        lr=2e-3,
-        batch_clips=3,
-        device="cpu",
-        checkpoint_every=100,
-    )
-    return FinetuneConfig(**(base | kw))  # type: ignore[arg-type]
+    """test_finetune's config at 5 steps (enough batches to evict from a small cache)."""
+    return finetune_cfg(run, model, out, **({"steps": 5} | kw))
 
 
 def _same(a: Path, b: Path, name: str = WEIGHTS) -> bool:
